@@ -1,0 +1,186 @@
+"""Shared timing harness for the layer and network benchmarks.
+
+Latency: CUDA events on GPU (``time.perf_counter`` with synchronisation elsewhere), after
+warm-up, median of repeated runs. Peak memory: ``torch.cuda.max_memory_allocated`` above the
+baseline on GPU (not measured on CPU). Every case is reported as a ratio to the plain PyTorch
+equivalent measured in the same run, with device, dtype and torch version in the header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    peak_mib: float | None = None
+
+
+@dataclass
+class Row:
+    case: str
+    variant: str
+    metric: str
+    ms: float
+    baseline_ms: float
+    peak_mib: float | None = None
+    baseline_peak_mib: float | None = None
+    bar: float | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.ms / self.baseline_ms
+
+    @property
+    def memory_ratio(self) -> float | None:
+        if self.peak_mib is None or not self.baseline_peak_mib:
+            return None
+        return self.peak_mib / self.baseline_peak_mib
+
+    @property
+    def verdict(self) -> str:
+        if self.bar is None:
+            return ""
+        return "ok" if self.ratio <= self.bar else "MISS"
+
+
+def environment(device: torch.device) -> str:
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu"
+    )
+    threads = torch.get_num_threads()
+    return f"device={device.type} ({name}), torch {torch.__version__}, threads={threads}"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device,
+    warmup: int = 10,
+    reps: int = 50,
+    memory: bool = False,
+) -> Timing:
+    """Median latency of ``fn`` in milliseconds (and its peak extra memory on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    if device.type == "cuda":
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = None
+    if memory and device.type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return Timing(statistics.median(times), peak)
+
+
+def forward_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.inference_mode():
+            return module(x)
+
+    return run
+
+
+def train_step_fn(
+    module: nn.Module, x: torch.Tensor, extra_loss: Callable[[], torch.Tensor] | None = None
+) -> Callable[[], object]:
+    """Forward, a loss, backward (parameter and input gradients), zeroing grads."""
+    x = x.detach().requires_grad_(True)
+
+    def run() -> object:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out = module(x)
+        loss = out.float().square().mean()
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        loss.backward()
+        return loss
+
+    return run
+
+
+def common_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: per case)")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes and few reps (smoke test)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    args = parser.parse_args()
+    args.device = torch.device(args.device)
+    on_gpu = args.device.type == "cuda"
+    args.reps = args.reps or (3 if args.quick else (50 if on_gpu else 10))
+    args.warmup = args.warmup or (1 if args.quick else (10 if on_gpu else 2))
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True
+    return args
+
+
+def report(
+    title: str, rows: list[Row], device: torch.device, dtype: torch.dtype, path: Path | None = None
+) -> str:
+    lines = [
+        f"## {title}",
+        f"{environment(device)}, dtype={str(dtype).replace('torch.', '')}",
+        "",
+        "| case | variant | metric | ms | baseline ms | ratio | bar | peak MiB ratio | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mem = f"{r.memory_ratio:.2f}x" if r.memory_ratio is not None else ""
+        bar = f"<= {r.bar:.2f}x {r.verdict}" if r.bar is not None else ""
+        lines.append(
+            f"| {r.case} | {r.variant} | {r.metric} | {r.ms:.3f} | {r.baseline_ms:.3f} | "
+            f"{r.ratio:.2f}x | {bar} | {mem} | {r.notes} |"
+        )
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if path is not None:
+        payload = {
+            "title": title,
+            "environment": environment(device),
+            "dtype": str(dtype),
+            "rows": [asdict(r) | {"ratio": r.ratio, "memory_ratio": r.memory_ratio} for r in rows],
+        }
+        path.write_text(json.dumps(payload, indent=2))
+    return text

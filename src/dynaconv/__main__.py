@@ -1,0 +1,3 @@
+from dynaconv.train.cli import main
+
+raise SystemExit(main())

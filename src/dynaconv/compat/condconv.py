@@ -1,0 +1,1 @@
+"""Reference layouts of the condconv family (to be implemented by its issue)."""

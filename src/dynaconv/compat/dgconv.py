@@ -1,0 +1,1 @@
+"""Reference layouts of the dgconv family (to be implemented by its issue)."""

@@ -1,0 +1,1 @@
+"""Reference layouts of the lgc family (to be implemented by its issue)."""

@@ -1,0 +1,21 @@
+"""dynaconv's layers: one module per method family, all following the contract in ``_base``."""
+
+from . import condconv, dgc, dgconv, doconv, lgc
+from ._base import ConversionSkipped, ConvSpec, Deployable, DynaConv2d
+from .condconv import *  # noqa: F403
+from .dgc import *  # noqa: F403
+from .dgconv import *  # noqa: F403
+from .doconv import *  # noqa: F403
+from .lgc import *  # noqa: F403
+
+__all__ = [
+    "ConvSpec",
+    "ConversionSkipped",
+    "Deployable",
+    "DynaConv2d",
+    *condconv.__all__,
+    *dgc.__all__,
+    *dgconv.__all__,
+    *doconv.__all__,
+    *lgc.__all__,
+]

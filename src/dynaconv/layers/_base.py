@@ -1,0 +1,401 @@
+"""The layer contract shared by every dynaconv family.
+
+Every layer in :mod:`dynaconv.layers` is a drop-in for :class:`torch.nn.Conv2d`:
+
+* **Constructor.** ``(in_channels, out_channels, kernel_size, stride=1, padding=0,
+  dilation=1, groups=1, bias=True, padding_mode="zeros", device=None, dtype=None)`` exactly as
+  ``nn.Conv2d`` (``padding`` may be ``"same"`` or ``"valid"``), followed by the method's own
+  keyword options. An invalid combination raises :class:`ValueError` naming the argument and
+  the rule; nothing is silently degenerate.
+* **forward(x)** takes ``(B, Cin, H, W)`` and returns one tensor ``(B, Cout, H', W')`` with
+  ``H'``/``W'`` as ``nn.Conv2d`` computes them.
+* **.weight** is the effective kernel ``(Cout, Cin/groups, kh, kw)`` where the method has one
+  static kernel (DO-Conv, DGConv, LGC); dynamic methods document what it is.
+* **aux_loss()** returns the method's regulariser as METHODS.md defines it (a zero tensor when
+  the method has none). :func:`dynaconv.aux_loss` sums it over a model.
+* **set_progress(p)** brings the layer's schedule to training progress ``p`` in ``[0, 1]``. All
+  schedule state lives in buffers, so it is saved, loaded and identical on every DDP rank. A
+  forward pass never changes schedule state.
+* **deploy()** returns the static inference module (exact); :func:`dynaconv.deploy` converts
+  and verifies a whole model.
+* **from_conv(conv, **options)** builds the layer from an existing ``nn.Conv2d`` (used by
+  :func:`dynaconv.convert`), keeping its weights where the method allows, or raises
+  :class:`ConversionSkipped` saying why the conv cannot be converted.
+* **count_macs(input_shape, output_shape)** returns ``(dense, active)`` multiply-accumulates
+  for :func:`dynaconv.profile` (see that function for the conventions).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ConvSpec",
+    "ConversionSkipped",
+    "Deployable",
+    "DynaConv2d",
+    "conv_output_size",
+]
+
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class ConversionSkipped(Exception):
+    """Raised by ``from_conv`` when a conv cannot become a layer of the family (with why)."""
+
+
+class Deployable:
+    """Marker for modules that :func:`dynaconv.deploy` replaces by ``module.deploy()``.
+
+    Layers and networks that need a model-level rewrite at deployment (for example folding
+    channel permutations into neighbouring layers) inherit it and implement ``deploy()``.
+    """
+
+    def deploy(self) -> nn.Module:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, Sequence) and len(value) == 2:
+        pair = tuple(value)
+    else:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _positive(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Validated ``nn.Conv2d`` arguments, shared by every family.
+
+    ``padding`` is either a pair of ints or the string ``"same"``; ``"valid"`` is normalised
+    to ``(0, 0)``.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = True
+    padding_mode: str = "zeros"
+
+    @classmethod
+    def create(
+        cls,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ) -> ConvSpec:
+        _positive(in_channels, "in_channels")
+        _positive(out_channels, "out_channels")
+        _positive(groups, "groups")
+        kernel = _pair(kernel_size, "kernel_size")
+        strides = _pair(stride, "stride")
+        dilations = _pair(dilation, "dilation")
+        for name, pair in (("kernel_size", kernel), ("stride", strides), ("dilation", dilations)):
+            if min(pair) <= 0:
+                raise ValueError(f"{name} must be positive, got {pair}")
+        if in_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+        if out_channels % groups:
+            raise ValueError(
+                f"out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        if isinstance(padding, str):
+            if padding == "valid":
+                pad: tuple[int, int] | str = (0, 0)
+            elif padding == "same":
+                if strides != (1, 1):
+                    raise ValueError(
+                        "padding='same' is not supported for stride > 1 (as nn.Conv2d)"
+                    )
+                pad = "same"
+            else:
+                raise ValueError(
+                    f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}"
+                )
+        else:
+            pad = _pair(padding, "padding")
+            if min(pad) < 0:
+                raise ValueError(f"padding must be non-negative, got {pad}")
+        if not isinstance(bias, bool):
+            raise ValueError(f"bias must be a bool, got {bias!r}")
+        return cls(
+            in_channels, out_channels, kernel, strides, pad, dilations, groups, bias, padding_mode
+        )
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> ConvSpec:
+        return cls.create(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,  # type: ignore[arg-type]
+            conv.stride,  # type: ignore[arg-type]
+            conv.padding,  # type: ignore[arg-type]
+            conv.dilation,  # type: ignore[arg-type]
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+        )
+
+    def conv_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that build the equivalent ``nn.Conv2d``."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+            "groups": self.groups,
+            "bias": self.bias,
+            "padding_mode": self.padding_mode,
+        }
+
+    def with_channels(self, in_channels: int, out_channels: int, groups: int = 1) -> ConvSpec:
+        """The same geometry with other channel counts (used for gathered or split convs)."""
+        return ConvSpec.create(
+            in_channels,
+            out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            groups,
+            self.bias,
+            self.padding_mode,
+        )
+
+    @property
+    def kernel_numel(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    def explicit_padding(self) -> tuple[int, int, int, int]:
+        """``(left, right, top, bottom)`` padding, resolving ``"same"`` like ``nn.Conv2d``."""
+        if self.padding == "same":
+            pads = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return tuple(pads)  # type: ignore[return-value]
+        ph, pw = self.padding  # type: ignore[misc]
+        return (pw, pw, ph, ph)
+
+    def pad_input(self, x: Tensor) -> Tensor:
+        """Apply the padding explicitly (all modes); the conv then runs with padding 0."""
+        pads = self.explicit_padding()
+        if not any(pads):
+            return x
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, pads, mode=mode)
+
+    def conv2d(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int | None = None
+    ) -> Tensor:
+        """``nn.Conv2d``'s forward with this geometry and the given kernel."""
+        groups = self.groups if groups is None else groups
+        if self.padding_mode != "zeros":
+            return F.conv2d(self.pad_input(x), weight, bias, self.stride, 0, self.dilation, groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        left, right, top, bottom = self.explicit_padding()
+        return (
+            conv_output_size(
+                height, self.kernel_size[0], self.stride[0], top + bottom, self.dilation[0]
+            ),
+            conv_output_size(
+                width, self.kernel_size[1], self.stride[1], left + right, self.dilation[1]
+            ),
+        )
+
+    def dense_macs(self, output_shape: Sequence[int]) -> int:
+        """Multiply-accumulates of the dense conv producing ``output_shape`` ``(B, Cout, H, W)``."""
+        batch, _, height, width = output_shape
+        return (
+            batch
+            * self.out_channels
+            * (self.in_channels // self.groups)
+            * self.kernel_numel
+            * height
+            * width
+        )
+
+    def make_conv(
+        self, device: Any = None, dtype: Any = None, groups: int | None = None
+    ) -> nn.Conv2d:
+        kwargs = self.conv_kwargs()
+        if groups is not None:
+            kwargs["groups"] = groups
+        return nn.Conv2d(**kwargs, device=device, dtype=dtype)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, total_padding: int, dilation: int) -> int:
+    return (size + total_padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def check_input(x: Tensor, in_channels: int, layer: str) -> None:
+    """The clear error for a wrong input, instead of a shape error from deep inside torch."""
+    if x.dim() != 4:
+        raise ValueError(f"{layer} expects input of shape (B, C, H, W), got {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(
+            f"{layer} expects {in_channels} input channels, got input of shape {tuple(x.shape)}"
+        )
+
+
+def kaiming_uniform_(weight: Tensor, fan_in: int) -> None:
+    """``nn.Conv2d``'s default init (kaiming-uniform with a = sqrt 5) for a given fan-in."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    # kaiming_uniform_(a=sqrt(5)) gives bound = sqrt(6 / ((1 + 5) * fan_in)) = 1 / sqrt(fan_in).
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+
+
+class DynaConv2d(Deployable, nn.Module):
+    """Base class of every dynaconv layer; see the module docstring for the contract."""
+
+    method: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ) -> None:
+        super().__init__()
+        self.spec = ConvSpec.create(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+        )
+
+    # nn.Conv2d-compatible attributes, so code that inspects convs keeps working.
+    @property
+    def in_channels(self) -> int:
+        return self.spec.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.spec.out_channels
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return self.spec.kernel_size
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self.spec.stride
+
+    @property
+    def padding(self) -> tuple[int, int] | str:
+        return self.spec.padding
+
+    @property
+    def dilation(self) -> tuple[int, int]:
+        return self.spec.dilation
+
+    @property
+    def groups(self) -> int:
+        return self.spec.groups
+
+    @property
+    def padding_mode(self) -> str:
+        return self.spec.padding_mode
+
+    # The contract's defaults.
+    def aux_loss(self) -> Tensor:
+        ref = next(self.parameters(), None)
+        return torch.zeros(
+            (), device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype
+        )
+
+    def set_progress(self, progress: float) -> None:
+        """Bring the schedule to ``progress``; families without a schedule ignore it."""
+        check_progress(progress)
+
+    def deploy(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} has no deploy()")
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **options: Any) -> DynaConv2d:
+        raise NotImplementedError(f"{cls.__name__} cannot be built from nn.Conv2d")
+
+    def count_macs(
+        self, input_shape: Sequence[int], output_shape: Sequence[int]
+    ) -> tuple[int, int]:
+        dense = self.spec.dense_macs(output_shape)
+        return dense, dense
+
+    def structure(self) -> str:
+        """A short human-readable description of the learned structure (for tables)."""
+        return ""
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        parts = [
+            f"{s.in_channels}, {s.out_channels}, kernel_size={s.kernel_size}, stride={s.stride}"
+        ]
+        if s.padding != (0, 0):
+            parts.append(f"padding={s.padding}")
+        if s.dilation != (1, 1):
+            parts.append(f"dilation={s.dilation}")
+        if s.groups != 1:
+            parts.append(f"groups={s.groups}")
+        if not s.bias:
+            parts.append("bias=False")
+        if s.padding_mode != "zeros":
+            parts.append(f"padding_mode={s.padding_mode!r}")
+        return ", ".join(parts)
+
+
+def check_progress(progress: float) -> float:
+    if (
+        isinstance(progress, bool)
+        or not isinstance(progress, int | float)
+        or not 0.0 <= progress <= 1.0
+    ):
+        raise ValueError(f"progress must be a number in [0, 1], got {progress!r}")
+    return float(progress)

@@ -1,0 +1,3 @@
+"""The dgc family (to be implemented by its issue)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""The lgc family (to be implemented by its issue)."""
+
+__all__: list[str] = []

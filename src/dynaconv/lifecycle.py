@@ -1,0 +1,269 @@
+"""Model-level lifecycle: convert, schedule, regularise, deploy.
+
+* :func:`convert` replaces the ``nn.Conv2d`` modules of any model by a dynaconv family.
+* :func:`set_progress` brings every layer's schedule to training progress ``p``.
+* :func:`aux_loss` sums the layers' regularisers.
+* :func:`deploy` converts a model to its static inference form and verifies it.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import importlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layers._base import ConversionSkipped, Deployable, DynaConv2d, check_progress
+
+__all__ = [
+    "METHODS",
+    "ConversionReport",
+    "DeployVerificationError",
+    "aux_loss",
+    "convert",
+    "deploy",
+    "dynaconv_layers",
+    "layer_class",
+    "set_progress",
+]
+
+log = logging.getLogger("dynaconv")
+
+#: Method name -> ``module:class`` of its layer (imported on first use).
+METHODS: dict[str, str] = {
+    "doconv": "dynaconv.layers.doconv:DOConv2d",
+    "condconv": "dynaconv.layers.condconv:CondConv2d",
+    "dgc": "dynaconv.layers.dgc:DynamicGroupConv2d",
+    "dgconv": "dynaconv.layers.dgconv:GroupableConv2d",
+    "lgc": "dynaconv.layers.lgc:LearnedGroupConv2d",
+}
+
+
+def layer_class(method: str) -> type[DynaConv2d]:
+    """The layer class of ``method`` (one of :data:`METHODS`)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    module_name, class_name = METHODS[method].split(":")
+    module = importlib.import_module(module_name)
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise NotImplementedError(f"method {method!r} is not implemented yet")
+    return cls
+
+
+def dynaconv_layers(model: nn.Module) -> Iterator[tuple[str, DynaConv2d]]:
+    """``(name, layer)`` for every dynaconv layer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, DynaConv2d):
+            yield name, module
+
+
+def set_progress(model: nn.Module, progress: float) -> None:
+    """Bring every layer's schedule state to training progress ``progress`` in ``[0, 1]``.
+
+    Progress is iterations done / total iterations. Calling it with the same value on every
+    DDP rank keeps the schedule state (held in buffers) identical across ranks.
+    """
+    progress = check_progress(progress)
+    for module in model.modules():
+        if (
+            module is not model
+            and hasattr(module, "set_progress")
+            and isinstance(module, DynaConv2d)
+        ):
+            module.set_progress(progress)
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """The sum of every layer's ``aux_loss()`` (a zero tensor when no layer has one)."""
+    terms = [layer.aux_loss() for _, layer in dynaconv_layers(model)]
+    if terms:
+        return torch.stack([t.reshape(()) for t in terms]).sum()
+    ref = next(model.parameters(), None)
+    return torch.zeros((), device=None if ref is None else ref.device)
+
+
+# --------------------------------------------------------------------------------------------
+# convert
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did: the layers it converted and those it skipped, with why."""
+
+    method: str
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [
+            f"convert to {self.method!r}: {len(self.converted)} converted, {len(self.skipped)} skipped"
+        ]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+Selector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
+
+
+def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
+    if callable(selector):
+        return bool(selector(name, module))
+    patterns = [selector] if isinstance(selector, str) else list(selector or [])
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def convert(
+    model: nn.Module,
+    method: str,
+    *,
+    include: Selector = None,
+    exclude: Selector = None,
+    inplace: bool = False,
+    return_report: bool = False,
+    **options: Any,
+) -> nn.Module | tuple[nn.Module, ConversionReport]:
+    """Replace the ``nn.Conv2d`` modules of ``model`` by layers of ``method``.
+
+    Args:
+        model: any model (torchvision, timm, your own).
+        method: ``"doconv"``, ``"condconv"``, ``"dgc"``, ``"dgconv"`` or ``"lgc"``.
+        include: module-name glob pattern(s) or a predicate ``(name, module) -> bool``; only
+            matching convs are converted (default: all).
+        exclude: pattern(s) or predicate; matching convs are left alone.
+        inplace: modify ``model`` itself instead of a deep copy.
+        return_report: also return the :class:`ConversionReport`.
+        **options: the family's own options (e.g. ``D_mul``, ``num_experts``, ``heads``).
+
+    Weights are kept where the method allows (a DO-Conv made from a conv starts exactly equal
+    to it). Convs the family cannot represent are skipped and reported (also logged at INFO).
+    """
+    cls = layer_class(method)
+    if include is not None and not (
+        callable(include) or isinstance(include, str | list | tuple | set)
+    ):
+        raise ValueError("include must be a glob pattern, a list of patterns or a predicate")
+    if exclude is not None and not (
+        callable(exclude) or isinstance(exclude, str | list | tuple | set)
+    ):
+        raise ValueError("exclude must be a glob pattern, a list of patterns or a predicate")
+    target = model if inplace else copy.deepcopy(model)
+    report = ConversionReport(method)
+    candidates = [(n, m) for n, m in target.named_modules() if isinstance(m, nn.Conv2d)]
+    for name, conv in candidates:
+        if include is not None and not _matches(include, name, conv):
+            report.skipped[name] = "not matched by include"
+            continue
+        if exclude is not None and _matches(exclude, name, conv):
+            report.skipped[name] = "matched by exclude"
+            continue
+        try:
+            layer = cls.from_conv(conv, **options)
+        except ConversionSkipped as why:
+            report.skipped[name] = str(why)
+            continue
+        _set_submodule(target, name, layer)
+        report.converted.append(name)
+    if not report.converted:
+        log.warning("convert(%r) converted no layer:\n%s", method, report)
+    else:
+        log.info("%s", report)
+    return (target, report) if return_report else target
+
+
+# --------------------------------------------------------------------------------------------
+# deploy
+
+
+class DeployVerificationError(RuntimeError):
+    """The deployed model's output differs from the original's."""
+
+
+def _deploy_tree(module: nn.Module) -> nn.Module:
+    if isinstance(module, Deployable):
+        return module.deploy()
+    for name, child in list(module.named_children()):
+        replacement = _deploy_tree(child)
+        if replacement is not child:
+            setattr(module, name, replacement)
+    return module
+
+
+def _infer_input_shape(model: nn.Module) -> tuple[int, ...]:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | DynaConv2d):
+            return (2, module.in_channels, 32, 32)
+        if isinstance(module, nn.Linear):
+            return (2, module.in_features)
+    raise ValueError(
+        "cannot infer an input shape for verification: pass example_input or input_shape"
+    )
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+
+
+def verify_outputs(reference: Tensor, actual: Tensor, what: str = "deployed model") -> float:
+    """Relative max error between two outputs; raises :class:`DeployVerificationError` when too large."""
+    if reference.shape != actual.shape:
+        raise DeployVerificationError(
+            f"{what}: output shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+        )
+    scale = reference.abs().max().clamp_min(1e-12)
+    error = float(((actual - reference).abs().max() / scale).item())
+    tolerance = _tolerance(reference.dtype)
+    if not error <= tolerance:  # catches NaN too
+        raise DeployVerificationError(
+            f"{what} differs from the original: max relative error {error:.3g} > {tolerance:g}"
+        )
+    return error
+
+
+def deploy(
+    model: nn.Module,
+    *,
+    verify: bool = True,
+    example_input: Tensor | None = None,
+    input_shape: tuple[int, ...] | None = None,
+) -> nn.Module:
+    """The static inference form of ``model`` (a copy in eval mode; ``model`` is untouched).
+
+    Every :class:`~dynaconv.layers.Deployable` module (each dynaconv layer, and networks that
+    fold structure across layers) is replaced by its ``deploy()``. With ``verify`` (default), a
+    random batch (``example_input``, or one of ``input_shape``, or an inferred shape) is run
+    through both models in eval mode and :class:`DeployVerificationError` is raised if they
+    differ.
+    """
+    was_training = model.training
+    deployed = _deploy_tree(copy.deepcopy(model).eval())
+    deployed.eval()
+    if verify:
+        ref_param = next(model.parameters(), None)
+        device = ref_param.device if ref_param is not None else None
+        dtype = ref_param.dtype if ref_param is not None else torch.float32
+        if example_input is None:
+            shape = input_shape or _infer_input_shape(model)
+            generator = torch.Generator().manual_seed(0)
+            example_input = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+        try:
+            model.eval()
+            with torch.no_grad():
+                expected = model(example_input)
+                actual = deployed(example_input)
+        finally:
+            model.train(was_training)
+        verify_outputs(expected, actual)
+    return deployed

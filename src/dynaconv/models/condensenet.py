@@ -1,0 +1,3 @@
+"""Networks: condensenet (to be implemented by its issue)."""
+
+__all__: list[str] = []

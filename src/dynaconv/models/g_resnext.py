@@ -1,0 +1,3 @@
+"""Networks: g_resnext (to be implemented by its issue)."""
+
+__all__: list[str] = []

@@ -1,0 +1,45 @@
+"""Shared test set-up: the reference fixtures, float64 helpers, hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+settings.register_profile(
+    "default", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("thorough", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def fixture_path(*parts: str) -> Path:
+    """Path of a reference fixture; skips the test with a clear reason when ``shared/`` is absent."""
+    path = FIXTURES.joinpath(*parts)
+    if not FIXTURES.is_dir():
+        pytest.skip(
+            f"reference fixtures not found at {FIXTURES} (the shared/ folder beside the checkout)"
+        )
+    if not path.exists():
+        pytest.fail(f"reference fixture missing: {path}")
+    return path
+
+
+def load_fixture(*parts: str) -> dict:
+    return torch.load(fixture_path(*parts), map_location="cpu", weights_only=True)
+
+
+def assert_close64(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-7, atol: float = 1e-9
+) -> None:
+    """The fixtures' float64 tolerance (README of the fixtures)."""
+    torch.testing.assert_close(
+        actual.to(torch.float64), expected.to(torch.float64), rtol=rtol, atol=atol
+    )
