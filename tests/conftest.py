@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. This must be set
+# before triton is first imported, hence here, before dynaconv is imported by any test.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 from hypothesis import HealthCheck, settings
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"

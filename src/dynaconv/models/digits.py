@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["DigitsCNN"]
+__all__ = ["DigitsCNN", "digits_cnn"]
 
 
 class DigitsCNN(nn.Module):
@@ -37,3 +37,8 @@ class DigitsCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+def digits_cnn(num_classes: int = 10, width: int = 64) -> DigitsCNN:
+    """The demo's small CNN for 8x8 digits."""
+    return DigitsCNN(num_classes, width)
