@@ -34,9 +34,11 @@ between an input gather and an output permutation (:class:`PermutedGroupConv2d`;
 instead, which :class:`dynaconv.models.GResNeXt` does for every bottleneck.
 
 Resource-constrained training (the authors' objective): :class:`ResourceConstraint` and
-:func:`resource_constrained_loss` multiply the task loss by ``(budget / cost) ^ 0.02`` while the
+:func:`resource_constrained_loss` scale the task loss by ``(cost / budget) ^ 0.02`` while the
 cost of the DGConv layers is above the budget, the budget being a fraction of their dense
-parameters or MACs.
+parameters or MACs. The authors' sketch writes the factor as ``(budget / cost) ^ 0.02``, a
+MnasNet-style *reward* to maximise; multiplied into a loss that is minimised it would reward
+exceeding the budget (its gradient raises the cost), so the exponent's sign is flipped here.
 """
 
 from __future__ import annotations
@@ -464,7 +466,8 @@ class ResourceConstraint:
     "params"``: the kernel entries kept) or times ``kh * kw * H' * W'`` (``"macs"``: the MACs of
     one example at ``input_shape``). The budget is ``budget`` (a fraction in ``(0, 1]``) of the
     dense value of those layers. Calling it on a loss gives
-    ``loss * (budget / cost) ^ exponent`` while ``cost > budget``, else ``loss``; the
+    ``loss * (cost / budget) ^ exponent`` while ``cost > budget``, else ``loss`` (the authors'
+    ``(budget / cost) ^ 0.02`` with the sign that penalises, see the module docstring); the
     straight-through gradient of ``cost`` pushes the gates towards fewer connections.
 
     Args:
@@ -518,7 +521,7 @@ class ResourceConstraint:
 
     def __call__(self, loss: Tensor) -> Tensor:
         cost = self.cost()
-        factor = (self.budget / cost) ** self.exponent
+        factor = (cost / self.budget) ** self.exponent
         return torch.where(cost > self.budget, loss * factor.to(loss.dtype), loss)
 
 
@@ -560,7 +563,7 @@ def resource_constrained_loss(
     input_shape: Sequence[int] | None = None,
     exponent: float = 0.02,
 ) -> Tensor:
-    """``loss * (budget / cost) ^ exponent`` while the DGConv cost exceeds the budget.
+    """``loss * (cost / budget) ^ exponent`` while the DGConv cost exceeds the budget.
 
     One-call form of :class:`ResourceConstraint` (see there). For ``"macs"`` it runs a forward
     to find the layers' output sizes on every call: build a :class:`ResourceConstraint` once
