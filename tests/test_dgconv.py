@@ -100,7 +100,9 @@ def test_mask_equals_kronecker_product(gates, sort, seed):
     mask = connectivity_mask(kronecker_order(binarise_gates(gate), sort))
     expected = kronecker_mask(kronecker_order(binarise_gates(reference_gate), sort))
     torch.testing.assert_close(mask, expected, rtol=0, atol=0)
-    upstream = torch.randn(mask.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    upstream = torch.randn(
+        mask.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
     (mask * upstream).sum().backward()
     (expected * upstream).sum().backward()
     torch.testing.assert_close(gate.grad, reference_gate.grad, rtol=1e-12, atol=1e-12)
@@ -257,8 +259,12 @@ def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
             elif isinstance(module, nn.BatchNorm2d):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
                 module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator))
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+                module.running_mean.copy_(
+                    torch.randn(module.running_mean.shape, generator=generator)
+                )
+                module.running_var.copy_(
+                    torch.rand(module.running_var.shape, generator=generator) + 0.5
+                )
     return model
 
 
@@ -433,7 +439,7 @@ def test_convert_skips_unfit_convs_with_reason():
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 24, 1), nn.Conv2d(24, 24, 1)
     )
-    converted, report = dynaconv.convert(model, "dgconv", return_report=True)
+    _, report = dynaconv.convert(model, "dgconv", return_report=True)
     assert report.converted == ["1"]
     assert set(report.skipped) == {"0", "2", "3"} and "2^K" in report.skipped["3"]
 
