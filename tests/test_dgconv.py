@@ -325,15 +325,20 @@ def _reference_state_dict(model: GResNeXt) -> dict[str, torch.Tensor]:
 
 
 def test_g_resnext_from_reference_state_dict():
-    torch.manual_seed(0)
-    model = _randomise(g_resnext50(num_classes=10)).eval()
+    with torch.device("meta"):
+        model = g_resnext50(num_classes=10)
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.uniform_(-0.02, 0.02, generator=generator)
+    model = _randomise(model).eval()
     loaded = model_from_reference("g_resnext50", {}, _reference_state_dict(model)).eval()
     assert type(loaded) is GResNeXt
+    assert loaded.fc.out_features == 10
+    assert list(loaded.state_dict()) == list(model.state_dict())
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x))
 
 
 # ------------------------------------------------------------------------------ resource objective
@@ -508,3 +513,19 @@ def test_compile_gradients_match_eager():
     compiled = step(torch.compile(model, backend="aot_eager"))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
+
+
+def test_channels_last_autocast_and_export():
+    torch.manual_seed(0)
+    layer = GroupableConv2d(16, 16, 3, padding=1)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor([0.5, -0.5, 0.2, -0.1]))
+    x = torch.randn(2, 16, 6, 6)
+    expected = layer(x)
+    torch.testing.assert_close(layer(x.to(memory_format=torch.channels_last)), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, rtol=5e-2, atol=5e-2)
+    exported = torch.export.export(layer.eval(), (x,))
+    torch.testing.assert_close(exported.module()(x), expected)

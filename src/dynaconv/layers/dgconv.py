@@ -246,7 +246,7 @@ class GroupableConv2d(DynaConv2d):
         return 2 ** int((self.gate.detach() < 0).sum())
 
     def _use_triton(self) -> bool:
-        if self.impl == "torch" or torch.compiler.is_compiling():
+        if self.impl == "torch" or _tracing():
             return False
         w = self.dense_weight
         if self.impl == "triton":
@@ -280,7 +280,7 @@ class GroupableConv2d(DynaConv2d):
         needs_grad = torch.is_grad_enabled() and (
             self.gate.requires_grad or self.dense_weight.requires_grad
         )
-        if self.training or needs_grad or torch.compiler.is_compiling():
+        if self.training or needs_grad or _tracing():
             self._cache = None
             return self.masked_weight()
         key = self._cache_key()
@@ -388,6 +388,12 @@ class GroupableConv2d(DynaConv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sort={self.sort}"
+
+
+def _tracing() -> bool:
+    """Under torch.compile or torch.export: use the pure PyTorch path, no Python-side cache."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or exporting()
 
 
 def _channel_bits(in_channels: int, out_channels: int) -> int:
