@@ -148,10 +148,12 @@ def _check_kernel_against_torch(layer: GroupableConv2d, x: torch.Tensor) -> None
         (y.square().mean() + 1e-3 * layer.aux_loss()).backward()
         outputs.append(y)
         grads.append((layer.gate.grad.clone(), layer.dense_weight.grad.clone()))
-    tol = {"rtol": 2e-4, "atol": 1e-5}
-    torch.testing.assert_close(outputs[1], outputs[0], **tol)
-    torch.testing.assert_close(grads[1][0], grads[0][0], **tol)
-    torch.testing.assert_close(grads[1][1], grads[0][1], **tol)
+    # The masked kernels are bit-identical, so the outputs and weight gradients are equal; the
+    # gate gradients are float32 sums over the whole kernel in different orders.
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=0, atol=0)
+    gate_scale = float(grads[0][0].abs().max())
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-3, atol=1e-4 * gate_scale)
 
 
 @pytest.mark.parametrize("sort", [False, True])
@@ -172,7 +174,6 @@ def test_triton_kernel_matches_torch_path_interpreted(sort):
 def test_triton_kernel_matches_torch_path_cuda(sort, channels):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(2)
     layer = GroupableConv2d(channels, channels, 3, padding=1, sort=sort).cuda()
     k = layer.num_gates
@@ -278,7 +279,7 @@ def test_folding_in_small_g_resnext_is_exact():
     model = _randomise(GResNeXt([1, 2, 1, 1], cardinality=4, width_per_group=4, num_classes=7))
     model = model.double().eval()
     groups = [layer.num_groups for _, layer in dynaconv.dynaconv_layers(model)]
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(1, 3, 24, 24, dtype=torch.float64)
     deployed = dynaconv.deploy(model, example_input=x)
     _assert_folded(deployed)
     assert [b.conv2.groups for b in deployed.bottlenecks()] == groups
