@@ -270,9 +270,12 @@ def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def _assert_folded(deployed: nn.Module) -> None:
+    from torchvision.models.resnet import Bottleneck
+
     assert not any(isinstance(m, GroupableConv2d | PermutedGroupConv2d) for m in deployed.modules())
-    for block in deployed.bottlenecks():
-        assert type(block.conv2) is nn.Conv2d
+    for block in deployed.modules():
+        if isinstance(block, Bottleneck):
+            assert type(block.conv2) is nn.Conv2d
 
 
 def test_folding_in_small_g_resnext_is_exact():
@@ -287,6 +290,21 @@ def test_folding_in_small_g_resnext_is_exact():
     torch.testing.assert_close(deployed(x), model(x), rtol=1e-10, atol=1e-10)
     again = dynaconv.deploy(deployed, example_input=x)
     torch.testing.assert_close(again(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_fold_bottlenecks_of_converted_torchvision_resnext():
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    from dynaconv.models import fold_bottlenecks
+
+    torch.manual_seed(0)
+    resnext = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=5, groups=4, width_per_group=4)
+    model = _randomise(dynaconv.convert(resnext, "dgconv")).double().eval()
+    x = torch.randn(1, 3, 24, 24, dtype=torch.float64)
+    expected = model(x)
+    deployed = dynaconv.deploy(fold_bottlenecks(model), example_input=x)
+    _assert_folded(deployed)
+    torch.testing.assert_close(deployed(x), expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.slow

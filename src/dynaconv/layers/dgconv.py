@@ -43,6 +43,7 @@ exceeding the budget (its gradient raises the cost), so the exponent's sign is f
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -62,6 +63,8 @@ __all__ = [
     "fold_bottleneck",
     "resource_constrained_loss",
 ]
+
+log = logging.getLogger("dynaconv")
 
 Impl = Literal["auto", "torch", "triton"]
 _IMPLS = ("auto", "torch", "triton")
@@ -217,6 +220,7 @@ class GroupableConv2d(DynaConv2d):
         )
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self._cache: tuple[tuple[Any, ...], Tensor] | None = None
+        self._triton_failed = False  # impl="auto" falls back to PyTorch if the kernel fails
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -255,14 +259,29 @@ class GroupableConv2d(DynaConv2d):
                     "impl='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)"
                 )
             return True
-        return w.is_cuda and w.dtype in _TRITON_DTYPES and triton_usable(w, self.gate)
+        return (
+            not self._triton_failed
+            and w.is_cuda
+            and w.dtype in _TRITON_DTYPES
+            and triton_usable(w, self.gate)
+        )
 
     def masked_weight(self) -> Tensor:
         """``dense_weight * U``: the effective kernel (differentiable)."""
         if self._use_triton():
             from ..kernels.dgconv import masked_weight
 
-            return masked_weight(self.dense_weight, self.gate, self.sort)
+            try:
+                return masked_weight(self.dense_weight, self.gate, self.sort)
+            except Exception as error:  # a Triton build that cannot compile the kernel
+                if self.impl == "triton":
+                    raise
+                log.warning(
+                    "DGConv Triton kernel failed (%s: %s); using the PyTorch path",
+                    type(error).__name__,
+                    error,
+                )
+                self._triton_failed = True
         return self.dense_weight * self.mask()[:, :, None, None].to(self.dense_weight.dtype)
 
     @property

@@ -21,8 +21,25 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 from ..layers._base import Deployable
 from ..layers.dgconv import GroupableConv2d, Impl, fold_bottleneck
+from ..lifecycle import dynaconv_layers
 
-__all__ = ["GResNeXt", "g_resnext50", "g_resnext101"]
+__all__ = ["GResNeXt", "fold_bottlenecks", "g_resnext50", "g_resnext101"]
+
+
+def fold_bottlenecks(model: nn.Module) -> nn.Module:
+    """Deploy, in place, the DGConv ``conv2`` of every torchvision ``Bottleneck`` in ``model``.
+
+    Each becomes a grouped ``nn.Conv2d`` with its channel permutation folded into the block's
+    ``conv1``/``bn1`` and ``bn2``/``conv3`` (no gather; exact). Works on any network made of
+    torchvision bottlenecks, e.g. ``dynaconv.convert(resnext50_32x4d(), "dgconv")``; the
+    other DGConv layers are left for :func:`dynaconv.deploy`. Returns ``model``.
+    """
+    for block in model.modules():
+        if isinstance(block, Bottleneck) and isinstance(block.conv2, GroupableConv2d):
+            block.conv2 = fold_bottleneck(
+                block.conv1, block.bn1, block.conv2, block.bn2, block.conv3
+            )
+    return model
 
 
 class GResNeXt(Deployable, ResNet):
@@ -77,12 +94,10 @@ class GResNeXt(Deployable, ResNet):
 
     def deploy(self) -> GResNeXt:
         """An eval-mode copy whose DGConvs are grouped convs, permutations folded (exact)."""
-        deployed = copy.deepcopy(self).eval()
-        for block in deployed.bottlenecks():
-            if isinstance(block.conv2, GroupableConv2d):
-                block.conv2 = fold_bottleneck(
-                    block.conv1, block.bn1, block.conv2, block.bn2, block.conv3
-                )
+        deployed = fold_bottlenecks(copy.deepcopy(self).eval())
+        for name, layer in list(dynaconv_layers(deployed)):  # any DGConv outside a bottleneck
+            parent, _, child = name.rpartition(".")
+            setattr(deployed.get_submodule(parent) if parent else deployed, child, layer.deploy())
         return deployed
 
 
