@@ -31,7 +31,8 @@ bits, makes ``U`` block-diagonal, so the layer is a real grouped conv with ``2^(
 between an input gather and an output permutation (:class:`PermutedGroupConv2d`; a plain
 ``nn.Conv2d`` when the permutation is the identity, e.g. with ``sort=True``).
 :func:`fold_bottleneck` folds the permutation into the neighbouring 1x1 convs and BatchNorms
-instead, which :class:`dynaconv.models.GResNeXt` does for every bottleneck.
+instead, which :class:`dynaconv.models.GResNeXt` does for every bottleneck
+(:func:`dynaconv.models.fold_bottlenecks` does it for any network of torchvision bottlenecks).
 
 Resource-constrained training (the authors' objective): :class:`ResourceConstraint` and
 :func:`resource_constrained_loss` scale the task loss by ``(cost / budget) ^ 0.02`` while the
@@ -403,7 +404,9 @@ class GroupableConv2d(DynaConv2d):
 
     def structure(self) -> str:
         bits = "".join("1" if g > 0 else ("0" if g < 0 else "h") for g in self.gate.tolist())
-        return f"{self.num_groups} groups (gates {bits}{', sorted' if self.sort else ''})"
+        groups = self.num_groups
+        plural = "s" if groups != 1 else ""
+        return f"{groups} group{plural} (gates {bits}{', sorted' if self.sort else ''})"
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sort={self.sort}"
