@@ -15,7 +15,8 @@ The backward kernel returns ``grad_weight = grad * U`` and, per program, the par
 
     d loss / d b_k = sum over elements of grad * weight * bit_k(x) * prod_{l != k, bit_l(x)} b_l
 
-(no division, so zero gates are handled), which ``torch.sum`` reduces; the straight-through
+(the leave-one-out products come from the product of the nonzero factors and the number of
+zero factors, exact because every factor is 0, 0.5 or 1), which ``torch.sum`` reduces; the straight-through
 estimator passes ``d loss / d b_k`` to ``gate_k`` unchanged. Shapes: ``weight`` ``(C, C, kh, kw)``
 contiguous, ``gate`` ``(K,)``.
 """
@@ -121,17 +122,26 @@ if triton is not None:
         grad = tl.load(grad_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         grad_times_w = grad * w
-        u = tl.full([BLOCK], 1.0, tl.float32)
+        # U = product of the factors f_k (b_k where bit_k is set, else 1). Every factor is 0, 0.5
+        # or 1, so the product of the nonzero factors times one's inverse is exact: the
+        # leave-one-out products take two passes instead of K^2.
+        nonzero_product = tl.full([BLOCK], 1.0, tl.float32)
+        zeros = tl.zeros([BLOCK], tl.int32)
+        for k in tl.static_range(K):
+            bit = ((code >> _pick(shift, slots, k)) & 1) != 0
+            factor = tl.where(bit, _pick(b, slots, k), 1.0)
+            nonzero_product = nonzero_product * tl.where(factor == 0.0, 1.0, factor)
+            zeros += (factor == 0.0).to(tl.int32)
+        u = tl.where(zeros == 0, nonzero_product, 0.0)
         partial = tl.zeros([KPAD], tl.float32)
         for k in tl.static_range(K):
-            bit_k = ((code >> _pick(shift, slots, k)) & 1) != 0
-            u = tl.where(bit_k, u * _pick(b, slots, k), u)
-            others = tl.full([BLOCK], 1.0, tl.float32)
-            for other in tl.static_range(K):
-                if other != k:
-                    bit = ((code >> _pick(shift, slots, other)) & 1) != 0
-                    others = tl.where(bit, others * _pick(b, slots, other), others)
-            total = tl.sum(tl.where(bit_k, grad_times_w * others, 0.0), axis=0)
+            bit = ((code >> _pick(shift, slots, k)) & 1) != 0
+            factor = tl.where(bit, _pick(b, slots, k), 1.0)
+            without_zero = tl.where(zeros == 1, nonzero_product, 0.0)
+            inverse = tl.where(factor == 0.5, 2.0, 1.0)  # 1 / factor for the nonzero factors
+            without_nonzero = tl.where(zeros == 0, nonzero_product * inverse, 0.0)
+            others = tl.where(factor == 0.0, without_zero, without_nonzero)
+            total = tl.sum(tl.where(bit, grad_times_w * others, 0.0), axis=0)
             partial = tl.where(slots == k, total, partial)
         tl.store(grad_w_ptr + offs, (grad * u).to(grad_w_ptr.dtype.element_ty), mask=inside)
         tl.store(partial_ptr + pid * KPAD + slots, partial)
