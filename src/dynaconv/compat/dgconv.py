@@ -1,1 +1,103 @@
-"""Reference layouts of the dgconv family (to be implemented by its issue)."""
+"""Reference layouts of DGConv (class ``DGConv2d`` and ``G_ResNet`` of the paper's repository).
+
+The reference layer stores ``gate``, ``conv.weight``, ``conv.bias`` (when ``bias``) and two
+constant ``2 x 2`` buffers ``D = eye(2)`` and ``I = ones(2, 2)``; they are checked and dropped.
+Its forward returns ``(output, regulariser)``; the native layer returns the output and gives
+the regulariser through ``aux_loss()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.dgconv import GroupableConv2d
+
+__all__ = ["g_resnext50_from_reference", "g_resnext101_from_reference", "layer_from_reference"]
+
+_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+
+
+def _check_constants(state_dict: Mapping[str, Tensor], prefix: str) -> None:
+    expected = {"D": torch.eye(2), "I": torch.ones(2, 2)}
+    for name, value in expected.items():
+        key = prefix + name
+        if key in state_dict and not torch.equal(state_dict[key].float().cpu(), value):
+            raise ValueError(
+                f"reference buffer {key!r} differs from the constant DGConv2d defines "
+                f"({name} = {value.tolist()}); not a DGConv2d state dict?"
+            )
+
+
+def _native_layer_state(state_dict: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """The reference layer's entries under ``prefix``, renamed to :class:`GroupableConv2d`'s."""
+    _check_constants(state_dict, prefix)
+    renames = {"gate": "gate", "conv.weight": "dense_weight", "conv.bias": "bias"}
+    return {
+        prefix + new: state_dict[prefix + old]
+        for old, new in renames.items()
+        if prefix + old in state_dict
+    }
+
+
+def layer_from_reference(
+    config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
+) -> GroupableConv2d:
+    """A :class:`GroupableConv2d` from the reference's arguments (its ``bias`` defaults to True)."""
+    unknown = set(config) - {*_ARGS, "bias", "sort"}
+    if unknown:
+        raise ValueError(f"unknown reference DGConv2d argument(s): {sorted(unknown)}")
+    extra = set(state_dict) - {"gate", "D", "I", "conv.weight", "conv.bias"}
+    if extra:
+        raise ValueError(f"unexpected key(s) in a reference DGConv2d state dict: {sorted(extra)}")
+    kwargs = {k: config[k] for k in _ARGS if k in config}
+    layer = GroupableConv2d(
+        **kwargs,
+        bias=bool(config.get("bias", True)),
+        sort=bool(config.get("sort", False)),
+        dtype=state_dict["conv.weight"].dtype,
+    )
+    layer.load_state_dict(_native_layer_state(state_dict))
+    return layer
+
+
+def _model_from_reference(
+    arch: str, config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
+) -> nn.Module:
+    from ..models.g_resnext import g_resnext50, g_resnext101
+
+    build = {"g_resnext50": g_resnext50, "g_resnext101": g_resnext101}[arch]
+    num_classes = int(config.get("num_classes", state_dict["fc.weight"].shape[0]))
+    if state_dict["fc.weight"].shape[0] != num_classes:
+        raise ValueError(
+            f"config num_classes={num_classes} but fc.weight has {state_dict['fc.weight'].shape[0]} rows"
+        )
+    native: dict[str, Tensor] = {}
+    layer_prefixes = {k[: -len("gate")] for k in state_dict if k.endswith("conv2.gate")}
+    for prefix in layer_prefixes:
+        native.update(_native_layer_state(state_dict, prefix))
+    for key, value in state_dict.items():
+        if not any(key.startswith(p) for p in layer_prefixes):
+            native[key] = value
+    with torch.device("meta"):
+        model = build(num_classes=num_classes)
+    model = model.to_empty(device="cpu").to(state_dict["fc.weight"].dtype)
+    model.load_state_dict(native)
+    return model
+
+
+def g_resnext50_from_reference(
+    config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
+) -> nn.Module:
+    """G-ResNeXt-50 (32x4d widths) from a reference ``g_resnext50`` state dict."""
+    return _model_from_reference("g_resnext50", config, state_dict)
+
+
+def g_resnext101_from_reference(
+    config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
+) -> nn.Module:
+    """G-ResNeXt-101 (32x8d widths) from a reference ``g_resnext101`` state dict."""
+    return _model_from_reference("g_resnext101", config, state_dict)

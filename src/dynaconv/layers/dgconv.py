@@ -1,3 +1,600 @@
-"""The dgconv family (to be implemented by its issue)."""
+"""DGConv: groupable convolution that learns its number of groups.
 
-__all__: list[str] = []
+Zhang, Zhang, Li, Luo, Zhang and Li, "Differentiable Learning-to-Group Channels via Groupable
+Convolutional Neural Networks", ICCV 2019.
+
+A dense ``C x C`` convolution (``C = 2^K`` input and output channels) whose connectivity is
+masked by ``U``, the Kronecker product of ``K`` learned ``2 x 2`` factors:
+
+* gates ``g`` ``(K,)``, binarised ``b = (sign(g) + 1) / 2`` (a gate exactly 0 gives 0.5, as in
+  the reference) with a straight-through estimator: ``d loss / d g = d loss / d b``;
+* ``U_k = (1 - b_k) I_2 + b_k ones(2, 2)`` and ``U = U_1 (x) U_2 (x) ... (x) U_K`` (gate 1 is the
+  most significant bit). Equivalently, for channel codes ``i`` and ``j``,
+  ``U[i, j] = prod over the bits where i and j differ of b_(gate at that bit)``: ``U[i, j] = 1``
+  iff ``i`` and ``j`` agree on every bit whose gate is 0. This rule builds ``U`` with no
+  Kronecker loop: ``U[i, j] = v[i XOR j]`` with ``v[x] = prod_{k: bit_k(x)} b_k``;
+* ``sort=True`` places the factors by a stable ascending sort of ``b`` (identity factors first,
+  then the 0.5 factors, then the all-ones ones), so ``U`` is contiguous block-diagonal; the bit
+  rule holds with each gate read at its sorted position;
+* output: ``conv(x, weight * U[:, :, None, None])``; ``2^(number of zero gates)`` groups;
+* regulariser (``aux_loss``): ``2^(K + sum b)``, the number of active connections of ``U``.
+
+Shapes: input ``(B, C, H, W)``, dense kernel ``(C, C, kh, kw)``, output ``(B, C, H', W')``.
+
+Channel counts that are not equal powers of two raise ``ValueError``: the groups DGConv can
+learn are the ``2^m`` classes of a ``K``-bit code, so ``C`` must be ``2^K`` on both sides (the
+reference takes ``K = int(log2(C))`` and fails later with a shape error). Use ``convert`` to
+apply DGConv to the convs that qualify; the others are skipped with this reason.
+
+Deployment: sorting the channels by their bits at the zero-gate positions, then by the other
+bits, makes ``U`` block-diagonal, so the layer is a real grouped conv with ``2^(#zeros)`` groups
+between an input gather and an output permutation (:class:`PermutedGroupConv2d`; a plain
+``nn.Conv2d`` when the permutation is the identity, e.g. with ``sort=True``).
+:func:`fold_bottleneck` folds the permutation into the neighbouring 1x1 convs and BatchNorms
+instead, which :class:`dynaconv.models.GResNeXt` does for every bottleneck
+(:func:`dynaconv.models.fold_bottlenecks` does it for any network of torchvision bottlenecks).
+
+Resource-constrained training (the authors' objective): :class:`ResourceConstraint` and
+:func:`resource_constrained_loss` scale the task loss by ``(cost / budget) ^ 0.02`` while the
+cost of the DGConv layers is above the budget, the budget being a fraction of their dense
+parameters or MACs. The authors' sketch writes the factor as ``(budget / cost) ^ 0.02``, a
+MnasNet-style *reward* to maximise; multiplied into a loss that is minimised it would reward
+exceeding the budget (its gradient raises the cost), so the exponent's sign is flipped here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels import triton_usable
+from ._base import ConversionSkipped, DynaConv2d, check_input
+
+__all__ = [
+    "GroupableConv2d",
+    "PermutedGroupConv2d",
+    "ResourceConstraint",
+    "binarise_gates",
+    "connectivity_mask",
+    "fold_bottleneck",
+    "resource_constrained_loss",
+]
+
+log = logging.getLogger("dynaconv")
+
+Impl = Literal["auto", "torch", "triton"]
+_IMPLS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GATE_INIT = 1e-8
+
+
+def binarise_gates(gate: Tensor) -> Tensor:
+    """``(sign(gate) + 1) / 2`` with the straight-through gradient (value binary, grad 1)."""
+    hard = (torch.sign(gate.detach()) + 1) / 2
+    return hard + (gate - gate.detach())
+
+
+def kronecker_order(b: Tensor, sort: bool) -> Tensor:
+    """The gate values in Kronecker order (most significant bit first), differentiably.
+
+    With ``sort`` the order is a stable ascending sort of ``b``: identity factors (``b = 0``)
+    first, as the reference's descending sort of ``1 - b`` orders them.
+    """
+    if not sort:
+        return b
+    return b[torch.sort(b.detach(), stable=True).indices]
+
+
+def code_bits(num_bits: int, device: Any = None) -> Tensor:
+    """``bits[x, p]``: bit ``p`` (``p = 0`` most significant) of the ``num_bits``-bit code ``x``."""
+    codes = torch.arange(2**num_bits, device=device)
+    shifts = torch.arange(num_bits - 1, -1, -1, device=device)
+    return ((codes[:, None] >> shifts) & 1).bool()
+
+
+def _xor_vector(b: Tensor, bits: Tensor) -> Tensor:
+    """``v[x] = prod_{p: bit_p(x)} b[p]`` for every code ``x``, with its exact Jacobian.
+
+    The value is computed without autograd and the gradient enters through the Jacobian
+    ``J[x, p] = bit_p(x) prod_{q != p, bit_q(x)} b[q]`` (a product with zeros has no
+    division-free autograd formula that avoids a device sync).
+    """
+    with torch.no_grad():
+        hard = b.detach()
+        factors = torch.where(bits, hard, torch.ones_like(hard))  # (C, K)
+        value = factors.prod(dim=1)
+        num_bits = hard.numel()
+        own = torch.eye(num_bits, dtype=torch.bool, device=b.device)
+        others = torch.where(own, torch.ones_like(hard), factors[:, None, :]).prod(dim=2)
+        jacobian = torch.where(bits, others, torch.zeros_like(others))  # (C, K)
+    return value + jacobian @ (b - hard)
+
+
+def connectivity_mask(b: Tensor, bits: Tensor | None = None) -> Tensor:
+    """The ``C x C`` mask ``U = U_1 (x) ... (x) U_K`` from gate values ``b`` in Kronecker order.
+
+    ``U[i, j] = v[i XOR j]`` (see :func:`_xor_vector`); differentiable in ``b``.
+    """
+    num_bits = b.numel()
+    if bits is None:
+        bits = code_bits(num_bits, b.device)
+    codes = torch.arange(2**num_bits, device=b.device)
+    return _xor_vector(b, bits)[codes[:, None] ^ codes[None, :]]
+
+
+def _deploy_order(b_kron: Tensor) -> Tensor:
+    """Channel order that makes ``U`` block-diagonal: zero-gate bits first, then the rest.
+
+    ``order[n]`` is the original channel at new position ``n``.
+    """
+    num_bits = b_kron.numel()
+    zero = (b_kron == 0).tolist()
+    positions = [p for p in range(num_bits) if zero[p]] + [
+        p for p in range(num_bits) if not zero[p]
+    ]
+    bits = code_bits(num_bits, b_kron.device).long()
+    weights = 2 ** torch.arange(num_bits - 1, -1, -1, device=b_kron.device)
+    new_code = (bits[:, positions] * weights).sum(dim=1)
+    return torch.argsort(new_code)
+
+
+class PermutedGroupConv2d(nn.Module):
+    """Deployed DGConv: gather the input channels, a grouped conv, restore the channel order.
+
+    ``forward(x) = conv(x[:, order])[:, inverse]``; exact. The gathers cost memory traffic;
+    fold them into neighbouring layers where the network allows (:func:`fold_bottleneck`).
+    """
+
+    def __init__(self, conv: nn.Conv2d, order: Tensor) -> None:
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("order", order.clone())
+        self.register_buffer("inverse", torch.argsort(order))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x.index_select(1, self.order)).index_select(1, self.inverse)
+
+
+class GroupableConv2d(DynaConv2d):
+    """Groupable convolution (drop-in for a square ``nn.Conv2d`` with ``C = 2^K`` channels).
+
+    Args: those of ``nn.Conv2d`` (``in_channels == out_channels == 2^K``, ``groups=1``), plus
+    ``sort``: order the Kronecker factors identity-first (contiguous groups, no permutation at
+    deployment); ``impl``: ``"auto"`` (the fused Triton kernel on CUDA, PyTorch otherwise and
+    under ``torch.compile``), ``"torch"`` or ``"triton"``.
+
+    Parameters: ``gate`` ``(K,)`` (initialised to ``+-1e-8`` with random signs), ``dense_weight``
+    ``(C, C, kh, kw)`` and ``bias``. ``.weight`` is the masked kernel.
+    """
+
+    method = "dgconv"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        sort: bool = False,
+        impl: Impl = "auto",
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+        )
+        if groups != 1:
+            raise ValueError(
+                f"groups must be 1 for GroupableConv2d (it learns its groups; use "
+                f"GroupableConv2d.from_conv to start from a grouped conv), got {groups}"
+            )
+        self.num_gates = _channel_bits(in_channels, out_channels)
+        if not isinstance(sort, bool):
+            raise ValueError(f"sort must be a bool, got {sort!r}")
+        if impl not in _IMPLS:
+            raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+        self.sort = sort
+        self.impl = impl
+        factory = {"device": device, "dtype": dtype}
+        self.gate = nn.Parameter(torch.empty(self.num_gates, **factory))
+        self.dense_weight = nn.Parameter(
+            torch.empty(out_channels, in_channels, *self.spec.kernel_size, **factory)
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self._cache: tuple[tuple[Any, ...], Tensor] | None = None
+        self._triton_failed = False  # impl="auto" falls back to PyTorch if the kernel fails
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Conv2d's initialisation for the kernel and bias; gates ``+-1e-8``, random signs."""
+        nn.init.kaiming_uniform_(self.dense_weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.dense_weight[0].numel()
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+        with torch.no_grad():
+            signs = torch.randint(0, 2, self.gate.shape, device=self.gate.device) * 2 - 1
+            self.gate.copy_(signs * GATE_INIT)
+        self._cache = None
+
+    # ---------------------------------------------------------------------------- structure
+    def gate_values(self) -> Tensor:
+        """Binary gate values ``b`` (with the straight-through gradient), in gate order."""
+        return binarise_gates(self.gate)
+
+    def mask(self) -> Tensor:
+        """The connectivity mask ``U`` ``(C, C)`` (differentiable in the gates)."""
+        return connectivity_mask(kronecker_order(self.gate_values(), self.sort))
+
+    @property
+    def num_groups(self) -> int:
+        """Groups of the learned structure: ``2^(number of gates with b = 0)``."""
+        return 2 ** int((self.gate.detach() < 0).sum())
+
+    def _use_triton(self) -> bool:
+        if self.impl == "torch" or _tracing():
+            return False
+        w = self.dense_weight
+        if self.impl == "triton":
+            if not triton_usable(w, self.gate):
+                raise RuntimeError(
+                    "impl='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)"
+                )
+            return True
+        return (
+            not self._triton_failed
+            and w.is_cuda
+            and w.dtype in _TRITON_DTYPES
+            and triton_usable(w, self.gate)
+        )
+
+    def masked_weight(self) -> Tensor:
+        """``dense_weight * U``: the effective kernel (differentiable)."""
+        if self._use_triton():
+            from ..kernels.dgconv import masked_weight
+
+            try:
+                return masked_weight(self.dense_weight, self.gate, self.sort)
+            except Exception as error:  # a Triton build that cannot compile the kernel
+                if self.impl == "triton":
+                    raise
+                log.warning(
+                    "DGConv Triton kernel failed (%s: %s); using the PyTorch path",
+                    type(error).__name__,
+                    error,
+                )
+                self._triton_failed = True
+        return self.dense_weight * self.mask()[:, :, None, None].to(self.dense_weight.dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective (masked) kernel, as ``nn.Conv2d.weight`` would hold it."""
+        return self.masked_weight()
+
+    def _cache_key(self) -> tuple[Any, ...]:
+        return tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device) for t in (self.gate, self.dense_weight)
+        )
+
+    def _forward_weight(self) -> Tensor:
+        """The masked kernel, cached while no gradient is needed and nothing has changed."""
+        needs_grad = torch.is_grad_enabled() and (
+            self.gate.requires_grad or self.dense_weight.requires_grad
+        )
+        if self.training or needs_grad or _tracing():
+            self._cache = None
+            return self.masked_weight()
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.masked_weight())
+        return self._cache[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.spec.in_channels, type(self).__name__)
+        return self.spec.conv2d(x, self._forward_weight(), self.bias)
+
+    def aux_loss(self) -> Tensor:
+        """The reference regulariser ``2^(K + sum b)``: the number of active connections."""
+        return torch.pow(2.0, self.num_gates + self.gate_values().sum())
+
+    # ---------------------------------------------------------------------------- deploy
+    def grouped_form(self) -> tuple[Tensor, nn.Conv2d]:
+        """``(order, conv)``: a grouped ``nn.Conv2d`` equal to the layer on permuted channels.
+
+        ``layer(x) == conv(x[:, order])[:, argsort(order)]``. ``conv`` has
+        ``2^(number of zero gates)`` groups and the layer's geometry, device and dtype.
+        """
+        with torch.no_grad():
+            b_kron = kronecker_order(binarise_gates(self.gate), self.sort)
+            order = _deploy_order(b_kron)
+            groups = 2 ** int((b_kron == 0).sum())
+            channels = self.spec.in_channels
+            size = channels // groups
+            kh, kw = self.spec.kernel_size
+            permuted = self.masked_weight().index_select(0, order).index_select(1, order)
+            blocks = permuted.reshape(groups, size, groups, size, kh, kw)
+            grouped = blocks.diagonal(dim1=0, dim2=2).permute(4, 0, 1, 2, 3)
+            conv = self.spec.make_conv(
+                device=self.dense_weight.device, dtype=self.dense_weight.dtype, groups=groups
+            )
+            conv.weight.copy_(grouped.reshape(channels, size, kh, kw))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias.index_select(0, order))
+        return order, conv
+
+    def deploy(self) -> nn.Module:
+        """A grouped ``nn.Conv2d`` (wrapped in the channel permutation when it is needed)."""
+        order, conv = self.grouped_form()
+        if torch.equal(order, torch.arange(order.numel(), device=order.device)):
+            return conv
+        return PermutedGroupConv2d(conv, order)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, *, sort: bool = False, impl: Impl = "auto", **options: Any
+    ) -> GroupableConv2d:
+        """A DGConv equal to ``conv``: its kernel placed block-diagonally, its groups as gates.
+
+        A conv with ``2^m`` groups starts with the first ``m`` gates at ``-1e-8`` (zero) and the
+        others at ``+1e-8``, so ``U`` is exactly its block-diagonal connectivity.
+        """
+        if options:
+            raise ValueError(f"unknown DGConv option(s): {sorted(options)}")
+        if type(conv) is not nn.Conv2d:
+            raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
+        try:
+            _channel_bits(conv.in_channels, conv.out_channels)
+        except ValueError as why:
+            raise ConversionSkipped(str(why)) from None
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,  # type: ignore[arg-type]
+            conv.stride,  # type: ignore[arg-type]
+            conv.padding,  # type: ignore[arg-type]
+            conv.dilation,  # type: ignore[arg-type]
+            1,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            sort=sort,
+            impl=impl,
+        )
+        groups = conv.groups
+        zero_gates = groups.bit_length() - 1
+        size = conv.in_channels // groups
+        with torch.no_grad():
+            layer.dense_weight.zero_()
+            for g in range(groups):
+                block = slice(g * size, (g + 1) * size)
+                layer.dense_weight[block, block] = conv.weight[block]
+            gates = [-GATE_INIT] * zero_gates + [GATE_INIT] * (layer.num_gates - zero_gates)
+            layer.gate.copy_(torch.tensor(gates))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer.train(conv.training)
+        return layer
+
+    # ---------------------------------------------------------------------------- reporting
+    def count_macs(
+        self, input_shape: Sequence[int], output_shape: Sequence[int]
+    ) -> tuple[int, int]:
+        dense = self.spec.dense_macs(output_shape)
+        return dense, dense // self.num_groups
+
+    def structure(self) -> str:
+        bits = "".join("1" if g > 0 else ("0" if g < 0 else "h") for g in self.gate.tolist())
+        groups = self.num_groups
+        plural = "s" if groups != 1 else ""
+        return f"{groups} group{plural} (gates {bits}{', sorted' if self.sort else ''})"
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sort={self.sort}"
+
+
+def _tracing() -> bool:
+    """Under torch.compile or torch.export: use the pure PyTorch path, no Python-side cache."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or exporting()
+
+
+def _channel_bits(in_channels: int, out_channels: int) -> int:
+    """``K`` with ``in_channels == out_channels == 2^K``, or the ValueError explaining why not."""
+    if in_channels != out_channels or in_channels < 2 or in_channels & (in_channels - 1):
+        raise ValueError(
+            "DGConv needs in_channels == out_channels == 2^K with K >= 1 (its groups are the "
+            f"classes of a K-bit channel code), got in_channels={in_channels}, "
+            f"out_channels={out_channels}"
+        )
+    return in_channels.bit_length() - 1
+
+
+# -------------------------------------------------------------------------------------------
+# folding the deployment permutation into neighbouring layers
+
+
+def _permute_output_channels(conv: nn.Conv2d, order: Tensor) -> None:
+    if conv.groups != 1:
+        raise ValueError("cannot permute the output channels of a grouped conv")
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight.index_select(0, order))
+        if conv.bias is not None:
+            conv.bias.copy_(conv.bias.index_select(0, order))
+
+
+def _permute_input_channels(conv: nn.Conv2d, order: Tensor) -> None:
+    if conv.groups != 1:
+        raise ValueError("cannot permute the input channels of a grouped conv")
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight.index_select(1, order))
+
+
+def _permute_batchnorm(bn: nn.BatchNorm2d, order: Tensor) -> None:
+    with torch.no_grad():
+        for tensor in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            if tensor is not None:
+                tensor.copy_(tensor.index_select(0, order))
+
+
+def fold_bottleneck(
+    producer: nn.Conv2d,
+    producer_norm: nn.BatchNorm2d | None,
+    layer: GroupableConv2d,
+    consumer_norm: nn.BatchNorm2d | None,
+    consumer: nn.Conv2d,
+) -> nn.Conv2d:
+    """Deploy ``layer`` as a grouped conv with its channel permutation folded into neighbours.
+
+    For ``producer -> producer_norm -> (elementwise) -> layer -> consumer_norm ->
+    (elementwise) -> consumer`` (a bottleneck's ``conv1, bn1, conv2, bn2, conv3``), the
+    producer's output channels and its norm are permuted in place, the consumer's norm and
+    input channels likewise, and the grouped conv (on the permuted channels) is returned:
+    the chain computes exactly the same function with no gather. The producer and consumer must
+    be ungrouped convs and feed nothing else.
+    """
+    order, conv = layer.grouped_form()
+    _permute_output_channels(producer, order)
+    if producer_norm is not None:
+        _permute_batchnorm(producer_norm, order)
+    if consumer_norm is not None:
+        _permute_batchnorm(consumer_norm, order)
+    _permute_input_channels(consumer, order)
+    return conv
+
+
+# -------------------------------------------------------------------------------------------
+# resource-constrained training
+
+
+class ResourceConstraint:
+    """The authors' resource-constrained objective for the DGConv layers of ``model``.
+
+    ``cost()`` is the differentiable resource of the DGConv layers: each layer's active
+    connections ``2^(K + sum b)`` (its ``aux_loss()``) times ``kh * kw`` (``budget_type=
+    "params"``: the kernel entries kept) or times ``kh * kw * H' * W'`` (``"macs"``: the MACs of
+    one example at ``input_shape``). The budget is ``budget`` (a fraction in ``(0, 1]``) of the
+    dense value of those layers. Calling it on a loss gives
+    ``loss * (cost / budget) ^ exponent`` while ``cost > budget``, else ``loss`` (the authors'
+    ``(budget / cost) ^ 0.02`` with the sign that penalises, see the module docstring); the
+    straight-through gradient of ``cost`` pushes the gates towards fewer connections.
+
+    Args:
+        model: a model with :class:`GroupableConv2d` layers.
+        budget: the allowed fraction of the dense parameters or MACs of those layers.
+        budget_type: ``"params"`` or ``"macs"`` (``"macs"`` needs ``input_shape``: one
+            no-grad eval forward at batch 1 records each layer's output size).
+        input_shape: ``(C, H, W)`` or ``(B, C, H, W)`` of the model's input, for ``"macs"``.
+        exponent: the objective's exponent (0.02 in the paper).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        budget: float,
+        budget_type: Literal["params", "macs"] = "params",
+        input_shape: Sequence[int] | None = None,
+        exponent: float = 0.02,
+    ) -> None:
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+            raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
+        if budget_type not in ("params", "macs"):
+            raise ValueError(f"budget_type must be 'params' or 'macs', got {budget_type!r}")
+        if isinstance(exponent, bool) or not isinstance(exponent, int | float) or exponent <= 0:
+            raise ValueError(f"exponent must be a positive number, got {exponent!r}")
+        self.layers = [m for m in model.modules() if isinstance(m, GroupableConv2d)]
+        if not self.layers:
+            raise ValueError("model has no GroupableConv2d layer to constrain")
+        if budget_type == "macs":
+            if input_shape is None:
+                raise ValueError("budget_type='macs' needs input_shape (the model's input size)")
+            positions = _output_positions(model, self.layers, input_shape)
+        else:
+            positions = [1] * len(self.layers)
+        self.scales = [
+            layer.spec.kernel_numel * p for layer, p in zip(self.layers, positions, strict=True)
+        ]
+        self.dense = float(
+            sum(layer.in_channels * layer.out_channels * s for layer, s in self._pairs())
+        )
+        self.budget = float(budget) * self.dense
+        self.budget_type = budget_type
+        self.exponent = float(exponent)
+
+    def _pairs(self) -> Iterable[tuple[GroupableConv2d, int]]:
+        return zip(self.layers, self.scales, strict=True)
+
+    def cost(self) -> Tensor:
+        """Current parameters or MACs of the DGConv layers (differentiable in the gates)."""
+        return torch.stack([layer.aux_loss() * scale for layer, scale in self._pairs()]).sum()
+
+    def __call__(self, loss: Tensor) -> Tensor:
+        cost = self.cost()
+        factor = (cost / self.budget) ** self.exponent
+        return torch.where(cost > self.budget, loss * factor.to(loss.dtype), loss)
+
+
+def _output_positions(
+    model: nn.Module, layers: list[GroupableConv2d], input_shape: Sequence[int]
+) -> list[int]:
+    shape = tuple(input_shape)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    if len(shape) != 4 or any(not isinstance(s, int) or s <= 0 for s in shape):
+        raise ValueError(f"input_shape must be (C, H, W) or (B, C, H, W), got {tuple(input_shape)}")
+    sizes: dict[int, int] = {}
+
+    def record(module: nn.Module, inputs: Any, output: Tensor) -> None:
+        sizes[id(module)] = output.shape[-2] * output.shape[-1]
+
+    handles = [layer.register_forward_hook(record) for layer in layers]
+    ref = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *shape[1:]), device=ref.device, dtype=ref.dtype))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    missing = [i for i, layer in enumerate(layers) if id(layer) not in sizes]
+    if missing:
+        raise ValueError(f"{len(missing)} GroupableConv2d layer(s) did not run in the forward")
+    return [sizes[id(layer)] for layer in layers]
+
+
+def resource_constrained_loss(
+    loss: Tensor,
+    model: nn.Module,
+    budget: float,
+    budget_type: Literal["params", "macs"] = "params",
+    input_shape: Sequence[int] | None = None,
+    exponent: float = 0.02,
+) -> Tensor:
+    """``loss * (cost / budget) ^ exponent`` while the DGConv cost exceeds the budget.
+
+    One-call form of :class:`ResourceConstraint` (see there). For ``"macs"`` it runs a forward
+    to find the layers' output sizes on every call: build a :class:`ResourceConstraint` once
+    in a training loop instead.
+    """
+    return ResourceConstraint(model, budget, budget_type, input_shape, exponent)(loss)

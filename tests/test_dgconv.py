@@ -1,0 +1,581 @@
+"""DGConv: reference fixtures, the mask against the Kronecker definition, deploy, folding, compat."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import dynaconv
+from conftest import assert_close64, load_fixture
+from dynaconv import GroupableConv2d, PermutedGroupConv2d
+from dynaconv.compat import layer_from_reference, model_from_reference
+from dynaconv.layers.dgconv import (
+    ResourceConstraint,
+    binarise_gates,
+    connectivity_mask,
+    kronecker_order,
+    resource_constrained_loss,
+)
+from dynaconv.models import GResNeXt, g_resnext50, g_resnext101
+
+FIXTURES = ["c16_gates1010", "c32_gates00110_sort"]
+
+
+def _fixture_loss(y: torch.Tensor, regulariser: torch.Tensor) -> torch.Tensor:
+    return y.square().mean() + 1e-3 * regulariser  # the `loss` spelled out in the fixtures
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_matches_reference_fixture(name):
+    data = load_fixture("dgconv", f"{name}.pt")
+    assert data["loss"] == "y.square().mean() + 1e-3 * u_regularizer"
+    layer = layer_from_reference("dgconv", data["config"], data["state_dict"]).double()
+    assert layer.impl == "auto" and layer.sort == data["config"]["sort"]
+    x = data["x"].double()
+    y = layer(x)
+    regulariser = layer.aux_loss()
+    assert_close64(y, data["y"])
+    assert regulariser.item() == data["u_regularizer"]
+    _fixture_loss(y, regulariser).backward()
+    assert_close64(layer.gate.grad, data["grad"]["gate"])
+    assert_close64(layer.dense_weight.grad, data["grad"]["weight"])
+    assert_close64(layer.deploy()(x), data["y"])
+    with torch.no_grad():
+        assert_close64(layer.eval()(x), data["y"])
+
+
+def test_fixture_through_the_triton_kernel():
+    """The fused kernel (Triton's interpreter on CPU) gives the reference values in float32."""
+    pytest.importorskip("triton")
+    data = load_fixture("dgconv", "c16_gates1010.pt")
+    layer = layer_from_reference("dgconv", data["config"], data["state_dict"])
+    layer.impl = "triton"
+    if not dynaconv.kernels.triton_usable(layer.dense_weight):
+        pytest.skip("the Triton interpreter is not active")
+    y = layer(data["x"])
+    _fixture_loss(y, layer.aux_loss()).backward()
+    tol = {"rtol": 1e-4, "atol": 1e-6}
+    torch.testing.assert_close(y.double(), data["y"], **tol)
+    torch.testing.assert_close(layer.gate.grad.double(), data["grad"]["gate"], **tol)
+    torch.testing.assert_close(layer.dense_weight.grad.double(), data["grad"]["weight"], **tol)
+
+
+def test_reference_constants_are_checked():
+    data = load_fixture("dgconv", "c16_gates1010.pt")
+    state = dict(data["state_dict"])
+    state["I"] = torch.eye(2)
+    with pytest.raises(ValueError, match="'I'"):
+        layer_from_reference("dgconv", data["config"], state)
+    with pytest.raises(ValueError, match="argument"):
+        layer_from_reference("dgconv", {**data["config"], "groups": 2}, data["state_dict"])
+
+
+# ------------------------------------------------------------------------------ the mask
+
+
+def kronecker_mask(b: torch.Tensor) -> torch.Tensor:
+    """The reference definition: a loop of Kronecker products of (1 - b) I + b ones."""
+    mask = torch.ones(1, 1, dtype=b.dtype)
+    for value in b:
+        factor = (1 - value) * torch.eye(2, dtype=b.dtype) + value * torch.ones(2, 2, dtype=b.dtype)
+        mask = torch.kron(mask, factor)
+    return mask
+
+
+gate_vectors = st.integers(1, 6).flatmap(
+    lambda k: st.lists(st.sampled_from([-1.5, -0.25, 0.0, 0.3, 2.0]), min_size=k, max_size=k)
+)
+
+
+@given(gates=gate_vectors, sort=st.booleans(), seed=st.integers(0, 2**16))
+def test_mask_equals_kronecker_product(gates, sort, seed):
+    """Values and gate gradients, exactly-zero gates (b = 0.5) included."""
+    gate = torch.tensor(gates, dtype=torch.float64, requires_grad=True)
+    reference_gate = gate.detach().clone().requires_grad_(True)
+    mask = connectivity_mask(kronecker_order(binarise_gates(gate), sort))
+    expected = kronecker_mask(kronecker_order(binarise_gates(reference_gate), sort))
+    torch.testing.assert_close(mask, expected, rtol=0, atol=0)
+    upstream = torch.randn(
+        mask.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
+    (mask * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(gate.grad, reference_gate.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_sorted_mask_is_contiguous_block_diagonal():
+    layer = GroupableConv2d(32, 32, 1, sort=True)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor([0.4, -0.1, 0.2, -0.6, 0.3]))
+    mask = layer.mask().detach()
+    assert layer.num_groups == 4
+    assert torch.equal(mask, torch.block_diag(*[torch.ones(8, 8)] * 4))
+
+
+def test_binarisation_compat_and_straight_through():
+    gate = torch.tensor([-2.0, 0.0, 3e-9], requires_grad=True)
+    b = binarise_gates(gate)
+    assert b.tolist() == [0.0, 0.5, 1.0]
+    (b * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert gate.grad.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_regulariser_counts_active_connections():
+    layer = GroupableConv2d(64, 64, 3)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0]))
+    reg = layer.aux_loss()
+    assert reg.item() == 2**9 == int((layer.mask() != 0).sum())
+    reg.backward()
+    torch.testing.assert_close(layer.gate.grad, torch.full((6,), 2**9 * math.log(2)))
+    assert dynaconv.aux_loss(nn.Sequential(layer, nn.ReLU())).item() == 2**9
+
+
+# ------------------------------------------------------------------------------ fused kernel
+
+
+def _check_kernel_against_torch(layer: GroupableConv2d, x: torch.Tensor) -> None:
+    outputs, grads = [], []
+    for impl in ("torch", "triton"):
+        layer.impl = impl
+        layer.zero_grad()
+        y = layer(x)
+        (y.square().mean() + 1e-3 * layer.aux_loss()).backward()
+        outputs.append(y)
+        grads.append((layer.gate.grad.clone(), layer.dense_weight.grad.clone()))
+    # The masked kernels are bit-identical, so on CPU the outputs and weight gradients are equal
+    # (cuDNN may pick non-deterministic algorithms); the gate gradients are float32 sums over
+    # the whole kernel in different orders.
+    exact = {"rtol": 0, "atol": 0} if x.device.type == "cpu" else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(outputs[1], outputs[0], **exact)
+    torch.testing.assert_close(grads[1][1], grads[0][1], **exact)
+    gate_scale = float(grads[0][0].abs().max())
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-3, atol=1e-4 * gate_scale)
+
+
+@pytest.mark.parametrize(
+    ("gates", "kernel", "sort"),
+    [
+        ([0.5, 0.0, -0.2, 0.1], 3, False),
+        ([0.5, 0.0, -0.2, 0.1], 3, True),
+        ([-0.3, 0.2, 0.0, 0.0, -0.1], 1, True),
+        ([0.0, -0.4], (1, 3), False),
+    ],
+)
+def test_triton_kernel_matches_torch_path_interpreted(gates, kernel, sort):
+    pytest.importorskip("triton")
+    if torch.cuda.is_available() or not dynaconv.kernels.interpreting():
+        pytest.skip("interpreter check (the GPU test covers CUDA)")
+    torch.manual_seed(1)
+    channels = 2 ** len(gates)
+    layer = GroupableConv2d(channels, channels, kernel, padding=1, sort=sort)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor(gates))
+    _check_kernel_against_torch(layer, torch.randn(2, channels, 5, 5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sort", [False, True])
+@pytest.mark.parametrize("channels", [16, 128, 256])
+def test_triton_kernel_matches_torch_path_cuda(sort, channels):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(2)
+    layer = GroupableConv2d(channels, channels, 3, padding=1, sort=sort).cuda()
+    k = layer.num_gates
+    with torch.no_grad():
+        layer.gate.copy_(torch.randn(k))
+        layer.gate[k // 2] = 0.0  # an exactly-zero gate (b = 0.5)
+    _check_kernel_against_torch(layer, torch.randn(4, channels, 8, 8, device="cuda"))
+    layer.impl = "auto"
+    assert layer._use_triton()
+
+
+@pytest.mark.gpu
+def test_g_resnext_training_step_triton_matches_torch_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(3)
+    model = _randomise(GResNeXt([1, 1, 1, 1], cardinality=4, width_per_group=4, num_classes=5))
+    model = model.cuda().train()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    grads = []
+    for impl in ("torch", "auto"):
+        for _, layer in dynaconv.dynaconv_layers(model):
+            layer.impl = impl
+        model.zero_grad()
+        (model(x).square().mean() + 1e-9 * dynaconv.aux_loss(model)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        scale = float(grad.abs().max()) + 1e-12
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
+
+
+# ------------------------------------------------------------------------------ deploy
+
+deploy_configs = st.fixed_dictionaries(
+    {
+        "gates": gate_vectors,
+        "kernel": st.tuples(st.integers(1, 3), st.integers(1, 3)),
+        "stride": st.integers(1, 2),
+        "dilation": st.integers(1, 2),
+        "bias": st.booleans(),
+        "sort": st.booleans(),
+        "padding_mode": st.sampled_from(["zeros", "reflect", "circular"]),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+def _layer(cfg) -> GroupableConv2d:
+    torch.manual_seed(cfg["seed"])
+    channels = 2 ** len(cfg["gates"])
+    kh, kw = cfg["kernel"]
+    layer = GroupableConv2d(
+        channels,
+        channels,
+        (kh, kw),
+        stride=cfg["stride"],
+        padding=(kh // 2 * cfg["dilation"], kw // 2 * cfg["dilation"]),
+        dilation=cfg["dilation"],
+        bias=cfg["bias"],
+        padding_mode=cfg["padding_mode"],
+        sort=cfg["sort"],
+        dtype=torch.float64,
+    )
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor(cfg["gates"]))
+    return layer
+
+
+@given(deploy_configs)
+def test_deploy_is_exact(cfg):
+    layer = _layer(cfg)
+    x = torch.randn(2, layer.in_channels, 7, 6, dtype=torch.float64)
+    deployed = layer.deploy()
+    zeros = sum(g < 0 for g in cfg["gates"])
+    conv = deployed.conv if isinstance(deployed, PermutedGroupConv2d) else deployed
+    assert type(conv) is nn.Conv2d and conv.groups == 2**zeros == layer.num_groups
+    if cfg["sort"]:
+        assert type(deployed) is nn.Conv2d  # contiguous groups: no permutation
+    torch.testing.assert_close(deployed(x), layer(x), rtol=1e-10, atol=1e-12)
+    dense, active = layer.count_macs(x.shape, layer(x).shape)
+    assert active * 2**zeros == dense
+
+
+def test_deploy_unsorted_needs_permutation():
+    layer = GroupableConv2d(16, 16, 3, padding=1, dtype=torch.float64)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor([0.3, -0.2, 0.5, -0.1]))
+    deployed = layer.deploy()
+    assert isinstance(deployed, PermutedGroupConv2d) and deployed.conv.groups == 4
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(deployed(x), layer(x), rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ networks
+
+
+def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random gates and BatchNorm statistics, so folding is tested on non-trivial values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, GroupableConv2d):
+                module.gate.copy_(torch.randn(module.gate.shape, generator=generator))
+            elif isinstance(module, nn.BatchNorm2d):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
+                module.running_mean.copy_(
+                    torch.randn(module.running_mean.shape, generator=generator)
+                )
+                module.running_var.copy_(
+                    torch.rand(module.running_var.shape, generator=generator) + 0.5
+                )
+    return model
+
+
+def _assert_folded(deployed: nn.Module) -> None:
+    from torchvision.models.resnet import Bottleneck
+
+    assert not any(isinstance(m, GroupableConv2d | PermutedGroupConv2d) for m in deployed.modules())
+    for block in deployed.modules():
+        if isinstance(block, Bottleneck):
+            assert type(block.conv2) is nn.Conv2d
+
+
+def test_folding_in_small_g_resnext_is_exact():
+    model = _randomise(GResNeXt([1, 2, 1, 1], cardinality=4, width_per_group=4, num_classes=7))
+    model = model.double().eval()
+    groups = [layer.num_groups for _, layer in dynaconv.dynaconv_layers(model)]
+    x = torch.randn(1, 3, 24, 24, dtype=torch.float64)
+    deployed = dynaconv.deploy(model, example_input=x)
+    _assert_folded(deployed)
+    assert [b.conv2.groups for b in deployed.bottlenecks()] == groups
+    assert len(set(groups)) > 1  # layers learned different group counts
+    torch.testing.assert_close(deployed(x), model(x), rtol=1e-10, atol=1e-10)
+    again = dynaconv.deploy(deployed, example_input=x)
+    torch.testing.assert_close(again(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_fold_bottlenecks_of_converted_torchvision_resnext():
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    from dynaconv.models import fold_bottlenecks
+
+    torch.manual_seed(0)
+    resnext = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=5, groups=4, width_per_group=4)
+    model = _randomise(dynaconv.convert(resnext, "dgconv")).double().eval()
+    x = torch.randn(1, 3, 24, 24, dtype=torch.float64)
+    expected = model(x)
+    deployed = dynaconv.deploy(fold_bottlenecks(model), example_input=x)
+    _assert_folded(deployed)
+    torch.testing.assert_close(deployed(x), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_folding_in_g_resnext50_is_exact():
+    torch.manual_seed(0)
+    model = _randomise(g_resnext50(num_classes=10)).double().eval()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    deployed = dynaconv.deploy(model, example_input=x)
+    _assert_folded(deployed)
+    torch.testing.assert_close(deployed(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("build", "arch"), [(g_resnext50, "g_resnext50"), (g_resnext101, "g_resnext101")]
+)
+def test_parameter_counts_match_reference(build, arch):
+    counts = load_fixture("dgconv", "counts.pt")["counts"][arch]
+    with torch.device("meta"):
+        model = build()
+    gates = sum(layer.gate.numel() for _, layer in dynaconv.dynaconv_layers(model))
+    assert sum(p.numel() for p in model.parameters()) == counts["params"]
+    assert gates == counts["gate_params"]
+
+
+def _reference_state_dict(model: GResNeXt) -> dict[str, torch.Tensor]:
+    """``model``'s weights under the reference's key names (what its checkpoints hold)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("conv2.dense_weight"):
+            prefix = key[: -len("dense_weight")]
+            state[prefix + "conv.weight"] = value
+            state[prefix + "D"] = torch.eye(2)
+            state[prefix + "I"] = torch.ones(2, 2)
+        else:
+            state[key] = value
+    return state
+
+
+def test_g_resnext_from_reference_state_dict():
+    with torch.device("meta"):
+        model = g_resnext50(num_classes=10)
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.uniform_(-0.02, 0.02, generator=generator)
+    model = _randomise(model).eval()
+    loaded = model_from_reference("g_resnext50", {}, _reference_state_dict(model)).eval()
+    assert type(loaded) is GResNeXt
+    assert loaded.fc.out_features == 10
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------------------ resource objective
+
+
+def _toy(gates: list[list[float]]) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = [
+        GroupableConv2d(2 ** len(g), 2 ** len(g), 3, padding=1, stride=s)
+        for g, s in zip(gates, (1, 2))
+    ]
+    with torch.no_grad():
+        for layer, g in zip(layers, gates):
+            layer.gate.copy_(torch.tensor(g))
+    return nn.Sequential(layers[0], nn.Conv2d(8, 16, 1), layers[1])
+
+
+def test_resource_cost_params_and_macs():
+    model = _toy([[1.0, -1.0, 1.0], [-1.0, -1.0, 1.0, 1.0]])
+    params = ResourceConstraint(model, 0.5, "params")
+    assert params.dense == 8 * 8 * 9 + 16 * 16 * 9
+    assert params.cost().item() == 2**5 * 9 + 2**6 * 9  # active connections x kernel
+    macs = ResourceConstraint(model, 0.5, "macs", input_shape=(8, 10, 10))
+    assert macs.dense == 8 * 8 * 9 * 100 + 16 * 16 * 9 * 25
+    assert macs.cost().item() == 2**5 * 9 * 100 + 2**6 * 9 * 25
+
+
+def test_resource_constrained_loss_scales_only_over_budget():
+    model = _toy([[1.0, -1.0, 1.0], [-1.0, -1.0, 1.0, 1.0]])
+    loss = torch.tensor(2.0)
+    fraction = (2**5 * 9 + 2**6 * 9) / (8 * 8 * 9 + 16 * 16 * 9)
+    assert resource_constrained_loss(loss, model, budget=fraction).item() == 2.0
+    over = resource_constrained_loss(loss, model, budget=fraction / 4)
+    torch.testing.assert_close(over, loss * 4**0.02)
+
+
+def test_resource_constraint_gradient_reduces_cost():
+    model = _toy([[1e-3, 2e-3, 3e-3], [1e-3, 2e-3, 3e-3, 4e-3]])
+    constraint = ResourceConstraint(model, 0.1, "params")
+    before = constraint.cost().item()
+    optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if "gate" in n], lr=0.5)
+    optimizer.zero_grad()
+    constraint(torch.tensor(1.0)).backward()
+    assert all(layer.gate.grad.gt(0).all() for layer in constraint.layers)  # over budget
+    optimizer.step()
+    assert constraint.cost().item() < before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"budget": 0.0}, "budget"),
+        ({"budget": 1.5}, "budget"),
+        ({"budget": 0.5, "budget_type": "flops"}, "budget_type"),
+        ({"budget": 0.5, "budget_type": "macs"}, "input_shape"),
+        ({"budget": 0.5, "exponent": -1}, "exponent"),
+    ],
+)
+def test_resource_constraint_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ResourceConstraint(_toy([[1.0, 1.0, 1.0], [1.0] * 4]), **kwargs)
+    with pytest.raises(ValueError, match="no GroupableConv2d"):
+        ResourceConstraint(nn.Conv2d(4, 4, 3), 0.5)
+
+
+# ------------------------------------------------------------------------------ contract
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((12, 12, 3), {}, "2\\^K"),
+        ((16, 8, 3), {}, "in_channels == out_channels"),
+        ((1, 1, 3), {}, "K >= 1"),
+        ((16, 16, 3), {"groups": 2}, "groups"),
+        ((16, 16, 3), {"sort": 1}, "sort"),
+        ((16, 16, 3), {"impl": "cuda"}, "impl"),
+        ((16, 16, 3), {"padding": "full"}, "padding"),
+    ],
+)
+def test_bad_arguments_raise_value_error(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GroupableConv2d(*args, **kwargs)
+
+
+def test_wrong_input_gives_clear_error():
+    with pytest.raises(ValueError, match="16 input channels"):
+        GroupableConv2d(16, 16, 3)(torch.randn(1, 8, 5, 5))
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_from_conv_starts_equal(groups):
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=groups, dtype=torch.float64)
+    layer = GroupableConv2d.from_conv(conv, sort=groups == 1)
+    assert layer.num_groups == groups
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-12, atol=1e-12)
+    deployed = layer.deploy()
+    assert type(deployed) is nn.Conv2d and deployed.groups == groups
+
+
+def test_convert_skips_unfit_convs_with_reason():
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 24, 1), nn.Conv2d(24, 24, 1)
+    )
+    _, report = dynaconv.convert(model, "dgconv", return_report=True)
+    assert report.converted == ["1"]
+    assert set(report.skipped) == {"0", "2", "3"} and "2^K" in report.skipped["3"]
+
+
+def test_convert_digits_cnn_trains_and_deploys():
+    model = dynaconv.convert(dynaconv.models.DigitsCNN(), "dgconv")
+    assert len(list(dynaconv.dynaconv_layers(model))) == 4
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, target = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), target) + 1e-6 * dynaconv.aux_loss(model)
+        loss.backward()
+        optimizer.step()
+    dynaconv.set_progress(model, 0.5)
+    deployed = dynaconv.deploy(model, input_shape=(2, 1, 8, 8))
+    assert not any(isinstance(m, GroupableConv2d) for m in deployed.modules())
+    profile = dynaconv.profile(model, (1, 1, 8, 8))
+    assert any("groups" in row.structure for row in profile.layers)
+
+
+def test_state_dict_round_trip():
+    layer = GroupableConv2d(16, 16, 3, padding=1, sort=True)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor([0.2, -0.3, 0.0, -0.5]))
+    state = layer.state_dict()
+    assert set(state) == {"gate", "dense_weight", "bias"}
+    clone = GroupableConv2d(16, 16, 3, padding=1, sort=True)
+    clone.load_state_dict(state)
+    x = torch.randn(1, 16, 5, 5)
+    torch.testing.assert_close(clone(x), layer(x))
+
+
+def test_eval_forward_caches_and_follows_changes():
+    layer = GroupableConv2d(8, 8, 3, padding=1, dtype=torch.float64).eval()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        first = layer(x)
+        cached = layer._cache[1]
+        layer(x)
+        assert layer._cache[1] is cached
+        layer.gate.neg_()  # an optimizer step or load_state_dict changes the gates in place
+        second = layer(x)
+    assert layer._cache[1] is not cached
+    torch.testing.assert_close(second, layer.deploy()(x))
+    assert not torch.allclose(first, second)
+
+
+def test_compile_gradients_match_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        GroupableConv2d(8, 8, 3, padding=1), nn.ReLU(), GroupableConv2d(8, 8, 1, sort=True)
+    )
+    with torch.no_grad():
+        model[0].gate.copy_(torch.tensor([0.5, -0.5, 0.0]))
+        model[2].gate.copy_(torch.tensor([-0.5, 0.5, -0.1]))
+    x = torch.randn(2, 8, 6, 6)
+
+    def step(module: nn.Module) -> list[torch.Tensor]:
+        model.zero_grad()
+        y = module(x)
+        (y.square().mean() + 1e-3 * dynaconv.aux_loss(model)).backward()
+        return [y.detach(), *(p.grad.clone() for p in model.parameters())]
+
+    eager = step(model)
+    compiled = step(torch.compile(model, backend="aot_eager"))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_channels_last_autocast_and_export():
+    torch.manual_seed(0)
+    layer = GroupableConv2d(16, 16, 3, padding=1)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor([0.5, -0.5, 0.2, -0.1]))
+    x = torch.randn(2, 16, 6, 6)
+    expected = layer(x)
+    torch.testing.assert_close(layer(x.to(memory_format=torch.channels_last)), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, rtol=5e-2, atol=5e-2)
+    exported = torch.export.export(layer.eval(), (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
