@@ -1,0 +1,275 @@
+"""Fused Triton kernel for CondConv (:class:`dynaconv.layers.condconv.CondConv2d`).
+
+One implicit-GEMM convolution per example. For example ``b`` the output tile
+``y[b, co_tile, p_tile]`` (output channels x output positions) accumulates, over the reduction
+index ``k = (ci, kh, kw)`` of the group (``Cin/groups * kh * kw`` values, the kernel's own
+contiguous order), ``W_b[co_tile, k_tile] @ X_b[k_tile, p_tile]`` with ``tl.dot``, where the
+input tile is gathered on the fly from ``x`` (zero padding by masking, any stride and
+dilation) and the kernel tile is either
+
+* **mixed in registers**: ``sum_e r[b, e] * W_e[co_tile, k_tile]`` from the ``E`` expert tiles
+  (``W_b`` is never written to memory), used when an example's output fits in a few position
+  tiles (the mixing is repeated once per position tile), or
+* **premixed**: read from ``W = mix(r, W_e)`` ``(B, Cout, Cin/groups, kh, kw)`` computed
+  beforehand with one matrix product (cheap when the output has many positions).
+
+Grid: ``(position tiles, groups * output-channel tiles, B)``. Block sizes come from
+``triton.autotune`` over a few configurations (keyed by the shape). fp32 inputs use TF32 in
+``tl.dot`` when ``torch.backends.cudnn.allow_tf32`` is set (as PyTorch's own convs do).
+The backward pass (when gradients are needed) recomputes the batch-folded form with autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import interpreting
+
+__all__ = ["condconv_triton", "premix_default"]
+
+
+@triton.jit
+def _condconv_kernel(
+    x_ptr,
+    w_ptr,
+    r_ptr,
+    bias_ptr,
+    y_ptr,
+    H,
+    W,
+    OW,
+    P,
+    CIN_G,
+    COUT_G,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    swb,
+    swe,
+    swo,
+    sbb,
+    syb,
+    syc,
+    syh,
+    syw,
+    E: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    MIX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    co_tiles = tl.cdiv(COUT_G, BLOCK_CO)
+    group = pid_co // co_tiles
+    co = (pid_co % co_tiles) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_mask = co < COUT_G
+    co_global = group * COUT_G + co
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < P
+    ih0 = (p // OW) * SH - PH
+    iw0 = (p % OW) * SW - PW
+    k_total = CIN_G * KH * KW
+    w_rows = w_ptr + b * swb + co_global[:, None] * swo
+    x_base = x_ptr + b * sxb + (group * CIN_G) * sxc
+    acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, k_total, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < k_total
+        ci = k // (KH * KW)
+        tap = k % (KH * KW)
+        ih = ih0[None, :] + (tap // KW)[:, None] * DH
+        iw = iw0[None, :] + (tap % KW)[:, None] * DW
+        x_mask = k_mask[:, None] & p_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_tile = tl.load(x_base + ci[:, None] * sxc + ih * sxh + iw * sxw, mask=x_mask, other=0.0)
+        w_mask = co_mask[:, None] & k_mask[None, :]
+        if MIX:
+            w_tile = tl.zeros((BLOCK_CO, BLOCK_K), dtype=tl.float32)
+            for e in range(E):
+                r_e = tl.load(r_ptr + b * E + e).to(tl.float32)
+                expert = tl.load(w_rows + e * swe + k[None, :], mask=w_mask, other=0.0)
+                w_tile += r_e * expert.to(tl.float32)
+        else:
+            w_tile = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
+        acc += tl.dot(
+            w_tile.to(x_tile.dtype), x_tile, input_precision=INPUT_PRECISION, out_dtype=tl.float32
+        )
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + b * sbb + co_global, mask=co_mask, other=0.0)
+        acc += bias.to(tl.float32)[:, None]
+    oh = p // OW
+    ow = p % OW
+    y_offsets = b * syb + co_global[:, None] * syc + (oh * syh + ow * syw)[None, :]
+    tl.store(
+        y_ptr + y_offsets,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=co_mask[:, None] & p_mask[None, :],
+    )
+
+
+_CONFIGS = [
+    triton.Config({"BLOCK_CO": 64, "BLOCK_P": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_CO": 128, "BLOCK_P": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_CO": 64, "BLOCK_P": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_CO": 128, "BLOCK_P": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_CO": 32, "BLOCK_P": 256, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_CO": 64, "BLOCK_P": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_CO": 128, "BLOCK_P": 256, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+]
+
+_autotuned_kernel = triton.autotune(
+    configs=_CONFIGS, key=["CIN_G", "COUT_G", "P", "E", "KH", "KW", "SH", "SW", "MIX"]
+)(_condconv_kernel)
+
+#: Block sizes in Triton's interpreter (CPU tests): the smallest that ``tl.dot`` accepts.
+_INTERPRETER_BLOCKS = {"BLOCK_CO": 16, "BLOCK_P": 16, "BLOCK_K": 16}
+
+
+def premix_default(positions: int) -> bool:
+    """Premix the kernels when an example has many output positions (> 512).
+
+    Mixing in registers is repeated for every position tile of an example (``E`` multiply-adds
+    per kernel element per tile, on the vector units); premixing costs one write and read of
+    ``B * numel(W_e)`` values instead, which is cheaper once there are more than a few tiles.
+    """
+    return positions > 512
+
+
+def _launch(
+    spec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, premix: bool | None
+) -> Tensor:
+    from ..layers.condconv import mix
+
+    left, _, top, _ = spec.explicit_padding()
+    if spec.padding_mode != "zeros":
+        x = spec.pad_input(x)
+        left = top = 0
+        out_h, out_w = (
+            (size - d * (k - 1) - 1) // s + 1
+            for size, k, s, d in zip(x.shape[2:], spec.kernel_size, spec.stride, spec.dilation)
+        )
+    else:
+        out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
+    batch, _, height, width = x.shape
+    experts = weight.shape[0]
+    positions = out_h * out_w
+    if premix is None:
+        premix = premix_default(positions)
+    cout, groups = spec.out_channels, spec.groups
+    r = r.contiguous()
+    if premix:
+        kernels = mix(r, weight).contiguous()
+        w_strides = (kernels[0].numel(), 0, kernels[0, 0].numel())
+    else:
+        kernels = weight.contiguous()
+        w_strides = (0, kernels[0].numel(), kernels[0, 0].numel())
+    mixed_bias = None if bias is None else (r @ bias).contiguous()
+    y = torch.empty(batch, cout, out_h, out_w, device=x.device, dtype=x.dtype)
+    if y.numel() == 0:
+        return y
+    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting()
+    args = (
+        x,
+        kernels,
+        r,
+        y if mixed_bias is None else mixed_bias,
+        y,
+        height,
+        width,
+        out_w,
+        positions,
+        spec.in_channels // groups,
+        cout // groups,
+        *x.stride(),
+        *w_strides,
+        cout,
+        *y.stride(),
+    )
+    meta = {
+        "E": experts,
+        "KH": spec.kernel_size[0],
+        "KW": spec.kernel_size[1],
+        "SH": spec.stride[0],
+        "SW": spec.stride[1],
+        "PH": top,
+        "PW": left,
+        "DH": spec.dilation[0],
+        "DW": spec.dilation[1],
+        "MIX": not premix,
+        "HAS_BIAS": mixed_bias is not None,
+        "INPUT_PRECISION": "tf32" if tf32 else "ieee",
+    }
+
+    def grid(config):
+        co_tiles = triton.cdiv(cout // groups, config["BLOCK_CO"])
+        return (triton.cdiv(positions, config["BLOCK_P"]), groups * co_tiles, batch)
+
+    if interpreting():
+        _condconv_kernel[grid({**meta, **_INTERPRETER_BLOCKS})](
+            *args, **meta, **_INTERPRETER_BLOCKS
+        )
+    else:
+        _autotuned_kernel[grid](*args, **meta)
+    return y
+
+
+class _CondConvTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, r, spec, premix):
+        ctx.spec = spec
+        ctx.save_for_backward(x, weight, bias, r)
+        return _launch(spec, x, weight, bias, r, premix)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from ..layers.condconv import condconv2d
+
+        saved = ctx.saved_tensors
+        inputs = [
+            None if t is None else t.detach().requires_grad_(needs)
+            for t, needs in zip(saved, ctx.needs_input_grad[:4])
+        ]
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        with torch.enable_grad():
+            x, weight, bias, r = inputs
+            y = condconv2d(ctx.spec, x, weight, bias, r, "grouped")
+            grads = iter(torch.autograd.grad(y, wanted, grad))
+        result = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+        return (*result, None, None)
+
+
+def condconv_triton(
+    spec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, premix: bool | None = None
+) -> Tensor:
+    """CondConv with the fused kernel: ``y[b] = conv(x[b], sum_e r[b,e] W_e) + sum_e r[b,e] c_e``.
+
+    ``spec`` is the layer's :class:`~dynaconv.layers.ConvSpec`, ``weight`` ``(E, Cout,
+    Cin/groups, kh, kw)``, ``bias`` ``(E, Cout)`` or None, ``r`` ``(B, E)``. ``premix``: None
+    chooses with :func:`premix_default`. Differentiable (the backward recomputes the
+    batch-folded form).
+    """
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"the Triton CondConv kernel takes fp32/fp16/bf16 inputs, got {x.dtype}")
+    weight = weight.to(x.dtype)
+    r = r.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, r)
+    ):
+        return _CondConvTriton.apply(x, weight, bias, r, spec, premix)
+    return _launch(spec, x, weight, bias, r, premix)
