@@ -379,7 +379,6 @@ class CondConv2d(DynaConv2d):
             return self.impl
         device = torch.device(device) if device is not None else self.weight.device
         probe = torch.empty(0, device=device, dtype=self.weight.dtype)
-        weight = self.weight.detach().to(device)
         s = self.spec
         if s.groups == s.in_channels and s.groups > 1:
             return "grouped"
@@ -387,7 +386,7 @@ class CondConv2d(DynaConv2d):
             probe.is_cuda
             and s.in_channels // s.groups >= 16
             and probe.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and triton_usable(probe, weight)
+            and triton_usable(probe)
         ):
             return "triton"
         return "bmm" if s.kernel_size == (1, 1) else "grouped"
