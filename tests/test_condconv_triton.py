@@ -105,6 +105,35 @@ def test_layer_impl_triton_forward_and_backward():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("premix", [False, True])
+@pytest.mark.parametrize("bias_per_expert", [True, False])
+def test_layer_with_routing_in_the_kernel(premix, bias_per_expert):
+    torch.manual_seed(2)
+    layer = CondConv2d(
+        17, 18, 3, padding=1, num_experts=5, bias_per_expert=bias_per_expert, device=DEVICE
+    ).eval()
+    x = torch.randn(3, 17, 5, 6, device=DEVICE)
+    r = layer.routing_weights(x)
+    assert layer._routing_in_kernel(x.detach()) is False  # parameters require grad
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            assert layer._routing_in_kernel(x)
+            y = layer._run("triton", premix, x, None)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    expected = _reference_loop_with_bias(layer, x, r)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _reference_loop_with_bias(layer, x, r):
+    if layer.bias_per_expert or layer.bias is None:
+        return _reference(layer, x, r)
+    spec, w = layer.spec, layer.weight.double()
+    y = condconv2d(spec, x.double(), w, None, r.double(), "loop")
+    return y + layer.bias.double()[None, :, None, None]
+
+
 def test_channels_last_input():
     torch.manual_seed(1)
     layer = CondConv2d(16, 16, 1, num_experts=2, device=DEVICE)
@@ -163,3 +192,26 @@ def test_gpu_auto_picks_triton_and_half_precision():
         half = layer.half()(x.half())
     torch.testing.assert_close(low.double(), expected, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(half.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_gpu_measured_auto_choice_is_cached_and_exact():
+    from dynaconv.layers import condconv as module
+
+    layer = CondConv2d(32, 48, 1, num_experts=8, device="cuda").eval()
+    x = torch.randn(16, 32, 14, 14, device="cuda")
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            y = layer(x)
+            assert any(k[2] == layer.spec for k in module._MEASURED_FORMS)
+            again = layer(x)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.allow_tf32 = True
+    expected = _reference(layer, x, layer.routing_weights(x))
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, y)

@@ -37,6 +37,8 @@ def _condconv_kernel(
     w_ptr,
     r_ptr,
     bias_ptr,
+    fc_w_ptr,
+    fc_b_ptr,
     y_ptr,
     H,
     W,
@@ -44,6 +46,7 @@ def _condconv_kernel(
     P,
     CIN_G,
     COUT_G,
+    CIN,
     sxb,
     sxc,
     sxh,
@@ -65,7 +68,9 @@ def _condconv_kernel(
     PW: tl.constexpr,
     DH: tl.constexpr,
     DW: tl.constexpr,
+    E_PAD: tl.constexpr,
     MIX: tl.constexpr,
+    ROUTE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr,
@@ -87,6 +92,25 @@ def _condconv_kernel(
     k_total = CIN_G * KH * KW
     w_rows = w_ptr + b * swb + co_global[:, None] * swo
     x_base = x_ptr + b * sxb + (group * CIN_G) * sxc
+    e_idx = tl.arange(0, E_PAD)
+    if ROUTE:
+        r_vec = _routing(
+            x_ptr + b * sxb,
+            fc_w_ptr,
+            fc_b_ptr,
+            H,
+            W,
+            CIN,
+            sxc,
+            sxh,
+            sxw,
+            E,
+            E_PAD,
+            BLOCK_K,
+            BLOCK_P,
+        )
+    else:
+        r_vec = tl.load(r_ptr + b * E + e_idx, mask=e_idx < E, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
     for k0 in range(0, k_total, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -101,7 +125,7 @@ def _condconv_kernel(
         if MIX:
             w_tile = tl.zeros((BLOCK_CO, BLOCK_K), dtype=tl.float32)
             for e in range(E):
-                r_e = tl.load(r_ptr + b * E + e).to(tl.float32)
+                r_e = tl.sum(tl.where(e_idx == e, r_vec, 0.0), axis=0)
                 expert = tl.load(w_rows + e * swe + k[None, :], mask=w_mask, other=0.0)
                 w_tile += r_e * expert.to(tl.float32)
         else:
@@ -110,7 +134,14 @@ def _condconv_kernel(
             w_tile.to(x_tile.dtype), x_tile, input_precision=INPUT_PRECISION, out_dtype=tl.float32
         )
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + b * sbb + co_global, mask=co_mask, other=0.0)
+        if MIX:  # the bias bank (E, Cout), mixed here
+            bias = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+            for e in range(E):
+                r_e = tl.sum(tl.where(e_idx == e, r_vec, 0.0), axis=0)
+                expert_bias = tl.load(bias_ptr + e * sbb + co_global, mask=co_mask, other=0.0)
+                bias += r_e * expert_bias.to(tl.float32)
+        else:  # premixed (B, Cout)
+            bias = tl.load(bias_ptr + b * sbb + co_global, mask=co_mask, other=0.0)
         acc += bias.to(tl.float32)[:, None]
     oh = p // OW
     ow = p % OW
@@ -120,6 +151,45 @@ def _condconv_kernel(
         acc.to(y_ptr.dtype.element_ty),
         mask=co_mask[:, None] & p_mask[None, :],
     )
+
+
+@triton.jit
+def _routing(
+    x_ptr,
+    fc_w_ptr,
+    fc_b_ptr,
+    H,
+    W,
+    CIN,
+    sxc,
+    sxh,
+    sxw,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
+    # sigmoid(fc_w @ mean_hw(x) + fc_b) for one example x (CIN, H, W): (E_PAD,) routing weights.
+    e_idx = tl.arange(0, E_PAD)
+    e_mask = e_idx < E
+    logits = tl.zeros((E_PAD,), dtype=tl.float32)
+    for c0 in range(0, CIN, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < CIN
+        pooled = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for hw0 in range(0, H * W, BLOCK_HW):
+            hw = hw0 + tl.arange(0, BLOCK_HW)
+            offsets = c[:, None] * sxc + ((hw // W) * sxh + (hw % W) * sxw)[None, :]
+            mask = c_mask[:, None] & (hw < H * W)[None, :]
+            pooled += tl.sum(tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32), axis=1)
+        fc_w = tl.load(
+            fc_w_ptr + e_idx[:, None] * CIN + c[None, :],
+            mask=e_mask[:, None] & c_mask[None, :],
+            other=0.0,
+        )
+        logits += tl.sum(fc_w.to(tl.float32) * pooled[None, :], axis=1)
+    fc_b = tl.load(fc_b_ptr + e_idx, mask=e_mask, other=0.0).to(tl.float32)
+    return tl.sigmoid(logits / (H * W) + fc_b)
 
 
 _CONFIGS = [
@@ -144,14 +214,21 @@ def premix_default(positions: int) -> bool:
     """Premix the kernels when an example has many output positions (> 512).
 
     Mixing in registers is repeated for every position tile of an example (``E`` multiply-adds
-    per kernel element per tile, on the vector units); premixing costs one write and read of
-    ``B * numel(W_e)`` values instead, which is cheaper once there are more than a few tiles.
+    per kernel element per tile, on the vector units, and ``E`` expert tiles loaded from L2);
+    premixing costs one write and read of ``B * numel(W_e)`` values instead, which is cheaper
+    once there are more than a few tiles.
     """
     return positions > 512
 
 
 def _launch(
-    spec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, premix: bool | None
+    spec,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    r: Tensor | None,
+    premix: bool | None,
+    routing: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     from ..layers.condconv import mix
 
@@ -170,24 +247,31 @@ def _launch(
     positions = out_h * out_w
     if premix is None:
         premix = premix_default(positions)
+    route = r is None  # (only with zero padding: x is the unpadded input here)
+    if route and premix:  # the mixed kernels need r first
+        r = torch.sigmoid(torch.nn.functional.linear(x.mean(dim=(2, 3)), *routing))
+        route = False
     cout, groups = spec.out_channels, spec.groups
-    r = r.contiguous()
     if premix:
         kernels = mix(r, weight).contiguous()
         w_strides = (kernels[0].numel(), 0, kernels[0, 0].numel())
+        bias_arg = None if bias is None else (r @ bias).contiguous()
     else:
         kernels = weight.contiguous()
         w_strides = (0, kernels[0].numel(), kernels[0, 0].numel())
-    mixed_bias = None if bias is None else (r @ bias).contiguous()
+        bias_arg = None if bias is None else bias.contiguous()
     y = torch.empty(batch, cout, out_h, out_w, device=x.device, dtype=x.dtype)
     if y.numel() == 0:
         return y
     tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting()
+    fc_weight, fc_bias = routing if route else (y, y)
     args = (
         x,
         kernels,
-        r,
-        y if mixed_bias is None else mixed_bias,
+        y if route else r.contiguous(),
+        y if bias_arg is None else bias_arg,
+        fc_weight,
+        fc_bias,
         y,
         height,
         width,
@@ -195,6 +279,7 @@ def _launch(
         positions,
         spec.in_channels // groups,
         cout // groups,
+        spec.in_channels,
         *x.stride(),
         *w_strides,
         cout,
@@ -210,8 +295,10 @@ def _launch(
         "PW": left,
         "DH": spec.dilation[0],
         "DW": spec.dilation[1],
+        "E_PAD": triton.next_power_of_2(experts),
         "MIX": not premix,
-        "HAS_BIAS": mixed_bias is not None,
+        "ROUTE": route,
+        "HAS_BIAS": bias_arg is not None,
         "INPUT_PRECISION": "tf32" if tf32 else "ieee",
     }
 
@@ -254,20 +341,39 @@ class _CondConvTriton(torch.autograd.Function):
 
 
 def condconv_triton(
-    spec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, premix: bool | None = None
+    spec,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    r: Tensor | None,
+    premix: bool | None = None,
+    routing: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """CondConv with the fused kernel: ``y[b] = conv(x[b], sum_e r[b,e] W_e) + sum_e r[b,e] c_e``.
 
     ``spec`` is the layer's :class:`~dynaconv.layers.ConvSpec`, ``weight`` ``(E, Cout,
-    Cin/groups, kh, kw)``, ``bias`` ``(E, Cout)`` or None, ``r`` ``(B, E)``. ``premix``: None
-    chooses with :func:`premix_default`. Differentiable (the backward recomputes the
-    batch-folded form).
+    Cin/groups, kh, kw)``, ``bias`` ``(E, Cout)`` or None, ``r`` ``(B, E)``. With ``r=None``,
+    ``routing=(fc_weight, fc_bias)`` gives the routing ``r = sigmoid(fc(GAP(x)))``, which the
+    kernel computes itself when it mixes in registers (one launch for the whole layer; not
+    differentiable). ``premix``: None chooses with :func:`premix_default`. With ``r`` given
+    it is differentiable (the backward recomputes the batch-folded form).
     """
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"the Triton CondConv kernel takes fp32/fp16/bf16 inputs, got {x.dtype}")
-    weight = weight.to(x.dtype)
-    r = r.to(x.dtype)
-    bias = None if bias is None else bias.to(x.dtype)
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if r is None:
+        if routing is None:
+            raise ValueError("condconv_triton needs routing weights r or routing=(weight, bias)")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, *routing)):
+            raise ValueError("in-kernel routing is not differentiable: pass r instead")
+        if spec.padding_mode != "zeros":
+            r = torch.sigmoid(torch.nn.functional.linear(x.mean(dim=(2, 3)), *routing))
+        return _launch(spec, x, weight, bias, r, premix, routing)
+    if r.dtype != x.dtype:
+        r = r.to(x.dtype)
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, r)
     ):

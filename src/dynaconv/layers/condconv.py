@@ -178,6 +178,10 @@ def _triton(spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: T
     return condconv_triton(spec, x, weight, bias, r)
 
 
+#: Measured choices of ``impl="auto"`` (see :meth:`CondConv2d._measured_form`), keyed by
+#: device, dtype, geometry and input shape: a performance cache like cuDNN's, not model state.
+_MEASURED_FORMS: dict[tuple, tuple[str, bool | None]] = {}
+
 _FORM_FUNCTIONS = {
     "loop": _loop,
     "grouped": _grouped,
@@ -355,17 +359,104 @@ class CondConv2d(DynaConv2d):
 
     def forward(self, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
-        if routing_weights is None:
-            routing_weights = self.routing_weights(x)
-        elif routing_weights.dim() != 2 or routing_weights.shape[1] != self.num_experts:
+        if routing_weights is not None and (
+            routing_weights.dim() != 2 or routing_weights.shape[1] != self.num_experts
+        ):
             raise ValueError(
                 f"routing_weights must have shape (B, {self.num_experts}), "
                 f"got {tuple(routing_weights.shape)}"
             )
-        r = routing_weights.to(self.weight.dtype)
-        if self.bias is None or self.bias_per_expert:
-            return condconv2d(self.spec, x, self.weight, self.bias, r, self.impl)
-        return _add_bias(condconv2d(self.spec, x, self.weight, None, r, self.impl), self.bias[None])
+        form, premix = self._resolve(x, routing_weights)
+        return self._run(form, premix, x, routing_weights)
+
+    def _needs_grad(self, x: Tensor, routing_weights: Tensor | None) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        tensors = [x, *self.parameters()]
+        if routing_weights is not None:
+            tensors.append(routing_weights)
+        return any(t.requires_grad for t in tensors)
+
+    def _resolve(self, x: Tensor, routing_weights: Tensor | None) -> tuple[str, bool | None]:
+        """The form to run (and, for ``"triton"``, whether to premix; None: its heuristic)."""
+        if self.impl != "auto":
+            return self.impl, None
+        form = choose_form(self.spec, x, self.weight, self._needs_grad(x, routing_weights))
+        if form == "triton" and torch.backends.cudnn.benchmark:
+            return self._measured_form(x, routing_weights)
+        return form, None
+
+    def _run(
+        self, form: str, premix: bool | None, x: Tensor, routing_weights: Tensor | None
+    ) -> Tensor:
+        bias = self.bias if self.bias_per_expert else None
+        if routing_weights is None and form == "triton" and self._routing_in_kernel(x):
+            from ..kernels.condconv import condconv_triton
+
+            fc = self.routing.fc
+            y = condconv_triton(
+                self.spec, x, self.weight, bias, None, premix, routing=(fc.weight, fc.bias)
+            )
+        else:
+            r = self.routing_weights(x) if routing_weights is None else routing_weights
+            r = r.to(self.weight.dtype)
+            if form == "triton":
+                from ..kernels.condconv import condconv_triton
+
+                y = condconv_triton(self.spec, x, self.weight, bias, r, premix)
+            else:
+                y = condconv2d(self.spec, x, self.weight, bias, r, form)
+        if self.bias is not None and not self.bias_per_expert:
+            y = _add_bias(y, self.bias[None])
+        return y
+
+    def _routing_in_kernel(self, x: Tensor) -> bool:
+        """Whether the fused kernel may compute the routing itself (no dropout, no gradient)."""
+        return (
+            self.routing is not None
+            and (self.routing.dropout == 0 or not self.training)
+            and not self._needs_grad(x, None)
+        )
+
+    def _measured_form(self, x: Tensor, routing_weights: Tensor | None) -> tuple[str, bool | None]:
+        """The fastest inference form for this shape, measured once per shape and cached.
+
+        Used by ``impl="auto"`` on CUDA when ``torch.backends.cudnn.benchmark`` is on (the
+        same switch as cuDNN's own algorithm search). Candidates: the fused kernel mixing in
+        registers and premixed, the batch-folded grouped conv, and ``"bmm"`` (1x1) or
+        ``"expert_sum"`` (kxk). The cache is a per-process performance cache, not model state.
+        """
+        key = (
+            x.device,
+            x.dtype,
+            self.spec,
+            tuple(x.shape),
+            x.is_contiguous(),
+            self.num_experts,
+            self.bias is not None,
+            routing_weights is None and self._routing_in_kernel(x),
+        )
+        choice = _MEASURED_FORMS.get(key)
+        if choice is not None:
+            return choice
+        if torch.cuda.is_current_stream_capturing():
+            return "triton", None
+        other = "bmm" if self.spec.kernel_size == (1, 1) else "expert_sum"
+        candidates = [("triton", False), ("triton", True), ("grouped", None), (other, None)]
+        timings = []
+        for form, premix in candidates:
+            for _ in range(2):  # warm-up (and Triton's autotuning on the first call)
+                self._run(form, premix, x, routing_weights)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                self._run(form, premix, x, routing_weights)
+            end.record()
+            end.synchronize()
+            timings.append(start.elapsed_time(end))
+        choice = candidates[min(range(len(candidates)), key=timings.__getitem__)]
+        _MEASURED_FORMS[key] = choice
+        return choice
 
     def inference_form(self, device: torch.device | str | None = None) -> str:
         """The form :meth:`deploy` fixes: ``impl`` if set, else the eval-mode choice on ``device``.
