@@ -17,6 +17,8 @@ implicit GEMM with per-example kernels.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -33,14 +35,31 @@ TORCH_FORMS = ("grouped", "expert_sum", "bmm")
 
 
 def _triton_forward(layer: CondConv2d, x: torch.Tensor, premix: bool):
-    from dynaconv.kernels.condconv import condconv_triton
+    """The layer's fused path (the routing inside the kernel when it mixes in registers)."""
 
     def run() -> object:
         with torch.inference_mode():
-            r = layer.routing(x)
-            return condconv_triton(layer.spec, x, layer.weight, layer.bias, r, premix=premix)
+            return layer._run("triton", premix, x, None)
 
     return run
+
+
+def graphed(fn, device: torch.device):
+    """``fn`` captured in a CUDA graph (replay callable): GPU time without Python launch cost.
+
+    Called after ``fn`` has run eagerly (Triton's autotuning and the auto form's measured
+    choice happen then, outside the capture).
+    """
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def main() -> None:
@@ -49,58 +68,87 @@ def main() -> None:
     batch = args.batch or (4 if args.quick else 64)
     experts = 8
     rows: list[Row] = []
-    for case, cin, cout, k, size, bar in CASES:
+    for case, cin, cout, k, size, bar_for_auto in CASES:
         torch.manual_seed(0)
         plain = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False).to(device)
         layer = CondConv2d(cin, cout, k, padding=k // 2, bias=False, num_experts=experts)
         layer = layer.to(device)
         x = torch.randn(batch, cin, size, size, device=device)
-        base_fwd = measure(forward_fn(plain.eval(), x), device, args.warmup, args.reps)
+        on_gpu = device.type == "cuda"
         layer.eval()
-        times: dict[str, float] = {}
-        loop_reps = max(3, args.reps // 10)
+        fns = {"static": forward_fn(plain.eval(), x)}
+        fwd = {"static": measure(fns["static"], device, args.warmup, args.reps).median_ms}
         layer.impl = "loop"
-        loop = measure(forward_fn(layer, x), device, 1, loop_reps)
-        rows.append(Row(case, "loop (reference)", "forward", loop.median_ms, base_fwd.median_ms))
+        loop = measure(forward_fn(layer, x), device, 1, max(3, args.reps // 10))
+        rows.append(Row(case, "loop (reference)", "forward", loop.median_ms, fwd["static"]))
         for form in TORCH_FORMS:
             layer.impl = form
-            timing = measure(forward_fn(layer, x), device, args.warmup, args.reps)
-            times[form] = timing.median_ms
-            rows.append(Row(case, form, "forward", timing.median_ms, base_fwd.median_ms))
-        if triton_usable(x):
-            for premix in (False, True):
-                name = "triton premix" if premix else "triton mix"
-                timing = measure(_triton_forward(layer, x, premix), device, args.warmup, args.reps)
-                times[name] = timing.median_ms
-                rows.append(Row(case, name, "forward", timing.median_ms, base_fwd.median_ms))
+            fns[form] = forward_fn(copy.deepcopy(layer), x)
         layer.impl = "auto"
-        auto = measure(forward_fn(layer, x), device, args.warmup, args.reps)
-        with torch.inference_mode():
-            from dynaconv.layers.condconv import choose_form
-
-            picked = choose_form(layer.spec, x, layer.weight, needs_grad=False)
-        rows.append(
-            Row(
-                case,
-                "auto",
-                "forward",
-                auto.median_ms,
-                base_fwd.median_ms,
-                bar=bar,
-                notes=f"picked {picked}",
-            )
-        )
+        if triton_usable(x):
+            fns["triton mix"] = _triton_forward(layer, x, premix=False)
+            fns["triton premix"] = _triton_forward(layer, x, premix=True)
+        fns["auto"] = forward_fn(layer, x)
+        for name, fn in fns.items():
+            if name != "static":
+                fwd[name] = measure(fn, device, args.warmup, args.reps).median_ms
+        with torch.no_grad():
+            form, premix = layer._resolve(x, None)
+        picked = form if premix is None else f"{form} {'premix' if premix else 'mix'}"
+        for name in fns:
+            if name != "static":
+                auto = name == "auto"
+                rows.append(
+                    Row(
+                        case,
+                        name,
+                        "forward",
+                        fwd[name],
+                        fwd["static"],
+                        bar=bar_for_auto if auto else None,
+                        notes=f"picked {picked}" if auto else "",
+                    )
+                )
         rows.append(
             Row(
                 case,
                 "auto vs grouped",
                 "forward",
-                auto.median_ms,
-                times["grouped"],
+                fwd["auto"],
+                fwd["grouped"],
                 bar=0.5,
                 notes="baseline = batch-folded grouped form",
             )
         )
+        if on_gpu:
+            graph = {
+                name: measure(graphed(fn, device), device, args.warmup, args.reps).median_ms
+                for name, fn in fns.items()
+                if name in ("static", "grouped", "triton mix", "triton premix", "auto")
+            }
+            for name, ms in graph.items():
+                if name != "static":
+                    rows.append(
+                        Row(
+                            case,
+                            f"{name} (CUDA graph)",
+                            "forward",
+                            ms,
+                            graph["static"],
+                            bar=bar_for_auto if name == "auto" else None,
+                            notes="baseline = static conv in a CUDA graph",
+                        )
+                    )
+            rows.append(
+                Row(
+                    case,
+                    "auto vs grouped (CUDA graph)",
+                    "forward",
+                    graph["auto"],
+                    graph["grouped"],
+                    bar=0.5,
+                )
+            )
         base_train = measure(
             train_step_fn(plain.train(), x), device, args.warmup, args.reps, memory=True
         )

@@ -82,6 +82,38 @@ def test_kernel_matches_reference(cfg):
     torch.testing.assert_close(y.double(), _reference(layer, x, r), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("blocks", "premix"),
+    [
+        ({"BLOCK_CO": 16, "BLOCK_P": 32, "BLOCK_K": 32, "UNROLL_E": True}, False),
+        ({"BLOCK_CO": 32, "BLOCK_P": 16, "BLOCK_K": 16, "UNROLL_E": False}, True),
+    ],
+)
+def test_kernel_block_variants(blocks, premix):
+    """Other tile shapes and the unrolled expert loop (the autotuned configurations' code)."""
+    from dynaconv.kernels.condconv import _launch
+
+    torch.manual_seed(3)
+    layer = CondConv2d(
+        21, 19, (3, 2), stride=(1, 2), padding=(1, 0), num_experts=3, device=DEVICE
+    ).eval()
+    x = torch.randn(1, 21, 5, 7, device=DEVICE)
+    r = layer.routing_weights(x).detach()
+    fc = layer.routing.fc
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            given_r = _launch(layer.spec, x, layer.weight, layer.bias, r, premix, blocks=blocks)
+            routed = _launch(
+                layer.spec, x, layer.weight, layer.bias, None, premix, (fc.weight, fc.bias), blocks
+            )
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    expected = _reference(layer, x, r)
+    torch.testing.assert_close(given_r.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_layer_impl_triton_forward_and_backward():
     torch.manual_seed(0)
     layer = CondConv2d(16, 16, 3, padding=1, num_experts=3, impl="triton", device=DEVICE)
@@ -105,8 +137,7 @@ def test_layer_impl_triton_forward_and_backward():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("premix", [False, True])
-@pytest.mark.parametrize("bias_per_expert", [True, False])
+@pytest.mark.parametrize(("premix", "bias_per_expert"), [(False, True), (True, False)])
 def test_layer_with_routing_in_the_kernel(premix, bias_per_expert):
     torch.manual_seed(2)
     layer = CondConv2d(

@@ -76,6 +76,7 @@ def _condconv_kernel(
     BLOCK_CO: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    UNROLL_E: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_co = tl.program_id(1)
@@ -124,10 +125,16 @@ def _condconv_kernel(
         w_mask = co_mask[:, None] & k_mask[None, :]
         if MIX:
             w_tile = tl.zeros((BLOCK_CO, BLOCK_K), dtype=tl.float32)
-            for e in range(E):
-                r_e = tl.sum(tl.where(e_idx == e, r_vec, 0.0), axis=0)
-                expert = tl.load(w_rows + e * swe + k[None, :], mask=w_mask, other=0.0)
-                w_tile += r_e * expert.to(tl.float32)
+            if UNROLL_E:  # all expert loads in flight at once (more registers)
+                for e in tl.static_range(E):
+                    r_e = tl.sum(tl.where(e_idx == e, r_vec, 0.0), axis=0)
+                    expert = tl.load(w_rows + e * swe + k[None, :], mask=w_mask, other=0.0)
+                    w_tile += r_e * expert.to(tl.float32)
+            else:
+                for e in range(E):
+                    r_e = tl.sum(tl.where(e_idx == e, r_vec, 0.0), axis=0)
+                    expert = tl.load(w_rows + e * swe + k[None, :], mask=w_mask, other=0.0)
+                    w_tile += r_e * expert.to(tl.float32)
         else:
             w_tile = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
         acc += tl.dot(
@@ -192,22 +199,36 @@ def _routing(
     return tl.sigmoid(logits / (H * W) + fc_b)
 
 
-_CONFIGS = [
-    triton.Config({"BLOCK_CO": 64, "BLOCK_P": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_CO": 128, "BLOCK_P": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_CO": 64, "BLOCK_P": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_CO": 128, "BLOCK_P": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_CO": 32, "BLOCK_P": 256, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_CO": 64, "BLOCK_P": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_CO": 128, "BLOCK_P": 256, "BLOCK_K": 16}, num_warps=8, num_stages=2),
-]
+def _config(co: int, p: int, k: int, warps: int, stages: int, unroll: bool = False):
+    block = {"BLOCK_CO": co, "BLOCK_P": p, "BLOCK_K": k, "UNROLL_E": unroll}
+    return triton.Config(block, num_warps=warps, num_stages=stages)
 
-_autotuned_kernel = triton.autotune(
-    configs=_CONFIGS, key=["CIN_G", "COUT_G", "P", "E", "KH", "KW", "SH", "SW", "MIX"]
-)(_condconv_kernel)
+
+# Chosen by compiling for sm_90 (registers, spills, shared memory with E = 8): mixing in
+# registers pipelines the E expert tiles through shared memory when unrolled, so it takes
+# BLOCK_K = 16 and 2 stages; the premixed kernel is a plain implicit GEMM.
+_MIX_CONFIGS = [
+    _config(64, 128, 16, 4, 2, unroll=True),
+    _config(128, 128, 16, 8, 2, unroll=True),
+    _config(64, 256, 16, 8, 2, unroll=True),
+    _config(64, 128, 16, 4, 2),
+    _config(64, 256, 16, 8, 2),
+    _config(128, 256, 16, 8, 2),
+]
+_PREMIX_CONFIGS = [
+    _config(64, 128, 32, 4, 3),
+    _config(128, 64, 32, 4, 3),
+    _config(128, 128, 32, 8, 3),
+    _config(64, 256, 32, 8, 3),
+    _config(128, 256, 16, 8, 2),
+    _config(256, 128, 16, 8, 2),
+]
+_KEY = ["CIN_G", "COUT_G", "P", "E", "KH", "KW", "SH", "SW", "ROUTE"]
+_mix_kernel = triton.autotune(configs=_MIX_CONFIGS, key=_KEY)(_condconv_kernel)
+_premix_kernel = triton.autotune(configs=_PREMIX_CONFIGS, key=_KEY)(_condconv_kernel)
 
 #: Block sizes in Triton's interpreter (CPU tests): the smallest that ``tl.dot`` accepts.
-_INTERPRETER_BLOCKS = {"BLOCK_CO": 16, "BLOCK_P": 16, "BLOCK_K": 16}
+_INTERPRETER_BLOCKS = {"BLOCK_CO": 16, "BLOCK_P": 16, "BLOCK_K": 16, "UNROLL_E": False}
 
 
 def premix_default(positions: int) -> bool:
@@ -229,6 +250,7 @@ def _launch(
     r: Tensor | None,
     premix: bool | None,
     routing: tuple[Tensor, Tensor] | None = None,
+    blocks: dict | None = None,
 ) -> Tensor:
     from ..layers.condconv import mix
 
@@ -263,7 +285,8 @@ def _launch(
     y = torch.empty(batch, cout, out_h, out_w, device=x.device, dtype=x.dtype)
     if y.numel() == 0:
         return y
-    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting()
+    # "ieee" only matters (and is only passed) for fp32 with TF32 disabled, as in PyTorch's convs.
+    ieee = x.dtype == torch.float32 and (not torch.backends.cudnn.allow_tf32 or interpreting())
     fc_weight, fc_bias = routing if route else (y, y)
     args = (
         x,
@@ -299,19 +322,20 @@ def _launch(
         "MIX": not premix,
         "ROUTE": route,
         "HAS_BIAS": bias_arg is not None,
-        "INPUT_PRECISION": "tf32" if tf32 else "ieee",
+        "INPUT_PRECISION": "ieee" if ieee else "tf32",
     }
 
     def grid(config):
         co_tiles = triton.cdiv(cout // groups, config["BLOCK_CO"])
         return (triton.cdiv(positions, config["BLOCK_P"]), groups * co_tiles, batch)
 
-    if interpreting():
-        _condconv_kernel[grid({**meta, **_INTERPRETER_BLOCKS})](
-            *args, **meta, **_INTERPRETER_BLOCKS
-        )
+    if blocks is not None or interpreting():
+        blocks = blocks or _INTERPRETER_BLOCKS
+        _condconv_kernel[grid({**meta, **blocks})](*args, **meta, **blocks)
+    elif premix:
+        _premix_kernel[grid](*args, **meta)
     else:
-        _autotuned_kernel[grid](*args, **meta)
+        _mix_kernel[grid](*args, **meta)
     return y
 
 
