@@ -135,3 +135,24 @@ def test_onnx_runs_in_onnxruntime_at_another_batch(tmp_path):
         x = torch.randn(batch, 4, 8, 8)
         (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         torch.testing.assert_close(torch.from_numpy(y), model(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_network_auto_matches_float64_reference():
+    torch.manual_seed(0)
+    model = efficientnet_b0_condconv8(num_classes=10).eval()
+    x = torch.randn(4, 3, 64, 64)
+    reference = efficientnet_b0_condconv8(num_classes=10).eval()
+    reference.load_state_dict(model.state_dict())
+    for layer in reference.modules():
+        if isinstance(layer, CondConv2d):
+            layer.impl = "grouped"
+    with torch.no_grad():
+        expected = reference.double()(x.double())
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            actual = model.cuda()(x.cuda())
+        finally:
+            torch.backends.cudnn.allow_tf32 = True
+    torch.testing.assert_close(actual.double().cpu(), expected, rtol=1e-3, atol=1e-3)

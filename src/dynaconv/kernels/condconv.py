@@ -13,10 +13,17 @@ dilation) and the kernel tile is either
 * **premixed**: read from ``W = mix(r, W_e)`` ``(B, Cout, Cin/groups, kh, kw)`` computed
   beforehand with one matrix product (cheap when the output has many positions).
 
+When it mixes in registers and no routing weights are given, each program also computes its
+example's routing ``r = sigmoid(fc(GAP(x[b])))`` from ``x`` before the main loop (the pooling
+is repeated by the programs of one example, cheap next to the GEMM), so an inference forward
+of the layer is a single kernel launch.
+
 Grid: ``(position tiles, groups * output-channel tiles, B)``. Block sizes come from
-``triton.autotune`` over a few configurations (keyed by the shape). fp32 inputs use TF32 in
-``tl.dot`` when ``torch.backends.cudnn.allow_tf32`` is set (as PyTorch's own convs do).
-The backward pass (when gradients are needed) recomputes the batch-folded form with autograd.
+``triton.autotune`` over a few configurations per variant (keyed by the shape), chosen by
+compiling for sm_90 and checking registers, spills and shared memory. fp32 inputs use TF32 in
+``tl.dot`` when ``torch.backends.cudnn.allow_tf32`` is set (as PyTorch's own convs do), exact
+fp32 otherwise. The backward pass (when gradients are needed) recomputes the batch-folded
+form with autograd.
 """
 
 from __future__ import annotations

@@ -21,8 +21,13 @@ Execution forms (``impl``), all exact and tested equal in float64:
   the input itself; kxk: the unfolded input);
 * ``"triton"``: a fused kernel (:mod:`dynaconv.kernels.condconv`): an implicit-GEMM conv per
   example that mixes the expert kernels tile by tile in registers (or reads kernels mixed
-  beforehand when the output is large), for ``padding_mode="zeros"`` or explicit padding;
-* ``"auto"`` (default): chosen per call from the shape and device, see :func:`choose_form`.
+  beforehand by one matrix product when an example has many output positions). In inference
+  with the layer's own routing the kernel also computes the routing itself (one launch);
+  other padding modes pad explicitly first. Training through it is exact (its backward
+  recomputes the grouped form), but ``"auto"`` trains with the PyTorch forms;
+* ``"auto"`` (default): chosen per call from the shape and device, see :func:`choose_form`;
+  on CUDA with ``torch.backends.cudnn.benchmark`` on, inference measures the candidates once
+  per input shape and keeps the fastest (like cuDNN's algorithm search).
 
 ``deploy()`` cannot return a static conv (the kernel depends on the input): it returns an
 eval-mode copy whose form is fixed (``impl`` resolved, or the one given), see
@@ -45,7 +50,7 @@ from torch import Tensor, nn
 from ..kernels import triton_usable
 from ._base import ConversionSkipped, ConvSpec, DynaConv2d, check_input, kaiming_uniform_
 
-__all__ = ["FORMS", "CondConv2d", "CondConvRouting", "choose_form", "condconv2d"]
+__all__ = ["CondConv2d", "CondConvRouting", "condconv2d"]
 
 #: The execution forms of :class:`CondConv2d` (plus ``"auto"``).
 FORMS = ("loop", "grouped", "expert_sum", "bmm", "triton")
@@ -208,7 +213,8 @@ def choose_form(spec: ConvSpec, x: Tensor, weight: Tensor, needs_grad: bool) -> 
       Both are plain batch-independent ops (a dynamic batch exports; the others do not).
     * Depthwise (``groups == Cin``): ``"grouped"``: the folded conv is a depthwise conv too.
     * On CUDA with Triton, floating inputs, ``Cin/groups >= 16`` and no gradient needed:
-      ``"triton"``.
+      ``"triton"`` (the layer then measures it against the PyTorch forms when
+      ``torch.backends.cudnn.benchmark`` is on, see ``CondConv2d._measured_form``).
     * Otherwise (training on GPU, CPU): ``"bmm"`` for 1x1 kernels, ``"grouped"`` for kxk
       (cuDNN and oneDNN run grouped convs well; unfold + bmm costs memory).
     """
