@@ -384,8 +384,15 @@ class CondConv2d(DynaConv2d):
         return any(t.requires_grad for t in tensors)
 
     def _resolve(self, x: Tensor, routing_weights: Tensor | None) -> tuple[str, bool | None]:
-        """The form to run (and, for ``"triton"``, whether to premix; None: its heuristic)."""
+        """The form to run (and, for ``"triton"``, whether to premix; None: its heuristic).
+
+        Traced, compiled or exported, the batch-dependent forms (``"loop"``, ``"grouped"``)
+        and the opaque kernel (``"triton"``) are replaced by the export-friendly choice of
+        :func:`choose_form` (all forms are exact), so a deployed layer exports too.
+        """
         if self.impl != "auto":
+            if self.impl in ("loop", "grouped", "triton") and _exporting():
+                return choose_form(self.spec, x, self.weight, True), None
             return self.impl, None
         form = choose_form(self.spec, x, self.weight, self._needs_grad(x, routing_weights))
         if form == "triton" and torch.backends.cudnn.benchmark:
@@ -493,8 +500,9 @@ class CondConv2d(DynaConv2d):
 
         CondConv has no static equivalent: the kernel depends on the input. The copy keeps the
         weights and routing; its ``impl`` is ``impl`` if given, else :meth:`inference_form`
-        (so it no longer re-decides per call). Pass ``impl="expert_sum"`` or ``"bmm"`` for a
-        module to export with a dynamic batch.
+        (so it no longer re-decides per call). When traced, compiled or exported the layer
+        runs ``"bmm"`` (1x1) or ``"expert_sum"`` instead of a batch-dependent or Triton form, so
+        a deployed model still exports with a dynamic batch.
         """
         form = self.inference_form() if impl is None else _check_impl(impl)
         if form == "auto":
