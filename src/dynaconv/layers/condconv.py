@@ -39,6 +39,7 @@ Mixing cost (counted in the active MACs of :func:`dynaconv.profile`): ``B * E * 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +52,8 @@ from ..kernels import triton_usable
 from ._base import ConversionSkipped, ConvSpec, DynaConv2d, check_input, kaiming_uniform_
 
 __all__ = ["CondConv2d", "CondConvRouting", "condconv2d"]
+
+log = logging.getLogger("dynaconv")
 
 #: The execution forms of :class:`CondConv2d` (plus ``"auto"``).
 FORMS = ("loop", "grouped", "expert_sum", "bmm", "triton")
@@ -458,8 +461,13 @@ class CondConv2d(DynaConv2d):
         candidates = [("triton", False), ("triton", True), ("grouped", None), (other, None)]
         timings = []
         for form, premix in candidates:
-            for _ in range(2):  # warm-up (and Triton's autotuning on the first call)
-                self._run(form, premix, x, routing_weights)
+            try:
+                for _ in range(2):  # warm-up (and Triton's autotuning on the first call)
+                    self._run(form, premix, x, routing_weights)
+            except Exception as error:  # a candidate that cannot run here is not chosen
+                log.warning("CondConv2d: form %s (premix=%s) failed: %s", form, premix, error)
+                timings.append(math.inf)
+                continue
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(5):
