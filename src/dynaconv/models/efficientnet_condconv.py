@@ -1,3 +1,275 @@
-"""Networks: efficientnet_condconv (to be implemented by its issue)."""
+"""EfficientNet-B0 with CondConv (Yang et al., "CondConv", NeurIPS 2019).
 
-__all__: list[str] = []
+The official EfficientNet-CondConv: EfficientNet-B0 (stem 3x3/2 to 32 channels, seven stages of
+MBConv blocks, head 1x1 to 1280, average pool, dropout, linear) whose last three stages
+(blocks ``i80_o112``, ``i112_o192``, ``i192_o320``) use CondConv for the expand 1x1, the
+depthwise kxk and the project 1x1 convs. Each such block has one routing function
+(:class:`~dynaconv.layers.condconv.CondConvRouting`) computed on the block input and shared by
+its three CondConv layers; squeeze-excite stays static. Stage table (expand ratio, kernel,
+stride, in, out, repeats): (1,3,1,32,16,1) (6,3,2,16,24,2) (6,5,2,24,40,2) (6,3,2,40,80,3)
+(6,5,1,80,112,3)* (6,5,2,112,192,4)* (6,3,1,192,320,1)*, * = CondConv; the depth variant
+multiplies the repeats by 1.1 (rounded up). BatchNorm uses the TF defaults (eps 1e-3,
+momentum 0.01); stochastic depth grows linearly with the block index to
+``stochastic_depth_prob``.
+
+Published (ImageNet): B0 5.3M params / 391M MACs; CondConv-B0 4 experts 13.3M / 402M; 8 experts
+24.0M / 413M; B0-depth 8 experts 39.7M / 614M (MACs include the kernel mixing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import StochasticDepth
+
+from ..layers.condconv import CondConv2d, CondConvRouting
+
+__all__ = [
+    "CondConvMBConv",
+    "EfficientNetCondConv",
+    "efficientnet_b0_condconv4",
+    "efficientnet_b0_condconv8",
+    "efficientnet_b0_depth_condconv8",
+    "efficientnet_condconv",
+]
+
+
+@dataclass(frozen=True)
+class _Stage:
+    expand_ratio: int
+    kernel: int
+    stride: int
+    in_channels: int
+    out_channels: int
+    repeats: int
+    condconv: bool
+
+
+_B0_STAGES = (
+    _Stage(1, 3, 1, 32, 16, 1, False),
+    _Stage(6, 3, 2, 16, 24, 2, False),
+    _Stage(6, 5, 2, 24, 40, 2, False),
+    _Stage(6, 3, 2, 40, 80, 3, False),
+    _Stage(6, 5, 1, 80, 112, 3, True),
+    _Stage(6, 5, 2, 112, 192, 4, True),
+    _Stage(6, 3, 1, 192, 320, 1, True),
+)
+
+
+def _norm(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+class _SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, squeezed: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, squeezed, 1)
+        self.expand = nn.Conv2d(squeezed, channels, 1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.expand(self.act(self.reduce(x.mean(dim=(2, 3), keepdim=True))))
+        return x * torch.sigmoid(scale)
+
+
+class CondConvMBConv(nn.Module):
+    """MBConv block (expand 1x1, depthwise kxk, squeeze-excite, project 1x1, residual).
+
+    With ``num_experts`` the three convs are :class:`CondConv2d` sharing the block's routing
+    ``r = routing(x)`` on the block input; with ``num_experts=None`` they are plain convs.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        stride: int,
+        expand_ratio: int,
+        num_experts: int | None = None,
+        se_ratio: float = 0.25,
+        stochastic_depth: float = 0.0,
+        routing_dropout: float = 0.0,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        self.routing = (
+            CondConvRouting(in_channels, num_experts, routing_dropout) if num_experts else None
+        )
+
+        def conv(cin: int, cout: int, k: int, s: int = 1, groups: int = 1) -> nn.Module:
+            if num_experts:
+                return CondConv2d(
+                    cin,
+                    cout,
+                    k,
+                    s,
+                    k // 2,
+                    groups=groups,
+                    bias=False,
+                    num_experts=num_experts,
+                    impl=impl,
+                    shared_routing=True,
+                )
+            return nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False)
+
+        self.expand = conv(in_channels, hidden, 1) if expand_ratio != 1 else None
+        self.expand_norm = _norm(hidden) if expand_ratio != 1 else None
+        self.depthwise = conv(hidden, hidden, kernel, stride, groups=hidden)
+        self.depthwise_norm = _norm(hidden)
+        self.se = _SqueezeExcite(hidden, max(1, int(in_channels * se_ratio)))
+        self.project = conv(hidden, out_channels, 1)
+        self.project_norm = _norm(out_channels)
+        self.act = nn.SiLU()
+        self.residual = stride == 1 and in_channels == out_channels
+        self.stochastic_depth = StochasticDepth(stochastic_depth, "row")
+
+    def _conv(self, conv: nn.Module, x: Tensor, r: Tensor | None) -> Tensor:
+        return conv(x) if r is None else conv(x, routing_weights=r)
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = None if self.routing is None else self.routing(x)
+        h = x
+        if self.expand is not None:
+            h = self.act(self.expand_norm(self._conv(self.expand, h, r)))
+        h = self.act(self.depthwise_norm(self._conv(self.depthwise, h, r)))
+        h = self.project_norm(self._conv(self.project, self.se(h), r))
+        if self.residual:
+            h = self.stochastic_depth(h) + x
+        return h
+
+
+class EfficientNetCondConv(nn.Module):
+    """EfficientNet-B0 layout with CondConv blocks in the stages marked for it."""
+
+    def __init__(
+        self,
+        num_experts: int | None = 8,
+        depth_multiplier: float = 1.0,
+        num_classes: int = 1000,
+        dropout: float = 0.25,
+        stochastic_depth_prob: float = 0.2,
+        routing_dropout: float = 0.0,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if num_experts is not None and (
+            isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1
+        ):
+            raise ValueError(f"num_experts must be a positive int or None, got {num_experts!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not 0 <= stochastic_depth_prob < 1:
+            raise ValueError(
+                f"stochastic_depth_prob must be in [0, 1), got {stochastic_depth_prob!r}"
+            )
+        if not depth_multiplier > 0:
+            raise ValueError(f"depth_multiplier must be positive, got {depth_multiplier!r}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 32, 3, 2, 1, bias=False), _norm(32), nn.SiLU(inplace=True)
+        )
+        repeats = [math.ceil(stage.repeats * depth_multiplier) for stage in _B0_STAGES]
+        total = sum(repeats)
+        blocks: list[nn.Module] = []
+        for stage, count in zip(_B0_STAGES, repeats):
+            for i in range(count):
+                blocks.append(
+                    CondConvMBConv(
+                        stage.in_channels if i == 0 else stage.out_channels,
+                        stage.out_channels,
+                        stage.kernel,
+                        stage.stride if i == 0 else 1,
+                        stage.expand_ratio,
+                        num_experts if stage.condconv else None,
+                        stochastic_depth=stochastic_depth_prob * len(blocks) / total,
+                        routing_dropout=routing_dropout,
+                        impl=impl,
+                    )
+                )
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(
+            nn.Conv2d(320, 1280, 1, bias=False), _norm(1280), nn.SiLU(inplace=True)
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(1280, num_classes)
+        self._init_static()
+
+    def _init_static(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear) and module is self.classifier:
+                bound = 1.0 / math.sqrt(module.out_features)
+                nn.init.uniform_(module.weight, -bound, bound)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.head(self.blocks(self.stem(x)))
+        return self.classifier(self.dropout(self.pool(h).flatten(1)))
+
+
+def efficientnet_condconv(
+    num_experts: int | None = 8,
+    depth_multiplier: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.25,
+    stochastic_depth_prob: float = 0.2,
+    routing_dropout: float = 0.0,
+    impl: str = "auto",
+) -> EfficientNetCondConv:
+    """EfficientNet-B0 (``num_experts=None``: plain) with CondConv in its last three stages."""
+    return EfficientNetCondConv(
+        num_experts,
+        depth_multiplier,
+        num_classes,
+        dropout,
+        stochastic_depth_prob,
+        routing_dropout,
+        impl,
+    )
+
+
+def efficientnet_b0_condconv4(
+    num_classes: int = 1000,
+    dropout: float = 0.25,
+    stochastic_depth_prob: float = 0.2,
+    routing_dropout: float = 0.0,
+    impl: str = "auto",
+) -> EfficientNetCondConv:
+    """CondConv-EfficientNet-B0, 4 experts (paper: 13.3M params, 402M MACs, 77.8% top-1)."""
+    return efficientnet_condconv(
+        4, 1.0, num_classes, dropout, stochastic_depth_prob, routing_dropout, impl
+    )
+
+
+def efficientnet_b0_condconv8(
+    num_classes: int = 1000,
+    dropout: float = 0.25,
+    stochastic_depth_prob: float = 0.2,
+    routing_dropout: float = 0.0,
+    impl: str = "auto",
+) -> EfficientNetCondConv:
+    """CondConv-EfficientNet-B0, 8 experts (paper: 24.0M params, 413M MACs, 78.3% top-1)."""
+    return efficientnet_condconv(
+        8, 1.0, num_classes, dropout, stochastic_depth_prob, routing_dropout, impl
+    )
+
+
+def efficientnet_b0_depth_condconv8(
+    num_classes: int = 1000,
+    dropout: float = 0.25,
+    stochastic_depth_prob: float = 0.2,
+    routing_dropout: float = 0.0,
+    impl: str = "auto",
+) -> EfficientNetCondConv:
+    """CondConv-EfficientNet-B0-depth (depth x1.1), 8 experts (paper: 39.7M, 614M, 79.5%)."""
+    return efficientnet_condconv(
+        8, 1.1, num_classes, dropout, stochastic_depth_prob, routing_dropout, impl
+    )
