@@ -117,9 +117,7 @@ def _kernels() -> tuple[Any, Any]:
             + out_channel.to(tl.int64)[:, None] * stride_yc
             + spatial[None, :]
         )
-        tl.store(
-            y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & p_mask[None, :]
-        )
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & p_mask[None, :])
 
     configs = [
         triton.Config({"BLOCK_P": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
@@ -129,9 +127,7 @@ def _kernels() -> tuple[Any, Any]:
         triton.Config({"BLOCK_P": 128, "BLOCK_K": 16}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_P": 256, "BLOCK_K": 16}, num_warps=4, num_stages=4),
     ]
-    tuned = triton.autotune(configs=configs, key=["P", "K", "N", "HAS_PRE", "HAS_POST"])(
-        lgc_kernel
-    )
+    tuned = triton.autotune(configs=configs, key=["P", "K", "N", "HAS_PRE", "HAS_POST"])(lgc_kernel)
     return lgc_kernel, tuned
 
 

@@ -400,8 +400,14 @@ class CondensedGroupConv2d(nn.Module):
 
         self.in_scale, self.in_shift = param(in_scale), param(in_shift)
         self.out_scale, self.out_shift = param(out_scale), param(out_shift)
+        self.refresh()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
+
+    def refresh(self) -> None:
+        """Re-derive cached structure after ``index`` was changed in place (e.g. loading)."""
+        n = self.in_channels
         self._identity_gather = bool(
-            index.numel() == in_channels and torch.equal(index.cpu(), torch.arange(in_channels))
+            self.index.numel() == n and torch.equal(self.index.cpu(), torch.arange(n))
         )
 
     @classmethod
