@@ -101,7 +101,7 @@ def _kernels() -> tuple[Any, Any]:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + g * N + offs_n, mask=n_mask, other=0.0)
             acc += bias.to(tl.float32)[:, None]
-        if INTERLEAVE:
+        if INTERLEAVE:  # noqa: SIM108 (a constexpr branch, kept explicit for Triton)
             out_channel = offs_n * G + g
         else:
             out_channel = g * N + offs_n
@@ -152,9 +152,9 @@ def _launch(
     groups: int,
     interleave: bool,
 ) -> Tensor:
-    from . import interpreting
-
     import triton
+
+    from . import interpreting
 
     batch, _, height, width = x.shape
     if x.stride(3) != 1 or x.stride(2) != width:

@@ -380,7 +380,7 @@ class CondensedGroupConv2d(nn.Module):
             )
         if (in_scale is None) != (in_shift is None) or (out_scale is None) != (out_shift is None):
             raise ValueError("scales and shifts come in pairs")
-        if in_relu and in_scale is None or out_relu and out_scale is None:
+        if (in_relu and in_scale is None) or (out_relu and out_scale is None):
             raise ValueError("in_relu/out_relu need the corresponding scale and shift")
         self.in_channels = _positive_int(in_channels, "in_channels")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= in_channels):
