@@ -175,14 +175,19 @@ def _load_converted(
         if isinstance(module, CondensedGroupConv2d)
     ]
     consumed: set[str] = set()
-    for name, module in condensed:
-        consumed |= _load_converted_lgc(name, module, state)
-    plain = {
-        key.replace(".conv_2.conv.", ".conv_2."): value
-        for key, value in state.items()
-        if key not in consumed
-    }
-    missing, unexpected = deployed.load_state_dict(plain, strict=False)
+    try:
+        for name, module in condensed:
+            consumed |= _load_converted_lgc(name, module, state)
+        plain = {
+            key.replace(".conv_2.conv.", ".conv_2."): value
+            for key, value in state.items()
+            if key not in consumed
+        }
+        missing, unexpected = deployed.load_state_dict(plain, strict=False)
+    except (KeyError, RuntimeError) as error:
+        raise ValueError(
+            f"converted checkpoint does not match the configuration: {error}"
+        ) from error
     owned = tuple(f"{name}." for name, _ in condensed)
     missing = [k for k in missing if not k.startswith(owned)]
     if missing or unexpected:
