@@ -18,7 +18,7 @@ The kernel is exposed as the custom op ``dynaconv::lgc_condensed_conv1x1`` so th
 """
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -125,7 +125,6 @@ def _kernels() -> tuple[Any, Any]:
         triton.Config({"BLOCK_P": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_P": 128, "BLOCK_K": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_P": 128, "BLOCK_K": 16}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_P": 256, "BLOCK_K": 16}, num_warps=4, num_stages=4),
     ]
     tuned = triton.autotune(configs=configs, key=["P", "K", "N", "HAS_PRE", "HAS_POST"])(lgc_kernel)
     return lgc_kernel, tuned
@@ -215,12 +214,12 @@ def condensed_conv1x1(
     x: Tensor,
     index: Tensor,
     weight: Tensor,
-    bias: Tensor | None,
-    in_scale: Tensor | None,
-    in_shift: Tensor | None,
+    bias: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
+    in_scale: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
+    in_shift: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
     in_relu: bool,
-    out_scale: Tensor | None,
-    out_shift: Tensor | None,
+    out_scale: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
+    out_shift: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
     out_relu: bool,
     groups: int,
     interleave: bool,
