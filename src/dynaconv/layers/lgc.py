@@ -503,25 +503,76 @@ class CondensedGroupConv2d(nn.Module):
         return self.forward_torch(x)
 
     def forward_torch(self, x: Tensor) -> Tensor:
-        """The plain PyTorch path (index_select, grouped conv, reorder)."""
-        gathered = x if self._identity_gather else x.index_select(1, self.index)
+        """The plain PyTorch path: index_select, folded BN-ReLU, grouped conv, reorder.
+
+        A 1x1 stride-1 unpadded conv runs as one batched matmul over ``(batch, group)`` (CPU
+        grouped convs are much slower), its output reordered by a strided view, and a folded
+        BN-ReLU before it as a single clamp: for ``s > 0``, ``relu(s v + t) = s max(v, -t/s)
+        + t`` (``min`` for ``s < 0``), with ``s`` folded into the weight and ``t`` into a bias.
+        """
+        y = self._pointwise_forward(x) if self._pointwise() else self._conv_forward(x)
+        if self.out_scale is not None:
+            y = torch.addcmul(self.out_shift[:, None, None], y, self.out_scale[:, None, None])
+            if self.out_relu:
+                y = y.relu_()
+        return y
+
+    def _gather(self, x: Tensor) -> Tensor:
+        return x if self._identity_gather else x.index_select(1, self.index)
+
+    def _conv_forward(self, x: Tensor) -> Tensor:
+        gathered = self._gather(x)
         if self.in_scale is not None:
             gathered = torch.addcmul(
                 self.in_shift[:, None, None], gathered, self.in_scale[:, None, None]
             )
             if self.in_relu:
-                gathered = torch.relu(gathered)
+                gathered = gathered.relu_()
         y = self.spec.conv2d(gathered, self.weight, self.bias, groups=self.learned_groups)
         if self.interleave and self.learned_groups > 1:
             batch, cout, height, width = y.shape
             d_out = cout // self.learned_groups
             y = y.view(batch, self.learned_groups, d_out, height, width).transpose(1, 2)
             y = y.reshape(batch, cout, height, width)
-        if self.out_scale is not None:
-            y = torch.addcmul(self.out_shift[:, None, None], y, self.out_scale[:, None, None])
-            if self.out_relu:
-                y = torch.relu(y)
         return y
+
+    def _pointwise_forward(self, x: Tensor) -> Tensor:
+        batch, _, height, width = x.shape
+        groups, cout = self.learned_groups, self.out_channels
+        d_out = cout // groups
+        weight = self.weight.reshape(groups, d_out, -1)
+        bias = None if self.bias is None else self.bias.view(groups, d_out, 1)
+        gathered = self._gather(x)
+        if self.in_scale is not None and self.in_relu:
+            scale, shift = self.in_scale, self.in_shift
+            threshold = torch.where(scale != 0, -shift / scale, torch.zeros_like(shift))
+            inf = torch.full_like(shift, math.inf)
+            low = torch.where(scale > 0, threshold, -inf)[:, None, None]
+            high = torch.where(scale < 0, threshold, inf)[:, None, None]
+            gathered = x.clamp(low, high) if gathered is x else gathered.clamp_(low, high)
+            constant = torch.where(scale == 0, shift.clamp(min=0), shift).view(groups, -1, 1)
+            folded = torch.matmul(weight, constant)
+            bias = folded if bias is None else bias + folded
+            weight = weight * scale.view(groups, 1, -1)
+        elif self.in_scale is not None:
+            gathered = torch.addcmul(
+                self.in_shift[:, None, None], gathered, self.in_scale[:, None, None]
+            )
+        y = torch.matmul(weight, gathered.reshape(batch, groups, -1, height * width))
+        if bias is not None:
+            y = y + bias
+        if self.interleave:
+            y = y.transpose(1, 2)  # (B, d_out, G, HW): channel n * G + g
+        return y.reshape(batch, cout, height, width)
+
+    def _pointwise(self) -> bool:
+        s = self.spec
+        return (
+            s.kernel_size == (1, 1)
+            and s.stride == (1, 1)
+            and s.padding in ((0, 0), "same", "valid")
+            and s.padding_mode == "zeros"
+        )
 
     # ---------------------------------------------------------------------------------------
     # counts
