@@ -35,6 +35,7 @@ Shapes: input ``(B, Cin, H, W)`` -> output ``(B, Cout, H', W')`` as ``nn.Conv2d`
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -44,7 +45,13 @@ from torch import Tensor, nn
 
 from ._base import ConversionSkipped, ConvSpec, DynaConv2d, check_input, check_progress
 
-__all__ = ["CondensedGroupConv2d", "LearnedGroupConv2d", "condensation_stage", "fold_batchnorm"]
+__all__ = [
+    "CondensedGroupConv2d",
+    "GatherWorkspace",
+    "LearnedGroupConv2d",
+    "condensation_stage",
+    "fold_batchnorm",
+]
 
 Impl = Literal["auto", "torch", "triton"]
 _IMPLS = ("auto", "torch", "triton")
@@ -71,6 +78,12 @@ def fold_batchnorm(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     if norm.bias is not None:
         shift = shift + norm.bias
     return scale.detach(), shift.detach()
+
+
+def _tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing (no cached buffers then)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or is_exporting()
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -329,6 +342,31 @@ class LearnedGroupConv2d(DynaConv2d):
         return f"{super().extra_repr()}, {extra}"
 
 
+class GatherWorkspace:
+    """Reusable CPU buffers for gathered inputs, one per calling thread.
+
+    A fresh CPU tensor of tens of MB costs more in page faults than the gather itself (the CPU
+    allocator returns large blocks to the system), so on CPU the index layer gathers into a
+    buffer kept here. A deployed network shares one workspace among its index layers (they
+    run one after the other). Inference only: the buffer is overwritten by the next call.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        numel = math.prod(shape)
+        key = threading.get_ident()
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype:
+            buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._buffers[key] = buffer
+        return buffer[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
 class CondensedGroupConv2d(nn.Module):
     """The deployed LGC ("index layer"), optionally with the BN-ReLU around it folded in.
 
@@ -400,12 +438,14 @@ class CondensedGroupConv2d(nn.Module):
 
         self.in_scale, self.in_shift = param(in_scale), param(in_shift)
         self.out_scale, self.out_shift = param(out_scale), param(out_shift)
+        self.workspace = GatherWorkspace()
         self.refresh()
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
     def refresh(self) -> None:
         """Re-derive cached structure after ``index`` was changed in place (e.g. loading)."""
         n = self.in_channels
+        self._positive_scales = self.in_scale is not None and bool((self.in_scale > 0).all())
         self._identity_gather = bool(
             self.index.numel() == n and torch.equal(self.index.cpu(), torch.arange(n))
         )
@@ -518,7 +558,18 @@ class CondensedGroupConv2d(nn.Module):
         return y
 
     def _gather(self, x: Tensor) -> Tensor:
-        return x if self._identity_gather else x.index_select(1, self.index)
+        if self._identity_gather:
+            return x
+        reuse = (
+            x.device.type == "cpu"
+            and not _tracing()
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        )
+        if not reuse:
+            return x.index_select(1, self.index)
+        batch, _, height, width = x.shape
+        buffer = self.workspace.get((batch, self.index.numel(), height, width), x)
+        return torch.index_select(x, 1, self.index, out=buffer)
 
     def _conv_forward(self, x: Tensor) -> Tensor:
         gathered = self._gather(x)
@@ -549,7 +600,12 @@ class CondensedGroupConv2d(nn.Module):
             inf = torch.full_like(shift, math.inf)
             low = torch.where(scale > 0, threshold, -inf)[:, None, None]
             high = torch.where(scale < 0, threshold, inf)[:, None, None]
-            gathered = x.clamp(low, high) if gathered is x else gathered.clamp_(low, high)
+            if gathered is x:
+                gathered = x.clone()
+            if self._positive_scales:  # the usual case: a one-sided clamp is much faster
+                gathered = gathered.clamp_min_(low)
+            else:
+                gathered = gathered.clamp_(low, high)
             constant = torch.where(scale == 0, shift.clamp(min=0), shift).view(groups, -1, 1)
             folded = torch.matmul(weight, constant)
             bias = folded if bias is None else bias + folded
@@ -558,9 +614,14 @@ class CondensedGroupConv2d(nn.Module):
             gathered = torch.addcmul(
                 self.in_shift[:, None, None], gathered, self.in_scale[:, None, None]
             )
-        y = torch.matmul(weight, gathered.reshape(batch, groups, -1, height * width))
-        if bias is not None:
-            y = y + bias
+        columns = gathered.reshape(batch * groups, -1, height * width)
+        weight = weight.expand(batch, -1, -1, -1).reshape(batch * groups, d_out, -1)
+        if bias is None:
+            y = torch.bmm(weight, columns)
+        else:
+            bias = bias.expand(batch, -1, -1, -1).reshape(batch * groups, d_out, 1)
+            y = torch.baddbmm(bias, weight, columns)
+        y = y.view(batch, groups, d_out, height * width)
         if self.interleave:
             y = y.transpose(1, 2)  # (B, d_out, G, HW): channel n * G + g
         return y.reshape(batch, cout, height, width)

@@ -40,7 +40,12 @@ import torch
 from torch import Tensor, nn
 
 from ..layers._base import Deployable
-from ..layers.lgc import CondensedGroupConv2d, LearnedGroupConv2d, fold_batchnorm
+from ..layers.lgc import (
+    CondensedGroupConv2d,
+    GatherWorkspace,
+    LearnedGroupConv2d,
+    fold_batchnorm,
+)
 
 __all__ = [
     "CondenseLayer",
@@ -422,6 +427,10 @@ def deploy_condensenet(
         classifier = PrunedLinear.from_linear(model.classifier, 0.5)
     deployed = CondensedCondenseNet(features, classifier)
     deployed.requires_grad_(False)
+    shared = GatherWorkspace()  # the index layers run one after another: one CPU buffer
+    for module in deployed.modules():
+        if isinstance(module, CondensedGroupConv2d):
+            module.workspace = shared
     return deployed.eval()
 
 
