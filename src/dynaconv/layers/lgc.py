@@ -534,8 +534,22 @@ class CondensedGroupConv2d(nn.Module):
 
         return supported and x.is_cuda and not interpreting()
 
-    def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_channels, type(self).__name__)
+    def forward(self, x: Tensor, *, prefix: bool = False) -> Tensor:
+        """The layer on ``x`` ``(B, in_channels, H, W)``.
+
+        With ``prefix=True``, ``x`` may have more channels and the layer reads its first
+        ``in_channels`` in place: a dense block keeps its features in one buffer, and gathering
+        from the whole (contiguous) buffer is the same gather, much faster on CPU than from a
+        strided channel slice.
+        """
+        if prefix and x.dim() == 4 and x.shape[1] > self.in_channels:
+            if self._identity_gather:
+                x = x[:, : self.in_channels]
+        else:
+            check_input(x, self.in_channels, type(self).__name__)
+        return self._run(x)
+
+    def _run(self, x: Tensor) -> Tensor:
         if self._use_triton(x):
             from ..kernels import lgc as kernels
 
@@ -546,11 +560,16 @@ class CondensedGroupConv2d(nn.Module):
         """The plain PyTorch path: index_select, folded BN-ReLU, grouped conv, reorder.
 
         A 1x1 stride-1 unpadded conv runs as one batched matmul over ``(batch, group)`` (CPU
-        grouped convs are much slower), its output reordered by a strided view, and a folded
-        BN-ReLU before it as a single clamp: for ``s > 0``, ``relu(s v + t) = s max(v, -t/s)
-        + t`` (``min`` for ``s < 0``), with ``s`` folded into the weight and ``t`` into a bias.
+        grouped convs are much slower), a folded BN-ReLU before it as a single clamp (for
+        ``s > 0``, ``relu(s v + t) = s max(v, -t/s) + t``, ``min`` for ``s < 0``, with ``s``
+        folded into the weight and ``t`` into a bias), and the BN-ReLU after it writes its
+        result straight into the interleaved channel order.
         """
-        y = self._pointwise_forward(x) if self._pointwise() else self._conv_forward(x)
+        if self._pointwise():
+            return self._pointwise_forward(x)
+        return self._apply_post(self._conv_forward(x))
+
+    def _apply_post(self, y: Tensor) -> Tensor:
         if self.out_scale is not None:
             y = torch.addcmul(self.out_shift[:, None, None], y, self.out_scale[:, None, None])
             if self.out_relu:
@@ -622,9 +641,22 @@ class CondensedGroupConv2d(nn.Module):
             bias = bias.expand(batch, -1, -1, -1).reshape(batch * groups, d_out, 1)
             y = torch.baddbmm(bias, weight, columns)
         y = y.view(batch, groups, d_out, height * width)
-        if self.interleave:
-            y = y.transpose(1, 2)  # (B, d_out, G, HW): channel n * G + g
-        return y.reshape(batch, cout, height, width)
+        if self.out_scale is None or _tracing():
+            if self.interleave:
+                y = y.transpose(1, 2)  # (B, d_out, G, HW): channel n * G + g
+            return self._apply_post(y.reshape(batch, cout, height, width))
+        result = y.new_empty(batch, cout, height, width)
+        target = result.view(batch, d_out, groups, height * width)
+        scale = self.out_scale.view(d_out, groups)
+        shift = self.out_shift.view(d_out, groups)
+        if self.interleave:  # write group-major results at channel n * G + g
+            target, scale, shift = target.transpose(1, 2), scale.t(), shift.t()
+        else:
+            target = result.view(batch, groups, d_out, height * width)
+            scale = self.out_scale.view(groups, d_out)
+            shift = self.out_shift.view(groups, d_out)
+        torch.addcmul(shift[..., None], y, scale[..., None], out=target)
+        return result.relu_() if self.out_relu else result
 
     def _pointwise(self) -> bool:
         s = self.spec

@@ -287,8 +287,9 @@ class CondensedDenseLayer(nn.Module):
         conv_2.requires_grad_(False)
         return cls(conv_1, conv_2)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv_2(self.conv_1(x))
+    def forward(self, x: Tensor, *, prefix: bool = False) -> Tensor:
+        """New features from ``x`` (with ``prefix``: from the first input channels of ``x``)."""
+        return self.conv_2(self.conv_1(x, prefix=prefix))
 
 
 class CondensedDenseBlock(nn.Module):
@@ -308,7 +309,7 @@ class CondensedDenseBlock(nn.Module):
         out = x.new_empty(batch, self.out_channels, height, width)
         out[:, :channels] = x
         for layer in self.children():
-            new = layer(out[:, :channels])
+            new = layer(out, prefix=True)
             out[:, channels : channels + new.shape[1]] = new
             channels += new.shape[1]
         return out
