@@ -439,6 +439,9 @@ class CondensedGroupConv2d(nn.Module):
         self.in_scale, self.in_shift = param(in_scale), param(in_shift)
         self.out_scale, self.out_shift = param(out_scale), param(out_shift)
         self.workspace = GatherWorkspace()
+        # CPU PyTorch path with a folded BN-ReLU after the layer: produce channels-last output
+        # (set by CondenseNet's deploy: its grouped 3x3 convs are about 2x faster on it)
+        self.channels_last_output = False
         self.refresh()
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
@@ -645,14 +648,24 @@ class CondensedGroupConv2d(nn.Module):
             if self.interleave:
                 y = y.transpose(1, 2)  # (B, d_out, G, HW): channel n * G + g
             return self._apply_post(y.reshape(batch, cout, height, width))
-        result = y.new_empty(batch, cout, height, width)
-        target = result.view(batch, d_out, groups, height * width)
-        scale = self.out_scale.view(d_out, groups)
-        shift = self.out_shift.view(d_out, groups)
+        channels_last = self.channels_last_output and x.device.type == "cpu"
+        result = torch.empty(
+            batch,
+            cout,
+            height,
+            width,
+            dtype=y.dtype,
+            device=y.device,
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+        )
+        # (B, channel, HW) view of the result, whatever its memory format
+        flat = result.permute(0, 2, 3, 1).reshape(batch, height * width, cout).transpose(1, 2)
         if self.interleave:  # write group-major results at channel n * G + g
-            target, scale, shift = target.transpose(1, 2), scale.t(), shift.t()
+            target = flat.reshape(batch, d_out, groups, height * width).transpose(1, 2)
+            scale = self.out_scale.view(d_out, groups).t()
+            shift = self.out_shift.view(d_out, groups).t()
         else:
-            target = result.view(batch, groups, d_out, height * width)
+            target = flat.reshape(batch, groups, d_out, height * width)
             scale = self.out_scale.view(groups, d_out)
             shift = self.out_shift.view(groups, d_out)
         torch.addcmul(shift[..., None], y, scale[..., None], out=target)

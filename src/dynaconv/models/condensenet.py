@@ -285,6 +285,7 @@ class CondensedDenseLayer(nn.Module):
         else:
             conv_1.set_output_post(scale[channel_at], shift[channel_at], True, interleave=False)
         conv_2.requires_grad_(False)
+        conv_1.channels_last_output = conv_2.groups > 1
         return cls(conv_1, conv_2)
 
     def forward(self, x: Tensor, *, prefix: bool = False) -> Tensor:
