@@ -659,7 +659,7 @@ class CondensedGroupConv2d(nn.Module):
             memory_format=torch.channels_last if channels_last else torch.contiguous_format,
         )
         # (B, channel, HW) view of the result, whatever its memory format
-        flat = result.permute(0, 2, 3, 1).reshape(batch, height * width, cout).transpose(1, 2)
+        flat = result.permute(0, 2, 3, 1).view(batch, height * width, cout).transpose(1, 2)
         if self.interleave:  # write group-major results at channel n * G + g
             target = flat.reshape(batch, d_out, groups, height * width).transpose(1, 2)
             scale = self.out_scale.view(d_out, groups).t()
