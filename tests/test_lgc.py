@@ -307,6 +307,10 @@ def test_triton_kernel_on_gpu():
     scale = expected.abs().max()
     assert float((y.double() - expected).abs().max() / scale) < 5e-3
     assert lgc_kernels.supports(fused, x.float())
+    exported = torch.export.export(fused, (x.float(),))  # the kernel is one custom op node
+    torch.testing.assert_close(exported.module()(x.float()), y)
+    compiled = torch.compile(fused)
+    torch.testing.assert_close(compiled(x.float()), y)
 
 
 # ------------------------------------------------------------------------------------------
