@@ -11,7 +11,8 @@ One pass computes, for a 1x1 stride-1 :class:`~dynaconv.layers.lgc.CondensedGrou
 * ``out(g, n)`` is ``n * G + g`` (interleaved, the LGC's own order: the channel shuffle costs
   nothing) or ``g * N + n`` (group-major);
 * every program computes a ``(BLOCK_N, BLOCK_P)`` tile of one group's outputs over flattened
-  positions ``b * H * W + s`` with ``tl.dot`` (TF32 in float32, fp32 accumulation).
+  positions ``b * H * W + s`` with ``tl.dot`` (float32 products in full precision unless
+  ``torch.backends.cuda.matmul.allow_tf32`` is set, then TF32; fp32 accumulation).
 
 The kernel is exposed as the custom op ``dynaconv::lgc_condensed_conv1x1`` so that
 ``torch.compile`` and ``torch.export`` keep it as one node.
@@ -61,6 +62,7 @@ def _kernels() -> tuple[Any, Any]:
         HAS_POST: tl.constexpr,
         POST_RELU: tl.constexpr,
         INTERLEAVE: tl.constexpr,
+        DOT_IEEE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_P: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -97,7 +99,10 @@ def _kernels() -> tuple[Any, Any]:
                 mask=n_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
-            acc += tl.dot(w, xt.to(w.dtype))
+            if DOT_IEEE:
+                acc += tl.dot(w, xt.to(w.dtype), input_precision="ieee")
+            else:
+                acc += tl.dot(w, xt.to(w.dtype))
         if HAS_BIAS:
             bias = tl.load(bias_ptr + g * N + offs_n, mask=n_mask, other=0.0)
             acc += bias.to(tl.float32)[:, None]
@@ -126,7 +131,9 @@ def _kernels() -> tuple[Any, Any]:
         triton.Config({"BLOCK_P": 128, "BLOCK_K": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_P": 128, "BLOCK_K": 16}, num_warps=4, num_stages=4),
     ]
-    tuned = triton.autotune(configs=configs, key=["P", "K", "N", "HAS_PRE", "HAS_POST"])(lgc_kernel)
+    tuned = triton.autotune(
+        configs=configs, key=["P", "K", "N", "HAS_PRE", "HAS_POST", "DOT_IEEE"]
+    )(lgc_kernel)
     return lgc_kernel, tuned
 
 
@@ -195,6 +202,9 @@ def _launch(
         "HAS_POST": out_scale is not None,
         "POST_RELU": bool(out_relu),
         "INTERLEAVE": bool(interleave),
+        # float32: full precision unless PyTorch's matmuls may use TF32 (the kernel is
+        # memory-bound, so exact products cost little)
+        "DOT_IEEE": x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
         "BLOCK_N": _block_n(n),
     }
     n_blocks = triton.cdiv(n, flags["BLOCK_N"])
