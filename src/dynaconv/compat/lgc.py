@@ -32,7 +32,7 @@ __all__ = ["condensenet_from_reference", "layer_from_reference", "native_state_d
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def _lgc_buffers(prefix: str, state: Mapping[str, Tensor], cin: int, groups: int, factor: int):
+def _lgc_buffers(prefix: str, state: Mapping[str, Tensor], cin: int, groups: int):
     """Native ``mask``/``stage`` from the reference ``_mask``/``_stage``/``_count`` (or defaults)."""
     weight = state[f"{prefix}conv.weight"]
     cout = weight.shape[0]
@@ -60,10 +60,9 @@ def _reference_lgc_state(
     norm_target: str,
     state: Mapping[str, Tensor],
     groups: int,
-    factor: int,
 ) -> dict[str, Tensor]:
     weight = state[f"{prefix}conv.weight"]
-    mask, stage = _lgc_buffers(prefix, state, weight.shape[1], groups, factor)
+    mask, stage = _lgc_buffers(prefix, state, weight.shape[1], groups)
     out = {f"{target}dense_weight": weight, f"{target}mask": mask, f"{target}stage": stage}
     for key in _BN_KEYS:
         if f"{prefix}norm.{key}" in state:
@@ -115,7 +114,7 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
             conv=layer,
         )
     )
-    module.load_state_dict(_reference_lgc_state("", "conv.", "norm.", state_dict, groups, factor))
+    module.load_state_dict(_reference_lgc_state("", "conv.", "norm.", state_dict, groups))
     return module
 
 
@@ -137,7 +136,7 @@ def _network_from_config(config: Mapping[str, Any]) -> CondenseNet:
 
 
 def native_state_dict(
-    model: CondenseNet, state_dict: Mapping[str, Tensor], groups: int, factor: int
+    model: CondenseNet, state_dict: Mapping[str, Tensor], groups: int
 ) -> dict[str, Tensor]:
     """Reference training keys -> the native :class:`CondenseNet`'s keys."""
     state = dict(state_dict)
@@ -149,7 +148,7 @@ def native_state_dict(
         prefix = f"{name}."
         parent = name.rpartition(".")[0]
         norm_target = f"{parent}.norm_1." if name.endswith("conv_1") else f"{parent}.norm."
-        out.update(_reference_lgc_state(prefix, prefix, norm_target, state, groups, factor))
+        out.update(_reference_lgc_state(prefix, prefix, norm_target, state, groups))
         consumed.update(k for k in state if k.startswith(prefix))
     for key, value in state.items():
         if key in consumed:
@@ -247,6 +246,5 @@ def condensenet_from_reference(
         return _load_converted(config, state, dtype)
     model = _network_from_config(config).to(dtype)
     groups = int(config.get("group_1x1", 4))
-    factor = int(config.get("condense_factor") or groups)
-    model.load_state_dict(native_state_dict(model, state, groups, factor))
+    model.load_state_dict(native_state_dict(model, state, groups))
     return model
