@@ -214,10 +214,15 @@ def test_deploy_is_exact(case):
     assert_close64(deployed(x), layer(x))
 
 
-@given(deploy_cases, st.booleans(), st.booleans())
-def test_folded_bn_relu_around_the_index_layer_is_exact(case, interleave, post_relu):
+@given(deploy_cases, st.booleans(), st.booleans(), st.sampled_from(["mixed", "positive", "zero"]))
+def test_folded_bn_relu_around_the_index_layer_is_exact(case, interleave, post_relu, signs):
     layer = _case_layer(case)
     pre, post = _random_bn(layer.in_channels, 1), _random_bn(layer.out_channels, 2)
+    with torch.no_grad():  # BN scale signs select the clamp form of the folded BN-ReLU
+        if signs == "positive":
+            pre.weight.abs_().add_(0.1)
+        elif signs == "zero":
+            pre.weight[::2] = 0.0
     x = torch.randn(2, layer.in_channels, 5, 6, dtype=torch.float64)
     expected = post(layer(torch.relu(pre(x))))
     if post_relu:
