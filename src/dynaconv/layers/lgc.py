@@ -18,7 +18,8 @@ are pruned during training into ``G = learned_groups`` groups:
 * group lasso (:meth:`aux_loss`): ``sum_g sum_j sqrt(max(sum_{o mod G = g, taps}
   weight[o, j]^2, 1e-6))`` over the kept columns ``j`` of every group, zero once
   condensation is complete (the ``1e-6`` floor is the reference's, keeping the gradient
-  finite);
+  finite; the reference also adds the constant ``sqrt(1e-6)`` for every dropped column,
+  which is left out here: equal values before the first drop, equal gradients always);
 * ``dropout`` is applied to the layer's input in training, as in the reference, whose layer
   also holds the BN-ReLU before it (here BN-ReLU belong to the network).
 
