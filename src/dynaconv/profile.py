@@ -16,6 +16,25 @@ Counting conventions (``convention="dense"``, the default):
 ``convention="reference"`` reproduces the counter of the papers' repositories
 (CondenseNet's ``measure_model``, used by DGC too): it also counts one op per element for
 ReLU, pooling windows, and the linear layers' bias. Use it to compare with published numbers.
+
+What that counter counts, precisely (it hooks the leaf modules of one forward):
+
+* ``Conv2d``: ``Cin * Cout * kh * kw * H' * W' / groups`` and its weights; ``Linear``:
+  ``in * out + out`` per row and its weight and bias; ``ReLU``: one op per input element;
+  ``AvgPool2d``: ``k * k`` per output element; ``AdaptiveAvgPool2d``: one per input element;
+  ``BatchNorm2d``: no ops, its weight and bias as parameters; dropout, ``torch.cat``,
+  ``index_select`` and reshapes: nothing.
+* A learned group conv is counted at ``1 / C`` of its dense conv, ops and weights alike,
+  whatever its condensation stage (so the training model already reports the condensed
+  size); its BN and ReLU count as above.
+
+Modules may define ``reference_count(input_shape, output_shape) -> (macs, params)`` to give
+their count under this convention (replacing the default for that module and its children):
+``LearnedGroupConv2d`` does (the ``1 / C`` rule), and so do deployed modules that fold a
+BN-ReLU into a conv (they report the BN's parameters and the ReLU's ops the reference would
+have counted). With ``convention="reference"``, ``params`` is the reference's parameter
+count (stored parameters, with those modules counted their way); ``params_deployed`` stays
+the stored parameters of the deployed model.
 """
 
 from __future__ import annotations
@@ -107,7 +126,14 @@ def _reference_extra(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int
     return 0
 
 
-def _count(model: nn.Module, x: torch.Tensor, convention: Convention) -> list[LayerProfile]:
+def _count(
+    model: nn.Module,
+    x: torch.Tensor,
+    convention: Convention,
+    param_adjust: list[int] | None = None,
+) -> list[LayerProfile]:
+    """Per-module rows; under the reference convention ``param_adjust`` collects the
+    differences between modules' ``reference_count`` parameters and their stored ones."""
     rows: list[LayerProfile] = []
     handles = []
     counted_inside: set[int] = set()
@@ -142,7 +168,15 @@ def _count(model: nn.Module, x: torch.Tensor, convention: Convention) -> list[La
             else:
                 macs = active = 0
                 params = _direct_params(module)
-            if convention == "reference" and inp is not None:
+            reference_count = getattr(module, "reference_count", None)
+            if convention == "reference" and callable(reference_count):
+                stored = params
+                macs, params = reference_count(in_shape, out_shape)
+                active = macs
+                counted_inside.update(id(m) for m in module.modules() if m is not module)
+                if param_adjust is not None:
+                    param_adjust.append(params - stored)
+            elif convention == "reference" and inp is not None:
                 extra = _reference_extra(module, inp, output)
                 macs += extra
                 active += extra
@@ -201,10 +235,11 @@ def profile(
     was_training = model.training
     model.eval()
     try:
-        rows = _count(model, x, convention)
+        param_adjust: list[int] = []
+        rows = _count(model, x, convention, param_adjust)
     finally:
         model.train(was_training)
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters()) + sum(param_adjust)
     if deployed:
         from .lifecycle import deploy
 

@@ -1,1 +1,250 @@
-"""Reference layouts of the lgc family (to be implemented by its issue)."""
+"""Reference layouts of CondenseNet (the paper's repository: ``LearnedGroupConv``, ``CondenseNet``,
+``DenseNet_LGC`` and their converted forms ``CondenseConv``/``CondenseLinear``).
+
+Key mapping (reference -> native), training checkpoints:
+
+* ``<lgc>.norm.*`` -> the network's BN before the LGC (``norm_1`` in a dense layer, ``norm`` in
+  a light transition); ``<lgc>.conv.weight`` -> ``<lgc>.dense_weight``;
+* ``<lgc>._mask`` ``(Cout, Cin, kh, kw)`` -> ``<lgc>.mask`` ``(Cout, Cin)`` (boolean, equal over
+  the taps); ``<lgc>._stage`` -> ``<lgc>.stage``; ``_count`` (columns dropped per group) is
+  checked against the mask. Checkpoints without these buffers load with all-ones masks;
+* ``conv_2.norm.*`` / ``conv_2.conv.weight`` -> ``norm_2.*`` / ``conv_2.weight``.
+
+Converted checkpoints (``<lgc>.index`` buffers, classifier ``classifier.index`` and
+``classifier.linear.*``) load into the deployed network: the gathered BN folds into the index
+layer, the 3x3 conv's BN into its epilogue.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.lgc import CondensedGroupConv2d, LearnedGroupConv2d, fold_batchnorm
+from ..models.condensenet import CondensedCondenseNet, CondenseNet, deploy_condensenet
+
+__all__ = ["condensenet_from_reference", "layer_from_reference", "native_state_dict"]
+
+_BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _lgc_buffers(prefix: str, state: Mapping[str, Tensor], cin: int, groups: int):
+    """Native ``mask``/``stage`` from the reference ``_mask``/``_stage``/``_count`` (or defaults)."""
+    weight = state[f"{prefix}conv.weight"]
+    cout = weight.shape[0]
+    if f"{prefix}_mask" not in state:
+        return torch.ones(cout, cin, dtype=torch.bool), torch.zeros((), dtype=torch.long)
+    raw = state[f"{prefix}_mask"]
+    flat = raw.reshape(cout, cin, -1)
+    if not bool((flat == flat[..., :1]).all()) or not bool(((raw == 0) | (raw == 1)).all()):
+        raise ValueError(f"{prefix}_mask must be 0/1 and equal over the kernel taps")
+    mask = flat[..., 0] == 1
+    stage = int(state.get(f"{prefix}_stage", torch.zeros(1)).reshape(-1)[0])
+    if f"{prefix}_count" in state:
+        count = int(state[f"{prefix}_count"].reshape(-1)[0])
+        dropped = int((~mask[:groups]).sum(1).max())
+        if dropped != count:
+            raise ValueError(
+                f"{prefix}_count = {count} but the mask drops {dropped} columns per group"
+            )
+    return mask, torch.tensor(stage, dtype=torch.long)
+
+
+def _reference_lgc_state(
+    prefix: str,
+    target: str,
+    norm_target: str,
+    state: Mapping[str, Tensor],
+    groups: int,
+) -> dict[str, Tensor]:
+    weight = state[f"{prefix}conv.weight"]
+    mask, stage = _lgc_buffers(prefix, state, weight.shape[1], groups)
+    out = {f"{target}dense_weight": weight, f"{target}mask": mask, f"{target}stage": stage}
+    for key in _BN_KEYS:
+        if f"{prefix}norm.{key}" in state:
+            out[f"{norm_target}{key}"] = state[f"{prefix}norm.{key}"]
+    return out
+
+
+def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> nn.Module:
+    """The reference ``LearnedGroupConv`` (BN-ReLU-dropout-masked conv) as native modules.
+
+    ``config``: ``in_channels, out_channels, kernel_size, stride, padding, dilation, groups
+    (the learned groups), condense_factor, dropout_rate``. Returns
+    ``Sequential(norm=BatchNorm2d, relu=ReLU, conv=LearnedGroupConv2d)``.
+    """
+    known = {
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "condense_factor",
+        "dropout_rate",
+    }
+    unknown = set(config) - known
+    if unknown:
+        raise ValueError(f"unknown reference LearnedGroupConv argument(s): {sorted(unknown)}")
+    groups = config.get("groups", 1)
+    factor = config.get("condense_factor") or groups
+    dtype = state_dict["conv.weight"].dtype
+    layer = LearnedGroupConv2d(
+        config["in_channels"],
+        config["out_channels"],
+        config["kernel_size"],
+        config.get("stride", 1),
+        config.get("padding", 0),
+        config.get("dilation", 1),
+        bias=False,
+        dtype=dtype,
+        learned_groups=groups,
+        condense_factor=factor,
+        dropout=config.get("dropout_rate", 0.0),
+    )
+    module = nn.Sequential(
+        OrderedDict(
+            norm=nn.BatchNorm2d(config["in_channels"], dtype=dtype),
+            relu=nn.ReLU(inplace=True),
+            conv=layer,
+        )
+    )
+    module.load_state_dict(_reference_lgc_state("", "conv.", "norm.", state_dict, groups))
+    return module
+
+
+def _network_from_config(config: Mapping[str, Any]) -> CondenseNet:
+    data = config.get("data", "cifar10")
+    compression = config.get("reduction") if config.get("model") == "densenet_LGC" else None
+    return CondenseNet(
+        list(config["stages"]),
+        list(config["growth"]),
+        num_classes=int(config.get("num_classes", 10)),
+        data="cifar" if str(data).startswith("cifar") else "imagenet",
+        bottleneck=int(config.get("bottleneck", 4)),
+        group_1x1=int(config.get("group_1x1", 4)),
+        group_3x3=int(config.get("group_3x3", 4)),
+        condense_factor=config.get("condense_factor") or None,
+        dropout=float(config.get("dropout_rate", 0.0)),
+        compression=compression,
+    )
+
+
+def native_state_dict(
+    model: CondenseNet, state_dict: Mapping[str, Tensor], groups: int
+) -> dict[str, Tensor]:
+    """Reference training keys -> the native :class:`CondenseNet`'s keys."""
+    state = dict(state_dict)
+    out: dict[str, Tensor] = {}
+    consumed: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, LearnedGroupConv2d):
+            continue
+        prefix = f"{name}."
+        parent = name.rpartition(".")[0]
+        norm_target = f"{parent}.norm_1." if name.endswith("conv_1") else f"{parent}.norm."
+        out.update(_reference_lgc_state(prefix, prefix, norm_target, state, groups))
+        consumed.update(k for k in state if k.startswith(prefix))
+    for key, value in state.items():
+        if key in consumed:
+            continue
+        native = key.replace(".conv_2.norm.", ".norm_2.").replace(".conv_2.conv.", ".conv_2.")
+        out[native] = value
+    return out
+
+
+def _load_converted(
+    config: Mapping[str, Any], state: Mapping[str, Tensor], dtype: torch.dtype
+) -> CondensedCondenseNet:
+    model = _network_from_config(config).to(dtype)
+    for module in model.modules():  # the converted sizes: fully condensed
+        if isinstance(module, LearnedGroupConv2d):
+            module.set_progress(1.0)
+    deployed = deploy_condensenet(
+        model, prune_classifier="classifier.index" in state, fold_shuffle=False
+    )
+    condensed = [
+        (name, module)
+        for name, module in deployed.named_modules()
+        if isinstance(module, CondensedGroupConv2d)
+    ]
+    consumed: set[str] = set()
+    try:
+        for name, module in condensed:
+            consumed |= _load_converted_lgc(name, module, state)
+        plain = {
+            key.replace(".conv_2.conv.", ".conv_2."): value
+            for key, value in state.items()
+            if key not in consumed
+        }
+        missing, unexpected = deployed.load_state_dict(plain, strict=False)
+    except (KeyError, RuntimeError) as error:
+        raise ValueError(
+            f"converted checkpoint does not match the configuration: {error}"
+        ) from error
+    owned = tuple(f"{name}." for name, _ in condensed)
+    missing = [k for k in missing if not k.startswith(owned)]
+    if missing or unexpected:
+        raise ValueError(
+            f"converted checkpoint does not match the configuration: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    return deployed
+
+
+def _bn_from(prefix: str, state: Mapping[str, Tensor]) -> tuple[nn.BatchNorm2d, set[str]]:
+    weight = state[f"{prefix}weight"]
+    norm = nn.BatchNorm2d(weight.numel(), dtype=weight.dtype)
+    keys = {f"{prefix}{k}" for k in _BN_KEYS if f"{prefix}{k}" in state}
+    norm.load_state_dict({k[len(prefix) :]: state[k] for k in keys})
+    return norm.eval(), keys
+
+
+def _load_converted_lgc(
+    name: str, module: CondensedGroupConv2d, state: Mapping[str, Tensor]
+) -> set[str]:
+    """Load one reference ``CondenseConv`` (and the next BN, for a dense layer); the keys used."""
+    prefix = f"{name}."
+    norm, consumed = _bn_from(f"{prefix}norm.", state)
+    consumed |= {f"{prefix}index", f"{prefix}conv.weight"}
+    with torch.no_grad():
+        module.index.copy_(state[f"{prefix}index"])
+        module.weight.copy_(state[f"{prefix}conv.weight"])
+        scale, shift = fold_batchnorm(norm)
+        module.in_scale.copy_(scale)
+        module.in_shift.copy_(shift)
+        if name.endswith(".conv_1"):
+            post, keys = _bn_from(name[: -len("conv_1")] + "conv_2.norm.", state)
+            consumed |= keys
+            scale, shift = fold_batchnorm(post)
+            module.out_scale.copy_(scale)
+            module.out_shift.copy_(shift)
+    module.refresh()
+    return consumed
+
+
+def condensenet_from_reference(
+    config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
+) -> nn.Module:
+    """A native CondenseNet from the reference's arguments and checkpoint.
+
+    ``config``: the reference's command-line arguments (``stages, growth, bottleneck,
+    group_1x1, group_3x3, condense_factor, dropout_rate, data, num_classes``; ``model =
+    "densenet_LGC"`` with ``reduction`` for CondenseNet-light). A training checkpoint gives a
+    :class:`CondenseNet`; a converted one (``index`` buffers) the deployed
+    :class:`~dynaconv.models.condensenet.CondensedCondenseNet` (shuffle kept, pruned classifier
+    when the checkpoint has one).
+    """
+    state = dict(state_dict)
+    dtype = next(v.dtype for k, v in state.items() if k.endswith("weight"))
+    if any(k.endswith(".index") for k in state):
+        return _load_converted(config, state, dtype)
+    model = _network_from_config(config).to(dtype)
+    groups = int(config.get("group_1x1", 4))
+    model.load_state_dict(native_state_dict(model, state, groups))
+    return model

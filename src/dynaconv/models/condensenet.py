@@ -1,3 +1,508 @@
-"""Networks: condensenet (to be implemented by its issue)."""
+"""CondenseNet and CondenseNet-light (Huang et al., CVPR 2018), built from learned group convs.
 
-__all__: list[str] = []
+Training form (:class:`CondenseNet`):
+
+* stem: 3x3 conv ``3 -> 2 * growth[0]`` (stride 1 on CIFAR, 2 on ImageNet);
+* dense blocks of :class:`CondenseLayer`: BN-ReLU-LGC 1x1 (``Cin -> bottleneck * k``,
+  ``group_1x1`` learned groups, condensation factor ``condense_factor``) then BN-ReLU-3x3 conv
+  (``groups = group_3x3``) to ``k`` channels, concatenated to the input;
+* transitions: 2x2 average pooling (CondenseNet) or, with ``compression``, BN-ReLU-LGC 1x1 to
+  ``compression * C`` channels then 2x2 average pooling (CondenseNet-light, the reference's
+  ``densenet_LGC``);
+* head: BN-ReLU, average pooling (8 on CIFAR, 7 on ImageNet), linear.
+
+Init as the reference: conv weights normal(0, sqrt(2 / (kh * kw * Cout))), BN 1 / 0, linear
+bias 0. ``dynaconv.set_progress(model, p)`` condenses; ``dynaconv.aux_loss(model)`` is the
+group lasso.
+
+Deployed form (:meth:`CondenseNet.deploy`, :func:`deploy_condensenet`): every LGC becomes the
+exact index layer (:class:`~dynaconv.layers.lgc.CondensedGroupConv2d`) with the BN-ReLU
+before it folded in (on the gathered channels) and the BN-ReLU after it (the 3x3 conv's)
+folded into its epilogue; on CUDA this is one Triton kernel. The channel shuffle that undoes
+the interleaved groups is removed by permuting the 3x3 conv's input channels when that
+permutation stays inside the 3x3 conv's groups (``group_3x3 = 1``), else it is done by the
+kernel's output addressing (free) or by a reshape on the PyTorch path. Dense blocks write
+every layer's new features into one preallocated buffer instead of concatenating (the
+growing ``torch.cat`` copies are gone; layers read a channel prefix of the buffer in place).
+``prune_classifier=True`` reproduces the reference's lossy conversion, which keeps the half
+of the classifier's input features with the largest column L1 norm.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..layers._base import Deployable
+from ..layers.lgc import (
+    CondensedGroupConv2d,
+    GatherWorkspace,
+    LearnedGroupConv2d,
+    fold_batchnorm,
+)
+
+__all__ = [
+    "CondenseLayer",
+    "CondenseNet",
+    "CondensedDenseBlock",
+    "CondensedDenseLayer",
+    "PrunedLinear",
+    "condensenet50",
+    "condensenet74",
+    "condensenet74_imagenet_g4",
+    "condensenet74_imagenet_g8",
+    "condensenet86",
+    "condensenet98",
+    "condensenet110",
+    "condensenet122",
+    "condensenet182",
+    "condensenet_light",
+    "deploy_condensenet",
+]
+
+Data = Literal["cifar", "imagenet"]
+Impl = Literal["auto", "torch", "triton"]
+
+
+class CondenseLayer(nn.Module):
+    """BN-ReLU-LGC 1x1 then BN-ReLU-3x3 grouped conv; returns ``cat([x, new], 1)``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        growth: int,
+        *,
+        bottleneck: int = 4,
+        group_1x1: int = 4,
+        group_3x3: int = 4,
+        condense_factor: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        width = bottleneck * growth
+        self.norm_1 = nn.BatchNorm2d(in_channels)
+        self.relu_1 = nn.ReLU(inplace=True)
+        self.conv_1 = LearnedGroupConv2d(
+            in_channels,
+            width,
+            1,
+            bias=False,
+            learned_groups=group_1x1,
+            condense_factor=condense_factor,
+            dropout=dropout,
+        )
+        self.norm_2 = nn.BatchNorm2d(width)
+        self.relu_2 = nn.ReLU(inplace=True)
+        self.conv_2 = nn.Conv2d(width, growth, 3, padding=1, groups=group_3x3, bias=False)
+
+    def new_features(self, x: Tensor) -> Tensor:
+        hidden = self.conv_1(self.relu_1(self.norm_1(x)))
+        return self.conv_2(self.relu_2(self.norm_2(hidden)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, self.new_features(x)], 1)
+
+
+class LGCTransition(nn.Module):
+    """CondenseNet-light's transition: BN-ReLU-LGC 1x1 (compression) then 2x2 average pooling."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        group_1x1: int = 4,
+        condense_factor: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = LearnedGroupConv2d(
+            in_channels,
+            out_channels,
+            1,
+            bias=False,
+            learned_groups=group_1x1,
+            condense_factor=condense_factor,
+        )
+        self.pool = nn.AvgPool2d(2, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.conv(self.relu(self.norm(x))))
+
+
+def _make_divisible(value: int, divisor: int) -> int:
+    return value if value % divisor == 0 else (value // divisor + 1) * divisor
+
+
+class CondenseNet(Deployable, nn.Module):
+    """CondenseNet (``compression=None``) or CondenseNet-light (``compression`` given).
+
+    Args:
+        stages: dense layers per block. growth: growth rate per block.
+        num_classes: classifier outputs. data: ``"cifar"`` (stem stride 1, final pool 8) or
+            ``"imagenet"`` (stride 2, pool 7).
+        bottleneck: width of the 1x1 LGC in units of the growth rate.
+        group_1x1: learned groups ``G`` of every LGC. group_3x3: groups of the 3x3 convs.
+        condense_factor: ``C`` (default ``group_1x1``). dropout: on the LGC inputs.
+        compression: ``None`` for pooling-only transitions; a fraction (0.5 in the paper) for
+            LGC transitions (CondenseNet-light), rounded up to a multiple of ``group_1x1``.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[int],
+        growth: Sequence[int],
+        *,
+        num_classes: int = 10,
+        data: Data = "cifar",
+        bottleneck: int = 4,
+        group_1x1: int = 4,
+        group_3x3: int = 4,
+        condense_factor: int | None = None,
+        dropout: float = 0.0,
+        compression: float | None = None,
+    ) -> None:
+        super().__init__()
+        stages, growth = list(stages), list(growth)
+        if not stages or len(stages) != len(growth):
+            raise ValueError(
+                f"stages and growth must be non-empty and of equal length, got {stages}, {growth}"
+            )
+        if any(not isinstance(v, int) or v <= 0 for v in stages + growth):
+            raise ValueError(f"stages and growth must be positive ints, got {stages}, {growth}")
+        if data not in ("cifar", "imagenet"):
+            raise ValueError(f"data must be 'cifar' or 'imagenet', got {data!r}")
+        if compression is not None and not 0.0 < compression <= 1.0:
+            raise ValueError(f"compression must be in (0, 1] or None, got {compression!r}")
+        self.config = {
+            "stages": stages,
+            "growth": growth,
+            "num_classes": num_classes,
+            "data": data,
+            "bottleneck": bottleneck,
+            "group_1x1": group_1x1,
+            "group_3x3": group_3x3,
+            "condense_factor": condense_factor,
+            "dropout": dropout,
+            "compression": compression,
+        }
+        stride, pool = (1, 8) if data == "cifar" else (2, 7)
+        channels = 2 * growth[0]
+        self.features = nn.Sequential()
+        self.features.add_module(
+            "init_conv", nn.Conv2d(3, channels, 3, stride=stride, padding=1, bias=False)
+        )
+        for i, (layers, rate) in enumerate(zip(stages, growth)):
+            block = nn.Sequential()
+            for j in range(layers):
+                block.add_module(
+                    f"denselayer_{j + 1}",
+                    CondenseLayer(
+                        channels + j * rate,
+                        rate,
+                        bottleneck=bottleneck,
+                        group_1x1=group_1x1,
+                        group_3x3=group_3x3,
+                        condense_factor=condense_factor,
+                        dropout=dropout,
+                    ),
+                )
+            self.features.add_module(f"denseblock_{i + 1}", block)
+            channels += layers * rate
+            if i == len(stages) - 1:
+                break
+            if compression is None:
+                transition: nn.Module = nn.AvgPool2d(2, 2)
+            else:
+                out = _make_divisible(math.ceil(channels * compression), group_1x1)
+                transition = LGCTransition(
+                    channels, out, group_1x1=group_1x1, condense_factor=condense_factor
+                )
+                channels = out
+            self.features.add_module(f"transition_{i + 1}", transition)
+        self.features.add_module("norm_last", nn.BatchNorm2d(channels))
+        self.features.add_module("relu_last", nn.ReLU(inplace=True))
+        self.features.add_module("pool_last", nn.AvgPool2d(pool))
+        self.classifier = nn.Linear(channels, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(module, LearnedGroupConv2d):
+                module.reset_parameters()
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+    def deploy(self, *, prune_classifier: bool = False, impl: Impl = "auto") -> nn.Module:
+        """The fast exact inference network (see the module docstring)."""
+        return deploy_condensenet(self, prune_classifier=prune_classifier, impl=impl)
+
+
+# ------------------------------------------------------------------------------------------
+# deployed form
+
+
+class CondensedDenseLayer(nn.Module):
+    """A deployed :class:`CondenseLayer`: fused index layer (BN-ReLU around it) and the 3x3 conv.
+
+    ``forward`` returns only the new features (the block places them in its buffer).
+    """
+
+    def __init__(self, conv_1: CondensedGroupConv2d, conv_2: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv_1 = conv_1
+        self.conv_2 = conv_2
+
+    @classmethod
+    def from_layer(
+        cls, layer: CondenseLayer, *, impl: Impl = "auto", fold_shuffle: bool = True
+    ) -> CondensedDenseLayer:
+        conv_1 = CondensedGroupConv2d.from_learned(
+            layer.conv_1, pre_norm=layer.norm_1, pre_relu=True, impl=impl
+        )
+        scale, shift = fold_batchnorm(layer.norm_2)
+        channel_at = _interleaved_channel_at(conv_1)
+        conv_2 = permute_conv_inputs(layer.conv_2, channel_at) if fold_shuffle else None
+        if conv_2 is None:  # the shuffle would cross the 3x3 conv's groups: keep it
+            conv_1.set_output_post(scale, shift, True, interleave=True)
+            conv_2 = copy.deepcopy(layer.conv_2)
+        else:
+            conv_1.set_output_post(scale[channel_at], shift[channel_at], True, interleave=False)
+        conv_2.requires_grad_(False)
+        conv_1.channels_last_output = conv_2.groups > 1
+        return cls(conv_1, conv_2)
+
+    def forward(self, x: Tensor, *, prefix: bool = False) -> Tensor:
+        """New features from ``x`` (with ``prefix``: from the first input channels of ``x``)."""
+        return self.conv_2(self.conv_1(x, prefix=prefix))
+
+
+class CondensedDenseBlock(nn.Module):
+    """Deployed dense block: new features written into one preallocated buffer."""
+
+    def __init__(self, in_channels: int, layers: Sequence[CondensedDenseLayer]) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        for j, layer in enumerate(layers):
+            self.add_module(f"denselayer_{j + 1}", layer)
+        self.out_channels = in_channels + sum(
+            layer.conv_2.out_channels for layer in self.children()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        out = x.new_empty(batch, self.out_channels, height, width)
+        out[:, :channels] = x
+        for layer in self.children():
+            new = layer(out, prefix=True)
+            out[:, channels : channels + new.shape[1]] = new
+            channels += new.shape[1]
+        return out
+
+
+class PrunedLinear(nn.Module):
+    """``linear(x[:, index])``: the reference's classifier pruning (``index`` buffer)."""
+
+    def __init__(self, index: Tensor, linear: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("index", index.detach().to(torch.long).clone())
+        self.linear = linear
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, keep: float = 0.5) -> PrunedLinear:
+        """Keep the ``int(keep * in_features)`` inputs of largest column L1 norm (lossy)."""
+        kept = int(linear.in_features * keep)
+        importance = linear.weight.detach().abs().sum(0)
+        index = torch.sort(importance, stable=True).indices[linear.in_features - kept :]
+        pruned = nn.Linear(
+            kept,
+            linear.out_features,
+            linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        with torch.no_grad():
+            pruned.weight.copy_(linear.weight[:, index])
+            if linear.bias is not None:
+                pruned.bias.copy_(linear.bias)
+        return cls(index, pruned.requires_grad_(False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.index_select(1, self.index))
+
+
+class CondensedCondenseNet(nn.Module):
+    """The deployed network: ``classifier(features(x).flatten(1))``."""
+
+    def __init__(self, features: nn.Sequential, classifier: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.classifier = classifier
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def _interleaved_channel_at(conv: CondensedGroupConv2d) -> Tensor:
+    """For each group-major output position ``g * N + n``, its interleaved channel ``n * G + g``."""
+    cout, groups = conv.out_channels, conv.learned_groups
+    positions = torch.arange(cout, device=conv.index.device)
+    per_group = cout // groups
+    return (positions % per_group) * groups + positions // per_group
+
+
+def permute_conv_inputs(conv: nn.Conv2d, channel_at: Tensor) -> nn.Conv2d | None:
+    """A copy of ``conv`` reading input channel ``channel_at[p]`` at position ``p``.
+
+    ``None`` when the permutation moves a channel into another of the conv's groups (a grouped
+    conv cannot then absorb it).
+    """
+    per_group = conv.in_channels // conv.groups
+    positions = torch.arange(conv.in_channels, device=channel_at.device)
+    if not bool((channel_at // per_group == positions // per_group).all()):
+        return None
+    local = (channel_at - (positions // per_group) * per_group).view(conv.groups, per_group)
+    rows_per_group = conv.out_channels // conv.groups
+    rows = local.repeat_interleave(rows_per_group, dim=0).to(conv.weight.device)
+    permuted = copy.deepcopy(conv)
+    with torch.no_grad():
+        index = rows[:, :, None, None].expand_as(conv.weight)
+        permuted.weight.copy_(conv.weight.gather(1, index))
+    return permuted
+
+
+def _deploy_transition(module: nn.Module, impl: Impl) -> nn.Module:
+    if isinstance(module, LGCTransition):
+        conv = CondensedGroupConv2d.from_learned(
+            module.conv, pre_norm=module.norm, pre_relu=True, impl=impl
+        )
+        return nn.Sequential(OrderedDict(conv=conv, pool=copy.deepcopy(module.pool)))
+    return copy.deepcopy(module)
+
+
+def deploy_condensenet(
+    model: CondenseNet,
+    *,
+    prune_classifier: bool = False,
+    impl: Impl = "auto",
+    fold_shuffle: bool = True,
+) -> CondensedCondenseNet:
+    """The deployed network (exact unless ``prune_classifier``; see the module docstring).
+
+    ``impl`` selects the index layers' path (``"auto"``: the fused Triton kernel on CUDA);
+    ``fold_shuffle=False`` keeps the interleaved output order everywhere (the reference's
+    converted layout). Works at any condensation stage (each group gathers the inputs it still
+    reads).
+    """
+    if not isinstance(model, CondenseNet):
+        raise TypeError(f"deploy_condensenet expects a CondenseNet, got {type(model).__name__}")
+    features = nn.Sequential()
+    for name, module in model.features.named_children():
+        if name.startswith("denseblock_"):
+            layers = [
+                CondensedDenseLayer.from_layer(layer, impl=impl, fold_shuffle=fold_shuffle)
+                for layer in module
+            ]
+            features.add_module(name, CondensedDenseBlock(module[0].norm_1.num_features, layers))
+        elif name.startswith("transition_"):
+            features.add_module(name, _deploy_transition(module, impl))
+        else:
+            features.add_module(name, copy.deepcopy(module))
+    classifier: nn.Module = copy.deepcopy(model.classifier)
+    if prune_classifier:
+        classifier = PrunedLinear.from_linear(model.classifier, 0.5)
+    deployed = CondensedCondenseNet(features, classifier)
+    deployed.requires_grad_(False)
+    shared = GatherWorkspace()  # the index layers run one after another: one CPU buffer
+    for module in deployed.modules():
+        if isinstance(module, CondensedGroupConv2d):
+            module.workspace = shared
+    return deployed.eval()
+
+
+# ------------------------------------------------------------------------------------------
+# builders
+
+
+def _cifar(depth_stages: int, growth: Sequence[int], num_classes: int, **kwargs: Any):
+    return CondenseNet([depth_stages] * 3, growth, num_classes=num_classes, **kwargs)
+
+
+def condensenet50(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-50 for CIFAR: 8 layers per block, growth 8-16-32, G = C = 4."""
+    return _cifar(8, (8, 16, 32), num_classes, **kwargs)
+
+
+def condensenet74(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-74 for CIFAR: 12 layers per block, growth 8-16-32, G = C = 4."""
+    return _cifar(12, (8, 16, 32), num_classes, **kwargs)
+
+
+def condensenet86(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-86 for CIFAR: 14 layers per block, growth 8-16-32, G = C = 4."""
+    return _cifar(14, (8, 16, 32), num_classes, **kwargs)
+
+
+def condensenet98(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-98 for CIFAR: 16 layers per block, growth 8-16-32, G = C = 4."""
+    return _cifar(16, (8, 16, 32), num_classes, **kwargs)
+
+
+def condensenet110(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-110 for CIFAR: 18 layers per block, growth 8-16-32, G = C = 4."""
+    return _cifar(18, (8, 16, 32), num_classes, **kwargs)
+
+
+def condensenet122(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-122 for CIFAR: 20 layers per block, growth 8-16-32, G = C = 4."""
+    return _cifar(20, (8, 16, 32), num_classes, **kwargs)
+
+
+def condensenet182(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-182 for CIFAR: 30 layers per block, growth 12-24-48, G = C = 4."""
+    return _cifar(30, (12, 24, 48), num_classes, **kwargs)
+
+
+def _imagenet(groups: int, num_classes: int, **kwargs: Any) -> CondenseNet:
+    options = {"group_1x1": groups, "group_3x3": groups, "condense_factor": groups} | kwargs
+    return CondenseNet(
+        (4, 6, 8, 10, 8), (8, 16, 32, 64, 128), num_classes=num_classes, data="imagenet", **options
+    )
+
+
+def condensenet74_imagenet_g4(num_classes: int = 1000, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-74 for ImageNet (blocks 4-6-8-10-8, growth 8-128), G = C = 4."""
+    return _imagenet(4, num_classes, **kwargs)
+
+
+def condensenet74_imagenet_g8(num_classes: int = 1000, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-74 for ImageNet (blocks 4-6-8-10-8, growth 8-128), G = C = 8."""
+    return _imagenet(8, num_classes, **kwargs)
+
+
+def condensenet_light(
+    num_classes: int = 10,
+    stages: Sequence[int] = (16, 16, 16),
+    growth: Sequence[int] = (12, 12, 12),
+    **kwargs: Any,
+) -> CondenseNet:
+    """CondenseNet-light: DenseNet-BC (default 16-16-16 layers, growth 12, dense 3x3 convs)
+    whose 1x1 convs and transitions are LGC (G = C = 4), compression 0.5."""
+    options = {"group_1x1": 4, "group_3x3": 1, "compression": 0.5} | kwargs
+    return CondenseNet(stages, growth, num_classes=num_classes, **options)

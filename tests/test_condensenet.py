@@ -1,0 +1,292 @@
+"""CondenseNet: the reference fixture (condensation, deploy, converted checkpoints), counts,
+deployed structure (shuffle folding, buffers), export and the family's builders."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dynaconv
+from conftest import assert_close64, load_fixture
+from dynaconv import LearnedGroupConv2d
+from dynaconv.compat import model_from_reference
+from dynaconv.layers.lgc import CondensedGroupConv2d
+from dynaconv.models import create_model
+from dynaconv.models.condensenet import (
+    CondensedDenseBlock,
+    CondenseNet,
+    PrunedLinear,
+    condensenet_light,
+    deploy_condensenet,
+)
+
+FIXTURE = ("condensenet", "condensenet86_cifar10.pt")
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return load_fixture(*FIXTURE)
+
+
+@pytest.fixture(scope="module")
+def condensed(fixture):
+    """The fixture's network stepped through every progress point: (model, outputs, masks)."""
+    model = model_from_reference("condensenet", fixture["config"], fixture["initial_state_dict"])
+    model = model.double().eval()
+    x = fixture["x"].double()
+    lasso_stage0 = dynaconv.aux_loss(model).item()
+    outputs, masks = {}, {}
+    with torch.no_grad():
+        for progress in fixture["progress_points"]:
+            dynaconv.set_progress(model, progress)
+            outputs[progress] = model(x)
+            masks[progress] = {
+                name: module.mask.clone()
+                for name, module in model.named_modules()
+                if isinstance(module, LearnedGroupConv2d)
+            }
+    return model, outputs, masks, lasso_stage0
+
+
+def test_progress_points_reproduce_outputs_and_masks(fixture, condensed):
+    _, outputs, masks, _ = condensed
+    for progress in fixture["progress_points"]:
+        assert_close64(outputs[progress], fixture["y_by_progress"][progress])
+        expected = fixture["masks_by_progress"][progress]
+        assert set(masks[progress]) == set(expected)
+        for name, mask in expected.items():
+            assert torch.equal(masks[progress][name], mask), (progress, name)
+
+
+def test_group_lasso_before_and_after(fixture, condensed):
+    model, _, _, lasso_stage0 = condensed
+    assert lasso_stage0 == pytest.approx(fixture["lasso_stage0"], rel=1e-10)
+    assert dynaconv.aux_loss(model).item() == fixture["lasso_final"] == 0.0
+
+
+def test_exact_deploy_reproduces_y(fixture, condensed):
+    model = condensed[0]
+    x = fixture["x"].double()
+    assert_close64(model(x), fixture["y"])
+    deployed = dynaconv.deploy(model, example_input=x)
+    assert_close64(deployed(x), fixture["y"])
+    blocks = [m for m in deployed.modules() if isinstance(m, CondensedDenseBlock)]
+    assert len(blocks) == 3
+    layers = [m for m in deployed.modules() if isinstance(m, CondensedGroupConv2d)]
+    assert len(layers) == 42
+    # group_3x3 = 4: the shuffle would cross the 3x3 conv's groups, so it is kept
+    assert all(layer.interleave and layer.out_scale is not None for layer in layers)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.features.denseblock_1.modules())
+
+
+def test_classifier_pruning_reproduces_the_reference_conversion(fixture, condensed):
+    model = condensed[0]
+    x = fixture["x"].double()
+    deployed = deploy_condensenet(model, prune_classifier=True)
+    assert isinstance(deployed.classifier, PrunedLinear)
+    assert_close64(deployed(x), fixture["y_converted"])
+    state = deployed.state_dict()
+    for key, index in fixture["converted_index"].items():
+        assert torch.equal(state[key], index), key
+
+
+def _reference_converted_state(initial, converted_index, groups=4):
+    """The reference's converted checkpoint, written out from its conversion rules: per LGC,
+    the kept inputs group by group, the BN gathered, conv row k + g*d_out = dense row g + k*G;
+    the classifier's kept columns."""
+    state = {k: v for k, v in initial.items() if ".conv_1." not in k and "classifier" not in k}
+    for key, index in converted_index.items():
+        layer = key[: -len(".index")]
+        if layer == "classifier":
+            state["classifier.index"] = index
+            state["classifier.linear.weight"] = initial["classifier.weight"][:, index]
+            state["classifier.linear.bias"] = initial["classifier.bias"]
+            continue
+        dense = initial[f"{layer}.conv.weight"]
+        cout, kept = dense.shape[0], index.numel() // groups
+        d_out = cout // groups
+        conv = torch.empty(cout, kept, 1, 1, dtype=dense.dtype)
+        for g in range(groups):
+            for k in range(d_out):
+                conv[k + g * d_out] = dense[g + k * groups, index[g * kept : (g + 1) * kept]]
+        state[f"{layer}.conv.weight"] = conv
+        state[f"{layer}.index"] = index
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            state[f"{layer}.norm.{name}"] = initial[f"{layer}.norm.{name}"][index]
+        state[f"{layer}.norm.num_batches_tracked"] = initial[f"{layer}.norm.num_batches_tracked"]
+    return state
+
+
+def test_converted_checkpoint_loads(fixture):
+    state = _reference_converted_state(fixture["initial_state_dict"], fixture["converted_index"])
+    # BN folds at load time, in the checkpoint's dtype: load float64 weights for float64 checks
+    state = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    deployed = model_from_reference("condensenet", fixture["config"], state)
+    assert_close64(deployed(fixture["x"].double()), fixture["y_converted"])
+    with pytest.raises(ValueError, match="does not match"):
+        model_from_reference("condensenet", fixture["config"] | {"stages": [14, 14, 13]}, state)
+
+
+def test_training_checkpoint_with_reference_buffers_resumes(fixture, condensed):
+    _, _, masks, _ = condensed
+    state = dict(fixture["initial_state_dict"])
+    for name, mask in masks[0.4].items():
+        dropped = int((~mask[0]).sum())
+        state[f"{name}._mask"] = mask[:, :, None, None].float()
+        state[f"{name}._stage"] = torch.full((1,), 2.0)
+        state[f"{name}._count"] = torch.full((1,), float(dropped))
+    model = model_from_reference("condensenet", fixture["config"], state).double().eval()
+    x = fixture["x"].double()
+    assert_close64(model(x), fixture["y_by_progress"][0.4])
+    dynaconv.set_progress(model, 1.0)
+    assert_close64(model(x), fixture["y"])
+
+
+def test_jumping_to_the_end_equals_stepping(fixture, condensed):
+    stepped = condensed[0]
+    jumped = model_from_reference("condensenet", fixture["config"], fixture["initial_state_dict"])
+    dynaconv.set_progress(jumped.double(), 1.0)
+    for (name, a), b in zip(
+        ((n, m) for n, m in stepped.named_modules() if isinstance(m, LearnedGroupConv2d)),
+        (m for m in jumped.modules() if isinstance(m, LearnedGroupConv2d)),
+    ):
+        assert torch.equal(a.mask, b.mask), name
+
+
+def test_state_dict_round_trip(condensed):
+    model = condensed[0]
+    clone = create_model("condensenet86").double()
+    clone.load_state_dict(model.state_dict())
+    for a, b in zip(model.modules(), clone.modules()):
+        if isinstance(a, LearnedGroupConv2d):
+            assert torch.equal(a.mask, b.mask) and int(a.stage) == int(b.stage) == 3
+
+
+# ------------------------------------------------------------------------------------------
+# counts (the reference counter, measure_model)
+
+
+def test_reference_counts_condensenet86(fixture, condensed):
+    training = create_model("condensenet86")
+    counts = dynaconv.profile(training, (1, 3, 32, 32), convention="reference")
+    assert counts["macs"] == fixture["measure_model"]["flops"] == 65816394
+    assert counts["params"] == fixture["measure_model"]["params"] == 520202
+    converted = deploy_condensenet(condensed[0], prune_classifier=True)
+    counts = dynaconv.profile(converted, (1, 3, 32, 32), convention="reference", deployed=False)
+    assert counts["macs"] == fixture["measure_model_converted"]["flops"]
+    assert counts["params"] == fixture["measure_model_converted"]["params"]
+
+
+@pytest.mark.parametrize(
+    "name,builder,size",
+    [
+        ("condensenet_imagenet_g4c4", "condensenet74_imagenet_g4", 224),
+        ("condensenet_imagenet_g8c8", "condensenet74_imagenet_g8", 224),
+        pytest.param("condensenet182_cifar10", "condensenet182", 32, marks=pytest.mark.slow),
+    ],
+)
+def test_reference_counts_training_and_converted(name, builder, size):
+    expected = load_fixture("condensenet", "counts.pt")["counts"][name]
+    model = create_model(builder)
+    counts = dynaconv.profile(model, (1, 3, size, size), convention="reference", deployed=False)
+    assert counts["macs"] == expected["measure_model"]["flops"]
+    assert counts["params"] == expected["measure_model"]["params"]
+    dynaconv.set_progress(model, 1.0)
+    converted = deploy_condensenet(model, prune_classifier=True)
+    counts = dynaconv.profile(converted, (1, 3, size, size), convention="reference", deployed=False)
+    assert counts["macs"] == expected["measure_model_converted"]["flops"]
+    assert counts["params"] == expected["measure_model_converted"]["params"]
+
+
+# ------------------------------------------------------------------------------------------
+# deployed structure on small networks
+
+
+def _small(**kwargs) -> CondenseNet:
+    torch.manual_seed(0)
+    model = CondenseNet([2, 2], [8, 8], **kwargs).double()
+    for module in model.modules():  # trained-looking BN statistics
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.3, 1.0])
+def test_shuffle_folds_into_dense_3x3_conv(progress):
+    model = _small(group_3x3=1)
+    dynaconv.set_progress(model, progress)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for fold in (True, False):
+        deployed = deploy_condensenet(model, fold_shuffle=fold)
+        layers = [m for m in deployed.modules() if isinstance(m, CondensedGroupConv2d)]
+        assert all(layer.interleave is not fold for layer in layers)
+        assert_close64(deployed(x), model(x))
+
+
+def test_condensenet_light_deploys_exactly():
+    torch.manual_seed(0)
+    model = condensenet_light(stages=(2, 2, 2), growth=(8, 8, 8)).double().eval()
+    transitions = [n for n, m in model.named_modules() if n.endswith("transition_1.conv")]
+    assert transitions and isinstance(model.get_submodule(transitions[0]), LearnedGroupConv2d)
+    dynaconv.set_progress(model, 1.0)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    deployed = dynaconv.deploy(model, example_input=x)
+    assert_close64(deployed(x), model(x))
+    assert isinstance(deployed.features.transition_1.conv, CondensedGroupConv2d)
+
+
+def test_torch_export_of_the_deployed_model():
+    model = _small()
+    dynaconv.set_progress(model, 1.0)
+    deployed = deploy_condensenet(model, prune_classifier=True, impl="torch")
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    # the head pools 8x8; 16x16 input after one transition is 8x8
+    exported = torch.export.export(deployed, (x,))
+    assert_close64(exported.module()(x), deployed(x))
+
+
+def test_builders():
+    counts = {50: 8, 74: 12, 86: 14, 98: 16, 110: 18, 122: 20}
+    for depth, per_block in counts.items():
+        model = create_model(f"condensenet{depth}")
+        layers = [m for m in model.modules() if isinstance(m, LearnedGroupConv2d)]
+        assert len(layers) == 3 * per_block
+        assert model.classifier.out_features == 10
+    g8 = create_model("condensenet74_imagenet_g8", num_classes=7)
+    lgc = next(m for m in g8.modules() if isinstance(m, LearnedGroupConv2d))
+    assert lgc.learned_groups == lgc.condense_factor == 8
+    assert g8.features.init_conv.stride == (2, 2) and g8.classifier.out_features == 7
+    with pytest.raises(ValueError, match="stages and growth"):
+        CondenseNet([2, 2], [8])
+
+
+def test_training_step_and_dropout():
+    model = _small(dropout=0.1).train()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    loss = model(x).square().mean() + 1e-5 * dynaconv.aux_loss(model)
+    loss.backward()
+    lgc = next(m for m in model.modules() if isinstance(m, LearnedGroupConv2d))
+    assert lgc.dense_weight.grad is not None and lgc.dropout == 0.1
+    assert copy.deepcopy(model).eval()(x).shape == (4, 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_deployed_condensenet86_on_gpu(fixture, condensed):
+    model = copy.deepcopy(condensed[0]).cuda()
+    x = fixture["x"].double().cuda()
+    deployed = deploy_condensenet(model.float())
+    y = deployed(x.float())
+    expected = fixture["y"].cuda()
+    assert float((y.double() - expected).abs().max() / expected.abs().max()) < 1e-2
+    compiled = torch.compile(deployed)
+    assert float((compiled(x.float()).double() - expected).abs().max()) < 1e-2 * float(
+        expected.abs().max()
+    )
