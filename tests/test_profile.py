@@ -187,6 +187,37 @@ def test_module_with_its_own_count_is_counted_once():
     assert counts["macs"] == 1000 + 96 and counts["macs_active"] == 10 + 96
 
 
+def test_reference_count_protocol():
+    class QuarterConv(nn.Module):
+        """Counted by the reference at a quarter of its dense conv (like an LGC layer)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(4, 8, 1, bias=False)
+
+        def forward(self, x):
+            return self.conv(self.norm(x))
+
+        def reference_count(self, input_shape, output_shape):
+            dense = output_shape[0] * 8 * 4 * output_shape[2] * output_shape[3]
+            return dense // 4, 8 * 4 // 4 + 8
+
+    model = nn.Sequential(QuarterConv(), nn.ReLU())
+    stored = 8 + 32
+    reference = dynaconv.profile(model, (2, 4, 3, 3), convention="reference")
+    assert [(r.name, r.macs, r.params) for r in reference.layers] == [
+        ("0", 2 * 8 * 4 * 9 // 4, 16),
+        ("1", 2 * 8 * 9, 0),  # the ReLU: one op per element
+    ]
+    assert reference["macs"] == 2 * 8 * 4 * 9 // 4 + 2 * 8 * 9  # the ReLU's ops added
+    assert reference["params"] == 16
+    assert reference["params_deployed"] == stored
+    dense = dynaconv.profile(model, (2, 4, 3, 3))  # the protocol only applies to "reference"
+    assert dense["macs"] == 2 * 8 * 4 * 9 and dense["params"] == stored
+    assert [r.name for r in dense.layers] == ["0.norm", "0.conv"]
+
+
 def test_profile_changes_no_state_and_restores_modes():
     model = _doconv_digits().train()
     model.features[1].eval()

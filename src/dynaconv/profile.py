@@ -21,8 +21,21 @@ Counting conventions (``convention="dense"``, the default):
   contains is not counted again.
 
 ``convention="reference"`` reproduces the counter of the papers' repositories
-(CondenseNet's ``measure_model``, used by DGC too): it also counts one op per element for
-ReLU, pooling windows, and the linear layers' bias. Use it to compare with published numbers.
+(CondenseNet's ``measure_model``, used by DGC too). Use it to compare with published numbers.
+What that counter counts (it hooks the leaf modules of one forward):
+
+* ``Conv2d``: ``Cin * Cout * kh * kw * H' * W' / groups`` and its weights; ``Linear``:
+  ``in * out + out`` per row; ``ReLU``: one op per input element; ``AvgPool2d``/``MaxPool2d``:
+  ``k * k`` per output element; ``AdaptiveAvgPool2d``: one per input element; ``BatchNorm2d``:
+  no ops, its weight and bias as parameters; dropout, concatenation, indexing, reshapes:
+  nothing.
+* A module with ``reference_count(input_shape, output_shape) -> (macs, params)`` gives its own
+  count under this convention, for itself and what it contains (CondenseNet's learned group
+  conv counts ``1 / C`` of its dense conv, ops and weights alike, whatever its condensation
+  stage; deployed modules that fold a BN-ReLU into a conv report what the reference would have
+  counted for them). ``params`` is then the reference's parameter count: the stored
+  parameters, with those modules counted their way; ``params_deployed`` stays the stored
+  parameters of the deployed model.
 """
 
 from __future__ import annotations
@@ -124,64 +137,92 @@ def _reference_extra(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int
     return 0
 
 
-def _counts_itself(module: nn.Module) -> bool:
-    """Dynaconv layers and any module with ``count_macs`` are counted as a whole."""
-    return isinstance(module, DynaConv2d) or callable(getattr(module, "count_macs", None))
+def _has(module: nn.Module, method: str) -> bool:
+    return callable(getattr(module, method, None))
+
+
+def _counts_itself(module: nn.Module, convention: Convention) -> bool:
+    """Modules counted as a whole: dynaconv layers, and those with their own count."""
+    return (
+        isinstance(module, DynaConv2d)
+        or _has(module, "count_macs")
+        or (convention == "reference" and _has(module, "reference_count"))
+    )
+
+
+@dataclass
+class _Measured:
+    params: int
+    macs: int
+    macs_active: int
+    structure: str = ""
+    params_adjustment: int = 0  # reference parameters minus stored ones
 
 
 def _measure(
-    module: nn.Module, in_shape: tuple[int, ...], output: torch.Tensor
-) -> tuple[int, int, int, str]:
-    """``(params, macs, active MACs, structure)`` of one call of ``module``."""
+    module: nn.Module,
+    inp: torch.Tensor | None,
+    output: torch.Tensor,
+    convention: Convention,
+) -> _Measured:
+    """The counts of one call of ``module``."""
+    in_shape = tuple(inp.shape) if inp is not None else ()
     out_shape = tuple(output.shape)
-    if _counts_itself(module):
+    structure = module.structure() if _has(module, "structure") else ""
+    if convention == "reference" and _has(module, "reference_count"):
+        macs, params = module.reference_count(in_shape, out_shape)
+        stored = sum(p.numel() for p in module.parameters())
+        return _Measured(int(params), int(macs), int(macs), structure, int(params) - stored)
+    if _counts_itself(module, convention):
         macs, active = module.count_macs(in_shape, out_shape)
         params = sum(p.numel() for p in module.parameters())
-        structure = module.structure() if callable(getattr(module, "structure", None)) else ""
-        return params, int(macs), int(active), structure
+        return _Measured(params, int(macs), int(active), structure)
     if isinstance(module, _ConvNd):
         macs = _conv_macs(module, in_shape, out_shape)
     elif isinstance(module, nn.Linear):
         macs = output.numel() // module.out_features * module.in_features * module.out_features
     else:
         macs = 0
-    return _direct_params(module), macs, macs, ""
+    if convention == "reference" and inp is not None:
+        macs += _reference_extra(module, inp, output)
+    return _Measured(_direct_params(module), macs, macs)
 
 
-def _count(model: nn.Module, x: torch.Tensor, convention: Convention) -> list[LayerProfile]:
+def _count(
+    model: nn.Module, x: torch.Tensor, convention: Convention
+) -> tuple[list[LayerProfile], int]:
+    """Per-module rows, and the total reference-minus-stored parameter adjustment."""
     rows: list[LayerProfile] = []
+    adjustment = 0
     # Forward hooks of children fire before their parent's, so what a self-counting module
     # contains is excluded up front.
     counted_inside = {
         id(child)
         for module in model.modules()
-        if _counts_itself(module)
+        if _counts_itself(module, convention)
         for child in module.modules()
         if child is not module
     }
 
     def hook(name: str):
         def record(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            nonlocal adjustment
             if id(module) in counted_inside or not isinstance(output, torch.Tensor):
                 return
             inp = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-            in_shape = tuple(inp.shape) if inp is not None else ()
-            params, macs, active, structure = _measure(module, in_shape, output)
-            if convention == "reference" and inp is not None:
-                extra = _reference_extra(module, inp, output)
-                macs += extra
-                active += extra
-            if macs or params:
+            counts = _measure(module, inp, output, convention)
+            adjustment += counts.params_adjustment
+            if counts.macs or counts.params:
                 rows.append(
                     LayerProfile(
                         name,
                         type(module).__name__,
-                        in_shape,
+                        tuple(inp.shape) if inp is not None else (),
                         tuple(output.shape),
-                        params,
-                        macs,
-                        active,
-                        structure,
+                        counts.params,
+                        counts.macs,
+                        counts.macs_active,
+                        counts.structure,
                     )
                 )
 
@@ -197,7 +238,7 @@ def _count(model: nn.Module, x: torch.Tensor, convention: Convention) -> list[La
     finally:
         for handle in handles:
             handle.remove()
-    return rows
+    return rows, adjustment
 
 
 def profile(
@@ -232,15 +273,15 @@ def profile(
         device
     )
     with eval_mode(model):
-        rows = _count(model, x, convention)
-    params = sum(p.numel() for p in model.parameters())
+        rows, adjustment = _count(model, x, convention)
+    stored = sum(p.numel() for p in model.parameters())
     if deployed:
         params_deployed = sum(p.numel() for p in deploy(model, verify=False).parameters())
     else:
-        params_deployed = params
+        params_deployed = stored
     return Profile(
         rows,
-        params=params,
+        params=stored + adjustment,
         params_deployed=params_deployed,
         macs=sum(r.macs for r in rows),
         macs_active=sum(r.macs_active for r in rows),
