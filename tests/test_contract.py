@@ -23,6 +23,10 @@ from dynaconv.layers import ConversionSkipped, DynaConv2d
 #: Families whose layer has one static kernel exposed as ``.weight``.
 STATIC_KERNEL = {"doconv", "dgconv", "lgc"}
 
+#: Families without a static equivalent: ``deploy()`` returns an eval-mode layer of the
+#: family with its execution form fixed (CondConv's kernel depends on the input).
+DEPLOYS_TO_ITSELF = {"condconv"}
+
 CHANNELS = 16
 
 
@@ -125,10 +129,12 @@ def test_forward_returns_one_tensor_of_the_conv_shape(built, layer):
         assert torch.isfinite(y).all()
 
 
-def test_deploy_is_exact(layer):
+def test_deploy_is_exact(built, layer):
     x = _x()
     deployed = layer.deploy()
-    assert not any(isinstance(m, DynaConv2d) for m in deployed.modules())
+    assert deployed is not layer
+    if built[0] not in DEPLOYS_TO_ITSELF:
+        assert not any(isinstance(m, DynaConv2d) for m in deployed.modules())
     with torch.no_grad():
         torch.testing.assert_close(deployed.eval()(x), layer(x), rtol=1e-9, atol=1e-11)
     dynaconv.deploy(nn.Sequential(layer, nn.ReLU()), example_input=x)  # verifies
@@ -146,6 +152,19 @@ def test_state_dict_round_trip(built, layer):
     x = _x()
     with torch.no_grad():
         torch.testing.assert_close(clone(x), layer(x), rtol=1e-12, atol=1e-14)
+
+
+def test_training_step_then_copy_and_deploy(layer):
+    """After a training step (aux loss included) the layer still deep-copies and deploys."""
+    layer.train()
+    x = _x(4, CHANNELS, 8, 8)
+    loss = layer(x).square().mean() + layer.aux_loss()
+    loss.backward()
+    grads = [p.grad for p in layer.parameters() if p.requires_grad]
+    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+    copy.deepcopy(layer)  # EMA copies and dynaconv.deploy need this
+    layer.eval()
+    dynaconv.deploy(nn.Sequential(layer), example_input=x)
 
 
 def test_eval_forward_changes_no_state(layer):
@@ -208,13 +227,14 @@ def test_wrong_input_channels_raise_value_error(layer):
         layer(_x(2, CHANNELS - 1, 8, 8))
 
 
-def test_count_macs_dense_is_the_conv(built, layer):
+def test_count_macs_dense_is_the_conv_and_its_own_layers(built, layer):
     conv = built[2]
     x = _x()
     y = layer(x)
     dense, active = layer.count_macs(tuple(x.shape), tuple(y.shape))
-    expected = y.shape[0] * conv.weight.numel() * y.shape[2] * y.shape[3]
-    assert dense == expected
+    conv_macs = y.shape[0] * conv.weight.numel() * y.shape[2] * y.shape[3]
+    # The conv it stands for plus the layer's own small layers (routing, saliency).
+    assert conv_macs <= dense <= 1.02 * conv_macs
     assert active > 0
 
 

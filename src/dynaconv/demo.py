@@ -185,9 +185,9 @@ def paired_latency_ms(
 
 
 def summarise_structure(model: nn.Module) -> str:
-    """The layers' ``structure()`` strings, counted: ``"D_mul=9 x3, D_mul=1 x3"``."""
+    """The layers' distinct ``structure()`` strings, counted: ``"D_mul=9 x3; D_mul=1 x3"``."""
     counts = Counter(layer.structure() for _, layer in dynaconv_layers(model))
-    return ", ".join(f"{text} x{n}" if n > 1 else text for text, n in counts.items() if text)
+    return "; ".join(f"{text} x{n}" if n > 1 else text for text, n in counts.items() if text)
 
 
 def run_method(

@@ -8,7 +8,8 @@ Counting conventions (``convention="dense"``, the default):
 * ``macs``: dense multiply-accumulates of one forward at ``input_shape`` (the batch in
   ``input_shape`` included), counted per module call: convolutions (any ``nn.ConvNd``)
   ``B * Cout * Cin/groups * kh * kw * H' * W'`` (transposed: per input position), ``nn.Linear``
-  ``in * out`` per row, and for each dynaconv layer the ``nn.Conv2d`` it stands for. Bias
+  ``in * out`` per row, and for each dynaconv layer the ``nn.Conv2d`` it stands for plus the
+  layer's own small layers (CondConv's routing, DGC's saliency generators). Bias
   additions, normalisation, activations, pooling, element-wise ops and tensor operations
   written outside modules count nothing, as in ``FlopCounterMode`` (whose FLOPs are exactly
   2 x these MACs for a deployed network of convs and linears). DO-Conv's kernel composition is
