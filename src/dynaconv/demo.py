@@ -344,6 +344,7 @@ def main(
     *,
     steps: int = DEFAULT_STEPS,
     methods: Sequence[str] | None = None,
+    latency_batch: int = 256,
     latency_reps: int = 7,
     stream: TextIO | None = None,
 ) -> int:
@@ -361,12 +362,19 @@ def main(
         took = f" ({result.seconds:.1f} s)" if result.seconds else ""
         print(f"  {result.method:9s} {result.status}{took}", file=out, flush=True)
 
-    results = run_demo(methods, steps, latency_reps=latency_reps, on_result=announce)
+    results = run_demo(
+        methods,
+        steps,
+        latency_batch=latency_batch,
+        latency_reps=latency_reps,
+        on_result=announce,
+    )
     print(file=out)
     print(format_table(results), file=out)
     print(
         "acc: test accuracy (%) before/after deploy; params: stored/deployed; MACs: dense/active "
-        "for one 8x8 image; ms: CPU inference of a batch of 256 before/after deploy (median).",
+        f"for one 8x8 image; ms: CPU inference of a batch of {latency_batch} before/after "
+        "deploy (median).",
         file=out,
     )
     for r in results:
