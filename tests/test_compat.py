@@ -149,6 +149,12 @@ def test_unknown_names_raise_value_error():
         compat.layer_from_reference("do_conv", {}, {})
     with pytest.raises(ValueError, match="architecture must be one of"):
         compat.model_from_reference("resnet50", {}, {})
+    with pytest.raises(ValueError, match="not a reference DOConv2d state dict"):
+        compat.layer_from_reference(
+            "doconv",
+            {"in_channels": 4, "out_channels": 4, "kernel_size": 3},
+            {"weight": torch.zeros(4, 4, 3, 3)},
+        )
     with pytest.raises(ValueError, match="unknown reference DOConv2d argument"):
         compat.layer_from_reference("doconv", {"in_channels": 4, "kernel": 3}, _state_dict())
 
