@@ -133,6 +133,21 @@ def test_eval_cache_follows_weight_changes():
     assert not torch.allclose(first, second)
 
 
+def test_kernel_cached_in_inference_mode_serves_input_gradients():
+    layer = DOConv2d(4, 6, 3, padding=1, dtype=torch.float64).eval().requires_grad_(False)
+    with torch.no_grad():
+        layer.D.normal_()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.inference_mode():
+        layer(x)  # caches the fused kernel
+    x.requires_grad_(True)
+    layer(x).square().sum().backward()  # frozen weights, gradient w.r.t. the input
+    deployed = layer.deploy().requires_grad_(False)
+    x_ref = x.detach().requires_grad_(True)
+    deployed(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
 def test_eval_mode_with_grad_still_trains():
     layer = DOConv2d(4, 6, 3, padding=1).eval()
     layer(torch.randn(2, 4, 8, 8)).square().sum().backward()

@@ -6,35 +6,37 @@ Counting conventions (``convention="dense"``, the default):
   such as masks, gates and indices are not parameters).
 * ``params_deployed``: parameters of ``dynaconv.deploy(model)``: what inference keeps.
 * ``macs``: dense multiply-accumulates of one forward at ``input_shape`` (the batch in
-  ``input_shape`` included): ``nn.Conv2d`` ``B * Cout * Cin/groups * kh * kw * H' * W'``,
-  ``nn.Linear`` ``in * out`` per row, and each dynaconv layer's dense conv. Normalisation,
-  activations, pooling and element-wise ops count nothing, as in ``FlopCounterMode``
-  (whose FLOPs are 2 x these MACs for a deployed model).
+  ``input_shape`` included), counted per module call: convolutions (any ``nn.ConvNd``)
+  ``B * Cout * Cin/groups * kh * kw * H' * W'`` (transposed: per input position), ``nn.Linear``
+  ``in * out`` per row, and for each dynaconv layer the ``nn.Conv2d`` it stands for plus the
+  layer's own small layers (CondConv's routing, DGC's saliency generators). Bias
+  additions, normalisation, activations, pooling, element-wise ops and tensor operations
+  written outside modules count nothing, as in ``FlopCounterMode`` (whose FLOPs are exactly
+  2 x these MACs for a deployed network of convs and linears). DO-Conv's kernel composition is
+  not counted: it is done once for inference (cached, or folded by ``deploy``).
 * ``macs_active``: what really has to be computed: DGC's kept channels, DGConv's learned
   groups, LGC's kept connections, plus CondConv's kernel mixing (``B * E * numel(W_e)``).
+  Equal to ``macs`` for plain modules.
+* A module with its own ``count_macs(input_shape, output_shape) -> (dense, active)`` method
+  (every dynaconv layer, and deployed modules that need one) is counted as a whole; what it
+  contains is not counted again.
 
 ``convention="reference"`` reproduces the counter of the papers' repositories
-(CondenseNet's ``measure_model``, used by DGC too): it also counts one op per element for
-ReLU, pooling windows, and the linear layers' bias. Use it to compare with published numbers.
-
-What that counter counts, precisely (it hooks the leaf modules of one forward):
+(CondenseNet's ``measure_model``, used by DGC too). Use it to compare with published numbers.
+What that counter counts (it hooks the leaf modules of one forward):
 
 * ``Conv2d``: ``Cin * Cout * kh * kw * H' * W' / groups`` and its weights; ``Linear``:
-  ``in * out + out`` per row and its weight and bias; ``ReLU``: one op per input element;
-  ``AvgPool2d``: ``k * k`` per output element; ``AdaptiveAvgPool2d``: one per input element;
-  ``BatchNorm2d``: no ops, its weight and bias as parameters; dropout, ``torch.cat``,
-  ``index_select`` and reshapes: nothing.
-* A learned group conv is counted at ``1 / C`` of its dense conv, ops and weights alike,
-  whatever its condensation stage (so the training model already reports the condensed
-  size); its BN and ReLU count as above.
-
-Modules may define ``reference_count(input_shape, output_shape) -> (macs, params)`` to give
-their count under this convention (replacing the default for that module and its children):
-``LearnedGroupConv2d`` does (the ``1 / C`` rule), and so do deployed modules that fold a
-BN-ReLU into a conv (they report the BN's parameters and the ReLU's ops the reference would
-have counted). With ``convention="reference"``, ``params`` is the reference's parameter
-count (stored parameters, with those modules counted their way); ``params_deployed`` stays
-the stored parameters of the deployed model.
+  ``in * out + out`` per row; ``ReLU``: one op per input element; ``AvgPool2d``/``MaxPool2d``:
+  ``k * k`` per output element; ``AdaptiveAvgPool2d``: one per input element; ``BatchNorm2d``:
+  no ops, its weight and bias as parameters; dropout, concatenation, indexing, reshapes:
+  nothing.
+* A module with ``reference_count(input_shape, output_shape) -> (macs, params)`` gives its own
+  count under this convention, for itself and what it contains (CondenseNet's learned group
+  conv counts ``1 / C`` of its dense conv, ops and weights alike, whatever its condensation
+  stage; deployed modules that fold a BN-ReLU into a conv report what the reference would have
+  counted for them). ``params`` is then the reference's parameter count: the stored
+  parameters, with those modules counted their way; ``params_deployed`` stays the stored
+  parameters of the deployed model.
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from .layers._base import DynaConv2d
+from .lifecycle import deploy, eval_mode
 
 __all__ = ["LayerProfile", "Profile", "profile"]
 
@@ -80,12 +84,16 @@ class Profile(dict):
         return self["layers"]
 
     def __str__(self) -> str:
-        header = f"{'layer':40s} {'type':22s} {'output':>18s} {'params':>10s} {'MACs':>14s} {'active MACs':>14s}"
+        header = (
+            f"{'layer':40s} {'type':22s} {'output':>18s} {'params':>10s} {'MACs':>14s} "
+            f"{'active MACs':>14s}  structure"
+        )
         lines = [header, "-" * len(header)]
         for row in self.layers:
+            output = "x".join(map(str, row.output_shape[1:]))
             lines.append(
-                f"{row.name[-40:]:40s} {row.kind[:22]:22s} {'x'.join(map(str, row.output_shape[1:])):>18s} "
-                f"{row.params:>10,d} {row.macs:>14,d} {row.macs_active:>14,d}"
+                f"{row.name[-40:]:40s} {row.kind[:22]:22s} {output:>18s} {row.params:>10,d} "
+                f"{row.macs:>14,d} {row.macs_active:>14,d}  {row.structure}".rstrip()
             )
         lines.append("-" * len(header))
         lines.append(
@@ -99,15 +107,19 @@ def _direct_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters(recurse=False))
 
 
-def _conv_macs(module: nn.Conv2d, output_shape: Sequence[int]) -> int:
-    batch, cout, *spatial = output_shape
-    kernel = 1
-    for k in module.kernel_size:
-        kernel *= k
-    positions = 1
-    for s in spatial:
-        positions *= s
-    return batch * cout * (module.in_channels // module.groups) * kernel * positions
+def _prod(values: Sequence[int]) -> int:
+    result = 1
+    for v in values:
+        result *= v
+    return result
+
+
+def _conv_macs(module: _ConvNd, input_shape: Sequence[int], output_shape: Sequence[int]) -> int:
+    """Dense MACs of any ``nn.ConvNd`` (transposed too): every weight meets every position."""
+    weight_per_position = _prod(module.weight.shape)  # Cout * Cin/groups * kernel (or transposed)
+    if module.transposed:  # each input position is scattered through the whole kernel
+        return input_shape[0] * weight_per_position * _prod(input_shape[2:])
+    return output_shape[0] * weight_per_position * _prod(output_shape[2:])
 
 
 def _reference_extra(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -126,85 +138,108 @@ def _reference_extra(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int
     return 0
 
 
-def _count(
-    model: nn.Module,
-    x: torch.Tensor,
+def _has(module: nn.Module, method: str) -> bool:
+    return callable(getattr(module, method, None))
+
+
+def _counts_itself(module: nn.Module, convention: Convention) -> bool:
+    """Modules counted as a whole: dynaconv layers, and those with their own count."""
+    return (
+        isinstance(module, DynaConv2d)
+        or _has(module, "count_macs")
+        or (convention == "reference" and _has(module, "reference_count"))
+    )
+
+
+@dataclass
+class _Measured:
+    params: int
+    macs: int
+    macs_active: int
+    structure: str = ""
+    params_adjustment: int = 0  # reference parameters minus stored ones
+
+
+def _measure(
+    module: nn.Module,
+    inp: torch.Tensor | None,
+    output: torch.Tensor,
     convention: Convention,
-    param_adjust: list[int] | None = None,
-) -> list[LayerProfile]:
-    """Per-module rows; under the reference convention ``param_adjust`` collects the
-    differences between modules' ``reference_count`` parameters and their stored ones."""
+) -> _Measured:
+    """The counts of one call of ``module``."""
+    in_shape = tuple(inp.shape) if inp is not None else ()
+    out_shape = tuple(output.shape)
+    structure = module.structure() if _has(module, "structure") else ""
+    if convention == "reference" and _has(module, "reference_count"):
+        macs, params = module.reference_count(in_shape, out_shape)
+        stored = sum(p.numel() for p in module.parameters())
+        return _Measured(int(params), int(macs), int(macs), structure, int(params) - stored)
+    if _counts_itself(module, convention):
+        macs, active = module.count_macs(in_shape, out_shape)
+        params = sum(p.numel() for p in module.parameters())
+        return _Measured(params, int(macs), int(active), structure)
+    if isinstance(module, _ConvNd):
+        macs = _conv_macs(module, in_shape, out_shape)
+    elif isinstance(module, nn.Linear):
+        macs = output.numel() // module.out_features * module.in_features * module.out_features
+    else:
+        macs = 0
+    if convention == "reference" and inp is not None:
+        macs += _reference_extra(module, inp, output)
+    return _Measured(_direct_params(module), macs, macs)
+
+
+def _count(
+    model: nn.Module, x: torch.Tensor, convention: Convention
+) -> tuple[list[LayerProfile], int]:
+    """Per-module rows, and the total reference-minus-stored parameter adjustment."""
     rows: list[LayerProfile] = []
-    handles = []
-    counted_inside: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, DynaConv2d):
-            counted_inside.update(id(m) for m in module.modules() if m is not module)
+    adjustment = 0
+    # Forward hooks of children fire before their parent's, so what a self-counting module
+    # contains is excluded up front.
+    counted_inside = {
+        id(child)
+        for module in model.modules()
+        if _counts_itself(module, convention)
+        for child in module.modules()
+        if child is not module
+    }
 
     def hook(name: str):
         def record(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            nonlocal adjustment
             if id(module) in counted_inside or not isinstance(output, torch.Tensor):
                 return
             inp = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-            in_shape = tuple(inp.shape) if inp is not None else ()
-            out_shape = tuple(output.shape)
-            structure = ""
-            if isinstance(module, DynaConv2d):
-                macs, active = module.count_macs(in_shape, out_shape)
-                params = sum(p.numel() for p in module.parameters())
-                structure = module.structure()
-            elif hasattr(module, "count_macs") and callable(module.count_macs):
-                macs, active = module.count_macs(in_shape, out_shape)
-                params = sum(p.numel() for p in module.parameters())
-                counted_inside.update(id(m) for m in module.modules() if m is not module)
-            elif isinstance(module, nn.Conv2d):
-                macs = active = _conv_macs(module, out_shape)
-                params = _direct_params(module)
-            elif isinstance(module, nn.Linear):
-                macs = active = (
-                    output.numel() // module.out_features * module.in_features * module.out_features
-                )
-                params = _direct_params(module)
-            else:
-                macs = active = 0
-                params = _direct_params(module)
-            reference_count = getattr(module, "reference_count", None)
-            if convention == "reference" and callable(reference_count):
-                stored = params
-                macs, params = reference_count(in_shape, out_shape)
-                active = macs
-                counted_inside.update(id(m) for m in module.modules() if m is not module)
-                if param_adjust is not None:
-                    param_adjust.append(params - stored)
-            elif convention == "reference" and inp is not None:
-                extra = _reference_extra(module, inp, output)
-                macs += extra
-                active += extra
-            if macs or params:
+            counts = _measure(module, inp, output, convention)
+            adjustment += counts.params_adjustment
+            if counts.macs or counts.params:
                 rows.append(
                     LayerProfile(
                         name,
                         type(module).__name__,
-                        in_shape,
-                        out_shape,
-                        params,
-                        macs,
-                        active,
-                        structure,
+                        tuple(inp.shape) if inp is not None else (),
+                        tuple(output.shape),
+                        counts.params,
+                        counts.macs,
+                        counts.macs_active,
+                        counts.structure,
                     )
                 )
 
         return record
 
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_hook(hook(name or type(model).__name__)))
+    handles = [
+        module.register_forward_hook(hook(name or type(model).__name__))
+        for name, module in model.named_modules()
+    ]
     try:
         with torch.no_grad():
             model(x)
     finally:
         for handle in handles:
             handle.remove()
-    return rows
+    return rows, adjustment
 
 
 def profile(
@@ -222,9 +257,15 @@ def profile(
     """
     if convention not in ("dense", "reference"):
         raise ValueError(f"convention must be 'dense' or 'reference', got {convention!r}")
-    if len(input_shape) < 2 or any(not isinstance(s, int) or s <= 0 for s in input_shape):
+    if (
+        isinstance(input_shape, str)
+        or not isinstance(input_shape, Sequence)
+        or len(input_shape) < 2
+        or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in input_shape)
+    ):
         raise ValueError(
-            f"input_shape must be positive ints (batch first), got {tuple(input_shape)}"
+            f"input_shape must be a sequence of at least two positive ints (batch first), "
+            f"got {input_shape!r}"
         )
     ref = next(model.parameters(), None)
     device = ref.device if ref is not None else None
@@ -232,23 +273,16 @@ def profile(
     x = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0), dtype=dtype).to(
         device
     )
-    was_training = model.training
-    model.eval()
-    try:
-        param_adjust: list[int] = []
-        rows = _count(model, x, convention, param_adjust)
-    finally:
-        model.train(was_training)
-    params = sum(p.numel() for p in model.parameters()) + sum(param_adjust)
+    with eval_mode(model):
+        rows, adjustment = _count(model, x, convention)
+    stored = sum(p.numel() for p in model.parameters())
     if deployed:
-        from .lifecycle import deploy
-
         params_deployed = sum(p.numel() for p in deploy(model, verify=False).parameters())
     else:
-        params_deployed = params
+        params_deployed = stored
     return Profile(
         rows,
-        params=params,
+        params=stored + adjustment,
         params_deployed=params_deployed,
         macs=sum(r.macs for r in rows),
         macs_active=sum(r.macs_active for r in rows),

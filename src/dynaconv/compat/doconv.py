@@ -27,6 +27,10 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
     unknown = set(config) - {*_ARGS, "bias", "D_mul"}
     if unknown:
         raise ValueError(f"unknown reference DOConv2d argument(s): {sorted(unknown)}")
+    if "W" not in state_dict:
+        raise ValueError(
+            f"not a reference DOConv2d state dict: no 'W' among its keys {sorted(state_dict)[:8]}"
+        )
     kwargs = {k: config[k] for k in _ARGS if k in config}
     kernel = config["kernel_size"]
     kernel_numel = kernel * kernel if isinstance(kernel, int) else kernel[0] * kernel[1]

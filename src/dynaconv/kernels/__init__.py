@@ -13,7 +13,7 @@ import os
 
 import torch
 
-__all__ = ["interpreting", "triton_available", "triton_usable"]
+__all__ = ["interpreting", "triton_available", "triton_preferred", "triton_usable"]
 
 
 @functools.cache
@@ -38,3 +38,12 @@ def triton_usable(*tensors: torch.Tensor) -> bool:
     if interpreting():
         return all(t.device.type == "cpu" for t in tensors)
     return all(t.is_cuda for t in tensors)
+
+
+def triton_preferred(*tensors: torch.Tensor) -> bool:
+    """Whether an ``impl="auto"`` choice should run a Triton kernel: CUDA tensors only.
+
+    The interpreter (:func:`interpreting`) runs kernels on CPU tensors for tests that ask for
+    a Triton path explicitly; it is far slower than PyTorch, so automatic choices skip it.
+    """
+    return triton_available() and bool(tensors) and all(t.is_cuda for t in tensors)

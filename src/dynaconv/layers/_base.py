@@ -28,6 +28,7 @@ Every layer in :mod:`dynaconv.layers` is a drop-in for :class:`torch.nn.Conv2d`:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -392,9 +393,10 @@ class DynaConv2d(Deployable, nn.Module):
 
 
 def check_progress(progress: float) -> float:
+    """``progress`` as a float, or ValueError unless it is a real number in ``[0, 1]``."""
     if (
         isinstance(progress, bool)
-        or not isinstance(progress, int | float)
+        or not isinstance(progress, numbers.Real)
         or not 0.0 <= progress <= 1.0
     ):
         raise ValueError(f"progress must be a number in [0, 1], got {progress!r}")

@@ -187,7 +187,10 @@ class DOConv2d(DynaConv2d):
             return self.fused_kernel()
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.fused_kernel())
+            # A normal tensor even under inference_mode, so that a later forward whose input
+            # needs a gradient (frozen weights) can save it for backward.
+            with torch.inference_mode(False), torch.no_grad():
+                self._cache = (key, self.fused_kernel())
         return self._cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
