@@ -137,6 +137,10 @@ def _example_batch(config: dict[str, Any], batch: int) -> Tensor:
         return torch.randn(shape, generator=generator)
 
 
+def _batch_dim() -> Any:
+    return torch.export.Dim("batch", min=1, max=1 << 16)
+
+
 def deploy_checkpoint(
     path: str | Path, out: str | Path, overrides: dict[str, Any] | None = None, weights: str = "ema"
 ) -> dict[str, Any]:
@@ -154,7 +158,7 @@ def deploy_checkpoint(
     meta = {"format": "dynaconv-train-weights", "config": dump_config(config)}
     save_safetensors(model.state_dict(), out / "weights.safetensors", meta)
     save_safetensors(deployed.state_dict(), out / "deployed.safetensors", {**meta, "deployed": "1"})
-    program = torch.export.export(deployed, (example,))
+    program = torch.export.export(deployed, (example,), dynamic_shapes=({0: _batch_dim()},))
     torch.export.save(program, str(out / "deployed.pt2"))
     reloaded = torch.export.load(str(out / "deployed.pt2")).module()
     with torch.no_grad():
@@ -228,7 +232,7 @@ def export_checkpoint(
     check = _example_batch(config, 7)[:3]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    batch_dim = torch.export.Dim("batch", min=1, max=1 << 16)
+    batch_dim = _batch_dim()
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim},))
     torch.export.save(program, str(out / "model.pt2"))
     with torch.no_grad():

@@ -236,6 +236,15 @@ def _load_imagenet(root: Path) -> tuple[Dataset, Dataset]:
     return splits[0], splits[1]
 
 
+def _layout(name: str, root: Path) -> str:
+    if name in _TORCHVISION_FOLDER:
+        return _idx_layout(name)
+    if name in ("cifar10", "cifar100"):
+        folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+        return f"expected torchvision's {root}/{folder}/ (pass --download to fetch it)"
+    return f"expected an ImageFolder tree {root}/train/<class>/<image> and {root}/val/<class>/<image>"
+
+
 def _load_raw(data: dict[str, Any]) -> tuple[Dataset, Dataset]:
     name = data["dataset"]
     if name == "digits":
@@ -244,9 +253,7 @@ def _load_raw(data: dict[str, Any]) -> tuple[Dataset, Dataset]:
         raise DataError(f"{name}: no data folder given; pass --data-dir DIR (data.dir)")
     root = Path(data["dir"]).expanduser()
     if not root.is_dir() and not data["download"]:
-        raise DataError(
-            f"{name}: data folder {root} does not exist; pass an existing folder or --download"
-        )
+        raise DataError(f"{name}: data folder {root} does not exist; {_layout(name, root)}")
     root.mkdir(parents=True, exist_ok=True)
     if name in ("mnist", "fashion_mnist"):
         return _load_idx_dataset(name, root, data["download"])

@@ -513,7 +513,21 @@ class Trainer:
             "rng": rng,
         }
 
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics of the model and the EMA).
+
+        Parameters and schedule state are identical on every rank by construction; BatchNorm
+        running statistics are not (each rank normalises its own shard unless SyncBatchNorm).
+        """
+        if not self.ddp.enabled:
+            return
+        modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        for module in modules:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
     def save_checkpoint(self, best: bool = False) -> None:
+        self.sync_buffers()
         if not all(bool(p.isfinite().all()) for p in self.model.parameters()):
             raise NonFiniteLossError(
                 f"the weights became NaN or infinite at iteration {self.state['iteration']}; "
@@ -616,6 +630,7 @@ class Trainer:
                 self.save_checkpoint()
 
     def _end_epoch(self, writer: Any) -> None:
+        self.sync_buffers()
         val_loss, val_acc = self.evaluate(self.model)
         ema_acc = self.evaluate(self.ema.module)[1] if self.ema is not None else None
         loss_sum, correct, count = self.state["epoch_stats"]
