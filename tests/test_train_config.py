@@ -136,7 +136,13 @@ def test_cli_rejects_bad_config_with_exit_code_2(capsys):
 
 
 def test_learning_rate_warmup_then_cosine():
-    optim = {**DEFAULTS["optim"], "lr": 0.4, "min_lr": 0.01, "warmup_epochs": 2, "warmup_start": 0.1}
+    optim = {
+        **DEFAULTS["optim"],
+        "lr": 0.4,
+        "min_lr": 0.01,
+        "warmup_epochs": 2,
+        "warmup_start": 0.1,
+    }
     per_epoch, total = 10, 100
     lrs = [learning_rate(optim, t, total, per_epoch) for t in range(total)]
     assert lrs[0] == pytest.approx(0.04)

@@ -203,7 +203,7 @@ def _resume_args(out: Path) -> list[str]:
         "--recipe",
         "digits-small",
         "--epochs",
-        "3",
+        "2",
         "--out",
         str(out),
         "--convert",
@@ -212,7 +212,9 @@ def _resume_args(out: Path) -> list[str]:
         "0.8",
         "--deterministic",
         "--checkpoint-every",
-        "5",
+        "3",
+        "--set",
+        "data.train_subset=640",
         "--set",
         "model.kwargs.width=8",
         "--set",
@@ -246,8 +248,8 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
         process.wait()
     assert process.returncode == -signal.SIGKILL
     state = load_checkpoint(killed / "last.pt")["state"]
-    assert 0 < state["batches_done"] < 1437 // 32, "the kill must land mid-epoch"
-    assert state["iteration"] < 3 * (1437 // 32)
+    assert 0 < state["batches_done"] < 640 // 32, "the kill must land mid-epoch"
+    assert state["iteration"] < 2 * (640 // 32)
 
     assert main(["train", "--resume", str(killed / "last.pt")]) == 0
     uninterrupted = tmp_path / "uninterrupted"
@@ -260,6 +262,10 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
         for key, value in straight_ckpt[part].items():
             assert torch.equal(resumed_ckpt[part][key], value), (part, key)
     for key in ("history",):
-        rows_a = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in resumed_ckpt["state"][key]]
-        rows_b = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in straight_ckpt["state"][key]]
+        rows_a = [
+            {k: v for k, v in r.items() if k != "elapsed_s"} for r in resumed_ckpt["state"][key]
+        ]
+        rows_b = [
+            {k: v for k, v in r.items() if k != "elapsed_s"} for r in straight_ckpt["state"][key]
+        ]
         assert rows_a == rows_b

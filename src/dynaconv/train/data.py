@@ -242,7 +242,9 @@ def _layout(name: str, root: Path) -> str:
     if name in ("cifar10", "cifar100"):
         folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
         return f"expected torchvision's {root}/{folder}/ (pass --download to fetch it)"
-    return f"expected an ImageFolder tree {root}/train/<class>/<image> and {root}/val/<class>/<image>"
+    return (
+        f"expected an ImageFolder tree {root}/train/<class>/<image> and {root}/val/<class>/<image>"
+    )
 
 
 def _load_raw(data: dict[str, Any]) -> tuple[Dataset, Dataset]:
@@ -338,9 +340,13 @@ class SeededTransformDataset(Dataset):
         image, label = self.base[index]
         if not self.random:
             return self.transform(image), label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_example_seed(self.seed, self.epoch, index))
+        state = torch.get_rng_state()
+        try:
+            # Only the CPU generator (torch.manual_seed would also queue CUDA seeding).
+            torch.default_generator.manual_seed(_example_seed(self.seed, self.epoch, index))
             return self.transform(image), label
+        finally:
+            torch.set_rng_state(state)
 
 
 class _Subset(Dataset):
