@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import random
 import struct
@@ -148,8 +149,8 @@ def test_learning_rate_warmup_then_cosine():
     assert lrs[0] == pytest.approx(0.04)
     assert lrs[10] == pytest.approx(0.04 + 0.36 * 10 / 20)
     assert lrs[20] == pytest.approx(0.4)  # first cosine iteration is the peak
-    assert all(a < b for a, b in zip(lrs[:19], lrs[1:20]))
-    assert all(a > b for a, b in zip(lrs[20:], lrs[21:]))
+    assert all(a < b for a, b in itertools.pairwise(lrs[:20]))
+    assert all(a > b for a, b in itertools.pairwise(lrs[20:]))
     mid = 20 + 40
     assert lrs[mid] == pytest.approx(0.01 + 0.5 * 0.39 * (1 + math.cos(math.pi * 40 / 80)))
     constant = {**optim, "schedule": "constant", "warmup_epochs": 0}
@@ -241,7 +242,7 @@ def test_checkpoint_roundtrip_truncated_and_foreign(tmp_path):
 
     code = tmp_path / "code.pt"
     torch.save({"format": FORMAT, "version": VERSION, "obj": _Declared()}, code)
-    with pytest.raises(CheckpointError, match="code.pt"):
+    with pytest.raises(CheckpointError, match=r"code\.pt"):
         load_checkpoint(code)  # weights_only refuses to unpickle the module class
 
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -304,7 +305,7 @@ def test_idx_files_read_and_malformed_ones_rejected(tmp_path):
         _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
         _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
     config = resolve_config(None, overrides=["data.dataset=mnist", f"data.dir={tmp_path}"])
-    train, val, info = build_datasets(config["data"], 0)
+    train, _val, info = build_datasets(config["data"], 0)
     assert len(train) == 6 and info.image_size == 28
     image, label = train[2]
     assert image.shape == (1, 28, 28) and label == int(labels[2])
@@ -315,5 +316,5 @@ def test_idx_files_read_and_malformed_ones_rejected(tmp_path):
     with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz is truncated"):
         build_datasets(config["data"], 0)
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
-    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz"):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz"):
         build_datasets(config["data"], 0)

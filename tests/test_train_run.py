@@ -83,7 +83,8 @@ def test_training_writes_logs_plots_checkpoints_and_weights(digits_run):
         assert (out / name).is_file(), name
         assert (out / name).stat().st_size > 0, name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    with open(out / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     summary = json.loads((out / "summary.json").read_text())
