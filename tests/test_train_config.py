@@ -7,6 +7,7 @@ import itertools
 import math
 import random
 import struct
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -318,3 +319,68 @@ def test_idx_files_read_and_malformed_ones_rejected(tmp_path):
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz"):
         build_datasets(config["data"], 0)
+
+
+# --------------------------------------------------------------------------------------------
+# DGConv resource objective
+
+
+class _FakeGroupable(DynaConv2d):
+    """Stands in for DGConv: ``aux_loss`` = active connections ``2^(g + 1)`` of a 2x2 mask."""
+
+    method = "dgconv"
+
+    def __init__(self) -> None:
+        super().__init__(4, 4, 3, padding=1)
+        self.g = nn.Parameter(torch.tensor(3.0))
+
+    def aux_loss(self):
+        return 2.0 ** (self.g + 1)
+
+    def forward(self, x):
+        return x
+
+
+class _RecordingHelper:
+    calls: ClassVar[list] = []
+
+    def __init__(self, model, **kwargs) -> None:
+        _RecordingHelper.calls.append(kwargs)
+
+    def __call__(self, loss):
+        return loss * 10
+
+
+def test_resource_objective_fallback_and_helper():
+    from dynaconv.train.engine import resource_objective
+
+    model = nn.Sequential(_FakeGroupable())
+    settings = {
+        "enabled": True,
+        "budget": 0.25,
+        "budget_type": "params",
+        "exponent": 0.5,
+        "helper": "no_such_module_here:Nothing",
+    }
+    objective = resource_objective(model, settings, (4, 8, 8))
+    loss = torch.tensor(3.0)
+    # dense 4*4*9 = 144, budget 36; cost 2^4 * 9 = 144: factor (144 / 36)^0.5 = 2
+    scaled = objective(loss)
+    torch.testing.assert_close(scaled, torch.tensor(6.0))
+    scaled.backward()
+    assert model[0].g.grad > 0  # the objective pushes the cost down
+    with torch.no_grad():
+        model[0].g.fill_(0.0)  # cost 2 * 9 = 18 <= 36: the loss is left alone
+    torch.testing.assert_close(objective(loss), loss)
+
+    helper = {**settings, "helper": f"{__name__}:_RecordingHelper", "budget_type": "macs"}
+    objective = resource_objective(model, helper, (4, 8, 8))
+    torch.testing.assert_close(objective(loss), torch.tensor(30.0))
+    assert _RecordingHelper.calls[-1] == {
+        "budget": 0.25,
+        "budget_type": "macs",
+        "input_shape": (4, 8, 8),
+        "exponent": 0.5,
+    }
+    with pytest.raises(ConfigError, match="needs DGConv layers"):
+        resource_objective(nn.Sequential(nn.Conv2d(4, 4, 1)), settings, (4, 8, 8))

@@ -94,9 +94,10 @@ DEFAULTS: dict[str, Any] = {
         # DGConv's resource-constrained objective (see dynaconv.train.engine.resource_objective).
         "resource": {
             "enabled": False,
-            "budget": 0.5,  # fraction of the dense connections of the DGConv layers
+            "budget": 0.5,  # fraction of the dense params (or MACs) of the DGConv layers
+            "budget_type": "params",  # params | macs
             "exponent": 0.02,
-            "helper": "dynaconv.layers.dgconv:resource_constrained_loss",
+            "helper": "dynaconv.layers.dgconv:ResourceConstraint",
         },
     },
     "train": {
@@ -125,6 +126,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.schedule": ("cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("none", "bf16", "fp16"),
+    "loss.resource.budget_type": ("params", "macs"),
     "train.progress_bar": ("auto", "tqdm", "plain", "none"),
 }
 

@@ -255,7 +255,7 @@ def learning_rate(optim: dict[str, Any], iteration: int, total: int, per_epoch: 
 # losses
 
 
-def _resource_helper(spec: str) -> Callable[..., Tensor] | None:
+def _resource_helper(spec: str) -> Callable[..., Callable[[Tensor], Tensor]] | None:
     module_name, _, attr = spec.partition(":")
     try:
         return getattr(importlib.import_module(module_name), attr, None)
@@ -263,25 +263,63 @@ def _resource_helper(spec: str) -> Callable[..., Tensor] | None:
         return None
 
 
-def resource_objective(task_loss: Tensor, model: nn.Module, resource: dict[str, Any]) -> Tensor:
-    """DGConv's resource-constrained loss: ``loss * (budget / reg) ** exponent`` while over budget.
+class _FallbackResourceConstraint:
+    """The resource objective computed here when the DGConv helper is not available.
 
-    If the callable named by ``loss.resource.helper`` (``"module:function"``) exists, it is
-    called as ``helper(task_loss, model, budget=..., exponent=...)`` and its result used.
-    Otherwise the objective is computed here: ``reg`` is the sum of the DGConv layers'
-    ``aux_loss()`` (their active connections) and the budget is ``budget`` times their dense
-    connections (``in_channels * out_channels`` per layer).
+    ``cost`` = sum over the DGConv layers of ``aux_loss()`` (active connections) x ``kh * kw``
+    (kept kernel entries); the budget is ``budget`` x their dense ``Cin * Cout * kh * kw``.
+    """
+
+    def __init__(self, model: nn.Module, budget: float, exponent: float) -> None:
+        self.layers = [layer for _, layer in dynaconv_layers(model) if layer.method == "dgconv"]
+        if not self.layers:
+            raise ConfigError("loss.resource.enabled needs DGConv layers in the model")
+        dense = sum(
+            layer.in_channels * layer.out_channels * layer.spec.kernel_numel
+            for layer in self.layers
+        )
+        self.budget = budget * dense
+        self.exponent = exponent
+
+    def __call__(self, loss: Tensor) -> Tensor:
+        cost = torch.stack(
+            [
+                layer.aux_loss().float().reshape(()) * layer.spec.kernel_numel
+                for layer in self.layers
+            ]
+        ).sum()
+        factor = (cost / self.budget) ** self.exponent
+        return torch.where(cost > self.budget, loss * factor, loss)
+
+
+def resource_objective(
+    model: nn.Module, resource: dict[str, Any], input_shape: tuple[int, int, int]
+) -> Callable[[Tensor], Tensor]:
+    """DGConv's resource-constrained objective as a function ``loss -> loss``.
+
+    ``loss * (cost / budget) ** exponent`` while the DGConv layers' cost (parameters or MACs,
+    ``loss.resource.budget_type``) exceeds ``budget`` x its dense value, else ``loss`` (the
+    authors' ``(budget / cost) ** 0.02`` with the sign that penalises going over budget). The
+    class named by ``loss.resource.helper`` (``"module:callable"``, by default
+    ``dynaconv.layers.dgconv:ResourceConstraint``) is built once as
+    ``helper(model, budget=, budget_type=, input_shape=, exponent=)``; when it is not available
+    the objective is computed here (``budget_type="params"`` only).
     """
     helper = _resource_helper(resource["helper"])
     if helper is not None:
-        return helper(task_loss, model, budget=resource["budget"], exponent=resource["exponent"])
-    layers = [layer for _, layer in dynaconv_layers(model) if layer.method == "dgconv"]
-    if not layers:
-        raise ConfigError("loss.resource.enabled needs DGConv layers in the model")
-    regulariser = torch.stack([layer.aux_loss().float().reshape(()) for layer in layers]).sum()
-    budget = resource["budget"] * sum(layer.in_channels * layer.out_channels for layer in layers)
-    ratio = (budget / regulariser.clamp_min(1e-12)) ** resource["exponent"]
-    return task_loss * torch.where(regulariser > budget, ratio, torch.ones_like(ratio))
+        return helper(
+            model,
+            budget=resource["budget"],
+            budget_type=resource["budget_type"],
+            input_shape=input_shape,
+            exponent=resource["exponent"],
+        )
+    if resource["budget_type"] != "params":
+        raise ConfigError(
+            f"loss.resource.budget_type={resource['budget_type']!r} needs {resource['helper']}, "
+            "which is not available; use budget_type=params"
+        )
+    return _FallbackResourceConstraint(model, resource["budget"], resource["exponent"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +366,16 @@ class Trainer:
         if self.ddp.enabled:
             torch.manual_seed(tc["seed"] + self.ddp.rank)  # different dropout per rank
         self.ema = ModelEMA(self.model, tc["ema_decay"]) if tc["ema_decay"] > 0 else None
+        resource = config["loss"]["resource"]
+        self.resource = (
+            resource_objective(
+                self.model,
+                resource,
+                (self.info.channels, self.info.image_size, self.info.image_size),
+            )
+            if resource["enabled"]
+            else None
+        )
         self.optimizer = build_optimizer(self.model, config["optim"])
         amp = tc["amp"]
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -431,8 +479,8 @@ class Trainer:
         )
         if lc["aux_weight"]:
             loss = loss + lc["aux_weight"] * dynaconv.aux_loss(self.model).float()
-        if lc["resource"]["enabled"]:
-            loss = resource_objective(loss, self.model, lc["resource"])
+        if self.resource is not None:
+            loss = self.resource(loss)
         return loss
 
     def _step(self, images: Tensor, labels: Tensor) -> tuple[float, float]:

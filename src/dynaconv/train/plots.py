@@ -202,7 +202,7 @@ def plot_dgconv_groups(fig: Any, layers: Layers, activations: Activations) -> bo
         if not isinstance(gate, Tensor) or gate.dim() != 1:
             continue
         names.append(name)
-        groups.append(2 ** int((gate.detach() < 0).sum()))
+        groups.append(2 ** int((gate.detach() < 0).sum()))  # gates with b = 0
     if not names:
         return plot_binary_structure(fig, layers, activations)
     ax = fig.add_subplot(1, 1, 1)
@@ -252,18 +252,21 @@ def plot_condconv_routing(fig: Any, layers: Layers, activations: Activations) ->
     """CondConv: mean routing weight per expert and layer on a validation batch.
 
     The routing function is ``sigmoid(Linear(GAP(x)))`` with ``E`` outputs (METHODS.md); the
-    plot shows ``sigmoid`` of the recorded outputs of each layer's sub-module with ``E``
-    outputs (``num_experts`` of the layer).
+    plot shows the recorded ``(B, E)`` outputs in ``[0, 1]`` of each layer's sub-modules
+    (``E = num_experts`` of the layer), or ``sigmoid`` of the ``(B, E)`` logits if only those
+    are recorded.
     """
 
     def experts(layer: DynaConv2d) -> int:
         return int(getattr(layer, "num_experts", -1))
 
-    sigmoided = {
-        name: {k: torch.sigmoid(v) for k, v in subs.items()} for name, subs in activations.items()
-    }
+    def routing(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        weights = {k: v for k, v in outputs.items() if bool(((v >= 0) & (v <= 1)).all())}
+        return weights or {k: torch.sigmoid(v) for k, v in outputs.items()}
+
+    routed = {name: routing(outputs) for name, outputs in activations.items()}
     return _heatmap_of_outputs(
-        fig, layers, sigmoided, experts, "CondConv: mean routing weight per expert"
+        fig, layers, routed, experts, "CondConv: mean routing weight per expert"
     )
 
 
