@@ -175,7 +175,7 @@ class _MaskedConv(DynaConv2d):
         self.norm = nn.BatchNorm2d(3)
 
     def forward(self, x):
-        return self.conv2d(self.norm(x), self.weight_raw * self.mask[..., None, None], None)
+        return self.spec.conv2d(self.norm(x), self.weight_raw * self.mask[..., None, None], None)
 
 
 class _Declared(nn.Module):

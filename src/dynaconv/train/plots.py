@@ -187,7 +187,7 @@ def plot_binary_structure(fig: Any, layers: Layers, activations: Activations) ->
     fig.set_size_inches(4 * cols, 3.2 * rows)
     for index, (title, image) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, index + 1)
-        ax.imshow(image, aspect="auto", interpolation="nearest", cmap="Greys")
+        ax.imshow(image.numpy(), aspect="auto", interpolation="nearest", cmap="Greys")
         ax.set_title(f"{title[-40:]} ({image.mean():.0%} on)", fontsize=8)
         ax.set_xlabel("input (x kernel)")
         ax.set_ylabel("output")
@@ -240,7 +240,7 @@ def _heatmap_of_outputs(
     for i, row in enumerate(rows):
         image[i, : len(row)] = row
     ax = fig.add_subplot(1, 1, 1)
-    shown = ax.imshow(image, aspect="auto", interpolation="nearest")
+    shown = ax.imshow(image.numpy(), aspect="auto", interpolation="nearest")
     fig.colorbar(shown, ax=ax)
     ax.set_yticks(range(len(names)), [n[-30:] for n in names], fontsize=7)
     ax.set_title(title)
