@@ -190,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CHECKPOINT", help="continue from last.pt / best.pt")
     train.add_argument("--print-config", action="store_true", help="print the resolved config")
 
-    evaluate = _checkpoint_parser(sub, "eval", "validation loss and accuracy of a checkpoint")
+    evaluate = _checkpoint_parser(
+        sub, "eval", "validation loss and accuracy of a checkpoint, a deploy folder or a .pt2"
+    )
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    evaluate.help = "also accepts a deploy folder or its deployed.pt2"
 
     deploy = _checkpoint_parser(sub, "deploy", "write the static (deployed) model and verify it")
     deploy.add_argument("--out", required=True, help="output folder")
@@ -235,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, NotImplementedError) as error:
         print(f"dynaconv {args.command}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except NonFiniteLossError as error:
