@@ -384,3 +384,47 @@ def test_resource_objective_fallback_and_helper():
     }
     with pytest.raises(ConfigError, match="needs DGConv layers"):
         resource_objective(nn.Sequential(nn.Conv2d(4, 4, 1)), settings, (4, 8, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# sampling and augmentation determinism
+
+
+def test_sampler_shards_cover_the_global_order_and_skip_resumes_it():
+    from dynaconv.train.data import ResumableSampler
+
+    data = list(range(50))
+    single = ResumableSampler(data, 1, 0, seed=3)
+    shards = [ResumableSampler(data, 2, rank, seed=3) for rank in range(2)]
+    for sampler in (single, *shards):
+        sampler.set_epoch(4)
+    order = list(single)
+    rank0, rank1 = list(shards[0]), list(shards[1])
+    assert sorted(order) == data and order != data
+    assert rank0 == order[0::2] and rank1 == order[1::2]  # global batch b = union of shards
+    single.set_epoch(4)
+    single.skip(20)
+    assert list(single) == order[20:]
+    assert list(single) == order  # the skip applies to one pass only
+    single.set_epoch(5)
+    assert list(single) != order
+
+
+def test_augmentation_depends_on_seed_epoch_index_not_on_workers():
+    from torch.utils.data import DataLoader
+
+    config = resolve_config(None, overrides=["data.augment=[random_crop,hflip]"])
+    train, _, _ = build_datasets(config["data"], seed=7)
+    train.epoch = 2
+    first = train[5][0]
+    torch.manual_seed(123)  # the global RNG does not matter
+    assert torch.equal(train[5][0], first)
+    train.epoch = 3
+    assert not torch.equal(train[5][0], first)
+    train.epoch = 2
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        loader = DataLoader(train, batch_size=16, num_workers=workers, shuffle=False)
+        return [images for images, _ in (next(iter(loader)),)]
+
+    assert torch.equal(batches(0)[0], batches(2)[0])
