@@ -428,3 +428,27 @@ def test_augmentation_depends_on_seed_epoch_index_not_on_workers():
         return [images for images, _ in (next(iter(loader)),)]
 
     assert torch.equal(batches(0)[0], batches(2)[0])
+
+
+def test_imagenet_folder_tree_with_recipe_augmentations(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    config = resolve_config(
+        "doconv-resnet18-imagenet", overrides=[f"data.dir={tmp_path}", "data.image_size=32"]
+    )
+    train, val, info = build_datasets(config["data"], 0)
+    assert len(train) == 4 and len(val) == 4 and info.channels == 3
+    image, label = train[3]
+    assert image.shape == (3, 32, 32) and label == 1 and image.dtype == torch.float32
+    assert val[0][0].shape == (3, 32, 32)
+    (tmp_path / "val" / "dog").rename(tmp_path / "val" / "bird")
+    with pytest.raises(DataError, match="class folders differ"):
+        build_datasets(config["data"], 0)
