@@ -1,20 +1,247 @@
-"""The ``dynaconv`` command line (``python -m dynaconv``)."""
+"""The ``dynaconv`` command line (``python -m dynaconv``).
+
+    dynaconv train --recipe condensenet86-cifar10 --data-dir DIR [--set optim.lr=0.05 ...]
+    dynaconv train --model resnet18 --convert doconv --dataset cifar10 --data-dir DIR
+    torchrun --nproc-per-node 4 -m dynaconv train --recipe dyresnet18-imagenet --data-dir DIR
+    dynaconv train --resume runs/NAME/last.pt
+    dynaconv eval runs/NAME/best.pt
+    dynaconv deploy runs/NAME/best.pt --out deployed/
+    dynaconv profile runs/NAME/best.pt        (or: dynaconv profile --recipe NAME)
+    dynaconv export runs/NAME/best.pt --out exported/
+    dynaconv demo
+
+Configuration: defaults < recipe < flat flags < ``--set SECTION.KEY=VALUE`` (see
+:mod:`dynaconv.train.config`; ``dynaconv train --print-config`` shows the result).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Sequence
+from typing import Any
+
+from .config import FLAGS, SWITCHES, ConfigError, list_recipes
+
+EXIT_ERROR = 2
+EXIT_NONFINITE = 3
+EXIT_VERIFY = 4
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dynaconv", description=__doc__)
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", help=f"recipe name ({', '.join(list_recipes())}) or YAML path")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any field, e.g. --set optim.lr=0.05 (value parsed as YAML; repeatable)",
+    )
+    for flag, (dotted, kind, text) in FLAGS.items():
+        parser.add_argument(flag, type=kind, default=None, help=f"{text} ({dotted})")
+    for flag, (dotted, text) in SWITCHES.items():
+        parser.add_argument(flag, action="store_true", default=None, help=f"{text} ({dotted})")
+    parser.add_argument(
+        "--convert",
+        metavar="METHOD",
+        help="convert the model's nn.Conv2d layers to METHOD (model.convert.method)",
+    )
+    parser.add_argument(
+        "--convert-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the method, e.g. --convert-opt D_mul=12 (model.convert.options)",
+    )
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for flag, (dotted, *_rest) in {**FLAGS, **SWITCHES}.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            values[dotted] = value
+    return values
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if args.convert:
+        overrides.insert(0, f"model.convert.method={args.convert}")
+    overrides[1 if args.convert else 0 : 0] = [
+        f"model.convert.options.{item}" for item in args.convert_opt
+    ]
+    return overrides
+
+
+def _resolve(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    from .config import resolve_config
+
+    return resolve_config(args.recipe, _flag_values(args), _overrides(args), base=base)
+
+
+def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--data-dir`` and ``--set`` of the checkpoint commands, as ``{dotted key: value}``."""
+    from .config import parse_assignment
+
+    values: dict[str, Any] = {}
+    if args.data_dir is not None:
+        values["data.dir"] = args.data_dir
+    for assignment in args.overrides:
+        key, value = parse_assignment(assignment)
+        values[key] = value
+    return values
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .engine import train
+
+    base = None
+    if args.resume:
+        from .checkpoint import load_checkpoint
+
+        base = yaml.safe_load(load_checkpoint(args.resume)["config"])
+    config = _resolve(args, base)
+    if args.print_config:
+        from .config import dump_config
+
+        print(dump_config(config), end="")
+        return 0
+    train(config, resume=args.resume)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .commands import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, _data_overrides(args), args.weights, args.device)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from .commands import deploy_checkpoint
+
+    result = deploy_checkpoint(args.checkpoint, args.out, _data_overrides(args), args.weights)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .commands import profile_checkpoint
+
+    config = None if args.checkpoint else _resolve(args)
+    report = profile_checkpoint(args.checkpoint, config, args.batch, args.convention, args.weights)
+    print(report)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .commands import export_checkpoint
+
+    result = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        _data_overrides(args),
+        args.weights,
+        deploy=not args.no_deploy,
+        opset=args.opset,
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _checkpoint_parser(sub: Any, name: str, text: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=text, description=text)
+    parser.add_argument("checkpoint", help="last.pt / best.pt, or a *.safetensors from training")
+    parser.add_argument("--data-dir", help="dataset folder on this machine (data.dir)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the stored configuration (e.g. data.eval_batch_size=64)",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("ema", "model"),
+        default="ema",
+        help="EMA weights when the checkpoint has them (default) or the raw model",
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynaconv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "demo", help="train a small CNN on digits with every method, deploy, verify, compare"
     )
+
+    train = sub.add_parser("train", help="train a model (recipe, flags, --set overrides)")
+    _add_config_arguments(train)
+    train.add_argument("--resume", metavar="CHECKPOINT", help="continue from last.pt / best.pt")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config")
+
+    evaluate = _checkpoint_parser(
+        sub, "eval", "validation loss and accuracy of a checkpoint, a deploy folder or a .pt2"
+    )
+    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    deploy = _checkpoint_parser(sub, "deploy", "write the static (deployed) model and verify it")
+    deploy.add_argument("--out", required=True, help="output folder")
+
+    export = _checkpoint_parser(
+        sub, "export", "torch.export (.pt2) and ONNX, checked in onnxruntime"
+    )
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--no-deploy", action="store_true", help="export the training form")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+
+    profile = sub.add_parser("profile", help="parameters and MACs of a checkpoint or a config")
+    profile.add_argument("checkpoint", nargs="?", help="checkpoint (omit to profile a config)")
+    _add_config_arguments(profile)
+    profile.add_argument("--batch", type=int, default=1, help="batch size of the profiled input")
+    profile.add_argument("--convention", choices=("dense", "reference"), default="dense")
+    profile.add_argument("--weights", choices=("ema", "model"), default="ema")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         from dynaconv.demo import main as demo_main
 
         return demo_main()
-    return 2
+    from dynaconv.lifecycle import DeployVerificationError
+
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .engine import NonFiniteLossError
+
+    commands = {
+        "train": _cmd_train,
+        "eval": _cmd_eval,
+        "deploy": _cmd_deploy,
+        "profile": _cmd_profile,
+        "export": _cmd_export,
+    }
+    try:
+        return commands[args.command](args)
+    except (ConfigError, DataError, CheckpointError, NotImplementedError) as error:
+        print(f"dynaconv {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except NonFiniteLossError as error:
+        print(f"dynaconv {args.command}: stopped: {error}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except DeployVerificationError as error:
+        print(f"dynaconv {args.command}: verification failed: {error}", file=sys.stderr)
+        return EXIT_VERIFY

@@ -1,0 +1,76 @@
+"""Exponential moving average of a model that copies, rather than averages, structure.
+
+``ema = decay * ema + (1 - decay) * model`` for parameters and for the floating-point buffers
+that are statistics (BatchNorm's running mean and variance). **Structural buffers are copied**
+from the model at every update, because an average of two masks, gate states or counters is
+not a mask, a gate state or a counter. A buffer is structural when
+
+1. it is not floating point (boolean masks, integer counters and indices,
+   ``num_batches_tracked``); or
+2. it belongs directly to a dynaconv layer (a :class:`~dynaconv.layers.DynaConv2d`), whose
+   buffers hold schedule and learned-structure state by the layer contract (floating masks
+   such as LGC's included); buffers of sub-modules inside a layer (e.g. a BatchNorm inside a
+   DGC layer) follow the other rules; or
+3. its owning module lists its name in a ``structural_buffers`` attribute (any module can opt
+   in this way, e.g. ``structural_buffers = ("mask",)``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from dynaconv.layers._base import DynaConv2d
+
+__all__ = ["ModelEMA", "structural_buffer_names"]
+
+
+def structural_buffer_names(model: nn.Module) -> set[str]:
+    """Qualified names of the buffers of ``model`` that the EMA copies (see module docstring)."""
+    names: set[str] = set()
+    for module_name, module in model.named_modules():
+        declared = set(getattr(module, "structural_buffers", ()) or ())
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            if buffer is None:
+                continue
+            if (
+                not buffer.is_floating_point()
+                or isinstance(module, DynaConv2d)
+                or buffer_name in declared
+            ):
+                names.add(f"{module_name}.{buffer_name}" if module_name else buffer_name)
+    return names
+
+
+class ModelEMA:
+    """An averaged copy of a model (``.module``), updated by :meth:`update` after each step."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for parameter in self.module.parameters():
+            parameter.requires_grad_(False)
+        self.structural = structural_buffer_names(model)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_params = dict(self.module.named_parameters())
+        for name, parameter in model.named_parameters():
+            ema_params[name].lerp_(parameter.detach(), 1.0 - self.decay)
+        ema_buffers = dict(self.module.named_buffers())
+        for name, buffer in model.named_buffers():
+            target = ema_buffers[name]
+            if name in self.structural or not buffer.is_floating_point():
+                target.copy_(buffer)
+            else:
+                target.lerp_(buffer.detach().to(target.dtype), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
