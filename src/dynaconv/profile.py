@@ -124,7 +124,10 @@ def _count(model: nn.Module, x: torch.Tensor, convention: Convention) -> list[La
             out_shape = tuple(output.shape)
             structure = ""
             if isinstance(module, DynaConv2d):
-                macs, active = module.count_macs(in_shape, out_shape)
+                counter = module.count_macs
+                if convention == "reference" and hasattr(module, "count_macs_reference"):
+                    counter = module.count_macs_reference  # the layer's own reference rules
+                macs, active = counter(in_shape, out_shape)
                 params = sum(p.numel() for p in module.parameters())
                 structure = module.structure()
             elif hasattr(module, "count_macs") and callable(module.count_macs):

@@ -229,7 +229,8 @@ def _pick_impl(impl: str, needs_grad: bool, training: bool, *tensors: Tensor) ->
         return "dense" if training else "sparse"
     if torch.compiler.is_compiling():
         return "sparse"
-    return "triton" if triton_usable(*tensors) else "sparse"
+    on_gpu = all(t.is_cuda for t in tensors)  # never the (slow) interpreter by default
+    return "triton" if on_gpu and triton_usable(*tensors) else "sparse"
 
 
 def _check_options(
@@ -406,6 +407,12 @@ class DynamicGroupConv2d(DynaConv2d):
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The last lasso term is part of an autograd graph: copies and pickles drop it.
+        state = self.__dict__.copy()
+        state["_last_lasso"] = None
+        return state
 
     def aux_loss(self) -> Tensor:
         """``lasso`` of the last training-mode forward (zero before any)."""
