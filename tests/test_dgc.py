@@ -16,9 +16,12 @@ from dynaconv import DynamicGroupConv2d
 from dynaconv.compat import layer_from_reference, model_from_reference
 from dynaconv.layers.dgc import (
     SparseDynamicGroupConv2d,
+    _GatedHeadsConv,
+    gate_dense,
     inactive_channels_at,
     lasso,
     reference_squeeze_rate,
+    select_kept,
 )
 from dynaconv.models import DigitsCNN, dydensenet86, dyresnet18
 
@@ -257,6 +260,52 @@ def test_sparse_training_gradients_equal_dense(cfg):
         assert_close64(sparse, dense, rtol=1e-10, atol=1e-12)
 
 
+def _training_grads(layer, x, run):
+    layer.zero_grad()
+    x.grad = None
+    out = run()
+    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+    ((out * weights).sum() + layer.aux_loss()).backward()
+    return [out.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+
+
+@given(cfg=layer_configs.filter(lambda c: c["padding_mode"] == "zeros"))
+def test_gated_heads_training_function_equals_dense(cfg):
+    """The backward of the Triton training path (head by head, batch chunks), run with the
+    per-head conv forward so that it is checked on every shape without the interpreter."""
+    layer = _random_layer(cfg).train()
+    x = torch.rand(cfg["batch"] * 3, cfg["cin"], 5, 4, dtype=torch.float64, requires_grad=True)
+    layer.impl = "dense"
+    expected = _training_grads(layer, x, lambda: layer(x))
+
+    def function_path():
+        g = layer.saliency(x)
+        layer._last_lasso = lasso(g)
+        gated = gate_dense(g, layer.inactive_channels)
+        index = select_kept(g, layer._inactive)[0]
+        out = _GatedHeadsConv.apply(x, gated, layer.weight, index, layer.spec, layer.heads, False)
+        return out if layer.bias is None else out + layer.bias.reshape(1, -1, 1, 1)
+
+    for actual, reference in zip(_training_grads(layer, x, function_path), expected):
+        assert_close64(actual, reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (1, 2)])
+def test_triton_training_path_gradients_equal_dense(kernel, stride):
+    pytest.importorskip("triton")
+    cfg = dict(cin=8, cout_per_head=2, heads=2, kernel=kernel, stride=stride, dilation=1)
+    cfg |= dict(bias=True, padding_mode="zeros", gate_factor=0.5, progress=1.0, ties=True, seed=5)
+    layer = _random_layer(cfg).train()
+    x = torch.rand(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    if not dynaconv.kernels.triton_usable(x):
+        pytest.skip("Triton cannot run on CPU tensors here (no interpreter)")
+    layer.impl = "dense"
+    expected = _training_grads(layer, x, lambda: layer(x))
+    layer.impl = "triton"
+    for actual, reference in zip(_training_grads(layer, x, lambda: layer(x)), expected):
+        assert_close64(actual, reference, rtol=1e-10, atol=1e-12)
+
+
 @given(
     cfg=layer_configs.filter(lambda c: c["padding_mode"] == "zeros" or c["kernel"] == 1),
 )
@@ -322,9 +371,10 @@ def test_errors():
         DynamicGroupConv2d(8, 8, 3, squeeze_rate=0)
     with pytest.raises(ValueError, match="impl"):
         DynamicGroupConv2d(8, 8, 3, impl="fast")
-    layer = DynamicGroupConv2d(8, 8, 3, impl="triton")
-    with pytest.raises(ValueError, match="inference-only"):
-        layer(torch.randn(1, 8, 4, 4))
+    layer = DynamicGroupConv2d(8, 8, 3, padding=1, padding_mode="reflect", impl="triton")
+    if dynaconv.kernels.triton_usable(torch.zeros(1)):
+        with pytest.raises(ValueError, match="zero padding"):
+            layer(torch.randn(1, 8, 4, 4))
     with pytest.raises(ValueError, match="input channels"):
         DynamicGroupConv2d(8, 8, 3)(torch.randn(1, 4, 4, 4))
     with pytest.raises(ValueError, match="inactive channel count"):

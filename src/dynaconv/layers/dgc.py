@@ -209,28 +209,117 @@ def _run_triton(
     )
 
 
-def _pick_impl(impl: str, needs_grad: bool, training: bool, *tensors: Tensor) -> str:
+def _zero_padding(spec: ConvSpec) -> tuple[int, int] | None:
+    """The symmetric zero padding of ``spec``, or None (other modes, asymmetric 'same')."""
+    if spec.padding_mode != "zeros":
+        return None
+    left, right, top, bottom = spec.explicit_padding()
+    if left != right or top != bottom:
+        return None
+    return (top, left)
+
+
+def _pick_impl(
+    impl: str, needs_grad: bool, training: bool, spec: ConvSpec, *tensors: Tensor
+) -> str:
     from ..kernels import triton_usable
 
     if impl == "triton":
-        if needs_grad:
-            raise ValueError(
-                "impl='triton' is inference-only (no gradient); use 'sparse' or 'dense' to "
-                "train, or run under torch.no_grad()"
-            )
         if not triton_usable(*tensors):
             raise ValueError(
                 "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 with CPU tensors)"
             )
+        if needs_grad and _zero_padding(spec) is None:
+            raise ValueError(
+                "impl='triton' trains only with zero padding (padding_mode='zeros', symmetric); "
+                "use 'sparse' or 'dense'"
+            )
         return impl
     if impl != "auto":
         return impl
-    if needs_grad:
-        return "dense" if training else "sparse"
-    if torch.compiler.is_compiling():
-        return "sparse"
     on_gpu = all(t.is_cuda for t in tensors)  # never the (slow) interpreter by default
-    return "triton" if on_gpu and triton_usable(*tensors) else "sparse"
+    fast = on_gpu and triton_usable(*tensors) and not torch.compiler.is_compiling()
+    if needs_grad:
+        if training:
+            return "triton" if fast and _zero_padding(spec) is not None else "dense"
+        return "sparse"
+    return "triton" if fast else "sparse"
+
+
+class _GatedHeadsConv(torch.autograd.Function):
+    """Training form of the sparse path: the fused Triton kernel forward (``K/Cin`` of the
+    MACs, no gated copies of ``x``), a backward in cuDNN convolutions head by head over
+    batch chunks (so the transient gated input and its gradient stay at a quarter of ``x``).
+
+    Inputs: ``x`` ``(B, Cin, H, W)``, ``gated`` ``(B, h, Cin)`` (the zeroed saliencies),
+    ``weight`` ``(Cout, Cin, kh, kw)``, ``index`` ``(B, h, K)`` (kept channels).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gated, weight, index, spec, heads, use_triton):  # type: ignore[override]
+        padding = _zero_padding(spec)
+        ctx.conv_args = (spec.stride, padding, spec.dilation)
+        ctx.heads = heads
+        ctx.save_for_backward(x, gated, weight)
+        if use_triton:
+            from ..kernels.dgc import gathered_conv_triton
+
+            scale = gated.gather(-1, index)
+            return gathered_conv_triton(
+                x,
+                triton_kernel_layout(weight, heads),
+                index,
+                scale,
+                heads,
+                spec.stride,
+                padding,
+                spec.dilation,
+            )
+        outs = [
+            F.conv2d(
+                x * gated[:, i, :, None, None],
+                weight[i::heads],
+                None,
+                spec.stride,
+                padding,
+                spec.dilation,
+            )
+            for i in range(heads)
+        ]
+        return torch.stack(outs, dim=2).flatten(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, gated, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv_args
+        heads = ctx.heads
+        batch = x.shape[0]
+        chunk = max(1, -(-batch // 4))
+        grad_x = torch.zeros_like(x)
+        grad_gated = torch.empty_like(gated)
+        grad_weight = torch.zeros_like(weight)
+        for i in range(heads):
+            kernel = weight[i::heads]
+            for start in range(0, batch, chunk):
+                part = slice(start, start + chunk)
+                scale = gated[part, i, :, None, None]
+                grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
+                    grad_out[part, i::heads],
+                    x[part] * scale,
+                    kernel,
+                    None,
+                    list(stride),
+                    list(padding),
+                    list(dilation),
+                    False,
+                    [0, 0],
+                    1,
+                    [True, True, False],
+                )
+                grad_weight[i::heads] += grad_w
+                grad_gated[part, i] = (grad_in * x[part]).sum(dim=(2, 3))
+                grad_x[part].addcmul_(grad_in, scale)
+        return grad_x, grad_gated, grad_weight, None, None, None, None
 
 
 def _check_options(
@@ -386,8 +475,12 @@ class DynamicGroupConv2d(DynaConv2d):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        impl = _pick_impl(self.impl, needs_grad, self.training, x)
-        if impl == "dense":
+        impl = _pick_impl(self.impl, needs_grad, self.training, self.spec, x)
+        if impl == "triton" and needs_grad:
+            gated = gate_dense(g, self.inactive_channels)
+            index = select_kept(g, self._inactive)[0]
+            out = _GatedHeadsConv.apply(x, gated, self.weight, index, self.spec, self.heads, True)
+        elif impl == "dense":
             out = dense_masked_conv(
                 x, self.weight, gate_dense(g, self.inactive_channels), self.spec, self.heads
             )
@@ -593,7 +686,7 @@ class SparseDynamicGroupConv2d(nn.Module):
         check_input(x, self.spec.in_channels, type(self).__name__)
         g = saliency(x, self.fc1_weight, self.fc2_weight, self.fc2_bias)
         index, scale = select_kept(g, self.spec.in_channels - self.kept)
-        impl = _pick_impl(self.impl, False, False, x)
+        impl = _pick_impl(self.impl, False, False, self.spec, x)
         if impl == "triton":
             out = _run_triton(x, self.kernel_weight, index, scale, self.spec, self.heads)
         else:
