@@ -47,6 +47,7 @@ def _kernels():
         P,
         COUT_H,
         K,
+        idx_row,
         stride_h,
         stride_w,
         pad_h,
@@ -74,12 +75,12 @@ def _kernels():
         oh = p // WO
         ow = p % WO
         acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=acc_dtype)
-        row_base = pid_bh.to(tl.int64) * K
+        row_base = pid_bh.to(tl.int64) * idx_row
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < K
             ch = tl.load(idx_ptr + row_base + kk, mask=k_ok, other=0).to(tl.int64)
-            sc = tl.load(s_ptr + row_base + kk, mask=k_ok, other=0.0).to(acc_dtype)
+            sc = tl.load(s_ptr + pid_bh.to(tl.int64) * K + kk, mask=k_ok, other=0.0).to(acc_dtype)
             x_rows = (b * CIN + ch) * H
             for dh in tl.static_range(KH):
                 ih = oh * stride_h - pad_h + dh * dil_h
@@ -114,6 +115,9 @@ def _kernels():
             (32, 128, 16, 4, 3),
             (16, 128, 32, 4, 3),
             (64, 256, 32, 8, 3),
+            (16, 128, 16, 4, 3),
+            (16, 256, 16, 4, 3),
+            (32, 128, 32, 4, 4),
             (128, 64, 32, 8, 3),
         ]
     ]
@@ -148,10 +152,27 @@ def gathered_conv_triton(
     positions = out_h * out_w
     out = torch.empty(batch, cout_h * heads, out_h, out_w, device=x.device, dtype=x.dtype)
     weight = kernel_weight.to(x.dtype).contiguous()
-    index = index.to(torch.int32).contiguous()
+    rows = index.shape[0] * index.shape[1]
+    if index.stride(-1) != 1 or index.stride(0) != index.shape[1] * index.stride(1):
+        index = index.contiguous()  # rows of top-k indices may be strided views: no copy then
+    idx_row = index.stride(1) if rows > 1 else keep
     wide = x.dtype == torch.float64
     scale = scale.to(torch.float64 if wide else torch.float32).contiguous()
-    args = (x, weight, index, scale, out, cin, height, width, out_w, positions, cout_h, keep)
+    args = (
+        x,
+        weight,
+        index,
+        scale,
+        out,
+        cin,
+        height,
+        width,
+        out_w,
+        positions,
+        cout_h,
+        keep,
+        idx_row,
+    )
     args += (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     if interpreting():  # one fixed configuration: the interpreter is slow
         grid = (batch * heads, triton.cdiv(cout_h, 16), triton.cdiv(positions, 16))

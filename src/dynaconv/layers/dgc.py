@@ -91,9 +91,12 @@ def inactive_channels_at(progress: float, in_channels: int, gate_factor: float) 
 
 def saliency(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> Tensor:
     """``g``: ``(B, h, Cin)`` saliencies of ``x`` ``(B, Cin, H, W)`` for every head."""
+    heads, hidden_width, channels = fc1_weight.shape
     pooled = x.mean(dim=(2, 3))
-    hidden = torch.relu(torch.einsum("bc,hrc->bhr", pooled, fc1_weight))
-    return torch.relu(torch.einsum("bhr,hcr->bhc", hidden, fc2_weight) + fc2_bias)
+    hidden = torch.relu(F.linear(pooled, fc1_weight.reshape(heads * hidden_width, channels)))
+    per_head = hidden.reshape(-1, heads, hidden_width).transpose(0, 1)  # h, B, R
+    out = torch.baddbmm(fc2_bias.unsqueeze(1), per_head, fc2_weight.transpose(1, 2))
+    return torch.relu(out).transpose(0, 1)
 
 
 def lasso(g: Tensor) -> Tensor:
@@ -128,7 +131,7 @@ def select_kept(g: Tensor, inactive: int) -> tuple[Tensor, Tensor]:
     top = g.detach().topk(keep + 1, dim=-1)
     index = top.indices[..., :keep]
     threshold = top.values[..., keep:]
-    values = g.gather(-1, index)
+    values = g.gather(-1, index) if g.requires_grad else top.values[..., :keep]
     scale = values.masked_fill(values.detach() <= threshold, 0.0)
     return index, scale
 
