@@ -432,6 +432,34 @@ def test_dydensenet86_builds_and_trains_one_step():
     assert net.features.init_conv.weight.grad is not None
 
 
+@pytest.mark.slow
+def test_torch_compile_training_and_deployed():
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(16, 8, 3, padding=1).train()
+    layer.set_progress(0.5)
+    compiled = torch.compile(layer)
+    x = torch.randn(2, 16, 6, 6)
+    out = compiled(x)
+    (out.sum() + compiled.aux_loss()).backward()
+    torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+    layer.set_progress(0.7)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+    deployed = torch.compile(layer.eval().deploy())
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_profile_of_deployed_layer_counts_kept_channels():
+    layer = DynamicGroupConv2d(32, 16, 3, padding=1, bias=False, squeeze_rate=8)
+    layer.set_progress(1.0)
+    layer_counts = dynaconv.profile(layer, (2, 32, 8, 8))
+    deployed = dynaconv.profile(layer.deploy(), (2, 32, 8, 8), deployed=False)
+    dense_conv = 2 * 16 * 32 * 9 * 64
+    fcs = 2 * 4 * 2 * 32 * 4
+    assert layer_counts["macs"] == dense_conv + fcs
+    assert layer_counts["macs_active"] == deployed["macs_active"] == dense_conv // 4 + fcs
+
+
 # ------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -32,10 +32,18 @@ Execution paths (``impl``), all computing the same numbers:
   (``gate_factor`` of the dense MACs; plain PyTorch gather + unfold + bmm, exportable).
   Ties are reproduced exactly: the gathered channels that the reference zeroes get a scale of 0;
 * ``"triton"``: the sparse computation as one fused implicit-GEMM kernel
-  (:mod:`dynaconv.kernels.dgc`), inference only (no gradient);
-* ``"auto"``: ``"dense"`` in training (no data-dependent shapes, so ``torch.compile`` does not
-  recompile as ``k_off`` grows), ``"triton"`` for inference where Triton runs on the tensors,
-  else ``"sparse"``.
+  (:mod:`dynaconv.kernels.dgc`). When a gradient is needed, the same kernel is the forward of
+  an autograd function whose backward runs cuDNN convolutions head by head over batch
+  chunks (dense-cost gradients, transient memory a quarter of ``x``); zero padding only;
+* ``"auto"``: on CUDA, ``"triton"`` (training with zero padding, and inference); elsewhere
+  ``"dense"`` for training and ``"sparse"`` for inference; ``"sparse"`` while being traced by
+  ``torch.compile``/``torch.export`` in inference. The dense training path reads ``k_off``
+  from the buffer (no Python int), so ``torch.compile`` does not recompile as ``k_off``
+  grows; the sparse and Triton paths specialise on it (shapes depend on it).
+
+The lasso term is kept as a plain attribute set by each training-mode forward (not state: not
+saved, dropped by copies), so ``aux_loss()`` belongs to the forward just run on that replica:
+correct with DDP (each rank's own graph) and torch.compile (the attribute write is replayed).
 
 Differences from the reference code: the BN-ReLU is not inside the layer; the hidden width is
 ``Cin // squeeze_rate`` for every ``Cin`` (the reference halves ``squeeze_rate`` when
