@@ -121,6 +121,61 @@ def test_reference_counts_dyresnet18():
     assert dyresnet18(num_classes=7).fc.out_features == 7
 
 
+def _reference_dgc_keys(layer: DynamicGroupConv2d, prefix: str, generator) -> dict:
+    """Random tensors under the reference DynamicMultiHeadConv's key names."""
+    heads, hidden, cin = layer.fc1_weight.shape
+    cout_h = layer.out_channels // heads
+    keys = {f"{prefix}_inactive_channels": torch.tensor([float(cin // 2)])}
+    for name in ("weight", "bias", "running_mean"):
+        keys[f"{prefix}norm.{name}"] = torch.randn(cin, generator=generator)
+    keys[f"{prefix}norm.running_var"] = torch.rand(cin, generator=generator) + 0.5
+    keys[f"{prefix}norm.num_batches_tracked"] = torch.tensor(3)
+    for i in range(heads):
+        head = f"{prefix}headconv_{i}."
+        keys[head + "conv.weight"] = torch.randn(
+            cout_h, cin, *layer.kernel_size, generator=generator
+        )
+        keys[head + "fc1.weight"] = torch.randn(hidden, cin, generator=generator)
+        keys[head + "fc2.weight"] = torch.randn(cin, hidden, generator=generator)
+        keys[head + "fc2.bias"] = torch.randn(cin, generator=generator)
+    return keys
+
+
+def test_dyresnet18_loader_places_reference_tensors():
+    generator = torch.Generator().manual_seed(0)
+    template = dyresnet18(num_classes=5)
+    reference = {
+        "conv1.weight": torch.randn(64, 3, 7, 7, generator=generator),
+        "fc.weight": torch.randn(5, 512, generator=generator),
+        "fc.bias": torch.randn(5, generator=generator),
+    }
+    for name, module in template.named_modules():
+        if isinstance(module, DynamicGroupConv2d):
+            ref_name = name.removesuffix(".conv")  # native unit: BN-ReLU-DGC under one name
+            reference |= _reference_dgc_keys(module, ref_name + ".", generator)
+        elif isinstance(module, nn.BatchNorm2d) and not name.endswith(".norm"):
+            ref_name = name.replace("downsample.1", "downsample.1.norm")
+            for key, value in module.state_dict().items():
+                reference[f"{ref_name}.{key}"] = torch.randn_like(value.double()).to(value.dtype)
+    net = model_from_reference("dyresnet18", {"heads": 4, "gate_factor": 0.45}, reference)
+    assert net.fc.out_features == 5
+    dgc = net.layer2[0].downsample[0].conv
+    assert dgc.kernel_size == (1, 1) and dgc.stride == (2, 2)
+    ref = "layer2.0.downsample.0."
+    for i in range(4):  # output channel j*h + i comes from head i
+        torch.testing.assert_close(dgc.weight[i::4], reference[f"{ref}headconv_{i}.conv.weight"])
+        torch.testing.assert_close(dgc.fc2_bias[i], reference[f"{ref}headconv_{i}.fc2.bias"])
+    torch.testing.assert_close(
+        net.layer2[0].downsample[0].norm.weight, reference[ref + "norm.weight"]
+    )
+    torch.testing.assert_close(
+        net.layer2[0].downsample[1].weight, reference["layer2.0.downsample.1.norm.weight"]
+    )
+    assert dgc.inactive_channels.item() == 32
+    with torch.no_grad():
+        assert net.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
 # ------------------------------------------------------------------------------ schedule
 @pytest.mark.parametrize("cin,gate_factor", [(64, 0.25), (100, 0.45), (24, 1.0)])
 def test_schedule_formula(cin, gate_factor):
