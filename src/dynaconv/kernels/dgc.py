@@ -61,6 +61,7 @@ def _kernels():
         BLOCK_P: tl.constexpr,
         BLOCK_K: tl.constexpr,
         ACC_F64: tl.constexpr,
+        HAS_THRESHOLD: tl.constexpr,
     ):
         acc_dtype = tl.float64 if ACC_F64 else tl.float32
         pid_bh = tl.program_id(0)
@@ -76,11 +77,15 @@ def _kernels():
         ow = p % WO
         acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=acc_dtype)
         row_base = pid_bh.to(tl.int64) * idx_row
+        if HAS_THRESHOLD:  # the value after the K kept ones: zero every kept value <= it
+            threshold = tl.load(s_ptr + row_base + K).to(acc_dtype)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < K
             ch = tl.load(idx_ptr + row_base + kk, mask=k_ok, other=0).to(tl.int64)
-            sc = tl.load(s_ptr + pid_bh.to(tl.int64) * K + kk, mask=k_ok, other=0.0).to(acc_dtype)
+            sc = tl.load(s_ptr + row_base + kk, mask=k_ok, other=0.0).to(acc_dtype)
+            if HAS_THRESHOLD:
+                sc = tl.where(sc <= threshold, 0.0, sc)
             x_rows = (b * CIN + ch) * H
             for dh in tl.static_range(KH):
                 ih = oh * stride_h - pad_h + dh * dil_h
@@ -136,49 +141,38 @@ def gathered_conv_triton(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
+    keep: int | None = None,
 ) -> Tensor:
     """The gathered-channel convolution (zero padding ``padding``), output interleaved.
 
     ``x`` ``(B, Cin, H, W)``; ``kernel_weight`` ``(h, kh, kw, Cin, Cout/h)``; ``index``,
-    ``scale`` ``(B, h, K)``. Returns ``(B, Cout, H', W')`` in ``x``'s dtype.
+    ``scale`` ``(B, h, L)``: the first ``keep`` (default ``L``) entries of each row are the
+    kept channels and their scales. With ``keep = L - 1`` the last entry of each ``scale`` row
+    is a threshold: kept scales ``<=`` it count as 0 (the reference's tie rule), so top-k
+    outputs go in unchanged. Returns ``(B, Cout, H', W')`` in ``x``'s dtype.
     """
     plain, tuned, triton = _kernels()
     x = x.contiguous()
     batch, cin, height, width = x.shape
     _, kh, kw, _, cout_h = kernel_weight.shape
-    keep = index.shape[-1]
+    row = index.shape[-1]
+    keep = row if keep is None else keep
+    if keep not in (row, row - 1):
+        raise ValueError(f"keep must be {row} or {row - 1} for rows of {row}, got {keep}")
     out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     positions = out_h * out_w
     out = torch.empty(batch, cout_h * heads, out_h, out_w, device=x.device, dtype=x.dtype)
     weight = kernel_weight.to(x.dtype).contiguous()
-    rows = index.shape[0] * index.shape[1]
-    if index.stride(-1) != 1 or index.stride(0) != index.shape[1] * index.stride(1):
-        index = index.contiguous()  # rows of top-k indices may be strided views: no copy then
-    idx_row = index.stride(1) if rows > 1 else keep
+    index = index.contiguous()  # top-k outputs already are: no copy
     wide = x.dtype == torch.float64
     scale = scale.to(torch.float64 if wide else torch.float32).contiguous()
-    args = (
-        x,
-        weight,
-        index,
-        scale,
-        out,
-        cin,
-        height,
-        width,
-        out_w,
-        positions,
-        cout_h,
-        keep,
-        idx_row,
-    )
+    args = (x, weight, index, scale, out, cin, height, width, out_w, positions, cout_h, keep, row)
     args += (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    flags = {"HEADS": heads, "KH": kh, "KW": kw, "ACC_F64": wide, "HAS_THRESHOLD": keep < row}
     if interpreting():  # one fixed configuration: the interpreter is slow
         grid = (batch * heads, triton.cdiv(cout_h, 16), triton.cdiv(positions, 16))
-        plain[grid](
-            *args, HEADS=heads, KH=kh, KW=kw, BLOCK_CO=16, BLOCK_P=16, BLOCK_K=16, ACC_F64=wide
-        )
+        plain[grid](*args, BLOCK_CO=16, BLOCK_P=16, BLOCK_K=16, **flags)
     else:
 
         def grid(meta):
@@ -188,5 +182,5 @@ def gathered_conv_triton(
                 triton.cdiv(positions, meta["BLOCK_P"]),
             )
 
-        tuned[grid](*args, HEADS=heads, KH=kh, KW=kw, ACC_F64=wide)
+        tuned[grid](*args, **flags)
     return out

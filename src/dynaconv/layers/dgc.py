@@ -205,8 +205,28 @@ def triton_kernel_layout(weight: Tensor, heads: int) -> Tensor:
     return weight.reshape(cout // heads, heads, cin, kh, kw).permute(1, 3, 4, 2, 0).contiguous()
 
 
+def top_candidates(g: Tensor, inactive: int) -> tuple[Tensor, Tensor, int]:
+    """``(index, values, keep)`` for the Triton kernel, straight from one top-k.
+
+    With ``inactive > 0``: the ``keep + 1`` largest saliencies per row; the last is the
+    threshold of the tie rule, applied inside the kernel. With ``inactive == 0``: every channel.
+    """
+    channels = g.shape[-1]
+    if inactive == 0:
+        index = torch.arange(channels, device=g.device).expand(*g.shape[:2], channels)
+        return index, g, channels
+    keep = channels - inactive
+    top = g.topk(keep + 1, dim=-1)
+    return top.indices, top.values, keep
+
+
 def _run_triton(
-    x: Tensor, kernel_weight: Tensor, index: Tensor, scale: Tensor, spec: ConvSpec, heads: int
+    x: Tensor,
+    kernel_weight: Tensor,
+    g: Tensor,
+    inactive: int,
+    spec: ConvSpec,
+    heads: int,
 ) -> Tensor:
     from ..kernels.dgc import gathered_conv_triton
 
@@ -215,8 +235,9 @@ def _run_triton(
         pad = (0, 0)
     else:
         pad = spec.padding  # type: ignore[assignment]
+    index, values, keep = top_candidates(g, inactive)
     return gathered_conv_triton(
-        x, kernel_weight, index, scale, heads, spec.stride, pad, spec.dilation
+        x, kernel_weight, index, values, heads, spec.stride, pad, spec.dilation, keep
     )
 
 
@@ -315,7 +336,7 @@ class _GatedHeadsConv(torch.autograd.Function):
                 part = slice(start, start + chunk)
                 scale = gated[part, i, :, None, None]
                 grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
-                    grad_out[part, i::heads],
+                    grad_out[part, i::heads].contiguous(),
                     x[part] * scale,
                     kernel,
                     None,
@@ -495,19 +516,12 @@ class DynamicGroupConv2d(DynaConv2d):
             out = dense_masked_conv(
                 x, self.weight, gate_dense(g, self.inactive_channels), self.spec, self.heads
             )
+        elif impl == "triton":
+            kernel_weight = triton_kernel_layout(self.weight, self.heads)
+            out = _run_triton(x, kernel_weight, g, self._inactive, self.spec, self.heads)
         else:
             index, scale = select_kept(g, self._inactive)
-            if impl == "triton":
-                out = _run_triton(
-                    x,
-                    triton_kernel_layout(self.weight, self.heads),
-                    index,
-                    scale,
-                    self.spec,
-                    self.heads,
-                )
-            else:
-                out = gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
+            out = gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         return out
@@ -696,11 +710,12 @@ class SparseDynamicGroupConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
         g = saliency(x, self.fc1_weight, self.fc2_weight, self.fc2_bias)
-        index, scale = select_kept(g, self.spec.in_channels - self.kept)
+        inactive = self.spec.in_channels - self.kept
         impl = _pick_impl(self.impl, False, False, self.spec, x)
         if impl == "triton":
-            out = _run_triton(x, self.kernel_weight, index, scale, self.spec, self.heads)
+            out = _run_triton(x, self.kernel_weight, g, inactive, self.spec, self.heads)
         else:
+            index, scale = select_kept(g, inactive)
             out = gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
