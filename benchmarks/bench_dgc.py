@@ -13,7 +13,8 @@ of cuDNN's efficiency: about 0.5-0.8x of the dense conv, plus ~20-40 us of launc
 the 6-8 small saliency kernels, which matters at these sizes (the dense conv takes ~60-120 us):
 expect 0.7-1.0x. Training step: forward 0.25x-MAC kernel, backward as dense-cost cuDNN dgrad +
 wgrad head by head in 4 batch chunks (16 small convolutions), so ~1.1-1.5x; peak memory
-~1.1-1.2x (transients are a quarter of x). The paper's masked dense form (``impl="dense"``)
+~1.2-1.4x with the default 2 backward chunks (transient gated input and its gradient, half
+of x each); the rows with 1 and 4 chunks show the time/memory trade-off. The paper's masked dense form (``impl="dense"``)
 is listed for comparison: ~2-4x time, ~2-3x memory. DyDenseNet-86: 42 DGC 1x1 layers on small
 CIFAR maps, where launch overhead of the saliency ops dominates: expect ~1.2-1.6x.
 CPU: no Triton; the sparse PyTorch form (gather + bmm) is used for inference.
@@ -68,16 +69,23 @@ def layer_rows(args, device, batch: int) -> list[Row]:
             Row(case, "masked dense (paper's math)", "forward", fwd.median_ms, base_fwd.median_ms)
         )
 
-        for impl, bar in (("auto", 1.5), ("dense", None)):
+        variants = [("train (auto)", "auto", 2, 1.5)]
+        if device.type == "cuda":  # the Triton training path: backward chunks trade-off
+            variants += [
+                ("train (auto, 1 backward chunk)", "auto", 1, None),
+                ("train (auto, 4 backward chunks)", "auto", 4, None),
+            ]
+        variants.append(("train (masked dense)", "dense", 2, None))
+        for name, impl, chunks, bar in variants:
             layer.train()
             layer.impl = impl
+            layer.backward_chunks = chunks
             train = measure(
                 train_step_fn(layer, x, extra_loss=lambda layer=layer: 1e-5 * layer.aux_loss()),
                 device,
                 memory=True,
                 **timing,
             )
-            name = "train (auto)" if impl == "auto" else "train (masked dense)"
             rows.append(
                 Row(
                     case,

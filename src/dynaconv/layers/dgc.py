@@ -281,17 +281,19 @@ def _pick_impl(
 class _GatedHeadsConv(torch.autograd.Function):
     """Training form of the sparse path: the fused Triton kernel forward (``K/Cin`` of the
     MACs, no gated copies of ``x``), a backward in cuDNN convolutions head by head over
-    batch chunks (so the transient gated input and its gradient stay at a quarter of ``x``).
+    ``chunks`` batch chunks (the transient gated input and its gradient are ``1/chunks`` of
+    ``x`` each).
 
     Inputs: ``x`` ``(B, Cin, H, W)``, ``gated`` ``(B, h, Cin)`` (the zeroed saliencies),
     ``weight`` ``(Cout, Cin, kh, kw)``, ``index`` ``(B, h, K)`` (kept channels).
     """
 
     @staticmethod
-    def forward(ctx, x, gated, weight, index, spec, heads, use_triton):  # type: ignore[override]
+    def forward(ctx, x, gated, weight, index, spec, heads, use_triton, chunks=2):  # type: ignore[override]
         padding = _zero_padding(spec)
         ctx.conv_args = (spec.stride, padding, spec.dilation)
         ctx.heads = heads
+        ctx.chunks = chunks
         ctx.save_for_backward(x, gated, weight)
         if use_triton:
             from ..kernels.dgc import gathered_conv_triton
@@ -326,7 +328,7 @@ class _GatedHeadsConv(torch.autograd.Function):
         stride, padding, dilation = ctx.conv_args
         heads = ctx.heads
         batch = x.shape[0]
-        chunk = max(1, -(-batch // 4))
+        chunk = max(1, -(-batch // ctx.chunks))
         grad_x = torch.zeros_like(x)
         grad_gated = torch.empty_like(gated)
         grad_weight = torch.zeros_like(weight)
@@ -349,9 +351,12 @@ class _GatedHeadsConv(torch.autograd.Function):
                     [True, True, False],
                 )
                 grad_weight[i::heads] += grad_w
-                grad_gated[part, i] = (grad_in * x[part]).sum(dim=(2, 3))
+                rows = grad_in.shape[0] * grad_in.shape[1]  # per-channel dot products, no temp
+                grad_gated[part, i] = torch.bmm(
+                    grad_in.reshape(rows, 1, -1), x[part].reshape(rows, -1, 1)
+                ).reshape(grad_in.shape[:2])
                 grad_x[part].addcmul_(grad_in, scale)
-        return grad_x, grad_gated, grad_weight, None, None, None, None
+        return grad_x, grad_gated, grad_weight, None, None, None, None, None
 
 
 def _check_options(
@@ -448,6 +453,8 @@ class DynamicGroupConv2d(DynaConv2d):
         # set_progress and load_state_dict.
         self._inactive = 0
         self._last_lasso: Tensor | None = None
+        #: Batch chunks of the Triton training path's backward (memory/launches trade-off).
+        self.backward_chunks = 2
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -511,7 +518,9 @@ class DynamicGroupConv2d(DynaConv2d):
         if impl == "triton" and needs_grad:
             gated = gate_dense(g, self.inactive_channels)
             index = select_kept(g, self._inactive)[0]
-            out = _GatedHeadsConv.apply(x, gated, self.weight, index, self.spec, self.heads, True)
+            out = _GatedHeadsConv.apply(
+                x, gated, self.weight, index, self.spec, self.heads, True, self.backward_chunks
+            )
         elif impl == "dense":
             out = dense_masked_conv(
                 x, self.weight, gate_dense(g, self.inactive_channels), self.spec, self.heads
