@@ -554,3 +554,30 @@ def test_dydensenet_fixture_deployed_on_gpu():
     with torch.no_grad():
         y = deployed(data["x"].cuda())
     torch.testing.assert_close(y.double().cpu(), data["y"], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+def test_triton_training_path_on_gpu_matches_dense(chunks):
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(64, 64, 3, 1, 1).cuda().train()
+    layer.set_progress(1.0)
+    layer.backward_chunks = chunks
+    x = torch.randn(8, 64, 14, 14, device="cuda", requires_grad=True)
+    results = {}
+    for impl in ("dense", "triton"):
+        layer.impl = impl
+        layer.zero_grad()
+        x.grad = None
+        out = layer(x)
+        (out.square().mean() + layer.aux_loss()).backward()
+        results[impl] = [out.detach(), x.grad.clone()] + [
+            p.grad.clone() for p in layer.parameters()
+        ]
+    for actual, expected in zip(results["triton"], results["dense"]):
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2 * scale)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # mixed precision runs
+        layer.impl = "auto"
+        layer(x).float().square().mean().backward()

@@ -333,10 +333,10 @@ class _GatedHeadsConv(torch.autograd.Function):
         grad_gated = torch.empty_like(gated)
         grad_weight = torch.zeros_like(weight)
         for i in range(heads):
-            kernel = weight[i::heads]
+            kernel = weight[i::heads].to(x.dtype)  # under autocast x may be half precision
             for start in range(0, batch, chunk):
                 part = slice(start, start + chunk)
-                scale = gated[part, i, :, None, None]
+                scale = gated[part, i, :, None, None].to(x.dtype)
                 grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
                     grad_out[part, i::heads].contiguous(),
                     x[part] * scale,
@@ -350,11 +350,13 @@ class _GatedHeadsConv(torch.autograd.Function):
                     1,
                     [True, True, False],
                 )
-                grad_weight[i::heads] += grad_w
+                grad_weight[i::heads] += grad_w.to(weight.dtype)
                 rows = grad_in.shape[0] * grad_in.shape[1]  # per-channel dot products, no temp
-                grad_gated[part, i] = torch.bmm(
-                    grad_in.reshape(rows, 1, -1), x[part].reshape(rows, -1, 1)
-                ).reshape(grad_in.shape[:2])
+                grad_gated[part, i] = (
+                    torch.bmm(grad_in.reshape(rows, 1, -1), x[part].reshape(rows, -1, 1))
+                    .reshape(grad_in.shape[:2])
+                    .to(gated.dtype)
+                )
                 grad_x[part].addcmul_(grad_in, scale)
         return grad_x, grad_gated, grad_weight, None, None, None, None, None
 
