@@ -174,6 +174,10 @@ def _measure(
         macs, params = module.reference_count(in_shape, out_shape)
         stored = sum(p.numel() for p in module.parameters())
         return _Measured(int(params), int(macs), int(macs), structure, int(params) - stored)
+    if convention == "reference" and _has(module, "count_macs_reference"):
+        # The layer's own reference rules (DGC: the reference counter's fractional head count).
+        macs, active = module.count_macs_reference(in_shape, out_shape)
+        return _Measured(sum(p.numel() for p in module.parameters()), macs, active, structure)
     if _counts_itself(module, convention):
         macs, active = module.count_macs(in_shape, out_shape)
         params = sum(p.numel() for p in module.parameters())

@@ -1,3 +1,749 @@
-"""The dgc family (to be implemented by its issue)."""
+"""DGC: dynamic group convolution.
 
-__all__: list[str] = []
+Su et al., "Dynamic Group Convolution for Accelerating Convolutional Neural Networks",
+ECCV 2020.
+
+Per example, each of ``h`` heads chooses which input channels it reads. For an input ``x`` of
+shape ``(B, Cin, H, W)`` (already normalised and activated: the pre-activation BN-ReLU belongs
+to the network) and ``R = max(1, Cin // squeeze_rate)``:
+
+* saliency: ``s = GAP(x)`` ``(B, Cin)``; head ``i`` has ``g_i = relu(fc2_i(relu(fc1_i(s))))``
+  with ``fc1_i: Cin -> R`` (no bias) and ``fc2_i: R -> Cin`` (bias, initialised to 1), so
+  ``g`` is ``(B, h, Cin)``;
+* gating: with ``k_off`` inactive channels, every entry of ``g_i`` that is ``<=`` the
+  ``k_off``-th smallest value of that example and head is zeroed (ties can zero more), the
+  others stay: ``x_i = x * g_i`` (kept channels are scaled by their saliency);
+* convolution: head ``i`` convolves ``x_i`` with its own dense kernel ``(Cout/h, Cin, kh, kw)``;
+  its output ``j`` is output channel ``j*h + i`` (interleaved). ``weight`` holds all heads in
+  that output order, ``(Cout, Cin, kh, kw)``: head ``i``'s kernel is ``weight[i::h]``;
+* regulariser (``aux_loss()``): ``lasso = sum_i mean(g_i)`` over batch and channels, before
+  the zeroing; the paper adds it to the loss with weight ``1e-5``;
+* schedule (``set_progress(p)``): ``k_off = round(Cin (1 - gate_factor) 1.5 (p - 1/12))`` for
+  ``1/12 < p < 3/4``, ``round(Cin (1 - gate_factor))`` for ``p >= 3/4`` and 0 before;
+  ``gate_factor`` is the kept fraction. ``k_off`` lives in the buffer ``inactive_channels``
+  (saved, loaded, used unchanged at inference).
+
+Execution paths (``impl``), all computing the same numbers:
+
+* ``"dense"``: the paper's masked form, a grouped convolution of the ``h`` gated copies of
+  ``x``: no MACs saved;
+* ``"sparse"``: per example and head, gather the ``Cin - k_off`` highest-saliency channels and
+  convolve only those with the matching kernel columns scaled by their saliency
+  (``gate_factor`` of the dense MACs; plain PyTorch gather + unfold + bmm, exportable).
+  Ties are reproduced exactly: the gathered channels that the reference zeroes get a scale of 0;
+* ``"triton"``: the sparse computation as one fused implicit-GEMM kernel
+  (:mod:`dynaconv.kernels.dgc`). When a gradient is needed, the same kernel is the forward of
+  an autograd function whose backward runs cuDNN convolutions head by head over batch
+  chunks (dense-cost gradients, transient memory a quarter of ``x``); zero padding only;
+* ``"auto"``: on CUDA, ``"triton"`` (training with zero padding, and inference); elsewhere
+  ``"dense"`` for training and ``"sparse"`` for inference; ``"sparse"`` while being traced by
+  ``torch.compile``/``torch.export`` in inference. The dense training path reads ``k_off``
+  from the buffer (no Python int), so ``torch.compile`` does not recompile as ``k_off``
+  grows; the sparse and Triton paths specialise on it (shapes depend on it).
+
+The lasso term is kept as a plain attribute set by each training-mode forward (not state: not
+saved, dropped by copies), so ``aux_loss()`` belongs to the forward just run on that replica:
+correct with DDP (each rank's own graph) and torch.compile (the attribute write is replayed).
+
+Differences from the reference code: the BN-ReLU is not inside the layer; the hidden width is
+``Cin // squeeze_rate`` for every ``Cin`` (the reference halves ``squeeze_rate`` when
+``Cin < 80``: networks built like the paper's pass the halved rate, see
+:func:`reference_squeeze_rate`); ``groups`` must be 1 (heads play that role); a bias is
+allowed (added after the heads).
+
+Shapes: input ``(B, Cin, H, W)`` -> output ``(B, Cout, H', W')`` as ``nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import (
+    ConversionSkipped,
+    ConvSpec,
+    DynaConv2d,
+    check_input,
+    check_progress,
+    kaiming_uniform_,
+)
+
+__all__ = ["DynamicGroupConv2d", "SparseDynamicGroupConv2d", "reference_squeeze_rate"]
+
+Impl = Literal["auto", "dense", "sparse", "triton"]
+_IMPLS = ("auto", "dense", "sparse", "triton")
+
+
+def reference_squeeze_rate(in_channels: int, squeeze_rate: int) -> int:
+    """The squeeze rate the reference code really uses: halved when ``in_channels < 80``."""
+    return squeeze_rate // 2 if in_channels < 80 else squeeze_rate
+
+
+def inactive_channels_at(progress: float, in_channels: int, gate_factor: float) -> int:
+    """The schedule: number of inactive channels per example and head at ``progress``."""
+    if progress >= 3.0 / 4:
+        return round(in_channels * (1 - gate_factor))
+    if progress > 1.0 / 12:
+        return round(in_channels * (1 - gate_factor) * 3.0 / 2 * (progress - 1.0 / 12))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The math shared by the layer and its deployed form.
+
+
+def saliency(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> Tensor:
+    """``g``: ``(B, h, Cin)`` saliencies of ``x`` ``(B, Cin, H, W)`` for every head."""
+    heads, hidden_width, channels = fc1_weight.shape
+    pooled = x.mean(dim=(2, 3))
+    hidden = torch.relu(F.linear(pooled, fc1_weight.reshape(heads * hidden_width, channels)))
+    per_head = hidden.reshape(-1, heads, hidden_width).transpose(0, 1)  # h, B, R
+    out = torch.baddbmm(fc2_bias.unsqueeze(1), per_head, fc2_weight.transpose(1, 2))
+    return torch.relu(out).transpose(0, 1)
+
+
+def lasso(g: Tensor) -> Tensor:
+    """The regulariser: the sum over heads of the mean saliency."""
+    return g.mean(dim=(0, 2)).sum()
+
+
+def gate_dense(g: Tensor, inactive: Tensor) -> Tensor:
+    """Zero every entry ``<=`` the ``inactive``-th smallest per example and head.
+
+    ``inactive`` is a 0-dim integer tensor (no Python int needed, so no recompiles).
+    """
+    detached = g.detach()
+    ranked = detached.sort(dim=-1).values
+    position = (inactive - 1).clamp(min=0).reshape(1, 1, 1).expand(*g.shape[:2], 1)
+    threshold = ranked.gather(-1, position)
+    drop = (detached <= threshold) & (inactive > 0)
+    return g.masked_fill(drop, 0.0)
+
+
+def select_kept(g: Tensor, inactive: int) -> tuple[Tensor, Tensor]:
+    """``(index, scale)``, each ``(B, h, K)`` with ``K = Cin - inactive``.
+
+    ``index`` holds the ``K`` highest-saliency channels; ``scale`` their gated saliency, which
+    is 0 for the candidates the reference zeroes because they tie with the threshold.
+    """
+    channels = g.shape[-1]
+    keep = channels - inactive
+    if inactive == 0:
+        index = torch.arange(channels, device=g.device).expand(*g.shape[:2], channels)
+        return index, g
+    top = g.detach().topk(keep + 1, dim=-1)
+    index = top.indices[..., :keep]
+    threshold = top.values[..., keep:]
+    values = g.gather(-1, index) if g.requires_grad else top.values[..., :keep]
+    scale = values.masked_fill(values.detach() <= threshold, 0.0)
+    return index, scale
+
+
+def head_kernels(weight: Tensor, heads: int) -> Tensor:
+    """``weight`` ``(Cout, Cin, kh, kw)`` regrouped head-major: head ``i``'s rows first."""
+    cout = weight.shape[0]
+    return weight.reshape(cout // heads, heads, *weight.shape[1:]).transpose(0, 1).flatten(0, 1)
+
+
+def interleave(out: Tensor, heads: int) -> Tensor:
+    """Head-major channels ``(B, h*Cout/h, ...)`` -> output channel ``j*h + i`` from head ``i``."""
+    batch, channels = out.shape[:2]
+    grouped = out.reshape(batch, heads, channels // heads, *out.shape[2:])
+    return grouped.transpose(1, 2).reshape(out.shape)
+
+
+def dense_masked_conv(
+    x: Tensor, weight: Tensor, gated: Tensor, spec: ConvSpec, heads: int
+) -> Tensor:
+    """The reference form: each head convolves its gated copy of ``x`` (grouped conv)."""
+    batch, cin, height, width = x.shape
+    copies = (x.unsqueeze(1) * gated[..., None, None]).reshape(batch, heads * cin, height, width)
+    out = spec.conv2d(copies, head_kernels(weight, heads), None, groups=heads)
+    return interleave(out, heads)
+
+
+def gathered_conv(
+    x: Tensor, weight: Tensor, index: Tensor, scale: Tensor, spec: ConvSpec, heads: int
+) -> Tensor:
+    """The sparse form in plain PyTorch: gather kept channels, unfold, one batched matmul.
+
+    ``x`` ``(B, Cin, H, W)``, ``weight`` ``(Cout, Cin, kh, kw)``, ``index``/``scale``
+    ``(B, h, K)``. Only ``K/Cin`` of the dense MACs. No data-dependent control flow, so it
+    exports with ``torch.export``.
+    """
+    batch, cin = x.shape[:2]
+    cout = weight.shape[0]
+    keep = index.shape[-1]
+    taps = spec.kernel_numel
+    padded = spec.pad_input(x)
+    out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
+    if taps == 1 and spec.stride == (1, 1):
+        columns = padded.reshape(batch, cin, 1, -1)
+    else:
+        columns = F.unfold(padded, spec.kernel_size, spec.dilation, 0, spec.stride)
+        columns = columns.reshape(batch, cin, taps, -1)
+    positions = columns.shape[-1]
+    rows = (index + torch.arange(batch, device=x.device).reshape(batch, 1, 1) * cin).reshape(-1)
+    picked = columns.reshape(batch * cin, taps * positions).index_select(0, rows)
+    picked = picked.reshape(batch * heads, keep * taps, positions)
+    per_head = weight.reshape(cout // heads, heads, cin, taps).permute(1, 2, 0, 3)  # h,Cin,Co/h,T
+    head_ids = torch.arange(heads, device=x.device).reshape(1, heads, 1)
+    kernels = per_head[head_ids, index] * scale[..., None, None]  # B, h, K, Co/h, T
+    kernels = kernels.permute(0, 1, 3, 2, 4).reshape(batch * heads, cout // heads, keep * taps)
+    out = torch.bmm(kernels, picked).reshape(batch, heads * (cout // heads), out_h, out_w)
+    return interleave(out, heads)
+
+
+def triton_kernel_layout(weight: Tensor, heads: int) -> Tensor:
+    """``weight`` as the Triton kernel reads it: ``(h, kh, kw, Cin, Cout/h)``, contiguous."""
+    cout, cin, kh, kw = weight.shape
+    return weight.reshape(cout // heads, heads, cin, kh, kw).permute(1, 3, 4, 2, 0).contiguous()
+
+
+def top_candidates(g: Tensor, inactive: int) -> tuple[Tensor, Tensor, int]:
+    """``(index, values, keep)`` for the Triton kernel, straight from one top-k.
+
+    With ``inactive > 0``: the ``keep + 1`` largest saliencies per row; the last is the
+    threshold of the tie rule, applied inside the kernel. With ``inactive == 0``: every channel.
+    """
+    channels = g.shape[-1]
+    if inactive == 0:
+        index = torch.arange(channels, device=g.device).expand(*g.shape[:2], channels)
+        return index, g, channels
+    keep = channels - inactive
+    top = g.topk(keep + 1, dim=-1)
+    return top.indices, top.values, keep
+
+
+def _run_triton(
+    x: Tensor,
+    kernel_weight: Tensor,
+    g: Tensor,
+    inactive: int,
+    spec: ConvSpec,
+    heads: int,
+) -> Tensor:
+    from ..kernels.dgc import gathered_conv_triton
+
+    if spec.padding_mode != "zeros" or spec.padding == "same":
+        x = spec.pad_input(x)
+        pad = (0, 0)
+    else:
+        pad = spec.padding  # type: ignore[assignment]
+    index, values, keep = top_candidates(g, inactive)
+    return gathered_conv_triton(
+        x, kernel_weight, index, values, heads, spec.stride, pad, spec.dilation, keep
+    )
+
+
+def _zero_padding(spec: ConvSpec) -> tuple[int, int] | None:
+    """The symmetric zero padding of ``spec``, or None (other modes, asymmetric 'same')."""
+    if spec.padding_mode != "zeros":
+        return None
+    left, right, top, bottom = spec.explicit_padding()
+    if left != right or top != bottom:
+        return None
+    return (top, left)
+
+
+def _pick_impl(
+    impl: str, needs_grad: bool, training: bool, spec: ConvSpec, *tensors: Tensor
+) -> str:
+    from ..kernels import triton_usable
+
+    if impl == "triton":
+        if not triton_usable(*tensors):
+            raise ValueError(
+                "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 with CPU tensors)"
+            )
+        if needs_grad and _zero_padding(spec) is None:
+            raise ValueError(
+                "impl='triton' trains only with zero padding (padding_mode='zeros', symmetric); "
+                "use 'sparse' or 'dense'"
+            )
+        return impl
+    if impl != "auto":
+        return impl
+    on_gpu = all(t.is_cuda for t in tensors)  # never the (slow) interpreter by default
+    fast = on_gpu and triton_usable(*tensors) and not torch.compiler.is_compiling()
+    if needs_grad:
+        if training:
+            return "triton" if fast and _zero_padding(spec) is not None else "dense"
+        return "sparse"
+    return "triton" if fast else "sparse"
+
+
+class _GatedHeadsConv(torch.autograd.Function):
+    """Training form of the sparse path: the fused Triton kernel forward (``K/Cin`` of the
+    MACs, no gated copies of ``x``), a backward in cuDNN convolutions head by head over
+    ``chunks`` batch chunks (the transient gated input and its gradient are ``1/chunks`` of
+    ``x`` each).
+
+    Inputs: ``x`` ``(B, Cin, H, W)``, ``gated`` ``(B, h, Cin)`` (the zeroed saliencies),
+    ``weight`` ``(Cout, Cin, kh, kw)``, ``index`` ``(B, h, K)`` (kept channels).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gated, weight, index, spec, heads, use_triton, chunks=2):  # type: ignore[override]
+        padding = _zero_padding(spec)
+        ctx.conv_args = (spec.stride, padding, spec.dilation)
+        ctx.heads = heads
+        ctx.chunks = chunks
+        ctx.save_for_backward(x, gated, weight)
+        if use_triton:
+            from ..kernels.dgc import gathered_conv_triton
+
+            scale = gated.gather(-1, index)
+            return gathered_conv_triton(
+                x,
+                triton_kernel_layout(weight, heads),
+                index,
+                scale,
+                heads,
+                spec.stride,
+                padding,
+                spec.dilation,
+            )
+        outs = [
+            F.conv2d(
+                x * gated[:, i, :, None, None],
+                weight[i::heads],
+                None,
+                spec.stride,
+                padding,
+                spec.dilation,
+            )
+            for i in range(heads)
+        ]
+        return torch.stack(outs, dim=2).flatten(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, gated, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv_args
+        heads = ctx.heads
+        batch = x.shape[0]
+        chunk = max(1, -(-batch // ctx.chunks))
+        grad_x = torch.zeros_like(x)
+        grad_gated = torch.empty_like(gated)
+        grad_weight = torch.zeros_like(weight)
+        for i in range(heads):
+            kernel = weight[i::heads].to(x.dtype)  # under autocast x may be half precision
+            for start in range(0, batch, chunk):
+                part = slice(start, start + chunk)
+                scale = gated[part, i, :, None, None].to(x.dtype)
+                grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
+                    grad_out[part, i::heads].contiguous(),
+                    x[part] * scale,
+                    kernel,
+                    None,
+                    list(stride),
+                    list(padding),
+                    list(dilation),
+                    False,
+                    [0, 0],
+                    1,
+                    [True, True, False],
+                )
+                grad_weight[i::heads] += grad_w.to(weight.dtype)
+                rows = grad_in.shape[0] * grad_in.shape[1]  # per-channel dot products, no temp
+                grad_gated[part, i] = (
+                    torch.bmm(grad_in.reshape(rows, 1, -1), x[part].reshape(rows, -1, 1))
+                    .reshape(grad_in.shape[:2])
+                    .to(gated.dtype)
+                )
+                grad_x[part].addcmul_(grad_in, scale)
+        return grad_x, grad_gated, grad_weight, None, None, None, None, None
+
+
+def _check_options(
+    in_channels: int, heads: Any, squeeze_rate: Any, gate_factor: Any, impl: Any
+) -> None:
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    if isinstance(squeeze_rate, bool) or not isinstance(squeeze_rate, int) or squeeze_rate <= 0:
+        raise ValueError(f"squeeze_rate must be a positive int, got {squeeze_rate!r}")
+    if (
+        isinstance(gate_factor, bool)
+        or not isinstance(gate_factor, int | float)
+        or not 0.0 < gate_factor <= 1.0
+    ):
+        raise ValueError(
+            f"gate_factor (the kept fraction of input channels) must be in (0, 1], got {gate_factor!r}"
+        )
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if in_channels - round(in_channels * (1 - gate_factor)) < 1:
+        raise ValueError(
+            f"gate_factor={gate_factor} keeps no channel of in_channels={in_channels}: "
+            "in_channels * gate_factor must round to at least 1"
+        )
+
+
+class DynamicGroupConv2d(DynaConv2d):
+    """Dynamic group convolution (drop-in for ``nn.Conv2d`` with ``groups=1``).
+
+    Args: those of ``nn.Conv2d`` (``groups`` must be 1), plus
+        heads: number of heads (``out_channels`` must be divisible by it), default 4.
+        squeeze_rate: hidden width of the saliency generators is ``max(1, Cin // squeeze_rate)``.
+        gate_factor: kept fraction of the input channels at the end of the schedule (0.25).
+        impl: ``"auto"``, ``"dense"``, ``"sparse"`` or ``"triton"`` (see the module docstring).
+
+    ``weight`` is the dense kernel of all heads (output channel ``j*h + i`` from head ``i``).
+    ``inactive_channels`` (buffer) is the current ``k_off``; ``aux_loss()`` is the lasso term of
+    the last training-mode forward (a zero tensor before any).
+    """
+
+    method = "dgc"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        heads: int = 4,
+        squeeze_rate: int = 16,
+        gate_factor: float = 0.25,
+        impl: Impl = "auto",
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+        )
+        if groups != 1:
+            raise ValueError(f"groups must be 1 for DGC (the heads replace groups), got {groups}")
+        _check_options(in_channels, heads, squeeze_rate, gate_factor, impl)
+        if out_channels % heads:
+            raise ValueError(f"out_channels ({out_channels}) must be divisible by heads ({heads})")
+        factory = {"device": device, "dtype": dtype}
+        self.heads = heads
+        self.squeeze_rate = squeeze_rate
+        self.gate_factor = float(gate_factor)
+        self.impl = impl
+        hidden = max(1, in_channels // squeeze_rate)
+        self.hidden = hidden
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels, *self.spec.kernel_size, **factory)
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.fc1_weight = nn.Parameter(torch.empty(heads, hidden, in_channels, **factory))
+        self.fc2_weight = nn.Parameter(torch.empty(heads, in_channels, hidden, **factory))
+        self.fc2_bias = nn.Parameter(torch.empty(heads, in_channels, **factory))
+        self.register_buffer("inactive_channels", torch.zeros((), dtype=torch.long, device=device))
+        # A Python mirror of the buffer for the sparse paths' static shapes; kept in sync by
+        # set_progress and load_state_dict.
+        self._inactive = 0
+        self._last_lasso: Tensor | None = None
+        #: Batch chunks of the Triton training path's backward (memory/launches trade-off).
+        self.backward_chunks = 2
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        fan_in = self.spec.in_channels * self.spec.kernel_numel
+        kaiming_uniform_(self.weight, fan_in)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        with torch.no_grad():  # kaiming-normal of each head's Linear layers, fc2 bias 1
+            self.fc1_weight.normal_(0.0, math.sqrt(2.0 / self.spec.in_channels))
+            self.fc2_weight.normal_(0.0, math.sqrt(2.0 / self.hidden))
+            self.fc2_bias.fill_(1.0)
+
+    # ---------------------------------------------------------------------------- schedule
+    @property
+    def kept_channels(self) -> int:
+        """Channels each head reads per example now (``Cin - k_off``)."""
+        return self.spec.in_channels - self._inactive
+
+    def set_inactive_channels(self, count: int) -> None:
+        """Set ``k_off`` directly (``set_progress`` computes it from the schedule)."""
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise ValueError(f"inactive channel count must be an int, got {count!r}")
+        if not 0 <= count < self.spec.in_channels:
+            raise ValueError(
+                f"inactive channel count must be in [0, in_channels) = [0, {self.spec.in_channels}), "
+                f"got {count}"
+            )
+        self._inactive = count
+        with torch.no_grad():
+            self.inactive_channels.fill_(count)
+
+    def set_progress(self, progress: float) -> None:
+        progress = check_progress(progress)
+        self.set_inactive_channels(
+            inactive_channels_at(progress, self.spec.in_channels, self.gate_factor)
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        count = int(self.inactive_channels)
+        if not 0 <= count < self.spec.in_channels:
+            raise ValueError(f"{prefix}inactive_channels={count} out of [0, in_channels)")
+        self._inactive = count
+
+    # ---------------------------------------------------------------------------- forward
+    def saliency(self, x: Tensor) -> Tensor:
+        """``(B, h, Cin)`` saliencies of ``x`` (before gating)."""
+        return saliency(x, self.fc1_weight, self.fc2_weight, self.fc2_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.spec.in_channels, type(self).__name__)
+        g = self.saliency(x)
+        if self.training:
+            # The lasso term of this forward, read by aux_loss(): a plain attribute (not
+            # schedule state), so every DDP rank / compiled graph uses its own forward's value.
+            self._last_lasso = lasso(g)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        impl = _pick_impl(self.impl, needs_grad, self.training, self.spec, x)
+        if impl == "triton" and needs_grad:
+            gated = gate_dense(g, self.inactive_channels)
+            index = select_kept(g, self._inactive)[0]
+            out = _GatedHeadsConv.apply(
+                x, gated, self.weight, index, self.spec, self.heads, True, self.backward_chunks
+            )
+        elif impl == "dense":
+            out = dense_masked_conv(
+                x, self.weight, gate_dense(g, self.inactive_channels), self.spec, self.heads
+            )
+        elif impl == "triton":
+            kernel_weight = triton_kernel_layout(self.weight, self.heads)
+            out = _run_triton(x, kernel_weight, g, self._inactive, self.spec, self.heads)
+        else:
+            index, scale = select_kept(g, self._inactive)
+            out = gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, -1, 1, 1)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The last lasso term is part of an autograd graph: copies and pickles drop it.
+        state = self.__dict__.copy()
+        state["_last_lasso"] = None
+        return state
+
+    def aux_loss(self) -> Tensor:
+        """``lasso`` of the last training-mode forward (zero before any)."""
+        if self._last_lasso is None:
+            return super().aux_loss()
+        return self._last_lasso
+
+    # ---------------------------------------------------------------------------- contract
+    def deploy(self) -> SparseDynamicGroupConv2d:
+        """The sparse inference module (gathers ``Cin - k_off`` channels per head)."""
+        return SparseDynamicGroupConv2d.from_layer(self)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        heads: int = 4,
+        squeeze_rate: int = 16,
+        gate_factor: float = 0.25,
+        impl: Impl = "auto",
+        **options: Any,
+    ) -> DynamicGroupConv2d:
+        """A DGC layer with ``conv``'s kernel (every head keeps its rows of it)."""
+        if options:
+            raise ValueError(f"unknown DGC option(s): {sorted(options)}")
+        if type(conv) is not nn.Conv2d:
+            raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
+        if conv.groups != 1:
+            raise ConversionSkipped(f"grouped conv (groups={conv.groups}); DGC needs groups=1")
+        if conv.out_channels % heads:
+            raise ConversionSkipped(
+                f"out_channels={conv.out_channels} not divisible by heads={heads}"
+            )
+        if conv.in_channels - round(conv.in_channels * (1 - gate_factor)) < 1:
+            raise ConversionSkipped(
+                f"in_channels={conv.in_channels} too few to keep a fraction {gate_factor}"
+            )
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,  # type: ignore[arg-type]
+            conv.stride,  # type: ignore[arg-type]
+            conv.padding,  # type: ignore[arg-type]
+            conv.dilation,  # type: ignore[arg-type]
+            1,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            heads=heads,
+            squeeze_rate=squeeze_rate,
+            gate_factor=gate_factor,
+            impl=impl,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer.train(conv.training)
+        return layer
+
+    def _saliency_macs(self, batch: int) -> int:
+        return batch * self.heads * 2 * self.spec.in_channels * self.hidden
+
+    def count_macs(
+        self, input_shape: Sequence[int], output_shape: Sequence[int]
+    ) -> tuple[int, int]:
+        """Dense: the full conv of every head + the saliency FCs. Active: each head convolves
+        ``Cin - k_off`` channels (the current ``k_off``) + the saliency FCs."""
+        conv = self.spec.dense_macs(output_shape)
+        fcs = self._saliency_macs(int(output_shape[0]))
+        active = conv // self.spec.in_channels * self.kept_channels
+        return conv + fcs, active + fcs
+
+    def count_macs_reference(
+        self, input_shape: Sequence[int], output_shape: Sequence[int]
+    ) -> tuple[float, float]:
+        """What the reference counter (``utils.measure_model`` of the DGC code) counts.
+
+        Worked out from its totals for DyDenseNet-86 (CIFAR, 71,037,118) and DyResNet-18
+        (224 px, 890,396,782.4), which it reproduces exactly: per layer, the head convs at
+        ``gate_factor`` of their dense MACs (the fraction, not the current ``k_off``, hence the
+        non-integer total), the global average pool (one op per input element), and per head
+        ``fc1`` (``Cin R``), its ReLU (``R``), ``fc2`` with bias (``R Cin + Cin``), its ReLU
+        (``Cin``) and one more op per saliency (``Cin``, the gating). The layer's
+        BN-ReLU (its ReLU: one op per input element) lives in the network, whose ``nn.ReLU``
+        the counter counts. Dense: the same with the full conv.
+        """
+        batch = int(input_shape[0])
+        cin, hidden = self.spec.in_channels, self.hidden
+        conv = self.spec.dense_macs(output_shape)
+        pool = math.prod(int(s) for s in input_shape)
+        per_head = cin * hidden + hidden + hidden * cin + cin + cin + cin
+        extra = pool + batch * self.heads * per_head
+        active = conv * self.gate_factor + extra
+        return (conv + extra, int(active) if float(active).is_integer() else active)
+
+    def structure(self) -> str:
+        return (
+            f"{self.heads} heads, {self.kept_channels}/{self.spec.in_channels} channels kept"
+            f" (target {self.gate_factor:g})"
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, heads={self.heads}, squeeze_rate={self.squeeze_rate}, "
+            f"gate_factor={self.gate_factor:g}, inactive={self._inactive}, impl={self.impl!r}"
+        )
+
+
+class SparseDynamicGroupConv2d(nn.Module):
+    """The deployed DGC layer: computes only the kept channels of each example and head.
+
+    Same numbers as :class:`DynamicGroupConv2d` in eval mode, at ``K/Cin`` of the conv MACs
+    (``K = Cin - k_off``). Uses the fused Triton kernel where it runs (CUDA), otherwise (and
+    while being traced by ``torch.export``/``torch.compile``) the PyTorch gather + bmm form.
+    ``impl``: ``"auto"``, ``"sparse"`` or ``"triton"``.
+    """
+
+    def __init__(
+        self,
+        spec: ConvSpec,
+        heads: int,
+        kept: int,
+        weight: Tensor,
+        bias: Tensor | None,
+        fc1_weight: Tensor,
+        fc2_weight: Tensor,
+        fc2_bias: Tensor,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if impl not in ("auto", "sparse", "triton"):
+            raise ValueError(f"impl must be 'auto', 'sparse' or 'triton', got {impl!r}")
+        self.spec = spec
+        self.heads = heads
+        self.kept = kept
+        self.impl = impl
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
+        self.fc1_weight = nn.Parameter(fc1_weight.detach().clone(), requires_grad=False)
+        self.fc2_weight = nn.Parameter(fc2_weight.detach().clone(), requires_grad=False)
+        self.fc2_bias = nn.Parameter(fc2_bias.detach().clone(), requires_grad=False)
+        self.register_buffer(
+            "kernel_weight", triton_kernel_layout(self.weight.detach(), heads), persistent=False
+        )
+
+    @classmethod
+    def from_layer(cls, layer: DynamicGroupConv2d) -> SparseDynamicGroupConv2d:
+        impl = layer.impl if layer.impl in ("sparse", "triton") else "auto"
+        return cls(
+            layer.spec,
+            layer.heads,
+            layer.kept_channels,
+            layer.weight,
+            layer.bias,
+            layer.fc1_weight,
+            layer.fc2_weight,
+            layer.fc2_bias,
+            impl,
+        )
+
+    @property
+    def in_channels(self) -> int:
+        return self.spec.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.spec.out_channels
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        module = super()._apply(fn, recurse)
+        self.kernel_weight = triton_kernel_layout(self.weight.detach(), self.heads)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.spec.in_channels, type(self).__name__)
+        g = saliency(x, self.fc1_weight, self.fc2_weight, self.fc2_bias)
+        inactive = self.spec.in_channels - self.kept
+        impl = _pick_impl(self.impl, False, False, self.spec, x)
+        if impl == "triton":
+            out = _run_triton(x, self.kernel_weight, g, inactive, self.spec, self.heads)
+        else:
+            index, scale = select_kept(g, inactive)
+            out = gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, -1, 1, 1)
+        return out
+
+    def count_macs(
+        self, input_shape: Sequence[int], output_shape: Sequence[int]
+    ) -> tuple[int, int]:
+        conv = self.spec.dense_macs(output_shape) // self.spec.in_channels * self.kept
+        fcs = (
+            int(output_shape[0]) * self.heads * 2 * self.spec.in_channels * self.fc1_weight.shape[1]
+        )
+        return conv + fcs, conv + fcs
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"{s.in_channels}, {s.out_channels}, kernel_size={s.kernel_size}, stride={s.stride}, "
+            f"heads={self.heads}, kept={self.kept}, impl={self.impl!r}"
+        )

@@ -1,3 +1,150 @@
-"""Networks: dydensenet (to be implemented by its issue)."""
+"""DyDenseNet: CondenseNet's dense layout with dynamic group convolutions (DGC, ECCV 2020).
 
-__all__: list[str] = []
+Su et al., "Dynamic Group Convolution for Accelerating Convolutional Neural Networks".
+
+Layout (CondenseNet's): a 3x3 stem conv to ``2 * growth[0]`` channels (stride 1 for CIFAR, 2
+for ImageNet), dense blocks whose layers are BN-ReLU-DGC 1x1 (``Cin -> bottleneck * growth``)
+then BN-ReLU-conv 3x3 (groups ``group_3x3``) to ``growth`` channels, concatenated to the input;
+2x2 average pools between blocks; head BN-ReLU-global average pool-linear. Init: conv kernels
+``normal(0, sqrt(2 / (k*k*Cout)))``, BN 1/0, classifier bias 0.
+
+The paper's networks use the reference code's squeeze rate, halved for layers with fewer than
+80 input channels (``reference_squeeze=True``, the default here: it is what the published
+parameter counts and checkpoints have).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.dgc import DynamicGroupConv2d, reference_squeeze_rate
+
+__all__ = ["DyDenseLayer", "DyDenseNet", "dydensenet74_imagenet", "dydensenet86"]
+
+
+class DyDenseLayer(nn.Module):
+    """BN-ReLU-DGC 1x1, BN-ReLU-conv 3x3; returns ``cat([x, new features])``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        growth: int,
+        bottleneck: int,
+        group_3x3: int,
+        heads: int,
+        squeeze_rate: int,
+        gate_factor: float,
+    ) -> None:
+        super().__init__()
+        width = bottleneck * growth
+        self.norm_1 = nn.BatchNorm2d(in_channels)
+        self.relu_1 = nn.ReLU(inplace=True)
+        self.conv_1 = DynamicGroupConv2d(
+            in_channels,
+            width,
+            1,
+            bias=False,
+            heads=heads,
+            squeeze_rate=squeeze_rate,
+            gate_factor=gate_factor,
+        )
+        self.norm_2 = nn.BatchNorm2d(width)
+        self.relu_2 = nn.ReLU(inplace=True)
+        self.conv_2 = nn.Conv2d(width, growth, 3, padding=1, groups=group_3x3, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv_1(self.relu_1(self.norm_1(x)))
+        y = self.conv_2(self.relu_2(self.norm_2(y)))
+        return torch.cat([x, y], 1)
+
+
+class DyDenseNet(nn.Module):
+    """The DyDenseNet family; ``data`` is ``"cifar10"``, ``"cifar100"`` or ``"imagenet"``."""
+
+    def __init__(
+        self,
+        stages: Sequence[int],
+        growth: Sequence[int],
+        *,
+        num_classes: int = 10,
+        data: str = "cifar10",
+        bottleneck: int = 4,
+        group_3x3: int = 4,
+        heads: int = 4,
+        squeeze_rate: int = 16,
+        gate_factor: float = 0.25,
+        reference_squeeze: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(stages) != len(growth) or not stages:
+            raise ValueError(
+                f"stages and growth must be non-empty and of equal length, got {stages}, {growth}"
+            )
+        if data not in ("cifar10", "cifar100", "imagenet"):
+            raise ValueError(f"data must be 'cifar10', 'cifar100' or 'imagenet', got {data!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        stride = 2 if data == "imagenet" else 1
+        channels = 2 * growth[0]
+        self.features = nn.Sequential()
+        self.features.add_module(
+            "init_conv", nn.Conv2d(3, channels, 3, stride=stride, padding=1, bias=False)
+        )
+        for i, (layers, rate) in enumerate(zip(stages, growth)):
+            block = nn.Sequential()
+            for j in range(layers):
+                cin = channels + j * rate
+                sr = (
+                    reference_squeeze_rate(cin, squeeze_rate) if reference_squeeze else squeeze_rate
+                )
+                block.add_module(
+                    f"denselayer_{j + 1}",
+                    DyDenseLayer(cin, rate, bottleneck, group_3x3, heads, sr, gate_factor),
+                )
+            self.features.add_module(f"denseblock_{i + 1}", block)
+            channels += layers * rate
+            if i != len(stages) - 1:
+                self.features.add_module(f"transition_{i + 1}", nn.AvgPool2d(2, 2))
+        self.norm_last = nn.BatchNorm2d(channels)
+        self.relu_last = nn.ReLU(inplace=True)
+        self.pool_last = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+        self.num_features = channels
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | DynamicGroupConv2d):
+                kh, kw = module.kernel_size
+                nn.init.normal_(
+                    module.weight, 0.0, math.sqrt(2.0 / (kh * kw * module.out_channels))
+                )
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.relu_last(self.norm_last(self.features(x)))
+        return self.classifier(self.pool_last(features).flatten(1))
+
+
+def dydensenet86(num_classes: int = 10, **options) -> DyDenseNet:
+    """DyDenseNet-86 for CIFAR: stages 14-14-14, growth 8-16-32, 4 heads, 25% kept."""
+    data = options.pop("data", "cifar10" if num_classes == 10 else "cifar100")
+    return DyDenseNet([14, 14, 14], [8, 16, 32], num_classes=num_classes, data=data, **options)
+
+
+def dydensenet74_imagenet(num_classes: int = 1000, **options) -> DyDenseNet:
+    """DyDenseNet for ImageNet (CondenseNet-74 layout: stages 4-6-8-10-8, growth 8-...-128)."""
+    return DyDenseNet(
+        [4, 6, 8, 10, 8],
+        [8, 16, 32, 64, 128],
+        num_classes=num_classes,
+        data="imagenet",
+        **options,
+    )
