@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dynaconv.layers.dgconv import GroupableConv2d, fold_bottleneck
-from harness import Row, Timing, common_args, forward_fn, measure, report, train_step_fn
+from harness import Row, Timing, common_args, device_ms, forward_fn, measure, report, train_step_fn
 
 CASES = [("256ch 14x14", 256, 14), ("128ch 28x28", 128, 28)]
 GROUPS = 32
@@ -118,6 +118,19 @@ def main() -> None:
             train_row(case, "DGConv + aux_loss", layer, x, base_train, args, 1.2, aux=True),
             train_row(case, "DGConv (impl=torch)", torch_layer, x, base_train, args, None, False),
         ]
+        base_device = device_ms(train_step_fn(plain.train(), x), device)
+        layer_device = device_ms(train_step_fn(layer.train(), x), device)
+        if base_device and layer_device:
+            rows.append(
+                Row(
+                    case,
+                    "DGConv (impl=auto)",
+                    "train step, device time",
+                    layer_device,
+                    base_device,
+                    notes="sum of GPU kernel time (torch.profiler)",
+                )
+            )
 
         base_dense = measure(forward_fn(plain.eval(), x), device, warmup, reps)
         fwd = measure(forward_fn(layer.eval(), x), device, warmup, reps)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import dynaconv
-from harness import Row, common_args, forward_fn, measure, report, train_step_fn
+from harness import Row, common_args, device_ms, forward_fn, measure, report, train_step_fn
 
 CASES = [("256ch 14x14", 256, 14), ("64ch 56x56", 64, 56)]
 
@@ -47,6 +47,19 @@ def main() -> None:
                 bar=1.15,
             )
         )
+        base_device = device_ms(train_step_fn(plain.train(), x), device)
+        layer_device = device_ms(train_step_fn(layer.train(), x), device)
+        if base_device and layer_device:
+            rows.append(
+                Row(
+                    case,
+                    "DO-Conv",
+                    "train step, device time",
+                    layer_device,
+                    base_device,
+                    notes="sum of GPU kernel time (torch.profiler)",
+                )
+            )
         layer.eval()
         fwd = measure(forward_fn(layer, x), device, args.warmup, args.reps)
         rows.append(

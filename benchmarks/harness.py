@@ -127,6 +127,27 @@ def measure(
     return Timing(statistics.median(times), peak)
 
 
+def device_ms(fn: Callable[[], object], device: torch.device, calls: int = 10) -> float | None:
+    """Device time of one call: the sum of its GPU kernels' durations (torch.profiler).
+
+    A single small layer's eager training step is often bound by the host (Python and
+    dispatch), not the GPU; this figure says what the step costs the GPU, which is what it adds
+    inside a network whose host work overlaps the device's. ``None`` off CUDA.
+    """
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us / 1e3 / calls
+
+
 def forward_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     def run() -> object:
         with torch.inference_mode():

@@ -220,20 +220,3 @@ def test_kernel_gradients_match_einsum(cfg):
     actual = torch.autograd.grad(layer.weight, (layer.W, layer.D), upstream)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
-
-
-def test_kernel_gradcheck():
-    layer = DOConv2d(4, 6, (2, 3), groups=2, D_mul=8, dtype=torch.float64)
-    with torch.no_grad():
-        layer.D.normal_()
-    d_diag = layer.D_diag
-    out_per_group = layer.out_channels // layer.groups
-
-    def compose(w, d):
-        from dynaconv.layers.doconv import _ComposeKernel
-
-        return _ComposeKernel.apply(w, d + d_diag, out_per_group)
-
-    assert torch.autograd.gradcheck(
-        compose, (layer.W.detach().requires_grad_(), layer.D.detach().requires_grad_())
-    )

@@ -56,6 +56,7 @@ Shapes: input ``(B, Cin, H, W)`` -> output ``(B, Cout, H', W')`` as ``nn.Conv2d`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -100,11 +101,24 @@ def inactive_channels_at(progress: float, in_channels: int, gate_factor: float) 
 def saliency(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> Tensor:
     """``g``: ``(B, h, Cin)`` saliencies of ``x`` ``(B, Cin, H, W)`` for every head."""
     heads, hidden_width, channels = fc1_weight.shape
-    pooled = x.mean(dim=(2, 3))
-    hidden = torch.relu(F.linear(pooled, fc1_weight.reshape(heads * hidden_width, channels)))
-    per_head = hidden.reshape(-1, heads, hidden_width).transpose(0, 1)  # h, B, R
-    out = torch.baddbmm(fc2_bias.unsqueeze(1), per_head, fc2_weight.transpose(1, 2))
-    return torch.relu(out).transpose(0, 1)
+    # Which channels are kept is a hard decision: it is made in at least float32, also under
+    # autocast, so that reduced precision changes the arithmetic but not the selection.
+    dtype = torch.promote_types(fc1_weight.dtype, torch.float32)
+    with _autocast_off(x):
+        pooled = x.to(dtype).mean(dim=(2, 3))
+        weight1 = fc1_weight.to(dtype).reshape(heads * hidden_width, channels)
+        hidden = torch.relu(F.linear(pooled, weight1))
+        per_head = hidden.reshape(-1, heads, hidden_width).transpose(0, 1)  # h, B, R
+        out = torch.baddbmm(
+            fc2_bias.to(dtype).unsqueeze(1), per_head, fc2_weight.to(dtype).transpose(1, 2)
+        )
+        return torch.relu(out).transpose(0, 1)
+
+
+def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+    if x.device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def lasso(g: Tensor) -> Tensor:
