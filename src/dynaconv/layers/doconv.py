@@ -146,16 +146,22 @@ class DOConv2d(DynaConv2d):
         return self.fused_kernel()
 
     def _cache_key(self) -> tuple[Any, ...]:
-        tensors = [self.W] if self.D is None else [self.W, self.D]
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        # data_ptr changes with .to(device/dtype) and load into new storage; _version with
+        # every in-place update (optimizer steps, load_state_dict, no_grad edits).
+        w, d = self.W, self.D
+        return (w.data_ptr(), w._version, d.data_ptr(), d._version)
 
     def _inference_kernel(self) -> Tensor:
         """The fused kernel, cached while no gradient is needed and the weights are unchanged."""
-        needs_grad = torch.is_grad_enabled() and any(
-            p.requires_grad for p in (self.W, self.D) if p is not None
-        )
-        if self.training or needs_grad or torch.compiler.is_compiling():
-            self._cache = None
+        if self.D is None:
+            return self.fused_kernel()  # a view of W: nothing to cache
+        if (
+            self.training
+            or (torch.is_grad_enabled() and (self.W.requires_grad or self.D.requires_grad))
+            or torch.compiler.is_compiling()
+        ):
+            if self._cache is not None:
+                self._cache = None
             return self.fused_kernel()
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
