@@ -277,3 +277,19 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
             {k: v for k, v in r.items() if k != "elapsed_s"} for r in straight_ckpt["state"][key]
         ]
         assert rows_a == rows_b
+
+
+def test_profile_of_a_recipe_at_a_progress(capsys):
+    assert (
+        main(["profile", "--recipe", "digits-small", "--convert", "lgc", "--progress", "1.0"]) == 0
+    )
+    condensed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["profile", "--recipe", "digits-small", "--convert", "lgc"]) == 0
+    dense = capsys.readouterr().out.strip().splitlines()[-1]
+    active = [
+        int(line.split("active ")[1].rstrip(")").replace(",", "")) for line in (condensed, dense)
+    ]
+    assert active[0] < active[1]  # condensed layers compute fewer MACs
+    with pytest.raises(SystemExit):
+        main(["profile", "--recipe", "digits-small", "--progress", "2"])
+    assert "progress must be a number in [0, 1]" in capsys.readouterr().err

@@ -131,11 +131,23 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"progress must be a number in [0, 1], got {text!r}")
+    return value
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     from .commands import profile_checkpoint
 
     config = None if args.checkpoint else _resolve(args)
-    report = profile_checkpoint(args.checkpoint, config, args.batch, args.convention, args.weights)
+    report = profile_checkpoint(
+        args.checkpoint, config, args.batch, args.convention, args.weights, args.progress
+    )
     print(report)
     return 0
 
@@ -211,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--batch", type=int, default=1, help="batch size of the profiled input")
     profile.add_argument("--convention", choices=("dense", "reference"), default="dense")
     profile.add_argument("--weights", choices=("ema", "model"), default="ema")
+    profile.add_argument(
+        "--progress",
+        type=_progress_value,
+        default=None,
+        help="first bring the schedules to this progress in [0, 1] (1.0: as after training)",
+    )
     return parser
 
 

@@ -200,13 +200,21 @@ def profile_checkpoint(
     batch: int = 1,
     convention: str = "dense",
     weights: str = "ema",
+    progress: float | None = None,
 ) -> dynaconv.Profile:
-    """``dynaconv.profile`` of a trained model, or of a configured (untrained) one."""
+    """``dynaconv.profile`` of a trained model, or of a configured (untrained) one.
+
+    ``progress`` first brings the schedules there (e.g. 1.0: an untrained CondenseNet
+    condensed as at the end of training, so ``macs_active`` is what deployment will compute).
+    """
     if path is not None:
         model, config = load_trained(path, weights)
     else:
-        assert config is not None
+        if config is None:
+            raise ValueError("profile needs a checkpoint or a configuration (--recipe/--model)")
         model = build_model(config)
+    if progress is not None:
+        dynaconv.set_progress(model, progress)
     info = dataset_info(config["data"])
     shape = (batch, info.channels, info.image_size, info.image_size)
     return dynaconv.profile(model.eval(), shape, convention=convention)  # type: ignore[arg-type]
