@@ -11,6 +11,10 @@ import torch
 # before triton is first imported, hence here, before dynaconv is imported by any test.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # Tests check correctness, not speed: one configuration per kernel instead of autotuning
+    # every new test shape over all of them (benchmarks autotune fully).
+    os.environ.setdefault("DYNACONV_TRITON_AUTOTUNE", "0")
 
 import pytest
 from hypothesis import HealthCheck, settings

@@ -13,7 +13,13 @@ import os
 
 import torch
 
-__all__ = ["interpreting", "triton_available", "triton_preferred", "triton_usable"]
+__all__ = [
+    "autotune_configs",
+    "interpreting",
+    "triton_available",
+    "triton_preferred",
+    "triton_usable",
+]
 
 
 @functools.cache
@@ -47,3 +53,12 @@ def triton_preferred(*tensors: torch.Tensor) -> bool:
     a Triton path explicitly; it is far slower than PyTorch, so automatic choices skip it.
     """
     return triton_available() and bool(tensors) and all(t.is_cuda for t in tensors)
+
+
+def autotune_configs(configs: list) -> list:
+    """The configurations a kernel autotunes over: all of them, or only the first when
+    ``DYNACONV_TRITON_AUTOTUNE=0`` (read when the kernel is built). Correctness tests on a GPU
+    set it, since tuning every new test shape compiles each configuration."""
+    if os.environ.get("DYNACONV_TRITON_AUTOTUNE", "1") == "0":
+        return configs[:1]
+    return configs

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import interpreting
+from . import autotune_configs, interpreting
 
 __all__ = ["condconv_triton", "premix_default"]
 
@@ -231,8 +231,10 @@ _PREMIX_CONFIGS = [
     _config(256, 128, 16, 8, 2),
 ]
 _KEY = ["CIN_G", "COUT_G", "P", "E", "KH", "KW", "SH", "SW", "ROUTE"]
-_mix_kernel = triton.autotune(configs=_MIX_CONFIGS, key=_KEY)(_condconv_kernel)
-_premix_kernel = triton.autotune(configs=_PREMIX_CONFIGS, key=_KEY)(_condconv_kernel)
+_mix_kernel = triton.autotune(configs=autotune_configs(_MIX_CONFIGS), key=_KEY)(_condconv_kernel)
+_premix_kernel = triton.autotune(configs=autotune_configs(_PREMIX_CONFIGS), key=_KEY)(
+    _condconv_kernel
+)
 
 #: Block sizes in Triton's interpreter (CPU tests): the smallest that ``tl.dot`` accepts.
 _INTERPRETER_BLOCKS = {"BLOCK_CO": 16, "BLOCK_P": 16, "BLOCK_K": 16, "UNROLL_E": False}

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import interpreting
+from . import autotune_configs, interpreting
 
 __all__ = ["gathered_conv_triton"]
 
@@ -126,9 +126,9 @@ def _kernels():
             (128, 64, 32, 8, 3),
         ]
     ]
-    tuned = triton.autotune(configs=configs, key=["CIN", "COUT_H", "K", "P", "KH", "KW"])(
-        gathered_conv_kernel
-    )
+    tuned = triton.autotune(
+        configs=autotune_configs(configs), key=["CIN", "COUT_H", "K", "P", "KH", "KW"]
+    )(gathered_conv_kernel)
     return gathered_conv_kernel, tuned, triton
 
 

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from . import triton_available
+from . import autotune_configs, triton_available
 
 __all__ = ["condensed_conv", "condensed_conv1x1", "supports"]
 
@@ -132,7 +132,7 @@ def _kernels() -> tuple[Any, Any]:
         triton.Config({"BLOCK_P": 128, "BLOCK_K": 16}, num_warps=4, num_stages=4),
     ]
     tuned = triton.autotune(
-        configs=configs, key=["P", "K", "N", "HAS_PRE", "HAS_POST", "DOT_IEEE"]
+        configs=autotune_configs(configs), key=["P", "K", "N", "HAS_PRE", "HAS_POST", "DOT_IEEE"]
     )(lgc_kernel)
     return lgc_kernel, tuned
 
