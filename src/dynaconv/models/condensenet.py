@@ -52,6 +52,7 @@ __all__ = [
     "CondenseNet",
     "CondensedDenseBlock",
     "CondensedDenseLayer",
+    "DenseLayer",
     "PrunedLinear",
     "condensenet50",
     "condensenet74",
@@ -70,8 +71,33 @@ Data = Literal["cifar", "imagenet"]
 Impl = Literal["auto", "torch", "triton"]
 
 
-class CondenseLayer(nn.Module):
-    """BN-ReLU-LGC 1x1 then BN-ReLU-3x3 grouped conv; returns ``cat([x, new], 1)``."""
+class DenseLayer(nn.Module):
+    """BN-ReLU-``conv_1`` then BN-ReLU-3x3 grouped conv to ``growth``; returns ``cat([x, new], 1)``.
+
+    ``conv_1`` is the family's 1x1 layer to ``bottleneck * growth`` channels: a learned group
+    conv in CondenseNet, a dynamic group conv in DyDenseNet (the same layout otherwise).
+    """
+
+    def __init__(self, in_channels: int, growth: int, conv_1: nn.Module, group_3x3: int) -> None:
+        super().__init__()
+        width = conv_1.out_channels
+        self.norm_1 = nn.BatchNorm2d(in_channels)
+        self.relu_1 = nn.ReLU(inplace=True)
+        self.conv_1 = conv_1
+        self.norm_2 = nn.BatchNorm2d(width)
+        self.relu_2 = nn.ReLU(inplace=True)
+        self.conv_2 = nn.Conv2d(width, growth, 3, padding=1, groups=group_3x3, bias=False)
+
+    def new_features(self, x: Tensor) -> Tensor:
+        hidden = self.conv_1(self.relu_1(self.norm_1(x)))
+        return self.conv_2(self.relu_2(self.norm_2(hidden)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, self.new_features(x)], 1)
+
+
+class CondenseLayer(DenseLayer):
+    """A CondenseNet dense layer: the 1x1 conv is a :class:`LearnedGroupConv2d`."""
 
     def __init__(
         self,
@@ -84,29 +110,16 @@ class CondenseLayer(nn.Module):
         condense_factor: int | None = None,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        width = bottleneck * growth
-        self.norm_1 = nn.BatchNorm2d(in_channels)
-        self.relu_1 = nn.ReLU(inplace=True)
-        self.conv_1 = LearnedGroupConv2d(
+        conv_1 = LearnedGroupConv2d(
             in_channels,
-            width,
+            bottleneck * growth,
             1,
             bias=False,
             learned_groups=group_1x1,
             condense_factor=condense_factor,
             dropout=dropout,
         )
-        self.norm_2 = nn.BatchNorm2d(width)
-        self.relu_2 = nn.ReLU(inplace=True)
-        self.conv_2 = nn.Conv2d(width, growth, 3, padding=1, groups=group_3x3, bias=False)
-
-    def new_features(self, x: Tensor) -> Tensor:
-        hidden = self.conv_1(self.relu_1(self.norm_1(x)))
-        return self.conv_2(self.relu_2(self.norm_2(hidden)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([x, self.new_features(x)], 1)
+        super().__init__(in_channels, growth, conv_1, group_3x3)
 
 
 class LGCTransition(nn.Module):

@@ -18,16 +18,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ..layers.dgc import DynamicGroupConv2d, reference_squeeze_rate
+from .condensenet import DenseLayer
 
 __all__ = ["DyDenseLayer", "DyDenseNet", "dydensenet74_imagenet", "dydensenet86"]
 
 
-class DyDenseLayer(nn.Module):
-    """BN-ReLU-DGC 1x1, BN-ReLU-conv 3x3; returns ``cat([x, new features])``."""
+class DyDenseLayer(DenseLayer):
+    """A DyDenseNet dense layer: the 1x1 conv is a :class:`DynamicGroupConv2d`."""
 
     def __init__(
         self,
@@ -39,27 +39,16 @@ class DyDenseLayer(nn.Module):
         squeeze_rate: int,
         gate_factor: float,
     ) -> None:
-        super().__init__()
-        width = bottleneck * growth
-        self.norm_1 = nn.BatchNorm2d(in_channels)
-        self.relu_1 = nn.ReLU(inplace=True)
-        self.conv_1 = DynamicGroupConv2d(
+        conv_1 = DynamicGroupConv2d(
             in_channels,
-            width,
+            bottleneck * growth,
             1,
             bias=False,
             heads=heads,
             squeeze_rate=squeeze_rate,
             gate_factor=gate_factor,
         )
-        self.norm_2 = nn.BatchNorm2d(width)
-        self.relu_2 = nn.ReLU(inplace=True)
-        self.conv_2 = nn.Conv2d(width, growth, 3, padding=1, groups=group_3x3, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.conv_1(self.relu_1(self.norm_1(x)))
-        y = self.conv_2(self.relu_2(self.norm_2(y)))
-        return torch.cat([x, y], 1)
+        super().__init__(in_channels, growth, conv_1, group_3x3)
 
 
 class DyDenseNet(nn.Module):
