@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -236,40 +237,20 @@ def efficientnet_condconv(
     )
 
 
-def efficientnet_b0_condconv4(
-    num_classes: int = 1000,
-    dropout: float = 0.25,
-    stochastic_depth_prob: float = 0.2,
-    routing_dropout: float = 0.0,
-    impl: str = "auto",
-) -> EfficientNetCondConv:
-    """CondConv-EfficientNet-B0, 4 experts (paper: 13.3M params, 402M MACs, 77.8% top-1)."""
-    return efficientnet_condconv(
-        4, 1.0, num_classes, dropout, stochastic_depth_prob, routing_dropout, impl
-    )
+def efficientnet_b0_condconv4(**options: Any) -> EfficientNetCondConv:
+    """CondConv-EfficientNet-B0, 4 experts (paper: 13.3M params, 402M MACs, 77.8% top-1).
+
+    ``options``: those of :func:`efficientnet_condconv` after the depth (``num_classes``,
+    ``dropout``, ``stochastic_depth_prob``, ``routing_dropout``, ``impl``).
+    """
+    return efficientnet_condconv(4, 1.0, **options)
 
 
-def efficientnet_b0_condconv8(
-    num_classes: int = 1000,
-    dropout: float = 0.25,
-    stochastic_depth_prob: float = 0.2,
-    routing_dropout: float = 0.0,
-    impl: str = "auto",
-) -> EfficientNetCondConv:
+def efficientnet_b0_condconv8(**options: Any) -> EfficientNetCondConv:
     """CondConv-EfficientNet-B0, 8 experts (paper: 24.0M params, 413M MACs, 78.3% top-1)."""
-    return efficientnet_condconv(
-        8, 1.0, num_classes, dropout, stochastic_depth_prob, routing_dropout, impl
-    )
+    return efficientnet_condconv(8, 1.0, **options)
 
 
-def efficientnet_b0_depth_condconv8(
-    num_classes: int = 1000,
-    dropout: float = 0.25,
-    stochastic_depth_prob: float = 0.2,
-    routing_dropout: float = 0.0,
-    impl: str = "auto",
-) -> EfficientNetCondConv:
+def efficientnet_b0_depth_condconv8(**options: Any) -> EfficientNetCondConv:
     """CondConv-EfficientNet-B0-depth (depth x1.1), 8 experts (paper: 39.7M, 614M, 79.5%)."""
-    return efficientnet_condconv(
-        8, 1.1, num_classes, dropout, stochastic_depth_prob, routing_dropout, impl
-    )
+    return efficientnet_condconv(8, 1.1, **options)
