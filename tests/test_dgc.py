@@ -212,6 +212,15 @@ def test_reference_squeeze_rate():
 
 
 # ------------------------------------------------------------------------------ exactness
+def _padding(cfg) -> int | str:
+    natural = cfg["kernel"] // 2 * cfg["dilation"]
+    choice = cfg.get("padding", "natural")
+    if choice == "same" and cfg["stride"] == 1:
+        return "same"
+    # "over": more than the kernel's reach, so a transposed conv would need negative padding.
+    return {"none": 0, "over": natural + 1}.get(choice, natural)
+
+
 def _random_layer(cfg) -> DynamicGroupConv2d:
     torch.manual_seed(cfg["seed"])
     cin = cfg["cin"]
@@ -220,7 +229,7 @@ def _random_layer(cfg) -> DynamicGroupConv2d:
         cfg["cout_per_head"] * cfg["heads"],
         cfg["kernel"],
         stride=cfg["stride"],
-        padding=cfg["kernel"] // 2 * cfg["dilation"],
+        padding=_padding(cfg),
         dilation=cfg["dilation"],
         bias=cfg["bias"],
         padding_mode=cfg["padding_mode"],
@@ -249,6 +258,7 @@ layer_configs = st.fixed_dictionaries(
         "dilation": st.integers(1, 2),
         "bias": st.booleans(),
         "padding_mode": st.sampled_from(["zeros", "reflect", "circular"]),
+        "padding": st.sampled_from(["natural", "none", "over", "same"]),
         "gate_factor": st.sampled_from([0.25, 0.5, 0.75, 1.0]),
         "progress": st.sampled_from([0.0, 0.3, 0.5, 1.0]),
         "ties": st.booleans(),
@@ -272,11 +282,14 @@ def test_dense_equals_sparse_float64(cfg):
     x = torch.rand(cfg["batch"], cfg["cin"], 6, 5, dtype=torch.float64)
     for mode in ("eval", "train"):
         layer.train(mode == "train")
-        outs = _outputs(layer, x, ["dense", "sparse"])
+        outs = _outputs(layer, x, ["dense", "sparse", "grouped"])
         assert_close64(outs["sparse"], outs["dense"], rtol=1e-12, atol=1e-13)
+        assert_close64(outs["grouped"], outs["dense"], rtol=1e-12, atol=1e-13)
     deployed = layer.eval().deploy()
     with torch.no_grad():
-        assert_close64(deployed(x), outs["dense"], rtol=1e-12, atol=1e-13)
+        for impl in ("auto", "sparse", "grouped"):
+            deployed.impl = impl
+            assert_close64(deployed(x), outs["dense"], rtol=1e-12, atol=1e-13)
 
 
 def test_ties_zero_more_channels_in_both_paths():
@@ -293,9 +306,9 @@ def test_ties_zero_more_channels_in_both_paths():
         x * torch.tensor([0, 0, 0, 0, 3.0, 4, 5, 6], dtype=torch.float64).reshape(1, 8, 1, 1),
         layer.weight,
     )
-    outs = _outputs(layer.eval(), x, ["dense", "sparse"])
-    assert_close64(outs["dense"], expected, rtol=1e-12, atol=1e-13)
-    assert_close64(outs["sparse"], expected, rtol=1e-12, atol=1e-13)
+    outs = _outputs(layer.eval(), x, ["dense", "sparse", "grouped"])
+    for out in outs.values():
+        assert_close64(out, expected, rtol=1e-12, atol=1e-13)
 
 
 @given(cfg=layer_configs)
@@ -303,7 +316,7 @@ def test_sparse_training_gradients_equal_dense(cfg):
     layer = _random_layer(cfg).train()
     x = torch.rand(cfg["batch"], cfg["cin"], 5, 5, dtype=torch.float64, requires_grad=True)
     grads = {}
-    for impl in ("dense", "sparse"):
+    for impl in ("dense", "sparse", "grouped"):
         layer.impl = impl
         layer.zero_grad()
         x.grad = None
@@ -311,8 +324,9 @@ def test_sparse_training_gradients_equal_dense(cfg):
         loss = (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum()
         (loss + layer.aux_loss()).backward()
         grads[impl] = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
-    for dense, sparse in zip(grads["dense"], grads["sparse"]):
-        assert_close64(sparse, dense, rtol=1e-10, atol=1e-12)
+    for impl in ("sparse", "grouped"):
+        for dense, other in zip(grads["dense"], grads[impl]):
+            assert_close64(other, dense, rtol=1e-10, atol=1e-12)
 
 
 def _training_grads(layer, x, run):
@@ -329,7 +343,7 @@ def test_gated_heads_training_function_equals_dense(cfg):
     """The backward of the Triton training path (head by head, batch chunks), run with the
     per-head conv forward so that it is checked on every shape without the interpreter."""
     layer = _random_layer(cfg).train()
-    x = torch.rand(cfg["batch"] * 3, cfg["cin"], 5, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(cfg["batch"] * 3, cfg["cin"], 6, 5, dtype=torch.float64, requires_grad=True)
     layer.impl = "dense"
     expected = _training_grads(layer, x, lambda: layer(x))
 
@@ -370,7 +384,7 @@ def test_triton_kernel_equals_dense_float64(cfg):
     pytest.importorskip("triton")
     cfg = dict(cfg, batch=min(cfg["batch"], 2))
     layer = _random_layer(cfg).eval()
-    x = torch.rand(cfg["batch"], cfg["cin"], 4, 3, dtype=torch.float64)
+    x = torch.rand(cfg["batch"], cfg["cin"], 5, 5, dtype=torch.float64)
     if not dynaconv.kernels.triton_usable(x):
         pytest.skip("Triton cannot run on CPU tensors here (no interpreter)")
     with torch.no_grad():

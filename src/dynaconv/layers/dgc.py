@@ -31,13 +31,18 @@ Execution paths (``impl``), all computing the same numbers:
   convolve only those with the matching kernel columns scaled by their saliency
   (``gate_factor`` of the dense MACs; plain PyTorch gather + unfold + bmm, exportable).
   Ties are reproduced exactly: the gathered channels that the reference zeroes get a scale of 0;
+* ``"grouped"``: the same sparse computation as one convolution with a group per example and
+  head over the gathered channels (a transposed convolution for stride 1, so that the gathered
+  kernels need no reordering); on CPU the fastest form for kernels larger than 1x1; not
+  exportable with a dynamic batch (the number of groups depends on it);
 * ``"triton"``: the sparse computation as one fused implicit-GEMM kernel
   (:mod:`dynaconv.kernels.dgc`). When a gradient is needed, the same kernel is the forward of
   an autograd function whose backward runs cuDNN convolutions head by head over batch
   chunks (dense-cost gradients, transient memory a quarter of ``x``); zero padding only;
-* ``"auto"``: on CUDA, ``"triton"`` (training with zero padding, and inference); elsewhere
-  ``"dense"`` for training and ``"sparse"`` for inference; ``"sparse"`` while being traced by
-  ``torch.compile``/``torch.export`` in inference. The dense training path reads ``k_off``
+* ``"auto"``: on CUDA, ``"triton"`` (training with zero padding, and inference); on CPU,
+  ``"sparse"`` for 1x1 stride-1 kernels and ``"grouped"`` otherwise (training and inference);
+  while being traced by ``torch.compile``/``torch.export`` (and on CUDA without Triton),
+  ``"dense"`` for training and ``"sparse"`` for inference. The dense training path reads ``k_off``
   from the buffer (no Python int), so ``torch.compile`` does not recompile as ``k_off``
   grows; the sparse and Triton paths specialise on it (shapes depend on it).
 
@@ -76,8 +81,9 @@ from ._base import (
 
 __all__ = ["DynamicGroupConv2d", "SparseDynamicGroupConv2d", "reference_squeeze_rate"]
 
-Impl = Literal["auto", "dense", "sparse", "triton"]
-_IMPLS = ("auto", "dense", "sparse", "triton")
+Impl = Literal["auto", "dense", "sparse", "grouped", "triton"]
+_IMPLS = ("auto", "dense", "sparse", "grouped", "triton")
+_DEPLOYED_IMPLS = ("auto", "sparse", "grouped", "triton")
 
 
 def reference_squeeze_rate(in_channels: int, squeeze_rate: int) -> int:
@@ -213,6 +219,75 @@ def gathered_conv(
     return interleave(out, heads)
 
 
+def transposed_head_kernels(weight: Tensor, heads: int) -> Tensor:
+    """``weight`` as rows ``(h*Cin, Cout/h, kh, kw)``: row ``i*Cin + c`` is input channel ``c``
+    of head ``i``, spatially flipped; the layout of a transposed convolution's kernel.
+
+    Gathering the kept rows of an example and head gives, as is, the ``conv_transpose2d``
+    kernel that computes that head's stride-1 convolution over the kept channels.
+    """
+    cout, cin, kh, kw = weight.shape
+    per_head = weight.flip(2, 3).reshape(cout // heads, heads, cin, kh, kw)
+    return per_head.permute(1, 2, 0, 3, 4).reshape(heads * cin, cout // heads, kh, kw)
+
+
+def grouped_gathered_conv(
+    x: Tensor,
+    weight: Tensor,
+    index: Tensor,
+    scale: Tensor,
+    spec: ConvSpec,
+    heads: int,
+    transposed: Tensor | None = None,
+) -> Tensor:
+    """The sparse form as one grouped convolution with a group per example and head.
+
+    Same inputs and numbers as :func:`gathered_conv` (``K/Cin`` of the dense MACs), but the
+    kept channels go to one ``B*h``-group convolution instead of an unfolded matmul, which is
+    several times faster where the convolution library is (CPU). The kernels are gathered per
+    example and head: for stride 1 as rows of ``transposed`` (see
+    :func:`transposed_head_kernels`; computed from ``weight`` when not given) for a transposed
+    convolution, which needs no reordering copy; otherwise reordered for a plain grouped conv.
+    The saliency scale multiplies whichever of the gathered input and kernels is smaller.
+    Differentiable; ``groups`` depends on the batch, so ``torch.export`` specialises it (use
+    :func:`gathered_conv` to export).
+    """
+    batch, cin, height, width = x.shape
+    cout, _, kh, kw = weight.shape
+    keep = index.shape[-1]
+    padding = _zero_padding(spec)
+    if padding is None:
+        x, padding = spec.pad_input(x), (0, 0)
+        batch, cin, height, width = x.shape
+    rows = (index + torch.arange(batch, device=x.device).reshape(batch, 1, 1) * cin).reshape(-1)
+    picked = x.reshape(batch * cin, height * width).index_select(0, rows)
+    head_rows = index + torch.arange(heads, device=x.device).reshape(1, heads, 1) * cin
+    scale_input = height * width <= (cout // heads) * kh * kw
+    if scale_input:
+        picked = picked * scale.reshape(-1, 1).to(picked.dtype)
+    picked = picked.reshape(1, batch * heads * keep, height, width)
+    groups = batch * heads
+    dilation = spec.dilation
+    transposed_padding = tuple(d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding))
+    if spec.stride == (1, 1) and min(transposed_padding) >= 0:
+        if transposed is None:
+            transposed = transposed_head_kernels(weight, heads)
+        kernels = transposed.index_select(0, head_rows.reshape(-1))
+        if not scale_input:
+            kernels = kernels * scale.reshape(-1, 1, 1, 1).to(kernels.dtype)
+        out = F.conv_transpose2d(picked, kernels, None, 1, transposed_padding, 0, groups, dilation)
+    else:
+        per_head = head_kernels(weight, heads).reshape(heads, cout // heads, cin, kh, kw)
+        by_channel = per_head.transpose(1, 2).reshape(heads * cin, cout // heads, kh, kw)
+        kernels = by_channel.index_select(0, head_rows.reshape(-1))
+        if not scale_input:
+            kernels = kernels * scale.reshape(-1, 1, 1, 1).to(kernels.dtype)
+        kernels = kernels.reshape(groups, keep, cout // heads, kh, kw).transpose(1, 2)
+        kernels = kernels.reshape(groups * (cout // heads), keep, kh, kw)
+        out = F.conv2d(picked, kernels, None, spec.stride, padding, dilation, groups)
+    return interleave(out.reshape(batch, cout, *out.shape[2:]), heads)
+
+
 def triton_kernel_layout(weight: Tensor, heads: int) -> Tensor:
     """``weight`` as the Triton kernel reads it: ``(h, kh, kw, Cin, Cout/h)``, contiguous."""
     cout, cin, kh, kw = weight.shape
@@ -283,13 +358,22 @@ def _pick_impl(
         return impl
     if impl != "auto":
         return impl
+    compiling = torch.compiler.is_compiling()
     on_gpu = all(t.is_cuda for t in tensors)  # never the (slow) interpreter by default
-    fast = on_gpu and triton_usable(*tensors) and not torch.compiler.is_compiling()
-    if needs_grad:
-        if training:
-            return "triton" if fast and _zero_padding(spec) is not None else "dense"
-        return "sparse"
-    return "triton" if fast else "sparse"
+    if on_gpu and triton_usable(*tensors) and not compiling:
+        if not needs_grad:
+            return "triton"
+        if not training:
+            return "sparse"
+        return "triton" if _zero_padding(spec) is not None else "dense"
+    # On CPU the sparse forms are the fastest measured (benchmarks/RESULTS.md), for training
+    # too: gather + bmm where there is nothing to unfold (1x1, stride 1), the grouped conv
+    # otherwise. The grouped form specialises on the batch and k_off: not in traced graphs.
+    if all(t.device.type == "cpu" for t in tensors) and not compiling:
+        return "sparse" if spec.kernel_numel == 1 and spec.stride == (1, 1) else "grouped"
+    if needs_grad and training:
+        return "dense"
+    return "sparse"
 
 
 class _GatedHeadsConv(torch.autograd.Function):
@@ -544,6 +628,9 @@ class DynamicGroupConv2d(DynaConv2d):
         elif impl == "triton":
             kernel_weight = triton_kernel_layout(self.weight, self.heads)
             out = _run_triton(x, kernel_weight, g, self._inactive, self.spec, self.heads)
+        elif impl == "grouped":
+            index, scale = select_kept(g, self._inactive)
+            out = grouped_gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
         else:
             index, scale = select_kept(g, self._inactive)
             out = gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
@@ -671,9 +758,8 @@ class SparseDynamicGroupConv2d(nn.Module):
     """The deployed DGC layer: computes only the kept channels of each example and head.
 
     Same numbers as :class:`DynamicGroupConv2d` in eval mode, at ``K/Cin`` of the conv MACs
-    (``K = Cin - k_off``). Uses the fused Triton kernel where it runs (CUDA), otherwise (and
-    while being traced by ``torch.export``/``torch.compile``) the PyTorch gather + bmm form.
-    ``impl``: ``"auto"``, ``"sparse"`` or ``"triton"``.
+    (``K = Cin - k_off``). ``impl``: ``"auto"``, ``"sparse"``, ``"grouped"`` or ``"triton"``,
+    chosen as in :class:`DynamicGroupConv2d`'s inference (module docstring).
     """
 
     def __init__(
@@ -689,8 +775,8 @@ class SparseDynamicGroupConv2d(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        if impl not in ("auto", "sparse", "triton"):
-            raise ValueError(f"impl must be 'auto', 'sparse' or 'triton', got {impl!r}")
+        if impl not in _DEPLOYED_IMPLS:
+            raise ValueError(f"impl must be one of {_DEPLOYED_IMPLS}, got {impl!r}")
         self.spec = spec
         self.heads = heads
         self.kept = kept
@@ -700,13 +786,23 @@ class SparseDynamicGroupConv2d(nn.Module):
         self.fc1_weight = nn.Parameter(fc1_weight.detach().clone(), requires_grad=False)
         self.fc2_weight = nn.Parameter(fc2_weight.detach().clone(), requires_grad=False)
         self.fc2_bias = nn.Parameter(fc2_bias.detach().clone(), requires_grad=False)
+        self._register_layouts()
+
+    def _register_layouts(self) -> None:
+        # Derived copies of ``weight`` in the layouts the fast paths read; not saved.
+        weight = self.weight.detach()
         self.register_buffer(
-            "kernel_weight", triton_kernel_layout(self.weight.detach(), heads), persistent=False
+            "kernel_weight", triton_kernel_layout(weight, self.heads), persistent=False
+        )
+        self.register_buffer(
+            "transposed_weight",
+            transposed_head_kernels(weight, self.heads).contiguous(),
+            persistent=False,
         )
 
     @classmethod
     def from_layer(cls, layer: DynamicGroupConv2d) -> SparseDynamicGroupConv2d:
-        impl = layer.impl if layer.impl in ("sparse", "triton") else "auto"
+        impl = layer.impl if layer.impl in _DEPLOYED_IMPLS else "auto"
         return cls(
             layer.spec,
             layer.heads,
@@ -729,7 +825,7 @@ class SparseDynamicGroupConv2d(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         module = super()._apply(fn, recurse)
-        self.kernel_weight = triton_kernel_layout(self.weight.detach(), self.heads)
+        self._register_layouts()
         return module
 
     def forward(self, x: Tensor) -> Tensor:
@@ -739,6 +835,11 @@ class SparseDynamicGroupConv2d(nn.Module):
         impl = _pick_impl(self.impl, False, False, self.spec, x)
         if impl == "triton":
             out = _run_triton(x, self.kernel_weight, g, inactive, self.spec, self.heads)
+        elif impl == "grouped":
+            index, scale = select_kept(g, inactive)
+            out = grouped_gathered_conv(
+                x, self.weight, index, scale, self.spec, self.heads, self.transposed_weight
+            )
         else:
             index, scale = select_kept(g, inactive)
             out = gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
