@@ -290,7 +290,9 @@ def test_count_macs_includes_mixing():
 def test_auto_choice():
     spec = CondConv2d(16, 16, 3).spec
     x, w = torch.randn(1, 16, 4, 4), torch.randn(2, 16, 16, 3, 3)
-    assert choose_form(spec, x, w, needs_grad=False) == "grouped"
+    assert choose_form(spec, x, w, needs_grad=False) == "loop"  # CPU inference, kxk
+    assert choose_form(spec, x, w, needs_grad=True) == "grouped"
+    assert choose_form(CondConv2d(16, 16, 1).spec, x, w, needs_grad=False) == "bmm"
     assert choose_form(CondConv2d(16, 16, 1).spec, x, w, needs_grad=True) == "bmm"
     assert choose_form(CondConv2d(16, 16, 3, groups=16).spec, x, w, needs_grad=False) == "grouped"
 

@@ -218,6 +218,9 @@ def choose_form(spec: ConvSpec, x: Tensor, weight: Tensor, needs_grad: bool) -> 
     * On CUDA with Triton, floating inputs, ``Cin/groups >= 16`` and no gradient needed:
       ``"triton"`` (the layer then measures it against the PyTorch forms when
       ``torch.backends.cudnn.benchmark`` is on, see ``CondConv2d._measured_form``).
+    * CPU inference with kxk kernels: ``"loop"``: oneDNN runs the per-example convs about as
+      efficiently as one batched conv, 1.1-1.3x faster than the folded grouped conv
+      (``benchmarks/RESULTS.md``); its host overhead is negligible next to CPU conv times.
     * Otherwise (training on GPU, CPU): ``"bmm"`` for 1x1 kernels, ``"grouped"`` for kxk
       (cuDNN and oneDNN run grouped convs well; unfold + bmm costs memory).
     """
@@ -234,7 +237,9 @@ def choose_form(spec: ConvSpec, x: Tensor, weight: Tensor, needs_grad: bool) -> 
         and triton_usable(x, weight)
     ):
         return "triton"
-    return "bmm" if one_by_one else "grouped"
+    if one_by_one:
+        return "bmm"
+    return "loop" if x.device.type == "cpu" and not needs_grad else "grouped"
 
 
 def condconv2d(
