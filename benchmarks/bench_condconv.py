@@ -24,7 +24,15 @@ from torch import nn
 
 from dynaconv import CondConv2d
 from dynaconv.kernels import triton_usable
-from harness import Row, common_args, forward_fn, measure, report, train_step_fn
+from harness import (
+    Row,
+    common_args,
+    forward_fn,
+    measure,
+    measure_interleaved,
+    report,
+    train_step_fn,
+)
 
 CASES = [
     ("1x1 112->672 14x14", 112, 672, 1, 14, 1.3),
@@ -77,10 +85,8 @@ def main() -> None:
         on_gpu = device.type == "cuda"
         layer.eval()
         fns = {"static": forward_fn(plain.eval(), x)}
-        fwd = {"static": measure(fns["static"], device, args.warmup, args.reps).median_ms}
         layer.impl = "loop"
-        loop = measure(forward_fn(layer, x), device, 1, max(3, args.reps // 10))
-        rows.append(Row(case, "loop (reference)", "forward", loop.median_ms, fwd["static"]))
+        fns["loop (reference)"] = forward_fn(copy.deepcopy(layer), x)
         for form in TORCH_FORMS:
             layer.impl = form
             fns[form] = forward_fn(copy.deepcopy(layer), x)
@@ -89,9 +95,8 @@ def main() -> None:
             fns["triton mix"] = _triton_forward(layer, x, premix=False)
             fns["triton premix"] = _triton_forward(layer, x, premix=True)
         fns["auto"] = forward_fn(layer, x)
-        for name, fn in fns.items():
-            if name != "static":
-                fwd[name] = measure(fn, device, args.warmup, args.reps).median_ms
+        # Interleaved with the static conv's samples, so that drift does not skew the ratios.
+        fwd = measure_interleaved(fns, device, args.warmup, args.reps)
         with torch.no_grad():
             form, premix = layer._resolve(x, None)
         picked = form if premix is None else f"{form} {'premix' if premix else 'mix'}"

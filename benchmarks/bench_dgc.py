@@ -27,13 +27,23 @@ export form) pays for unfolding 9 taps: expect 2-4x.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 import dynaconv
 from dynaconv import DynamicGroupConv2d
 from dynaconv.models import dydensenet86
-from harness import Row, common_args, forward_fn, measure, report, train_step_fn
+from harness import (
+    Row,
+    common_args,
+    forward_fn,
+    measure,
+    measure_interleaved,
+    report,
+    train_step_fn,
+)
 
 CASES = [("256ch 14x14", 256, 14), ("64ch 56x56", 64, 56)]
 
@@ -47,32 +57,23 @@ def layer_rows(args, device, batch: int) -> list[Row]:
         layer.set_progress(1.0)  # 25% kept
         x = torch.randn(batch, channels, size, size, device=device)
         timing = {"warmup": args.warmup, "reps": args.reps}
-        base_fwd = measure(forward_fn(plain.eval(), x), device, **timing)
-        base_train = measure(train_step_fn(plain.train(), x), device, memory=True, **timing)
-
         deployed = layer.deploy().eval()
-        fwd = measure(forward_fn(deployed, x), device, **timing)
-        rows.append(
-            Row(
-                case,
-                f"deployed ({deployed.impl})",
-                "forward",
-                fwd.median_ms,
-                base_fwd.median_ms,
-                bar=1.0,
-            )
-        )
-        forms = [("grouped", "deployed, grouped conv form"), ("sparse", "deployed, gather+bmm")]
-        for impl, name in forms:
-            deployed.impl = impl
-            fwd = measure(forward_fn(deployed, x), device, **timing)
-            rows.append(Row(case, name, "forward", fwd.median_ms, base_fwd.median_ms))
-        layer.eval()
-        layer.impl = "dense"
-        fwd = measure(forward_fn(layer, x), device, **timing)
-        rows.append(
-            Row(case, "masked dense (paper's math)", "forward", fwd.median_ms, base_fwd.median_ms)
-        )
+        forms = {"auto": f"deployed ({deployed.impl})", "grouped": "deployed, grouped conv form"}
+        forms["sparse"] = "deployed, gather+bmm"
+        fns = {"plain": forward_fn(plain.eval(), x)}
+        for impl in forms:
+            variant = copy.deepcopy(deployed)
+            variant.impl = impl
+            fns[impl] = forward_fn(variant, x)
+        masked = copy.deepcopy(layer).eval()
+        masked.impl = "dense"
+        fns["dense"] = forward_fn(masked, x)
+        # Samples interleaved with the plain conv's, so that drift does not skew the ratios.
+        fwd = measure_interleaved(fns, device, args.warmup, args.reps)
+        for impl, name in [*forms.items(), ("dense", "masked dense (paper's math)")]:
+            bar = 1.0 if impl == "auto" else None
+            rows.append(Row(case, name, "forward", fwd[impl], fwd["plain"], bar=bar))
+        base_train = measure(train_step_fn(plain.train(), x), device, memory=True, **timing)
 
         variants = [("train (auto)", "auto", 2, 1.5)]
         if device.type == "cuda":  # the Triton training path: backward chunks trade-off
@@ -130,14 +131,14 @@ def network_rows(args, device, batch: int) -> list[Row]:
             setattr(plain.get_submodule(parent), child, conv.eval())
     x = torch.randn(batch, 3, 32, 32, device=device)
     timing = {"warmup": args.warmup, "reps": args.reps}
-    base = measure(forward_fn(plain, x), device, **timing)
     deployed = dynaconv.deploy(net, example_input=x[:8])
-    dep = measure(forward_fn(deployed, x), device, **timing)
-    live = measure(forward_fn(net, x), device, **timing)
+    fns = {name: forward_fn(m, x) for name, m in [("plain", plain), ("deployed", deployed)]}
+    fns["live"] = forward_fn(net, x)
+    ms = measure_interleaved(fns, device, **timing)
     case = f"DyDenseNet-86 batch {batch}"
     return [
-        Row(case, "deployed", "eval forward", dep.median_ms, base.median_ms, bar=1.5),
-        Row(case, "DGC layers, eval (auto)", "eval forward", live.median_ms, base.median_ms),
+        Row(case, "deployed", "eval forward", ms["deployed"], ms["plain"], bar=1.5),
+        Row(case, "DGC layers, eval (auto)", "eval forward", ms["live"], ms["plain"]),
     ]
 
 

@@ -81,6 +81,49 @@ def _calibrate_inner(fn: Callable[[], object], device: torch.device, target_ms: 
     return max(1, min(100, int(target_ms / max(single_ms, 1e-3))))
 
 
+def _sample(fn: Callable[[], object], device: torch.device, inner: int) -> float:
+    """Milliseconds per call over ``inner`` back-to-back calls."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / inner
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    warmup: int = 10,
+    reps: int = 50,
+    target_ms: float = 2.0,
+) -> dict[str, float]:
+    """Median latency of each of ``fns``, their samples taken in turn (round robin).
+
+    On a shared or throttling machine the speed drifts during a run; measuring variants one
+    after another lets the drift land on one of them (identical modules have read 1.4x apart
+    on the shared CPU). Interleaving gives every variant the same conditions, so their
+    ratios are fair even where absolute times move.
+    """
+    inners = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        inners[name] = _calibrate_inner(fn, device, target_ms)
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(_sample(fn, device, inners[name]))
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
 def measure(
     fn: Callable[[], object],
     device: torch.device,
@@ -100,21 +143,7 @@ def measure(
         fn()
     inner = _calibrate_inner(fn, device, target_ms)
     synchronize(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / inner)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times.append((time.perf_counter() - t0) * 1e3 / inner)
+    times = [_sample(fn, device, inner) for _ in range(reps)]
     peak = None
     if memory and device.type == "cuda":
         synchronize(device)
