@@ -13,6 +13,11 @@ position tile per example) should land near the static conv; 3x3 14x14 is comput
 pays the vector-unit mixing (about E / position-tile of the tensor-core work) and a Triton
 implicit GEMM against cuDNN; 3x3 56x56 premixes (the mixed kernels are small) and is an
 implicit GEMM with per-example kernels.
+
+CPU (no Triton): ``auto`` runs ``bmm`` for 1x1 (one matmul mixes the kernels, then a batched
+GEMM: expect about the static conv's time) and the per-example ``loop`` for 3x3 inference
+(oneDNN's batch-1 convs are nearly as efficient as a batched one on few cores: expect 1-2x).
+Forward rows interleave their samples with the static conv's (``measure_interleaved``).
 """
 
 from __future__ import annotations
