@@ -406,6 +406,22 @@ def test_export_of_deployed_layer():
         torch.testing.assert_close(program.module()(x2), layer(x2), rtol=1e-5, atol=1e-6)
 
 
+def test_export_of_auto_deployed_layer_keeps_a_dynamic_batch():
+    """``auto`` runs the grouped form eagerly on CPU, whose group count depends on the batch;
+    under ``torch.export`` it must switch to the batch-independent form."""
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(16, 8, 3, padding=1, heads=4).eval()
+    layer.set_progress(1.0)
+    deployed = layer.deploy().eval()
+    assert deployed.impl == "auto"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    x = torch.randn(3, 16, 9, 9)
+    program = torch.export.export(deployed, (x,), dynamic_shapes={"x": {0: batch}})
+    x2 = torch.randn(5, 16, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x2), layer(x2), rtol=1e-5, atol=1e-6)
+
+
 def test_state_dict_round_trip():
     torch.manual_seed(1)
     layer = DynamicGroupConv2d(12, 8, 3, padding=1, heads=2, squeeze_rate=4).eval()
