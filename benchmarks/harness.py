@@ -139,11 +139,7 @@ def measure(
     queues work ahead, as it does inside a network, so the figure is the device time unless
     the host cannot keep up (then it is the host time, also honestly reported).
     """
-    for _ in range(warmup):
-        fn()
-    inner = _calibrate_inner(fn, device, target_ms)
-    synchronize(device)
-    times = [_sample(fn, device, inner) for _ in range(reps)]
+    median_ms = measure_interleaved({"fn": fn}, device, warmup, reps, target_ms)["fn"]
     peak = None
     if memory and device.type == "cuda":
         synchronize(device)
@@ -153,7 +149,7 @@ def measure(
         fn()
         synchronize(device)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    return Timing(statistics.median(times), peak)
+    return Timing(median_ms, peak)
 
 
 def device_ms(fn: Callable[[], object], device: torch.device, calls: int = 10) -> float | None:

@@ -219,15 +219,15 @@ def gathered_conv(
     return interleave(out, heads)
 
 
-def transposed_head_kernels(weight: Tensor, heads: int) -> Tensor:
+def transposed_head_kernels(weight: Tensor, heads: int, flipped: bool = True) -> Tensor:
     """``weight`` as rows ``(h*Cin, Cout/h, kh, kw)``: row ``i*Cin + c`` is input channel ``c``
-    of head ``i``, spatially flipped; the layout of a transposed convolution's kernel.
+    of head ``i`` (spatially flipped with ``flipped``); a transposed convolution's kernel layout.
 
     Gathering the kept rows of an example and head gives, as is, the ``conv_transpose2d``
     kernel that computes that head's stride-1 convolution over the kept channels.
     """
     cout, cin, kh, kw = weight.shape
-    per_head = weight.flip(2, 3).reshape(cout // heads, heads, cin, kh, kw)
+    per_head = (weight.flip(2, 3) if flipped else weight).reshape(cout // heads, heads, cin, kh, kw)
     return per_head.permute(1, 2, 0, 3, 4).reshape(heads * cin, cout // heads, kh, kw)
 
 
@@ -245,43 +245,38 @@ def grouped_gathered_conv(
     Same inputs and numbers as :func:`gathered_conv` (``K/Cin`` of the dense MACs), but the
     kept channels go to one ``B*h``-group convolution instead of an unfolded matmul, which is
     several times faster where the convolution library is (CPU). The kernels are gathered per
-    example and head: for stride 1 as rows of ``transposed`` (see
-    :func:`transposed_head_kernels`; computed from ``weight`` when not given) for a transposed
-    convolution, which needs no reordering copy; otherwise reordered for a plain grouped conv.
-    The saliency scale multiplies whichever of the gathered input and kernels is smaller.
-    Differentiable; ``groups`` depends on the batch, so ``torch.export`` specialises it (use
-    :func:`gathered_conv` to export).
+    example and head as rows of :func:`transposed_head_kernels` (``transposed``, computed from
+    ``weight`` when not given): for stride 1 they feed a transposed convolution as they are;
+    otherwise they are reordered for a plain grouped conv. The saliency scale multiplies
+    whichever of the gathered input and kernels is smaller. Differentiable; ``groups`` depends
+    on the batch, so ``torch.export`` specialises it (use :func:`gathered_conv` to export).
     """
-    batch, cin, height, width = x.shape
-    cout, _, kh, kw = weight.shape
-    keep = index.shape[-1]
     padding = _zero_padding(spec)
     if padding is None:
         x, padding = spec.pad_input(x), (0, 0)
-        batch, cin, height, width = x.shape
+    batch, cin, height, width = x.shape
+    cout, _, kh, kw = weight.shape
+    keep = index.shape[-1]
+    groups = batch * heads
     rows = (index + torch.arange(batch, device=x.device).reshape(batch, 1, 1) * cin).reshape(-1)
     picked = x.reshape(batch * cin, height * width).index_select(0, rows)
-    head_rows = index + torch.arange(heads, device=x.device).reshape(1, heads, 1) * cin
     scale_input = height * width <= (cout // heads) * kh * kw
     if scale_input:
         picked = picked * scale.reshape(-1, 1).to(picked.dtype)
-    picked = picked.reshape(1, batch * heads * keep, height, width)
-    groups = batch * heads
+    picked = picked.reshape(1, groups * keep, height, width)
+
     dilation = spec.dilation
     transposed_padding = tuple(d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding))
-    if spec.stride == (1, 1) and min(transposed_padding) >= 0:
-        if transposed is None:
-            transposed = transposed_head_kernels(weight, heads)
-        kernels = transposed.index_select(0, head_rows.reshape(-1))
-        if not scale_input:
-            kernels = kernels * scale.reshape(-1, 1, 1, 1).to(kernels.dtype)
+    as_transposed = spec.stride == (1, 1) and min(transposed_padding) >= 0
+    if transposed is None or not as_transposed:
+        transposed = transposed_head_kernels(weight, heads, flipped=as_transposed)
+    head_rows = index + torch.arange(heads, device=x.device).reshape(1, heads, 1) * cin
+    kernels = transposed.index_select(0, head_rows.reshape(-1))  # (B*h*K, Cout/h, kh, kw)
+    if not scale_input:
+        kernels = kernels * scale.reshape(-1, 1, 1, 1).to(kernels.dtype)
+    if as_transposed:
         out = F.conv_transpose2d(picked, kernels, None, 1, transposed_padding, 0, groups, dilation)
     else:
-        per_head = head_kernels(weight, heads).reshape(heads, cout // heads, cin, kh, kw)
-        by_channel = per_head.transpose(1, 2).reshape(heads * cin, cout // heads, kh, kw)
-        kernels = by_channel.index_select(0, head_rows.reshape(-1))
-        if not scale_input:
-            kernels = kernels * scale.reshape(-1, 1, 1, 1).to(kernels.dtype)
         kernels = kernels.reshape(groups, keep, cout // heads, kh, kw).transpose(1, 2)
         kernels = kernels.reshape(groups * (cout // heads), keep, kh, kw)
         out = F.conv2d(picked, kernels, None, spec.stride, padding, dilation, groups)
