@@ -30,13 +30,24 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 def fixture_path(*parts: str) -> Path:
-    """Path of a reference fixture; skips the test with a clear reason when ``shared/`` is absent."""
+    """Path of a reference fixture.
+
+    Skips the test with a clear reason when the ``shared/`` folder beside the checkout is absent,
+    except in CI (``CI=true``), where the fixtures must be there: a missing folder fails.
+    """
     path = FIXTURES.joinpath(*parts)
     if not FIXTURES.is_dir():
-        pytest.skip(
+        reason = (
             f"reference fixtures not found at {FIXTURES} (the shared/ folder beside the checkout)"
         )
+        if _in_ci():
+            pytest.fail(f"{reason}; CI must have them")
+        pytest.skip(reason)
     if not path.exists():
         pytest.fail(f"reference fixture missing: {path}")
     return path
