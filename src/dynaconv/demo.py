@@ -48,7 +48,7 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "lgc": {"learned_groups": 4, "condense_factor": 4},
 }
 
-#: Method -> weight of ``dynaconv.aux_loss(model)`` in the training loss (METHODS.md: DGC's
+#: Method -> weight of ``dynaconv.aux_loss(model)`` in the training loss (docs/methods.md: DGC's
 #: lasso 1e-5; CondenseNet's group lasso is off in its CIFAR recipe; none for the others).
 AUX_LOSS_WEIGHTS: dict[str, float] = {"dgc": 1e-5, "lgc": 0.0}
 

@@ -11,7 +11,7 @@ Every layer in :mod:`dynaconv.layers` is a drop-in for :class:`torch.nn.Conv2d`:
   ``H'``/``W'`` as ``nn.Conv2d`` computes them.
 * **.weight** is the effective kernel ``(Cout, Cin/groups, kh, kw)`` where the method has one
   static kernel (DO-Conv, DGConv, LGC); dynamic methods document what it is.
-* **aux_loss()** returns the method's regulariser as METHODS.md defines it (a zero tensor when
+* **aux_loss()** returns the method's regulariser as docs/methods.md defines it (a zero tensor when
   the method has none). :func:`dynaconv.aux_loss` sums it over a model.
 * **set_progress(p)** brings the layer's schedule to training progress ``p`` in ``[0, 1]``. All
   schedule state lives in buffers, so it is saved, loaded and identical on every DDP rank. A

@@ -251,7 +251,7 @@ def _heatmap_of_outputs(
 def plot_condconv_routing(fig: Any, layers: Layers, activations: Activations) -> bool:
     """CondConv: mean routing weight per expert and layer on a validation batch.
 
-    The routing function is ``sigmoid(Linear(GAP(x)))`` with ``E`` outputs (METHODS.md); the
+    The routing function is ``sigmoid(Linear(GAP(x)))`` with ``E`` outputs (docs/methods.md); the
     plot shows the recorded ``(B, E)`` outputs in ``[0, 1]`` of each layer's sub-modules
     (``E = num_experts`` of the layer), or ``sigmoid`` of the ``(B, E)`` logits if only those
     are recorded.
