@@ -89,7 +89,7 @@ def test_deploy_is_exact(cfg):
 
 @given(conv_configs)
 def test_equals_reference_einsum(cfg):
-    """The effective kernel follows METHODS.md's formula (reference grouped indexing)."""
+    """The effective kernel follows the formula of docs/methods.md (reference grouped indexing)."""
     layer = _layer_from(cfg)
     cout, cin, g = layer.out_channels, layer.in_channels, layer.groups
     kh, kw = layer.kernel_size
