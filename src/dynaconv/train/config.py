@@ -442,7 +442,7 @@ def _range_text(rule: tuple[float, bool, float, bool]) -> str:
 
 
 def _type_name(types: tuple[type, ...]) -> str:
-    return "number" if float in types else " or ".join(t.__name__ for t in types)
+    return "float" if float in types else " or ".join(t.__name__ for t in types)
 
 
 def _check_value_type(dotted: str, value: Any, default: Any) -> None:

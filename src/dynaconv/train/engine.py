@@ -30,8 +30,8 @@ BatchNorm statistics) is checked, and the first non-finite one is named in the e
 **Nothing in a configuration or a file runs code.** The network is built from ``model.name``
 through model registries only (:func:`dynaconv.train.names.model_builder`); the DGConv resource
 objective is :class:`dynaconv.layers.dgconv.ResourceConstraint` itself; checkpoints load with
-``weights_only=True``. A network of your own is trained by passing it from Python:
-``Trainer(config, network=MyNet())``.
+``weights_only=True``. A network of your own is trained by passing its builder from Python:
+``Trainer(config, network=MyNet)``, called as ``MyNet(num_classes=...)`` after seeding.
 """
 
 from __future__ import annotations
@@ -151,18 +151,22 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def build_model(
-    config: dict[str, Any], info: DatasetInfo | None = None, network: nn.Module | None = None
+    config: dict[str, Any],
+    info: DatasetInfo | None = None,
+    network: Callable[..., nn.Module] | None = None,
 ) -> nn.Module:
     """The configured network (``num_classes`` from the dataset), converted if asked.
 
-    ``model.name`` resolves only through :func:`~dynaconv.train.names.model_builder`; a
-    ``network`` given from Python is used instead (and converted). Builder and conversion
-    errors are :class:`ConfigError` naming ``model.kwargs`` / ``model.convert.options``.
+    ``model.name`` resolves only through :func:`~dynaconv.train.names.model_builder`. A
+    ``network`` builder given from Python is used instead, called as
+    ``network(num_classes=...)`` (``model.name`` and ``model.kwargs`` are then not used); the
+    result is converted as configured. Builder and conversion errors are
+    :class:`ConfigError` naming ``model.kwargs`` / ``model.convert.options``.
     """
     model_config = config["model"]
     info = info or dataset_info(config["data"])
     if network is not None:
-        model = network
+        model = network(num_classes=info.num_classes)
     else:
         builder = model_builder(model_config["name"])
         kwargs = dict(model_config["kwargs"])
@@ -346,11 +350,12 @@ class Trainer:
         resume: str | Path | None = None,
         *,
         overwrite: bool = False,
-        network: nn.Module | None = None,
+        network: Callable[..., nn.Module] | None = None,
     ) -> None:
         """``config``: a resolved configuration; ``resume``: a checkpoint to continue from;
         ``overwrite``: replace a previous run in the run folder (its artefacts are deleted);
-        ``network``: train this module instead of building ``model.name`` (Python only).
+        ``network``: a builder of your own network, called as ``network(num_classes=...)``
+        instead of building ``model.name`` (Python only; see :func:`build_model`).
 
         The run folder is checked (and created) first, then the checkpoint to resume is read
         and checked, before any data is loaded or any model built.
@@ -882,7 +887,7 @@ def train(
     resume: str | Path | None = None,
     *,
     overwrite: bool = False,
-    network: nn.Module | None = None,
+    network: Callable[..., nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Train with ``config`` (resolved, see :mod:`dynaconv.train.config`); the summary.
 
