@@ -877,7 +877,7 @@ class Trainer:
             plot_curves(history, self.out / "curves.png")
             batch = torch.stack([self.val_set[i][0] for i in range(min(32, len(self.val_set)))])
             plot_structure(final, self.out, batch.to(self.device))
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(json.dumps(summary, indent=2), self.out / "summary.json")
         print(yaml.safe_dump(summary, sort_keys=False).rstrip())
         return summary
 
