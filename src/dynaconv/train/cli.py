@@ -168,9 +168,27 @@ def _progress_value(text: str) -> float:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from .commands import profile_checkpoint
 
-    config = None if args.checkpoint else _resolve(args)
+    config, overrides = None, None
+    if args.checkpoint:
+        values = _flag_values(args)
+        values.pop("data.dir", None)  # --data-dir applies to the checkpoint's data too
+        if args.recipe or args.convert or args.convert_opt or values:
+            raise ConfigError(
+                "profile CHECKPOINT uses the checkpoint's configuration: --recipe, --convert and "
+                "the flat flags describe a configuration to profile instead; change a field of "
+                "the stored one with --set KEY=VALUE"
+            )
+        overrides = _data_overrides(args)
+    else:
+        config = _resolve(args)
     report = profile_checkpoint(
-        args.checkpoint, config, args.batch, args.convention, args.weights, args.progress
+        args.checkpoint,
+        config,
+        args.batch,
+        args.convention,
+        args.weights,
+        args.progress,
+        overrides=overrides,
     )
     print(report)
     return 0

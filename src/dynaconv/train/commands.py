@@ -236,9 +236,8 @@ def deploy_checkpoint(
     path: str | Path, out: str | Path, overrides: dict[str, Any] | None = None, weights: str = "ema"
 ) -> dict[str, Any]:
     """Deploy, verify (on a validation batch), and write the static model folder."""
-    _check_trained_path(Path(path))
-    out = prepare_output_folder(out)
     model, config = load_trained(path, weights, overrides)
+    out = prepare_output_folder(out)
     example = _example_batch(config, 8)
     deployed = dynaconv.deploy(model, example_input=example)
     with torch.no_grad():
@@ -295,6 +294,7 @@ def profile_checkpoint(
     convention: str = "dense",
     weights: str = "ema",
     progress: float | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dynaconv.Profile:
     """``dynaconv.profile`` of a trained model, or of a configured (untrained) one.
 
@@ -304,7 +304,7 @@ def profile_checkpoint(
     if batch < 1:
         raise ConfigError(f"--batch must be a positive integer, got {batch}")
     if path is not None:
-        model, config = load_trained(path, weights)
+        model, config = load_trained(path, weights, overrides)
     else:
         if config is None:
             raise ValueError("profile needs a checkpoint or a configuration (--recipe/--model)")
@@ -331,9 +331,8 @@ def export_checkpoint(
     """
     if not MIN_OPSET <= opset <= _max_opset():
         raise ConfigError(f"--opset must be in [{MIN_OPSET}, {_max_opset()}], got {opset}")
-    _check_trained_path(Path(path))
-    out = prepare_output_folder(out)
     model, config = load_trained(path, weights, overrides)
+    out = prepare_output_folder(out)
     if deploy:
         model = dynaconv.deploy(model, example_input=_example_batch(config, 4))
     example = _example_batch(config, 4)

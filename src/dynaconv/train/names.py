@@ -92,13 +92,16 @@ def _registry(builder: Callable[..., nn.Module]) -> str:
     return (getattr(target, "__module__", "") or "").split(".")[0]
 
 
-def _named_parameters(function: Callable[..., Any], skip: int = 0) -> set[str] | None:
-    """Keyword names ``function`` accepts, or None when it takes ``**kwargs``."""
+def _named_parameters(
+    function: Callable[..., Any], skip: int = 0, open_kwargs: bool = True
+) -> set[str] | None:
+    """Keyword names ``function`` accepts; None when it takes ``**kwargs`` and ``open_kwargs``
+    says those are passed on (not just collected to be refused)."""
     try:
         parameters = list(inspect.signature(function).parameters.values())[skip:]
     except (TypeError, ValueError):
         return None
-    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+    if open_kwargs and any(p.kind is p.VAR_KEYWORD for p in parameters):
         return None
     return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
@@ -127,10 +130,15 @@ def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
 
 
 def check_convert_options(method: str, options: Mapping[str, Any]) -> None:
-    """Refuse ``model.convert.options`` keys that ``method``'s ``from_conv`` does not take."""
+    """Refuse ``model.convert.options`` keys that ``method``'s ``from_conv`` does not name.
+
+    Every family's ``from_conv(conv, *, options..., **rest)`` refuses ``rest`` (the layer
+    contract), so its named keyword parameters are the options.
+    """
     from dynaconv.lifecycle import layer_class
 
-    accepted = _named_parameters(layer_class(method).from_conv, skip=1)  # skip ``conv``
+    # skip ``conv``
+    accepted = _named_parameters(layer_class(method).from_conv, skip=1, open_kwargs=False)
     if accepted is None:
         return
     for key in options:
