@@ -160,6 +160,8 @@ def test_out_of_range_values_name_the_key(capsys, case):
         ("model.name=no_such_net", "model.name"),
         ("model.convert={method: doconv, include: 3}", "model.convert.include"),
         ("loss.resource.budget=1.5", "loss.resource.budget"),
+        ("name=../elsewhere", "name"),
+        ("name=''", "name"),
     ],
 )
 def test_listed_bad_values_name_the_key(capsys, monkeypatch, assignment, key):

@@ -66,7 +66,7 @@ class ConfigError(ValueError):
 DEFAULTS: dict[str, Any] = {
     "name": "run",
     "model": {
-        # A registered name: dynaconv.models.MODELS, torchvision.models.list_models() (e.g.
+        # A registered name: dynaconv.models.MODELS, a torchvision classification model (e.g.
         # resnet18) or timm.list_models(); never an import string (see dynaconv.train.names).
         "name": "digits_cnn",
         # Keyword arguments of the builder; num_classes is filled in from the dataset.
@@ -208,7 +208,10 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read recipe {path}: {error}") from None
         origin = str(path)
     else:
         entry = _recipe_dir().joinpath(f"{name_or_path}.yaml")
@@ -565,6 +568,9 @@ def validate_config(config: dict[str, Any]) -> None:
             )
     if not isinstance(config["model"]["kwargs"], dict):
         raise ConfigError("model.kwargs must be a mapping")
+    name = config["name"]
+    if not name.strip() or "/" in name or "\\" in name or name in (".", ".."):
+        raise ConfigError(f"name must be a folder name (runs/NAME), got {name!r}")
     _check_ranges(config)
     _check_model(config["model"])
 

@@ -176,7 +176,11 @@ def _load_idx_dataset(name: str, root: Path, download: bool) -> tuple[TensorImag
 
         cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
         for train in (True, False):
-            cls(str(root), train=train, download=True)
+            try:
+                cls(str(root), train=train, download=True)
+            except Exception as error:  # network or checksum failures, reported generically
+                first = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise DataError(f"{name}: cannot download into {root}: {first}") from None
         paths = {key: _find_idx(root, name, stem) for key, stem in _IDX_FILES.items()}
     missing = [_IDX_FILES[k] for k, p in paths.items() if p is None]
     if missing:

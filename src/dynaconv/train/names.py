@@ -6,7 +6,8 @@ from anyone, so nothing in it is ever imported or called by name: ``model.name``
 :func:`model_builder` and only among
 
 1. :data:`dynaconv.models.MODELS`;
-2. torchvision's registry (``torchvision.models.list_models()``, built by ``get_model``);
+2. torchvision's classification models (``torchvision.models.list_models(module=
+   torchvision.models)``; detection and segmentation builders would download backbone weights);
 3. timm's registry when timm is installed (``timm.list_models()``, built by
    ``timm.create_model(name, pretrained=False)``).
 
@@ -57,16 +58,16 @@ def model_builder(name: str) -> Callable[..., nn.Module]:
         return getattr(module, builder_name)
     import torchvision
 
-    if name in torchvision.models.list_models():
+    if name in torchvision.models.list_models(module=torchvision.models):
         return torchvision.models.get_model_builder(name)
     timm = _timm()
     if timm is not None and name in timm.list_models():
         return functools.partial(timm.create_model, name, pretrained=False)
     raise ConfigError(
         f"model.name {name!r} is not a registered model: use a name of dynaconv.models.MODELS "
-        f"({', '.join(sorted(dynaconv.models.MODELS))}), of torchvision.models.list_models() "
-        "or of timm.list_models(); import strings are never resolved (train a network of your "
-        "own from Python with Trainer(config, network=...))"
+        f"({', '.join(sorted(dynaconv.models.MODELS))}), a torchvision classification model "
+        "or a name of timm.list_models(); import strings are never resolved (train a network "
+        "of your own from Python with Trainer(config, network=...))"
     )
 
 
