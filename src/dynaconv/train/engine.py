@@ -197,9 +197,11 @@ def build_model(
         except (TypeError, ValueError) as error:
             raise ConfigError(f"model.convert.options ({convert['method']}): {error}") from None
         if not report.converted:
+            first = next(iter(report.skipped.items()), None)
+            why = f"; e.g. {first[0]}: {first[1]}" if first else ""
             raise ConfigError(
                 f"model.convert: no layer of {model_config['name']} converted to "
-                f"{convert['method']} ({len(report.skipped)} skipped; see dynaconv.convert's report)"
+                f"{convert['method']} ({len(report.skipped)} skipped{why})"
             )
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     channels = info.channels
