@@ -136,6 +136,13 @@ def test_overwrite_deletes_the_previous_run_first(finished, tmp_path, capsys):
     (out / "structure_lgc.png").write_bytes(b"a plot of the previous run")
     (out / ".last.pt.abcd.tmp").write_bytes(b"left by a killed run")
     (out / "notes.txt").write_text("the user's own file")
+    before = _snapshot(out)
+    # a replacement that fails to start loses nothing
+    assert main(_args(out, "--overwrite", "--set", "data.dataset=mnist", epochs=1)) == 2
+    assert "--data-dir" in _one_line_error(capsys)
+    assert {k: v for k, v in _snapshot(out).items() if not k.endswith(".tmp")} == {
+        k: v for k, v in before.items() if not k.endswith(".tmp")
+    }
     assert main(_args(out, "--overwrite", "--max-iters", "2", epochs=1)) == 0
     capsys.readouterr()
     names = {p.name for p in out.iterdir()}

@@ -80,7 +80,7 @@ from .config import ConfigError, dump_config, validate_config
 from .data import DatasetInfo, ResumableSampler, ShardSampler, build_datasets, dataset_info
 from .ema import ModelEMA
 from .names import known_model, model_builder
-from .runfolder import prepare_run_folder
+from .runfolder import prepare_run_folder, remove_artefacts
 from .ui import Progress
 
 __all__ = [
@@ -355,7 +355,8 @@ class Trainer:
         network: Callable[..., nn.Module] | None = None,
     ) -> None:
         """``config``: a resolved configuration; ``resume``: a checkpoint to continue from;
-        ``overwrite``: replace a previous run in the run folder (its artefacts are deleted);
+        ``overwrite``: replace a previous run in the run folder (its artefacts are deleted
+        when :meth:`fit` starts writing);
         ``network``: a builder of your own network, called as ``network(num_classes=...)``
         instead of building ``model.name`` (Python only; see :func:`build_model`).
 
@@ -369,7 +370,9 @@ class Trainer:
         self.ddp = setup_distributed(tc["device"])
         self.device = self.ddp.device
         resume = None if resume is None else Path(resume)
-        prepare_run_folder(self.out, resume=resume, overwrite=overwrite, is_main=self.ddp.is_main)
+        self.replaced = prepare_run_folder(
+            self.out, resume=resume, overwrite=overwrite, is_main=self.ddp.is_main
+        )
         payload = None if resume is None else self._read_resume(resume)
         seed_everything(tc["seed"], tc["deterministic"])
         self.train_set, self.val_set, self.info = build_datasets(config["data"], tc["seed"])
@@ -748,6 +751,7 @@ class Trainer:
         """Train to the end; returns the summary (also written to ``summary.json``)."""
         tc = self.config["train"]
         if self.ddp.is_main:
+            remove_artefacts(self.replaced)  # --overwrite: the set-up succeeded
             if self.resumed_from is not None:
                 for item in self.repair_run_folder():
                     print(f"resume: restored {item}", file=sys.stderr)

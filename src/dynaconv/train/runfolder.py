@@ -14,8 +14,10 @@ Rules:
 
 1. **No silent overwrite**: a new run refuses a folder that holds artefacts of a run
    (:func:`prepare_run_folder`), unless it resumes a checkpoint of that folder or
-   ``overwrite`` is asked, which first deletes the previous run's artefacts (and only those),
-   so old and new files never mix. This is checked before any data is read.
+   ``overwrite`` is asked. This is checked before any data is read. With ``overwrite`` the
+   previous run's artefacts (and only those) are deleted once the new run's set-up has
+   succeeded, before it writes its first file (:func:`remove_artefacts`), so old and new files
+   never mix and a run that fails to start loses nothing.
 2. **The epoch set is consistent**: ``last.pt`` is the source of truth and is written first
    (atomically: temporary file, then rename); the others derive from it and are written after,
    each atomically. A run killed between two of these writes leaves a ``last.pt`` that holds
@@ -39,6 +41,7 @@ __all__ = [
     "RunFolderError",
     "existing_artefacts",
     "prepare_run_folder",
+    "remove_artefacts",
     "remove_stale_temporaries",
 ]
 
@@ -98,14 +101,16 @@ def _same_folder(checkpoint: Path, out: Path) -> bool:
 
 def prepare_run_folder(
     out: Path, *, resume: Path | None, overwrite: bool, is_main: bool = True
-) -> None:
+) -> list[Path]:
     """Check and create the run folder ``out`` before any work (module docstring, rule 1).
 
     * ``out`` with a previous run's artefacts: refused unless ``resume`` is a checkpoint in
-      ``out`` (the run continues) or ``overwrite`` (the artefacts are deleted first, by the
-      main process);
+      ``out`` (the run continues) or ``overwrite``;
     * ``out`` must be creatable and writable;
     * stale temporary files in ``out`` are removed (main process).
+
+    Returns the artefacts that ``overwrite`` replaces (pass them to :func:`remove_artefacts`
+    when the new run starts writing); empty otherwise.
     """
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"train.out_dir {out} exists and is not a folder")
@@ -137,12 +142,15 @@ def prepare_run_folder(
         raise RunFolderError(
             f"train.out_dir {out} cannot be created or written: {error.strerror or error}"
         ) from None
-    if not is_main:
-        return
-    if overwrite:
-        for path in artefacts:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    remove_stale_temporaries(out)
+    if is_main:
+        remove_stale_temporaries(out)
+    return artefacts if overwrite else []
+
+
+def remove_artefacts(paths: list[Path]) -> None:
+    """Delete a previous run's artefacts (files and folders) before a new run writes."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
