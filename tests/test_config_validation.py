@@ -347,7 +347,11 @@ def test_folders_without_config_yaml(run, tmp_path, capsys):
     _refused(["eval", str(empty)], capsys, "empty", "config.yaml")
     _refused(["eval", str(tmp_path / "missing")], capsys, "missing")
     # a run folder is not a deploy folder: its config.yaml is there, the deployed weights not
-    _refused(["eval", str(run)], capsys, "weights.safetensors")
+    _refused(["eval", str(run)], capsys, "run folder", "best.pt")
+    partial = tmp_path / "partial-deploy"
+    partial.mkdir()
+    (partial / "config.yaml").write_text((run / "config.yaml").read_text())
+    _refused(["eval", str(partial)], capsys, "weights.safetensors")
 
 
 # --------------------------------------------------------------------------------------------

@@ -191,6 +191,11 @@ def evaluate_checkpoint(
             "--unsafe-load-pt2 if you trust the file"
         )
     elif path.is_dir():
+        if (path / "best.pt").is_file() and not (path / "weights.safetensors").exists():
+            raise CheckpointError(
+                f"{path} is a run folder, not a deploy folder: evaluate {path / 'best.pt'} "
+                "(or last.pt, model.safetensors)"
+            )
         config = _folder_config(path, overrides)
         model = load_deployed(path, config).to(target)
     else:
