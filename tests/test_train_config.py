@@ -7,7 +7,6 @@ import itertools
 import math
 import random
 import struct
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -325,63 +324,29 @@ def test_idx_files_read_and_malformed_ones_rejected(tmp_path):
 # DGConv resource objective
 
 
-class _FakeGroupable(DynaConv2d):
-    """Stands in for DGConv: ``aux_loss`` = active connections ``2^(g + 1)`` of a 2x2 mask."""
-
-    method = "dgconv"
-
-    def __init__(self) -> None:
-        super().__init__(4, 4, 3, padding=1)
-        self.g = nn.Parameter(torch.tensor(3.0))
-
-    def aux_loss(self):
-        return 2.0 ** (self.g + 1)
-
-    def forward(self, x):
-        return x
-
-
-class _RecordingHelper:
-    calls: ClassVar[list] = []
-
-    def __init__(self, model, **kwargs) -> None:
-        _RecordingHelper.calls.append(kwargs)
-
-    def __call__(self, loss):
-        return loss * 10
-
-
-def test_resource_objective_fallback_and_helper():
+def test_resource_objective_is_the_dgconv_resource_constraint():
+    """``loss.resource`` builds ``ResourceConstraint`` itself (no helper name is resolved)."""
+    from dynaconv.layers.dgconv import GroupableConv2d, ResourceConstraint
     from dynaconv.train.engine import resource_objective
 
-    model = nn.Sequential(_FakeGroupable())
-    settings = {
-        "enabled": True,
-        "budget": 0.25,
-        "budget_type": "params",
-        "exponent": 0.5,
-        "helper": "no_such_module_here:Nothing",
-    }
+    torch.manual_seed(0)
+    model = nn.Sequential(GroupableConv2d(4, 4, 3, padding=1))
+    settings = {"enabled": True, "budget": 0.25, "budget_type": "params", "exponent": 0.5}
     objective = resource_objective(model, settings, (4, 8, 8))
-    loss = torch.tensor(3.0)
-    # dense 4*4*9 = 144, budget 36; cost 2^4 * 9 = 144: factor (144 / 36)^0.5 = 2
-    scaled = objective(loss)
-    torch.testing.assert_close(scaled, torch.tensor(6.0))
-    scaled.backward()
-    assert model[0].g.grad > 0  # the objective pushes the cost down
+    assert isinstance(objective, ResourceConstraint)
+    layer = model[0]
     with torch.no_grad():
-        model[0].g.fill_(0.0)  # cost 2 * 9 = 18 <= 36: the loss is left alone
+        layer.gate.fill_(1.0)  # every gate on: dense, cost 2^(2 + 2) * 9 = 144 = 4 x budget 36
+    loss = torch.tensor(3.0)
+    scaled = objective(loss)
+    torch.testing.assert_close(scaled, torch.tensor(3.0 * (144 / 36) ** 0.5))
+    scaled.backward()
+    assert layer.gate.grad is not None and bool((layer.gate.grad > 0).all())
+    with torch.no_grad():
+        layer.gate.fill_(-1.0)  # every gate off: cost 2^2 * 9 = 36, within budget
     torch.testing.assert_close(objective(loss), loss)
-
-    helper = {**settings, "helper": f"{__name__}:_RecordingHelper", "budget_type": "macs"}
-    objective = resource_objective(model, helper, (4, 8, 8))
-    torch.testing.assert_close(objective(loss), torch.tensor(30.0))
-    assert _RecordingHelper.calls[-1] == {
-        "budget": 0.25,
-        "budget_type": "macs",
-        "input_shape": (4, 8, 8),
-        "exponent": 0.5,
-    }
+    macs = resource_objective(model, {**settings, "budget_type": "macs"}, (4, 8, 8))
+    assert macs.budget_type == "macs" and macs.dense == 4 * 4 * 9 * 64
     with pytest.raises(ConfigError, match="needs DGConv layers"):
         resource_objective(nn.Sequential(nn.Conv2d(4, 4, 1)), settings, (4, 8, 8))
 

@@ -37,7 +37,6 @@ def _config(out: Path) -> dict:
     return resolve_config(
         None,
         overrides=[
-            f"model.name={__name__}:TinyNet",
             "model.convert.method=doconv",
             "data.batch_size=64",
             "data.train_subset=768",
@@ -64,7 +63,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     )
     torch.set_num_threads(1)
     try:
-        trainer = Trainer(_config(Path(out) / "ddp"))
+        trainer = Trainer(_config(Path(out) / "ddp"), network=TinyNet)
         trainer.fit()
         state = {
             "model": trainer.model.state_dict(),
@@ -110,7 +109,7 @@ def test_two_cpu_processes_match_each_other_and_one_process(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = Trainer(_config(tmp_path / "single"))
+        single = Trainer(_config(tmp_path / "single"), network=TinyNet)
         single.fit()
     finally:
         torch.set_num_threads(threads)

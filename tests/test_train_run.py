@@ -118,9 +118,12 @@ def test_eval_deploy_profile_export_subcommands(digits_run, tmp_path, capsys):
     assert report["max_rel_error"] < 1e-4
     rebuilt = load_deployed(deployed_dir)
     assert not any(isinstance(m, DOConv2d) for m in rebuilt.modules())
-    assert main(["eval", str(deployed_dir / "deployed.pt2")]) == 0
+    assert main(["eval", str(deployed_dir)]) == 0  # rebuilt from config.yaml + safetensors
     deployed_result = json.loads(capsys.readouterr().out)
     assert deployed_result["accuracy"] == pytest.approx(result["accuracy"], abs=1 / 360)
+    assert main(["eval", "--unsafe-load-pt2", str(deployed_dir / "deployed.pt2")]) == 0
+    program_result = json.loads(capsys.readouterr().out)
+    assert program_result["accuracy"] == pytest.approx(result["accuracy"], abs=1 / 360)
 
     assert main(["profile", str(out / "model.safetensors"), "--batch", "2"]) == 0
     table = capsys.readouterr().out
@@ -177,7 +180,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(digits_run, tmp_pat
             "--out",
             str(run),
             "--set",
-            "optim.lr=.inf",
+            "optim.lr=1.0e+30",
             "--set",
             "optim.warmup_epochs=0",
         ]

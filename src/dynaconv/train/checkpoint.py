@@ -10,9 +10,16 @@ loading never unpickles code. Its keys:
 * ``state``: epoch, iteration, batches done in the epoch, best accuracy, history rows;
 * ``rng``: torch CPU and CUDA generator states, numpy's and Python's, all as tensors.
 
-Writes go to a temporary file in the same folder, then ``os.replace``, so a crash leaves the
-previous file intact. :func:`load_checkpoint` turns truncated, foreign or unreadable files into
-a :class:`CheckpointError` naming the file.
+Writes go to a temporary file ``.NAME.XXXX.tmp`` in the same folder, then ``os.replace``, so
+a crash leaves the previous file intact (a killed process may leave the temporary file, which
+the next run in that folder removes: :mod:`dynaconv.train.runfolder`).
+
+Nothing here runs code from a file: checkpoints load with ``weights_only=True``, weights are
+safetensors, and the configuration a file holds is YAML parsed with ``yaml.safe_load`` and then
+validated (:func:`dynaconv.train.config.config_from_text`), whose names resolve only through
+model registries. :func:`load_checkpoint` turns truncated, foreign or unreadable files, and
+files that lack an entry the caller needs, into a :class:`CheckpointError` naming the file and
+the entry; :func:`load_state` does the same for state dicts that do not fit a model.
 """
 
 from __future__ import annotations
@@ -30,11 +37,16 @@ from torch import Tensor, nn
 
 __all__ = [
     "FORMAT",
+    "RESUME_ENTRIES",
     "CheckpointError",
     "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_text",
     "capture_rng",
     "load_checkpoint",
+    "load_state",
     "load_weights",
+    "read_metadata",
     "restore_rng",
     "save_safetensors",
 ]
@@ -47,10 +59,43 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (truncated, foreign, wrong format)."""
 
 
+#: Entries a checkpoint needs to resume training (``eval`` and friends need ``config``, ``model``).
+RESUME_ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "config": str,
+    "model": dict,
+    "ema": (dict, type(None)),
+    "optimizer": dict,
+    "scaler": (dict, type(None)),
+    "state": dict,
+    "rng": dict,
+}
+#: Entries of ``state`` and ``rng`` that resuming reads.
+STATE_ENTRIES = ("epoch", "batches_done", "iteration", "best_acc", "history", "epoch_stats")
+RNG_ENTRIES = (
+    "torch",
+    "python_version",
+    "python_state",
+    "python_gauss",
+    "numpy_keys",
+    "numpy_pos",
+    "numpy_has_gauss",
+    "numpy_gauss",
+    "cuda",
+)
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give (0o666 less the process umask)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _file_mode())  # mkstemp's 0o600 would make the results private
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
@@ -67,11 +112,36 @@ def atomic_save(payload: Mapping[str, Any], path: str | Path) -> None:
     _atomic_write(Path(path), lambda tmp: torch.save(dict(payload), tmp))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a training checkpoint safely (``weights_only=True``) or raise :class:`CheckpointError`."""
-    path = Path(path)
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
+def check_file(path: Path, what: str) -> None:
+    """:class:`CheckpointError` unless ``path`` is an existing, non-empty regular file."""
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, expected a file")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty")
+
+
+def load_checkpoint(
+    path: str | Path, entries: Mapping[str, type | tuple[type, ...]] | None = None
+) -> dict[str, Any]:
+    """Load a training checkpoint safely (``weights_only=True``) or raise :class:`CheckpointError`.
+
+    ``entries`` maps the keys the caller needs to their types (e.g. :data:`RESUME_ENTRIES`);
+    a missing or mistyped entry is an error naming it.
+    """
+    path = Path(path)
+    check_file(path, "checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -89,7 +159,56 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} has checkpoint version {payload.get('version')}, expected {VERSION}"
         )
+    for key, kind in (entries or {}).items():
+        if key not in payload:
+            raise CheckpointError(f"checkpoint {path} has no {key!r} entry")
+        if not isinstance(payload[key], kind):
+            raise CheckpointError(
+                f"checkpoint {path}: entry {key!r} has the wrong type ({type(payload[key]).__name__})"
+            )
+    if entries is RESUME_ENTRIES:
+        for group, names in (("state", STATE_ENTRIES), ("rng", RNG_ENTRIES)):
+            missing = [name for name in names if name not in payload[group]]
+            if missing:
+                raise CheckpointError(f"checkpoint {path} has no {group}.{missing[0]} entry")
     return payload
+
+
+def load_state(module: nn.Module, state: Any, origin: str) -> None:
+    """``module.load_state_dict(state)`` (strict) or one :class:`CheckpointError` line.
+
+    The message names ``origin`` (file and entry) and the first missing, unexpected or
+    mis-shaped tensor, instead of PyTorch's multi-line report.
+    """
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{origin} is not a state dict of tensors")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    problem = None
+    if missing:
+        problem = f"{len(missing)} tensor(s) missing, first {missing[0]!r}"
+    elif unexpected:
+        problem = f"{len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}"
+    elif shapes:
+        key = shapes[0]
+        problem = (
+            f"{key!r} has shape {tuple(state[key].shape)}, the model's is "
+            f"{tuple(expected[key].shape)}"
+        )
+    if problem is None:
+        try:
+            module.load_state_dict(state)
+        except (RuntimeError, ValueError, TypeError) as error:
+            problem = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+    if problem is not None:
+        raise CheckpointError(
+            f"{origin} does not fit the model of the configuration: {problem} "
+            "(was it written with other model settings?)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,20 +264,36 @@ def save_safetensors(
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=dict(metadata or {})))
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file (its tensors are not read), or :class:`CheckpointError`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    check_file(path, "weights file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:
+        raise CheckpointError(
+            f"cannot read {path} as safetensors (truncated or not a safetensors file): "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from None
+
+
 def load_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, or :class:`CheckpointError`."""
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
+    check_file(path, "weights file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except Exception as error:
         raise CheckpointError(
-            f"cannot read {path} as safetensors (truncated or not a safetensors file): {error}"
+            f"cannot read {path} as safetensors (truncated or not a safetensors file): "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from None
     return tensors, metadata
 

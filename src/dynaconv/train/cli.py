@@ -4,7 +4,8 @@
     dynaconv train --model resnet18 --convert doconv --dataset cifar10 --data-dir DIR
     torchrun --nproc-per-node 4 -m dynaconv train --recipe dyresnet18-imagenet --data-dir DIR
     dynaconv train --resume runs/NAME/last.pt
-    dynaconv eval runs/NAME/best.pt
+    dynaconv train --recipe digits-small --overwrite   (replace the previous run in runs/NAME)
+    dynaconv eval runs/NAME/best.pt                  (or a deploy folder)
     dynaconv deploy runs/NAME/best.pt --out deployed/
     dynaconv profile runs/NAME/best.pt        (or: dynaconv profile --recipe NAME)
     dynaconv export runs/NAME/best.pt --out exported/
@@ -12,6 +13,12 @@
 
 Configuration: defaults < recipe < flat flags < ``--set SECTION.KEY=VALUE`` (see
 :mod:`dynaconv.train.config`; ``dynaconv train --print-config`` shows the result).
+
+Bad input (a configuration value, a file that is missing, foreign, truncated or does not fit,
+a run folder that holds another run) is one line on stderr, ``dynaconv CMD: error: ...``, and
+exit status 2; a non-finite loss or weights exit 3; a failed deploy/export check exits 4. No
+file given to any command runs code (see :mod:`dynaconv.train.names` and
+:mod:`dynaconv.train.commands`); ``eval --unsafe-load-pt2`` is the one explicit exception.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from .config import FLAGS, SWITCHES, ConfigError, list_recipes
 EXIT_ERROR = 2
 EXIT_NONFINITE = 3
 EXIT_VERIFY = 4
+EXIT_INTERRUPTED = 130
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,29 +104,35 @@ def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import yaml
-
     from .engine import train
 
     base = None
     if args.resume:
         from .checkpoint import load_checkpoint
+        from .config import config_from_text
 
-        base = yaml.safe_load(load_checkpoint(args.resume)["config"])
+        stored = load_checkpoint(args.resume, {"config": str})["config"]
+        base = config_from_text(stored, f"checkpoint {args.resume}")
     config = _resolve(args, base)
     if args.print_config:
         from .config import dump_config
 
         print(dump_config(config), end="")
         return 0
-    train(config, resume=args.resume)
+    train(config, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .commands import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, _data_overrides(args), args.weights, args.device)
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        _data_overrides(args),
+        args.weights,
+        args.device,
+        unsafe_load_pt2=args.unsafe_load_pt2,
+    )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -129,6 +143,16 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     result = deploy_checkpoint(args.checkpoint, args.out, _data_overrides(args), args.weights)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _progress_value(text: str) -> float:
@@ -144,9 +168,27 @@ def _progress_value(text: str) -> float:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from .commands import profile_checkpoint
 
-    config = None if args.checkpoint else _resolve(args)
+    config, overrides = None, None
+    if args.checkpoint:
+        values = _flag_values(args)
+        values.pop("data.dir", None)  # --data-dir applies to the checkpoint's data too
+        if args.recipe or args.convert or args.convert_opt or values:
+            raise ConfigError(
+                "profile CHECKPOINT uses the checkpoint's configuration: --recipe, --convert and "
+                "the flat flags describe a configuration to profile instead; change a field of "
+                "the stored one with --set KEY=VALUE"
+            )
+        overrides = _data_overrides(args)
+    else:
+        config = _resolve(args)
     report = profile_checkpoint(
-        args.checkpoint, config, args.batch, args.convention, args.weights, args.progress
+        args.checkpoint,
+        config,
+        args.batch,
+        args.convention,
+        args.weights,
+        args.progress,
+        overrides=overrides,
     )
     print(report)
     return 0
@@ -199,13 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model (recipe, flags, --set overrides)")
     _add_config_arguments(train)
-    train.add_argument("--resume", metavar="CHECKPOINT", help="continue from last.pt / best.pt")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="CHECKPOINT", help="continue from last.pt / best.pt")
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in the run folder (its files are deleted first)",
+    )
     train.add_argument("--print-config", action="store_true", help="print the resolved config")
 
     evaluate = _checkpoint_parser(
-        sub, "eval", "validation loss and accuracy of a checkpoint, a deploy folder or a .pt2"
+        sub, "eval", "validation loss and accuracy of a checkpoint or a deploy folder"
     )
-    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument(
+        "--unsafe-load-pt2",
+        action="store_true",
+        help="evaluate a .pt2 (or a deploy folder's deployed.pt2) through torch.export.load, "
+        "which unpickles and CAN RUN CODE: only for files you trust",
+    )
 
     deploy = _checkpoint_parser(sub, "deploy", "write the static (deployed) model and verify it")
     deploy.add_argument("--out", required=True, help="output folder")
@@ -220,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", help="parameters and MACs of a checkpoint or a config")
     profile.add_argument("checkpoint", nargs="?", help="checkpoint (omit to profile a config)")
     _add_config_arguments(profile)
-    profile.add_argument("--batch", type=int, default=1, help="batch size of the profiled input")
+    profile.add_argument(
+        "--batch", type=_positive_int, default=1, help="batch size of the profiled input"
+    )
     profile.add_argument("--convention", choices=("dense", "reference"), default="dense")
     profile.add_argument("--weights", choices=("ema", "model"), default="ema")
     profile.add_argument(
@@ -230,6 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="first bring the schedules to this progress in [0, 1] (1.0: as after training)",
     )
     return parser
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as one line (a data-loader worker's error keeps only its last line)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if any(line.startswith("Original Traceback") for line in lines):
+        return lines[-1]
+    return " ".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -244,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .engine import NonFiniteLossError
+    from .runfolder import RunFolderError
 
     commands = {
         "train": _cmd_train,
@@ -254,12 +321,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
-    except (ConfigError, DataError, CheckpointError, NotImplementedError) as error:
-        print(f"dynaconv {args.command}: error: {error}", file=sys.stderr)
+    except (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        RunFolderError,
+        NotImplementedError,
+    ) as error:
+        print(f"dynaconv {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
     except NonFiniteLossError as error:
-        print(f"dynaconv {args.command}: stopped: {error}", file=sys.stderr)
+        print(f"dynaconv {args.command}: stopped: {_one_line(error)}", file=sys.stderr)
         return EXIT_NONFINITE
     except DeployVerificationError as error:
-        print(f"dynaconv {args.command}: verification failed: {error}", file=sys.stderr)
+        print(f"dynaconv {args.command}: verification failed: {_one_line(error)}", file=sys.stderr)
         return EXIT_VERIFY
+    except KeyboardInterrupt:
+        print(f"dynaconv {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

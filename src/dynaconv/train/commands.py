@@ -5,32 +5,47 @@ A *trained model* is any of
 * a training checkpoint ``last.pt`` / ``best.pt`` (the EMA weights when the run had an EMA,
   unless ``weights="model"``);
 * a weights file ``*.safetensors`` written by training (its metadata holds the configuration);
-* for ``eval`` only, a folder written by ``deploy`` (or its ``deployed.pt2``).
+* for ``eval`` only, a folder written by ``deploy``.
 
 ``deploy`` writes a folder that rebuilds the static model without any pickled code:
 ``config.yaml``, ``weights.safetensors`` (the trained weights), ``deployed.safetensors`` (the
-deployed weights) and ``deployed.pt2`` (``torch.export``); :func:`load_deployed` rebuilds it
-from the first three (build from the configuration, load the trained weights, ``deploy``, load
-and compare the deployed weights).
+deployed weights) and ``deployed.pt2`` (``torch.export``, for other runtimes); :func:`load_deployed`
+rebuilds it from the first three (build from the configuration, load the trained weights,
+``deploy``, load and compare the deployed weights).
+
+**No file runs code.** Every configuration read from a file is validated, and its model name
+resolves only through model registries (:mod:`dynaconv.train.names`); tensors come from
+``weights_only`` checkpoints or safetensors. ``torch.export.load`` unpickles, so a ``.pt2`` is
+loaded only when asked explicitly (``evaluate_checkpoint(..., unsafe_load_pt2=True)``, the
+command line's ``--unsafe-load-pt2``), never by default; ``deploy`` and ``export`` reload only
+the ``.pt2`` they have just written, to check it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import dynaconv
 from dynaconv.lifecycle import DeployVerificationError, verify_outputs
 
-from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_safetensors
-from .config import dump_config, set_path, validate_config
+from .checkpoint import (
+    CheckpointError,
+    check_file,
+    load_checkpoint,
+    load_state,
+    load_weights,
+    save_safetensors,
+)
+from .config import ConfigError, config_from_text, dump_config, set_path, validate_config
 from .data import build_datasets, dataset_info
 from .engine import build_model
 
@@ -43,6 +58,9 @@ __all__ = [
     "profile_checkpoint",
 ]
 
+#: What a checkpoint must hold to rebuild its model.
+MODEL_ENTRIES: dict[str, Any] = {"config": str, "model": dict, "ema": (dict, type(None))}
+
 
 def _apply(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for dotted, value in overrides.items():
@@ -51,11 +69,27 @@ def _apply(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _check_trained_path(path: Path) -> None:
+    """A trained-model file: not a folder, not a ``.pt2``, present and non-empty."""
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a folder; give a checkpoint (last.pt / best.pt) or a .safetensors "
+            "written by training (eval also takes a deploy folder)"
+        )
+    if path.suffix == ".pt2":
+        raise CheckpointError(
+            f"{path} is a torch.export program, not a trained model; give last.pt / best.pt "
+            "or a .safetensors written by training"
+        )
+    check_file(path, "checkpoint" if path.suffix != ".safetensors" else "weights file")
+
+
 def load_trained(
     path: str | Path, weights: str = "ema", overrides: dict[str, Any] | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model of a checkpoint or weights file (eval mode, CPU) and its configuration."""
     path = Path(path)
+    _check_trained_path(path)
     if path.suffix == ".safetensors":
         tensors, metadata = load_weights(path)
         if metadata.get("format") != "dynaconv-train-weights" or "config" not in metadata:
@@ -63,22 +97,17 @@ def load_trained(
                 f"{path} has no training configuration in its metadata; it was not written by "
                 "dynaconv train (use a last.pt/best.pt checkpoint or model.safetensors)"
             )
-        config = yaml.safe_load(metadata["config"])
-        state = tensors
+        config = config_from_text(metadata["config"], f"{path} (metadata)")
+        state, origin = tensors, str(path)
     else:
-        payload = load_checkpoint(path)
-        config = yaml.safe_load(payload["config"])
-        state = (
-            payload["ema"] if weights == "ema" and payload["ema"] is not None else payload["model"]
-        )
+        payload = load_checkpoint(path, MODEL_ENTRIES)
+        config = config_from_text(payload["config"], f"checkpoint {path}")
+        use_ema = weights == "ema" and payload["ema"] is not None
+        state = payload["ema"] if use_ema else payload["model"]
+        origin = f"checkpoint {path} ({'ema' if use_ema else 'model'})"
     config = _apply(config, overrides or {})
     model = build_model(config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"{path} does not fit the model of its configuration: {error}"
-        ) from None
+    load_state(model, state, origin)
     return model.eval(), config
 
 
@@ -100,9 +129,30 @@ def evaluate(model: Any, loader: DataLoader, device: torch.device) -> dict[str, 
 
 
 def _device(name: str) -> torch.device:
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _folder_config(folder: Path, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The validated ``config.yaml`` of a deploy folder (with ``overrides``)."""
+    if not folder.is_dir():
+        raise CheckpointError(f"deploy folder {folder} does not exist")
+    path = folder / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} is not a deploy folder: it has no config.yaml (give a checkpoint, a "
+            "training .safetensors or a folder written by dynaconv deploy)"
+        )
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from None
+    return _apply(config_from_text(text, str(path)), overrides or {})
 
 
 def evaluate_checkpoint(
@@ -110,15 +160,44 @@ def evaluate_checkpoint(
     overrides: dict[str, Any] | None = None,
     weights: str = "ema",
     device: str = "auto",
+    unsafe_load_pt2: bool = False,
 ) -> dict[str, float]:
-    """Validation loss and accuracy of a trained model (or of a ``deploy`` folder / .pt2)."""
+    """Validation loss and accuracy of a trained model or of a ``deploy`` folder.
+
+    A deploy folder is rebuilt from its configuration and safetensors (:func:`load_deployed`).
+    ``unsafe_load_pt2``: evaluate a ``.pt2`` (given, or the folder's ``deployed.pt2``) through
+    ``torch.export.load``, which unpickles and so may run code: only for files you trust.
+    """
     path = Path(path)
     target = _device(device)
-    if path.is_dir() or path.suffix == ".pt2":
-        folder = path if path.is_dir() else path.parent
-        config = _apply(yaml.safe_load((folder / "config.yaml").read_text()), overrides or {})
-        program = torch.export.load(str(folder / "deployed.pt2"))
-        model: Any = program.module().to(target)
+    if unsafe_load_pt2:
+        program_path = path / "deployed.pt2" if path.is_dir() else path
+        if program_path.suffix != ".pt2":
+            raise CheckpointError(
+                f"--unsafe-load-pt2 loads a .pt2 file or a deploy folder's deployed.pt2, got {path}"
+            )
+        config = _folder_config(program_path.parent, overrides)
+        check_file(program_path, "program")
+        try:
+            model: Any = torch.export.load(str(program_path)).module().to(target)
+        except Exception as error:
+            raise CheckpointError(
+                f"cannot load {program_path} with torch.export: {error}"
+            ) from None
+    elif path.suffix == ".pt2":
+        raise CheckpointError(
+            f"{path}: loading a .pt2 unpickles it, which can run code; evaluate its deploy "
+            "folder instead (rebuilt from config.yaml and safetensors), or pass "
+            "--unsafe-load-pt2 if you trust the file"
+        )
+    elif path.is_dir():
+        if (path / "best.pt").is_file() and not (path / "weights.safetensors").exists():
+            raise CheckpointError(
+                f"{path} is a run folder, not a deploy folder: evaluate {path / 'best.pt'} "
+                "(or last.pt, model.safetensors)"
+            )
+        config = _folder_config(path, overrides)
+        model = load_deployed(path, config).to(target)
     else:
         model, config = load_trained(path, weights, overrides)
         model = model.to(target)
@@ -141,26 +220,42 @@ def _batch_dim() -> Any:
     return torch.export.Dim("batch", min=1, max=1 << 16)
 
 
+def prepare_output_folder(out: str | Path, flag: str = "--out") -> Path:
+    """Create ``out`` (a writable folder) before any work, or :class:`ConfigError` naming it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise ConfigError(
+            f"{flag} {out} cannot be created or written: {error.strerror or error}"
+        ) from None
+    return out
+
+
 def deploy_checkpoint(
     path: str | Path, out: str | Path, overrides: dict[str, Any] | None = None, weights: str = "ema"
 ) -> dict[str, Any]:
     """Deploy, verify (on a validation batch), and write the static model folder."""
     model, config = load_trained(path, weights, overrides)
+    out = prepare_output_folder(out)
     example = _example_batch(config, 8)
     deployed = dynaconv.deploy(model, example_input=example)
     with torch.no_grad():
         expected = model(example)
         actual = deployed(example)
     error = verify_outputs(expected, actual, "deployed model")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(config))
     meta = {"format": "dynaconv-train-weights", "config": dump_config(config)}
     save_safetensors(model.state_dict(), out / "weights.safetensors", meta)
     save_safetensors(deployed.state_dict(), out / "deployed.safetensors", {**meta, "deployed": "1"})
     program = torch.export.export(deployed, (example,), dynamic_shapes=({0: _batch_dim()},))
     torch.export.save(program, str(out / "deployed.pt2"))
-    reloaded = torch.export.load(str(out / "deployed.pt2")).module()
+    reloaded = torch.export.load(str(out / "deployed.pt2")).module()  # the file just written
     with torch.no_grad():
         export_error = verify_outputs(expected, reloaded(example), "exported deployed model")
     rebuilt_error = verify_outputs(expected, load_deployed(out)(example), "rebuilt deployed model")
@@ -174,13 +269,16 @@ def deploy_checkpoint(
     }
 
 
-def load_deployed(folder: str | Path) -> nn.Module:
-    """Rebuild the deployed model of a ``deploy`` folder (no pickled code involved)."""
+def load_deployed(folder: str | Path, config: dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild the deployed model of a ``deploy`` folder (no pickled code involved).
+
+    ``config``: the folder's configuration when already read (else its ``config.yaml``).
+    """
     folder = Path(folder)
-    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config = config if config is not None else _folder_config(folder, None)
     model = build_model(config)
     trained, _ = load_weights(folder / "weights.safetensors")
-    model.load_state_dict(trained)
+    load_state(model, trained, f"{folder / 'weights.safetensors'}")
     deployed = dynaconv.deploy(model.eval(), verify=False)
     tensors, _ = load_weights(folder / "deployed.safetensors")
     state = deployed.state_dict()
@@ -201,14 +299,17 @@ def profile_checkpoint(
     convention: str = "dense",
     weights: str = "ema",
     progress: float | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dynaconv.Profile:
     """``dynaconv.profile`` of a trained model, or of a configured (untrained) one.
 
     ``progress`` first brings the schedules there (e.g. 1.0: an untrained CondenseNet
     condensed as at the end of training, so ``macs_active`` is what deployment will compute).
     """
+    if batch < 1:
+        raise ConfigError(f"--batch must be a positive integer, got {batch}")
     if path is not None:
-        model, config = load_trained(path, weights)
+        model, config = load_trained(path, weights, overrides)
     else:
         if config is None:
             raise ValueError("profile needs a checkpoint or a configuration (--recipe/--model)")
@@ -233,20 +334,24 @@ def export_checkpoint(
     The ONNX model has a dynamic batch dimension; onnxruntime runs it on a batch of a size
     other than the one exported and must match PyTorch to 1e-4 (relative to the largest logit).
     """
+    if not MIN_OPSET <= opset <= _max_opset():
+        raise ConfigError(f"--opset must be in [{MIN_OPSET}, {_max_opset()}], got {opset}")
     model, config = load_trained(path, weights, overrides)
+    out = prepare_output_folder(out)
     if deploy:
         model = dynaconv.deploy(model, example_input=_example_batch(config, 4))
     example = _example_batch(config, 4)
     check = _example_batch(config, 7)[:3]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     batch_dim = _batch_dim()
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim},))
     torch.export.save(program, str(out / "model.pt2"))
     with torch.no_grad():
         expected = model(check)
         pt2_error = verify_outputs(
-            expected, torch.export.load(str(out / "model.pt2")).module()(check), "model.pt2"
+            # the file just written
+            expected,
+            torch.export.load(str(out / "model.pt2")).module()(check),
+            "model.pt2",
         )
     onnx_path = out / "model.onnx"
     torch.onnx.export(
@@ -275,3 +380,17 @@ def export_checkpoint(
     }
     (out / "export.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+#: The oldest opset the (dynamo) ONNX exporter writes directly.
+MIN_OPSET = 18
+
+
+def _max_opset() -> int:
+    """The newest ONNX opset the installed exporter targets."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+
+        return int(ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return 23

@@ -10,13 +10,31 @@ this order, each step overriding the previous one:
 4. ``--set SECTION.KEY=VALUE`` (repeatable; the value is parsed as YAML, so ``--set
    optim.lr=0.05``, ``--set data.augment=[random_crop,hflip]``, ``--set model.convert=null``).
 
-Unknown keys and values of the wrong type are errors naming the key. The resolved
-configuration is written as ``config.yaml`` into the run folder and stored in every checkpoint.
+The resolved configuration is written as ``config.yaml`` into the run folder and stored in
+every checkpoint and training safetensors file. :func:`validate_config` checks every
+configuration before it is used, whatever its origin (the steps above, or a file written by
+training or ``deploy``: see :func:`config_from_text`); each error is a :class:`ConfigError`
+naming the key (and the file) and the rule:
+
+* **Keys**: unknown and missing keys are errors; ``null`` only where the default is ``null``.
+* **Types and values**: every number has its range (:data:`RULES`: positive batch sizes, epochs
+  and learning rates, non-negative weight decay, momentum and label smoothing in ``[0, 1)``,
+  ``min_lr`` in ``[0, lr]``, ...) and must be finite; enumerations are checked against
+  :data:`CHOICES`.
+* **Names never become code by import**: ``model.name`` must name a model of a registry
+  (:mod:`dynaconv.train.names`: dynaconv's, torchvision's or timm's); ``model.kwargs`` keys must
+  be arguments of that builder (when its signature is closed) and may not load weights;
+  ``model.convert.options`` keys must be options of the method's ``from_conv``.
+* **Legacy**: configurations written by earlier versions hold
+  ``loss.resource.helper: dynaconv.layers.dgconv:ResourceConstraint``; exactly that value is
+  accepted and dropped (the objective is always :class:`dynaconv.layers.dgconv.ResourceConstraint`),
+  any other value is an error.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -28,8 +46,10 @@ __all__ = [
     "CHOICES",
     "DEFAULTS",
     "FLAGS",
+    "RULES",
     "ConfigError",
     "apply_override",
+    "config_from_text",
     "dump_config",
     "list_recipes",
     "load_recipe",
@@ -46,7 +66,8 @@ class ConfigError(ValueError):
 DEFAULTS: dict[str, Any] = {
     "name": "run",
     "model": {
-        # A name of dynaconv.models.MODELS or of torchvision.models (e.g. resnet18).
+        # A registered name: dynaconv.models.MODELS, a torchvision classification model (e.g.
+        # resnet18) or timm.list_models(); never an import string (see dynaconv.train.names).
         "name": "digits_cnn",
         # Keyword arguments of the builder; num_classes is filled in from the dataset.
         "kwargs": {},
@@ -91,13 +112,12 @@ DEFAULTS: dict[str, Any] = {
     "loss": {
         # Weight of dynaconv.aux_loss(model) (the sum of the layers' regularisers).
         "aux_weight": 0.0,
-        # DGConv's resource-constrained objective (see dynaconv.train.engine.resource_objective).
+        # DGConv's resource-constrained objective (dynaconv.layers.dgconv.ResourceConstraint).
         "resource": {
             "enabled": False,
             "budget": 0.5,  # fraction of the dense params (or MACs) of the DGConv layers
             "budget_type": "params",  # params | macs
             "exponent": 0.02,
-            "helper": "dynaconv.layers.dgconv:ResourceConstraint",
         },
     },
     "train": {
@@ -111,7 +131,7 @@ DEFAULTS: dict[str, Any] = {
         "deterministic": False,
         "out_dir": None,  # null: runs/<name>
         "checkpoint_every_iters": 0,  # 0: only at the end of every epoch
-        "eval_every_epochs": 1,
+        "eval_every_epochs": 1,  # validate every N epochs and at the last (best.pt: among those)
         "log_every_iters": 20,  # plain-line logging interval when stderr is not a terminal
         "tensorboard": True,
         "plots": True,
@@ -188,7 +208,10 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read recipe {path}: {error}") from None
         origin = str(path)
     else:
         entry = _recipe_dir().joinpath(f"{name_or_path}.yaml")
@@ -206,7 +229,10 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {origin} must be a mapping of sections, got {type(recipe)}")
     recipe.setdefault("name", Path(origin).stem)
-    return recipe
+    try:
+        return drop_legacy_keys(recipe)
+    except ConfigError as error:
+        raise ConfigError(f"recipe {origin}: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,34 +341,220 @@ def _get(config: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+#: The legacy ``loss.resource.helper`` value (the only one accepted, then dropped).
+LEGACY_RESOURCE_HELPER = "dynaconv.layers.dgconv:ResourceConstraint"
+
+
+def drop_legacy_keys(config: Any) -> Any:
+    """Drop ``loss.resource.helper`` when it holds the legacy value; refuse any other value."""
+    resource = config.get("loss", {}).get("resource") if isinstance(config, dict) else None
+    if isinstance(resource, dict) and "helper" in resource:
+        if resource["helper"] != LEGACY_RESOURCE_HELPER:
+            raise ConfigError(
+                f"loss.resource.helper is no longer a setting (got {resource['helper']!r}); "
+                "the resource objective is dynaconv.layers.dgconv.ResourceConstraint and names "
+                "in a configuration are never imported: remove the key"
+            )
+        del resource["helper"]
+    return config
+
+
+def config_from_text(text: str, origin: str) -> dict[str, Any]:
+    """The validated configuration stored as YAML ``text`` in ``origin`` (a file's name).
+
+    Errors are :class:`ConfigError` naming ``origin``: invalid YAML, not a mapping, legacy keys
+    with a non-legacy value, and everything :func:`validate_config` refuses.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"{origin}: the stored configuration is not YAML text")
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"{origin}: the stored configuration is not valid YAML ({first})"
+        ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{origin}: the stored configuration is not a mapping of sections")
+    try:
+        drop_legacy_keys(config)
+        validate_config(config)
+    except ConfigError as error:
+        raise ConfigError(f"{origin}: {error}") from None
+    return config
+
+
+#: Types allowed for the keys whose default is null (``None`` is always allowed there).
+NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
+    "model.convert": (dict,),
+    "data.dir": (str,),
+    "data.image_size": (int,),
+    "data.channels": (int,),
+    "data.eval_resize": (int,),
+    "data.train_subset": (int,),
+    "data.val_subset": (int,),
+    "optim.clip_grad_norm": (int, float),
+    "train.max_iters": (int,),
+    "train.out_dir": (str,),
+}
+
+_POSITIVE = (0.0, False, math.inf, True)  # (low, low included, high, high included)
+_NON_NEGATIVE = (0.0, True, math.inf, True)
+_UNIT = (0.0, True, 1.0, False)  # [0, 1)
+
+#: Ranges of the numeric keys: ``(low, low included, high, high included)``; a null value
+#: (where allowed) is not checked.
+RULES: dict[str, tuple[float, bool, float, bool]] = {
+    "data.batch_size": _POSITIVE,
+    "data.eval_batch_size": _POSITIVE,
+    "data.workers": _NON_NEGATIVE,
+    "data.crop_padding": _NON_NEGATIVE,
+    "data.image_size": _POSITIVE,
+    "data.channels": _POSITIVE,
+    "data.eval_resize": _POSITIVE,
+    "data.train_subset": _POSITIVE,
+    "data.val_subset": _POSITIVE,
+    "optim.lr": _POSITIVE,
+    "optim.momentum": _UNIT,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.eps": _POSITIVE,
+    "optim.alpha": _UNIT,
+    "optim.warmup_epochs": _NON_NEGATIVE,
+    "optim.warmup_start": (0.0, True, 1.0, True),
+    "optim.min_lr": _NON_NEGATIVE,
+    "optim.clip_grad_norm": _POSITIVE,
+    "optim.label_smoothing": _UNIT,
+    "loss.aux_weight": _NON_NEGATIVE,
+    "loss.resource.budget": (0.0, False, 1.0, True),
+    "loss.resource.exponent": _POSITIVE,
+    "train.epochs": _POSITIVE,
+    "train.max_iters": _POSITIVE,
+    "train.ema_decay": _UNIT,
+    "train.ema_every": _POSITIVE,
+    "train.checkpoint_every_iters": _NON_NEGATIVE,
+    "train.eval_every_epochs": _POSITIVE,
+    "train.log_every_iters": _POSITIVE,
+}
+
+
+def _range_text(rule: tuple[float, bool, float, bool]) -> str:
+    low, low_in, high, high_in = rule
+    if high == math.inf:
+        return "positive" if not low_in else "non-negative (>= 0)"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    return "float" if float in types else " or ".join(t.__name__ for t in types)
+
+
+def _check_value_type(dotted: str, value: Any, default: Any) -> None:
+    if value is None:
+        if default is not None:
+            raise ConfigError(f"{dotted} must not be null (default {default!r})")
+        return
+    if default is None:
+        expected = NULLABLE_TYPES.get(dotted)
+        if expected is None:
+            return
+    elif isinstance(default, bool):
+        expected = (bool,)
+    elif isinstance(default, float):
+        expected = (int, float)
+    elif isinstance(default, int):
+        expected = (int,)
+    else:
+        expected = (type(default),)
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+        raise ConfigError(f"{dotted} must be of type {_type_name(expected)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{dotted} must be a finite number, got {value!r}")
+
+
 def _check_types(config: Mapping[str, Any], defaults: Mapping[str, Any], prefix: str) -> None:
+    unknown = sorted(set(config) - set(defaults), key=str)
+    if unknown:
+        raise ConfigError(
+            f"unknown configuration key {prefix}{unknown[0]!r}; valid keys here: "
+            f"{', '.join(sorted(defaults))}"
+        )
     for key, default in defaults.items():
         dotted = f"{prefix}{key}"
-        value = config.get(key)
+        if key not in config:
+            raise ConfigError(f"configuration key {dotted} is missing")
+        value = config[key]
         if isinstance(default, dict) and _is_section(dotted):
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted} must be a mapping, got {value!r}")
             _check_types(value, default, f"{dotted}.")
             continue
-        if value is None or default is None:
+        _check_value_type(dotted, value, default)
+
+
+def _check_ranges(config: Mapping[str, Any]) -> None:
+    for dotted, rule in RULES.items():
+        value = _get(config, dotted)
+        if value is None:
             continue
-        expected: tuple[type, ...]
-        if isinstance(default, bool):
-            expected = (bool,)
-        elif isinstance(default, float):
-            expected = (int, float)
-        elif isinstance(default, int):
-            expected = (int,)
-        else:
-            expected = (type(default),)
-        if not isinstance(value, expected) or (
-            isinstance(value, bool) and not isinstance(default, bool)
-        ):
-            raise ConfigError(f"{dotted} must be of type {type(default).__name__}, got {value!r}")
+        low, low_in, high, high_in = rule
+        inside = (value >= low if low_in else value > low) and (
+            value <= high if high_in else value < high
+        )
+        if not inside:
+            raise ConfigError(f"{dotted} must be {_range_text(rule)}, got {value!r}")
+    optim = config["optim"]
+    if optim["min_lr"] > optim["lr"]:
+        raise ConfigError(
+            f"optim.min_lr must not exceed optim.lr ({optim['lr']}), got {optim['min_lr']}"
+        )
+    betas = optim["betas"]
+    if len(betas) != 2 or not all(
+        isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
+    ):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
+
+
+def _check_selector(dotted: str, value: Any) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{dotted} must be null, a glob pattern or a list of them, got {value!r}")
+
+
+def _check_model(model: dict[str, Any]) -> None:
+    """``model.name`` through the registries; ``kwargs`` and ``convert`` against their code."""
+    from .names import check_convert_options, check_model_kwargs
+
+    check_model_kwargs(model["name"], model["kwargs"])
+    convert = model["convert"]
+    if convert is None:
+        return
+    if "method" not in convert:
+        raise ConfigError("model.convert must be null or a mapping with a 'method' key")
+    unknown = set(convert) - {"method", "options", "include", "exclude"}
+    if unknown:
+        raise ConfigError(
+            f"model.convert.{sorted(unknown, key=str)[0]} is not a key of model.convert "
+            "(valid: method, options, include, exclude)"
+        )
+    from dynaconv.lifecycle import METHODS
+
+    if convert["method"] not in METHODS:
+        raise ConfigError(
+            f"model.convert.method must be one of {sorted(METHODS)}, got {convert['method']!r}"
+        )
+    options = convert.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"model.convert.options must be a mapping, got {options!r}")
+    check_convert_options(convert["method"], options or {})
+    for key in ("include", "exclude"):
+        _check_selector(f"model.convert.{key}", convert.get(key))
 
 
 def validate_config(config: dict[str, Any]) -> None:
-    """Raise :class:`ConfigError` naming the field for anything invalid."""
+    """Raise :class:`ConfigError` naming the key for anything invalid (module docstring)."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"a configuration must be a mapping of sections, got {config!r}")
     _check_types(config, DEFAULTS, "")
     for dotted, allowed in CHOICES.items():
         if _get(config, dotted) not in allowed:
@@ -354,31 +566,13 @@ def validate_config(config: dict[str, Any]) -> None:
             raise ConfigError(
                 f"data.augment entries must be among {', '.join(AUGMENTATIONS)}, got {aug!r}"
             )
-    convert = config["model"]["convert"]
-    if convert is not None:
-        if not isinstance(convert, dict) or "method" not in convert:
-            raise ConfigError("model.convert must be null or a mapping with a 'method' key")
-        unknown = set(convert) - {"method", "options", "include", "exclude"}
-        if unknown:
-            raise ConfigError(
-                f"model.convert has unknown keys {sorted(unknown)}; "
-                "valid: method, options, include, exclude"
-            )
-        from dynaconv.lifecycle import METHODS
-
-        if convert["method"] not in METHODS:
-            raise ConfigError(
-                f"model.convert.method must be one of {sorted(METHODS)}, got {convert['method']!r}"
-            )
-    for dotted in ("data.batch_size", "data.eval_batch_size", "train.epochs", "train.ema_every"):
-        if _get(config, dotted) <= 0:
-            raise ConfigError(f"{dotted} must be positive, got {_get(config, dotted)}")
-    if config["optim"]["lr"] <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {config['optim']['lr']}")
-    if not 0.0 <= config["train"]["ema_decay"] < 1.0:
-        raise ConfigError(f"train.ema_decay must be in [0, 1), got {config['train']['ema_decay']}")
     if not isinstance(config["model"]["kwargs"], dict):
         raise ConfigError("model.kwargs must be a mapping")
+    name = config["name"]
+    if not name.strip() or "/" in name or "\\" in name or name in (".", ".."):
+        raise ConfigError(f"name must be a folder name (runs/NAME), got {name!r}")
+    _check_ranges(config)
+    _check_model(config["model"])
 
 
 def dump_config(config: Mapping[str, Any]) -> str:

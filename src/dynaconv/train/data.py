@@ -13,7 +13,9 @@ Supported (``data.dataset``):
 * ``imagenet``: an ImageFolder tree ``DIR/train/<class>/*.JPEG`` and ``DIR/val/<class>/*``.
 
 Missing or malformed data raises :class:`DataError` naming the path and the expected layout;
-there is never a fallback to other data.
+there is never a fallback to other data. Label values outside the dataset's classes, more class
+folders than it has classes, images that cannot be read, and examples whose transformed size is
+not the configured one are errors naming the file (or example).
 
 Augmentations are a deterministic function of ``(seed, epoch, example index)`` (each example
 is transformed under its own seeded generator state), so they do not depend on the number of
@@ -80,12 +82,18 @@ def dataset_info(data_config: dict[str, Any]) -> DatasetInfo:
 
 
 class TensorImages(Dataset):
-    """Images ``(N, C, H, W)`` (uint8 or float in [0, 1]) with integer labels."""
+    """Images ``(N, C, H, W)`` (uint8 or float in [0, 1]) with integer labels.
 
-    def __init__(self, images: Tensor, labels: Tensor, num_classes: int) -> None:
+    ``source`` names where the labels came from (for error messages).
+    """
+
+    def __init__(
+        self, images: Tensor, labels: Tensor, num_classes: int, source: str = "labels"
+    ) -> None:
         self.images = images
         self.labels = labels.long()
         self.classes = list(range(num_classes))
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -168,7 +176,11 @@ def _load_idx_dataset(name: str, root: Path, download: bool) -> tuple[TensorImag
 
         cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
         for train in (True, False):
-            cls(str(root), train=train, download=True)
+            try:
+                cls(str(root), train=train, download=True)
+            except Exception as error:  # network or checksum failures, reported generically
+                first = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise DataError(f"{name}: cannot download into {root}: {first}") from None
         paths = {key: _find_idx(root, name, stem) for key, stem in _IDX_FILES.items()}
     missing = [_IDX_FILES[k] for k, p in paths.items() if p is None]
     if missing:
@@ -182,7 +194,8 @@ def _load_idx_dataset(name: str, root: Path, download: bool) -> tuple[TensorImag
                 f"{name} in {root}: {split} images {tuple(images.shape)} and labels "
                 f"{tuple(labels.shape)} do not match; {_idx_layout(name)}"
             )
-        splits.append(TensorImages(images.unsqueeze(1), labels, 10))
+        source = str(paths[f"{split}_labels"])
+        splits.append(TensorImages(images.unsqueeze(1), labels, 10, source))
     return splits[0], splits[1]
 
 
@@ -211,7 +224,8 @@ def _load_cifar(name: str, root: Path, download: bool) -> tuple[TensorImages, Te
         except Exception as error:  # torchvision reports missing/corrupt files generically
             raise DataError(f"{name}: cannot load {root / folder}: {error}; {layout}") from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        splits.append(TensorImages(images, torch.tensor(ds.targets), len(ds.classes)))
+        source = str(root / folder)
+        splits.append(TensorImages(images, torch.tensor(ds.targets), len(ds.classes), source))
     return splits[0], splits[1]
 
 
@@ -228,12 +242,50 @@ def _load_imagenet(root: Path) -> tuple[Dataset, Dataset]:
         if not folder.is_dir():
             raise DataError(f"imagenet: {folder} does not exist; {layout}")
         try:
-            splits.append(torchvision.datasets.ImageFolder(str(folder)))
+            splits.append(torchvision.datasets.ImageFolder(str(folder), loader=load_image))
         except (FileNotFoundError, RuntimeError) as error:
             raise DataError(f"imagenet: cannot read {folder}: {error}; {layout}") from None
     if splits[0].classes != splits[1].classes:
         raise DataError(f"imagenet: train and val class folders differ in {root}; {layout}")
     return splits[0], splits[1]
+
+
+def load_image(path: str) -> Any:
+    """An RGB PIL image from ``path``, or :class:`DataError` naming the file."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from None
+
+
+def _check_labels(dataset: Dataset, num_classes: int, name: str, split: str) -> None:
+    """:class:`DataError` for labels outside ``[0, num_classes)``, naming the file."""
+    if isinstance(dataset, TensorImages) and len(dataset.labels):
+        low, high = int(dataset.labels.min()), int(dataset.labels.max())
+        bad = low if low < 0 else high
+        if low < 0 or high >= num_classes:
+            raise DataError(
+                f"{dataset.source}: label value {bad} is out of range for {name}'s "
+                f"{num_classes} classes (0..{num_classes - 1}); the {split} labels are corrupt"
+            )
+    classes = getattr(dataset, "classes", None)
+    root = getattr(dataset, "root", None)
+    if root is not None and classes is not None and len(classes) > num_classes:
+        raise DataError(
+            f"{root}: {len(classes)} class folders, but {name} has {num_classes} classes"
+        )
+
+
+def _describe(dataset: Any, index: int) -> str:
+    """The file of example ``index`` when known (ImageFolder), else its index."""
+    samples = getattr(dataset, "samples", None)
+    if samples is not None and 0 <= index < len(samples):
+        return f"image {samples[index][0]}"
+    return f"example {index}"
 
 
 def _layout(name: str, root: Path) -> str:
@@ -324,13 +376,25 @@ def _example_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SeededTransformDataset(Dataset):
-    """Applies ``transform`` to ``base[i]`` under a seed fixed by ``(seed, epoch, i)``."""
+    """Applies ``transform`` to ``base[i]`` under a seed fixed by ``(seed, epoch, i)``.
 
-    def __init__(self, base: Dataset, transform: Any, random: bool, seed: int) -> None:
+    ``shape``: the ``(C, H, W)`` every transformed example must have (None: unchecked); an
+    example of another shape is a :class:`DataError` naming its file.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        transform: Any,
+        random: bool,
+        seed: int,
+        shape: tuple[int, int, int] | None = None,
+    ) -> None:
         self.base = base
         self.transform = transform
         self.random = random
         self.seed = seed
+        self.shape = shape
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -339,14 +403,23 @@ class SeededTransformDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image, label = self.base[index]
         if not self.random:
-            return self.transform(image), label
+            return self._checked(self.transform(image), index), label
         state = torch.get_rng_state()
         try:
             # Only the CPU generator (torch.manual_seed would also queue CUDA seeding).
             torch.default_generator.manual_seed(_example_seed(self.seed, self.epoch, index))
-            return self.transform(image), label
+            return self._checked(self.transform(image), index), label
         finally:
             torch.set_rng_state(state)
+
+    def _checked(self, image: Tensor, index: int) -> Tensor:
+        if self.shape is not None and tuple(image.shape) != self.shape:
+            base = self.base.base if isinstance(self.base, _Subset) else self.base
+            raise DataError(
+                f"{_describe(base, index)} has shape {tuple(image.shape)} after the transforms, "
+                f"expected {self.shape} (data.image_size / data.channels)"
+            )
+        return image
 
 
 class _Subset(Dataset):
@@ -367,6 +440,9 @@ def build_datasets(
     """The training and validation datasets of ``data`` (the ``data`` config section)."""
     info = dataset_info(data)
     train, val = _load_raw(data)
+    num_classes = _INFO[data["dataset"]].num_classes
+    _check_labels(train, num_classes, data["dataset"], "training")
+    _check_labels(val, num_classes, data["dataset"], "validation")
     if data["train_subset"]:
         train = _Subset(train, data["train_subset"])
     if data["val_subset"]:
@@ -375,9 +451,10 @@ def build_datasets(
         raise DataError(f"{data['dataset']}: empty training or validation split")
     train_tf, train_random = _transforms(data, info, train=True)
     val_tf, _ = _transforms(data, info, train=False)
+    shape = (info.channels, info.image_size, info.image_size)
     return (
-        SeededTransformDataset(train, train_tf, train_random, seed),
-        SeededTransformDataset(val, val_tf, False, seed),
+        SeededTransformDataset(train, train_tf, train_random, seed, shape),
+        SeededTransformDataset(val, val_tf, False, seed, shape),
         info,
     )
 

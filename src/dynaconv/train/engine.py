@@ -13,17 +13,32 @@ Per iteration ``t`` of ``T`` (``T`` = epochs x iterations per epoch, or ``train.
 4. backward (with a GradScaler under fp16 autocast), optional gradient-norm clipping, step,
    EMA update.
 
-A loss that is NaN or infinite on any rank stops the run with :class:`NonFiniteLossError`;
-the last good checkpoint is kept untouched. Checkpoints are written at the end of every epoch
-and, with ``train.checkpoint_every_iters``, every N iterations (mid-epoch), always by rank 0
-only; ``--resume`` continues bit-for-bit (same data order, augmentation, RNG, schedule).
+Validation runs every ``train.eval_every_epochs`` epochs and after the last one; ``best.pt``
+is chosen among the evaluated epochs (EMA accuracy when the EMA is enabled).
+
+Checkpoints are written at the end of every epoch and, with ``train.checkpoint_every_iters``,
+every N iterations (mid-epoch), always by rank 0 only; ``--resume`` continues bit-for-bit
+(same data order, augmentation, RNG, schedule). The run folder's rules (no silent overwrite,
+a consistent end-of-epoch set restored on resume, stale temporary files removed) are those of
+:mod:`dynaconv.train.runfolder`.
+
+**Non-finite values stop the run and keep the last good set.** A loss that is NaN or infinite
+on any rank raises :class:`NonFiniteLossError`; before any checkpoint replaces the previous
+one, every floating-point tensor of the model and of the EMA (parameters *and* buffers, e.g.
+BatchNorm statistics) is checked, and the first non-finite one is named in the error.
+
+**Nothing in a configuration or a file runs code.** The network is built from ``model.name``
+through model registries only (:func:`dynaconv.train.names.model_builder`); the DGConv resource
+objective is :class:`dynaconv.layers.dgconv.ResourceConstraint` itself; checkpoints load with
+``weights_only=True``. A network of your own is trained by passing its builder from Python:
+``Trainer(config, network=MyNet)``, called as ``MyNet(num_classes=...)`` after seeding.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib
 import inspect
+import io
 import json
 import math
 import os
@@ -44,27 +59,36 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import dynaconv
-from dynaconv.lifecycle import dynaconv_layers
 
 from .checkpoint import (
     FORMAT,
+    RESUME_ENTRIES,
     VERSION,
+    CheckpointError,
     atomic_save,
+    atomic_write_bytes,
+    atomic_write_text,
     capture_rng,
     load_checkpoint,
+    load_state,
     model_state,
+    read_metadata,
     restore_rng,
     save_safetensors,
 )
 from .config import ConfigError, dump_config, validate_config
 from .data import DatasetInfo, ResumableSampler, ShardSampler, build_datasets, dataset_info
 from .ema import ModelEMA
+from .names import known_model, model_builder
+from .runfolder import prepare_run_folder, remove_artefacts
 from .ui import Progress
 
 __all__ = [
     "NonFiniteLossError",
     "Trainer",
     "build_model",
+    "first_nonfinite",
+    "known_model",
     "learning_rate",
     "resource_objective",
     "train",
@@ -126,63 +150,58 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 # model, optimizer, schedule
 
 
-def _builder(name: str) -> Callable[..., nn.Module]:
-    if name in dynaconv.models.MODELS:
-        return lambda **kwargs: dynaconv.models.create_model(name, **kwargs)
-    if ":" in name:  # "package.module:callable" for your own networks
-        module_name, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as error:
-            raise ConfigError(f"model.name {name!r} cannot be imported: {error}") from None
-    import torchvision
+def build_model(
+    config: dict[str, Any],
+    info: DatasetInfo | None = None,
+    network: Callable[..., nn.Module] | None = None,
+) -> nn.Module:
+    """The configured network (``num_classes`` from the dataset), converted if asked.
 
-    if name in torchvision.models.list_models():
-        return lambda **kwargs: torchvision.models.get_model(name, **kwargs)
-    raise ConfigError(
-        f"model.name {name!r} is neither a dynaconv model ({', '.join(sorted(dynaconv.models.MODELS))}), "
-        "a torchvision model (torchvision.models.list_models()) nor 'module:callable'"
-    )
-
-
-def known_model(name: str) -> bool:
-    """Whether :func:`build_model` can resolve ``name`` (without building it)."""
-    try:
-        _builder(name)
-    except ConfigError:
-        return False
-    return True
-
-
-def build_model(config: dict[str, Any], info: DatasetInfo | None = None) -> nn.Module:
-    """The configured network (``num_classes`` from the dataset), converted if asked."""
+    ``model.name`` resolves only through :func:`~dynaconv.train.names.model_builder`. A
+    ``network`` builder given from Python is used instead, called as
+    ``network(num_classes=...)`` (``model.name`` and ``model.kwargs`` are then not used); the
+    result is converted as configured. Builder and conversion errors are
+    :class:`ConfigError` naming ``model.kwargs`` / ``model.convert.options``.
+    """
     model_config = config["model"]
     info = info or dataset_info(config["data"])
-    builder = _builder(model_config["name"])
-    kwargs = dict(model_config["kwargs"])
-    try:
-        accepts = inspect.signature(builder).parameters
-        takes_classes = "num_classes" in accepts or any(
-            p.kind is p.VAR_KEYWORD for p in accepts.values()
-        )
-    except (TypeError, ValueError):
-        takes_classes = True
-    if takes_classes:
-        kwargs.setdefault("num_classes", info.num_classes)
-    model = builder(**kwargs)
+    if network is not None:
+        model = network(num_classes=info.num_classes)
+    else:
+        builder = model_builder(model_config["name"])
+        kwargs = dict(model_config["kwargs"])
+        try:
+            accepts = inspect.signature(builder).parameters
+            takes_classes = "num_classes" in accepts or any(
+                p.kind is p.VAR_KEYWORD for p in accepts.values()
+            )
+        except (TypeError, ValueError):
+            takes_classes = True
+        if takes_classes:
+            kwargs.setdefault("num_classes", info.num_classes)
+        try:
+            model = builder(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model.kwargs of {model_config['name']}: {error}") from None
     convert = model_config["convert"]
     if convert:
-        model, report = dynaconv.convert(
-            model,
-            convert["method"],
-            include=convert.get("include"),
-            exclude=convert.get("exclude"),
-            return_report=True,
-            **(convert.get("options") or {}),
-        )
+        try:
+            model, report = dynaconv.convert(
+                model,
+                convert["method"],
+                include=convert.get("include"),
+                exclude=convert.get("exclude"),
+                return_report=True,
+                **(convert.get("options") or {}),
+            )
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model.convert.options ({convert['method']}): {error}") from None
         if not report.converted:
+            first = next(iter(report.skipped.items()), None)
+            why = f"; e.g. {first[0]}: {first[1]}" if first else ""
             raise ConfigError(
-                f"model.convert: no layer of {model_config['name']} converted\n{report}"
+                f"model.convert: no layer of {model_config['name']} converted to "
+                f"{convert['method']} ({len(report.skipped)} skipped{why})"
             )
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     channels = info.channels
@@ -255,75 +274,64 @@ def learning_rate(optim: dict[str, Any], iteration: int, total: int, per_epoch: 
 # losses
 
 
-def _resource_helper(spec: str) -> Callable[..., Callable[[Tensor], Tensor]] | None:
-    module_name, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr, None)
-    except ImportError:
-        return None
-
-
-class _FallbackResourceConstraint:
-    """The resource objective computed here when the DGConv helper is not available.
-
-    ``cost`` = sum over the DGConv layers of ``aux_loss()`` (active connections) x ``kh * kw``
-    (kept kernel entries); the budget is ``budget`` x their dense ``Cin * Cout * kh * kw``.
-    """
-
-    def __init__(self, model: nn.Module, budget: float, exponent: float) -> None:
-        self.layers = [layer for _, layer in dynaconv_layers(model) if layer.method == "dgconv"]
-        if not self.layers:
-            raise ConfigError("loss.resource.enabled needs DGConv layers in the model")
-        dense = sum(
-            layer.in_channels * layer.out_channels * layer.spec.kernel_numel
-            for layer in self.layers
-        )
-        self.budget = budget * dense
-        self.exponent = exponent
-
-    def __call__(self, loss: Tensor) -> Tensor:
-        cost = torch.stack(
-            [
-                layer.aux_loss().float().reshape(()) * layer.spec.kernel_numel
-                for layer in self.layers
-            ]
-        ).sum()
-        factor = (cost / self.budget) ** self.exponent
-        return torch.where(cost > self.budget, loss * factor, loss)
-
-
 def resource_objective(
     model: nn.Module, resource: dict[str, Any], input_shape: tuple[int, int, int]
 ) -> Callable[[Tensor], Tensor]:
     """DGConv's resource-constrained objective as a function ``loss -> loss``.
 
-    ``loss * (cost / budget) ** exponent`` while the DGConv layers' cost (parameters or MACs,
-    ``loss.resource.budget_type``) exceeds ``budget`` x its dense value, else ``loss`` (the
-    authors' ``(budget / cost) ** 0.02`` with the sign that penalises going over budget). The
-    class named by ``loss.resource.helper`` (``"module:callable"``, by default
-    ``dynaconv.layers.dgconv:ResourceConstraint``) is built once as
-    ``helper(model, budget=, budget_type=, input_shape=, exponent=)``; when it is not available
-    the objective is computed here (``budget_type="params"`` only).
+    :class:`dynaconv.layers.dgconv.ResourceConstraint` built as
+    ``ResourceConstraint(model, budget=, budget_type=, input_shape=, exponent=)`` from the
+    ``loss.resource`` section: ``loss * (cost / budget) ** exponent`` while the DGConv layers'
+    cost (parameters or MACs, ``budget_type``) exceeds ``budget`` x its dense value, else
+    ``loss``. A model without DGConv layers is a :class:`ConfigError`.
     """
-    helper = _resource_helper(resource["helper"])
-    if helper is not None:
-        return helper(
+    from dynaconv.layers.dgconv import GroupableConv2d, ResourceConstraint
+
+    if not any(isinstance(m, GroupableConv2d) for m in model.modules()):
+        raise ConfigError("loss.resource.enabled needs DGConv layers in the model")
+    try:
+        return ResourceConstraint(
             model,
             budget=resource["budget"],
             budget_type=resource["budget_type"],
             input_shape=input_shape,
             exponent=resource["exponent"],
         )
-    if resource["budget_type"] != "params":
-        raise ConfigError(
-            f"loss.resource.budget_type={resource['budget_type']!r} needs {resource['helper']}, "
-            "which is not available; use budget_type=params"
-        )
-    return _FallbackResourceConstraint(model, resource["budget"], resource["exponent"])
+    except ValueError as error:
+        raise ConfigError(f"loss.resource: {error}") from None
+
+
+def first_nonfinite(modules: dict[str, nn.Module]) -> str | None:
+    """``"PREFIX.NAME"`` of the first floating tensor (parameter or buffer) that is not finite.
+
+    ``modules`` maps a prefix (``"model"``, ``"ema"``) to a module; None when all are finite.
+    """
+    for prefix, module in modules.items():
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if (
+                isinstance(tensor, Tensor)
+                and tensor.is_floating_point()
+                and not bool(tensor.detach().isfinite().all())
+            ):
+                return f"{prefix}.{name}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
 # the trainer
+
+
+def _score(row: dict[str, Any]) -> float | None:
+    """The accuracy that ranks an epoch for ``best.pt`` (EMA's when present); None: not evaluated."""
+    return row["ema_val_acc"] if row.get("ema_val_acc") is not None else row.get("val_acc")
+
+
+def _best_iteration(state: dict[str, Any]) -> int | None:
+    """The iteration of the first history row that reached ``best_acc`` (older checkpoints)."""
+    for row in state["history"]:
+        if _score(row) is not None and _score(row) >= state["best_acc"]:
+            return row["iteration"]
+    return None
 
 
 def _gather_tensor(tensor: Tensor, ddp: Distributed) -> list[Tensor]:
@@ -338,14 +346,35 @@ def _gather_tensor(tensor: Tensor, ddp: Distributed) -> list[Tensor]:
 class Trainer:
     """Builds everything from a resolved configuration; :meth:`fit` runs the training."""
 
-    def __init__(self, config: dict[str, Any], resume: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        resume: str | Path | None = None,
+        *,
+        overwrite: bool = False,
+        network: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        """``config``: a resolved configuration; ``resume``: a checkpoint to continue from;
+        ``overwrite``: replace a previous run in the run folder (its artefacts are deleted
+        when :meth:`fit` starts writing);
+        ``network``: a builder of your own network, called as ``network(num_classes=...)``
+        instead of building ``model.name`` (Python only; see :func:`build_model`).
+
+        The run folder is checked (and created) first, then the checkpoint to resume is read
+        and checked, before any data is loaded or any model built.
+        """
         validate_config(config)
         self.config = config
         tc = config["train"]
+        self.out = Path(tc["out_dir"] or Path("runs") / config["name"])
         self.ddp = setup_distributed(tc["device"])
         self.device = self.ddp.device
+        resume = None if resume is None else Path(resume)
+        self.replaced = prepare_run_folder(
+            self.out, resume=resume, overwrite=overwrite, is_main=self.ddp.is_main
+        )
+        payload = None if resume is None else self._read_resume(resume)
         seed_everything(tc["seed"], tc["deterministic"])
-        self.out = Path(tc["out_dir"] or Path("runs") / config["name"])
         self.train_set, self.val_set, self.info = build_datasets(config["data"], tc["seed"])
         global_batch = config["data"]["batch_size"]
         if global_batch % self.ddp.world:
@@ -362,7 +391,7 @@ class Trainer:
         self.total_iters = min(planned, tc["max_iters"]) if tc["max_iters"] else planned
         self.epochs = math.ceil(self.total_iters / self.iters_per_epoch)
 
-        self.model = build_model(config, self.info).to(self.device)
+        self.model = build_model(config, self.info, network).to(self.device)
         if self.ddp.enabled:
             torch.manual_seed(tc["seed"] + self.ddp.rank)  # different dropout per rank
         self.ema = ModelEMA(self.model, tc["ema_decay"]) if tc["ema_decay"] > 0 else None
@@ -385,13 +414,15 @@ class Trainer:
             "batches_done": 0,
             "iteration": 0,
             "best_acc": -1.0,
+            "best_iteration": None,  # the iteration of best.pt (end of the best evaluated epoch)
             "history": [],
             "epoch_stats": [0.0, 0.0, 0.0],
             "world_size": self.ddp.world,
             "elapsed": 0.0,
         }
-        if resume is not None:
-            self._resume(Path(resume))
+        self.resumed_from = resume
+        if payload is not None:
+            self._resume(resume, payload)
         self.net = self._wrap(self.model)
 
     # ---- set-up helpers
@@ -415,17 +446,37 @@ class Trainer:
             net = torch.compile(net)
         return net
 
-    def _resume(self, path: Path) -> None:
-        payload = load_checkpoint(path)
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        if payload["scaler"] is not None:
-            self.scaler.load_state_dict(payload["scaler"])
+    def _read_resume(self, path: Path) -> dict[str, Any]:
+        """The checkpoint to resume, checked for every entry resuming needs."""
+        from .config import config_from_text
+
+        payload = load_checkpoint(path, RESUME_ENTRIES)
+        stored = config_from_text(payload["config"], f"checkpoint {path}")
+        if stored["optim"]["name"] != self.config["optim"]["name"]:
+            raise ConfigError(
+                f"optim.name is {self.config['optim']['name']!r} but checkpoint {path} was "
+                f"written with {stored['optim']['name']!r}; its optimizer state cannot resume"
+            )
+        if payload["ema"] is None and self.config["train"]["ema_decay"] > 0:
+            raise ConfigError(f"train.ema_decay is set but checkpoint {path} has no EMA state")
+        return payload
+
+    def _resume(self, path: Path, payload: dict[str, Any]) -> None:
+        load_state(self.model, payload["model"], f"checkpoint {path} (model)")
         if self.ema is not None:
-            if payload["ema"] is None:
-                raise ConfigError(f"{path} has no EMA state but train.ema_decay is set")
-            self.ema.load_state_dict(payload["ema"])
+            load_state(self.ema.module, payload["ema"], f"checkpoint {path} (ema)")
+        try:
+            self.optimizer.load_state_dict(payload["optimizer"])
+            if payload["scaler"] is not None and self.scaler.is_enabled():
+                self.scaler.load_state_dict(payload["scaler"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as error:
+            raise CheckpointError(
+                f"checkpoint {path}: the optimizer state does not fit this model and "
+                f"optimizer ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+            ) from None
         self.state.update(payload["state"])
+        if self.state["best_iteration"] is None:  # written before best_iteration was kept
+            self.state["best_iteration"] = _best_iteration(self.state)
         if self.state["world_size"] != self.ddp.world and self.ddp.is_main:
             print(
                 f"warning: {path} was written by {self.state['world_size']} processes, resuming "
@@ -574,44 +625,116 @@ class Trainer:
             for buffer in module.buffers():
                 dist.broadcast(buffer, src=0)
 
-    def save_checkpoint(self, best: bool = False) -> None:
-        self.sync_buffers()
-        if not all(bool(p.isfinite().all()) for p in self.model.parameters()):
+    def check_finite(self) -> None:
+        """:class:`NonFiniteLossError` naming the first non-finite tensor of the model or EMA."""
+        modules = {"model": self.model}
+        if self.ema is not None:
+            modules["ema"] = self.ema.module
+        bad = first_nonfinite(modules)
+        if bad is not None:
             raise NonFiniteLossError(
-                f"the weights became NaN or infinite at iteration {self.state['iteration']}; "
-                f"stopping without overwriting the last good checkpoint in {self.out}"
+                f"{bad} became NaN or infinite by iteration {self.state['iteration']}; stopping "
+                f"without replacing the last good checkpoint set in {self.out}"
             )
+
+    def save_checkpoint(self, best: bool = False) -> None:
+        """``last.pt``, then (``best``) ``best.pt`` and ``best.safetensors``, each atomically.
+
+        Every floating tensor of the model and the EMA is checked first: nothing non-finite
+        ever replaces a good checkpoint. ``last.pt`` is written first: it is the source from
+        which resuming restores the others (:mod:`dynaconv.train.runfolder`).
+        """
+        self.sync_buffers()
+        self.check_finite()
         payload = self._checkpoint_payload()  # every rank joins the RNG gather
         if self.ddp.is_main:
             atomic_save(payload, self.out / "last.pt")
             if best:
                 atomic_save(payload, self.out / "best.pt")
+                self._save_best_weights(payload)
+
+    def _save_best_weights(self, payload: dict[str, Any]) -> None:
+        """``best.safetensors``: the evaluation weights of the checkpoint ``payload``."""
+        weights = payload["ema"] if payload["ema"] is not None else payload["model"]
+        metadata = self._weights_metadata(payload["config"], payload["state"]["iteration"])
+        save_safetensors(weights, self.out / "best.safetensors", metadata)
 
     def eval_model(self) -> nn.Module:
         """The model used for validation and the final weights: the EMA when enabled."""
         return self.ema.module if self.ema is not None else self.model
 
-    def _weights_metadata(self) -> dict[str, str]:
+    def _weights_metadata(
+        self, config_text: str | None = None, iteration: int | None = None
+    ) -> dict[str, str]:
         shape = [self.info.channels, self.info.image_size, self.info.image_size]
+        iteration = self.state["iteration"] if iteration is None else iteration
         return {
             "format": "dynaconv-train-weights",
-            "config": dump_config(self.config),
+            "config": config_text if config_text is not None else dump_config(self.config),
             "input_shape": json.dumps(shape),
+            "iteration": str(iteration),
         }
 
-    def _write_history(self, writer: Any) -> None:
+    def _history_csv(self) -> str:
         rows = self.state["history"]
-        path = self.out / "metrics.csv"
-        with open(path, "w", newline="") as handle:
-            table = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            table.writeheader()
-            table.writerows(rows)
+        handle = io.StringIO(newline="")
+        table = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        table.writeheader()
+        table.writerows(rows)
+        return handle.getvalue()
+
+    def _write_history(self, writer: Any) -> None:
+        atomic_write_text(self._history_csv(), self.out / "metrics.csv")
         if writer is not None:
-            row = rows[-1]
+            row = self.state["history"][-1]
             for key, value in row.items():
                 if key not in ("epoch", "iteration") and value is not None:
                     writer.add_scalar(f"epoch/{key}", value, row["epoch"])
             writer.flush()
+
+    def repair_run_folder(self) -> list[str]:
+        """Restore the end-of-epoch set from the resumed checkpoint; what was restored.
+
+        ``best.pt`` must be the checkpoint of ``state["best_iteration"]``: a stale or missing
+        one is copied from the resumed checkpoint when that is the best epoch's, or from the
+        ``best.pt`` beside it. ``best.safetensors`` must carry that iteration in its metadata,
+        else it is rebuilt from ``best.pt``; ``metrics.csv`` is rebuilt from the history rows.
+        """
+        restored = []
+        wanted = self.state["best_iteration"]
+        best_path = self.out / "best.pt"
+        if wanted is not None and _checkpoint_iteration(best_path) != wanted:
+            sources = [self.resumed_from, self.resumed_from.parent / "best.pt"]
+            source = next((p for p in sources if _checkpoint_iteration(p) == wanted), None)
+            if source is None:
+                print(
+                    f"warning: best.pt of iteration {wanted} is neither in {self.out} nor beside "
+                    f"{self.resumed_from}; best.pt is written again when an epoch beats "
+                    f"{self.state['best_acc']:.4f}",
+                    file=sys.stderr,
+                )
+            else:
+                data = source.read_bytes()
+                atomic_write_bytes(data, best_path)
+                restored.append(f"best.pt (from {source.name})")
+        best_weights = self.out / "best.safetensors"
+        if (
+            wanted is not None
+            and _checkpoint_iteration(best_path) == wanted
+            and _weights_iteration(best_weights) != str(wanted)
+        ):
+            self._save_best_weights(load_checkpoint(best_path))
+            restored.append("best.safetensors (from best.pt)")
+        metrics = self.out / "metrics.csv"
+        if self.state["history"]:
+            text = self._history_csv()
+            if not metrics.is_file() or metrics.read_text() != text:
+                atomic_write_text(text, metrics)
+                restored.append("metrics.csv (from the history rows)")
+        elif metrics.exists():
+            metrics.unlink()
+            restored.append("metrics.csv (removed: no epoch done)")
+        return restored
 
     def _tensorboard(self) -> Any:
         if not (self.ddp.is_main and self.config["train"]["tensorboard"]):
@@ -628,8 +751,11 @@ class Trainer:
         """Train to the end; returns the summary (also written to ``summary.json``)."""
         tc = self.config["train"]
         if self.ddp.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(dump_config(self.config))
+            remove_artefacts(self.replaced)  # --overwrite: the set-up succeeded
+            if self.resumed_from is not None:
+                for item in self.repair_run_folder():
+                    print(f"resume: restored {item}", file=sys.stderr)
+            atomic_write_text(dump_config(self.config), self.out / "config.yaml")
         writer = self._tensorboard()
         sampler = ResumableSampler(self.train_set, self.ddp.world, self.ddp.rank, tc["seed"])
         progress = Progress(
@@ -678,12 +804,20 @@ class Trainer:
                 self.save_checkpoint()
 
     def _end_epoch(self, writer: Any) -> None:
+        """Validate (every ``train.eval_every_epochs`` epochs and after the last), log, save."""
         self.sync_buffers()
-        val_loss, val_acc = self.evaluate(self.model)
-        ema_acc = self.evaluate(self.ema.module)[1] if self.ema is not None else None
+        number = self.state["epoch"] + 1
+        evaluated = (
+            number % self.config["train"]["eval_every_epochs"] == 0
+            or self.state["iteration"] >= self.total_iters
+        )
+        val_loss = val_acc = ema_acc = None
+        if evaluated:
+            val_loss, val_acc = self.evaluate(self.model)
+            ema_acc = self.evaluate(self.ema.module)[1] if self.ema is not None else None
         loss_sum, correct, count = self.state["epoch_stats"]
         row = {
-            "epoch": self.state["epoch"] + 1,
+            "epoch": number,
             "iteration": self.state["iteration"],
             "train_loss": loss_sum / max(count, 1),
             "train_acc": correct / max(count, 1),
@@ -693,10 +827,11 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "elapsed_s": round(self.state["elapsed"], 3),
         }
-        score = ema_acc if ema_acc is not None else val_acc
-        best = score > self.state["best_acc"]
+        score = _score(row)
+        best = score is not None and score > self.state["best_acc"]
         if best:
             self.state["best_acc"] = score
+            self.state["best_iteration"] = self.state["iteration"]
         self.state["history"].append(row)
         self.state["epoch"] += 1
         self.state["batches_done"] = 0
@@ -704,17 +839,15 @@ class Trainer:
         self.save_checkpoint(best=best)
         if self.ddp.is_main:
             self._write_history(writer)
-            if best:
-                save_safetensors(
-                    model_state(self.eval_model()),
-                    self.out / "best.safetensors",
-                    self._weights_metadata(),
-                )
-            ema_text = "" if ema_acc is None else f" ema_acc {ema_acc:.4f}"
+            shown = (
+                "(not evaluated)"
+                if not evaluated
+                else f"val_loss {val_loss:.4f} val_acc {val_acc:.4f}"
+                + ("" if ema_acc is None else f" ema_acc {ema_acc:.4f}")
+            )
             print(
                 f"epoch {row['epoch']}/{self.epochs}: train_loss {row['train_loss']:.4f} "
-                f"train_acc {row['train_acc']:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.4f}"
-                f"{ema_text}",
+                f"train_acc {row['train_acc']:.4f} {shown}",
                 file=sys.stderr,
             )
 
@@ -727,7 +860,7 @@ class Trainer:
             "iterations": self.state["iteration"],
             "processes": self.ddp.world,
             "best_val_acc": self.state["best_acc"],
-            "final_val_acc": history[-1]["ema_val_acc"] or history[-1]["val_acc"],
+            "final_val_acc": _score(history[-1]),
             "train_time_s": round(self.state["elapsed"], 2),
             "out_dir": str(self.out),
         }
@@ -750,11 +883,36 @@ class Trainer:
             plot_curves(history, self.out / "curves.png")
             batch = torch.stack([self.val_set[i][0] for i in range(min(32, len(self.val_set)))])
             plot_structure(final, self.out, batch.to(self.device))
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(json.dumps(summary, indent=2), self.out / "summary.json")
         print(yaml.safe_dump(summary, sort_keys=False).rstrip())
         return summary
 
 
-def train(config: dict[str, Any], resume: str | Path | None = None) -> dict[str, Any]:
-    """Train with ``config`` (resolved, see :mod:`dynaconv.train.config`); the summary."""
-    return Trainer(config, resume).fit()
+def train(
+    config: dict[str, Any],
+    resume: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    network: Callable[..., nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Train with ``config`` (resolved, see :mod:`dynaconv.train.config`); the summary.
+
+    ``resume``, ``overwrite`` and ``network`` as for :class:`Trainer`.
+    """
+    return Trainer(config, resume, overwrite=overwrite, network=network).fit()
+
+
+def _checkpoint_iteration(path: Path) -> int | None:
+    """``state["iteration"]`` of the checkpoint at ``path``; None when absent or unreadable."""
+    try:
+        return int(load_checkpoint(path, {"state": dict})["state"]["iteration"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _weights_iteration(path: Path) -> str | None:
+    """The ``iteration`` metadata of a safetensors file; None when absent or unreadable."""
+    try:
+        return read_metadata(path).get("iteration")
+    except CheckpointError:
+        return None

@@ -68,16 +68,17 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path) -> None:
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        axes[0].plot(epochs, [row[key] for row in history], marker="o", label=label)
-    for key, label in (
-        ("train_acc", "train"),
-        ("val_acc", "validation"),
-        ("ema_val_acc", "validation (EMA)"),
-    ):
-        values = [row.get(key) for row in history]
-        if all(v is not None and v == v for v in values):
-            axes[1].plot(epochs, values, marker="o", label=label)
+    curves = {
+        0: (("train_loss", "train"), ("val_loss", "validation")),
+        1: (("train_acc", "train"), ("val_acc", "validation"), ("ema_val_acc", "validation (EMA)")),
+    }
+    for axis, keys in curves.items():
+        for key, label in keys:
+            # epochs without validation (train.eval_every_epochs > 1) have no value
+            points = [(e, row.get(key)) for e, row in zip(epochs, history, strict=True)]
+            points = [(e, v) for e, v in points if v is not None and v == v]
+            if points:
+                axes[axis].plot(*zip(*points, strict=True), marker="o", label=label)
     axes[2].plot(epochs, [row["lr"] for row in history], marker="o")
     for ax, title in zip(axes, ("loss", "accuracy", "learning rate (end of epoch)")):
         ax.set_title(title)
