@@ -46,7 +46,8 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
         raise ValueError(f"unknown reference DOConv2d argument(s): {sorted(unknown)}")
     if "W" not in state_dict:
         raise ValueError(
-            f"not a reference DOConv2d state dict: no 'W' among its keys {sorted(state_dict)[:8]}"
+            "not a reference DOConv2d state dict: missing key(s) ['W'] among its keys "
+            f"{sorted(state_dict)[:8]}"
         )
     if "kernel_size" not in config:
         raise ValueError("the reference DOConv2d configuration needs kernel_size")
