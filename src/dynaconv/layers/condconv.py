@@ -331,9 +331,10 @@ class CondConv2d(DynaConv2d):
 
     ``forward(x, routing_weights=None)``: ``routing_weights`` ``(B, E)`` (floating point, one
     row per example; ``ValueError`` otherwise) overrides the layer's own routing. An empty
-    batch gives an empty output. ``weight`` is the expert kernel bank ``(E, Cout, Cin/groups, kh, kw)`` (there is
-    no single effective kernel; :meth:`mixed_kernels` gives the per-example ones) and ``bias``
-    the per-expert biases ``(E, Cout)``.
+    batch gives an empty output. ``weight`` is the expert kernel bank
+    ``(E, Cout, Cin/groups, kh, kw)`` (there is no single effective kernel;
+    :meth:`mixed_kernels` gives the per-example ones) and ``bias`` the per-expert biases
+    ``(E, Cout)``.
     """
 
     method = "condconv"
@@ -664,13 +665,17 @@ class CondConv2d(DynaConv2d):
 
 
 def _noise_scale(weight: Tensor) -> Tensor:
-    """The scale of ``from_conv``'s expert noise: a positive, finite scalar (see there)."""
+    """The scale of ``from_conv``'s expert noise: a positive, finite scalar (see there).
+
+    A standard deviation within rounding of 0 (a constant kernel's is ~1e-17, not 0) counts
+    as 0, so the noise still breaks the experts' symmetry.
+    """
     values = weight.detach().flatten()
+    rms = values.square().mean().sqrt()
     if values.numel() > 1:
         std = values.std()
-        if bool(std > 0) and bool(torch.isfinite(std)):
+        if bool(torch.isfinite(std)) and bool(std > 16 * torch.finfo(values.dtype).eps * rms):
             return std
-    rms = values.square().mean().sqrt()
     if bool(rms > 0) and bool(torch.isfinite(rms)):
         return rms
     return values.new_tensor(1.0 / math.sqrt(weight[0].numel()))
