@@ -31,13 +31,14 @@ and 256, median of interleaved samples after warm-up (``harness.measure_interlea
 
 Usage::
 
-    python benchmarks/accuracy.py                 # default: about 30-40 min on 2 cores
-    python benchmarks/accuracy.py --full          # 5 seeds, 15 epochs, full data, shifts
+    python benchmarks/accuracy.py --time-only     # time 20 steps per family, print the total
+    python benchmarks/accuracy.py                 # default: 3 seeds x 2 epochs, all 60k images
+    python benchmarks/accuracy.py --full          # 5 seeds x 10 epochs, random 2 px shifts
     python benchmarks/accuracy.py --epochs 1 --train-subset 2000 --seeds 1   # smoke run
 
 Expected from the papers (difference of means to ``plain``): DO-Conv and CondConv >= 0; DGC
 at 50% kept >= -0.5 point; LGC with C=4 and DGConv under a 50% budget >= -1 point. The
-``paper`` column reports whether each holds in this run; nothing is tuned to make it so.
+``holds`` column reports whether each holds in this run; nothing is tuned to make it so.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,7 @@ FAMILIES: dict[str, Family] = {
 }
 
 STEM = "stem.0"
+TIMING_STEPS = 20
 
 
 def build_model(family: Family, width: int, seed: int) -> tuple[nn.Module, int]:
@@ -317,6 +319,28 @@ def latencies(
     return result
 
 
+def seconds_per_step(
+    family: Family, data: ImageData, settings: Settings, steps: int = TIMING_STEPS
+) -> float:
+    """Wall seconds of one training step of ``family`` (``steps`` steps on the first images)."""
+    count = steps * settings.batch_size
+    if len(data.y_train) < count:
+        raise ValueError(f"timing needs {count} training images, the data has {len(data.y_train)}")
+    subset = ImageData(
+        data.x_train[:count], data.y_train[:count], data.x_test, data.y_test, data.background
+    )
+    model, _ = build_model(family, settings.width, seed=0)
+    return train(model, family, subset, replace(settings, epochs=1), seed=0) / steps
+
+
+def expected_minutes(
+    step_seconds: dict[str, float], train_images: int, settings: Settings, seeds: int
+) -> float:
+    """Training time of the whole study (evaluation, deployment and latency not included)."""
+    steps = settings.epochs * (train_images // settings.batch_size)
+    return sum(step_seconds.values()) * steps * seeds / 60
+
+
 # --------------------------------------------------------------------------------------------
 # the table
 
@@ -464,8 +488,8 @@ def plot_accuracy_vs_macs(records: Sequence[dict[str, Any]], path: Path, title: 
 # --------------------------------------------------------------------------------------------
 # command line
 
-DEFAULT = {"epochs": 2, "train_subset": 30000, "seeds": 3, "shift": 0}
-FULL = {"epochs": 15, "train_subset": None, "seeds": 5, "shift": 2}
+DEFAULT = {"epochs": 2, "train_subset": None, "seeds": 3, "shift": 0}
+FULL = {"epochs": 10, "train_subset": None, "seeds": 5, "shift": 2}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -473,6 +497,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--full", action="store_true", help=f"the long setting: {FULL}")
+    parser.add_argument(
+        "--time-only",
+        action="store_true",
+        help=f"time {TIMING_STEPS} training steps of each family, print the expected total, stop",
+    )
     parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--seeds", type=positive_int, default=None, help="seeds 0..N-1")
     parser.add_argument(
@@ -540,6 +569,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.width}, seeds 0-{args.seeds - 1}"
     )
     print(f"accuracy study: {setting_text}\n{machine_line()}", flush=True)
+    if args.time_only:
+        step_s = {f.name: seconds_per_step(f, data, settings) for f in families}
+        total = expected_minutes(step_s, len(data.y_train), settings, args.seeds)
+        per_step = ", ".join(f"{name} {1e3 * s:.0f}" for name, s in step_s.items())
+        print(f"ms per training step: {per_step}")
+        print(f"expected training time of the whole study: {total:.0f} min")
+        return 0
     runs: list[Run] = []
     first_deployed: dict[str, nn.Module] = {}
     for seed in range(args.seeds):  # seeds outside: load drift spreads over every family

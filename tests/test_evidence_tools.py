@@ -222,6 +222,32 @@ def test_accuracy_study_end_to_end_on_a_subset(tmp_path, capsys, one_thread):
     assert (tmp_path / "img" / "accuracy_vs_macs.png").stat().st_size > 0
 
 
+def test_expected_minutes_counts_every_family_seed_and_step():
+    settings = accuracy.Settings(epochs=2, batch_size=100)
+    # 2 epochs x 10 steps x 3 seeds x (0.1 + 0.2) s = 18 s
+    assert accuracy.expected_minutes({"a": 0.1, "b": 0.2}, 1000, settings, 3) == pytest.approx(
+        18 / 60
+    )
+
+
+@needs_fashion
+def test_accuracy_time_only_prints_the_expected_total(capsys, one_thread):
+    code = accuracy.main(
+        [
+            "--time-only",
+            "--train-subset", "160",
+            "--test-subset", "50",
+            "--batch-size", "8",
+            "--width", "16",
+            "--families", "dgc",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ms per training step: plain " in printed and ", dgc " in printed
+    assert "expected training time of the whole study" in printed
+
+
 # --------------------------------------------------------------------------------------------
 # DO-Conv demo
 
@@ -343,27 +369,6 @@ def _small_case(method: str) -> bench_deploy_cpu.Case:
     )
 
 
-def test_deploy_benchmark_measures_every_variant_after_checking_onnx(one_thread):
-    args = bench_deploy_cpu.parse_args(["--batches", "1", "3", "--reps", "1", "--warmup", "1"])
-    result = bench_deploy_cpu.measure_case(_small_case("lgc"), args)
-    assert result.error == "" and result.notes == []
-    assert set(result.ms) == {1, 3}
-    for ms in result.ms.values():
-        assert set(ms) == {
-            "dense eager",
-            "undeployed eager",
-            "deployed eager",
-            "dense onnx",
-            "deployed onnx",
-        }
-        assert all(value > 0 for value in ms.values())
-    assert all(error is not None and error <= 1e-4 for error in result.onnx_errors.values())
-    assert result.macs_active < result.macs_dense  # condensed to a quarter of the inputs
-    rows = bench_deploy_cpu.table_rows([result])
-    assert len(rows) == 2 and all(len(r) == len(bench_deploy_cpu.HEADERS) for r in rows)
-    assert rows[0][9].endswith("x") and rows[0][12].endswith("x")
-
-
 def test_deploy_benchmark_reports_a_failing_network_and_goes_on():
     def broken(args) -> nn.Module:
         raise RuntimeError("cannot build")
@@ -390,27 +395,38 @@ def test_condensenet_verdict_says_whether_the_speed_up_holds():
     assert "onnxruntime 1.50x (NOT faster)" in lines[1]
 
 
-def test_deploy_benchmark_main_writes_table_plot_and_json(
+def test_deploy_benchmark_times_every_variant_after_checking_onnx(
     tmp_path, capsys, monkeypatch, one_thread
 ):
-    monkeypatch.setitem(bench_deploy_cpu.CASES, "small-dgc", _small_case("dgc"))
+    monkeypatch.setitem(bench_deploy_cpu.CASES, "small-lgc", _small_case("lgc"))
     code = bench_deploy_cpu.main(
         [
-            "--only", "small-dgc",
-            "--batches", "1", "2",
+            "--only", "small-lgc",
+            "--batches", "1", "3",
             "--reps", "1",
             "--warmup", "1",
             "--json", str(tmp_path / "deploy.json"),
             "--plot-dir", str(tmp_path),
         ]
     )  # fmt: skip
-    assert code == 0
+    assert code == 0  # built, deployed (verified), exported and checked in onnxruntime
     printed = capsys.readouterr().out
     assert "| " + " | ".join(bench_deploy_cpu.HEADERS) + " |" in printed
     assert "onnxruntime" in printed and evidence_common.cpu_model() in printed
     payload = json.loads((tmp_path / "deploy.json").read_text())
     assert payload["machine"]["cpu"] == evidence_common.cpu_model()
-    assert set(payload["results"][0]["ms"]) == {"1", "2"}
+    (result,) = payload["results"]
+    assert result["error"] == "" and result["notes"] == []
+    assert set(result["ms"]) == {"1", "3"}
+    variants = {"dense eager", "undeployed eager", "deployed eager", "dense onnx", "deployed onnx"}
+    for ms in result["ms"].values():
+        assert set(ms) == variants and all(value > 0 for value in ms.values())
+    assert all(0 <= error <= 1e-4 for error in result["onnx_errors"].values())
+    assert result["macs_active"] < result["macs_dense"]  # condensed to a quarter of the inputs
+    table = [line for line in printed.splitlines() if line.startswith("| small-lgc |")]
+    assert len(table) == 2 and all(
+        line.count("|") == len(bench_deploy_cpu.HEADERS) + 1 for line in table
+    )
     assert (tmp_path / "deploy_cpu_latency.png").stat().st_size > 0
 
 
