@@ -182,7 +182,7 @@ class Settings:
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The training loss became NaN or infinite (the run is reported as failed)."""
 
 
 def train(

@@ -27,7 +27,8 @@ DGC as each network's paper (DyDenseNet 25% kept, DyResNet 45%; ResNet-18 + DGC 
 G-ResNeXt-50 (default 32, the cardinality of ResNeXt-50 32x4d) and ``--dgconv-groups`` in
 ResNet-18 + DGConv (default 2: the 50% connection budget of the accuracy study); CondConv 8
 experts. CIFAR networks run at 32x32; ImageNet networks at ``--image-size`` (default 128, to
-keep the run bounded on a small CPU; the ratios at 224 may differ).
+keep the run bounded on a small CPU; the ratios at 224 may differ), except ImageNet
+CondenseNet-74, whose head pools 7x7 and so needs 224x224.
 
 CondenseNet's paper claims its learned group convolution gives real speed-ups on mobile CPUs
 (batch 1). The report ends with that comparison on this CPU: deployed CondenseNet against its
@@ -130,7 +131,10 @@ class Case:
     build: Callable[[argparse.Namespace], nn.Module]
     dense: Callable[[nn.Module], nn.Module]
     dense_text: str
-    cifar: bool = False  # 32x32 input; otherwise --image-size
+    size: int | None = None  # fixed input size (CIFAR 32; a fixed pooling head); else --image-size
+
+    def input_size(self, args: argparse.Namespace) -> int:
+        return self.size or args.image_size
 
 
 def _resnet18(method: str, options: dict[str, Any]) -> Callable[[argparse.Namespace], nn.Module]:
@@ -175,20 +179,21 @@ CASES: dict[str, Case] = {
             lambda a: dynaconv.models.condensenet86(num_classes=10),
             plain_counterpart,
             SAME_WITH_CONVS,
-            cifar=True,
+            size=32,
         ),
         Case(
             "condensenet74-imagenet-g4",
             lambda a: dynaconv.models.condensenet74_imagenet_g4(),
             plain_counterpart,
             SAME_WITH_CONVS,
+            size=224,  # its head pools 7x7: the input must be 224
         ),
         Case(
             "dydensenet86",
             lambda a: dynaconv.models.dydensenet86(num_classes=10),
             plain_counterpart,
             SAME_WITH_CONVS,
-            cifar=True,
+            size=32,
         ),
         Case(
             "dyresnet18",
@@ -303,7 +308,7 @@ def _forward(model: nn.Module, x: Tensor) -> Callable[[], object]:
 
 def measure_case(case: Case, args: argparse.Namespace) -> Result:
     """Build, deploy (verified), export and time one network."""
-    size = 32 if case.cifar else args.image_size
+    size = case.input_size(args)
     result = Result(case.name, case.dense_text, size)
     started = time.perf_counter()
     try:
@@ -526,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python benchmarks/bench_deploy_cpu.py" + "".join(f" {w}" for w in words)
     setting = (
         f"fp32, batches {', '.join(map(str, args.batches))}, CIFAR networks 32px, ImageNet "
-        f"networks {args.image_size}px, median of {args.reps} interleaved samples after "
+        f"networks {args.image_size}px (CondenseNet-74: 224px), median of {args.reps} interleaved samples after "
         f"{args.warmup} warm-up; DGConv groups: G-ResNeXt-50 {args.gresnext_groups}, ResNet-18 "
         f"{args.dgconv_groups}"
     )

@@ -365,7 +365,7 @@ def _small_case(method: str) -> bench_deploy_cpu.Case:
         return dynaconv.convert(_small_network(), method, exclude="0")
 
     return bench_deploy_cpu.Case(
-        f"small-{method}", build, bench_deploy_cpu.plain_counterpart, "plain convs", cifar=True
+        f"small-{method}", build, bench_deploy_cpu.plain_counterpart, "plain convs", size=32
     )
 
 
@@ -373,7 +373,7 @@ def test_deploy_benchmark_reports_a_failing_network_and_goes_on():
     def broken(args) -> nn.Module:
         raise RuntimeError("cannot build")
 
-    case = bench_deploy_cpu.Case("broken", broken, bench_deploy_cpu.plain_counterpart, "-", True)
+    case = bench_deploy_cpu.Case("broken", broken, bench_deploy_cpu.plain_counterpart, "-", 32)
     args = bench_deploy_cpu.parse_args(["--runtimes", "eager", "--reps", "1"])
     result = bench_deploy_cpu.measure_case(case, args)
     assert result.error == "RuntimeError: cannot build"
