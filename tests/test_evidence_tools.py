@@ -360,6 +360,46 @@ def test_set_dgconv_groups_gives_each_layer_that_many_groups(groups):
         bench_deploy_cpu.set_dgconv_groups(model, 3)
 
 
+def test_calibrate_batchnorm_normalises_its_batch_at_every_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4, eps=1e-12),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 1),
+        nn.BatchNorm2d(5, eps=1e-12),
+    ).double()
+    batch = 3 + 2 * torch.randn(6, 3, 7, 7, dtype=torch.float64)
+    bench_deploy_cpu.calibrate_batchnorm(model, batch)
+    assert not model.training
+    outputs = {}
+    for index in (1, 4):
+        model[index].register_forward_hook(lambda m, i, o, k=index: outputs.__setitem__(k, o))
+    with torch.no_grad():
+        model(batch)
+    for out in outputs.values():  # weight 1, bias 0: mean 0 and variance 1 per channel
+        torch.testing.assert_close(out.mean((0, 2, 3)), torch.zeros(out.shape[1], dtype=out.dtype))
+        variance = out.var((0, 2, 3), unbiased=False)
+        torch.testing.assert_close(variance, torch.ones_like(variance))
+
+
+def test_calibrated_random_dyresnet18_stays_finite_and_deploys(one_thread):
+    # Regression: with the initial BatchNorm statistics a random DyResNet-18 overflows in
+    # eval mode at 64px (DGC's saliencies grow with their input), so deploy's check saw NaN.
+    torch.manual_seed(0)
+    model = dynaconv.models.dyresnet18(num_classes=10)
+    dynaconv.set_progress(model, 1.0)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        assert not torch.isfinite(model.eval()(x)).all()
+    calibration = torch.randn(bench_deploy_cpu.CALIBRATION_BATCH, 3, 64, 64, generator=generator)
+    bench_deploy_cpu.calibrate_batchnorm(model, calibration)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+    dynaconv.deploy(model, example_input=x)
+
+
 def _small_case(method: str) -> bench_deploy_cpu.Case:
     def build(args) -> nn.Module:
         return dynaconv.convert(_small_network(), method, exclude="0")
