@@ -341,55 +341,85 @@ def _forward(model: nn.Module, x: Tensor) -> Callable[[], object]:
     return run
 
 
+@dataclass
+class Models:
+    """The three models of one network, and the batches used to check them."""
+
+    network: nn.Module  # as trained (progress 1), eval mode
+    dense: nn.Module
+    deployed: nn.Module
+    example: Tensor  # exports trace this batch
+    check: Tensor  # onnxruntime is compared with eager PyTorch on this one (another size)
+
+
+def prepare(case: Case, size: int, args: argparse.Namespace, generator: torch.Generator) -> Models:
+    """Build the network at progress 1, its dense counterpart and its verified deployed form."""
+    torch.manual_seed(0)
+    network = case.build(args)
+    dynaconv.set_progress(network, 1.0)
+    calibration = torch.randn(CALIBRATION_BATCH, 3, size, size, generator=generator)
+    calibrate_batchnorm(network, calibration)
+    dense = case.dense(network)
+    calibrate_batchnorm(dense, calibration)
+    example = torch.randn(2, 3, size, size, generator=generator)
+    check = torch.randn(3, 3, size, size, generator=generator)
+    deployed = dynaconv.deploy(network, example_input=example)
+    return Models(network, dense, deployed, example, check)
+
+
+def count(result: Result, models: Models) -> None:
+    """Parameters and MACs per image: the dense counterpart's, the deployed network's."""
+    shape = (1, *models.example.shape[1:])
+    dense = dynaconv.profile(models.dense, shape, deployed=False)
+    network = dynaconv.profile(models.network, shape)
+    result.params_dense, result.params_deployed = dense["params"], network["params_deployed"]
+    result.macs_dense, result.macs_active = dense["macs"], network["macs_active"]
+
+
+def export_both(result: Result, models: Models) -> dict[str, OnnxModel]:
+    """The dense and deployed models in onnxruntime (failures noted in ``result``)."""
+    sessions = {}
+    with tempfile.TemporaryDirectory() as folder:  # a session keeps its model in memory
+        for label, model in (("dense", models.dense), ("deployed", models.deployed)):
+            exported = export_onnx(
+                model, models.example, models.check, Path(folder), label, torch.get_num_threads()
+            )
+            result.onnx_errors[label] = exported.max_rel_error
+            if exported.error:
+                result.notes.append(f"{label} ONNX: {exported.error}")
+            sessions[label] = exported
+    return sessions
+
+
+def time_variants(
+    models: Models, sessions: dict[str, OnnxModel], x: Tensor, args: argparse.Namespace
+) -> dict[str, float]:
+    """Median ms of every variant on ``x``, their samples interleaved."""
+    fns: dict[str, Callable[[], object]] = {}
+    if "eager" in args.runtimes:
+        fns["dense eager"] = _forward(models.dense, x)
+        fns["undeployed eager"] = _forward(models.network, x)
+        fns["deployed eager"] = _forward(models.deployed, x)
+    for label, exported in sessions.items():
+        if exported.session is not None:
+            fns[f"{label} onnx"] = exported.runner(x)
+    return measure_interleaved(fns, CPU, args.warmup, args.reps)
+
+
 def measure_case(case: Case, args: argparse.Namespace) -> Result:
-    """Build, deploy (verified), export and time one network."""
+    """Build, deploy (verified), export (checked) and time one network; errors are recorded."""
     size = case.input_size(args)
     result = Result(case.name, case.dense_text, size)
     started = time.perf_counter()
     try:
-        torch.manual_seed(0)
         generator = torch.Generator().manual_seed(0)
-        network = case.build(args)
-        dynaconv.set_progress(network, 1.0)
-        calibration = torch.randn(CALIBRATION_BATCH, 3, size, size, generator=generator)
-        calibrate_batchnorm(network, calibration)
-        dense = case.dense(network)
-        calibrate_batchnorm(dense, calibration)
-        example = torch.randn(2, 3, size, size, generator=generator)
-        check = torch.randn(3, 3, size, size, generator=generator)
-        deployed = dynaconv.deploy(network, example_input=example)
-        shape = (1, 3, size, size)
-        dense_counts = dynaconv.profile(dense, shape, deployed=False)
-        counts = dynaconv.profile(network, shape)
-        result.params_dense, result.params_deployed = (
-            dense_counts["params"],
-            counts["params_deployed"],
-        )
-        result.macs_dense, result.macs_active = dense_counts["macs"], counts["macs_active"]
-        onnx: dict[str, OnnxModel] = {}
-        if "onnx" in args.runtimes:
-            with tempfile.TemporaryDirectory() as folder:
-                for label, model in (("dense", dense), ("deployed", deployed)):
-                    onnx[label] = export_onnx(
-                        model, example, check, Path(folder), label, torch.get_num_threads()
-                    )
-                    result.onnx_errors[label] = onnx[label].max_rel_error
-                    if onnx[label].error:
-                        result.notes.append(f"{label} ONNX: {onnx[label].error}")
+        models = prepare(case, size, args, generator)
+        count(result, models)
+        sessions = export_both(result, models) if "onnx" in args.runtimes else {}
         for batch in args.batches:
             x = torch.randn(batch, 3, size, size, generator=generator)
-            fns: dict[str, Callable[[], object]] = {}
-            if "eager" in args.runtimes:
-                fns |= {
-                    "dense eager": _forward(dense, x),
-                    "undeployed eager": _forward(network, x),
-                    "deployed eager": _forward(deployed, x),
-                }
-            for label, model in onnx.items():
-                if model.session is not None:
-                    fns[f"{label} onnx"] = model.runner(x)
-            result.ms[batch] = measure_interleaved(fns, CPU, args.warmup, args.reps)
-    except Exception as error:
+            result.ms[batch] = time_variants(models, sessions, x, args)
+    except Exception as error:  # one failing network must not hide the others' rows
         traceback.print_exc(file=sys.stderr)
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         result.error = f"{type(error).__name__}: {first[:200]}"
