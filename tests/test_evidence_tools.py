@@ -389,15 +389,16 @@ def test_calibrated_random_dyresnet18_stays_finite_and_deploys(one_thread):
     torch.manual_seed(0)
     model = dynaconv.models.dyresnet18(num_classes=10)
     dynaconv.set_progress(model, 1.0)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 64, 64, generator=generator)
+    images = torch.randn(
+        bench_deploy_cpu.CALIBRATION_BATCH, 3, 64, 64, generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
-        assert not torch.isfinite(model.eval()(x)).all()
-    calibration = torch.randn(bench_deploy_cpu.CALIBRATION_BATCH, 3, 64, 64, generator=generator)
-    bench_deploy_cpu.calibrate_batchnorm(model, calibration)
+        assert not torch.isfinite(model.eval()(images)).all()
+    bench_deploy_cpu.calibrate_batchnorm(model, images)
     with torch.no_grad():
-        assert torch.isfinite(model(x)).all()
-    dynaconv.deploy(model, example_input=x)
+        assert torch.isfinite(model(images)).all()
+        assert torch.isfinite(model(images[3:5])).all()  # eval mode: each image on its own
+    dynaconv.deploy(model, example_input=images[:2])
 
 
 def _small_case(method: str) -> bench_deploy_cpu.Case:
