@@ -276,6 +276,7 @@ class Run:
     macs_active: int | None = None
     converted: int = 0
     structure: str = ""
+    connections_kept: float | None = None  # DGConv: cost / dense cost of its resource budget
     train_seconds: float = 0.0
 
 
@@ -297,6 +298,13 @@ def run_one(
         run.params, run.params_deployed = counts["params"], counts["params_deployed"]
         run.macs, run.macs_active = counts["macs"], counts["macs_active"]
         run.structure = structure(model)
+        if family.budget is not None:
+            constraint = dynaconv.ResourceConstraint(model, family.budget, "params")
+            run.connections_kept = float(constraint.cost().detach()) / constraint.dense
+            run.structure += (
+                f"; {100 * run.connections_kept:.0f}% of the connections kept "
+                f"(budget {100 * family.budget:.0f}%)"
+            )
         return run, deployed
     except Exception as error:  # one failing family must not hide the others' rows
         traceback.print_exc(file=sys.stderr)

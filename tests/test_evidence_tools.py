@@ -217,6 +217,9 @@ def test_accuracy_study_end_to_end_on_a_subset(tmp_path, capsys, one_thread):
         assert record["same_labels_all_seeds"] is True
         assert set(record["latency_ms"]) == {"1", "8"}
         assert all(ms > 0 for ms in record["latency_ms"].values())
+    dgconv = [r for r in payload["runs"] if r["family"] == "dgconv"]
+    assert all(0 < r["connections_kept"] <= 1 for r in dgconv)
+    assert all("of the connections kept (budget 50%)" in r["structure"] for r in dgconv)
     runs = read_csv(tmp_path / "out" / "accuracy_runs.csv")
     assert len(runs) == 1 + 2 * len(accuracy.FAMILIES)
     assert (tmp_path / "img" / "accuracy_vs_macs.png").stat().st_size > 0
