@@ -210,7 +210,7 @@ def tables(results: Sequence[SeedResult]) -> tuple[list[list[str]], list[list[st
     wins = sum(g > 0 for g in gaps)
     summary_rows = [
         [
-            f"test accuracy % (mean ± std, {len(results)} seeds)",
+            f"test accuracy % (mean ± std, {len(results)} seed{'s' if len(results) > 1 else ''})",
             format_mean_std([r.plain for r in results]),
             format_mean_std([r.doconv for r in results]),
             format_mean_std(gaps, digits=2)
@@ -256,6 +256,7 @@ def plot_curves(results: Sequence[SeedResult], path: Path, title: str) -> None:
         ax.fill_between(
             epochs, curves.min(0).values.tolist(), curves.max(0).values.tolist(), alpha=0.2
         )
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(wrap_title(title), fontsize=8)
