@@ -156,9 +156,9 @@ def _expert_sum(
     # Output channels ordered (group, expert, channel in group) so that a grouped conv applies.
     stacked = weight.reshape(experts, g, cout // g, *weight.shape[2:]).transpose(0, 1)
     y = spec.conv2d(x, stacked.reshape(experts * cout, *weight.shape[2:]), None)
-    height, width = y.shape[2:]
-    y = y.reshape(-1, g, experts, (cout // g) * height * width)
-    y = (r[:, None, None, :] @ y).reshape(-1, cout, height, width)
+    batch, _, height, width = y.shape  # explicit sizes: no -1 for export to solve for
+    y = y.reshape(batch, g, experts, (cout // g) * height * width)
+    y = (r[:, None, None, :] @ y).squeeze(2).reshape(batch, cout, height, width)
     return _add_bias(y, _mixed_bias(r, bias))
 
 
