@@ -165,7 +165,7 @@ def test_every_family_pads_like_tensorflow(method, cfg):
                 expected = valid(padded, routing_weights=r)
             else:
                 expected = valid(padded)
-            impls = ["loop", "grouped", "expert_sum", "bmm"] if method == "condconv" else []
+            impls = ["loop", "grouped", "expert_sum", "bmm", "taps"] if method == "condconv" else []
         assert_equal = dict(rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(layer(x), expected, **assert_equal)
         for impl in impls:
