@@ -252,7 +252,7 @@ def choose_form(spec: ConvSpec, x: Tensor, weight: Tensor, needs_grad: bool) -> 
     * Traced, compiled or exported: plain batch-independent ops (a dynamic batch exports;
       the batch-folded forms do not): ``"bmm"`` for 1x1 kernels, ``"taps"`` for kxk (the
       conv's MACs), ``"expert_sum"`` for depthwise kxk (``Cin/groups == 1``): there every exact
-      form is a chain of ``kh * kw`` memory-bound passes, which measured 1.6-2.9x slower in
+      form is a chain of ``kh * kw`` memory-bound passes, which measured 1.3-2.5x slower in
       onnxruntime than one depthwise conv to ``E * C`` channels (``benchmarks/NOTES.md``).
     * Depthwise (``groups == Cin``): ``"grouped"``: the folded conv is a depthwise conv too.
     * On CUDA with Triton, floating inputs, ``Cin/groups >= 16`` and no gradient needed:
