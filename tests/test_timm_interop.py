@@ -34,6 +34,19 @@ timm = pytest.importorskip(
 )
 
 EXACT = {"rtol": 1e-10, "atol": 1e-12}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Float64 depthwise convs run PyTorch's per-group path on CPU: thousands of tiny convs,
+    each an OpenMP region; on a busy machine two threads make them wait on each other (a
+    B0 forward measured minutes instead of about a second), one thread does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 FAST = ("efficientnet_cc_b0_4e", "tf_efficientnet_cc_b0_4e")
 INPUT_SHAPE = (1, 3, 32, 37)
 
