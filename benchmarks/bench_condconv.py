@@ -18,17 +18,28 @@ CPU (no Triton): ``auto`` runs ``bmm`` for 1x1 (one matmul mixes the kernels, th
 GEMM: expect about the static conv's time) and the per-example ``loop`` for 3x3 inference
 (oneDNN's batch-1 convs are nearly as efficient as a batched one on few cores: expect 1-2x).
 Forward rows interleave their samples with the static conv's (``measure_interleaved``).
+
+Exported (CPU only; ``--onnx-only`` runs just this table): each kxk case, plus EfficientNet's
+depthwise 5x5, exported to ONNX with a dynamic batch (``torch.onnx.export(dynamo=True)``) in the
+layer's export form (``"taps"``, or ``"expert_sum"`` for depthwise) and, for comparison, forced
+to ``"expert_sum"`` (the export form before ``"taps"``: E times the MACs); both run in
+onnxruntime (CPU provider, as many intra-op threads as torch uses) at batch 1 and 64, their
+samples interleaved with the eager layer's (``auto``). No bar; NOTES.md has the expectation.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from dynaconv import CondConv2d
 from dynaconv.kernels import triton_usable
+from dynaconv.layers.condconv import export_form
 from harness import (
     Row,
     common_args,
@@ -44,7 +55,14 @@ CASES = [
     ("3x3 256->256 14x14", 256, 256, 3, 14, 2.0),
     ("3x3 64->64 56x56", 64, 64, 3, 56, 2.0),
 ]
-TORCH_FORMS = ("grouped", "expert_sum", "bmm")
+TORCH_FORMS = ("grouped", "expert_sum", "bmm", "taps")
+
+#: Exported cases: (name, Cin, Cout, kernel, size, groups).
+ONNX_CASES = [
+    ("3x3 256->256 14x14", 256, 256, 3, 14, 1),
+    ("3x3 64->64 56x56", 64, 64, 3, 56, 1),
+    ("dw 5x5 480 14x14", 480, 480, 5, 14, 480),
+]
 
 
 def _triton_forward(layer: CondConv2d, x: torch.Tensor, premix: bool):
@@ -75,8 +93,90 @@ def graphed(fn, device: torch.device):
     return graph.replay
 
 
+def _onnx_session(layer: CondConv2d, x: torch.Tensor, path: Path):
+    import onnxruntime as ort
+
+    torch.onnx.export(
+        layer,
+        (x,),
+        str(path),
+        dynamo=True,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session, session.get_inputs()[0].name
+
+
+def onnx_rows(args) -> list[Row]:
+    """Exported layer in onnxruntime against the eager layer, and against the old export form."""
+    import onnxruntime as ort
+
+    device, rows = torch.device("cpu"), []
+    batches = (1, 4) if args.quick else (1, 64)
+    with tempfile.TemporaryDirectory() as folder:
+        for case, cin, cout, k, size, groups in ONNX_CASES:
+            torch.manual_seed(0)
+            layer = CondConv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False).eval()
+            form = export_form(layer.spec, layer.weight)
+            example = torch.randn(2, cin, size, size)
+            sessions = {form: _onnx_session(layer, example, Path(folder) / f"{form}.onnx")}
+            if form != "expert_sum":
+                old = copy.deepcopy(layer)
+                old.impl = "expert_sum"
+                sessions["expert_sum"] = _onnx_session(old, example, Path(folder) / "old.onnx")
+            for batch in batches:
+                x = torch.randn(batch, cin, size, size)
+                feed = x.numpy()
+                fns = {"eager": forward_fn(layer, x)}
+                for name, (session, input_name) in sessions.items():
+                    fns[name] = lambda s=session, n=input_name, f=feed: s.run(None, {n: f})
+                times = measure_interleaved(fns, device, args.warmup, args.reps)
+                label = f"{case}, batch {batch}"
+                for name in sessions:
+                    rows.append(
+                        Row(
+                            label,
+                            f"onnxruntime {name}",
+                            "forward",
+                            times[name],
+                            times["eager"],
+                            notes="baseline = eager layer (auto)"
+                            + (", export form" if name == form else ", old export form"),
+                        )
+                    )
+                if form != "expert_sum":
+                    rows.append(
+                        Row(
+                            label,
+                            f"onnxruntime {form} vs expert_sum",
+                            "forward",
+                            times[form],
+                            times["expert_sum"],
+                            notes="baseline = old export form in onnxruntime",
+                        )
+                    )
+    report(
+        f"CondConv layer exported to ONNX, 8 experts, onnxruntime {ort.__version__} "
+        "(baseline: eager layer)",
+        rows,
+        device,
+        torch.float32,
+        None if args.json is None else args.json.with_name(f"{args.json.stem}-onnx.json"),
+    )
+    return rows
+
+
 def main() -> None:
+    onnx_only = "--onnx-only" in sys.argv
+    if onnx_only:
+        sys.argv.remove("--onnx-only")
     args = common_args(__doc__.splitlines()[0])
+    if onnx_only:
+        onnx_rows(args)
+        return
     device, dtype = args.device, torch.float32
     batch = args.batch or (4 if args.quick else 64)
     experts = 8
@@ -188,6 +288,13 @@ def main() -> None:
         dtype,
         args.json,
     )
+    if device.type == "cpu":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            print("onnxruntime is not installed: no exported rows", flush=True)
+        else:
+            onnx_rows(args)
 
 
 if __name__ == "__main__":

@@ -160,3 +160,18 @@ def test_gpu_network_auto_matches_float64_reference():
         finally:
             torch.backends.cudnn.allow_tf32 = True
     torch.testing.assert_close(actual.double().cpu(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_tensorflow_padding_and_bn_eps_options():
+    model = efficientnet_condconv(4, padding="same", bn_eps=1e-5)
+    assert isinstance(model.stem[0], dynaconv.layers.SameConv2d) and model.stem[1].eps == 1e-5
+    strided = [
+        m for m in model.modules() if isinstance(m, nn.Conv2d | CondConv2d) and m.stride != (1, 1)
+    ]
+    assert len(strided) == 5 and all(m.padding == "same" for m in strided)
+    plain = efficientnet_condconv(4)
+    plain.load_state_dict(model.state_dict())  # the options do not change the state dict
+    with pytest.raises(ValueError, match="padding must be one of"):
+        efficientnet_condconv(4, padding="SAME")
+    with pytest.raises(ValueError, match="bn_eps must be a positive number"):
+        efficientnet_condconv(4, bn_eps=0)

@@ -243,3 +243,23 @@ def test_profile_changes_no_state_and_restores_modes():
 def test_bad_arguments_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         dynaconv.profile(_digits(), **kwargs)
+
+
+def test_deployed_condensenet_on_cpu_counts_what_flop_counter_counts():
+    """The deployed CPU 1x1 path folds its BN-ReLU once (at deploy), not on every forward."""
+    from dynaconv.models import condensenet50
+
+    torch.manual_seed(0)
+    model = condensenet50()
+    dynaconv.set_progress(model, 1.0)  # fully condensed
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(-1.0, 1.5)  # some negative scales: both clamp sides
+                module.bias.normal_()
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    shape = (2, 3, 32, 32)
+    deployed = dynaconv.deploy(model, input_shape=shape)
+    counts = dynaconv.profile(deployed, shape)
+    assert 2 * counts["macs"] == _flops(deployed, shape)

@@ -10,6 +10,11 @@
   ``g_resnext50``, ``g_resnext101``.
 
 The returned modules' ``forward`` returns the reference's main output.
+
+Other sources of CondConv weights: :mod:`dynaconv.compat.timm` (timm's EfficientNet-CondConv
+checkpoints, ``tf_`` and native, and timm's ``CondConv2d``; timm itself is not needed) and
+:mod:`dynaconv.compat.tensorflow` (the paper's TensorFlow variables: ``condconv_kernel``,
+``condconv_bias``, the routing dense layer).
 """
 
 from __future__ import annotations

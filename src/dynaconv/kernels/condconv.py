@@ -263,8 +263,7 @@ def _launch(
 ) -> Tensor:
     from ..layers.condconv import mix
 
-    left, _, top, _ = spec.explicit_padding()
-    if spec.padding_mode != "zeros":
+    if spec.pads_explicitly:  # other padding modes, TensorFlow's SAME
         x = spec.pad_input(x)
         left = top = 0
         out_h, out_w = (
@@ -272,6 +271,7 @@ def _launch(
             for size, k, s, d in zip(x.shape[2:], spec.kernel_size, spec.stride, spec.dilation)
         )
     else:
+        left, _, top, _ = spec.explicit_padding()
         out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
     batch, _, height, width = x.shape
     experts = weight.shape[0]
@@ -402,7 +402,7 @@ def condconv_triton(
             raise ValueError("condconv_triton needs routing weights r or routing=(weight, bias)")
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, *routing)):
             raise ValueError("in-kernel routing is not differentiable: pass r instead")
-        if spec.padding_mode != "zeros":
+        if spec.pads_explicitly:  # the kernel would see the padded input
             r = torch.sigmoid(torch.nn.functional.linear(x.mean(dim=(2, 3)), *routing))
         return _launch(spec, x, weight, bias, r, premix, routing)
     if r.dtype != x.dtype:

@@ -7,12 +7,14 @@ from .dgc import *  # noqa: F403
 from .dgconv import *  # noqa: F403
 from .doconv import *  # noqa: F403
 from .lgc import *  # noqa: F403
+from .padding import SameConv2d
 
 __all__ = [
     "ConvSpec",
     "ConversionSkipped",
     "Deployable",
     "DynaConv2d",
+    "SameConv2d",
     *condconv.__all__,
     *dgc.__all__,
     *dgconv.__all__,

@@ -6,7 +6,10 @@ Every layer in :mod:`dynaconv.layers` is a drop-in for :class:`torch.nn.Conv2d`:
   dilation=1, groups=1, bias=True, padding_mode="zeros", device=None, dtype=None)`` exactly as
   ``nn.Conv2d`` (``padding`` may be ``"same"`` or ``"valid"``), followed by the method's own
   keyword options. An invalid combination raises :class:`ValueError` naming the argument and
-  the rule; nothing is silently degenerate.
+  the rule; nothing is silently degenerate. ``padding="same"`` is also accepted at stride > 1,
+  where ``nn.Conv2d`` refuses it: it then means TensorFlow's SAME padding (output
+  ``ceil(n / stride)``, asymmetric padding computed from the input size, see
+  :mod:`dynaconv.layers.padding`).
 * **forward(x)** takes ``(B, Cin, H, W)`` and returns one tensor ``(B, Cout, H', W')`` with
   ``H'``/``W'`` as ``nn.Conv2d`` computes them.
 * **.weight** is the effective kernel ``(Cout, Cin/groups, kh, kw)`` where the method has one
@@ -36,6 +39,8 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .padding import SameConv2d, same_padding
 
 __all__ = [
     "ConvSpec",
@@ -89,7 +94,9 @@ class ConvSpec:
     """Validated ``nn.Conv2d`` arguments, shared by every family.
 
     ``padding`` is either a pair of ints or the string ``"same"``; ``"valid"`` is normalised
-    to ``(0, 0)``.
+    to ``(0, 0)``. ``"same"`` at stride 1 is ``nn.Conv2d``'s; at stride > 1 it is TensorFlow's
+    SAME (:mod:`dynaconv.layers.padding`), whose amount depends on the input size
+    (:attr:`dynamic_padding`): :meth:`explicit_padding` then needs that size.
     """
 
     in_channels: int
@@ -136,10 +143,6 @@ class ConvSpec:
             if padding == "valid":
                 pad: tuple[int, int] | str = (0, 0)
             elif padding == "same":
-                if strides != (1, 1):
-                    raise ValueError(
-                        "padding='same' is not supported for stride > 1 (as nn.Conv2d)"
-                    )
                 pad = "same"
             else:
                 raise ValueError(
@@ -201,21 +204,42 @@ class ConvSpec:
     def kernel_numel(self) -> int:
         return self.kernel_size[0] * self.kernel_size[1]
 
-    def explicit_padding(self) -> tuple[int, int, int, int]:
-        """``(left, right, top, bottom)`` padding, resolving ``"same"`` like ``nn.Conv2d``."""
+    @property
+    def dynamic_padding(self) -> bool:
+        """Whether the padding depends on the input size (``"same"`` at stride > 1)."""
+        return self.padding == "same" and self.stride != (1, 1)
+
+    @property
+    def pads_explicitly(self) -> bool:
+        """Whether the input is padded by :meth:`pad_input` before a conv with padding 0
+        (other padding modes than zeros, and TensorFlow's SAME), not by the conv itself."""
+        return self.padding_mode != "zeros" or self.dynamic_padding
+
+    def explicit_padding(
+        self, height: int | None = None, width: int | None = None
+    ) -> tuple[int, int, int, int]:
+        """``(left, right, top, bottom)`` padding, resolving ``"same"`` (see the class).
+
+        ``height`` and ``width`` (of the input) are needed when :attr:`dynamic_padding`.
+        """
         if self.padding == "same":
-            pads = []
-            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
-                total = d * (k - 1)
-                pads += [total // 2, total - total // 2]
-            return tuple(pads)  # type: ignore[return-value]
+            if self.dynamic_padding and (height is None or width is None):
+                raise ValueError(
+                    "padding='same' with stride > 1 depends on the input size: pass height "
+                    "and width to explicit_padding"
+                )
+            top, bottom = same_padding(
+                height, self.kernel_size[0], self.stride[0], self.dilation[0]
+            )
+            left, right = same_padding(width, self.kernel_size[1], self.stride[1], self.dilation[1])
+            return (left, right, top, bottom)
         ph, pw = self.padding  # type: ignore[misc]
         return (pw, pw, ph, ph)
 
     def pad_input(self, x: Tensor) -> Tensor:
         """Apply the padding explicitly (all modes); the conv then runs with padding 0."""
-        pads = self.explicit_padding()
-        if not any(pads):
+        pads = self.explicit_padding(x.shape[-2], x.shape[-1])
+        if not self.dynamic_padding and not any(pads):
             return x
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
         return F.pad(x, pads, mode=mode)
@@ -225,12 +249,12 @@ class ConvSpec:
     ) -> Tensor:
         """``nn.Conv2d``'s forward with this geometry and the given kernel."""
         groups = self.groups if groups is None else groups
-        if self.padding_mode != "zeros":
+        if self.pads_explicitly:
             return F.conv2d(self.pad_input(x), weight, bias, self.stride, 0, self.dilation, groups)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        left, right, top, bottom = self.explicit_padding()
+        left, right, top, bottom = self.explicit_padding(height, width)
         return (
             conv_output_size(
                 height, self.kernel_size[0], self.stride[0], top + bottom, self.dilation[0]
@@ -255,9 +279,13 @@ class ConvSpec:
     def make_conv(
         self, device: Any = None, dtype: Any = None, groups: int | None = None
     ) -> nn.Conv2d:
+        """The equivalent ``nn.Conv2d`` (a :class:`SameConv2d` for TensorFlow's SAME)."""
         kwargs = self.conv_kwargs()
         if groups is not None:
             kwargs["groups"] = groups
+        if self.dynamic_padding:
+            del kwargs["padding"]
+            return SameConv2d(**kwargs, device=device, dtype=dtype)
         return nn.Conv2d(**kwargs, device=device, dtype=dtype)
 
 

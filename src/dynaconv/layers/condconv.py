@@ -19,6 +19,11 @@ Execution forms (``impl``), all exact and tested equal in float64:
 * ``"expert_sum"``: one conv to ``E * Cout`` channels, then the ``r``-weighted sum over experts;
 * ``"bmm"``: per-example batched matrix products of the mixed kernels with the input (1x1:
   the input itself; kxk: the unfolded input);
+* ``"taps"``: the per-example mixed kernels applied one kernel tap at a time: for tap
+  ``(i, j)`` a batched matrix product of ``W_b[:, :, i, j]`` ``(Cout/g, Cin/g)`` with the
+  input's strided window at that offset, summed over the ``kh * kw`` taps. The conv's MACs
+  exactly (``expert_sum`` does ``E`` times them), no unfolded copy of the input (one tap's
+  window at a time), and only static slicing and matmuls: the export form of kxk layers;
 * ``"triton"``: a fused kernel (:mod:`dynaconv.kernels.condconv`): an implicit-GEMM conv per
   example that mixes the expert kernels tile by tile in registers (or reads kernels mixed
   beforehand by one matrix product when an example has many output positions). In inference
@@ -56,7 +61,7 @@ __all__ = ["CondConv2d", "CondConvRouting", "condconv2d"]
 log = logging.getLogger("dynaconv")
 
 #: The execution forms of :class:`CondConv2d` (plus ``"auto"``).
-FORMS = ("loop", "grouped", "expert_sum", "bmm", "triton")
+FORMS = ("loop", "grouped", "expert_sum", "bmm", "taps", "triton")
 _IMPLS = ("auto", *FORMS)
 
 
@@ -185,9 +190,9 @@ def _expert_sum(
     # Output channels ordered (group, expert, channel in group) so that a grouped conv applies.
     stacked = weight.reshape(experts, g, cout // g, *weight.shape[2:]).transpose(0, 1)
     y = spec.conv2d(x, stacked.reshape(experts * cout, *weight.shape[2:]), None)
-    height, width = y.shape[2:]
-    y = y.reshape(-1, g, experts, (cout // g) * height * width)
-    y = (r[:, None, None, :] @ y).reshape(-1, cout, height, width)
+    batch, _, height, width = y.shape  # explicit sizes: no -1 for export to solve for
+    y = y.reshape(batch, g, experts, (cout // g) * height * width)
+    y = (r[:, None, None, :] @ y).squeeze(2).reshape(batch, cout, height, width)
     return _add_bias(y, _mixed_bias(r, bias))
 
 
@@ -209,6 +214,30 @@ def _bmm(spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tens
     return _add_bias(y, _mixed_bias(r, bias))
 
 
+def _taps(spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor) -> Tensor:
+    batch, g, cout = x.shape[0], spec.groups, spec.out_channels
+    cin_g, (kh, kw) = weight.shape[2], spec.kernel_size
+    # (kh * kw, B * g, Cout/g, Cin/g): one contiguous kernel matrix per tap, example and group
+    kernels = mix(r, weight).reshape(batch * g, cout // g, cin_g, kh * kw).permute(3, 0, 1, 2)
+    x = spec.pad_input(x)
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    height = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    width = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            window = x[
+                :,
+                :,
+                i * dh : i * dh + sh * (height - 1) + 1 : sh,
+                j * dw : j * dw + sw * (width - 1) + 1 : sw,
+            ].reshape(batch * g, cin_g, height * width)
+            tap = kernels[i * kw + j]
+            y = torch.bmm(tap, window) if y is None else torch.baddbmm(y, tap, window)
+    y = y.reshape(batch, cout, height, width)  # type: ignore[union-attr]
+    return _add_bias(y, _mixed_bias(r, bias))
+
+
 def _triton(spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor) -> Tensor:
     from ..kernels.condconv import condconv_triton
 
@@ -224,6 +253,7 @@ _FORM_FUNCTIONS = {
     "grouped": _grouped,
     "expert_sum": _expert_sum,
     "bmm": _bmm,
+    "taps": _taps,
     "triton": _triton,
 }
 
@@ -251,11 +281,21 @@ def _exporting() -> bool:
     )
 
 
+def export_form(spec: ConvSpec, weight: Tensor) -> str:
+    """The form a traced, compiled or exported layer runs (see :func:`choose_form`)."""
+    if spec.kernel_size == (1, 1):
+        return "bmm"
+    return "expert_sum" if weight.shape[2] == 1 else "taps"
+
+
 def choose_form(spec: ConvSpec, x: Tensor, weight: Tensor, needs_grad: bool) -> str:
     """The form ``impl="auto"`` runs for this call (a small heuristic, see below).
 
-    * Traced, compiled or exported: ``"bmm"`` for 1x1 kernels, ``"expert_sum"`` otherwise.
-      Both are plain batch-independent ops (a dynamic batch exports; the others do not).
+    * Traced, compiled or exported: plain batch-independent ops (a dynamic batch exports;
+      the batch-folded forms do not): ``"bmm"`` for 1x1 kernels, ``"taps"`` for kxk (the
+      conv's MACs), ``"expert_sum"`` for depthwise kxk (``Cin/groups == 1``): there every exact
+      form is a chain of ``kh * kw`` memory-bound passes, which measured 1.3-2.5x slower in
+      onnxruntime than one depthwise conv to ``E * C`` channels (``benchmarks/NOTES.md``).
     * Depthwise (``groups == Cin``): ``"grouped"``: the folded conv is a depthwise conv too.
     * On CUDA with Triton, floating inputs, ``Cin/groups >= 16`` and no gradient needed:
       ``"triton"`` (the layer then measures it against the PyTorch forms when
@@ -268,7 +308,7 @@ def choose_form(spec: ConvSpec, x: Tensor, weight: Tensor, needs_grad: bool) -> 
     """
     one_by_one = spec.kernel_size == (1, 1)
     if _exporting():
-        return "bmm" if one_by_one else "expert_sum"
+        return export_form(spec, weight)
     if spec.groups == spec.in_channels and spec.groups > 1:
         return "grouped"
     if (
@@ -564,8 +604,9 @@ class CondConv2d(DynaConv2d):
         CondConv has no static equivalent: the kernel depends on the input. The copy keeps the
         weights and routing; its ``impl`` is ``impl`` if given, else :meth:`inference_form`
         (so it no longer re-decides per call). When traced, compiled or exported the layer
-        runs ``"bmm"`` (1x1) or ``"expert_sum"`` instead of a batch-dependent or Triton form, so
-        a deployed model still exports with a dynamic batch.
+        runs :func:`export_form` (``"bmm"`` for 1x1, ``"taps"`` for kxk, ``"expert_sum"`` for
+        depthwise kxk) instead of a batch-dependent or Triton form, so a deployed model still
+        exports with a dynamic batch.
         """
         form = self.inference_form() if impl is None else _check_impl(impl)
         if form == "auto":

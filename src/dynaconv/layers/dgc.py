@@ -327,7 +327,7 @@ def _run_triton(
 
 def _zero_padding(spec: ConvSpec) -> tuple[int, int] | None:
     """The symmetric zero padding of ``spec``, or None (other modes, asymmetric 'same')."""
-    if spec.padding_mode != "zeros":
+    if spec.pads_explicitly:
         return None
     left, right, top, bottom = spec.explicit_padding()
     if left != right or top != bottom:

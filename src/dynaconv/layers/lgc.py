@@ -577,12 +577,42 @@ class CondensedGroupConv2d(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
     def refresh(self) -> None:
-        """Re-derive cached structure after ``index`` was changed in place (e.g. loading)."""
+        """Re-derive cached structure after ``index`` or the folded parameters were changed in
+        place (loading a state dict calls it)."""
         n = self.in_channels
         self._positive_scales = self.in_scale is not None and bool((self.in_scale > 0).all())
         self._identity_gather = bool(
             self.index.numel() == n and torch.equal(self.index.cpu(), torch.arange(n))
         )
+        self._fold_pre_into_pointwise()
+
+    def _fold_pre_into_pointwise(self) -> None:
+        """Precompute the 1x1 path's folded BN-ReLU (once, not on every forward).
+
+        For a kept channel with scale ``s`` and shift ``t``, ``relu(s v + t)`` is
+        ``s max(v, -t/s) + t`` for ``s > 0`` (``min`` for ``s < 0``; ``max(t, 0)`` for
+        ``s = 0``), so the conv runs on the clamped input with the kernel ``W s`` and the bias
+        ``b + W t'`` (``t' = t``, or ``max(t, 0)`` where ``s = 0``). Buffers, not saved: they
+        follow the module across devices and dtypes and are re-derived on loading.
+        """
+        folded = {"_pre_low": None, "_pre_high": None, "_pre_weight": None, "_pre_bias": None}
+        if self._pointwise() and self.in_scale is not None and self.in_relu:
+            with torch.no_grad():
+                groups, cout = self.learned_groups, self.out_channels
+                weight = self.weight.reshape(groups, cout // groups, -1)
+                scale, shift = self.in_scale, self.in_shift
+                threshold = torch.where(scale != 0, -shift / scale, torch.zeros_like(shift))
+                inf = torch.full_like(shift, math.inf)
+                folded["_pre_low"] = torch.where(scale > 0, threshold, -inf)[:, None, None]
+                folded["_pre_high"] = torch.where(scale < 0, threshold, inf)[:, None, None]
+                constant = torch.where(scale == 0, shift.clamp(min=0), shift)
+                bias = torch.matmul(weight, constant.view(groups, -1, 1))
+                if self.bias is not None:
+                    bias = bias + self.bias.view(groups, -1, 1)
+                folded["_pre_bias"] = bias
+                folded["_pre_weight"] = weight * scale.view(groups, 1, -1)
+        for name, value in folded.items():
+            self.register_buffer(name, value, persistent=False)
 
     def _load_from_state_dict(
         self,
@@ -765,22 +795,14 @@ class CondensedGroupConv2d(nn.Module):
         weight = self.weight.reshape(groups, d_out, -1)
         bias = None if self.bias is None else self.bias.view(groups, d_out, 1)
         gathered = self._gather(x)
-        if self.in_scale is not None and self.in_relu:
-            scale, shift = self.in_scale, self.in_shift
-            threshold = torch.where(scale != 0, -shift / scale, torch.zeros_like(shift))
-            inf = torch.full_like(shift, math.inf)
-            low = torch.where(scale > 0, threshold, -inf)[:, None, None]
-            high = torch.where(scale < 0, threshold, inf)[:, None, None]
+        if self._pre_weight is not None:  # folded BN-ReLU (see _fold_pre_into_pointwise)
             if gathered is x:
                 gathered = x.clone()
             if self._positive_scales:  # the usual case: a one-sided clamp is much faster
-                gathered = gathered.clamp_min_(low)
+                gathered = gathered.clamp_min_(self._pre_low)
             else:
-                gathered = gathered.clamp_(low, high)
-            constant = torch.where(scale == 0, shift.clamp(min=0), shift).view(groups, -1, 1)
-            folded = torch.matmul(weight, constant)
-            bias = folded if bias is None else bias + folded
-            weight = weight * scale.view(groups, 1, -1)
+                gathered = gathered.clamp_(self._pre_low, self._pre_high)
+            weight, bias = self._pre_weight, self._pre_bias
         elif self.in_scale is not None:
             gathered = torch.addcmul(
                 self.in_shift[:, None, None], gathered, self.in_scale[:, None, None]

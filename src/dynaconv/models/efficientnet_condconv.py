@@ -12,6 +12,14 @@ multiplies the repeats by 1.1 (rounded up). BatchNorm uses the TF defaults (eps 
 momentum 0.01); stochastic depth grows linearly with the block index to
 ``stochastic_depth_prob``.
 
+Two options reproduce other implementations exactly: ``bn_eps`` (timm's native
+``efficientnet_cc_*`` models use PyTorch's 1e-5) and ``padding``: ``"symmetric"`` (default,
+``k // 2`` on every side, as timm's native models) or ``"same"``: TensorFlow's SAME in the
+strided convs (the stem and the first depthwise conv of stages 2, 3, 4 and 6), asymmetric and
+computed from the input size, under which the paper's TensorFlow checkpoints (timm's
+``tf_efficientnet_cc_*``) were trained; stride-1 convs pad ``k // 2`` either way.
+:func:`dynaconv.compat.timm.model_from_timm` picks both from the checkpoint's name.
+
 Published (ImageNet): B0 5.3M params / 391M MACs; CondConv-B0 4 experts 13.3M / 402M; 8 experts
 24.0M / 413M; B0-depth 8 experts 39.7M / 614M (MACs include the kernel mixing).
 """
@@ -27,6 +35,7 @@ from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
 from ..layers.condconv import CondConv2d, CondConvRouting
+from ..layers.padding import SameConv2d
 
 __all__ = [
     "CondConvMBConv",
@@ -60,8 +69,20 @@ _B0_STAGES = (
 )
 
 
-def _norm(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+PADDINGS = ("symmetric", "same")
+
+
+def _norm(channels: int, eps: float = 1e-3) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=eps, momentum=0.01)
+
+
+def _static_conv(
+    cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, padding: str = "symmetric"
+) -> nn.Conv2d:
+    """A plain conv without bias; TensorFlow's SAME (:class:`SameConv2d`) when strided."""
+    if padding == "same" and stride > 1:
+        return SameConv2d(cin, cout, k, stride, groups=groups, bias=False)
+    return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
 
 
 class _SqueezeExcite(nn.Module):
@@ -81,6 +102,7 @@ class CondConvMBConv(nn.Module):
 
     With ``num_experts`` the three convs are :class:`CondConv2d` sharing the block's routing
     ``r = routing(x)`` on the block input; with ``num_experts=None`` they are plain convs.
+    ``bn_eps`` and ``padding``: see the module docstring.
     """
 
     def __init__(
@@ -95,6 +117,8 @@ class CondConvMBConv(nn.Module):
         stochastic_depth: float = 0.0,
         routing_dropout: float = 0.0,
         impl: str = "auto",
+        bn_eps: float = 1e-3,
+        padding: str = "symmetric",
     ) -> None:
         super().__init__()
         hidden = in_channels * expand_ratio
@@ -109,22 +133,22 @@ class CondConvMBConv(nn.Module):
                     cout,
                     k,
                     s,
-                    k // 2,
+                    "same" if padding == "same" and s > 1 else k // 2,
                     groups=groups,
                     bias=False,
                     num_experts=num_experts,
                     impl=impl,
                     shared_routing=True,
                 )
-            return nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False)
+            return _static_conv(cin, cout, k, s, groups, padding)
 
         self.expand = conv(in_channels, hidden, 1) if expand_ratio != 1 else None
-        self.expand_norm = _norm(hidden) if expand_ratio != 1 else None
+        self.expand_norm = _norm(hidden, bn_eps) if expand_ratio != 1 else None
         self.depthwise = conv(hidden, hidden, kernel, stride, groups=hidden)
-        self.depthwise_norm = _norm(hidden)
+        self.depthwise_norm = _norm(hidden, bn_eps)
         self.se = _SqueezeExcite(hidden, max(1, int(in_channels * se_ratio)))
         self.project = conv(hidden, out_channels, 1)
-        self.project_norm = _norm(out_channels)
+        self.project_norm = _norm(out_channels, bn_eps)
         self.act = nn.SiLU()
         self.residual = stride == 1 and in_channels == out_channels
         self.stochastic_depth = StochasticDepth(stochastic_depth, "row")
@@ -145,7 +169,11 @@ class CondConvMBConv(nn.Module):
 
 
 class EfficientNetCondConv(nn.Module):
-    """EfficientNet-B0 layout with CondConv blocks in the stages marked for it."""
+    """EfficientNet-B0 layout with CondConv blocks in the stages marked for it.
+
+    ``bn_eps`` (BatchNorm epsilon, default TensorFlow's 1e-3) and ``padding``
+    (``"symmetric"`` or ``"same"``): see the module docstring.
+    """
 
     def __init__(
         self,
@@ -156,6 +184,8 @@ class EfficientNetCondConv(nn.Module):
         stochastic_depth_prob: float = 0.2,
         routing_dropout: float = 0.0,
         impl: str = "auto",
+        bn_eps: float = 1e-3,
+        padding: str = "symmetric",
     ) -> None:
         super().__init__()
         if num_experts is not None and (
@@ -170,8 +200,12 @@ class EfficientNetCondConv(nn.Module):
             )
         if not depth_multiplier > 0:
             raise ValueError(f"depth_multiplier must be positive, got {depth_multiplier!r}")
+        if isinstance(bn_eps, bool) or not isinstance(bn_eps, int | float) or not bn_eps > 0:
+            raise ValueError(f"bn_eps must be a positive number, got {bn_eps!r}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 32, 3, 2, 1, bias=False), _norm(32), nn.SiLU(inplace=True)
+            _static_conv(3, 32, 3, 2, padding=padding), _norm(32, bn_eps), nn.SiLU(inplace=True)
         )
         repeats = [math.ceil(stage.repeats * depth_multiplier) for stage in _B0_STAGES]
         total = sum(repeats)
@@ -189,11 +223,13 @@ class EfficientNetCondConv(nn.Module):
                         stochastic_depth=stochastic_depth_prob * len(blocks) / total,
                         routing_dropout=routing_dropout,
                         impl=impl,
+                        bn_eps=bn_eps,
+                        padding=padding,
                     )
                 )
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(
-            nn.Conv2d(320, 1280, 1, bias=False), _norm(1280), nn.SiLU(inplace=True)
+            nn.Conv2d(320, 1280, 1, bias=False), _norm(1280, bn_eps), nn.SiLU(inplace=True)
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
@@ -224,6 +260,8 @@ def efficientnet_condconv(
     stochastic_depth_prob: float = 0.2,
     routing_dropout: float = 0.0,
     impl: str = "auto",
+    bn_eps: float = 1e-3,
+    padding: str = "symmetric",
 ) -> EfficientNetCondConv:
     """EfficientNet-B0 (``num_experts=None``: plain) with CondConv in its last three stages."""
     return EfficientNetCondConv(
@@ -234,6 +272,8 @@ def efficientnet_condconv(
         stochastic_depth_prob,
         routing_dropout,
         impl,
+        bn_eps,
+        padding,
     )
 
 
@@ -241,7 +281,8 @@ def efficientnet_b0_condconv4(**options: Any) -> EfficientNetCondConv:
     """CondConv-EfficientNet-B0, 4 experts (paper: 13.3M params, 402M MACs, 77.8% top-1).
 
     ``options``: those of :func:`efficientnet_condconv` after the depth (``num_classes``,
-    ``dropout``, ``stochastic_depth_prob``, ``routing_dropout``, ``impl``).
+    ``dropout``, ``stochastic_depth_prob``, ``routing_dropout``, ``impl``, ``bn_eps``,
+    ``padding``).
     """
     return efficientnet_condconv(4, 1.0, **options)
 
@@ -252,5 +293,9 @@ def efficientnet_b0_condconv8(**options: Any) -> EfficientNetCondConv:
 
 
 def efficientnet_b0_depth_condconv8(**options: Any) -> EfficientNetCondConv:
-    """CondConv-EfficientNet-B0-depth (depth x1.1), 8 experts (paper: 39.7M, 614M, 79.5%)."""
+    """CondConv-EfficientNet-B0-depth (depth x1.1), 8 experts (paper: 39.7M, 614M, 79.5%).
+
+    timm calls this network ``efficientnet_cc_b1_8e`` / ``tf_efficientnet_cc_b1_8e``: B0's
+    width and resolution with B1's depth multiplier.
+    """
     return efficientnet_condconv(8, 1.1, **options)

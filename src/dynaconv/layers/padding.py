@@ -1,0 +1,95 @@
+"""``padding="same"`` at any stride: TensorFlow's SAME padding.
+
+``nn.Conv2d`` accepts ``padding="same"`` only at stride 1. dynaconv's layers (and
+:class:`SameConv2d`) extend it to every stride with TensorFlow's definition, under which the
+papers' EfficientNet checkpoints were trained. Per spatial dimension of size ``n``, with kernel
+``k``, stride ``s`` and dilation ``d``, the output has ``ceil(n / s)`` positions and the input
+is padded with
+
+    ``total = max(d (k - 1) - (n - 1) mod s, 0)``
+
+zeros (the same number as TensorFlow's ``max((ceil(n / s) - 1) s + d (k - 1) + 1 - n, 0)``),
+``total // 2`` before and the rest after. At stride 1 this is ``d (k - 1)`` whatever ``n``:
+exactly ``nn.Conv2d``'s ``"same"``. At stride > 1 it depends on ``n`` and is asymmetric when
+odd (a 3x3 stride-2 conv pads a 224-wide input 0 before and 1 after, a 225-wide one 1 and 1),
+so it is computed from the input on every call. Under ``torch.export`` with a dynamic height
+or width the amount stays symbolic (no guard on the input size).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SameConv2d", "pad_same", "same_padding"]
+
+
+def same_padding(size: Any, kernel: int, stride: int, dilation: int) -> tuple[Any, Any]:
+    """``(before, after)`` zero padding of one dimension of ``size`` (an int or a SymInt)."""
+    reach = dilation * (kernel - 1)
+    if stride == 1:
+        return reach // 2, reach - reach // 2
+    # reach - (size - 1) mod stride, written so that symbolic shapes simplify: the padded
+    # size is then reach + 1 + stride * ((size - 1) // stride), the output (size - 1) // stride + 1.
+    total = reach + stride * ((size - 1) // stride) - (size - 1)
+    if reach < stride - 1:  # can be negative: clamp (only then, so no guard when it cannot)
+        total = torch.sym_max(total, 0)
+    return total // 2, total - total // 2
+
+
+def pad_same(
+    x: Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    mode: str = "constant",
+) -> Tensor:
+    """``x`` ``(B, C, H, W)`` padded for a conv whose output is ``ceil(H / sh) x ceil(W / sw)``."""
+    top, bottom = same_padding(x.shape[-2], kernel_size[0], stride[0], dilation[0])
+    left, right = same_padding(x.shape[-1], kernel_size[1], stride[1], dilation[1])
+    return F.pad(x, (left, right, top, bottom), mode=mode)
+
+
+class SameConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with ``padding="same"`` at any stride (TensorFlow's SAME when stride > 1).
+
+    Arguments as ``nn.Conv2d`` without ``padding`` (it is ``"same"``); ``padding_mode`` says
+    what is padded in (zeros, as TensorFlow, by default). The weights and state dict are an
+    ``nn.Conv2d``'s; ``padding`` reads ``"same"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            0,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        self.padding = "same"
+
+    def forward(self, x: Tensor) -> Tensor:
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        padded = pad_same(x, self.kernel_size, self.stride, self.dilation, mode)  # type: ignore[arg-type]
+        return F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
