@@ -46,6 +46,7 @@ from ..layers.lgc import (
     LearnedGroupConv2d,
     fold_batchnorm,
 )
+from ._registry import register_model
 
 __all__ = [
     "CondenseLayer",
@@ -457,36 +458,43 @@ def _cifar(depth_stages: int, growth: Sequence[int], num_classes: int, **kwargs:
     return CondenseNet([depth_stages] * 3, growth, num_classes=num_classes, **kwargs)
 
 
+@register_model
 def condensenet50(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-50 for CIFAR: 8 layers per block, growth 8-16-32, G = C = 4."""
     return _cifar(8, (8, 16, 32), num_classes, **kwargs)
 
 
+@register_model
 def condensenet74(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-74 for CIFAR: 12 layers per block, growth 8-16-32, G = C = 4."""
     return _cifar(12, (8, 16, 32), num_classes, **kwargs)
 
 
+@register_model
 def condensenet86(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-86 for CIFAR: 14 layers per block, growth 8-16-32, G = C = 4."""
     return _cifar(14, (8, 16, 32), num_classes, **kwargs)
 
 
+@register_model
 def condensenet98(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-98 for CIFAR: 16 layers per block, growth 8-16-32, G = C = 4."""
     return _cifar(16, (8, 16, 32), num_classes, **kwargs)
 
 
+@register_model
 def condensenet110(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-110 for CIFAR: 18 layers per block, growth 8-16-32, G = C = 4."""
     return _cifar(18, (8, 16, 32), num_classes, **kwargs)
 
 
+@register_model
 def condensenet122(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-122 for CIFAR: 20 layers per block, growth 8-16-32, G = C = 4."""
     return _cifar(20, (8, 16, 32), num_classes, **kwargs)
 
 
+@register_model
 def condensenet182(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-182 for CIFAR: 30 layers per block, growth 12-24-48, G = C = 4."""
     return _cifar(30, (12, 24, 48), num_classes, **kwargs)
@@ -499,16 +507,19 @@ def _imagenet(groups: int, num_classes: int, **kwargs: Any) -> CondenseNet:
     )
 
 
+@register_model
 def condensenet74_imagenet_g4(num_classes: int = 1000, **kwargs: Any) -> CondenseNet:
     """CondenseNet-74 for ImageNet (blocks 4-6-8-10-8, growth 8-128), G = C = 4."""
     return _imagenet(4, num_classes, **kwargs)
 
 
+@register_model
 def condensenet74_imagenet_g8(num_classes: int = 1000, **kwargs: Any) -> CondenseNet:
     """CondenseNet-74 for ImageNet (blocks 4-6-8-10-8, growth 8-128), G = C = 8."""
     return _imagenet(8, num_classes, **kwargs)
 
 
+@register_model
 def condensenet_light(
     num_classes: int = 10,
     stages: Sequence[int] = (16, 16, 16),

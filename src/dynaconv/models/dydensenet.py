@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..layers.dgc import DynamicGroupConv2d, reference_squeeze_rate
+from ._registry import register_model
 from .condensenet import DenseLayer
 
 __all__ = ["DyDenseLayer", "DyDenseNet", "dydensenet74_imagenet", "dydensenet86"]
@@ -122,12 +123,14 @@ class DyDenseNet(nn.Module):
         return self.classifier(self.pool_last(features).flatten(1))
 
 
+@register_model
 def dydensenet86(num_classes: int = 10, **options) -> DyDenseNet:
     """DyDenseNet-86 for CIFAR: stages 14-14-14, growth 8-16-32, 4 heads, 25% kept."""
     data = options.pop("data", "cifar10" if num_classes == 10 else "cifar100")
     return DyDenseNet([14, 14, 14], [8, 16, 32], num_classes=num_classes, data=data, **options)
 
 
+@register_model
 def dydensenet74_imagenet(num_classes: int = 1000, **options) -> DyDenseNet:
     """DyDenseNet for ImageNet (CondenseNet-74 layout: stages 4-6-8-10-8, growth 8-...-128)."""
     return DyDenseNet(
