@@ -37,15 +37,17 @@ EXIT_VERIFY = 4
 EXIT_INTERRUPTED = 130
 
 
+def _add_set_argument(parser: argparse.ArgumentParser, text: str) -> None:
+    """``--set KEY=VALUE`` (repeatable), collected in ``args.overrides``."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=text
+    )
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", help=f"recipe name ({', '.join(list_recipes())}) or YAML path")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any field, e.g. --set optim.lr=0.05 (value parsed as YAML; repeatable)",
+    _add_set_argument(
+        parser, "override any field, e.g. --set optim.lr=0.05 (value parsed as YAML; repeatable)"
     )
     for flag, (dotted, kind, text) in FLAGS.items():
         parser.add_argument(flag, type=kind, default=None, help=f"{text} ({dotted})")
@@ -213,13 +215,8 @@ def _checkpoint_parser(sub: Any, name: str, text: str) -> argparse.ArgumentParse
     parser = sub.add_parser(name, help=text, description=text)
     parser.add_argument("checkpoint", help="last.pt / best.pt, or a *.safetensors from training")
     parser.add_argument("--data-dir", help="dataset folder on this machine (data.dir)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the stored configuration (e.g. data.eval_batch_size=64)",
+    _add_set_argument(
+        parser, "override a field of the stored configuration (e.g. data.eval_batch_size=64)"
     )
     parser.add_argument(
         "--weights",
