@@ -528,17 +528,15 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(clone(x), layer(x))
 
 
-def test_eval_forward_caches_and_follows_changes():
+def test_eval_forward_follows_changes():
+    # No cached kernel: every way of editing the weights is covered in test_layer_inputs.py.
     layer = GroupableConv2d(8, 8, 3, padding=1, dtype=torch.float64).eval()
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         first = layer(x)
-        cached = layer._cache[1]
-        layer(x)
-        assert layer._cache[1] is cached
+        torch.testing.assert_close(layer(x), first)
         layer.gate.neg_()  # an optimizer step or load_state_dict changes the gates in place
         second = layer(x)
-    assert layer._cache[1] is not cached
     torch.testing.assert_close(second, layer.deploy()(x))
     assert not torch.allclose(first, second)
 

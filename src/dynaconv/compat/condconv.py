@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from ..layers.condconv import CondConv2d
+from ._keys import check_state_keys
 
 __all__ = ["layer_from_reference"]
 
@@ -29,20 +30,21 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
     """A :class:`CondConv2d` equal to the reference layer built with ``config``.
 
     ``config`` holds the reference's constructor arguments (``num_experts`` and ``bias``
-    included; ``dropout_rate`` becomes ``routing_dropout``).
+    included; ``dropout_rate`` becomes ``routing_dropout``); a config without ``bias`` gets
+    the bias the state dict has. The state dict must hold exactly the reference's keys.
     """
     unknown = set(config) - {*_ARGS, "num_experts", "bias", "dropout_rate", "padding_mode"}
     if unknown:
         raise ValueError(f"unknown reference CondConv2D argument(s): {sorted(unknown)}")
-    extra = set(state_dict) - set(_RENAMES)
-    if extra:
-        raise ValueError(f"unexpected key(s) in a reference CondConv2D state dict: {sorted(extra)}")
+    bias = bool(config.get("bias", "bias" in state_dict))
+    required = set(_RENAMES) - (set() if bias else {"bias"})
+    check_state_keys(state_dict, required, layout="reference CondConv2D")
     weight = state_dict["weight"]
     num_experts = int(config.get("num_experts", weight.shape[0]))
     layer = CondConv2d(
         **{k: config[k] for k in _ARGS if k in config},
         padding_mode=config.get("padding_mode", "zeros"),
-        bias=bool(config.get("bias", "bias" in state_dict)),
+        bias=bias,
         dtype=weight.dtype,
         num_experts=num_experts,
         routing_dropout=float(config.get("dropout_rate", 0.0)),

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.dgconv import GroupableConv2d
+from ._keys import check_state_keys
 
 __all__ = ["g_resnext50_from_reference", "g_resnext101_from_reference", "layer_from_reference"]
 
@@ -46,17 +47,23 @@ def _native_layer_state(state_dict: Mapping[str, Tensor], prefix: str = "") -> d
 def layer_from_reference(
     config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
 ) -> GroupableConv2d:
-    """A :class:`GroupableConv2d` from the reference's arguments (its ``bias`` defaults to True)."""
+    """A :class:`GroupableConv2d` from the reference's arguments.
+
+    The reference's ``bias`` defaults to True, so a layer built with its defaults saves
+    ``conv.bias``; a config without ``bias`` gets the bias the state dict has. The state dict
+    must hold exactly the reference's keys (the constant buffers ``D`` and ``I`` may be left
+    out).
+    """
     unknown = set(config) - {*_ARGS, "bias", "sort"}
     if unknown:
         raise ValueError(f"unknown reference DGConv2d argument(s): {sorted(unknown)}")
-    extra = set(state_dict) - {"gate", "D", "I", "conv.weight", "conv.bias"}
-    if extra:
-        raise ValueError(f"unexpected key(s) in a reference DGConv2d state dict: {sorted(extra)}")
+    bias = bool(config.get("bias", "conv.bias" in state_dict))
+    required = {"gate", "conv.weight"} | ({"conv.bias"} if bias else set())
+    check_state_keys(state_dict, required, {"D", "I"}, layout="reference DGConv2d")
     kwargs = {k: config[k] for k in _ARGS if k in config}
     layer = GroupableConv2d(
         **kwargs,
-        bias=bool(config.get("bias", True)),
+        bias=bias,
         sort=bool(config.get("sort", False)),
         dtype=state_dict["conv.weight"].dtype,
     )

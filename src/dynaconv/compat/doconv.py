@@ -1,4 +1,8 @@
-"""Reference layout of DO-Conv (class ``DOConv2d`` of the paper's repository)."""
+"""Reference layout of DO-Conv (class ``DOConv2d`` of the paper's repository).
+
+The reference stores ``W``, ``D`` and the constant ``d_diag`` (both only for kernels with more
+than one tap) and ``bias`` when it has one. Its constructor's ``bias`` defaults to True.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..layers.doconv import DOConv2d
+from ._keys import check_state_keys
 
 _ARGS = (
     "in_channels",
@@ -22,23 +27,39 @@ _ARGS = (
 )
 
 
+def _kernel_numel(kernel: Any) -> int:
+    if isinstance(kernel, int):
+        return kernel * kernel
+    return int(kernel[0]) * int(kernel[1])
+
+
 def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> DOConv2d:
-    """A :class:`DOConv2d` from the reference's arguments (its ``bias`` defaults to False)."""
+    """A :class:`DOConv2d` equal to the reference layer built with ``config``.
+
+    ``bias`` follows the config; a config without it gets the bias the state dict has. (The
+    reference defaults to ``bias=True``, so a layer built with its defaults saves a ``bias``
+    entry; a bias-less state dict can only come from ``bias=False``.) The state dict must hold
+    exactly the reference's keys for that configuration.
+    """
     unknown = set(config) - {*_ARGS, "bias", "D_mul"}
     if unknown:
         raise ValueError(f"unknown reference DOConv2d argument(s): {sorted(unknown)}")
     if "W" not in state_dict:
         raise ValueError(
-            f"not a reference DOConv2d state dict: no 'W' among its keys {sorted(state_dict)[:8]}"
+            "not a reference DOConv2d state dict: missing key(s) ['W'] among its keys "
+            f"{sorted(state_dict)[:8]}"
         )
+    if "kernel_size" not in config:
+        raise ValueError("the reference DOConv2d configuration needs kernel_size")
+    kernel_numel = _kernel_numel(config["kernel_size"])
+    bias = bool(config.get("bias", "bias" in state_dict))
+    required = {"W"} | ({"D"} if kernel_numel > 1 else set()) | ({"bias"} if bias else set())
+    optional = {"d_diag"} if kernel_numel > 1 else set()
+    check_state_keys(state_dict, required, optional, layout="reference DOConv2d")
     kwargs = {k: config[k] for k in _ARGS if k in config}
-    kernel = config["kernel_size"]
-    kernel_numel = kernel * kernel if isinstance(kernel, int) else kernel[0] * kernel[1]
-    # The reference silently ignores D_mul for 1x1 kernels and defaults bias to False.
+    # The reference silently ignores D_mul for 1x1 kernels.
     d_mul = config.get("D_mul") if kernel_numel > 1 else None
-    layer = DOConv2d(
-        **kwargs, bias=bool(config.get("bias", False)), D_mul=d_mul, dtype=state_dict["W"].dtype
-    )
+    layer = DOConv2d(**kwargs, bias=bias, D_mul=d_mul, dtype=state_dict["W"].dtype)
     state = {k: v for k, v in state_dict.items() if k != "d_diag"}
     if (
         "d_diag" in state_dict

@@ -24,26 +24,54 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layers.lgc import CondensedGroupConv2d, LearnedGroupConv2d, fold_batchnorm
+from ..layers.lgc import (
+    CondensedGroupConv2d,
+    LearnedGroupConv2d,
+    check_condensation_state,
+    check_gather_index,
+    fold_batchnorm,
+)
 from ..models.condensenet import CondensedCondenseNet, CondenseNet, deploy_condensenet
+from ._keys import check_state_keys
 
 __all__ = ["condensenet_from_reference", "layer_from_reference", "native_state_dict"]
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def _lgc_buffers(prefix: str, state: Mapping[str, Tensor], cin: int, groups: int):
-    """Native ``mask``/``stage`` from the reference ``_mask``/``_stage``/``_count`` (or defaults)."""
+def _lgc_buffers(
+    prefix: str, state: Mapping[str, Tensor], cin: int, groups: int, condense_factor: int
+):
+    """Native ``mask``/``stage`` from the reference ``_mask``/``_stage``/``_count`` (or defaults).
+
+    Raises ``ValueError`` naming the reference key when they describe a state condensation
+    cannot reach (see :func:`~dynaconv.layers.lgc.check_condensation_state`).
+    """
     weight = state[f"{prefix}conv.weight"]
     cout = weight.shape[0]
-    if f"{prefix}_mask" not in state:
-        return torch.ones(cout, cin, dtype=torch.bool), torch.zeros((), dtype=torch.long)
-    raw = state[f"{prefix}_mask"]
-    flat = raw.reshape(cout, cin, -1)
-    if not bool((flat == flat[..., :1]).all()) or not bool(((raw == 0) | (raw == 1)).all()):
-        raise ValueError(f"{prefix}_mask must be 0/1 and equal over the kernel taps")
-    mask = flat[..., 0] == 1
-    stage = int(state.get(f"{prefix}_stage", torch.zeros(1)).reshape(-1)[0])
+    mask_key, stage_key = f"{prefix}_mask", f"{prefix}_stage"
+    if mask_key not in state:
+        mask = torch.ones(cout, cin, dtype=torch.bool)
+    else:
+        raw = state[mask_key]
+        if raw.shape[:2] != (cout, cin):
+            raise ValueError(
+                f"{mask_key} must have shape (out_channels, in_channels, kh, kw) with "
+                f"(out_channels, in_channels) = {(cout, cin)}, got {tuple(raw.shape)}"
+            )
+        flat = raw.reshape(cout, cin, -1)
+        if not bool((flat == flat[..., :1]).all()) or not bool(((raw == 0) | (raw == 1)).all()):
+            raise ValueError(f"{mask_key} must be 0/1 and equal over the kernel taps")
+        mask = flat[..., 0] == 1
+    stage = state.get(stage_key, torch.zeros(1))
+    check_condensation_state(
+        mask,
+        stage,
+        learned_groups=groups,
+        condense_factor=condense_factor,
+        mask_key=mask_key,
+        stage_key=stage_key,
+    )
     if f"{prefix}_count" in state:
         count = int(state[f"{prefix}_count"].reshape(-1)[0])
         dropped = int((~mask[:groups]).sum(1).max())
@@ -51,7 +79,7 @@ def _lgc_buffers(prefix: str, state: Mapping[str, Tensor], cin: int, groups: int
             raise ValueError(
                 f"{prefix}_count = {count} but the mask drops {dropped} columns per group"
             )
-    return mask, torch.tensor(stage, dtype=torch.long)
+    return mask, torch.tensor(int(stage.reshape(-1)[0]), dtype=torch.long)
 
 
 def _reference_lgc_state(
@@ -60,9 +88,10 @@ def _reference_lgc_state(
     norm_target: str,
     state: Mapping[str, Tensor],
     groups: int,
+    condense_factor: int,
 ) -> dict[str, Tensor]:
     weight = state[f"{prefix}conv.weight"]
-    mask, stage = _lgc_buffers(prefix, state, weight.shape[1], groups)
+    mask, stage = _lgc_buffers(prefix, state, weight.shape[1], groups, condense_factor)
     out = {f"{target}dense_weight": weight, f"{target}mask": mask, f"{target}stage": stage}
     for key in _BN_KEYS:
         if f"{prefix}norm.{key}" in state:
@@ -75,7 +104,10 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
 
     ``config``: ``in_channels, out_channels, kernel_size, stride, padding, dilation, groups
     (the learned groups), condense_factor, dropout_rate``. Returns
-    ``Sequential(norm=BatchNorm2d, relu=ReLU, conv=LearnedGroupConv2d)``.
+    ``Sequential(norm=BatchNorm2d, relu=ReLU, conv=LearnedGroupConv2d)`` whose layer computes
+    the reference's group lasso (``reference_lasso=True``). The state dict must hold the
+    reference's keys (``_mask``, ``_stage``, ``_count`` and the BN's ``num_batches_tracked``
+    may be left out: a checkpoint without them loads with all-ones masks at stage 0).
     """
     known = {
         "in_channels",
@@ -91,6 +123,12 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
     unknown = set(config) - known
     if unknown:
         raise ValueError(f"unknown reference LearnedGroupConv argument(s): {sorted(unknown)}")
+    check_state_keys(
+        state_dict,
+        {"conv.weight", *(f"norm.{k}" for k in _BN_KEYS[:4])},
+        {"norm.num_batches_tracked", "_mask", "_stage", "_count"},
+        layout="reference LearnedGroupConv",
+    )
     groups = config.get("groups", 1)
     factor = config.get("condense_factor") or groups
     dtype = state_dict["conv.weight"].dtype
@@ -106,6 +144,7 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
         learned_groups=groups,
         condense_factor=factor,
         dropout=config.get("dropout_rate", 0.0),
+        reference_lasso=True,
     )
     module = nn.Sequential(
         OrderedDict(
@@ -114,7 +153,9 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
             conv=layer,
         )
     )
-    module.load_state_dict(_reference_lgc_state("", "conv.", "norm.", state_dict, groups))
+    module.load_state_dict(
+        _reference_lgc_state("", "conv.", "norm.", state_dict, groups, layer.condense_factor)
+    )
     return module
 
 
@@ -132,6 +173,7 @@ def _network_from_config(config: Mapping[str, Any]) -> CondenseNet:
         condense_factor=config.get("condense_factor") or None,
         dropout=float(config.get("dropout_rate", 0.0)),
         compression=compression,
+        reference_lasso=True,
     )
 
 
@@ -148,7 +190,9 @@ def native_state_dict(
         prefix = f"{name}."
         parent = name.rpartition(".")[0]
         norm_target = f"{parent}.norm_1." if name.endswith("conv_1") else f"{parent}.norm."
-        out.update(_reference_lgc_state(prefix, prefix, norm_target, state, groups))
+        out.update(
+            _reference_lgc_state(prefix, prefix, norm_target, state, groups, module.condense_factor)
+        )
         consumed.update(k for k in state if k.startswith(prefix))
     for key, value in state.items():
         if key in consumed:
@@ -212,6 +256,13 @@ def _load_converted_lgc(
     prefix = f"{name}."
     norm, consumed = _bn_from(f"{prefix}norm.", state)
     consumed |= {f"{prefix}index", f"{prefix}conv.weight"}
+    index = state[f"{prefix}index"]
+    if index.shape != module.index.shape:
+        raise ValueError(
+            f"{prefix}index must hold {module.index.numel()} channels for this configuration, "
+            f"got shape {tuple(index.shape)}"
+        )
+    check_gather_index(index, module.in_channels, f"{prefix}index")
     with torch.no_grad():
         module.index.copy_(state[f"{prefix}index"])
         module.weight.copy_(state[f"{prefix}conv.weight"])

@@ -104,6 +104,35 @@ def _check_dropout(dropout: float) -> None:
         raise ValueError(f"routing_dropout must be a number in [0, 1), got {dropout!r}")
 
 
+def check_routing_weights(routing_weights: Any, batch: int, num_experts: int) -> None:
+    """ValueError, naming the argument and the rule, unless ``routing_weights`` fits the call.
+
+    The rule: a floating-point tensor of shape ``(B, E)`` with ``B`` the input's batch size
+    and ``E`` the number of experts. (Values are not inspected: a check for non-finite values
+    would synchronise the device on every call; non-finite routing weights give non-finite
+    outputs, as a non-finite input of ``nn.Conv2d`` does.)
+    """
+    if not isinstance(routing_weights, Tensor):
+        raise ValueError(
+            f"routing_weights must be a tensor of shape (B, num_experts), got "
+            f"{type(routing_weights).__name__}"
+        )
+    if not routing_weights.is_floating_point():
+        raise ValueError(
+            f"routing_weights must be a floating-point tensor, got dtype {routing_weights.dtype}"
+        )
+    if routing_weights.dim() != 2 or routing_weights.shape[1] != num_experts:
+        raise ValueError(
+            f"routing_weights must have shape (B, num_experts) = (B, {num_experts}), got "
+            f"{tuple(routing_weights.shape)}"
+        )
+    if routing_weights.shape[0] != batch:
+        raise ValueError(
+            f"routing_weights must have one row per example: the input has batch size {batch}, "
+            f"routing_weights has shape {tuple(routing_weights.shape)}"
+        )
+
+
 def _check_impl(impl: str) -> str:
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
@@ -199,6 +228,19 @@ _FORM_FUNCTIONS = {
 }
 
 
+#: Forms that cannot run on an empty batch (a Python loop, ``B * groups`` conv groups, a
+#: kernel grid over ``B``).
+_BATCH_DEPENDENT = ("loop", "grouped", "triton")
+
+
+def _batch_independent_form(spec: ConvSpec) -> str:
+    return "bmm" if spec.kernel_size == (1, 1) else "expert_sum"
+
+
+def _empty_batch(x: Tensor) -> bool:
+    return not _exporting() and x.shape[0] == 0
+
+
 def _exporting() -> bool:
     return (
         torch.compiler.is_compiling()
@@ -250,8 +292,16 @@ def condconv2d(
     routing_weights: Tensor,
     impl: str = "auto",
 ) -> Tensor:
-    """Functional CondConv: ``y[b] = conv(x[b], sum_e r[b, e] weight[e]) + sum_e r[b, e] bias[e]``."""
+    """Functional CondConv: ``y[b] = conv(x[b], sum_e r[b, e] weight[e]) + sum_e r[b, e] bias[e]``.
+
+    ``routing_weights`` must be floating point of shape ``(B, E)`` (``ValueError`` otherwise).
+    An empty batch runs a batch-independent form (``"loop"``, ``"grouped"`` and ``"triton"``
+    have nothing to launch) and gives an empty output of the right shape.
+    """
     _check_impl(impl)
+    check_routing_weights(routing_weights, x.shape[0], weight.shape[0])
+    if impl in _BATCH_DEPENDENT and _empty_batch(x):
+        impl = _batch_independent_form(spec)
     if impl == "auto":
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, routing_weights)
@@ -279,10 +329,12 @@ class CondConv2d(DynaConv2d):
       (default, ``bias``: ``(E, Cout)``), or when False a single unmixed bias ``(Cout,)``
       (the layout of the seed document's reference code).
 
-    ``forward(x, routing_weights=None)``: ``routing_weights`` ``(B, E)`` overrides the layer's
-    own routing. ``weight`` is the expert kernel bank ``(E, Cout, Cin/groups, kh, kw)`` (there is
-    no single effective kernel; :meth:`mixed_kernels` gives the per-example ones) and ``bias``
-    the per-expert biases ``(E, Cout)``.
+    ``forward(x, routing_weights=None)``: ``routing_weights`` ``(B, E)`` (floating point, one
+    row per example; ``ValueError`` otherwise) overrides the layer's own routing. An empty
+    batch gives an empty output. ``weight`` is the expert kernel bank
+    ``(E, Cout, Cin/groups, kh, kw)`` (there is no single effective kernel;
+    :meth:`mixed_kernels` gives the per-example ones) and ``bias`` the per-expert biases
+    ``(E, Cout)``.
     """
 
     method = "condconv"
@@ -373,14 +425,12 @@ class CondConv2d(DynaConv2d):
 
     def forward(self, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
-        if routing_weights is not None and (
-            routing_weights.dim() != 2 or routing_weights.shape[1] != self.num_experts
-        ):
-            raise ValueError(
-                f"routing_weights must have shape (B, {self.num_experts}), "
-                f"got {tuple(routing_weights.shape)}"
-            )
-        form, premix = self._resolve(x, routing_weights)
+        if routing_weights is not None:
+            check_routing_weights(routing_weights, x.shape[0], self.num_experts)
+        if _empty_batch(x):  # nothing to launch or measure; every form gives the same
+            form, premix = _batch_independent_form(self.spec), None
+        else:
+            form, premix = self._resolve(x, routing_weights)
         return self._run(form, premix, x, routing_weights)
 
     def _needs_grad(self, x: Tensor, routing_weights: Tensor | None) -> bool:
@@ -541,18 +591,29 @@ class CondConv2d(DynaConv2d):
         ``(sum_e r_e) * conv(x)``, and identical experts receive identical gradients forever.
         Instead the routing starts input-independent (linear weight 0, bias 0, so every
         ``r_e = 1/2``) and expert ``e`` is ``(2/E) * W + n_e`` with noise ``n_e`` of standard
-        deviation ``expert_noise * std(W)``, centred over the experts (``sum_e n_e = 0``). The
+        deviation ``expert_noise * scale(W)``, centred over the experts (``sum_e n_e = 0``). The
         mixed kernel is then ``sum_e W_e / 2 = W`` exactly; the noise breaks the symmetry so
-        that the experts and the routing can specialise in training.
+        that the experts and the routing can specialise in training. ``scale(W)`` is the
+        standard deviation of ``W``'s entries, or where that is 0 or undefined (a single
+        entry, a constant kernel) their root mean square, or for an all-zero kernel
+        ``nn.Conv2d``'s initial scale ``1 / sqrt(fan_in)``.
+
+        ``expert_noise`` must be a finite number ``>= 0`` (``ValueError`` otherwise).
         """
         if options:
             raise ValueError(f"unknown CondConv option(s): {sorted(options)}")
         if type(conv) is not nn.Conv2d:
             raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
-        if isinstance(expert_noise, bool) or not isinstance(expert_noise, int | float):
-            raise ValueError(f"expert_noise must be a non-negative number, got {expert_noise!r}")
-        if expert_noise < 0:
-            raise ValueError(f"expert_noise must be a non-negative number, got {expert_noise!r}")
+        if (
+            isinstance(expert_noise, bool)
+            or not isinstance(expert_noise, int | float)
+            or not math.isfinite(expert_noise)
+            or expert_noise < 0
+        ):
+            raise ValueError(
+                f"expert_noise must be a finite number >= 0 (a fraction of the kernel's "
+                f"scale), got {expert_noise!r}"
+            )
         spec = ConvSpec.from_conv(conv)
         layer = cls(
             **spec.conv_kwargs(),
@@ -565,7 +626,7 @@ class CondConv2d(DynaConv2d):
         scale = 2.0 / num_experts
         with torch.no_grad():
             weight = conv.weight
-            noise = torch.randn_like(layer.weight) * (expert_noise * weight.std().clamp_min(1e-12))
+            noise = torch.randn_like(layer.weight) * (expert_noise * _noise_scale(weight))
             layer.weight.copy_(scale * weight + (noise - noise.mean(dim=0, keepdim=True)))
             if conv.bias is not None:
                 layer.bias.copy_((scale * conv.bias).expand_as(layer.bias))
@@ -601,3 +662,20 @@ class CondConv2d(DynaConv2d):
         if self.routing is None:
             parts.append("shared_routing=True")
         return ", ".join(parts)
+
+
+def _noise_scale(weight: Tensor) -> Tensor:
+    """The scale of ``from_conv``'s expert noise: a positive, finite scalar (see there).
+
+    A standard deviation within rounding of 0 (a constant kernel's is ~1e-17, not 0) counts
+    as 0, so the noise still breaks the experts' symmetry.
+    """
+    values = weight.detach().flatten()
+    rms = values.square().mean().sqrt()
+    if values.numel() > 1:
+        std = values.std()
+        if bool(torch.isfinite(std)) and bool(std > 16 * torch.finfo(values.dtype).eps * rms):
+            return std
+    if bool(rms > 0) and bool(torch.isfinite(rms)):
+        return rms
+    return values.new_tensor(1.0 / math.sqrt(weight[0].numel()))

@@ -7,7 +7,11 @@ A dense ``C x C`` convolution (``C = 2^K`` input and output channels) whose conn
 masked by ``U``, the Kronecker product of ``K`` learned ``2 x 2`` factors:
 
 * gates ``g`` ``(K,)``, binarised ``b = (sign(g) + 1) / 2`` (a gate exactly 0 gives 0.5, as in
-  the reference) with a straight-through estimator: ``d loss / d g = d loss / d b``;
+  the reference) with a straight-through estimator: ``d loss / d g = d loss / d b``. The gates
+  are kept in at least float32 whatever the layer's dtype (``.half()``, ``.bfloat16()``,
+  ``.to(dtype)``, ``dtype=`` in the constructor): their initial ``+-1e-8`` rounds to 0 in
+  float16, which would turn the binary mask into 0.5 factors. The mask is then cast to the
+  kernel's dtype (its values, products of 0s and 1s, are exact in every float type);
 * ``U_k = (1 - b_k) I_2 + b_k ones(2, 2)`` and ``U = U_1 (x) U_2 (x) ... (x) U_K`` (gate 1 is the
   most significant bit). Equivalently, for channel codes ``i`` and ``j``,
   ``U[i, j] = prod over the bits where i and j differ of b_(gate at that bit)``: ``U[i, j] = 1``
@@ -20,6 +24,12 @@ masked by ``U``, the Kronecker product of ``K`` learned ``2 x 2`` factors:
 * regulariser (``aux_loss``): ``2^(K + sum b)``, the number of active connections of ``U``.
 
 Shapes: input ``(B, C, H, W)``, dense kernel ``(C, C, kh, kw)``, output ``(B, C, H', W')``.
+
+Every forward computes the masked kernel from the current gates and kernel, in eval mode too
+(an elementwise product with a mask built from ``K`` gates). There is deliberately no cache:
+an edit through ``.data`` leaves no trace a cache could check, and a stale kernel would
+silently compute with old weights. For inference, :meth:`GroupableConv2d.deploy` returns the
+grouped convolution with the kernel stored.
 
 Channel counts that are not equal powers of two raise ``ValueError``: the groups DGConv can
 learn are the ``2^m`` classes of a ``K``-bit code, so ``C`` must be ``2^K`` on both sides (the
@@ -215,12 +225,13 @@ class GroupableConv2d(DynaConv2d):
         self.sort = sort
         self.impl = impl
         factory = {"device": device, "dtype": dtype}
-        self.gate = nn.Parameter(torch.empty(self.num_gates, **factory))
+        self.gate = nn.Parameter(
+            torch.empty(self.num_gates, device=device, dtype=gate_dtype(dtype))
+        )
         self.dense_weight = nn.Parameter(
             torch.empty(out_channels, in_channels, *self.spec.kernel_size, **factory)
         )
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        self._cache: tuple[tuple[Any, ...], Tensor] | None = None
         self._triton_failed = False  # impl="auto" falls back to PyTorch if the kernel fails
         self.reset_parameters()
 
@@ -234,7 +245,26 @@ class GroupableConv2d(DynaConv2d):
         with torch.no_grad():
             signs = torch.randint(0, 2, self.gate.shape, device=self.gate.device) * 2 - 1
             self.gate.copy_(signs * GATE_INIT)
-        self._cache = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GroupableConv2d:
+        """``nn.Module._apply`` (``.to``, ``.half``, ...) keeping the gates in float32 or wider.
+
+        A dtype conversion below float32 would round gates near 0 (the initial ``+-1e-8``) to
+        0 and change the binary mask; the gate (and its gradient) take the conversion's device
+        and ``promote_types(its dtype, float32)`` instead.
+        """
+
+        def convert(tensor: Tensor) -> Tensor:
+            converted = fn(tensor)
+            if (
+                (tensor is self.gate or tensor is self.gate.grad)
+                and converted.is_floating_point()
+                and converted.dtype != gate_dtype(converted.dtype)
+            ):
+                return tensor.to(device=converted.device, dtype=gate_dtype(converted.dtype))
+            return converted
+
+        return super()._apply(convert, recurse)
 
     # ---------------------------------------------------------------------------- structure
     def gate_values(self) -> Tensor:
@@ -290,27 +320,9 @@ class GroupableConv2d(DynaConv2d):
         """The effective (masked) kernel, as ``nn.Conv2d.weight`` would hold it."""
         return self.masked_weight()
 
-    def _cache_key(self) -> tuple[Any, ...]:
-        return tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device) for t in (self.gate, self.dense_weight)
-        )
-
-    def _forward_weight(self) -> Tensor:
-        """The masked kernel, cached while no gradient is needed and nothing has changed."""
-        needs_grad = torch.is_grad_enabled() and (
-            self.gate.requires_grad or self.dense_weight.requires_grad
-        )
-        if self.training or needs_grad or _tracing():
-            self._cache = None
-            return self.masked_weight()
-        key = self._cache_key()
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.masked_weight())
-        return self._cache[1]
-
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
-        return self.spec.conv2d(x, self._forward_weight(), self.bias)
+        return self.spec.conv2d(x, self.masked_weight(), self.bias)
 
     def aux_loss(self) -> Tensor:
         """The reference regulariser ``2^(K + sum b)``: the number of active connections."""
@@ -410,6 +422,13 @@ class GroupableConv2d(DynaConv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sort={self.sort}"
+
+
+def gate_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype gates are stored in for a layer of ``dtype``: float32 or wider."""
+    if dtype is None:
+        dtype = torch.get_default_dtype()
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _tracing() -> bool:

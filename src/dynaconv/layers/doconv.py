@@ -18,8 +18,13 @@ implementation's indexing; it is still an exact linear over-parameterisation, an
 trained with the reference need it, so it is kept.
 
 At initialisation (``D = 0``) the layer is exactly a convolution with kernel
-``W[..., :M*N]`` (summed over the tiles of ``D_diag``). In eval mode, when no gradient is
-needed, the fused kernel is cached and recomputed only when ``W`` or ``D`` change.
+``W[..., :M*N]`` (summed over the tiles of ``D_diag``).
+
+Every forward computes the fused kernel from the current ``W`` and ``D`` (one small batched
+matrix product, ``Cout * Cin/groups * M*N * D_mul`` multiply-accumulates, independent of the
+batch), in eval mode too. There is deliberately no cache: an edit through ``.data`` leaves no
+trace a cache could check, and a stale kernel would silently compute with old weights. For
+inference, :meth:`DOConv2d.deploy` returns the plain convolution with the kernel stored.
 
 Shapes: input ``(B, Cin, H, W)`` -> output ``(B, Cout, H', W')`` as ``nn.Conv2d``.
 """
@@ -111,7 +116,6 @@ class DOConv2d(DynaConv2d):
             self.register_parameter("D", None)
             self.register_buffer("D_diag", None, persistent=False)
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        self._cache: tuple[tuple[Any, ...], Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -122,7 +126,6 @@ class DOConv2d(DynaConv2d):
         if self.bias is not None:
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
-        self._cache = None
 
     def fused_kernel(self) -> Tensor:
         """The effective ``(Cout, Cin/groups, M, N)`` kernel, computed from ``W`` and ``D``."""
@@ -145,35 +148,9 @@ class DOConv2d(DynaConv2d):
         """The effective kernel (differentiable), as ``nn.Conv2d.weight`` would hold it."""
         return self.fused_kernel()
 
-    def _cache_key(self) -> tuple[Any, ...]:
-        # data_ptr changes with .to(device/dtype) and load into new storage; _version with
-        # every in-place update (optimizer steps, load_state_dict, no_grad edits).
-        w, d = self.W, self.D
-        return (w.data_ptr(), w._version, d.data_ptr(), d._version)
-
-    def _inference_kernel(self) -> Tensor:
-        """The fused kernel, cached while no gradient is needed and the weights are unchanged."""
-        if self.D is None:
-            return self.fused_kernel()  # a view of W: nothing to cache
-        if (
-            self.training
-            or (torch.is_grad_enabled() and (self.W.requires_grad or self.D.requires_grad))
-            or torch.compiler.is_compiling()
-        ):
-            if self._cache is not None:
-                self._cache = None
-            return self.fused_kernel()
-        key = self._cache_key()
-        if self._cache is None or self._cache[0] != key:
-            # A normal tensor even under inference_mode, so that a later forward whose input
-            # needs a gradient (frozen weights) can save it for backward.
-            with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self.fused_kernel())
-        return self._cache[1]
-
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
-        return self.spec.conv2d(x, self._inference_kernel(), self.bias)
+        return self.spec.conv2d(x, self.fused_kernel(), self.bias)
 
     def deploy(self) -> nn.Conv2d:
         """The equal plain ``nn.Conv2d`` (same device and dtype)."""

@@ -19,7 +19,11 @@ are pruned during training into ``G = learned_groups`` groups:
   weight[o, j]^2, 1e-6))`` over the kept columns ``j`` of every group, zero once
   condensation is complete (the ``1e-6`` floor is the reference's, keeping the gradient
   finite; the reference also adds the constant ``sqrt(1e-6)`` for every dropped column,
-  which is left out here: equal values before the first drop, equal gradients always);
+  which is left out here: equal values before the first drop, equal gradients always).
+  **compat**: with ``reference_lasso=True`` the layer computes the reference's term verbatim:
+  the constant of the dropped columns included, and zero from stage ``G - 1`` on rather than
+  ``C - 1`` (the reference compares the stage with the number of groups; the two agree when
+  ``C == G``; when ``C > G`` it stops before condensation ends, when ``C < G`` never);
 * ``dropout`` is applied to the layer's input in training, as in the reference, whose layer
   also holds the BN-ReLU before it (here BN-ReLU belong to the network).
 
@@ -50,6 +54,8 @@ __all__ = [
     "CondensedGroupConv2d",
     "GatherWorkspace",
     "LearnedGroupConv2d",
+    "check_condensation_state",
+    "check_gather_index",
     "condensation_stage",
     "fold_batchnorm",
 ]
@@ -66,6 +72,81 @@ def condensation_stage(progress: float, condense_factor: int) -> int:
         if progress * 2 < (i + 1) / stages:  # the reference's comparison, bit for bit
             return i
     return stages
+
+
+def _stage_value(stage: Tensor | int, key: str, num_stages: int) -> int:
+    """The stage as an int, or ValueError unless it is one integer in ``[0, num_stages]``."""
+    if isinstance(stage, Tensor):
+        if stage.numel() != 1:
+            raise ValueError(f"{key} must hold one value, got shape {tuple(stage.shape)}")
+        if stage.is_complex() or stage.dtype == torch.bool:
+            raise ValueError(f"{key} must be an integer, got dtype {stage.dtype}")
+        value = stage.detach().reshape(()).double().item()
+    elif isinstance(stage, int) and not isinstance(stage, bool):
+        value = float(stage)
+    else:
+        raise ValueError(f"{key} must be an integer, got {stage!r}")
+    if not (math.isfinite(value) and value == int(value)):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if not 0 <= value <= num_stages:
+        raise ValueError(
+            f"{key} must lie in [0, condense_factor - 1] = [0, {num_stages}], got {int(value)}"
+        )
+    return int(value)
+
+
+def check_condensation_state(
+    mask: Tensor,
+    stage: Tensor | int,
+    *,
+    learned_groups: int,
+    condense_factor: int,
+    mask_key: str = "mask",
+    stage_key: str = "stage",
+) -> None:
+    """ValueError, naming the key and the rule, unless ``(mask, stage)`` is a reachable state.
+
+    The rules :meth:`LearnedGroupConv2d.set_progress` keeps: ``mask`` ``(Cout, Cin)`` holds only
+    0/1 (or booleans); the rows of one group (output channels ``o`` with equal ``o mod G``)
+    are equal; ``stage`` is one integer in ``[0, C - 1]``; and after ``stage`` stages every
+    group reads ``Cin - stage * (Cin / C)`` inputs. A mask that breaks them would make the
+    deployed layer (which reads each group's first row) differ from the layer.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"{mask_key} must be (out_channels, in_channels), got {tuple(mask.shape)}")
+    cout, cin = mask.shape
+    groups = learned_groups
+    if mask.dtype != torch.bool:
+        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{mask_key} must hold only 0 and 1 (or booleans)")
+        mask = mask == 1
+    num_stages = condense_factor - 1
+    value = _stage_value(stage, stage_key, num_stages)
+    rows = mask.reshape(cout // groups, groups, cin)
+    if not bool((rows == rows[:1]).all()):
+        raise ValueError(
+            f"{mask_key}: the rows of a group (output channels o with equal o mod "
+            f"learned_groups={groups}) must be equal; a learned group reads one set of inputs"
+        )
+    kept = rows[0].sum(dim=1)
+    expected = cin - value * (cin // condense_factor)
+    if not bool((kept == expected).all()):
+        raise ValueError(
+            f"{mask_key} and {stage_key} disagree: at stage {value} every group reads "
+            f"in_channels - stage * in_channels / condense_factor = {expected} inputs, but the "
+            f"groups read {kept.tolist()}"
+        )
+
+
+def check_gather_index(index: Tensor, in_channels: int, key: str = "index") -> None:
+    """ValueError, naming ``key``, unless ``index`` holds integers in ``[0, in_channels)``."""
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise ValueError(f"{key} must hold integer channel indices, got dtype {index.dtype}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= in_channels):
+        raise ValueError(
+            f"{key} entries must lie in [0, in_channels) = [0, {in_channels}), got values in "
+            f"[{int(index.min())}, {int(index.max())}]"
+        )
 
 
 def fold_batchnorm(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -103,6 +184,11 @@ class LearnedGroupConv2d(DynaConv2d):
     * ``condense_factor`` (C, default ``learned_groups``): each group keeps ``Cin / C`` inputs
       in the end; ``in_channels`` must be divisible by it.
     * ``dropout`` (default 0): dropout probability on the layer input in training.
+    * ``reference_lasso`` (default False): the reference's group lasso verbatim (module
+      docstring), for networks that must train as the reference does.
+
+    Loading a state dict checks that ``mask`` and ``stage`` are a state condensation can reach
+    (:func:`check_condensation_state`) and raises ``ValueError`` naming the key otherwise.
     """
 
     method = "lgc"
@@ -124,6 +210,7 @@ class LearnedGroupConv2d(DynaConv2d):
         learned_groups: int = 4,
         condense_factor: int | None = None,
         dropout: float = 0.0,
+        reference_lasso: bool = False,
     ) -> None:
         super().__init__(
             in_channels,
@@ -136,6 +223,9 @@ class LearnedGroupConv2d(DynaConv2d):
             bias,
             padding_mode,
         )
+        if not isinstance(reference_lasso, bool):
+            raise ValueError(f"reference_lasso must be a bool, got {reference_lasso!r}")
+        self.reference_lasso = reference_lasso
         if groups != 1:
             raise ValueError(
                 f"groups must be 1 for LearnedGroupConv2d (the groups are learned: set "
@@ -247,15 +337,53 @@ class LearnedGroupConv2d(DynaConv2d):
         return self.spec.conv2d(x, self.weight, self.bias)
 
     def aux_loss(self) -> Tensor:
-        """Group lasso of the kept columns; zero once condensation is complete."""
+        """Group lasso of the kept columns; zero once condensation is complete.
+
+        With ``reference_lasso``: the reference's sum over every column (a dropped one adds
+        ``sqrt(1e-6)``), zero from stage ``G - 1`` on.
+        """
         weight = self.dense_weight
-        if int(self.stage) >= self.num_stages:
+        last = self.learned_groups - 1 if self.reference_lasso else self.num_stages
+        if int(self.stage) >= last:
             return weight.new_zeros(())
         d_out = self.spec.out_channels // self.learned_groups
         squares = self.weight.pow(2).sum(dim=(2, 3))
         per_column = squares.view(d_out, self.learned_groups, -1).sum(0)  # (G, Cin)
         norms = per_column.clamp(min=LASSO_FLOOR).sqrt()
+        if self.reference_lasso:
+            return norms.sum()
         return (norms * self.group_mask().to(norms.dtype)).sum()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        mask_key, stage_key = f"{prefix}mask", f"{prefix}stage"
+        if mask_key in state_dict or stage_key in state_dict:
+            mask = state_dict.get(mask_key, self.mask)
+            if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(self.mask.shape):
+                shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(
+                    f"{mask_key} must have shape (out_channels, in_channels) = "
+                    f"{tuple(self.mask.shape)}, got {shape}"
+                )
+            check_condensation_state(
+                mask,
+                state_dict.get(stage_key, self.stage),
+                learned_groups=self.learned_groups,
+                condense_factor=self.condense_factor,
+                mask_key=mask_key,
+                stage_key=stage_key,
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ---------------------------------------------------------------------------------------
     # deploy, conversion, counts
@@ -340,6 +468,8 @@ class LearnedGroupConv2d(DynaConv2d):
         extra = f"learned_groups={self.learned_groups}, condense_factor={self.condense_factor}"
         if self.dropout:
             extra += f", dropout={self.dropout}"
+        if self.reference_lasso:
+            extra += ", reference_lasso=True"
         return f"{super().extra_repr()}, {extra}"
 
 
@@ -454,6 +584,24 @@ class CondensedGroupConv2d(nn.Module):
             self.index.numel() == n and torch.equal(self.index.cpu(), torch.arange(n))
         )
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = f"{prefix}index"
+        index = state_dict.get(key)
+        if isinstance(index, Tensor):
+            check_gather_index(index, self.in_channels, key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     @classmethod
     def from_learned(
         cls,
@@ -554,7 +702,7 @@ class CondensedGroupConv2d(nn.Module):
         return self._run(x)
 
     def _run(self, x: Tensor) -> Tensor:
-        if self._use_triton(x):
+        if x.shape[0] > 0 and self._use_triton(x):  # an empty batch has no work to launch
             from ..kernels import lgc as kernels
 
             return kernels.condensed_conv(self, x)
@@ -637,8 +785,9 @@ class CondensedGroupConv2d(nn.Module):
             gathered = torch.addcmul(
                 self.in_shift[:, None, None], gathered, self.in_scale[:, None, None]
             )
-        columns = gathered.reshape(batch * groups, -1, height * width)
-        weight = weight.expand(batch, -1, -1, -1).reshape(batch * groups, d_out, -1)
+        per_group = weight.shape[-1]  # explicit sizes: an empty batch has no -1 to infer
+        columns = gathered.reshape(batch * groups, per_group, height * width)
+        weight = weight.expand(batch, -1, -1, -1).reshape(batch * groups, d_out, per_group)
         if bias is None:
             y = torch.bmm(weight, columns)
         else:

@@ -110,6 +110,7 @@ class CondenseLayer(DenseLayer):
         group_3x3: int = 4,
         condense_factor: int | None = None,
         dropout: float = 0.0,
+        reference_lasso: bool = False,
     ) -> None:
         conv_1 = LearnedGroupConv2d(
             in_channels,
@@ -119,6 +120,7 @@ class CondenseLayer(DenseLayer):
             learned_groups=group_1x1,
             condense_factor=condense_factor,
             dropout=dropout,
+            reference_lasso=reference_lasso,
         )
         super().__init__(in_channels, growth, conv_1, group_3x3)
 
@@ -133,6 +135,7 @@ class LGCTransition(nn.Module):
         *,
         group_1x1: int = 4,
         condense_factor: int | None = None,
+        reference_lasso: bool = False,
     ) -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
@@ -144,6 +147,7 @@ class LGCTransition(nn.Module):
             bias=False,
             learned_groups=group_1x1,
             condense_factor=condense_factor,
+            reference_lasso=reference_lasso,
         )
         self.pool = nn.AvgPool2d(2, 2)
 
@@ -167,6 +171,10 @@ class CondenseNet(Deployable, nn.Module):
         condense_factor: ``C`` (default ``group_1x1``). dropout: on the LGC inputs.
         compression: ``None`` for pooling-only transitions; a fraction (0.5 in the paper) for
             LGC transitions (CondenseNet-light), rounded up to a multiple of ``group_1x1``.
+        reference_lasso: every LGC computes the reference's group lasso verbatim, which stops
+            at stage ``group_1x1 - 1`` instead of ``condense_factor - 1`` (they differ only
+            when ``condense_factor != group_1x1``; see :mod:`dynaconv.layers.lgc`). The
+            networks :mod:`dynaconv.compat` builds from reference checkpoints set it.
     """
 
     def __init__(
@@ -182,6 +190,7 @@ class CondenseNet(Deployable, nn.Module):
         condense_factor: int | None = None,
         dropout: float = 0.0,
         compression: float | None = None,
+        reference_lasso: bool = False,
     ) -> None:
         super().__init__()
         stages, growth = list(stages), list(growth)
@@ -206,6 +215,7 @@ class CondenseNet(Deployable, nn.Module):
             "condense_factor": condense_factor,
             "dropout": dropout,
             "compression": compression,
+            "reference_lasso": reference_lasso,
         }
         stride, pool = (1, 8) if data == "cifar" else (2, 7)
         channels = 2 * growth[0]
@@ -226,6 +236,7 @@ class CondenseNet(Deployable, nn.Module):
                         group_3x3=group_3x3,
                         condense_factor=condense_factor,
                         dropout=dropout,
+                        reference_lasso=reference_lasso,
                     ),
                 )
             self.features.add_module(f"denseblock_{i + 1}", block)
@@ -237,7 +248,11 @@ class CondenseNet(Deployable, nn.Module):
             else:
                 out = _make_divisible(math.ceil(channels * compression), group_1x1)
                 transition = LGCTransition(
-                    channels, out, group_1x1=group_1x1, condense_factor=condense_factor
+                    channels,
+                    out,
+                    group_1x1=group_1x1,
+                    condense_factor=condense_factor,
+                    reference_lasso=reference_lasso,
                 )
                 channels = out
             self.features.add_module(f"transition_{i + 1}", transition)
