@@ -9,7 +9,7 @@
     dynaconv deploy runs/NAME/best.pt --out deployed/
     dynaconv profile runs/NAME/best.pt        (or: dynaconv profile --recipe NAME)
     dynaconv export runs/NAME/best.pt --out exported/
-    dynaconv demo
+    dynaconv demo [--out DIR]                 (keep the demo's run folders in DIR)
 
 Configuration: defaults < recipe < flat flags < ``--set SECTION.KEY=VALUE`` (see
 :mod:`dynaconv.train.config`; ``dynaconv train --print-config`` shows the result).
@@ -232,8 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dynaconv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser(
+    demo = sub.add_parser(
         "demo", help="train a small CNN on digits with every method, deploy, verify, compare"
+    )
+    demo.add_argument(
+        "--out", help="keep each method's run folder as OUT/METHOD (default: temporary folders)"
     )
 
     train = sub.add_parser("train", help="train a model (recipe, flags, --set overrides)")
@@ -301,7 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from dynaconv.demo import main as demo_main
 
-        return demo_main()
+        try:
+            return demo_main(out_dir=args.out)
+        except ValueError as error:
+            print(f"dynaconv demo: error: {_one_line(error)}", file=sys.stderr)
+            return EXIT_ERROR
     from dynaconv.lifecycle import DeployVerificationError
 
     from .checkpoint import CheckpointError
