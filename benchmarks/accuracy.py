@@ -1,0 +1,647 @@
+"""Accuracy study: one small CNN on Fashion-MNIST, plain and converted to every family.
+
+The network (:class:`FashionCNN`, width ``w``, a power of two): a plain stem conv 3x3/2
+(1 -> w, 28x28 -> 14x14), then six convs w -> w, each followed by BN-ReLU (so every converted
+layer reads a BN-ReLU output, as DGC and CondenseNet's LGC expect): 3x3 and 1x1 at 14x14,
+3x3/2 to 7x7, then 1x1, 3x3, 1x1 at 7x7; global average pool; linear to 10 classes. The six
+inner convs are square with power-of-two channels, so every family converts the same six
+layers (DGConv's ``C = 2^K``, LGC's ``C`` input groups and DGC's heads all apply); the stem
+(one input channel) stays plain everywhere.
+
+Families (options passed to ``dynaconv.convert``; schedule and regulariser as METHODS.md):
+
+* ``plain``: the network as built;
+* ``doconv``: DO-Conv (``D_mul = M*N``), no regulariser;
+* ``condconv``: CondConv with 8 experts, no regulariser;
+* ``dgc``: DGC, 4 heads, half of the input channels kept (``gate_factor=0.5``), squeeze rate
+  16, saliency lasso x 1e-5; its channel schedule follows ``set_progress``;
+* ``dgconv``: DGConv under a 50% connection budget: ``dynaconv.ResourceConstraint(model, 0.5,
+  "params")`` multiplies the loss by ``(cost / budget)^0.02`` while over budget;
+* ``lgc``: LGC with ``G = C = 4``; condensation follows ``set_progress`` (stages at progress
+  1/6, 1/3, 1/2); group lasso off, as in CondenseNet's CIFAR recipe.
+
+Every family gets the same budget: the same epochs, SGD (Nesterov, momentum 0.9, weight
+decay 1e-4, cosine learning rate per iteration from 0.1), batch 128, augmentation and, per
+seed, the same initial weights of the plain layers and the same data order. After training
+(progress 1) each model is evaluated on the test set, deployed (``dynaconv.deploy``, verified
+on a test batch) and evaluated again: the table says whether the deployed model predicts
+exactly the same test labels, for every seed. Parameters and MACs come from
+``dynaconv.profile`` at batch 1; latency is the deployed model of the first seed at batch 1
+and 256, median of interleaved samples after warm-up (``harness.measure_interleaved``).
+
+Usage::
+
+    python benchmarks/accuracy.py --time-only     # time 20 steps per family, print the total
+    python benchmarks/accuracy.py                 # default: 3 seeds x 2 epochs, all 60k images
+    python benchmarks/accuracy.py --full          # 5 seeds x 10 epochs, random 2 px shifts
+    python benchmarks/accuracy.py --epochs 1 --train-subset 2000 --seeds 1   # smoke run
+
+Expected from the papers (difference of means to ``plain``): DO-Conv and CondConv >= 0; DGC
+at 50% kept >= -0.5 point; LGC with C=4 and DGConv under a 50% budget >= -1 point. The
+``holds`` column reports whether each holds in this run; nothing is tuned to make it so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import dynaconv
+from evidence_common import (
+    DEFAULT_FASHION_DIR,
+    DEFAULT_PLOT_DIR,
+    REPO,
+    ImageData,
+    format_mean_std,
+    load_fashion_mnist,
+    machine_line,
+    machine_summary,
+    markdown_table,
+    mean_std,
+    positive_int,
+    random_shift,
+    wrap_title,
+    write_csv,
+    write_json,
+)
+from harness import forward_fn, measure_interleaved
+
+# --------------------------------------------------------------------------------------------
+# the network and the families
+
+
+class FashionCNN(nn.Module):
+    """Stem conv3x3/2 (1 -> w), six convs w -> w with BN-ReLU, GAP, linear (module docstring)."""
+
+    #: (kernel, stride) of the six inner convs.
+    LAYOUT = ((3, 1), (1, 1), (3, 2), (1, 1), (3, 1), (1, 1))
+
+    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        if width < 16 or width & (width - 1):
+            raise ValueError(f"width must be a power of two >= 16, got {width}")
+        self.stem = self._block(1, width, 3, 2)
+        self.body = nn.Sequential(
+            *(self._block(width, width, k, s) for k, s in self.LAYOUT),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(width, num_classes)
+
+    @staticmethod
+    def _block(cin: int, cout: int, kernel: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.pool(self.body(self.stem(x))).flatten(1))
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the study: how the plain network is converted and trained."""
+
+    name: str
+    method: str | None = None  # a dynaconv method, None for the plain network
+    options: dict[str, Any] = field(default_factory=dict)
+    aux_weight: float = 0.0  # weight of dynaconv.aux_loss(model)
+    budget: float | None = None  # DGConv: fraction of the dense connections allowed
+    min_gap: float | None = None  # the papers' expectation: mean - plain mean >= min_gap
+    expectation: str = ""
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("plain"),
+        Family("doconv", "doconv", min_gap=0.0, expectation=">= plain"),
+        Family("condconv", "condconv", {"num_experts": 8}, min_gap=0.0, expectation=">= plain"),
+        Family(
+            "dgc",
+            "dgc",
+            {"heads": 4, "gate_factor": 0.5, "squeeze_rate": 16},
+            aux_weight=1e-5,
+            min_gap=-0.5,
+            expectation="within 0.5",
+        ),
+        Family("dgconv", "dgconv", budget=0.5, min_gap=-1.0, expectation="within 1"),
+        Family(
+            "lgc",
+            "lgc",
+            {"learned_groups": 4, "condense_factor": 4},
+            min_gap=-1.0,
+            expectation="within 1",
+        ),
+    )
+}
+
+STEM = "stem.0"
+TIMING_STEPS = 20
+
+
+def build_model(family: Family, width: int, seed: int) -> tuple[nn.Module, int]:
+    """The seeded plain network converted to ``family``; also the number of converted layers."""
+    torch.manual_seed(seed)
+    model: nn.Module = FashionCNN(width)
+    if family.method is None:
+        return model, 0
+    model, report = dynaconv.convert(
+        model, family.method, exclude=STEM, return_report=True, **family.options
+    )
+    if len(report.converted) != len(FashionCNN.LAYOUT):
+        raise RuntimeError(f"{family.name}: expected to convert the six inner convs\n{report}")
+    return model, len(report.converted)
+
+
+# --------------------------------------------------------------------------------------------
+# training and evaluation
+
+
+@dataclass(frozen=True)
+class Settings:
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    shift: int = 0  # random translation by up to this many pixels (0: no augmentation)
+    width: int = 32
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite (the run is reported as failed)."""
+
+
+def train(
+    model: nn.Module, family: Family, data: ImageData, settings: Settings, seed: int
+) -> float:
+    """SGD with the family's schedule (``set_progress``) and regulariser; returns seconds."""
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        nesterov=True,
+        weight_decay=settings.weight_decay,
+    )
+    constraint = (
+        dynaconv.ResourceConstraint(model, family.budget, "params")
+        if family.budget is not None
+        else None
+    )
+    count = len(data.y_train)
+    per_epoch = count // settings.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch size {settings.batch_size} exceeds the {count} training examples")
+    total = settings.epochs * per_epoch
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    model.train()
+    for step in range(total):
+        if step % per_epoch == 0:
+            order = torch.randperm(count, generator=generator)
+        index = order[(step % per_epoch) * settings.batch_size :][: settings.batch_size]
+        images = data.x_train[index]
+        if settings.shift:
+            images = random_shift(images, settings.shift, generator, data.background)
+        dynaconv.set_progress(model, step / total)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.5 * settings.lr * (1 + math.cos(math.pi * step / total))
+        loss = F.cross_entropy(model(images), data.y_train[index])
+        if family.aux_weight:
+            loss = loss + family.aux_weight * dynaconv.aux_loss(model)
+        if constraint is not None:
+            loss = constraint(loss)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"{family.name}: loss {float(loss)} at step {step} of {total}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    dynaconv.set_progress(model, 1.0)
+    model.eval()
+    return time.perf_counter() - started
+
+
+def predict(model: nn.Module, images: Tensor, batch: int = 1000) -> Tensor:
+    """Predicted labels, in eval mode, ``batch`` images at a time."""
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat(
+            [model(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)]
+        )
+
+
+def changed_predictions(before: Tensor, after: Tensor) -> int:
+    """How many labels differ (``before`` and ``after`` must have the same shape)."""
+    if before.shape != after.shape:
+        raise ValueError(f"prediction shapes differ: {tuple(before.shape)} vs {tuple(after.shape)}")
+    return int((before != after).sum())
+
+
+def structure(model: nn.Module) -> str:
+    """The converted layers' ``structure()`` strings, counted (``"2 groups x4; ..."``)."""
+    counts: dict[str, int] = {}
+    for _, layer in dynaconv.dynaconv_layers(model):
+        text = layer.structure()
+        if text:
+            counts[text] = counts.get(text, 0) + 1
+    return "; ".join(f"{text} x{n}" if n > 1 else text for text, n in counts.items())
+
+
+@dataclass
+class Run:
+    """One family trained with one seed."""
+
+    family: str
+    seed: int
+    status: str = "ok"
+    accuracy: float | None = None
+    accuracy_deployed: float | None = None
+    changed: int | None = None  # test labels that changed at deployment
+    params: int | None = None
+    params_deployed: int | None = None
+    macs: int | None = None
+    macs_active: int | None = None
+    converted: int = 0
+    structure: str = ""
+    connections_kept: float | None = None  # DGConv: cost / dense cost of its resource budget
+    train_seconds: float = 0.0
+
+
+def run_one(
+    family: Family, seed: int, data: ImageData, settings: Settings
+) -> tuple[Run, nn.Module | None]:
+    """Train, evaluate, deploy (verified), evaluate again and profile one family and seed."""
+    run = Run(family.name, seed)
+    try:
+        model, run.converted = build_model(family, settings.width, seed)
+        run.train_seconds = train(model, family, data, settings, seed)
+        before = predict(model, data.x_test)
+        run.accuracy = float((before == data.y_test).float().mean())
+        deployed = dynaconv.deploy(model, example_input=data.x_test[:256])
+        after = predict(deployed, data.x_test)
+        run.accuracy_deployed = float((after == data.y_test).float().mean())
+        run.changed = changed_predictions(before, after)
+        counts = dynaconv.profile(model, (1, *data.x_test.shape[1:]))
+        run.params, run.params_deployed = counts["params"], counts["params_deployed"]
+        run.macs, run.macs_active = counts["macs"], counts["macs_active"]
+        run.structure = structure(model)
+        if family.budget is not None:
+            constraint = dynaconv.ResourceConstraint(model, family.budget, "params")
+            run.connections_kept = float(constraint.cost().detach()) / constraint.dense
+            run.structure += (
+                f"; {100 * run.connections_kept:.0f}% of the connections kept "
+                f"(budget {100 * family.budget:.0f}%)"
+            )
+        return run, deployed
+    except Exception as error:  # one failing family must not hide the others' rows
+        traceback.print_exc(file=sys.stderr)
+        run.status = (
+            f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        )
+        return run, None
+
+
+def latencies(
+    deployed: dict[str, nn.Module], images: Tensor, batches: Sequence[int], reps: int, warmup: int
+) -> dict[str, dict[int, float]]:
+    """Median milliseconds per forward of each deployed model at each batch (interleaved)."""
+    result: dict[str, dict[int, float]] = {name: {} for name in deployed}
+    for batch in batches:
+        x = images[torch.arange(batch) % len(images)]
+        fns = {name: forward_fn(model.eval(), x) for name, model in deployed.items()}
+        for name, ms in measure_interleaved(fns, torch.device("cpu"), warmup, reps).items():
+            result[name][batch] = ms
+    return result
+
+
+def seconds_per_step(
+    family: Family, data: ImageData, settings: Settings, steps: int = TIMING_STEPS
+) -> float:
+    """Wall seconds of one training step of ``family`` (``steps`` steps on the first images)."""
+    count = steps * settings.batch_size
+    if len(data.y_train) < count:
+        raise ValueError(f"timing needs {count} training images, the data has {len(data.y_train)}")
+    subset = ImageData(
+        data.x_train[:count], data.y_train[:count], data.x_test, data.y_test, data.background
+    )
+    model, _ = build_model(family, settings.width, seed=0)
+    return train(model, family, subset, replace(settings, epochs=1), seed=0) / steps
+
+
+def expected_minutes(
+    step_seconds: dict[str, float], train_images: int, settings: Settings, seeds: int
+) -> float:
+    """Training time of the whole study (evaluation, deployment and latency not included)."""
+    steps = settings.epochs * (train_images // settings.batch_size)
+    return sum(step_seconds.values()) * steps * seeds / 60
+
+
+# --------------------------------------------------------------------------------------------
+# the table
+
+
+def headers(batches: Sequence[int] = (1, 256)) -> tuple[str, ...]:
+    """The table's columns (one latency column per batch size)."""
+    return (
+        "family",
+        "test acc % (mean ± std)",
+        "vs plain (points)",
+        "paper expects",
+        "holds",
+        "params stored",
+        "params deployed",
+        "MACs dense",
+        "MACs active",
+        *(f"ms batch {b}" for b in batches),
+        "deployed = same test labels",
+        "seeds",
+    )
+
+
+HEADERS = headers()
+
+
+def _mean_int(values: Sequence[int]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:,}" if low == high else f"{round(sum(values) / len(values)):,} ({low:,}-{high:,})"
+
+
+def _same_labels_text(done: Sequence[Run]) -> str:
+    same = sum(r.changed == 0 for r in done)
+    if same == len(done):
+        return f"yes ({same}/{len(done)} seeds)"
+    changed = sum(r.changed or 0 for r in done)
+    return f"NO: {len(done) - same}/{len(done)} seeds changed {changed} labels"
+
+
+def _holds(family: Family, gap: float | None) -> str:
+    if gap is None or family.min_gap is None:
+        return ""
+    return "yes" if gap >= family.min_gap else "MISS"
+
+
+def summarise(
+    families: Sequence[Family],
+    runs: Sequence[Run],
+    latency: dict[str, dict[int, float]],
+    batches: Sequence[int] = (1, 256),
+) -> tuple[list[list[str]], list[dict[str, Any]]]:
+    """Table rows (strings, columns of :func:`headers`) and machine-readable summaries."""
+    ok = {f.name: [r for r in runs if r.family == f.name and r.status == "ok"] for f in families}
+    plain = ok.get("plain") or []
+    plain_mean = mean_std([100 * r.accuracy for r in plain])[0] if plain else None
+    width = len(headers(batches))
+    rows, records = [], []
+    for family in families:
+        done = ok[family.name]
+        failures = [r.status for r in runs if r.family == family.name and r.status != "ok"]
+        record: dict[str, Any] = {"family": family.name, "seeds": len(done), "failed": failures}
+        records.append(record)
+        if not done:
+            rows.append([family.name, failures[0] if failures else "no run", *["-"] * (width - 2)])
+            continue
+        accs = [100 * r.accuracy for r in done]
+        mean, std = mean_std(accs)
+        gap = None if plain_mean is None or family.name == "plain" else mean - plain_mean
+        holds = _holds(family, gap)
+        ms = latency.get(family.name, {})
+        record.update(
+            accuracy_mean=mean,
+            accuracy_std=std,
+            accuracies=accs,
+            gap_to_plain=gap,
+            expectation=family.expectation,
+            holds=holds or None,
+            params=[r.params for r in done],
+            params_deployed=[r.params_deployed for r in done],
+            macs=[r.macs for r in done],
+            macs_active=[r.macs_active for r in done],
+            latency_ms={str(b): ms.get(b) for b in batches},
+            same_labels_all_seeds=all(r.changed == 0 for r in done),
+            changed_labels=[r.changed for r in done],
+            structure=[r.structure for r in done],
+            train_seconds=[r.train_seconds for r in done],
+        )
+        rows.append(
+            [
+                family.name,
+                format_mean_std(accs),
+                "-" if gap is None else f"{gap:+.2f}",
+                family.expectation or "-",
+                holds or "-",
+                _mean_int([r.params for r in done]),
+                _mean_int([r.params_deployed for r in done]),
+                _mean_int([r.macs for r in done]),
+                _mean_int([r.macs_active for r in done]),
+                *(f"{ms[b]:.3f}" if b in ms else "-" for b in batches),
+                _same_labels_text(done),
+                str(len(done)) + (f" ({len(failures)} failed)" if failures else ""),
+            ]
+        )
+    return rows, records
+
+
+def plot_accuracy_vs_macs(records: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Mean test accuracy (error bar: std over seeds) against active MACs, one point per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for record in records:
+        if "accuracy_mean" not in record:
+            continue
+        macs = sum(record["macs_active"]) / len(record["macs_active"]) / 1e6
+        ax.errorbar(
+            macs,
+            record["accuracy_mean"],
+            yerr=record["accuracy_std"] or 0.0,
+            fmt="o",
+            capsize=4,
+            label=record["family"],
+        )
+        ax.annotate(
+            record["family"],
+            (macs, record["accuracy_mean"]),
+            textcoords="offset points",
+            xytext=(6, 4),
+        )
+    plain = next((r for r in records if r["family"] == "plain" and "accuracy_mean" in r), None)
+    if plain is not None:
+        ax.axhline(plain["accuracy_mean"], color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("active MACs per image (millions)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(wrap_title(title), fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+DEFAULT = {"epochs": 2, "train_subset": None, "seeds": 3, "shift": 0}
+FULL = {"epochs": 10, "train_subset": None, "seeds": 5, "shift": 2}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--full", action="store_true", help=f"the long setting: {FULL}")
+    parser.add_argument(
+        "--time-only",
+        action="store_true",
+        help=f"time {TIMING_STEPS} training steps of each family, print the expected total, stop",
+    )
+    parser.add_argument("--epochs", type=positive_int, default=None)
+    parser.add_argument("--seeds", type=positive_int, default=None, help="seeds 0..N-1")
+    parser.add_argument(
+        "--train-subset", type=positive_int, default=None, help="first N training images"
+    )
+    parser.add_argument("--all-train", action="store_true", help="all 60,000 training images")
+    parser.add_argument(
+        "--test-subset", type=positive_int, default=None, help="first N test images (default all)"
+    )
+    parser.add_argument("--shift", type=int, default=None, help="random shift augmentation (px)")
+    parser.add_argument("--width", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument(
+        "--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), metavar="NAME"
+    )
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_FASHION_DIR)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+    parser.add_argument(
+        "--latency-batches", type=positive_int, nargs="+", default=[1, 256], metavar="B"
+    )
+    parser.add_argument("--latency-reps", type=positive_int, default=20)
+    parser.add_argument("--latency-warmup", type=positive_int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "accuracy")
+    parser.add_argument("--plot-dir", type=Path, default=DEFAULT_PLOT_DIR)
+    args = parser.parse_args(argv)
+    preset = FULL if args.full else DEFAULT
+    args.epochs = args.epochs or preset["epochs"]
+    args.seeds = args.seeds or preset["seeds"]
+    args.shift = preset["shift"] if args.shift is None else args.shift
+    if args.shift < 0:
+        parser.error(f"--shift must be >= 0, got {args.shift}")
+    if args.all_train:
+        args.train_subset = None
+    elif args.train_subset is None:
+        args.train_subset = preset["train_subset"]
+    if "plain" not in args.families:
+        args.families = ["plain", *args.families]
+    return args
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    words = list(sys.argv[1:] if argv is None else argv)
+    return "python benchmarks/accuracy.py" + "".join(f" {w}" for w in words)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the study; 0 when every run finished and every deployment kept every test label."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    families = [FAMILIES[name] for name in args.families]
+    settings = Settings(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        shift=args.shift,
+        width=args.width,
+    )
+    data = load_fashion_mnist(args.data_dir, args.train_subset, args.test_subset)
+    setting_text = (
+        f"{len(data.y_train):,} training / {len(data.y_test):,} test images, {args.epochs} epochs, "
+        f"batch {args.batch_size}, SGD lr {args.lr} cosine, shift {args.shift}px, width "
+        f"{args.width}, seeds 0-{args.seeds - 1}"
+    )
+    print(f"accuracy study: {setting_text}\n{machine_line()}", flush=True)
+    if args.time_only:
+        step_s = {f.name: seconds_per_step(f, data, settings) for f in families}
+        total = expected_minutes(step_s, len(data.y_train), settings, args.seeds)
+        per_step = ", ".join(f"{name} {1e3 * s:.0f}" for name, s in step_s.items())
+        print(f"ms per training step: {per_step}")
+        print(f"expected training time of the whole study: {total:.0f} min")
+        return 0
+    runs: list[Run] = []
+    first_deployed: dict[str, nn.Module] = {}
+    for seed in range(args.seeds):  # seeds outside: load drift spreads over every family
+        for family in families:
+            run, deployed = run_one(family, seed, data, settings)
+            runs.append(run)
+            if deployed is not None and family.name not in first_deployed:
+                first_deployed[family.name] = deployed
+            acc = "-" if run.accuracy is None else f"{100 * run.accuracy:.2f}%"
+            print(
+                f"  seed {seed} {family.name:9s} {run.status} acc {acc} changed "
+                f"{run.changed} ({run.train_seconds:.0f} s)",
+                flush=True,
+            )
+    latency_batches = tuple(args.latency_batches)
+    latency = latencies(
+        first_deployed, data.x_test, latency_batches, args.latency_reps, args.latency_warmup
+    )
+    rows, records = summarise(families, runs, latency, latency_batches)
+    elapsed = time.perf_counter() - started
+    title = "Accuracy study: FashionCNN on Fashion-MNIST"
+    text = "\n".join(
+        [
+            f"## {title}",
+            f"{setting_text}; {machine_line()}; total {elapsed / 60:.1f} min",
+            f"command: `{command_line(argv)}`",
+            "",
+            markdown_table(headers(latency_batches), rows),
+            "",
+            "Learned structure (first seed): "
+            + "; ".join(f"{r.family}: {r.structure}" for r in runs if r.seed == 0 and r.structure),
+        ]
+    )
+    print("\n" + text, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "accuracy.csv", headers(latency_batches), rows)
+    run_fields = list(asdict(runs[0])) if runs else []
+    write_csv(args.out / "accuracy_runs.csv", run_fields, [list(asdict(r).values()) for r in runs])
+    write_json(
+        args.out / "accuracy.json",
+        {
+            "title": title,
+            "setting": setting_text,
+            "command": command_line(argv),
+            "machine": machine_summary(),
+            "settings": asdict(settings),
+            "families": {f.name: asdict(f) for f in families},
+            "summary": records,
+            "runs": [asdict(r) for r in runs],
+            "elapsed_s": elapsed,
+        },
+    )
+    plot = args.plot_dir / "accuracy_vs_macs.png"
+    plot_accuracy_vs_macs(records, plot, f"FashionCNN, Fashion-MNIST: {setting_text}")
+    print(f"\nwrote {args.out}/accuracy.csv, accuracy_runs.csv, accuracy.json and {plot}")
+    failed = [r for r in runs if r.status != "ok" or r.changed]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
