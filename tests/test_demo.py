@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dynaconv import DeployVerificationError, demo
+from dynaconv.train.cli import main as cli_main
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -81,15 +82,55 @@ def test_failed_verification_makes_the_exit_status_non_zero(monkeypatch):
 def test_an_error_in_one_method_is_reported_and_the_others_run(monkeypatch):
     real_train = demo.train
 
-    def train(model, data, steps, aux_weight, **kwargs):
-        if any(True for _ in demo.dynaconv_layers(model)):
+    def train(config):
+        if config["model"]["convert"]:
             raise RuntimeError("boom")
-        real_train(model, data, steps, aux_weight, **kwargs)
+        return real_train(config)
 
     monkeypatch.setattr(demo, "train", train)
     plain, doconv = demo.run_demo(["plain", "doconv"], steps=2, latency_batch=8, latency_reps=1)
     assert plain.status == "ok"
     assert doconv.failed and doconv.status == "failed: RuntimeError: boom"
+
+
+def test_each_method_trains_through_the_trainer_in_a_temporary_folder(monkeypatch):
+    """The CLI's Trainer runs each row: the method's options, aux weight and step budget."""
+    real_train = demo.train
+    trainers = []
+
+    def train(config):
+        trainer = real_train(config)
+        assert trainer.out.is_dir() and (trainer.out / "summary.json").is_file()
+        trainers.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(demo, "train", train)
+    (row,) = demo.run_demo(["dgc"], steps=3, latency_batch=8, latency_reps=1)
+    assert row.status == "ok" and row.converted == 5 and len(row.skipped) == 1
+    (trainer,) = trainers
+    config = trainer.config
+    assert config["model"]["name"] == "digits_cnn" and config["data"]["dataset"] == "digits"
+    assert config["model"]["convert"] == {"method": "dgc", "options": demo.DEMO_METHODS["dgc"]}
+    assert config["loss"]["aux_weight"] == demo.AUX_LOSS_WEIGHTS["dgc"]
+    assert config["train"]["max_iters"] == 3 and trainer.state["iteration"] == 3
+    assert not config["train"]["tensorboard"] and not config["train"]["plots"]
+    assert config["train"]["progress_bar"] == "none"
+    assert not trainer.out.exists()  # the temporary run folder is removed
+
+
+def test_an_output_folder_keeps_the_runs_and_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert demo.main(steps=2, methods=["plain"], latency_batch=8, latency_reps=1, out_dir=out) == 0
+    assert (out / "plain" / "summary.json").is_file() and (out / "plain" / "best.pt").is_file()
+    with pytest.raises(ValueError, match=r"out_dir: .*plain already holds a run"):
+        demo.run_demo(["plain"], steps=2, out_dir=out)
+    capsys.readouterr()
+    assert cli_main(["demo", "--out", str(out)]) == 2  # refused before any training
+    captured = capsys.readouterr()
+    assert "dynaconv demo: error: out_dir:" in captured.err and captured.out == ""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is not a folder"):
+        demo.run_demo(["plain"], steps=2, out_dir=tmp_path / "file")
 
 
 @pytest.mark.parametrize(

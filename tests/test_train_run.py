@@ -296,3 +296,27 @@ def test_profile_of_a_recipe_at_a_progress(capsys):
     with pytest.raises(SystemExit):
         main(["profile", "--recipe", "digits-small", "--progress", "2"])
     assert "progress must be a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_a_quiet_trainer_prints_nothing_and_keeps_the_conversion_report(tmp_path, capsys):
+    """``Trainer(verbose=False)`` (the demo's) prints no epoch line and no summary."""
+    from dynaconv.train.config import resolve_config
+    from dynaconv.train.engine import Trainer
+
+    flags = {
+        "model.kwargs": {"width": 8},
+        "model.convert": {"method": "doconv"},
+        "train.max_iters": 3,
+        "train.out_dir": str(tmp_path / "run"),
+        "train.progress_bar": "none",
+        "train.tensorboard": False,
+        "train.plots": False,
+    }
+    trainer = Trainer(resolve_config(None, flags), verbose=False)
+    summary = trainer.fit()
+    assert summary["iterations"] == 3 and 0.0 <= summary["final_val_acc"] <= 1.0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "epoch" not in captured.err
+    report = trainer.conversion_report
+    assert report is not None and len(report.converted) == 6 and report.skipped == {}
+    assert (tmp_path / "run" / "summary.json").is_file()

@@ -1,45 +1,53 @@
 """``python -m dynaconv demo``: every method on scikit-learn's digits, end to end.
 
-Trains :class:`dynaconv.models.DigitsCNN` on the 8x8 digits bundled with scikit-learn (offline)
-with plain convolutions, then, for each method of :data:`DEMO_METHODS`, converts the same
-network with :func:`dynaconv.convert`, trains it for the same steps (calling
-:func:`dynaconv.set_progress` every iteration and adding the method's weighted
-:func:`dynaconv.aux_loss`), evaluates, deploys with verification, evaluates again, profiles
-and times CPU inference before and after deployment. It prints one table; the exit status is
-non-zero when a deployment fails verification, changes a prediction, or a method fails.
+For the plain :class:`dynaconv.models.DigitsCNN` and for each method of :data:`DEMO_METHODS`,
+the demo trains through the same :class:`dynaconv.train.engine.Trainer` as ``dynaconv train``
+(:func:`demo_config`: the digits bundled with scikit-learn, offline; ``digits_cnn`` converted
+with the method's options; the method's weight of :func:`dynaconv.aux_loss`; a fixed number
+of SGD iterations), each in a fresh temporary run folder removed afterwards (or in
+``OUT/METHOD`` when an output folder is given). It then brings the schedules to their end
+(:func:`dynaconv.set_progress` 1.0), evaluates on the validation split, deploys with
+verification, evaluates again, profiles and times CPU inference before and after deployment.
+It prints one table; the exit status is non-zero when a deployment fails verification,
+changes a prediction, or a method fails.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .lifecycle import (
     DeployVerificationError,
-    aux_loss,
-    convert,
     deploy,
     dynaconv_layers,
     layer_class,
     set_progress,
 )
-from .models.digits import DigitsCNN
 from .profile import profile
 
-__all__ = ["AUX_LOSS_WEIGHTS", "DEMO_METHODS", "DemoResult", "main", "run_demo"]
+__all__ = [
+    "AUX_LOSS_WEIGHTS",
+    "DEMO_METHODS",
+    "DemoResult",
+    "demo_config",
+    "main",
+    "run_demo",
+]
 
-#: Method -> options passed to :func:`dynaconv.convert`.
+#: Method -> options passed to :func:`dynaconv.convert` (``model.convert.options``).
 DEMO_METHODS: dict[str, dict[str, Any]] = {
     "doconv": {},
     "condconv": {"num_experts": 4},
@@ -55,16 +63,6 @@ AUX_LOSS_WEIGHTS: dict[str, float] = {"dgc": 1e-5, "lgc": 0.0}
 PLAIN = "plain"
 UNAVAILABLE = "not available yet"
 DEFAULT_STEPS = 200
-
-
-@dataclass(frozen=True)
-class Digits:
-    """scikit-learn's digits as ``(N, 1, 8, 8)`` float tensors, standardised on the train split."""
-
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
 
 
 @dataclass
@@ -92,72 +90,60 @@ class DemoResult:
         return self.status not in ("ok", UNAVAILABLE)
 
 
-def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> Digits:
-    """The fixed, stratified train/test split of scikit-learn's bundled digits."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def demo_config(method: str, steps: int, out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
+    """The resolved training configuration of one demo row (``method`` or ``"plain"``).
 
-    images, labels = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=test_fraction, random_state=seed, stratify=labels
-    )
-    x_train = torch.tensor(x_train, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    x_test = torch.tensor(x_test, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    mean, std = x_train.mean(), x_train.std()
-    return Digits(
-        (x_train - mean) / std,
-        torch.tensor(y_train, dtype=torch.long),
-        (x_test - mean) / std,
-        torch.tensor(y_test, dtype=torch.long),
-    )
+    ``digits_cnn`` on the digits dataset (batch 64, no augmentation), converted with
+    :data:`DEMO_METHODS` ``[method]``; SGD (lr 0.1, Nesterov momentum 0.9, weight decay 1e-4)
+    with a cosine schedule over exactly ``steps`` iterations; ``loss.aux_weight`` from
+    :data:`AUX_LOSS_WEIGHTS`; on the CPU, validated once at the end, no tensorboard, plots or
+    progress display; the run folder ``out_dir``.
+    """
+    from .train.config import resolve_config
+
+    flags: dict[str, Any] = {
+        "name": f"demo-{method}",
+        "model.name": "digits_cnn",
+        "data.dataset": "digits",
+        "data.batch_size": 64,
+        "data.augment": [],
+        "optim.name": "sgd",
+        "optim.lr": 0.1,
+        "optim.momentum": 0.9,
+        "optim.nesterov": True,
+        "optim.weight_decay": 1e-4,
+        "optim.schedule": "cosine",
+        "optim.warmup_epochs": 0.0,
+        "optim.min_lr": 0.0,
+        "loss.aux_weight": AUX_LOSS_WEIGHTS.get(method, 0.0),
+        "train.epochs": steps,  # an upper bound: the budget is train.max_iters
+        "train.max_iters": steps,
+        "train.eval_every_epochs": steps,  # validate after the last epoch only
+        "train.device": "cpu",
+        "train.seed": seed,
+        "train.out_dir": str(out_dir),
+        "train.tensorboard": False,
+        "train.plots": False,
+        "train.progress_bar": "none",
+    }
+    if method != PLAIN:
+        flags["model.convert"] = {"method": method, "options": dict(DEMO_METHODS[method])}
+    return resolve_config(None, flags)
 
 
-def _progress_bar(steps: int, label: str) -> Iterable[int]:
-    """``range(steps)``, with a tqdm bar when stderr is a terminal and tqdm is installed."""
-    if sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return range(steps)
-        return tqdm(range(steps), desc=f"{label:>9s}", leave=False, file=sys.stderr)
-    return range(steps)
+def train(config: dict[str, Any]) -> Any:
+    """Train ``config`` with :class:`~dynaconv.train.engine.Trainer` (quietly); the trainer."""
+    from .train.engine import Trainer
+
+    trainer = Trainer(config, verbose=False)
+    trainer.fit()
+    return trainer
 
 
-def train(
-    model: nn.Module,
-    data: Digits,
-    steps: int,
-    aux_weight: float | None,
-    *,
-    batch_size: int = 64,
-    lr: float = 0.1,
-    seed: int = 0,
-    label: str = "",
-) -> None:
-    """SGD (Nesterov, cosine learning rate) with the schedule driven by ``set_progress``."""
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4
-    )
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data.y_train), generator=generator)
-    cursor = 0
-    model.train()
-    for step in _progress_bar(steps, label):
-        if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(data.y_train), generator=generator), 0
-        batch = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        set_progress(model, step / steps)
-        for group in optimizer.param_groups:
-            group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
-        loss = F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
-        if aux_weight:
-            loss = loss + aux_weight * aux_loss(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    set_progress(model, 1.0)
-    model.eval()
+def validation_tensors(dataset: Any) -> tuple[Tensor, Tensor]:
+    """All examples of ``dataset`` (the trainer's validation split) as ``(images, labels)``."""
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
 def predict(model: nn.Module, x: Tensor) -> Tensor:
@@ -190,59 +176,116 @@ def summarise_structure(model: nn.Module) -> str:
     return "; ".join(f"{text} x{n}" if n > 1 else text for text, n in counts.items() if text)
 
 
+@contextmanager
+def _run_folder(method: str, out_dir: Path | None) -> Iterator[Path]:
+    """``out_dir / method`` (kept), or a fresh temporary folder removed on exit."""
+    if out_dir is not None:
+        yield out_dir / method
+        return
+    with tempfile.TemporaryDirectory(prefix=f"dynaconv-demo-{method}-") as folder:
+        yield Path(folder)
+
+
 def run_method(
     method: str,
-    data: Digits,
     steps: int,
     *,
+    out_dir: Path | None = None,
     latency_batch: int = 256,
     latency_reps: int = 7,
     seed: int = 0,
 ) -> DemoResult:
-    """Build, convert, train, evaluate, deploy (verified), profile and time one method."""
+    """Train (:func:`demo_config` through the Trainer), evaluate, deploy (verified), profile
+    and time one method. ``out_dir``: keep the run in ``out_dir / method`` (None: a temporary
+    folder, removed afterwards)."""
     result = DemoResult(method)
     started = time.perf_counter()
-    torch.manual_seed(seed)
-    model: nn.Module = DigitsCNN()
     if method != PLAIN:
         try:
             layer_class(method)
-            model, report = convert(
-                model, method, return_report=True, **DEMO_METHODS.get(method, {})
-            )
         except NotImplementedError:
             result.status = UNAVAILABLE
             return result
+    with _run_folder(method, out_dir) as folder:
+        trainer = train(demo_config(method, steps, folder, seed))
+    report = trainer.conversion_report
+    if report is not None:
         result.converted, result.skipped = len(report.converted), dict(report.skipped)
-    train(model, data, steps, AUX_LOSS_WEIGHTS.get(method), seed=seed, label=method)
+    model = trainer.eval_model()
+    set_progress(model, 1.0)  # the schedules' end, as after a full training
+    model.eval()
     result.structure = summarise_structure(model)
-    predictions = predict(model, data.x_test)
-    result.accuracy = float((predictions == data.y_test).float().mean())
-    try:
-        deployed = deploy(model, example_input=data.x_test[:64])
-    except DeployVerificationError as error:
-        result.status = f"deploy verification failed: {error}"
-        return result
-    deployed_predictions = predict(deployed, data.x_test)
-    result.accuracy_deployed = float((deployed_predictions == data.y_test).float().mean())
-    result.changed_predictions = int((deployed_predictions != predictions).sum())
-    if result.changed_predictions:
-        result.status = f"deploy changed {result.changed_predictions} test predictions"
-    counts = profile(model, (1, 1, 8, 8))
-    result.params, result.params_deployed = counts["params"], counts["params_deployed"]
-    result.macs, result.macs_active = counts["macs"], counts["macs_active"]
-    x = data.x_test[torch.arange(latency_batch) % len(data.x_test)]
-    result.latency_ms, result.latency_deployed_ms = paired_latency_ms(
-        model, deployed, x, latency_reps
+    _deploy_and_measure(
+        result, model, *validation_tensors(trainer.val_set), latency_batch, latency_reps
     )
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _deploy_and_measure(
+    result: DemoResult,
+    model: nn.Module,
+    x_test: Tensor,
+    y_test: Tensor,
+    latency_batch: int,
+    latency_reps: int,
+) -> None:
+    """Fill ``result`` in: accuracies before/after a verified deploy, counts, latencies."""
+    predictions = predict(model, x_test)
+    result.accuracy = float((predictions == y_test).float().mean())
+    try:
+        deployed = deploy(model, example_input=x_test[:64])
+    except DeployVerificationError as error:
+        result.status = f"deploy verification failed: {error}"
+        return
+    deployed_predictions = predict(deployed, x_test)
+    result.accuracy_deployed = float((deployed_predictions == y_test).float().mean())
+    result.changed_predictions = int((deployed_predictions != predictions).sum())
+    if result.changed_predictions:
+        result.status = f"deploy changed {result.changed_predictions} test predictions"
+    counts = profile(model, (1, *x_test.shape[1:]))
+    result.params, result.params_deployed = counts["params"], counts["params_deployed"]
+    result.macs, result.macs_active = counts["macs"], counts["macs_active"]
+    x = x_test[torch.arange(latency_batch) % len(x_test)]
+    result.latency_ms, result.latency_deployed_ms = paired_latency_ms(
+        model, deployed, x, latency_reps
+    )
+
+
+def _check_arguments(
+    methods: Sequence[str] | None, steps: Any, out_dir: str | Path | None
+) -> tuple[list[str], Path | None]:
+    """The methods to run (None: all) and the output folder; ``ValueError`` naming the
+    argument for unknown methods, a bad step count, or an output folder that is a file or
+    already holds a method's run."""
+    methods = [PLAIN, *DEMO_METHODS] if methods is None else list(methods)
+    unknown = [m for m in methods if m != PLAIN and m not in DEMO_METHODS]
+    if unknown:
+        raise ValueError(f"methods must be among {[PLAIN, *DEMO_METHODS]}, got {unknown}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if out_dir is None:
+        return methods, None
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} exists and is not a folder")
+    from .train.runfolder import existing_artefacts
+
+    for method in methods:
+        held = existing_artefacts(out_dir / method)
+        if held:
+            raise ValueError(
+                f"out_dir: {out_dir / method} already holds a run ({held[0].name}, ...); "
+                "choose another output folder or remove it"
+            )
+    return methods, out_dir
 
 
 def run_demo(
     methods: Sequence[str] | None = None,
     steps: int = DEFAULT_STEPS,
     *,
+    out_dir: str | Path | None = None,
     latency_batch: int = 256,
     latency_reps: int = 7,
     seed: int = 0,
@@ -250,23 +293,18 @@ def run_demo(
 ) -> list[DemoResult]:
     """One :class:`DemoResult` per method (``"plain"`` first, then :data:`DEMO_METHODS`).
 
-    A method that is not implemented yet gets a row saying so; any other error in a method
-    is recorded in its row's ``status`` (the others still run).
+    ``out_dir``: keep each method's run folder as ``out_dir/METHOD`` (None: temporary folders,
+    removed). A method that is not implemented yet gets a row saying so; any other error in a
+    method is recorded in its row's ``status`` (the others still run).
     """
-    methods = [PLAIN, *DEMO_METHODS] if methods is None else list(methods)
-    unknown = [m for m in methods if m != PLAIN and m not in DEMO_METHODS]
-    if unknown:
-        raise ValueError(f"methods must be among {[PLAIN, *DEMO_METHODS]}, got {unknown}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    data = load_digits_split(seed)
+    methods, out = _check_arguments(methods, steps, out_dir)
     results = []
     for method in methods:
         try:
             result = run_method(
                 method,
-                data,
                 steps,
+                out_dir=out,
                 latency_batch=latency_batch,
                 latency_reps=latency_reps,
                 seed=seed,
@@ -346,14 +384,21 @@ def main(
     methods: Sequence[str] | None = None,
     latency_batch: int = 256,
     latency_reps: int = 7,
+    out_dir: str | Path | None = None,
     stream: TextIO | None = None,
 ) -> int:
-    """Run the demo and print its table; 0 when every available method deployed exactly."""
+    """Run the demo and print its table; 0 when every available method deployed exactly.
+
+    ``out_dir``: keep each method's run folder as ``out_dir/METHOD`` (default: temporary
+    folders, removed). Bad arguments raise ``ValueError`` before anything runs.
+    """
+    _check_arguments(methods, steps, out_dir)
     out = sys.stdout if stream is None else stream
     started = time.perf_counter()
     print(
-        f"dynaconv demo: DigitsCNN on scikit-learn digits, {steps} SGD steps per method, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
+        f"dynaconv demo: DigitsCNN on scikit-learn digits, {steps} SGD steps per method "
+        f"(dynaconv train's Trainer), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads",
         file=out,
         flush=True,
     )
@@ -365,6 +410,7 @@ def main(
     results = run_demo(
         methods,
         steps,
+        out_dir=out_dir,
         latency_batch=latency_batch,
         latency_reps=latency_reps,
         on_result=announce,
@@ -372,7 +418,8 @@ def main(
     print(file=out)
     print(format_table(results), file=out)
     print(
-        "acc: test accuracy (%) before/after deploy; params: stored/deployed; MACs: dense/active "
+        "acc: accuracy (%) on the held-out validation digits before/after deploy; params: "
+        "stored/deployed; MACs: dense/active "
         f"for one 8x8 image; ms: CPU inference of a batch of {latency_batch} before/after "
         "deploy (median).",
         file=out,
@@ -380,6 +427,8 @@ def main(
     for r in results:
         for name, why in r.skipped.items():
             print(f"  {r.method}: kept {name} as nn.Conv2d ({why})", file=out)
+    if out_dir is not None:
+        print(f"  run folders: {Path(out_dir) / 'METHOD'}", file=out)
     failed = [r.method for r in results if r.failed]
     print(
         f"\n{'FAILED: ' + ', '.join(failed) if failed else 'all deployments verified'} "

@@ -46,6 +46,8 @@ from ..layers.lgc import (
     LearnedGroupConv2d,
     fold_batchnorm,
 )
+from ._blocks import DenseLayer, average_pool_transition, dense_features, init_dense_weights
+from ._registry import register_model
 
 __all__ = [
     "CondenseLayer",
@@ -69,31 +71,6 @@ __all__ = [
 
 Data = Literal["cifar", "imagenet"]
 Impl = Literal["auto", "torch", "triton"]
-
-
-class DenseLayer(nn.Module):
-    """BN-ReLU-``conv_1`` then BN-ReLU-3x3 grouped conv to ``growth``; returns ``cat([x, new], 1)``.
-
-    ``conv_1`` is the family's 1x1 layer to ``bottleneck * growth`` channels: a learned group
-    conv in CondenseNet, a dynamic group conv in DyDenseNet (the same layout otherwise).
-    """
-
-    def __init__(self, in_channels: int, growth: int, conv_1: nn.Module, group_3x3: int) -> None:
-        super().__init__()
-        width = conv_1.out_channels
-        self.norm_1 = nn.BatchNorm2d(in_channels)
-        self.relu_1 = nn.ReLU(inplace=True)
-        self.conv_1 = conv_1
-        self.norm_2 = nn.BatchNorm2d(width)
-        self.relu_2 = nn.ReLU(inplace=True)
-        self.conv_2 = nn.Conv2d(width, growth, 3, padding=1, groups=group_3x3, bias=False)
-
-    def new_features(self, x: Tensor) -> Tensor:
-        hidden = self.conv_1(self.relu_1(self.norm_1(x)))
-        return self.conv_2(self.relu_2(self.norm_2(hidden)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([x, self.new_features(x)], 1)
 
 
 class CondenseLayer(DenseLayer):
@@ -217,44 +194,37 @@ class CondenseNet(Deployable, nn.Module):
             "reference_lasso": reference_lasso,
         }
         stride, pool = (1, 8) if data == "cifar" else (2, 7)
-        channels = 2 * growth[0]
-        self.features = nn.Sequential()
-        self.features.add_module(
-            "init_conv", nn.Conv2d(3, channels, 3, stride=stride, padding=1, bias=False)
+
+        def dense_layer(in_channels: int, rate: int) -> CondenseLayer:
+            return CondenseLayer(
+                in_channels,
+                rate,
+                bottleneck=bottleneck,
+                group_1x1=group_1x1,
+                group_3x3=group_3x3,
+                condense_factor=condense_factor,
+                dropout=dropout,
+                reference_lasso=reference_lasso,
+            )
+
+        def lgc_transition(channels: int) -> tuple[nn.Module, int]:
+            out = _make_divisible(math.ceil(channels * compression), group_1x1)
+            lgc = LGCTransition(
+                channels,
+                out,
+                group_1x1=group_1x1,
+                condense_factor=condense_factor,
+                reference_lasso=reference_lasso,
+            )
+            return lgc, out
+
+        self.features, channels = dense_features(
+            stages,
+            growth,
+            stride,
+            dense_layer,
+            average_pool_transition if compression is None else lgc_transition,
         )
-        for i, (layers, rate) in enumerate(zip(stages, growth)):
-            block = nn.Sequential()
-            for j in range(layers):
-                block.add_module(
-                    f"denselayer_{j + 1}",
-                    CondenseLayer(
-                        channels + j * rate,
-                        rate,
-                        bottleneck=bottleneck,
-                        group_1x1=group_1x1,
-                        group_3x3=group_3x3,
-                        condense_factor=condense_factor,
-                        dropout=dropout,
-                        reference_lasso=reference_lasso,
-                    ),
-                )
-            self.features.add_module(f"denseblock_{i + 1}", block)
-            channels += layers * rate
-            if i == len(stages) - 1:
-                break
-            if compression is None:
-                transition: nn.Module = nn.AvgPool2d(2, 2)
-            else:
-                out = _make_divisible(math.ceil(channels * compression), group_1x1)
-                transition = LGCTransition(
-                    channels,
-                    out,
-                    group_1x1=group_1x1,
-                    condense_factor=condense_factor,
-                    reference_lasso=reference_lasso,
-                )
-                channels = out
-            self.features.add_module(f"transition_{i + 1}", transition)
         self.features.add_module("norm_last", nn.BatchNorm2d(channels))
         self.features.add_module("relu_last", nn.ReLU(inplace=True))
         self.features.add_module("pool_last", nn.AvgPool2d(pool))
@@ -262,17 +232,9 @@ class CondenseNet(Deployable, nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(module, LearnedGroupConv2d):
-                module.reset_parameters()
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        """The reference's initialisation (:func:`~dynaconv.models._blocks.init_dense_weights`;
+        every LGC resets itself)."""
+        init_dense_weights(self, self_initialised=(LearnedGroupConv2d,))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x).flatten(1))
@@ -472,36 +434,43 @@ def _cifar(depth_stages: int, growth: Sequence[int], num_classes: int, **kwargs:
     return CondenseNet([depth_stages] * 3, growth, num_classes=num_classes, **kwargs)
 
 
+@register_model
 def condensenet50(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-50 for CIFAR: 8 layers per block, growth 8-16-32, G = C = 4."""
     return _cifar(8, (8, 16, 32), num_classes, **kwargs)
 
 
+@register_model
 def condensenet74(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-74 for CIFAR: 12 layers per block, growth 8-16-32, G = C = 4."""
     return _cifar(12, (8, 16, 32), num_classes, **kwargs)
 
 
+@register_model
 def condensenet86(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-86 for CIFAR: 14 layers per block, growth 8-16-32, G = C = 4."""
     return _cifar(14, (8, 16, 32), num_classes, **kwargs)
 
 
+@register_model
 def condensenet98(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-98 for CIFAR: 16 layers per block, growth 8-16-32, G = C = 4."""
     return _cifar(16, (8, 16, 32), num_classes, **kwargs)
 
 
+@register_model
 def condensenet110(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-110 for CIFAR: 18 layers per block, growth 8-16-32, G = C = 4."""
     return _cifar(18, (8, 16, 32), num_classes, **kwargs)
 
 
+@register_model
 def condensenet122(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-122 for CIFAR: 20 layers per block, growth 8-16-32, G = C = 4."""
     return _cifar(20, (8, 16, 32), num_classes, **kwargs)
 
 
+@register_model
 def condensenet182(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
     """CondenseNet-182 for CIFAR: 30 layers per block, growth 12-24-48, G = C = 4."""
     return _cifar(30, (12, 24, 48), num_classes, **kwargs)
@@ -514,16 +483,19 @@ def _imagenet(groups: int, num_classes: int, **kwargs: Any) -> CondenseNet:
     )
 
 
+@register_model
 def condensenet74_imagenet_g4(num_classes: int = 1000, **kwargs: Any) -> CondenseNet:
     """CondenseNet-74 for ImageNet (blocks 4-6-8-10-8, growth 8-128), G = C = 4."""
     return _imagenet(4, num_classes, **kwargs)
 
 
+@register_model
 def condensenet74_imagenet_g8(num_classes: int = 1000, **kwargs: Any) -> CondenseNet:
     """CondenseNet-74 for ImageNet (blocks 4-6-8-10-8, growth 8-128), G = C = 8."""
     return _imagenet(8, num_classes, **kwargs)
 
 
+@register_model
 def condensenet_light(
     num_classes: int = 10,
     stages: Sequence[int] = (16, 16, 16),

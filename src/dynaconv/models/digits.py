@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ._registry import register_model
+
 __all__ = ["DigitsCNN", "digits_cnn"]
 
 
@@ -39,6 +41,7 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
+@register_model
 def digits_cnn(num_classes: int = 10, width: int = 64) -> DigitsCNN:
     """The demo's small CNN for 8x8 digits."""
     return DigitsCNN(num_classes, width)

@@ -15,13 +15,13 @@ parameter counts and checkpoints have).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
 from ..layers.dgc import DynamicGroupConv2d, reference_squeeze_rate
-from .condensenet import DenseLayer
+from ._blocks import DenseLayer, dense_features, init_dense_weights
+from ._registry import register_model
 
 __all__ = ["DyDenseLayer", "DyDenseNet", "dydensenet74_imagenet", "dydensenet86"]
 
@@ -78,26 +78,18 @@ class DyDenseNet(nn.Module):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         stride = 2 if data == "imagenet" else 1
-        channels = 2 * growth[0]
-        self.features = nn.Sequential()
-        self.features.add_module(
-            "init_conv", nn.Conv2d(3, channels, 3, stride=stride, padding=1, bias=False)
-        )
-        for i, (layers, rate) in enumerate(zip(stages, growth)):
-            block = nn.Sequential()
-            for j in range(layers):
-                cin = channels + j * rate
-                sr = (
-                    reference_squeeze_rate(cin, squeeze_rate) if reference_squeeze else squeeze_rate
-                )
-                block.add_module(
-                    f"denselayer_{j + 1}",
-                    DyDenseLayer(cin, rate, bottleneck, group_3x3, heads, sr, gate_factor),
-                )
-            self.features.add_module(f"denseblock_{i + 1}", block)
-            channels += layers * rate
-            if i != len(stages) - 1:
-                self.features.add_module(f"transition_{i + 1}", nn.AvgPool2d(2, 2))
+
+        def dense_layer(in_channels: int, rate: int) -> DyDenseLayer:
+            rate_squeeze = (
+                reference_squeeze_rate(in_channels, squeeze_rate)
+                if reference_squeeze
+                else squeeze_rate
+            )
+            return DyDenseLayer(
+                in_channels, rate, bottleneck, group_3x3, heads, rate_squeeze, gate_factor
+            )
+
+        self.features, channels = dense_features(stages, growth, stride, dense_layer)
         self.norm_last = nn.BatchNorm2d(channels)
         self.relu_last = nn.ReLU(inplace=True)
         self.pool_last = nn.AdaptiveAvgPool2d(1)
@@ -106,28 +98,23 @@ class DyDenseNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d | DynamicGroupConv2d):
-                kh, kw = module.kernel_size
-                nn.init.normal_(
-                    module.weight, 0.0, math.sqrt(2.0 / (kh * kw * module.out_channels))
-                )
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        nn.init.zeros_(self.classifier.bias)
+        """The reference's initialisation; the DGC kernels like the convs' (its gates keep
+        their own)."""
+        init_dense_weights(self, kernels=(nn.Conv2d, DynamicGroupConv2d))
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.relu_last(self.norm_last(self.features(x)))
         return self.classifier(self.pool_last(features).flatten(1))
 
 
+@register_model
 def dydensenet86(num_classes: int = 10, **options) -> DyDenseNet:
     """DyDenseNet-86 for CIFAR: stages 14-14-14, growth 8-16-32, 4 heads, 25% kept."""
     data = options.pop("data", "cifar10" if num_classes == 10 else "cifar100")
     return DyDenseNet([14, 14, 14], [8, 16, 32], num_classes=num_classes, data=data, **options)
 
 
+@register_model
 def dydensenet74_imagenet(num_classes: int = 1000, **options) -> DyDenseNet:
     """DyDenseNet for ImageNet (CondenseNet-74 layout: stages 4-6-8-10-8, growth 8-...-128)."""
     return DyDenseNet(

@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..layers.dgc import DynamicGroupConv2d, reference_squeeze_rate
+from ._registry import register_model
 
 __all__ = ["DyBasicBlock", "DyResNet", "dyresnet18"]
 
@@ -107,6 +108,7 @@ class DyResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
+@register_model
 def dyresnet18(num_classes: int = 1000, **options) -> DyResNet:
     """DyResNet-18 (4 heads, 45% of the input channels kept)."""
     return DyResNet((2, 2, 2, 2), num_classes, **options)

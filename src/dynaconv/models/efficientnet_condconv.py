@@ -36,6 +36,7 @@ from torchvision.ops import StochasticDepth
 
 from ..layers.condconv import CondConv2d, CondConvRouting
 from ..layers.padding import SameConv2d
+from ._registry import register_model
 
 __all__ = [
     "CondConvMBConv",
@@ -277,6 +278,7 @@ def efficientnet_condconv(
     )
 
 
+@register_model
 def efficientnet_b0_condconv4(**options: Any) -> EfficientNetCondConv:
     """CondConv-EfficientNet-B0, 4 experts (paper: 13.3M params, 402M MACs, 77.8% top-1).
 
@@ -287,11 +289,13 @@ def efficientnet_b0_condconv4(**options: Any) -> EfficientNetCondConv:
     return efficientnet_condconv(4, 1.0, **options)
 
 
+@register_model
 def efficientnet_b0_condconv8(**options: Any) -> EfficientNetCondConv:
     """CondConv-EfficientNet-B0, 8 experts (paper: 24.0M params, 413M MACs, 78.3% top-1)."""
     return efficientnet_condconv(8, 1.0, **options)
 
 
+@register_model
 def efficientnet_b0_depth_condconv8(**options: Any) -> EfficientNetCondConv:
     """CondConv-EfficientNet-B0-depth (depth x1.1), 8 experts (paper: 39.7M, 614M, 79.5%).
 

@@ -22,6 +22,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from ..layers._base import Deployable
 from ..layers.dgconv import GroupableConv2d, Impl, fold_bottleneck
 from ..lifecycle import dynaconv_layers
+from ._registry import register_model
 
 __all__ = ["GResNeXt", "fold_bottlenecks", "g_resnext50", "g_resnext101"]
 
@@ -101,11 +102,13 @@ class GResNeXt(Deployable, ResNet):
         return deployed
 
 
+@register_model
 def g_resnext50(num_classes: int = 1000, *, sort: bool = False, impl: Impl = "auto") -> GResNeXt:
     """G-ResNeXt-50: ResNeXt-50 32x4d widths, DGConv 3x3 convs (68.9M stored parameters)."""
     return GResNeXt([3, 4, 6, 3], 32, 4, num_classes, sort=sort, impl=impl)
 
 
+@register_model
 def g_resnext101(num_classes: int = 1000, *, sort: bool = False, impl: Impl = "auto") -> GResNeXt:
     """G-ResNeXt-101: ResNeXt-101 32x8d widths, DGConv 3x3 convs (419.6M stored parameters)."""
     return GResNeXt([3, 4, 23, 3], 32, 8, num_classes, sort=sort, impl=impl)

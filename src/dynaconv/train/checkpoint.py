@@ -27,9 +27,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -264,38 +264,38 @@ def save_safetensors(
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=dict(metadata or {})))
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a safetensors file (its tensors are not read), or :class:`CheckpointError`."""
+T = TypeVar("T")
+
+
+def _read_safetensors(path: str | Path, read: Callable[[Any], T]) -> T:
+    """``read(handle)`` of the safetensors file at ``path``, or :class:`CheckpointError`."""
     from safetensors import safe_open
 
     path = Path(path)
     check_file(path, "weights file")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
+            return read(handle)
     except Exception as error:
         raise CheckpointError(
             f"cannot read {path} as safetensors (truncated or not a safetensors file): "
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from None
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file (its tensors are not read), or :class:`CheckpointError`."""
+    return _read_safetensors(path, lambda handle: dict(handle.metadata() or {}))
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, or :class:`CheckpointError`."""
-    from safetensors import safe_open
 
-    path = Path(path)
-    check_file(path, "weights file")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except Exception as error:
-        raise CheckpointError(
-            f"cannot read {path} as safetensors (truncated or not a safetensors file): "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
-        ) from None
-    return tensors, metadata
+    def read(handle: Any) -> tuple[dict[str, Tensor], dict[str, str]]:
+        metadata = handle.metadata() or {}
+        return {key: handle.get_tensor(key) for key in handle.keys()}, metadata  # noqa: SIM118
+
+    return _read_safetensors(path, read)
 
 
 def model_state(model: nn.Module) -> dict[str, Tensor]:

@@ -9,7 +9,7 @@
     dynaconv deploy runs/NAME/best.pt --out deployed/
     dynaconv profile runs/NAME/best.pt        (or: dynaconv profile --recipe NAME)
     dynaconv export runs/NAME/best.pt --out exported/
-    dynaconv demo
+    dynaconv demo [--out DIR]                 (keep the demo's run folders in DIR)
 
 Configuration: defaults < recipe < flat flags < ``--set SECTION.KEY=VALUE`` (see
 :mod:`dynaconv.train.config`; ``dynaconv train --print-config`` shows the result).
@@ -37,15 +37,17 @@ EXIT_VERIFY = 4
 EXIT_INTERRUPTED = 130
 
 
+def _add_set_argument(parser: argparse.ArgumentParser, text: str) -> None:
+    """``--set KEY=VALUE`` (repeatable), collected in ``args.overrides``."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=text
+    )
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", help=f"recipe name ({', '.join(list_recipes())}) or YAML path")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any field, e.g. --set optim.lr=0.05 (value parsed as YAML; repeatable)",
+    _add_set_argument(
+        parser, "override any field, e.g. --set optim.lr=0.05 (value parsed as YAML; repeatable)"
     )
     for flag, (dotted, kind, text) in FLAGS.items():
         parser.add_argument(flag, type=kind, default=None, help=f"{text} ({dotted})")
@@ -213,13 +215,8 @@ def _checkpoint_parser(sub: Any, name: str, text: str) -> argparse.ArgumentParse
     parser = sub.add_parser(name, help=text, description=text)
     parser.add_argument("checkpoint", help="last.pt / best.pt, or a *.safetensors from training")
     parser.add_argument("--data-dir", help="dataset folder on this machine (data.dir)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the stored configuration (e.g. data.eval_batch_size=64)",
+    _add_set_argument(
+        parser, "override a field of the stored configuration (e.g. data.eval_batch_size=64)"
     )
     parser.add_argument(
         "--weights",
@@ -235,8 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dynaconv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser(
+    demo = sub.add_parser(
         "demo", help="train a small CNN on digits with every method, deploy, verify, compare"
+    )
+    demo.add_argument(
+        "--out", help="keep each method's run folder as OUT/METHOD (default: temporary folders)"
     )
 
     train = sub.add_parser("train", help="train a model (recipe, flags, --set overrides)")
@@ -304,7 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from dynaconv.demo import main as demo_main
 
-        return demo_main()
+        try:
+            return demo_main(out_dir=args.out)
+        except ValueError as error:
+            print(f"dynaconv demo: error: {_one_line(error)}", file=sys.stderr)
+            return EXIT_ERROR
     from dynaconv.lifecycle import DeployVerificationError
 
     from .checkpoint import CheckpointError

@@ -24,8 +24,6 @@ the ``.pt2`` they have just written, to check it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,8 @@ from .checkpoint import (
 )
 from .config import ConfigError, config_from_text, dump_config, set_path, validate_config
 from .data import build_datasets, dataset_info
-from .engine import build_model
+from .factory import build_model
+from .runfolder import make_writable_folder
 
 __all__ = [
     "deploy_checkpoint",
@@ -226,10 +225,7 @@ def prepare_output_folder(out: str | Path, flag: str = "--out") -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} exists and is not a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
-        os.close(fd)
-        os.remove(probe)
+        make_writable_folder(out)
     except OSError as error:
         raise ConfigError(
             f"{flag} {out} cannot be created or written: {error.strerror or error}"

@@ -66,8 +66,8 @@ class ConfigError(ValueError):
 DEFAULTS: dict[str, Any] = {
     "name": "run",
     "model": {
-        # A registered name: dynaconv.models.MODELS, a torchvision classification model (e.g.
-        # resnet18) or timm.list_models(); never an import string (see dynaconv.train.names).
+        # A registered name: dynaconv.models.list_models(), a torchvision classification model
+        # (e.g. resnet18) or timm.list_models(); never an import string (dynaconv.train.names).
         "name": "digits_cnn",
         # Keyword arguments of the builder; num_classes is filled in from the dataset.
         "kwargs": {},

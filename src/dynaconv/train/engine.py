@@ -9,7 +9,7 @@ Per iteration ``t`` of ``T`` (``T`` = epochs x iterations per epoch, or ``train.
    over ``warmup_epochs``, then cosine decay to ``min_lr`` (or constant);
 3. loss = cross-entropy (optional label smoothing) + ``loss.aux_weight`` x
    ``dynaconv.aux_loss(model)``; with ``loss.resource.enabled`` the DGConv resource objective
-   (:func:`resource_objective`) multiplies it;
+   (:func:`~dynaconv.train.factory.resource_objective`) multiplies it;
 4. backward (with a GradScaler under fp16 autocast), optional gradient-norm clipping, step,
    EMA update.
 
@@ -27,6 +27,10 @@ on any rank raises :class:`NonFiniteLossError`; before any checkpoint replaces t
 one, every floating-point tensor of the model and of the EMA (parameters *and* buffers, e.g.
 BatchNorm statistics) is checked, and the first non-finite one is named in the error.
 
+The set-up lives beside this module: :mod:`dynaconv.train.distributed` (processes, devices,
+seeding, collectives) and :mod:`dynaconv.train.factory` (network, optimizer, learning rate,
+objective); their public names are also importable from here.
+
 **Nothing in a configuration or a file runs code.** The network is built from ``model.name``
 through model registries only (:func:`dynaconv.train.names.model_builder`); the DGConv resource
 objective is :class:`dynaconv.layers.dgconv.ResourceConstraint` itself; checkpoints load with
@@ -37,22 +41,16 @@ objective is :class:`dynaconv.layers.dgconv.ResourceConstraint` itself; checkpoi
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import math
-import os
-import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
@@ -77,20 +75,33 @@ from .checkpoint import (
     save_safetensors,
 )
 from .config import ConfigError, dump_config, validate_config
-from .data import DatasetInfo, ResumableSampler, ShardSampler, build_datasets, dataset_info
+from .data import ResumableSampler, ShardSampler, build_datasets
+from .distributed import (
+    Distributed,
+    all_reduce_sum,
+    broadcast_buffers,
+    gather_tensor,
+    seed_everything,
+    setup_distributed,
+)
 from .ema import ModelEMA
-from .names import known_model, model_builder
+from .factory import build_model, build_optimizer, learning_rate, resource_objective
+from .names import known_model
 from .runfolder import prepare_run_folder, remove_artefacts
 from .ui import Progress
 
 __all__ = [
+    "Distributed",
     "NonFiniteLossError",
     "Trainer",
     "build_model",
+    "build_optimizer",
     "first_nonfinite",
     "known_model",
     "learning_rate",
     "resource_objective",
+    "seed_everything",
+    "setup_distributed",
     "train",
 ]
 
@@ -100,205 +111,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# processes and devices
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def setup_distributed(device_name: str) -> Distributed:
-    """Join the process group that ``torchrun`` describes in the environment (if any)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    return Distributed(rank, world, local_rank, device)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-# --------------------------------------------------------------------------------------------
-# model, optimizer, schedule
-
-
-def build_model(
-    config: dict[str, Any],
-    info: DatasetInfo | None = None,
-    network: Callable[..., nn.Module] | None = None,
-) -> nn.Module:
-    """The configured network (``num_classes`` from the dataset), converted if asked.
-
-    ``model.name`` resolves only through :func:`~dynaconv.train.names.model_builder`. A
-    ``network`` builder given from Python is used instead, called as
-    ``network(num_classes=...)`` (``model.name`` and ``model.kwargs`` are then not used); the
-    result is converted as configured. Builder and conversion errors are
-    :class:`ConfigError` naming ``model.kwargs`` / ``model.convert.options``.
-    """
-    model_config = config["model"]
-    info = info or dataset_info(config["data"])
-    if network is not None:
-        model = network(num_classes=info.num_classes)
-    else:
-        builder = model_builder(model_config["name"])
-        kwargs = dict(model_config["kwargs"])
-        try:
-            accepts = inspect.signature(builder).parameters
-            takes_classes = "num_classes" in accepts or any(
-                p.kind is p.VAR_KEYWORD for p in accepts.values()
-            )
-        except (TypeError, ValueError):
-            takes_classes = True
-        if takes_classes:
-            kwargs.setdefault("num_classes", info.num_classes)
-        try:
-            model = builder(**kwargs)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"model.kwargs of {model_config['name']}: {error}") from None
-    convert = model_config["convert"]
-    if convert:
-        try:
-            model, report = dynaconv.convert(
-                model,
-                convert["method"],
-                include=convert.get("include"),
-                exclude=convert.get("exclude"),
-                return_report=True,
-                **(convert.get("options") or {}),
-            )
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"model.convert.options ({convert['method']}): {error}") from None
-        if not report.converted:
-            first = next(iter(report.skipped.items()), None)
-            why = f"; e.g. {first[0]}: {first[1]}" if first else ""
-            raise ConfigError(
-                f"model.convert: no layer of {model_config['name']} converted to "
-                f"{convert['method']} ({len(report.skipped)} skipped{why})"
-            )
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    channels = info.channels
-    if first_conv is not None and first_conv.in_channels != channels:
-        raise ConfigError(
-            f"{model_config['name']} expects {first_conv.in_channels} input channels but the "
-            f"data has {channels}; set data.channels={first_conv.in_channels} to repeat the "
-            "grey channel, or use a model for this input"
-        )
-    return model
-
-
-def _param_groups(model: nn.Module, optim: dict[str, Any]) -> list[dict[str, Any]]:
-    if not optim["no_decay_norm_bias"]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            is_norm = isinstance(
-                module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm
-            )
-            (no_decay if is_norm or name == "bias" else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, optim: dict[str, Any]) -> torch.optim.Optimizer:
-    groups = _param_groups(model, optim)
-    if optim["name"] == "sgd":
-        return torch.optim.SGD(
-            groups,
-            lr=optim["lr"],
-            momentum=optim["momentum"],
-            nesterov=optim["nesterov"] and optim["momentum"] > 0,
-            weight_decay=optim["weight_decay"],
-        )
-    if optim["name"] == "adamw":
-        return torch.optim.AdamW(
-            groups,
-            lr=optim["lr"],
-            betas=tuple(optim["betas"]),
-            eps=optim["eps"],
-            weight_decay=optim["weight_decay"],
-        )
-    return torch.optim.RMSprop(
-        groups,
-        lr=optim["lr"],
-        alpha=optim["alpha"],
-        eps=optim["eps"],
-        momentum=optim["momentum"],
-        weight_decay=optim["weight_decay"],
-    )
-
-
-def learning_rate(optim: dict[str, Any], iteration: int, total: int, per_epoch: int) -> float:
-    """The learning rate of ``iteration`` (0-based) of ``total``: warm-up, then cosine."""
-    peak, floor = optim["lr"], optim["min_lr"]
-    warmup = min(round(optim["warmup_epochs"] * per_epoch), total)
-    if iteration < warmup:
-        start = optim["warmup_start"]
-        return peak * (start + (1.0 - start) * iteration / warmup)
-    if optim["schedule"] == "constant":
-        return peak
-    span = max(total - warmup, 1)
-    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * (iteration - warmup) / span))
-
-
-# --------------------------------------------------------------------------------------------
-# losses
-
-
-def resource_objective(
-    model: nn.Module, resource: dict[str, Any], input_shape: tuple[int, int, int]
-) -> Callable[[Tensor], Tensor]:
-    """DGConv's resource-constrained objective as a function ``loss -> loss``.
-
-    :class:`dynaconv.layers.dgconv.ResourceConstraint` built as
-    ``ResourceConstraint(model, budget=, budget_type=, input_shape=, exponent=)`` from the
-    ``loss.resource`` section: ``loss * (cost / budget) ** exponent`` while the DGConv layers'
-    cost (parameters or MACs, ``budget_type``) exceeds ``budget`` x its dense value, else
-    ``loss``. A model without DGConv layers is a :class:`ConfigError`.
-    """
-    from dynaconv.layers.dgconv import GroupableConv2d, ResourceConstraint
-
-    if not any(isinstance(m, GroupableConv2d) for m in model.modules()):
-        raise ConfigError("loss.resource.enabled needs DGConv layers in the model")
-    try:
-        return ResourceConstraint(
-            model,
-            budget=resource["budget"],
-            budget_type=resource["budget_type"],
-            input_shape=input_shape,
-            exponent=resource["exponent"],
-        )
-    except ValueError as error:
-        raise ConfigError(f"loss.resource: {error}") from None
+# checks
 
 
 def first_nonfinite(modules: dict[str, nn.Module]) -> str | None:
@@ -326,6 +139,20 @@ def _score(row: dict[str, Any]) -> float | None:
     return row["ema_val_acc"] if row.get("ema_val_acc") is not None else row.get("val_acc")
 
 
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    """The line printed at the end of an epoch."""
+    shown = (
+        "(not evaluated)"
+        if row["val_acc"] is None
+        else f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}"
+        + ("" if row["ema_val_acc"] is None else f" ema_acc {row['ema_val_acc']:.4f}")
+    )
+    return (
+        f"epoch {row['epoch']}/{epochs}: train_loss {row['train_loss']:.4f} "
+        f"train_acc {row['train_acc']:.4f} {shown}"
+    )
+
+
 def _best_iteration(state: dict[str, Any]) -> int | None:
     """The iteration of the first history row that reached ``best_acc`` (older checkpoints)."""
     for row in state["history"]:
@@ -334,17 +161,13 @@ def _best_iteration(state: dict[str, Any]) -> int | None:
     return None
 
 
-def _gather_tensor(tensor: Tensor, ddp: Distributed) -> list[Tensor]:
-    if not ddp.enabled:
-        return [tensor]
-    moved = tensor.to(ddp.device)
-    parts = [torch.empty_like(moved) for _ in range(ddp.world)]
-    dist.all_gather(parts, moved)
-    return [p.cpu() for p in parts]
-
-
 class Trainer:
-    """Builds everything from a resolved configuration; :meth:`fit` runs the training."""
+    """Builds everything from a resolved configuration; :meth:`fit` runs the training.
+
+    Once built: ``model`` (the network), ``conversion_report`` (the
+    :class:`~dynaconv.ConversionReport` of ``model.convert``; None without conversion),
+    ``train_set`` / ``val_set`` / ``info`` (the data), ``out`` (the run folder).
+    """
 
     def __init__(
         self,
@@ -353,18 +176,22 @@ class Trainer:
         *,
         overwrite: bool = False,
         network: Callable[..., nn.Module] | None = None,
+        verbose: bool = True,
     ) -> None:
         """``config``: a resolved configuration; ``resume``: a checkpoint to continue from;
         ``overwrite``: replace a previous run in the run folder (its artefacts are deleted
         when :meth:`fit` starts writing);
         ``network``: a builder of your own network, called as ``network(num_classes=...)``
-        instead of building ``model.name`` (Python only; see :func:`build_model`).
+        instead of building ``model.name`` (Python only; see :func:`build_model`);
+        ``verbose``: print a line per epoch (stderr) and the summary (stdout); warnings are
+        printed either way, the progress display is ``train.progress_bar``'s.
 
         The run folder is checked (and created) first, then the checkpoint to resume is read
         and checked, before any data is loaded or any model built.
         """
         validate_config(config)
         self.config = config
+        self.verbose = verbose
         tc = config["train"]
         self.out = Path(tc["out_dir"] or Path("runs") / config["name"])
         self.ddp = setup_distributed(tc["device"])
@@ -376,7 +203,31 @@ class Trainer:
         payload = None if resume is None else self._read_resume(resume)
         seed_everything(tc["seed"], tc["deterministic"])
         self.train_set, self.val_set, self.info = build_datasets(config["data"], tc["seed"])
-        global_batch = config["data"]["batch_size"]
+        self._plan_iterations()
+        self.model, self.conversion_report = build_model(
+            config, self.info, network, return_report=True
+        )
+        self.model.to(self.device)
+        if self.ddp.enabled:
+            torch.manual_seed(tc["seed"] + self.ddp.rank)  # different dropout per rank
+        self.ema = ModelEMA(self.model, tc["ema_decay"]) if tc["ema_decay"] > 0 else None
+        self.resource = self._resource_objective()
+        self.optimizer = build_optimizer(self.model, config["optim"])
+        amp = tc["amp"]
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        self.state = self._initial_state()
+        self.resumed_from = resume
+        if payload is not None:
+            self._resume(resume, payload)
+        self.net = self._wrap(self.model)
+
+    # ---- set-up helpers
+
+    def _plan_iterations(self) -> None:
+        """Per-process batch, iterations per epoch, total iterations and epochs of the run."""
+        tc = self.config["train"]
+        global_batch = self.config["data"]["batch_size"]
         if global_batch % self.ddp.world:
             raise ConfigError(
                 f"data.batch_size {global_batch} must be divisible by the {self.ddp.world} processes"
@@ -391,25 +242,17 @@ class Trainer:
         self.total_iters = min(planned, tc["max_iters"]) if tc["max_iters"] else planned
         self.epochs = math.ceil(self.total_iters / self.iters_per_epoch)
 
-        self.model = build_model(config, self.info, network).to(self.device)
-        if self.ddp.enabled:
-            torch.manual_seed(tc["seed"] + self.ddp.rank)  # different dropout per rank
-        self.ema = ModelEMA(self.model, tc["ema_decay"]) if tc["ema_decay"] > 0 else None
-        resource = config["loss"]["resource"]
-        self.resource = (
-            resource_objective(
-                self.model,
-                resource,
-                (self.info.channels, self.info.image_size, self.info.image_size),
-            )
-            if resource["enabled"]
-            else None
-        )
-        self.optimizer = build_optimizer(self.model, config["optim"])
-        amp = tc["amp"]
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
-        self.state: dict[str, Any] = {
+    def _resource_objective(self) -> Callable[[Tensor], Tensor] | None:
+        """The DGConv resource objective when ``loss.resource.enabled``, else None."""
+        resource = self.config["loss"]["resource"]
+        if not resource["enabled"]:
+            return None
+        shape = (self.info.channels, self.info.image_size, self.info.image_size)
+        return resource_objective(self.model, resource, shape)
+
+    def _initial_state(self) -> dict[str, Any]:
+        """The training state of a run that has not started (a resume replaces it)."""
+        return {
             "epoch": 0,
             "batches_done": 0,
             "iteration": 0,
@@ -420,12 +263,6 @@ class Trainer:
             "world_size": self.ddp.world,
             "elapsed": 0.0,
         }
-        self.resumed_from = resume
-        if payload is not None:
-            self._resume(resume, payload)
-        self.net = self._wrap(self.model)
-
-    # ---- set-up helpers
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         mc = self.config["model"]
@@ -515,12 +352,6 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(self.device, non_blocking=True)
 
-    def _reduce(self, values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.ddp.enabled:
-            dist.all_reduce(tensor)
-        return tensor.tolist()
-
     # ---- one step
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -544,8 +375,8 @@ class Trainer:
             logits = self.net(images)
         loss = self._loss(logits, labels)
         correct = (logits.argmax(1) == labels).sum()
-        loss_sum, correct_sum, count = self._reduce(
-            [float(loss.detach()) * len(labels), float(correct), float(len(labels))]
+        loss_sum, correct_sum, count = all_reduce_sum(
+            [float(loss.detach()) * len(labels), float(correct), float(len(labels))], self.ddp
         )
         if not math.isfinite(loss_sum):
             raise NonFiniteLossError(
@@ -592,14 +423,14 @@ class Trainer:
             correct += float((logits.argmax(1) == labels).sum())
             count += len(labels)
         model.train(was_training)
-        loss_sum, correct, count = self._reduce([loss_sum, correct, count])
+        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.ddp)
         return loss_sum / count, correct / count
 
     # ---- checkpoints and logs
 
     def _checkpoint_payload(self) -> dict[str, Any]:
         rng = capture_rng()
-        rng["torch_per_rank"] = _gather_tensor(torch.get_rng_state(), self.ddp)
+        rng["torch_per_rank"] = gather_tensor(torch.get_rng_state(), self.ddp)
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -618,12 +449,8 @@ class Trainer:
         Parameters and schedule state are identical on every rank by construction; BatchNorm
         running statistics are not (each rank normalises its own shard unless SyncBatchNorm).
         """
-        if not self.ddp.enabled:
-            return
         modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
-        for module in modules:
-            for buffer in module.buffers():
-                dist.broadcast(buffer, src=0)
+        broadcast_buffers(modules, self.ddp)
 
     def check_finite(self) -> None:
         """:class:`NonFiniteLossError` naming the first non-finite tensor of the model or EMA."""
@@ -806,27 +633,7 @@ class Trainer:
     def _end_epoch(self, writer: Any) -> None:
         """Validate (every ``train.eval_every_epochs`` epochs and after the last), log, save."""
         self.sync_buffers()
-        number = self.state["epoch"] + 1
-        evaluated = (
-            number % self.config["train"]["eval_every_epochs"] == 0
-            or self.state["iteration"] >= self.total_iters
-        )
-        val_loss = val_acc = ema_acc = None
-        if evaluated:
-            val_loss, val_acc = self.evaluate(self.model)
-            ema_acc = self.evaluate(self.ema.module)[1] if self.ema is not None else None
-        loss_sum, correct, count = self.state["epoch_stats"]
-        row = {
-            "epoch": number,
-            "iteration": self.state["iteration"],
-            "train_loss": loss_sum / max(count, 1),
-            "train_acc": correct / max(count, 1),
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "ema_val_acc": ema_acc,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "elapsed_s": round(self.state["elapsed"], 3),
-        }
+        row = self._epoch_row()
         score = _score(row)
         best = score is not None and score > self.state["best_acc"]
         if best:
@@ -839,17 +646,32 @@ class Trainer:
         self.save_checkpoint(best=best)
         if self.ddp.is_main:
             self._write_history(writer)
-            shown = (
-                "(not evaluated)"
-                if not evaluated
-                else f"val_loss {val_loss:.4f} val_acc {val_acc:.4f}"
-                + ("" if ema_acc is None else f" ema_acc {ema_acc:.4f}")
-            )
-            print(
-                f"epoch {row['epoch']}/{self.epochs}: train_loss {row['train_loss']:.4f} "
-                f"train_acc {row['train_acc']:.4f} {shown}",
-                file=sys.stderr,
-            )
+            if self.verbose:
+                print(_epoch_line(row, self.epochs), file=sys.stderr)
+
+    def _epoch_row(self) -> dict[str, Any]:
+        """The history row of the epoch that ends (validated when it is due)."""
+        number = self.state["epoch"] + 1
+        evaluated = (
+            number % self.config["train"]["eval_every_epochs"] == 0
+            or self.state["iteration"] >= self.total_iters
+        )
+        val_loss = val_acc = ema_acc = None
+        if evaluated:
+            val_loss, val_acc = self.evaluate(self.model)
+            ema_acc = self.evaluate(self.ema.module)[1] if self.ema is not None else None
+        loss_sum, correct, count = self.state["epoch_stats"]
+        return {
+            "epoch": number,
+            "iteration": self.state["iteration"],
+            "train_loss": loss_sum / max(count, 1),
+            "train_acc": correct / max(count, 1),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "ema_val_acc": ema_acc,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "elapsed_s": round(self.state["elapsed"], 3),
+        }
 
     def _finish(self) -> dict[str, Any]:
         final = self.eval_model()
@@ -884,7 +706,8 @@ class Trainer:
             batch = torch.stack([self.val_set[i][0] for i in range(min(32, len(self.val_set)))])
             plot_structure(final, self.out, batch.to(self.device))
         atomic_write_text(json.dumps(summary, indent=2), self.out / "summary.json")
-        print(yaml.safe_dump(summary, sort_keys=False).rstrip())
+        if self.verbose:
+            print(yaml.safe_dump(summary, sort_keys=False).rstrip())
         return summary
 
 
@@ -894,12 +717,13 @@ def train(
     *,
     overwrite: bool = False,
     network: Callable[..., nn.Module] | None = None,
+    verbose: bool = True,
 ) -> dict[str, Any]:
     """Train with ``config`` (resolved, see :mod:`dynaconv.train.config`); the summary.
 
-    ``resume``, ``overwrite`` and ``network`` as for :class:`Trainer`.
+    ``resume``, ``overwrite``, ``network`` and ``verbose`` as for :class:`Trainer`.
     """
-    return Trainer(config, resume, overwrite=overwrite, network=network).fit()
+    return Trainer(config, resume, overwrite=overwrite, network=network, verbose=verbose).fit()
 
 
 def _checkpoint_iteration(path: Path) -> int | None:

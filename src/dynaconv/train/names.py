@@ -5,7 +5,8 @@ configuration stored in a checkpoint or in a safetensors file's metadata) is dat
 from anyone, so nothing in it is ever imported or called by name: ``model.name`` resolves in
 :func:`model_builder` and only among
 
-1. :data:`dynaconv.models.MODELS`;
+1. dynaconv's networks (:func:`dynaconv.models.list_models`, registered with
+   :func:`~dynaconv.models.register_model`);
 2. torchvision's classification models (``torchvision.models.list_models(module=
    torchvision.models)``; detection and segmentation builders would download backbone weights);
 3. timm's registry when timm is installed (``timm.list_models()``, built by
@@ -22,7 +23,6 @@ pass it to :class:`~dynaconv.train.engine.Trainer` from Python (``network=``).
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,9 +53,7 @@ def model_builder(name: str) -> Callable[..., nn.Module]:
     import dynaconv.models
 
     if name in dynaconv.models.MODELS:
-        module_name, builder_name = dynaconv.models.MODELS[name].split(":")
-        module = importlib.import_module(f"dynaconv.models.{module_name}")
-        return getattr(module, builder_name)
+        return dynaconv.models.get_model_builder(name)
     import torchvision
 
     if name in torchvision.models.list_models(module=torchvision.models):
@@ -64,8 +62,9 @@ def model_builder(name: str) -> Callable[..., nn.Module]:
     if timm is not None and name in timm.list_models():
         return functools.partial(timm.create_model, name, pretrained=False)
     raise ConfigError(
-        f"model.name {name!r} is not a registered model: use a name of dynaconv.models.MODELS "
-        f"({', '.join(sorted(dynaconv.models.MODELS))}), a torchvision classification model "
+        f"model.name {name!r} is not a registered model: use a name of "
+        f"dynaconv.models.list_models() ({', '.join(dynaconv.models.list_models())}), "
+        "a torchvision classification model "
         "or a name of timm.list_models(); import strings are never resolved (train a network "
         "of your own from Python with Trainer(config, network=...))"
     )

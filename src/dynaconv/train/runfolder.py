@@ -40,6 +40,7 @@ __all__ = [
     "ARTEFACTS",
     "RunFolderError",
     "existing_artefacts",
+    "make_writable_folder",
     "prepare_run_folder",
     "remove_artefacts",
     "remove_stale_temporaries",
@@ -134,10 +135,7 @@ def prepare_run_folder(
                 "resume into the checkpoint's own folder or an empty one (--out)"
             )
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
-        os.close(fd)
-        os.remove(probe)
+        make_writable_folder(out)
     except OSError as error:
         raise RunFolderError(
             f"train.out_dir {out} cannot be created or written: {error.strerror or error}"
@@ -145,6 +143,15 @@ def prepare_run_folder(
     if is_main:
         remove_stale_temporaries(out)
     return artefacts if overwrite else []
+
+
+def make_writable_folder(folder: Path) -> None:
+    """Create ``folder`` (and its parents) and check that a file can be written into it;
+    ``OSError`` otherwise (the caller names the setting it came from)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+    os.close(fd)
+    os.remove(probe)
 
 
 def remove_artefacts(paths: list[Path]) -> None:
