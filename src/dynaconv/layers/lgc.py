@@ -447,12 +447,26 @@ class CondensedGroupConv2d(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
     def refresh(self) -> None:
-        """Re-derive cached structure after ``index`` was changed in place (e.g. loading)."""
+        """Re-derive the flags that ``index`` and ``in_scale`` imply (identity gather, positive
+        scales). Eager forwards do it by themselves whenever either tensor was replaced
+        (loading, ``functional_call``) or written in place; traced graphs use the flags of the
+        module as traced."""
         n = self.in_channels
         self._positive_scales = self.in_scale is not None and bool((self.in_scale > 0).all())
         self._identity_gather = bool(
             self.index.numel() == n and torch.equal(self.index.cpu(), torch.arange(n))
         )
+        self._flags_key = self._flags_source()
+
+    def _flags_source(self) -> tuple[Any, ...]:
+        # Identity and in-place version of the tensors the flags are derived from.
+        return tuple(
+            None if t is None else (t.data_ptr(), t._version) for t in (self.index, self.in_scale)
+        )
+
+    def _check_flags(self) -> None:
+        if not _tracing() and self._flags_key != self._flags_source():
+            self.refresh()
 
     @classmethod
     def from_learned(
@@ -546,6 +560,7 @@ class CondensedGroupConv2d(nn.Module):
         from the whole (contiguous) buffer is the same gather, much faster on CPU than from a
         strided channel slice.
         """
+        self._check_flags()
         if prefix and x.dim() == 4 and x.shape[1] > self.in_channels:
             if self._identity_gather:
                 x = x[:, : self.in_channels]
