@@ -885,6 +885,10 @@ class SparseDynamicGroupConv2d(nn.Module):
         super().__init__()
         if impl not in _DEPLOYED_IMPLS:
             raise ValueError(f"impl must be one of {_DEPLOYED_IMPLS}, got {impl!r}")
+        if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= spec.in_channels:
+            raise ValueError(
+                f"kept must be an int in [1, in_channels={spec.in_channels}], got {kept!r}"
+            )
         self.spec = spec
         self.heads = heads
         self.kept = kept
@@ -894,19 +898,24 @@ class SparseDynamicGroupConv2d(nn.Module):
         self.fc1_weight = nn.Parameter(fc1_weight.detach().clone(), requires_grad=False)
         self.fc2_weight = nn.Parameter(fc2_weight.detach().clone(), requires_grad=False)
         self.fc2_bias = nn.Parameter(fc2_bias.detach().clone(), requires_grad=False)
-        self._register_layouts()
+        self._layouts: tuple[tuple[Any, ...], Tensor, Tensor] | None = None
 
-    def _register_layouts(self) -> None:
-        # Derived copies of ``weight`` in the layouts the fast paths read; not saved.
+    def layouts(self) -> tuple[Tensor, Tensor]:
+        """``weight`` in the layouts the Triton and grouped forms read: ``(kernel_weight,
+        transposed_weight)``. Derived from ``weight`` and cached (not state) while ``weight`` is
+        the same tensor, unchanged in place; so loading, ``functional_call`` and in-place writes
+        are followed. Traced graphs derive them in the graph."""
         weight = self.weight.detach()
-        self.register_buffer(
-            "kernel_weight", triton_kernel_layout(weight, self.heads), persistent=False
-        )
-        self.register_buffer(
-            "transposed_weight",
-            transposed_head_kernels(weight, self.heads).contiguous(),
-            persistent=False,
-        )
+        if _tracing():
+            return triton_kernel_layout(weight, self.heads), transposed_head_kernels(
+                weight, self.heads
+            )
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
+        if self._layouts is None or self._layouts[0] != key:
+            kernel = triton_kernel_layout(weight, self.heads)
+            transposed = transposed_head_kernels(weight, self.heads).contiguous()
+            self._layouts = (key, kernel, transposed)
+        return self._layouts[1], self._layouts[2]
 
     @classmethod
     def from_layer(cls, layer: DynamicGroupConv2d) -> SparseDynamicGroupConv2d:
@@ -931,22 +940,17 @@ class SparseDynamicGroupConv2d(nn.Module):
     def out_channels(self) -> int:
         return self.spec.out_channels
 
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        module = super()._apply(fn, recurse)
-        self._register_layouts()
-        return module
-
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
         g = saliency(x, self.fc1_weight, self.fc2_weight, self.fc2_bias)
         inactive = self.spec.in_channels - self.kept
         impl = _pick_impl(self.impl, False, False, self.spec, x)
         if impl == "triton":
-            out = _run_triton(x, self.kernel_weight, g, inactive, self.spec, self.heads)
+            out = _run_triton(x, self.layouts()[0], g, inactive, self.spec, self.heads)
         elif impl == "grouped":
             index, scale = select_kept(g, inactive)
             out = grouped_gathered_conv(
-                x, self.weight, index, scale, self.spec, self.heads, self.transposed_weight
+                x, self.weight, index, scale, self.spec, self.heads, self.layouts()[1]
             )
         else:
             index, scale = select_kept(g, inactive)
