@@ -169,7 +169,7 @@ def saliency(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor
         pooled = x.to(dtype).mean(dim=(2, 3))
         weight1 = fc1_weight.to(dtype).reshape(heads * hidden_width, channels)
         hidden = torch.relu(F.linear(pooled, weight1))
-        per_head = hidden.reshape(-1, heads, hidden_width).transpose(0, 1)  # h, B, R
+        per_head = hidden.reshape(pooled.shape[0], heads, hidden_width).transpose(0, 1)  # h,B,R
         out = torch.baddbmm(
             fc2_bias.to(dtype).unsqueeze(1), per_head, fc2_weight.to(dtype).transpose(1, 2)
         )
