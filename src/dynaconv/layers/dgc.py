@@ -42,17 +42,24 @@ BN-ReLU in front of every DGC layer, so ``s`` is of order 1 and the reference in
 converted network has no such normalisation, and ``n`` grows with the input (apart from the
 bias, ``g`` is positively homogeneous in ``s``). Since ``E[relu(1 + n)] > 1`` for zero-mean
 ``n``, and the kept channels are the largest ``g``, a kept channel is scaled by more than 1 on
-average, which compounds from layer to layer: with BatchNorm at its initial running
-statistics (eval mode), torchvision's ResNets and DenseNets converted with the reference
-initialisation output infinities and NaN. ``from_conv`` therefore uses
-``saliency_init="neutral"``: fc1 as the reference, fc2's weight 0 and its bias ``1 + o_c`` with
-distinct offsets ``|o_c| < 1e-3`` (a random permutation of evenly spaced values, so no ties).
-At initialisation every saliency is ``1 + o_c`` whatever the input, so a kept channel is
-scaled by ``1 +- 1e-3``: the converted layer starts as the conv it came from (to ``1e-3`` per
-layer), and the kept channels are fixed until the saliency generator learns. fc2 gets a
-gradient from the first step (``dL/dW2 = dL/dg relu(fc1 s)^T`` is not zero), fc1 from the
-second, as with zero-initialised residual branches. The layer's constructor, the papers'
-networks and :mod:`dynaconv.compat` keep ``saliency_init="reference"``.
+average, by more the larger the input, which compounds from layer to layer: with BatchNorm at
+its initial running statistics (eval mode), torchvision's ResNets and DenseNets converted
+with the reference layer output infinities and NaN. ``from_conv`` therefore uses
+``saliency_mode="neutral"``, which does two things:
+
+* the descriptor is normalised, ``s <- s / rms(s)`` over the channels of each example (the
+  role the BN-ReLU plays in the paper's networks), so ``g`` does not depend on the scale of
+  ``x`` and cannot compound with it, now or once trained;
+* fc2's weight starts at 0 and its bias at ``1 + o_c`` with distinct offsets ``|o_c| < 1e-3``
+  (a random permutation of evenly spaced values, so no ties); fc1 as the reference. At
+  initialisation every saliency is ``1 + o_c`` whatever the input: the expected scale of a
+  kept channel is 1 (to ``1e-3``), the converted layer is the conv it came from with its input
+  channels rescaled by ``1 + o_c``, and the kept channels are fixed until the saliency
+  generator learns. fc2 gets a gradient from the first step (``dL/dW2 = dL/dg relu(fc1 s)^T``
+  is not zero), fc1 from the second, as with zero-initialised residual branches.
+
+The layer's constructor, the papers' networks and :mod:`dynaconv.compat` keep
+``saliency_mode="reference"`` (exactly the reference code).
 
 Execution paths (``impl``), all computing the same numbers:
 
@@ -117,11 +124,13 @@ __all__ = ["DynamicGroupConv2d", "SparseDynamicGroupConv2d", "reference_squeeze_
 Impl = Literal["auto", "dense", "sparse", "grouped", "triton"]
 _IMPLS = ("auto", "dense", "sparse", "grouped", "triton")
 _DEPLOYED_IMPLS = ("auto", "sparse", "grouped", "triton")
-SaliencyInit = Literal["reference", "neutral"]
-_SALIENCY_INITS = ("reference", "neutral")
+SaliencyMode = Literal["reference", "neutral"]
+_SALIENCY_MODES = ("reference", "neutral")
 
 #: Half-width of the spread of the neutral initialisation's saliencies around 1.
 NEUTRAL_SPREAD = 1e-3
+#: The normalised descriptor of an all-zero input is zero (not 0 / 0).
+_RMS_FLOOR = 1e-30
 
 
 def reference_squeeze_rate(in_channels: int, squeeze_rate: int) -> int:
@@ -159,14 +168,27 @@ def _tracing() -> bool:
 # The math shared by the layer and its deployed form.
 
 
-def saliency(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> Tensor:
-    """``g``: ``(B, h, Cin)`` saliencies of ``x`` ``(B, Cin, H, W)`` for every head."""
+def saliency(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    normalize: bool = False,
+) -> Tensor:
+    """``g``: ``(B, h, Cin)`` saliencies of ``x`` ``(B, Cin, H, W)`` for every head.
+
+    With ``normalize`` (``saliency_mode="neutral"``), the pooled descriptor ``s`` is divided by
+    its root mean square over the channels, so ``g`` does not depend on the scale of ``x``.
+    """
     heads, hidden_width, channels = fc1_weight.shape
     # Which channels are kept is a hard decision: it is made in at least float32, also under
     # autocast, so that reduced precision changes the arithmetic but not the selection.
     dtype = torch.promote_types(fc1_weight.dtype, torch.float32)
     with _autocast_off(x):
         pooled = x.to(dtype).mean(dim=(2, 3))
+        if normalize:
+            rms = pooled.square().mean(dim=1, keepdim=True).sqrt()
+            pooled = pooled / rms.clamp_min(_RMS_FLOOR)
         weight1 = fc1_weight.to(dtype).reshape(heads * hidden_width, channels)
         hidden = torch.relu(F.linear(pooled, weight1))
         per_head = hidden.reshape(pooled.shape[0], heads, hidden_width).transpose(0, 1)  # h,B,R
@@ -548,8 +570,9 @@ class DynamicGroupConv2d(DynaConv2d):
         gate_factor: kept fraction of the input channels at the end of the schedule (0.25).
         impl: ``"auto"``, ``"dense"``, ``"sparse"``, ``"grouped"`` or ``"triton"`` (see the
             module docstring).
-        saliency_init: ``"reference"`` (the paper's) or ``"neutral"`` (every saliency starts
-            at ``1 +- 1e-3``; what ``from_conv`` uses, see the module docstring).
+        saliency_mode: ``"reference"`` (the paper's saliency generator and initialisation) or
+            ``"neutral"`` (the descriptor normalised to unit RMS, every saliency starting at
+            ``1 +- 1e-3``; what ``from_conv`` uses, see the module docstring).
         hidden_width: the saliency generators' hidden width ``R``; default
             ``max(1, Cin // squeeze_rate)``. 0 is allowed (the saliency is then
             ``relu(fc2 bias)``), for layers loaded from the reference code.
@@ -579,7 +602,7 @@ class DynamicGroupConv2d(DynaConv2d):
         squeeze_rate: int = 16,
         gate_factor: float = 0.25,
         impl: Impl = "auto",
-        saliency_init: SaliencyInit = "reference",
+        saliency_mode: SaliencyMode = "reference",
         hidden_width: int | None = None,
     ) -> None:
         super().__init__(
@@ -596,9 +619,9 @@ class DynamicGroupConv2d(DynaConv2d):
         if groups != 1:
             raise ValueError(f"groups must be 1 for DGC (the heads replace groups), got {groups}")
         _check_options(in_channels, heads, squeeze_rate, gate_factor, impl)
-        if saliency_init not in _SALIENCY_INITS:
+        if saliency_mode not in _SALIENCY_MODES:
             raise ValueError(
-                f"saliency_init must be one of {_SALIENCY_INITS}, got {saliency_init!r}"
+                f"saliency_mode must be one of {_SALIENCY_MODES}, got {saliency_mode!r}"
             )
         if hidden_width is not None and (
             isinstance(hidden_width, bool) or not isinstance(hidden_width, int) or hidden_width < 0
@@ -611,7 +634,7 @@ class DynamicGroupConv2d(DynaConv2d):
         self.squeeze_rate = squeeze_rate
         self.gate_factor = float(gate_factor)
         self.impl = impl
-        self.saliency_init = saliency_init
+        self.saliency_mode = saliency_mode
         hidden = max(1, in_channels // squeeze_rate) if hidden_width is None else hidden_width
         self.hidden = hidden
         self.weight = nn.Parameter(
@@ -635,7 +658,7 @@ class DynamicGroupConv2d(DynaConv2d):
             nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         with torch.no_grad():  # kaiming-normal of each head's Linear layers (fc1 always)
             self.fc1_weight.normal_(0.0, math.sqrt(2.0 / self.spec.in_channels))
-            if self.saliency_init == "reference":  # fc2 kaiming-normal, bias 1
+            if self.saliency_mode == "reference":  # fc2 kaiming-normal, bias 1
                 if self.hidden:
                     self.fc2_weight.normal_(0.0, math.sqrt(2.0 / self.hidden))
                 self.fc2_bias.fill_(1.0)
@@ -690,7 +713,9 @@ class DynamicGroupConv2d(DynaConv2d):
     # ---------------------------------------------------------------------------- forward
     def saliency(self, x: Tensor) -> Tensor:
         """``(B, h, Cin)`` saliencies of ``x`` (before gating)."""
-        return saliency(x, self.fc1_weight, self.fc2_weight, self.fc2_bias)
+        return saliency(
+            x, self.fc1_weight, self.fc2_weight, self.fc2_bias, self.saliency_mode == "neutral"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
@@ -760,14 +785,15 @@ class DynamicGroupConv2d(DynaConv2d):
         squeeze_rate: int = 16,
         gate_factor: float = 0.25,
         impl: Impl = "auto",
-        saliency_init: SaliencyInit = "neutral",
+        saliency_mode: SaliencyMode = "neutral",
         **options: Any,
     ) -> DynamicGroupConv2d:
         """A DGC layer with ``conv``'s kernel (every head keeps its rows of it).
 
-        ``saliency_init="neutral"`` (the default here) starts every saliency at ``1 +- 1e-3``
-        whatever the input, so the layer starts as ``conv`` (module docstring, "Converted
-        layers"); ``"reference"`` gives the paper's initialisation.
+        ``saliency_mode="neutral"`` (the default here) normalises the saliency descriptor and
+        starts every saliency at ``1 +- 1e-3`` whatever the input, so the layer starts as
+        ``conv`` (module docstring, "Converted layers"); ``"reference"`` gives the paper's
+        layer.
         """
         if options:
             raise ValueError(f"unknown DGC option(s): {sorted(options)}")
@@ -799,7 +825,7 @@ class DynamicGroupConv2d(DynaConv2d):
             squeeze_rate=squeeze_rate,
             gate_factor=gate_factor,
             impl=impl,
-            saliency_init=saliency_init,
+            saliency_mode=saliency_mode,
         )
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
@@ -881,8 +907,13 @@ class SparseDynamicGroupConv2d(nn.Module):
         fc2_weight: Tensor,
         fc2_bias: Tensor,
         impl: str = "auto",
+        saliency_mode: SaliencyMode = "reference",
     ) -> None:
         super().__init__()
+        if saliency_mode not in _SALIENCY_MODES:
+            raise ValueError(
+                f"saliency_mode must be one of {_SALIENCY_MODES}, got {saliency_mode!r}"
+            )
         if impl not in _DEPLOYED_IMPLS:
             raise ValueError(f"impl must be one of {_DEPLOYED_IMPLS}, got {impl!r}")
         if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= spec.in_channels:
@@ -893,6 +924,7 @@ class SparseDynamicGroupConv2d(nn.Module):
         self.heads = heads
         self.kept = kept
         self.impl = impl
+        self.saliency_mode = saliency_mode
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
         self.fc1_weight = nn.Parameter(fc1_weight.detach().clone(), requires_grad=False)
@@ -930,6 +962,7 @@ class SparseDynamicGroupConv2d(nn.Module):
             layer.fc2_weight,
             layer.fc2_bias,
             impl,
+            layer.saliency_mode,
         )
 
     @property
@@ -942,7 +975,9 @@ class SparseDynamicGroupConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
-        g = saliency(x, self.fc1_weight, self.fc2_weight, self.fc2_bias)
+        g = saliency(
+            x, self.fc1_weight, self.fc2_weight, self.fc2_bias, self.saliency_mode == "neutral"
+        )
         inactive = self.spec.in_channels - self.kept
         impl = _pick_impl(self.impl, False, False, self.spec, x)
         if impl == "triton":
