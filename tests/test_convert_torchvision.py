@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from torchvision.models import get_model_weights, list_models
 
@@ -139,6 +141,28 @@ def test_converted_issue_models_behave_like_the_original(name):
 @pytest.mark.parametrize("name", sorted(set(_classification_models()) - set(DEFAULT_MODELS)))
 def test_every_converted_classification_model_behaves_like_the_original(name):
     check_converted_network_behaves_like_the_original(name)
+
+
+@given(
+    scale=st.floats(1e-6, 1e6),
+    seed=st.integers(0, 2**16),
+    kernel=st.sampled_from([1, 3]),
+)
+def test_neutral_saliencies_do_not_depend_on_the_input_scale(scale, seed, kernel):
+    """What keeps converted networks finite once trained: ``g(c x) = g(x)`` for ``c > 0``."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(12, 8, kernel, padding=kernel // 2, bias=False, dtype=torch.float64)
+    layer = DynamicGroupConv2d.from_conv(conv, heads=2, squeeze_rate=4)
+    with torch.no_grad():  # as after training: the generators depend on the input
+        layer.fc2_weight.normal_()
+    x = torch.rand(3, 12, 4, 5, dtype=torch.float64) - 0.3
+    g = layer.saliency(x)
+    torch.testing.assert_close(layer.saliency(scale * x), g, rtol=1e-12, atol=1e-12)
+    assert float((g - 1).abs().max()) > 0.01  # not trivially constant
+    layer.set_progress(1.0)  # without a bias, the layer is positively homogeneous as the conv
+    scaled = layer(scale * x)
+    tolerance = 1e-12 * float(scaled.abs().max())
+    torch.testing.assert_close(scaled, scale * layer(x), rtol=0, atol=tolerance)
 
 
 def test_reference_initialisation_is_what_diverged():

@@ -64,6 +64,8 @@ def dgc_reference(layer: DynamicGroupConv2d, x: Tensor, inactive: int) -> Tensor
     head, scale the input channels by the rest, convolve, interleave the heads' outputs."""
     heads = layer.heads
     pooled = x.mean(dim=(2, 3))
+    if layer.saliency_mode == "neutral":  # the descriptor at unit RMS over the channels
+        pooled = pooled / pooled.square().mean(dim=1, keepdim=True).sqrt()
     outputs = []
     for i in range(heads):
         hidden = torch.relu(pooled @ layer.fc1_weight[i].T)
@@ -95,6 +97,7 @@ dgc_configs = st.fixed_dictionaries(
         "bias": st.booleans(),
         "batch": st.integers(1, 3),
         "seed": st.integers(0, 2**16),
+        "mode": st.sampled_from(["reference", "neutral"]),
     }
 )
 
@@ -111,9 +114,11 @@ def make_dgc(cfg: dict) -> DynamicGroupConv2d:
         heads=cfg["heads"],
         squeeze_rate=2,
         dtype=torch.float64,
+        saliency_mode=cfg.get("mode", "reference"),
     )
-    with torch.no_grad():
-        layer.fc2_bias.normal_()  # saliencies far apart: the selection is input-dependent
+    with torch.no_grad():  # saliencies far apart and input-dependent (also when neutral)
+        layer.fc2_weight.normal_()
+        layer.fc2_bias.normal_()
     return layer
 
 
