@@ -127,9 +127,13 @@ def make_dgc(cfg: dict) -> DynamicGroupConv2d:
 Way = Callable[[DynamicGroupConv2d, int, dict, Path], tuple[Callable[[Tensor], Tensor], nn.Module]]
 
 
+def _progress_for(count: int) -> float:
+    """The start of the schedule for a count of 0, else its end."""
+    return 0.0 if count == 0 else 1.0
+
+
 def _set_progress(layer, count, cfg, tmp):
-    progress = {0: 0.0}.get(count, 1.0)  # 0, or the end of the schedule
-    layer.set_progress(progress)
+    layer.set_progress(_progress_for(count))
     return layer, layer
 
 
@@ -190,7 +194,7 @@ WAYS: dict[str, Way] = {
 
 def _expected_count(way: str, count: int, cfg: dict, layer: DynamicGroupConv2d) -> int:
     if way == "set_progress":
-        return inactive_channels_at({0: 0.0}.get(count, 1.0), cfg["cin"], layer.gate_factor)
+        return inactive_channels_at(_progress_for(count), cfg["cin"], layer.gate_factor)
     return count
 
 
@@ -274,8 +278,8 @@ def test_dgc_compiled_layer_follows_buffer_writes():
 
 
 def test_dgc_buffer_out_of_range_is_a_clear_error():
-    layer = make_dgc({"cin": 6, "cout_per_head": 1, "heads": 2, "kernel": 1, "stride": 1} | {
-        "bias": False, "batch": 1, "seed": 0})  # fmt: skip
+    cfg = {"cin": 6, "cout_per_head": 1, "heads": 2, "kernel": 1, "stride": 1}
+    layer = make_dgc(cfg | {"bias": False, "batch": 1, "seed": 0})
     layer.inactive_channels.fill_(6)
     layer.impl = "sparse"
     with pytest.raises(ValueError, match=r"inactive_channels=6 is out of \[0, in_channels\)"):
