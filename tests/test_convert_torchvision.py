@@ -229,6 +229,7 @@ def _batch_dim():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # exporting efficientnet_b0's dynamic layers takes minutes on a CPU
 @pytest.mark.parametrize("method", list(dynaconv.METHODS))
 @pytest.mark.parametrize("name", MATRIX_MODELS)
 def test_convert_train_deploy_export_onnx(name, method, tmp_path):
