@@ -249,6 +249,25 @@ def _tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
 
 
+def check_finite(output: Any, what: str) -> None:
+    """:class:`DeployVerificationError` unless every floating tensor in ``output`` is finite."""
+    leaves, _ = tree_flatten(output)
+    for index, leaf in enumerate(leaves):
+        if (
+            isinstance(leaf, Tensor)
+            and leaf.is_floating_point()
+            and not bool(leaf.isfinite().all())
+        ):
+            where = what if len(leaves) == 1 else f"{what} (output {index})"
+            bad = int((~leaf.isfinite()).sum())
+            raise DeployVerificationError(
+                f"{where} is not finite ({bad} of {leaf.numel()} values are NaN or infinite) on "
+                "the verification input, so the deployed model cannot be compared with it. "
+                "Check the model in eval mode (BatchNorm running statistics, weights) or pass "
+                "another example_input"
+            )
+
+
 def verify_outputs(reference: Any, actual: Any, what: str = "deployed model") -> float:
     """Largest relative max error between two outputs (tensors, or tuples/lists/dicts of them).
 
@@ -304,8 +323,10 @@ def deploy(
     random batch (``example_input``, or one of ``input_shape``, or an inferred shape) is run
     through both models in eval mode and :class:`DeployVerificationError` is raised if they
     differ: the largest absolute difference over the largest absolute reference output must be
-    at most 1e-9 in float64, 1e-4 in float32 and 2e-2 in lower precisions. ``model``'s own
-    training flags (of every submodule) are restored afterwards.
+    at most 1e-9 in float64, 1e-4 in float32 and 2e-2 in lower precisions. The original
+    model's output must be finite (else nothing can be verified: the error says so, rather
+    than reporting a NaN difference). ``model``'s own training flags (of every submodule) are
+    restored afterwards.
     """
     if example_input is not None and input_shape is not None:
         raise ValueError("pass example_input or input_shape, not both")
@@ -316,6 +337,7 @@ def deploy(
             example_input = _random_input(model, input_shape or _infer_input_shape(model))
         with eval_mode(model), torch.no_grad():
             expected = model(example_input)
+            check_finite(expected, "the original model's output")
             actual = deployed(example_input)
         verify_outputs(expected, actual)
     return deployed

@@ -8,6 +8,11 @@ The reference layer holds its own BN and ReLU before the heads and keeps each he
 ``weight`` in the interleaved output order (row ``j*h + i`` is head ``i``'s row ``j``), the
 saliency generators are stacked ``(h, ...)`` parameters, and the reference's squeeze rate is
 halved for ``Cin < 80`` (applied here, and by the paper networks' ``reference_squeeze``).
+
+The loaders keep the dtype of the state dict (that of its convolution kernels), read the
+saliency generators' hidden width from ``fc1.weight``, the zero width that the reference makes
+when ``Cin // squeeze_rate == 0`` included (the saliency is then ``relu(fc2 bias)``), and raise
+``ValueError`` naming every missing and every unused key of the reference state dict.
 """
 
 from __future__ import annotations
@@ -31,6 +36,55 @@ __all__ = [
 ]
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_HEAD_KEYS = ("conv.weight", "fc1.weight", "fc2.weight", "fc2.bias")
+_LAYER_ARGS = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "heads",
+    "squeeze_rate",
+    "gate_factor",
+)
+
+
+class _TrackedState(Mapping[str, Tensor]):
+    """A read-only view of a reference state dict that records which keys were read."""
+
+    def __init__(self, state_dict: Mapping[str, Tensor]) -> None:
+        self._state = state_dict
+        self.used: set[str] = set()
+
+    def __getitem__(self, key: str) -> Tensor:
+        value = self._state[key]
+        self.used.add(key)
+        return value
+
+    def __iter__(self):
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._state
+
+    def check_all_used(self, what: str) -> None:
+        unused = sorted(set(self._state) - self.used)
+        if unused:
+            raise ValueError(f"unexpected key(s) in the reference {what} state dict: {unused}")
+
+
+def _state_dtype(state_dict: Mapping[str, Tensor], key: str) -> torch.dtype:
+    """The dtype the loaded module gets: that of the reference tensor ``key`` (a conv kernel)."""
+    if key not in state_dict:
+        raise ValueError(f"missing key(s) in the reference state dict: ['{key}']")
+    dtype = state_dict[key].dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"reference tensor {key} must be floating point, got {dtype}")
+    return dtype
 
 
 def _count_heads(state_dict: Mapping[str, Tensor], prefix: str) -> int:
@@ -46,9 +100,17 @@ def dgc_state_from_reference(
     state_dict: Mapping[str, Tensor], prefix: str = ""
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``(bn_state, layer_state)``: the reference layer at ``prefix`` as a native BN and a
-    native :class:`DynamicGroupConv2d` state dict."""
+    native :class:`DynamicGroupConv2d` state dict.
+
+    Raises ``ValueError`` naming the missing keys (a BN's ``num_batches_tracked`` is optional,
+    as in PyTorch's own loading of old checkpoints)."""
     heads = _count_heads(state_dict, prefix)
     head = [f"{prefix}headconv_{i}." for i in range(heads)]
+    required = [h + k for h in head for k in _HEAD_KEYS] + [f"{prefix}_inactive_channels"]
+    required += [f"{prefix}norm.{k}" for k in _BN_KEYS[:-1]]
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise ValueError(f"missing key(s) in the reference DGC state dict: {missing}")
     kernels = torch.stack([state_dict[h + "conv.weight"] for h in head], dim=1)  # Co/h, h, ...
     layer = {
         "weight": kernels.flatten(0, 1),
@@ -62,7 +124,7 @@ def dgc_state_from_reference(
 
 
 def _rename(state_dict: Mapping[str, Tensor], old: str, new: str) -> dict[str, Tensor]:
-    return {new + k[len(old) :]: v for k, v in state_dict.items() if k.startswith(old)}
+    return {new + k[len(old) :]: state_dict[k] for k in state_dict if k.startswith(old)}
 
 
 def _with_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -72,10 +134,21 @@ def _with_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> nn.Module:
     """``nn.Sequential(norm=BN, relu=ReLU, conv=DynamicGroupConv2d)`` equal to the reference
     ``DynamicMultiHeadConv(**config)`` with ``state_dict``: its main output (the reference
-    also returns the lasso term, here the layer's ``aux_loss()``)."""
+    also returns the lasso term, here the layer's ``aux_loss()``).
+
+    Keeps the state dict's dtype; ``ValueError`` for unknown or missing arguments and for
+    missing or unexpected keys (each named)."""
     config = dict(config)
+    unknown = sorted(set(config) - set(_LAYER_ARGS))
+    if unknown:
+        raise ValueError(f"unknown reference DynamicMultiHeadConv argument(s): {unknown}")
+    absent = [k for k in ("in_channels", "out_channels", "kernel_size") if k not in config]
+    if absent:
+        raise ValueError(f"missing reference DynamicMultiHeadConv argument(s): {absent}")
     cin, cout = config["in_channels"], config["out_channels"]
+    heads = config.get("heads", 4)
     squeeze = reference_squeeze_rate(cin, config.get("squeeze_rate", 16))
+    _check_keys(state_dict, heads)
     conv = DynamicGroupConv2d(
         cin,
         cout,
@@ -84,16 +157,30 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
         config.get("padding", 0),
         config.get("dilation", 1),
         bias=False,
-        heads=config.get("heads", 4),
+        dtype=_state_dtype(state_dict, "headconv_0.conv.weight"),
+        heads=heads,
         squeeze_rate=squeeze,
         gate_factor=config.get("gate_factor", 0.25),
+        hidden_width=cin // squeeze,
     )
-    module = nn.Sequential(
-        OrderedDict(norm=nn.BatchNorm2d(cin), relu=nn.ReLU(inplace=True), conv=conv)
-    )
+    norm = nn.BatchNorm2d(cin, dtype=conv.weight.dtype)
+    module = nn.Sequential(OrderedDict(norm=norm, relu=nn.ReLU(inplace=True), conv=conv))
     bn, layer = dgc_state_from_reference(state_dict)
     module.load_state_dict(_with_prefix(bn, "norm.") | _with_prefix(layer, "conv."))
     return module
+
+
+def _check_keys(state_dict: Mapping[str, Tensor], heads: int) -> None:
+    """ValueError naming the missing and the unexpected keys of a reference layer's state."""
+    expected = {"_inactive_channels", *(f"norm.{k}" for k in _BN_KEYS)}
+    expected |= {f"headconv_{i}.{k}" for i in range(heads) for k in _HEAD_KEYS}
+    missing = sorted(expected - set(state_dict) - {"norm.num_batches_tracked"})
+    extra = sorted(set(state_dict) - expected)
+    if missing or extra:
+        raise ValueError(
+            f"the reference DGC layer state dict (heads={heads}) does not match: "
+            f"missing key(s) {missing}, unexpected key(s) {extra}"
+        )
 
 
 def _convert_dgc(
@@ -109,6 +196,8 @@ def dydensenet_from_reference(
     """The reference ``DydenseNet`` built from its arguments (``stages, growth, bottleneck,
     group_3x3, heads, squeeze_rate, gate_factor, data, num_classes``) with ``state_dict``."""
     config = dict(config)
+    dtype = _state_dtype(state_dict, "features.init_conv.weight")
+    state_dict = _TrackedState(state_dict)
     model = DyDenseNet(
         list(config["stages"]),
         list(config["growth"]),
@@ -120,7 +209,7 @@ def dydensenet_from_reference(
         squeeze_rate=config.get("squeeze_rate", 16),
         gate_factor=config.get("gate_factor", 0.25),
         reference_squeeze=True,
-    )
+    ).to(dtype)
     native: dict[str, Tensor] = {}
     native |= _rename(state_dict, "features.init_conv.", "features.init_conv.")
     for name, _ in model.named_modules():
@@ -131,6 +220,7 @@ def dydensenet_from_reference(
         native |= _rename(state_dict, f"{name}.conv_2.conv.", f"{name}.conv_2.")
     native |= _rename(state_dict, "bn_last.", "norm_last.")
     native |= _rename(state_dict, "classifier.", "classifier.")
+    state_dict.check_all_used("DydenseNet")
     model.load_state_dict(native)
     return model
 
@@ -141,6 +231,10 @@ def dyresnet18_from_reference(
     """The reference ``dyresnet18(args)`` (``heads, squeeze_rate, gate_factor``) with
     ``state_dict``; the number of classes is read from ``fc.weight``."""
     config = dict(config)
+    dtype = _state_dtype(state_dict, "conv1.weight")
+    if "fc.weight" not in state_dict:
+        raise ValueError("missing key(s) in the reference state dict: ['fc.weight']")
+    state_dict = _TrackedState(state_dict)
     model = DyResNet(
         (2, 2, 2, 2),
         int(state_dict["fc.weight"].shape[0]),
@@ -148,7 +242,7 @@ def dyresnet18_from_reference(
         squeeze_rate=config.get("squeeze_rate", 16),
         gate_factor=config.get("gate_factor", 0.45),
         reference_squeeze=True,
-    )
+    ).to(dtype)
     native: dict[str, Tensor] = {}
     for key in ("conv1.", "bn1.", "fc."):
         native |= _rename(state_dict, key, key)
@@ -169,5 +263,6 @@ def dyresnet18_from_reference(
                     f"{name}downsample.0.conv.",
                 )
                 native |= _rename(state_dict, f"{name}downsample.1.norm.", f"{name}downsample.1.")
+    state_dict.check_all_used("dyresnet18")
     model.load_state_dict(native)
     return model

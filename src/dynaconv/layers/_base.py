@@ -18,7 +18,10 @@ Every layer in :mod:`dynaconv.layers` is a drop-in for :class:`torch.nn.Conv2d`:
   the method has none). :func:`dynaconv.aux_loss` sums it over a model.
 * **set_progress(p)** brings the layer's schedule to training progress ``p`` in ``[0, 1]``. All
   schedule state lives in buffers, so it is saved, loaded and identical on every DDP rank. A
-  forward pass never changes schedule state.
+  forward pass never changes schedule state, and no Python attribute mirrors it: every path
+  reads the buffers, so loading, ``functional_call`` and in-place writes take effect at once.
+  Parameters that hold learned structure rather than weights (DGConv's gates) are named in
+  the class attribute ``structural_parameters``: an EMA copies them instead of averaging.
 * **deploy()** returns the static inference module (exact); :func:`dynaconv.deploy` converts
   and verifies a whole model.
 * **from_conv(conv, **options)** builds the layer from an existing ``nn.Conv2d`` (used by

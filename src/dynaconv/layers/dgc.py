@@ -5,11 +5,13 @@ ECCV 2020.
 
 Per example, each of ``h`` heads chooses which input channels it reads. For an input ``x`` of
 shape ``(B, Cin, H, W)`` (already normalised and activated: the pre-activation BN-ReLU belongs
-to the network) and ``R = max(1, Cin // squeeze_rate)``:
+to the network) and ``R = max(1, Cin // squeeze_rate)`` (or ``hidden_width``):
 
 * saliency: ``s = GAP(x)`` ``(B, Cin)``; head ``i`` has ``g_i = relu(fc2_i(relu(fc1_i(s))))``
   with ``fc1_i: Cin -> R`` (no bias) and ``fc2_i: R -> Cin`` (bias, initialised to 1), so
-  ``g`` is ``(B, h, Cin)``;
+  ``g`` is ``(B, h, Cin)``. It is computed in at least float32 (also under autocast or for a
+  half-precision layer): which channels are kept is a hard decision; the convolution runs in
+  the input's dtype;
 * gating: with ``k_off`` inactive channels, every entry of ``g_i`` that is ``<=`` the
   ``k_off``-th smallest value of that example and head is zeroed (ties can zero more), the
   others stay: ``x_i = x * g_i`` (kept channels are scaled by their saliency);
@@ -20,8 +22,44 @@ to the network) and ``R = max(1, Cin // squeeze_rate)``:
   the zeroing; the paper adds it to the loss with weight ``1e-5``;
 * schedule (``set_progress(p)``): ``k_off = round(Cin (1 - gate_factor) 1.5 (p - 1/12))`` for
   ``1/12 < p < 3/4``, ``round(Cin (1 - gate_factor))`` for ``p >= 3/4`` and 0 before;
-  ``gate_factor`` is the kept fraction. ``k_off`` lives in the buffer ``inactive_channels``
-  (saved, loaded, used unchanged at inference).
+  ``gate_factor`` is the kept fraction.
+
+Schedule state: ``k_off`` lives only in the buffer ``inactive_channels`` (saved, loaded, copied
+by an EMA, identical on every DDP rank); there is no Python copy of it. Eager paths that need a
+host int (the sparse, grouped and Triton forms: their shapes depend on ``k_off``) read the
+buffer's value at each forward; traced graphs (``torch.compile``, ``torch.export``, the
+TorchScript tracer) always run the dense masked form, which takes ``k_off`` as a tensor, so a
+graph never specialises on a value that may change. ``set_progress``, ``load_state_dict``,
+``torch.func.functional_call`` with another buffer, an in-place write to the buffer and an EMA
+update therefore take effect at once, in every path and in ``kept_channels``, ``structure()``,
+``count_macs``, ``extra_repr`` and ``deploy()``. The deployed
+:class:`SparseDynamicGroupConv2d` keeps its kept count as fixed structure, like
+``nn.Conv2d``'s ``groups``: deploy again after changing the schedule.
+
+Converted layers (``from_conv``, used by :func:`dynaconv.convert`): the paper's networks put a
+BN-ReLU in front of every DGC layer, so ``s`` is of order 1 and the reference initialisation
+(fc1, fc2 kaiming-normal, fc2 bias 1) gives ``g = relu(1 + n)`` with ``n`` of order 1. A
+converted network has no such normalisation, and ``n`` grows with the input (apart from the
+bias, ``g`` is positively homogeneous in ``s``). Since ``E[relu(1 + n)] > 1`` for zero-mean
+``n``, and the kept channels are the largest ``g``, a kept channel is scaled by more than 1 on
+average, by more the larger the input, which compounds from layer to layer: with BatchNorm at
+its initial running statistics (eval mode), torchvision's ResNets and DenseNets converted
+with the reference layer output infinities and NaN. ``from_conv`` therefore uses
+``saliency_mode="neutral"``, which does two things:
+
+* the descriptor is normalised, ``s <- s / rms(s)`` over the channels of each example (the
+  role the BN-ReLU plays in the paper's networks), so ``g`` does not depend on the scale of
+  ``x`` and cannot compound with it, now or once trained;
+* fc2's weight starts at 0 and its bias at ``1 + o_c`` with distinct offsets ``|o_c| < 1e-3``
+  (a random permutation of evenly spaced values, so no ties); fc1 as the reference. At
+  initialisation every saliency is ``1 + o_c`` whatever the input: the expected scale of a
+  kept channel is 1 (to ``1e-3``), the converted layer is the conv it came from with its input
+  channels rescaled by ``1 + o_c``, and the kept channels are fixed until the saliency
+  generator learns. fc2 gets a gradient from the first step (``dL/dW2 = dL/dg relu(fc1 s)^T``
+  is not zero), fc1 from the second, as with zero-initialised residual branches.
+
+The layer's constructor, the papers' networks and :mod:`dynaconv.compat` keep
+``saliency_mode="reference"`` (exactly the reference code).
 
 Execution paths (``impl``), all computing the same numbers:
 
@@ -41,10 +79,10 @@ Execution paths (``impl``), all computing the same numbers:
   chunks (dense-cost gradients, transient memory a quarter of ``x``); zero padding only;
 * ``"auto"``: on CUDA, ``"triton"`` (training with zero padding, and inference); on CPU,
   ``"sparse"`` for 1x1 stride-1 kernels and ``"grouped"`` otherwise (training and inference);
-  while being traced by ``torch.compile``/``torch.export`` (and on CUDA without Triton),
-  ``"dense"`` for training and ``"sparse"`` for inference. The dense training path reads ``k_off``
-  from the buffer (no Python int), so ``torch.compile`` does not recompile as ``k_off``
-  grows; the sparse and Triton paths specialise on it (shapes depend on it).
+  on CUDA without Triton, ``"dense"`` for training and ``"sparse"`` for inference. While being
+  traced the layer runs ``"dense"`` whatever ``impl`` says (see "Schedule state": nothing
+  recompiles as ``k_off`` grows); export :meth:`DynamicGroupConv2d.deploy`'s module for the
+  sparse form. An empty batch runs ``"sparse"`` (unless ``"dense"`` is asked for).
 
 The lasso term is kept as a plain attribute set by each training-mode forward (not state: not
 saved, dropped by copies), so ``aux_loss()`` belongs to the forward just run on that replica:
@@ -53,7 +91,9 @@ correct with DDP (each rank's own graph) and torch.compile (the attribute write 
 Differences from the reference code: the BN-ReLU is not inside the layer; the hidden width is
 ``Cin // squeeze_rate`` for every ``Cin`` (the reference halves ``squeeze_rate`` when
 ``Cin < 80``: networks built like the paper's pass the halved rate, see
-:func:`reference_squeeze_rate`); ``groups`` must be 1 (heads play that role); a bias is
+:func:`reference_squeeze_rate`), at least 1 (the reference makes a zero-width fc when
+``Cin < squeeze_rate``, whose saliency is ``relu(fc2 bias)``: :mod:`dynaconv.compat` loads such
+layers with ``hidden_width=0``); ``groups`` must be 1 (heads play that role); a bias is
 allowed (added after the heads).
 
 Shapes: input ``(B, Cin, H, W)`` -> output ``(B, Cout, H', W')`` as ``nn.Conv2d``.
@@ -84,6 +124,13 @@ __all__ = ["DynamicGroupConv2d", "SparseDynamicGroupConv2d", "reference_squeeze_
 Impl = Literal["auto", "dense", "sparse", "grouped", "triton"]
 _IMPLS = ("auto", "dense", "sparse", "grouped", "triton")
 _DEPLOYED_IMPLS = ("auto", "sparse", "grouped", "triton")
+SaliencyMode = Literal["reference", "neutral"]
+_SALIENCY_MODES = ("reference", "neutral")
+
+#: Half-width of the spread of the neutral initialisation's saliencies around 1.
+NEUTRAL_SPREAD = 1e-3
+#: The normalised descriptor of an all-zero input is zero (not 0 / 0).
+_RMS_FLOOR = 1e-30
 
 
 def reference_squeeze_rate(in_channels: int, squeeze_rate: int) -> int:
@@ -100,21 +147,51 @@ def inactive_channels_at(progress: float, in_channels: int, gate_factor: float) 
     return 0
 
 
+def neutral_offsets(heads: int, channels: int, spread: float = NEUTRAL_SPREAD) -> Tensor:
+    """``(heads, channels)`` distinct offsets in ``(-spread, spread)``, randomly placed.
+
+    Each head's offsets are the evenly spaced values ``spread (2 (r + 1/2) / C - 1)`` for
+    ``r = 0 .. C-1`` in a random order (``torch``'s generator): distinct, so that the
+    saliencies ``1 + offset`` have no ties, and at most ``spread`` away from 1.
+    """
+    ranks = torch.stack([torch.randperm(channels) for _ in range(heads)]).to(torch.float64)
+    return (spread * (2 * (ranks + 0.5) / channels - 1)).to(torch.float32)
+
+
+def _tracing() -> bool:
+    """Whether torch.compile, torch.export or the TorchScript tracer is tracing."""
+    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing()
+
+
 # --------------------------------------------------------------------------------------------
 # The math shared by the layer and its deployed form.
 
 
-def saliency(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> Tensor:
-    """``g``: ``(B, h, Cin)`` saliencies of ``x`` ``(B, Cin, H, W)`` for every head."""
+def saliency(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    normalize: bool = False,
+) -> Tensor:
+    """``g``: ``(B, h, Cin)`` saliencies of ``x`` ``(B, Cin, H, W)`` for every head.
+
+    With ``normalize`` (``saliency_mode="neutral"``), the pooled descriptor ``s`` is divided by
+    its root mean square over the channels, so ``g`` does not depend on the scale of ``x``.
+    """
     heads, hidden_width, channels = fc1_weight.shape
     # Which channels are kept is a hard decision: it is made in at least float32, also under
     # autocast, so that reduced precision changes the arithmetic but not the selection.
     dtype = torch.promote_types(fc1_weight.dtype, torch.float32)
     with _autocast_off(x):
         pooled = x.to(dtype).mean(dim=(2, 3))
+        if normalize:
+            rms = pooled.square().mean(dim=1, keepdim=True).sqrt()
+            pooled = pooled / rms.clamp_min(_RMS_FLOOR)
         weight1 = fc1_weight.to(dtype).reshape(heads * hidden_width, channels)
         hidden = torch.relu(F.linear(pooled, weight1))
-        per_head = hidden.reshape(-1, heads, hidden_width).transpose(0, 1)  # h, B, R
+        per_head = hidden.reshape(pooled.shape[0], heads, hidden_width).transpose(0, 1)  # h,B,R
         out = torch.baddbmm(
             fc2_bias.to(dtype).unsqueeze(1), per_head, fc2_weight.to(dtype).transpose(1, 2)
         )
@@ -128,7 +205,9 @@ def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
 
 
 def lasso(g: Tensor) -> Tensor:
-    """The regulariser: the sum over heads of the mean saliency."""
+    """The regulariser: the sum over heads of the mean saliency (0 for an empty batch)."""
+    if g.shape[0] == 0:
+        return g.sum()  # the mean of nothing would be NaN
     return g.mean(dim=(0, 2)).sum()
 
 
@@ -182,7 +261,9 @@ def dense_masked_conv(
 ) -> Tensor:
     """The reference form: each head convolves its gated copy of ``x`` (grouped conv)."""
     batch, cin, height, width = x.shape
-    copies = (x.unsqueeze(1) * gated[..., None, None]).reshape(batch, heads * cin, height, width)
+    # The saliencies are float32 (or float64); the convolution runs in x's dtype.
+    scale = gated.to(x.dtype)[..., None, None]
+    copies = (x.unsqueeze(1) * scale).reshape(batch, heads * cin, height, width)
     out = spec.conv2d(copies, head_kernels(weight, heads), None, groups=heads)
     return interleave(out, heads)
 
@@ -202,18 +283,18 @@ def gathered_conv(
     taps = spec.kernel_numel
     padded = spec.pad_input(x)
     out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
+    positions = out_h * out_w  # explicit sizes: -1 cannot be inferred for an empty batch
     if taps == 1 and spec.stride == (1, 1):
-        columns = padded.reshape(batch, cin, 1, -1)
+        columns = padded.reshape(batch, cin, 1, positions)
     else:
         columns = F.unfold(padded, spec.kernel_size, spec.dilation, 0, spec.stride)
-        columns = columns.reshape(batch, cin, taps, -1)
-    positions = columns.shape[-1]
+        columns = columns.reshape(batch, cin, taps, positions)
     rows = (index + torch.arange(batch, device=x.device).reshape(batch, 1, 1) * cin).reshape(-1)
     picked = columns.reshape(batch * cin, taps * positions).index_select(0, rows)
     picked = picked.reshape(batch * heads, keep * taps, positions)
     per_head = weight.reshape(cout // heads, heads, cin, taps).permute(1, 2, 0, 3)  # h,Cin,Co/h,T
     head_ids = torch.arange(heads, device=x.device).reshape(1, heads, 1)
-    kernels = per_head[head_ids, index] * scale[..., None, None]  # B, h, K, Co/h, T
+    kernels = per_head[head_ids, index] * scale.to(weight.dtype)[..., None, None]  # B,h,K,Co/h,T
     kernels = kernels.permute(0, 1, 3, 2, 4).reshape(batch * heads, cout // heads, keep * taps)
     out = torch.bmm(kernels, picked).reshape(batch, heads * (cout // heads), out_h, out_w)
     return interleave(out, heads)
@@ -340,6 +421,8 @@ def _pick_impl(
 ) -> str:
     from ..kernels import triton_usable
 
+    if impl != "dense" and not _tracing() and tensors[0].shape[0] == 0:
+        return "sparse"  # an empty batch: no groups to form, no kernel grid to launch
     if impl == "triton":
         if not triton_usable(*tensors):
             raise ValueError(
@@ -353,7 +436,7 @@ def _pick_impl(
         return impl
     if impl != "auto":
         return impl
-    compiling = torch.compiler.is_compiling()
+    compiling = _tracing()
     on_gpu = all(t.is_cuda for t in tensors)  # never the (slow) interpreter by default
     if on_gpu and triton_usable(*tensors) and not compiling:
         if not needs_grad:
@@ -485,7 +568,14 @@ class DynamicGroupConv2d(DynaConv2d):
         heads: number of heads (``out_channels`` must be divisible by it), default 4.
         squeeze_rate: hidden width of the saliency generators is ``max(1, Cin // squeeze_rate)``.
         gate_factor: kept fraction of the input channels at the end of the schedule (0.25).
-        impl: ``"auto"``, ``"dense"``, ``"sparse"`` or ``"triton"`` (see the module docstring).
+        impl: ``"auto"``, ``"dense"``, ``"sparse"``, ``"grouped"`` or ``"triton"`` (see the
+            module docstring).
+        saliency_mode: ``"reference"`` (the paper's saliency generator and initialisation) or
+            ``"neutral"`` (the descriptor normalised to unit RMS, every saliency starting at
+            ``1 +- 1e-3``; what ``from_conv`` uses, see the module docstring).
+        hidden_width: the saliency generators' hidden width ``R``; default
+            ``max(1, Cin // squeeze_rate)``. 0 is allowed (the saliency is then
+            ``relu(fc2 bias)``), for layers loaded from the reference code.
 
     ``weight`` is the dense kernel of all heads (output channel ``j*h + i`` from head ``i``).
     ``inactive_channels`` (buffer) is the current ``k_off``; ``aux_loss()`` is the lasso term of
@@ -512,6 +602,8 @@ class DynamicGroupConv2d(DynaConv2d):
         squeeze_rate: int = 16,
         gate_factor: float = 0.25,
         impl: Impl = "auto",
+        saliency_mode: SaliencyMode = "reference",
+        hidden_width: int | None = None,
     ) -> None:
         super().__init__(
             in_channels,
@@ -527,6 +619,14 @@ class DynamicGroupConv2d(DynaConv2d):
         if groups != 1:
             raise ValueError(f"groups must be 1 for DGC (the heads replace groups), got {groups}")
         _check_options(in_channels, heads, squeeze_rate, gate_factor, impl)
+        if saliency_mode not in _SALIENCY_MODES:
+            raise ValueError(
+                f"saliency_mode must be one of {_SALIENCY_MODES}, got {saliency_mode!r}"
+            )
+        if hidden_width is not None and (
+            isinstance(hidden_width, bool) or not isinstance(hidden_width, int) or hidden_width < 0
+        ):
+            raise ValueError(f"hidden_width must be None or an int >= 0, got {hidden_width!r}")
         if out_channels % heads:
             raise ValueError(f"out_channels ({out_channels}) must be divisible by heads ({heads})")
         factory = {"device": device, "dtype": dtype}
@@ -534,7 +634,8 @@ class DynamicGroupConv2d(DynaConv2d):
         self.squeeze_rate = squeeze_rate
         self.gate_factor = float(gate_factor)
         self.impl = impl
-        hidden = max(1, in_channels // squeeze_rate)
+        self.saliency_mode = saliency_mode
+        hidden = max(1, in_channels // squeeze_rate) if hidden_width is None else hidden_width
         self.hidden = hidden
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels, *self.spec.kernel_size, **factory)
@@ -543,10 +644,8 @@ class DynamicGroupConv2d(DynaConv2d):
         self.fc1_weight = nn.Parameter(torch.empty(heads, hidden, in_channels, **factory))
         self.fc2_weight = nn.Parameter(torch.empty(heads, in_channels, hidden, **factory))
         self.fc2_bias = nn.Parameter(torch.empty(heads, in_channels, **factory))
+        # k_off: the only copy of the schedule state (no Python mirror, see the module docstring).
         self.register_buffer("inactive_channels", torch.zeros((), dtype=torch.long, device=device))
-        # A Python mirror of the buffer for the sparse paths' static shapes; kept in sync by
-        # set_progress and load_state_dict.
-        self._inactive = 0
         self._last_lasso: Tensor | None = None
         #: Batch chunks of the Triton training path's backward (memory/launches trade-off).
         self.backward_chunks = 2
@@ -557,15 +656,31 @@ class DynamicGroupConv2d(DynaConv2d):
         kaiming_uniform_(self.weight, fan_in)
         if self.bias is not None:
             nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-        with torch.no_grad():  # kaiming-normal of each head's Linear layers, fc2 bias 1
+        with torch.no_grad():  # kaiming-normal of each head's Linear layers (fc1 always)
             self.fc1_weight.normal_(0.0, math.sqrt(2.0 / self.spec.in_channels))
-            self.fc2_weight.normal_(0.0, math.sqrt(2.0 / self.hidden))
-            self.fc2_bias.fill_(1.0)
+            if self.saliency_mode == "reference":  # fc2 kaiming-normal, bias 1
+                if self.hidden:
+                    self.fc2_weight.normal_(0.0, math.sqrt(2.0 / self.hidden))
+                self.fc2_bias.fill_(1.0)
+            else:  # "neutral": g = 1 + a distinct offset in (-eps, eps) per channel
+                self.fc2_weight.zero_()
+                self.fc2_bias.copy_(1.0 + neutral_offsets(self.heads, self.spec.in_channels))
 
     # ---------------------------------------------------------------------------- schedule
     @property
+    def _inactive(self) -> int:
+        """``k_off`` read from the buffer ``inactive_channels`` (validated; eager mode only)."""
+        count = int(self.inactive_channels)
+        if not 0 <= count < self.spec.in_channels:
+            raise ValueError(
+                f"inactive_channels={count} is out of [0, in_channels) = "
+                f"[0, {self.spec.in_channels})"
+            )
+        return count
+
+    @property
     def kept_channels(self) -> int:
-        """Channels each head reads per example now (``Cin - k_off``)."""
+        """Channels each head reads per example now (``Cin - k_off``, from the buffer)."""
         return self.spec.in_channels - self._inactive
 
     def set_inactive_channels(self, count: int) -> None:
@@ -577,7 +692,6 @@ class DynamicGroupConv2d(DynaConv2d):
                 f"inactive channel count must be in [0, in_channels) = [0, {self.spec.in_channels}), "
                 f"got {count}"
             )
-        self._inactive = count
         with torch.no_grad():
             self.inactive_channels.fill_(count)
 
@@ -591,13 +705,17 @@ class DynamicGroupConv2d(DynaConv2d):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         count = int(self.inactive_channels)
         if not 0 <= count < self.spec.in_channels:
-            raise ValueError(f"{prefix}inactive_channels={count} out of [0, in_channels)")
-        self._inactive = count
+            raise ValueError(
+                f"{prefix}inactive_channels={count} out of [0, in_channels) = "
+                f"[0, {self.spec.in_channels})"
+            )
 
     # ---------------------------------------------------------------------------- forward
     def saliency(self, x: Tensor) -> Tensor:
         """``(B, h, Cin)`` saliencies of ``x`` (before gating)."""
-        return saliency(x, self.fc1_weight, self.fc2_weight, self.fc2_bias)
+        return saliency(
+            x, self.fc1_weight, self.fc2_weight, self.fc2_bias, self.saliency_mode == "neutral"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
@@ -609,29 +727,37 @@ class DynamicGroupConv2d(DynaConv2d):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        impl = _pick_impl(self.impl, needs_grad, self.training, self.spec, x)
-        if impl == "triton" and needs_grad:
-            gated = gate_dense(g, self.inactive_channels)
-            index = select_kept(g, self._inactive)[0]
-            out = _GatedHeadsConv.apply(
-                x, gated, self.weight, index, self.spec, self.heads, True, self.backward_chunks
-            )
-        elif impl == "dense":
+        if _tracing():
+            # Traced graphs take k_off as the buffer tensor: nothing specialises on its value.
+            impl = "dense"
+        else:
+            impl = _pick_impl(self.impl, needs_grad, self.training, self.spec, x)
+        if impl == "dense":
             out = dense_masked_conv(
                 x, self.weight, gate_dense(g, self.inactive_channels), self.spec, self.heads
             )
-        elif impl == "triton":
-            kernel_weight = triton_kernel_layout(self.weight, self.heads)
-            out = _run_triton(x, kernel_weight, g, self._inactive, self.spec, self.heads)
-        elif impl == "grouped":
-            index, scale = select_kept(g, self._inactive)
-            out = grouped_gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
         else:
-            index, scale = select_kept(g, self._inactive)
-            out = gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
+            out = self._sparse_forward(x, g, impl, needs_grad)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         return out
+
+    def _sparse_forward(self, x: Tensor, g: Tensor, impl: str, needs_grad: bool) -> Tensor:
+        """The gathered forms (eager only): ``k_off`` is read from the buffer as a host int."""
+        inactive = self._inactive
+        if impl == "triton" and needs_grad:
+            gated = gate_dense(g, self.inactive_channels)
+            index = select_kept(g, inactive)[0]
+            return _GatedHeadsConv.apply(
+                x, gated, self.weight, index, self.spec, self.heads, True, self.backward_chunks
+            )
+        if impl == "triton":
+            kernel_weight = triton_kernel_layout(self.weight, self.heads)
+            return _run_triton(x, kernel_weight, g, inactive, self.spec, self.heads)
+        index, scale = select_kept(g, inactive)
+        if impl == "grouped":
+            return grouped_gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
+        return gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
 
     def __getstate__(self) -> dict[str, Any]:
         # The last lasso term is part of an autograd graph: copies and pickles drop it.
@@ -659,9 +785,16 @@ class DynamicGroupConv2d(DynaConv2d):
         squeeze_rate: int = 16,
         gate_factor: float = 0.25,
         impl: Impl = "auto",
+        saliency_mode: SaliencyMode = "neutral",
         **options: Any,
     ) -> DynamicGroupConv2d:
-        """A DGC layer with ``conv``'s kernel (every head keeps its rows of it)."""
+        """A DGC layer with ``conv``'s kernel (every head keeps its rows of it).
+
+        ``saliency_mode="neutral"`` (the default here) normalises the saliency descriptor and
+        starts every saliency at ``1 +- 1e-3`` whatever the input, so the layer starts as
+        ``conv`` (module docstring, "Converted layers"); ``"reference"`` gives the paper's
+        layer.
+        """
         if options:
             raise ValueError(f"unknown DGC option(s): {sorted(options)}")
         if type(conv) is not nn.Conv2d:
@@ -692,6 +825,7 @@ class DynamicGroupConv2d(DynaConv2d):
             squeeze_rate=squeeze_rate,
             gate_factor=gate_factor,
             impl=impl,
+            saliency_mode=saliency_mode,
         )
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
@@ -745,7 +879,8 @@ class DynamicGroupConv2d(DynaConv2d):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, heads={self.heads}, squeeze_rate={self.squeeze_rate}, "
-            f"gate_factor={self.gate_factor:g}, inactive={self._inactive}, impl={self.impl!r}"
+            f"gate_factor={self.gate_factor:g}, inactive={int(self.inactive_channels)}, "
+            f"impl={self.impl!r}"
         )
 
 
@@ -755,6 +890,10 @@ class SparseDynamicGroupConv2d(nn.Module):
     Same numbers as :class:`DynamicGroupConv2d` in eval mode, at ``K/Cin`` of the conv MACs
     (``K = Cin - k_off``). ``impl``: ``"auto"``, ``"sparse"``, ``"grouped"`` or ``"triton"``,
     chosen as in :class:`DynamicGroupConv2d`'s inference (module docstring).
+
+    ``kept`` (``K``) is fixed structure, like ``nn.Conv2d``'s ``groups``: a plain int, not
+    state (not in the state dict), read by every path, traced ones included (their shapes
+    depend on it). It is the layer's count when :meth:`DynamicGroupConv2d.deploy` ran.
     """
 
     def __init__(
@@ -768,32 +907,47 @@ class SparseDynamicGroupConv2d(nn.Module):
         fc2_weight: Tensor,
         fc2_bias: Tensor,
         impl: str = "auto",
+        saliency_mode: SaliencyMode = "reference",
     ) -> None:
         super().__init__()
+        if saliency_mode not in _SALIENCY_MODES:
+            raise ValueError(
+                f"saliency_mode must be one of {_SALIENCY_MODES}, got {saliency_mode!r}"
+            )
         if impl not in _DEPLOYED_IMPLS:
             raise ValueError(f"impl must be one of {_DEPLOYED_IMPLS}, got {impl!r}")
+        if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= spec.in_channels:
+            raise ValueError(
+                f"kept must be an int in [1, in_channels={spec.in_channels}], got {kept!r}"
+            )
         self.spec = spec
         self.heads = heads
         self.kept = kept
         self.impl = impl
+        self.saliency_mode = saliency_mode
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
         self.fc1_weight = nn.Parameter(fc1_weight.detach().clone(), requires_grad=False)
         self.fc2_weight = nn.Parameter(fc2_weight.detach().clone(), requires_grad=False)
         self.fc2_bias = nn.Parameter(fc2_bias.detach().clone(), requires_grad=False)
-        self._register_layouts()
+        self._layouts: tuple[tuple[Any, ...], Tensor, Tensor] | None = None
 
-    def _register_layouts(self) -> None:
-        # Derived copies of ``weight`` in the layouts the fast paths read; not saved.
+    def layouts(self) -> tuple[Tensor, Tensor]:
+        """``weight`` in the layouts the Triton and grouped forms read: ``(kernel_weight,
+        transposed_weight)``. Derived from ``weight`` and cached (not state) while ``weight`` is
+        the same tensor, unchanged in place; so loading, ``functional_call`` and in-place writes
+        are followed. Traced graphs derive them in the graph."""
         weight = self.weight.detach()
-        self.register_buffer(
-            "kernel_weight", triton_kernel_layout(weight, self.heads), persistent=False
-        )
-        self.register_buffer(
-            "transposed_weight",
-            transposed_head_kernels(weight, self.heads).contiguous(),
-            persistent=False,
-        )
+        if _tracing():
+            return triton_kernel_layout(weight, self.heads), transposed_head_kernels(
+                weight, self.heads
+            )
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
+        if self._layouts is None or self._layouts[0] != key:
+            kernel = triton_kernel_layout(weight, self.heads)
+            transposed = transposed_head_kernels(weight, self.heads).contiguous()
+            self._layouts = (key, kernel, transposed)
+        return self._layouts[1], self._layouts[2]
 
     @classmethod
     def from_layer(cls, layer: DynamicGroupConv2d) -> SparseDynamicGroupConv2d:
@@ -808,6 +962,7 @@ class SparseDynamicGroupConv2d(nn.Module):
             layer.fc2_weight,
             layer.fc2_bias,
             impl,
+            layer.saliency_mode,
         )
 
     @property
@@ -818,22 +973,19 @@ class SparseDynamicGroupConv2d(nn.Module):
     def out_channels(self) -> int:
         return self.spec.out_channels
 
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        module = super()._apply(fn, recurse)
-        self._register_layouts()
-        return module
-
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
-        g = saliency(x, self.fc1_weight, self.fc2_weight, self.fc2_bias)
+        g = saliency(
+            x, self.fc1_weight, self.fc2_weight, self.fc2_bias, self.saliency_mode == "neutral"
+        )
         inactive = self.spec.in_channels - self.kept
         impl = _pick_impl(self.impl, False, False, self.spec, x)
         if impl == "triton":
-            out = _run_triton(x, self.kernel_weight, g, inactive, self.spec, self.heads)
+            out = _run_triton(x, self.layouts()[0], g, inactive, self.spec, self.heads)
         elif impl == "grouped":
             index, scale = select_kept(g, inactive)
             out = grouped_gathered_conv(
-                x, self.weight, index, scale, self.spec, self.heads, self.transposed_weight
+                x, self.weight, index, scale, self.spec, self.heads, self.layouts()[1]
             )
         else:
             index, scale = select_kept(g, inactive)

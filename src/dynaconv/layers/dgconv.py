@@ -57,7 +57,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -156,18 +156,31 @@ def _deploy_order(b_kron: Tensor) -> Tensor:
 class PermutedGroupConv2d(nn.Module):
     """Deployed DGConv: gather the input channels, a grouped conv, restore the channel order.
 
-    ``forward(x) = conv(x[:, order])[:, inverse]``; exact. The gathers cost memory traffic;
-    fold them into neighbouring layers where the network allows (:func:`fold_bottleneck`).
+    ``forward(x) = conv(x[:, order])[:, inverse]`` with ``inverse = argsort(order)``; exact.
+    ``order`` (a buffer) is the only copy of the permutation: ``inverse`` is derived from it at
+    each forward (``C`` integers to sort), so a loaded, replaced or edited ``order`` is always
+    undone correctly. The gathers cost memory traffic; fold them into neighbouring layers where
+    the network allows (:func:`fold_bottleneck`).
     """
 
     def __init__(self, conv: nn.Conv2d, order: Tensor) -> None:
         super().__init__()
         self.conv = conv
         self.register_buffer("order", order.clone())
-        self.register_buffer("inverse", torch.argsort(order))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        # State dicts saved before ``inverse`` was derived hold it as a buffer: accept it when
+        # it is the inverse of ``order``, refuse it otherwise.
+        legacy = state_dict.pop(f"{prefix}inverse", None)
+        order = state_dict.get(f"{prefix}order")
+        consistent = legacy is None or order is None
+        if not consistent and not torch.equal(legacy.cpu(), torch.argsort(order.cpu())):
+            raise ValueError(f"{prefix}inverse is not the inverse permutation of {prefix}order")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x.index_select(1, self.order)).index_select(1, self.inverse)
+        inverse = torch.argsort(self.order)
+        return self.conv(x.index_select(1, self.order)).index_select(1, inverse)
 
 
 class GroupableConv2d(DynaConv2d):
@@ -183,6 +196,8 @@ class GroupableConv2d(DynaConv2d):
     """
 
     method = "dgconv"
+    #: The gates' signs are the learned groups: an EMA copies them instead of averaging.
+    structural_parameters: ClassVar[tuple[str, ...]] = ("gate",)
 
     def __init__(
         self,

@@ -577,14 +577,18 @@ class CondensedGroupConv2d(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
     def refresh(self) -> None:
-        """Re-derive cached structure after ``index`` or the folded parameters were changed in
-        place (loading a state dict calls it)."""
+        """Re-derive what ``index``, the folded BatchNorm and the kernel imply: the identity-gather
+        and positive-scale flags and the 1x1 path's folded BN-ReLU. Eager forwards do it by
+        themselves whenever one of those tensors was replaced (loading, ``functional_call``) or
+        written in place; traced graphs use the module as traced. A deployed module is static:
+        after an edit through ``.data`` (which changes no version counter) call ``refresh()``."""
         n = self.in_channels
         self._positive_scales = self.in_scale is not None and bool((self.in_scale > 0).all())
         self._identity_gather = bool(
             self.index.numel() == n and torch.equal(self.index.cpu(), torch.arange(n))
         )
         self._fold_pre_into_pointwise()
+        self._flags_key = self._flags_source()
 
     def _fold_pre_into_pointwise(self) -> None:
         """Precompute the 1x1 path's folded BN-ReLU (once, not on every forward).
@@ -631,6 +635,15 @@ class CondensedGroupConv2d(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _flags_source(self) -> tuple[Any, ...]:
+        # Identity and in-place version of the tensors the derived state comes from.
+        sources = (self.index, self.in_scale, self.in_shift, self.weight, self.bias)
+        return tuple(None if t is None else (t.data_ptr(), t._version) for t in sources)
+
+    def _check_flags(self) -> None:
+        if not _tracing() and self._flags_key != self._flags_source():
+            self.refresh()
 
     @classmethod
     def from_learned(
@@ -724,6 +737,7 @@ class CondensedGroupConv2d(nn.Module):
         from the whole (contiguous) buffer is the same gather, much faster on CPU than from a
         strided channel slice.
         """
+        self._check_flags()
         if prefix and x.dim() == 4 and x.shape[1] > self.in_channels:
             if self._identity_gather:
                 x = x[:, : self.in_channels]

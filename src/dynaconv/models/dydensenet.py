@@ -9,8 +9,9 @@ then BN-ReLU-conv 3x3 (groups ``group_3x3``) to ``growth`` channels, concatenate
 ``normal(0, sqrt(2 / (k*k*Cout)))``, BN 1/0, classifier bias 0.
 
 The paper's networks use the reference code's squeeze rate, halved for layers with fewer than
-80 input channels (``reference_squeeze=True``, the default here: it is what the published
-parameter counts and checkpoints have).
+80 input channels, and its hidden width ``Cin // squeeze_rate`` even where that is 0
+(``reference_squeeze=True``, the default here: it is what the published parameter counts and
+checkpoints have; the paper's configurations never reach a zero width).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class DyDenseLayer(DenseLayer):
         heads: int,
         squeeze_rate: int,
         gate_factor: float,
+        hidden_width: int | None = None,
     ) -> None:
         conv_1 = DynamicGroupConv2d(
             in_channels,
@@ -47,6 +49,7 @@ class DyDenseLayer(DenseLayer):
             heads=heads,
             squeeze_rate=squeeze_rate,
             gate_factor=gate_factor,
+            hidden_width=hidden_width,
         )
         super().__init__(in_channels, growth, conv_1, group_3x3)
 
@@ -85,8 +88,10 @@ class DyDenseNet(nn.Module):
                 if reference_squeeze
                 else squeeze_rate
             )
+            # The reference's own hidden width (Cin // squeeze, possibly 0) in its layout.
+            hidden = in_channels // rate_squeeze if reference_squeeze else None
             return DyDenseLayer(
-                in_channels, rate, bottleneck, group_3x3, heads, rate_squeeze, gate_factor
+                in_channels, rate, bottleneck, group_3x3, heads, rate_squeeze, gate_factor, hidden
             )
 
         self.features, channels = dense_features(stages, growth, stride, dense_layer)

@@ -31,8 +31,9 @@ class PreActDGC(nn.Sequential):
         self, cin: int, cout: int, kernel: int, stride: int, dgc_options: dict, reference: bool
     ) -> None:
         options = dict(dgc_options)
-        if reference:
+        if reference:  # the reference's rate and width, a zero width included
             options["squeeze_rate"] = reference_squeeze_rate(cin, options.get("squeeze_rate", 16))
+            options["hidden_width"] = cin // options["squeeze_rate"]
         super().__init__()
         self.add_module("norm", nn.BatchNorm2d(cin))
         self.add_module("relu", nn.ReLU(inplace=True))

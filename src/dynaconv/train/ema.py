@@ -1,9 +1,15 @@
 """Exponential moving average of a model that copies, rather than averages, structure.
 
 ``ema = decay * ema + (1 - decay) * model`` for parameters and for the floating-point buffers
-that are statistics (BatchNorm's running mean and variance). **Structural buffers are copied**
+that are statistics (BatchNorm's running mean and variance). **Structural state is copied**
 from the model at every update, because an average of two masks, gate states or counters is
-not a mask, a gate state or a counter. A buffer is structural when
+not a mask, a gate state or a counter: the EMA's learned structure (``structure()``, groups,
+masks, stages, kept-channel counts) is always the model's.
+
+A parameter is structural when its owning module lists its name in a ``structural_parameters``
+attribute: DGConv's ``gate`` (:class:`~dynaconv.layers.dgconv.GroupableConv2d`), whose signs
+are the learned groups (averaging them lags the model's structure by many steps: an EMA had 4
+groups where the model had 2). A buffer is structural when
 
 1. it is not floating point (boolean masks, integer counters and indices,
    ``num_batches_tracked``); or
@@ -24,7 +30,7 @@ from torch import nn
 
 from dynaconv.layers._base import DynaConv2d
 
-__all__ = ["ModelEMA", "structural_buffer_names"]
+__all__ = ["ModelEMA", "structural_buffer_names", "structural_parameter_names"]
 
 
 def structural_buffer_names(model: nn.Module) -> set[str]:
@@ -44,6 +50,18 @@ def structural_buffer_names(model: nn.Module) -> set[str]:
     return names
 
 
+def structural_parameter_names(model: nn.Module) -> set[str]:
+    """Qualified names of the parameters of ``model`` that the EMA copies: those each module
+    declares in its ``structural_parameters`` attribute (see module docstring)."""
+    names: set[str] = set()
+    for module_name, module in model.named_modules():
+        declared = set(getattr(module, "structural_parameters", ()) or ())
+        for parameter_name, _ in module.named_parameters(recurse=False):
+            if parameter_name in declared:
+                names.add(f"{module_name}.{parameter_name}" if module_name else parameter_name)
+    return names
+
+
 class ModelEMA:
     """An averaged copy of a model (``.module``), updated by :meth:`update` after each step."""
 
@@ -55,12 +73,16 @@ class ModelEMA:
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
         self.structural = structural_buffer_names(model)
+        self.structural_parameters = structural_parameter_names(model)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         ema_params = dict(self.module.named_parameters())
         for name, parameter in model.named_parameters():
-            ema_params[name].lerp_(parameter.detach(), 1.0 - self.decay)
+            if name in self.structural_parameters:
+                ema_params[name].copy_(parameter.detach())
+            else:
+                ema_params[name].lerp_(parameter.detach(), 1.0 - self.decay)
         ema_buffers = dict(self.module.named_buffers())
         for name, buffer in model.named_buffers():
             target = ema_buffers[name]
