@@ -57,15 +57,7 @@ EQUAL_UP_TO_ROUNDING = {"condconv"}
 def _cases():
     for model in MODELS:
         for method in sorted(dynaconv.METHODS):
-            marks = []
-            if method == "dgc":
-                marks.append(
-                    pytest.mark.xfail(
-                        strict=False,
-                        reason="issue 15: DGC gives non-finite outputs on converted networks",
-                    )
-                )
-            yield pytest.param(model, method, marks=marks, id=f"{model}-{method}")
+            yield pytest.param(model, method, id=f"{model}-{method}")
 
 
 def _conv_names(model: nn.Module) -> set[str]:
