@@ -524,3 +524,31 @@ def test_bad_arguments_of_the_commands(run, tmp_path, capsys):
     if not torch.cuda.is_available():
         _refused(["eval", best, "--device", "cuda"], capsys, "cuda")
         _refused(["train", "--set", "train.device=cuda"], capsys, "cuda")
+
+
+def _dgc_config(**options) -> dict:
+    config = resolve_config(
+        "digits-small", {"model.convert": {"method": "dgc", "options": options or None}}
+    )
+    return yaml.safe_load(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [({}, "reference"), ({"saliency_mode": "neutral"}, "neutral"), ({"heads": 2}, "reference")],
+)
+def test_legacy_dgc_conversions_keep_the_saliency_they_were_trained_with(options, expected):
+    """Configurations of the earlier version (they hold ``loss.resource.helper``) converted DGC
+    layers with the reference saliency generator; they must build the same layers again."""
+    from dynaconv.train.config import LEGACY_RESOURCE_HELPER, config_from_text
+    from dynaconv.train.factory import build_model
+
+    legacy = _dgc_config(**options)
+    legacy["loss"]["resource"]["helper"] = LEGACY_RESOURCE_HELPER
+    migrated = config_from_text(yaml.safe_dump(legacy), "old run")
+    modes = {m.saliency_mode for m in build_model(migrated).modules() if hasattr(m, "heads")}
+    assert modes == {expected}
+    current = config_from_text(yaml.safe_dump(_dgc_config(**options)), "new run")
+    assert (current["model"]["convert"]["options"] or {}) == options  # nothing migrated
+    modes = {m.saliency_mode for m in build_model(current).modules() if hasattr(m, "heads")}
+    assert modes == {options.get("saliency_mode", "neutral")}

@@ -346,7 +346,16 @@ LEGACY_RESOURCE_HELPER = "dynaconv.layers.dgconv:ResourceConstraint"
 
 
 def drop_legacy_keys(config: Any) -> Any:
-    """Drop ``loss.resource.helper`` when it holds the legacy value; refuse any other value."""
+    """Bring a configuration written by an earlier version to the current meaning.
+
+    Such configurations are recognised by ``loss.resource.helper`` (every one of them has it):
+
+    * the key is dropped when it holds the legacy value; any other value is refused;
+    * a DGC conversion (``model.convert.method: dgc``) without ``saliency_mode`` gets
+      ``saliency_mode: reference``: converted DGC layers were built with the reference
+      saliency generator then, and the weights trained with it only compute the same outputs
+      with it (conversions now default to ``"neutral"``).
+    """
     resource = config.get("loss", {}).get("resource") if isinstance(config, dict) else None
     if isinstance(resource, dict) and "helper" in resource:
         if resource["helper"] != LEGACY_RESOURCE_HELPER:
@@ -356,7 +365,20 @@ def drop_legacy_keys(config: Any) -> Any:
                 "in a configuration are never imported: remove the key"
             )
         del resource["helper"]
+        _keep_legacy_dgc_saliency(config)
     return config
+
+
+def _keep_legacy_dgc_saliency(config: dict[str, Any]) -> None:
+    model = config.get("model")
+    convert = model.get("convert") if isinstance(model, dict) else None
+    if not isinstance(convert, dict) or convert.get("method") != "dgc":
+        return
+    options = convert.get("options")
+    if options is None:
+        options = convert["options"] = {}
+    if isinstance(options, dict):
+        options.setdefault("saliency_mode", "reference")
 
 
 def config_from_text(text: str, origin: str) -> dict[str, Any]:
