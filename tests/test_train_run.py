@@ -320,3 +320,23 @@ def test_a_quiet_trainer_prints_nothing_and_keeps_the_conversion_report(tmp_path
     report = trainer.conversion_report
     assert report is not None and len(report.converted) == 6 and report.skipped == {}
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_a_finished_run_has_its_schedules_at_progress_one(tmp_path):
+    """After the last iteration the schedules are at iterations done / total = 1.0, so the
+    saved and deployed model has its final structure even when training is short."""
+    from dynaconv.train.checkpoint import load_checkpoint
+    from dynaconv.train.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--recipe", "digits-small", "--max-iters", "2", "--out", str(out)]
+    argv += ["--set", "model.convert={method: dgc, options: {heads: 2, gate_factor: 0.5}}"]
+    argv += ["--set", "train.plots=false", "--set", "train.tensorboard=false"]
+    assert main(argv) == 0
+    model = load_checkpoint(out / "last.pt")["model"]
+    weights = {k[: -len("fc1_weight")]: v for k, v in model.items() if k.endswith(".fc1_weight")}
+    counts = {k: int(model[f"{k}inactive_channels"]) for k in weights}
+    # DGC's schedule ends at p >= 3/4; two iterations reach p = 1/2 before the last step.
+    assert counts and all(
+        count == round(weights[k].shape[-1] * 0.5) for k, count in counts.items()
+    ), counts

@@ -11,6 +11,7 @@ Per iteration ``t`` of ``T`` (``T`` = epochs x iterations per epoch, or ``train.
    ``dynaconv.aux_loss(model)``; with ``loss.resource.enabled`` the DGConv resource objective
    (:func:`~dynaconv.train.factory.resource_objective`) multiplies it;
 4. backward (with a GradScaler under fp16 autocast), optional gradient-norm clipping, step,
+   ``dynaconv.set_progress(model, (t + 1) / T)`` (so the final model is at progress 1.0),
    EMA update.
 
 Validation runs every ``train.eval_every_epochs`` epochs and after the last one; ``best.pt``
@@ -394,6 +395,10 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.state["iteration"] = iteration + 1
+        # Progress is iterations done / total: after the last step the schedules are at 1.0,
+        # so the evaluated, checkpointed and deployed model has its final structure. (The
+        # weights do not change before the next step, which would set the same value.)
+        dynaconv.set_progress(self.model, self.state["iteration"] / self.total_iters)
         if (
             self.ema is not None
             and self.state["iteration"] % self.config["train"]["ema_every"] == 0
