@@ -14,7 +14,8 @@ with 32 learned groups. Rows:
 * ``deployed folded``: a ResNeXt bottleneck (1x1, BN, ReLU, DGConv, BN, ReLU, 1x1, BN) deployed
   with the permutation folded into its 1x1 convs and BNs, against the same bottleneck built with
   torch's grouped conv (bar).
-* ``eval (not deployed)``: the layer in eval mode reuses a cached masked dense kernel (no bar).
+* ``eval (not deployed)``: the layer in eval mode builds its masked dense kernel on every
+  forward (no cache: a ``.data`` edit would leave it stale; no bar).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def main() -> None:
         base_dense = measure(forward_fn(plain.eval(), x), device, warmup, reps)
         fwd = measure(forward_fn(layer.eval(), x), device, warmup, reps)
         rows.append(
-            Row(case, "DGConv eval (cached mask)", "forward", fwd.median_ms, base_dense.median_ms)
+            Row(case, "DGConv eval (masked kernel)", "forward", fwd.median_ms, base_dense.median_ms)
         )
 
         grouped = nn.Conv2d(channels, channels, 3, padding=1, bias=False, groups=GROUPS)
