@@ -23,7 +23,8 @@ import functools
 import torch
 from torch import Tensor
 
-from . import autotune_configs, interpreting
+from ..dispatch import interpreting
+from . import autotune_configs
 
 __all__ = ["gathered_conv_triton"]
 

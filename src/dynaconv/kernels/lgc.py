@@ -24,7 +24,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from . import autotune_configs, triton_available
+from ..dispatch import interpreting, triton_available, triton_usable
+from . import autotune_configs
 
 __all__ = ["condensed_conv", "condensed_conv1x1", "supports"]
 
@@ -160,8 +161,6 @@ def _launch(
 ) -> Tensor:
     import triton
 
-    from . import interpreting
-
     batch, _, height, width = x.shape
     if x.stride(3) != 1 or x.stride(2) != width:
         x = x.contiguous()
@@ -259,8 +258,6 @@ def _(x, index, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift,
 
 def supports(module: Any, x: Tensor) -> bool:
     """Whether the fused kernel can run ``module`` on ``x`` here."""
-    from . import triton_usable
-
     spec = module.spec
     return (
         triton_available()
