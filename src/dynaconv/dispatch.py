@@ -251,15 +251,21 @@ class MeasuredChoices:
         warmup: int = 2,
         repeat: int = 5,
         label: str = "",
+        fallback: Any = None,
     ) -> C:
         """The cached choice for ``key``, or the fastest of ``candidates`` measured now.
 
         Each candidate runs ``warmup`` times (compilation, autotuning), then ``repeat`` times
-        under ``timer``. A candidate that raises is skipped (logged); if all fail, the first
-        candidate is returned and nothing is cached.
+        under ``timer``. A candidate that raises is skipped (logged). Nothing is measured or
+        cached while a CUDA graph is being captured, nor when every candidate fails: then
+        ``fallback`` (default: the first candidate) is returned.
         """
         if key in self._choices:
             return self._choices[key]
+        if fallback is None:
+            fallback = candidates[0]
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return fallback
         timings = []
         for candidate in candidates:
             try:
@@ -271,7 +277,7 @@ class MeasuredChoices:
                 timings.append(math.inf)
         best = min(range(len(candidates)), key=timings.__getitem__)
         if math.isinf(timings[best]):
-            return candidates[0]
+            return fallback
         self._choices[key] = candidates[best]
         return candidates[best]
 
@@ -289,14 +295,13 @@ def measuring(*tensors: Tensor) -> bool:
     """Whether ``impl="auto"`` should measure its candidates for a call on ``tensors``.
 
     On CUDA with ``torch.backends.cudnn.benchmark`` on (the switch of cuDNN's own search),
-    eager and not during CUDA graph capture.
+    in eager mode. (During CUDA graph capture :meth:`MeasuredChoices.choose` only looks up.)
     """
     return (
         torch.backends.cudnn.benchmark
         and bool(tensors)
         and all(t.is_cuda for t in tensors)
         and not tracing()
-        and not torch.cuda.is_current_stream_capturing()
     )
 
 

@@ -391,6 +391,7 @@ class CondConv2d(DynaConv2d):
             candidates,
             lambda c: self._run(c[0], c[1], x, routing_weights),
             label="CondConv2d",
+            fallback=("triton", None),
         )
 
     def inference_form(self, device: torch.device | str | None = None) -> str:
