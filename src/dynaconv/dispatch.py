@@ -169,22 +169,31 @@ def triton_preferred(*tensors: Tensor) -> bool:
     return bool(tensors) and all(t.is_cuda for t in tensors) and triton_usable(*tensors)
 
 
-def uses_triton(impl: str, *tensors: Tensor, supported: bool = True, what: str = "") -> bool:
+def uses_triton(
+    impl: str,
+    *tensors: Tensor,
+    supported: bool = True,
+    automatic: bool = True,
+    traceable: bool = False,
+    what: str = "",
+) -> bool:
     """The rule of the families whose only choice is Triton or PyTorch (DGConv, LGC deployed).
 
-    ``"torch"`` and traced graphs: no. ``"triton"``: yes, or ``RuntimeError`` when the kernel
-    cannot run here (``supported`` false or no usable device; ``what`` says what it needs).
-    ``"auto"``: when the kernel is supported and :func:`triton_preferred`.
+    ``impl`` canonical. ``"torch"``: no. Traced graphs: no, unless the kernel is
+    ``traceable`` (a registered custom op). ``"triton"``: yes, or ``RuntimeError`` when the
+    kernel cannot run here (not ``supported``, or no usable device; ``what`` names the
+    family's own condition). ``"auto"``: when the kernel is supported, ``automatic`` (the
+    family's extra conditions for choosing it by itself) and :func:`triton_preferred`.
     """
-    if impl == "torch" or tracing():
+    if impl == "torch" or (tracing() and not traceable):
         return False
     if impl == "triton":
         if not (supported and triton_usable(*tensors)):
             raise RuntimeError(
-                f"impl='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU){what}"
+                f"impl='triton' needs triton, a CUDA tensor (or TRITON_INTERPRET=1 on CPU){what}"
             )
         return True
-    return supported and triton_preferred(*tensors)
+    return supported and automatic and triton_preferred(*tensors)
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from ..kernels import triton_usable
+from ..dispatch import FAMILY_IMPLS, resolve_impl, uses_triton
+from ..kernels import dgconv as dgconv_kernels
 from ._base import ConversionSkipped, DynaConv2d, check_input
 
 __all__ = [
@@ -78,7 +79,7 @@ __all__ = [
 log = logging.getLogger("dynaconv")
 
 Impl = Literal["auto", "torch", "triton"]
-_IMPLS = ("auto", "torch", "triton")
+_IMPLS = FAMILY_IMPLS["dgconv"]
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GATE_INIT = 1e-8
 
@@ -296,29 +297,21 @@ class GroupableConv2d(DynaConv2d):
         return 2 ** int((self.gate.detach() < 0).sum())
 
     def _use_triton(self) -> bool:
-        if self.impl == "torch" or _tracing():
-            return False
+        """Whether the mask is applied by the fused kernel: :func:`dynaconv.dispatch.uses_triton`
+        (``"auto"``: CUDA, a float dtype the kernel takes, and no earlier failure)."""
         w = self.dense_weight
-        if self.impl == "triton":
-            if not triton_usable(w, self.gate):
-                raise RuntimeError(
-                    "impl='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)"
-                )
-            return True
-        return (
-            not self._triton_failed
-            and w.is_cuda
-            and w.dtype in _TRITON_DTYPES
-            and triton_usable(w, self.gate)
+        return uses_triton(
+            resolve_impl(self.impl, _IMPLS),
+            w,
+            self.gate,
+            automatic=not self._triton_failed and w.dtype in _TRITON_DTYPES,
         )
 
     def masked_weight(self) -> Tensor:
         """``dense_weight * U``: the effective kernel (differentiable)."""
         if self._use_triton():
-            from ..kernels.dgconv import masked_weight
-
             try:
-                return masked_weight(self.dense_weight, self.gate, self.sort)
+                return dgconv_kernels.masked_weight(self.dense_weight, self.gate, self.sort)
             except Exception as error:  # a Triton build that cannot compile the kernel
                 if self.impl == "triton":
                     raise
@@ -444,12 +437,6 @@ def gate_dtype(dtype: torch.dtype | None) -> torch.dtype:
     if dtype is None:
         dtype = torch.get_default_dtype()
     return torch.promote_types(dtype, torch.float32)
-
-
-def _tracing() -> bool:
-    """Under torch.compile or torch.export: use the pure PyTorch path, no Python-side cache."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.compiler.is_compiling() or exporting()
 
 
 def _channel_bits(in_channels: int, out_channels: int) -> int:

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dispatch import FAMILY_IMPLS, resolve_impl, tracing, uses_triton
+from ..kernels import lgc as lgc_kernels
 from ._base import ConversionSkipped, ConvSpec, DynaConv2d, check_input, check_progress
 
 __all__ = [
@@ -61,7 +63,7 @@ __all__ = [
 ]
 
 Impl = Literal["auto", "torch", "triton"]
-_IMPLS = ("auto", "torch", "triton")
+_IMPLS = FAMILY_IMPLS["lgc_deployed"]
 LASSO_FLOOR = 1e-6
 
 
@@ -160,12 +162,6 @@ def fold_batchnorm(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     if norm.bias is not None:
         shift = shift + norm.bias
     return scale.detach(), shift.detach()
-
-
-def _tracing() -> bool:
-    """Whether torch.compile or torch.export is tracing (no cached buffers then)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.compiler.is_compiling() or is_exporting()
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -537,8 +533,7 @@ class CondensedGroupConv2d(nn.Module):
         impl: Impl = "auto",
     ) -> None:
         super().__init__()
-        if impl not in _IMPLS:
-            raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+        impl = resolve_impl(impl, _IMPLS)
         groups = _positive_int(learned_groups, "learned_groups")
         cout, per_group = weight.shape[:2]
         if cout % groups or index.numel() != groups * per_group:
@@ -642,7 +637,7 @@ class CondensedGroupConv2d(nn.Module):
         return tuple(None if t is None else (t.data_ptr(), t._version) for t in sources)
 
     def _check_flags(self) -> None:
-        if not _tracing() and self._flags_key != self._flags_source():
+        if not tracing() and self._flags_key != self._flags_source():
             self.refresh()
 
     @classmethod
@@ -713,21 +708,18 @@ class CondensedGroupConv2d(nn.Module):
     # ---------------------------------------------------------------------------------------
 
     def _use_triton(self, x: Tensor) -> bool:
-        if self.impl == "torch":
+        """Whether this call runs the fused kernel: :func:`dynaconv.dispatch.uses_triton` (the
+        kernel is a custom op, so compiled and exported graphs keep it)."""
+        impl = resolve_impl(self.impl, _IMPLS)
+        if impl == "torch":
             return False
-        from ..kernels import lgc as kernels
-
-        supported = kernels.supports(self, x)
-        if self.impl == "triton":
-            if not supported:
-                raise RuntimeError(
-                    "impl='triton' needs triton, a CUDA tensor (or TRITON_INTERPRET=1 on CPU) "
-                    "and a 1x1, stride-1, unpadded kernel"
-                )
-            return True
-        from ..kernels import interpreting
-
-        return supported and x.is_cuda and not interpreting()
+        return uses_triton(
+            impl,
+            x,
+            supported=lgc_kernels.supports(self, x),
+            traceable=True,
+            what=" and a 1x1, stride-1, unpadded kernel",
+        )
 
     def forward(self, x: Tensor, *, prefix: bool = False) -> Tensor:
         """The layer on ``x`` ``(B, in_channels, H, W)``.
@@ -747,9 +739,7 @@ class CondensedGroupConv2d(nn.Module):
 
     def _run(self, x: Tensor) -> Tensor:
         if x.shape[0] > 0 and self._use_triton(x):  # an empty batch has no work to launch
-            from ..kernels import lgc as kernels
-
-            return kernels.condensed_conv(self, x)
+            return lgc_kernels.condensed_conv(self, x)
         return self.forward_torch(x)
 
     def forward_torch(self, x: Tensor) -> Tensor:
@@ -777,7 +767,7 @@ class CondensedGroupConv2d(nn.Module):
             return x
         reuse = (
             x.device.type == "cpu"
-            and not _tracing()
+            and not tracing()
             and not (torch.is_grad_enabled() and x.requires_grad)
         )
         if not reuse:
@@ -830,7 +820,7 @@ class CondensedGroupConv2d(nn.Module):
             bias = bias.expand(batch, -1, -1, -1).reshape(batch * groups, d_out, 1)
             y = torch.baddbmm(bias, weight, columns)
         y = y.view(batch, groups, d_out, height * width)
-        if self.out_scale is None or _tracing():
+        if self.out_scale is None or tracing():
             if self.interleave:
                 y = y.transpose(1, 2)  # (B, d_out, G, HW): channel n * G + g
             return self._apply_post(y.reshape(batch, cout, height, width))
