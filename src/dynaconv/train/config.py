@@ -42,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = [
     "CHOICES",
     "DEFAULTS",
@@ -57,10 +59,6 @@ __all__ = [
     "resolve_config",
     "validate_config",
 ]
-
-
-class ConfigError(ValueError):
-    """An invalid configuration (unknown key, wrong type, bad value)."""
 
 
 DEFAULTS: dict[str, Any] = {
