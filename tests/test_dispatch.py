@@ -190,3 +190,37 @@ def test_deployed_dgc_measures_once_per_shape_and_stays_exact(monkeypatch):
     assert not calls and len(measured_choices) == 1
     clear_measured_choices()
     assert len(measured_choices) == 0
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or not dispatch.triton_available(),
+    reason="runs the kernel in Triton's interpreter on CPU",
+)
+def test_deployed_lgc_measures_triton_against_torch_once(monkeypatch):
+    """The measured path of ``impl="auto"`` (CUDA with cudnn.benchmark), forced on CPU with
+    the kernel in the interpreter: both candidates run, the choice is kept, outputs agree."""
+    from dynaconv import LearnedGroupConv2d
+    from dynaconv.layers import lgc_deployed
+
+    torch.manual_seed(0)
+    layer = LearnedGroupConv2d(16, 8, 1, learned_groups=2)
+    layer.set_progress(0.3)
+    deployed = layer.deploy().eval()
+    x = torch.randn(2, 16, 3, 4)
+    with torch.no_grad():
+        expected = deployed.forward_torch(x)
+    monkeypatch.setattr(dispatch, "triton_preferred", lambda *tensors: True)
+    monkeypatch.setattr(lgc_deployed, "measuring", lambda *tensors: True)
+    ran = []
+    run_form = deployed._run_form
+    monkeypatch.setattr(
+        deployed, "_run_form", lambda form, x: ran.append(form) or run_form(form, x)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), expected, rtol=1e-4, atol=1e-4)
+        assert {"triton", "torch"} <= set(ran)
+        keys = [k for k in measured_choices if k[0] == "lgc_deployed"]
+        assert len(keys) == 1 and measured_choices.get(keys[0]) in ("triton", "torch")
+        ran.clear()
+        torch.testing.assert_close(deployed(x), expected, rtol=1e-4, atol=1e-4)
+    assert ran == [measured_choices.get(keys[0])]  # looked up: one run, no measuring

@@ -1,6 +1,6 @@
 """Fused Triton kernel of the deployed learned group convolution (CondenseNet's index layer).
 
-One pass computes, for a 1x1 stride-1 :class:`~dynaconv.layers.lgc.CondensedGroupConv2d`,
+One pass computes, for a 1x1 stride-1 :class:`~dynaconv.layers.lgc_deployed.CondensedGroupConv2d`,
 
 ``y[b, out(g, n), s] = post(sum_k W[g * N + n, k] * pre(x[b, index[g * K + k], s]))``
 
@@ -271,7 +271,7 @@ def supports(module: Any, x: Tensor) -> bool:
 
 
 def condensed_conv(module: Any, x: Tensor) -> Tensor:
-    """Run a :class:`~dynaconv.layers.lgc.CondensedGroupConv2d` through the fused kernel."""
+    """Run a :class:`~dynaconv.layers.lgc_deployed.CondensedGroupConv2d` through the fused kernel."""
     return condensed_conv1x1(
         x,
         module.index,
