@@ -18,7 +18,7 @@ from dynaconv.dispatch import (
     resolve_impl,
     tracing,
 )
-from dynaconv.layers import dgc as dgc_module
+from dynaconv.layers import dgc_deployed
 from dynaconv.layers.condconv import choose_form
 
 
@@ -176,7 +176,7 @@ def test_measured_choices_keep_the_fastest_and_skip_failures():
 def test_deployed_dgc_measures_once_per_shape_and_stays_exact(monkeypatch):
     """The measured path of ``impl="auto"`` (CUDA with cudnn.benchmark), forced on CPU."""
     clear_measured_choices()
-    monkeypatch.setattr(dgc_module, "measuring", lambda *tensors: True)
+    monkeypatch.setattr(dgc_deployed, "measuring", lambda *tensors: True)
     layer = _dgc_layer().eval()
     deployed = layer.deploy()
     x = torch.randn(3, 8, 6, 6, dtype=torch.float64)
