@@ -57,6 +57,7 @@ __all__ = [
     "condconv_form",
     "cuda_timer",
     "dgc_form",
+    "host_timer",
     "interpreting",
     "measured_choices",
     "measuring",
