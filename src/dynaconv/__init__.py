@@ -20,6 +20,7 @@ from .lifecycle import (
     layer_class,
     set_progress,
 )
+from .models.surgery import fold_bottleneck  # noqa: F401 (moved out of layers.dgconv)
 from .profile import Profile, profile
 
 __version__ = "0.1.0"

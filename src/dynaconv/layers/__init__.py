@@ -1,6 +1,6 @@
 """dynaconv's layers: one module per method family, all following the contract in ``_base``."""
 
-from . import condconv, dgc, dgconv, doconv, lgc
+from . import condconv, dgc, dgconv, doconv, lgc, resource_constraint
 from ._base import ConversionSkipped, ConvSpec, Deployable, DynaConv2d
 from .condconv import *  # noqa: F403
 from .dgc import *  # noqa: F403
@@ -8,6 +8,7 @@ from .dgconv import *  # noqa: F403
 from .doconv import *  # noqa: F403
 from .lgc import *  # noqa: F403
 from .padding import SameConv2d
+from .resource_constraint import *  # noqa: F403
 
 __all__ = [
     "ConvSpec",
@@ -20,4 +21,5 @@ __all__ = [
     *dgconv.__all__,
     *doconv.__all__,
     *lgc.__all__,
+    *resource_constraint.__all__,
 ]

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 
 __all__ = ["check_convert_options", "check_model_kwargs", "known_model", "model_builder"]
 
