@@ -1,6 +1,13 @@
-"""dynaconv's layers: one module per method family, all following the contract in ``_base``."""
+"""dynaconv's layers: one module per method family, all following the contract in ``_base``.
 
-from . import condconv, dgc, dgconv, doconv, lgc
+Each family module registers its layer class (:func:`dynaconv.families.register_family`) when
+imported; the order below is the order of the families in every table (the papers' order).
+"""
+
+# isort: off
+from . import doconv, condconv, dgc, dgconv, lgc
+
+# isort: on
 from ._base import ConversionSkipped, ConvSpec, Deployable, DynaConv2d
 from .condconv import *  # noqa: F403
 from .dgc import *  # noqa: F403

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..families import register_family
 from ..kernels import triton_usable
 from ._base import ConversionSkipped, ConvSpec, DynaConv2d, check_input, kaiming_uniform_
 
@@ -353,6 +354,7 @@ def condconv2d(
 # ---------------------------------------------------------------------------------------------
 
 
+@register_family("condconv", demo_options={"num_experts": 4}, structure_plot="routing")
 class CondConv2d(DynaConv2d):
     """Conditionally parameterized convolution (drop-in for ``nn.Conv2d``).
 
@@ -376,8 +378,6 @@ class CondConv2d(DynaConv2d):
     :meth:`mixed_kernels` gives the per-example ones) and ``bias`` the per-expert biases
     ``(E, Cout)``.
     """
-
-    method = "condconv"
 
     def __init__(
         self,

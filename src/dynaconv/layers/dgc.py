@@ -110,6 +110,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..families import register_family
 from ._base import (
     ConversionSkipped,
     ConvSpec,
@@ -561,6 +562,13 @@ def _check_options(
         )
 
 
+@register_family(
+    "dgc",
+    demo_options={"heads": 4, "gate_factor": 0.25, "squeeze_rate": 4},
+    # docs/methods.md: DGC's lasso at 1e-5.
+    aux_loss_weight=1e-5,
+    structure_plot="channel_usage",
+)
 class DynamicGroupConv2d(DynaConv2d):
     """Dynamic group convolution (drop-in for ``nn.Conv2d`` with ``groups=1``).
 
@@ -581,8 +589,6 @@ class DynamicGroupConv2d(DynaConv2d):
     ``inactive_channels`` (buffer) is the current ``k_off``; ``aux_loss()`` is the lasso term of
     the last training-mode forward (a zero tensor before any).
     """
-
-    method = "dgc"
 
     def __init__(
         self,

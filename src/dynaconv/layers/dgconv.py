@@ -62,6 +62,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from ..families import register_family
 from ..kernels import triton_usable
 from ._base import ConversionSkipped, DynaConv2d, check_input
 
@@ -183,6 +184,7 @@ class PermutedGroupConv2d(nn.Module):
         return self.conv(x.index_select(1, self.order)).index_select(1, inverse)
 
 
+@register_family("dgconv", structure_plot="groups")
 class GroupableConv2d(DynaConv2d):
     """Groupable convolution (drop-in for a square ``nn.Conv2d`` with ``C = 2^K`` channels).
 
@@ -195,7 +197,6 @@ class GroupableConv2d(DynaConv2d):
     ``(C, C, kh, kw)`` and ``bias``. ``.weight`` is the masked kernel.
     """
 
-    method = "dgconv"
     #: The gates' signs are the learned groups: an EMA copies them instead of averaging.
     structural_parameters: ClassVar[tuple[str, ...]] = ("gate",)
 

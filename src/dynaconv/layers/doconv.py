@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..families import register_family
 from ._base import ConversionSkipped, DynaConv2d, check_input, kaiming_uniform_
 
 __all__ = ["DOConv2d"]
@@ -50,6 +51,7 @@ def _diagonal_tiles(in_channels: int, kernel_numel: int, d_mul: int, **factory: 
     return torch.cat([tiles, remainder], dim=1).expand(in_channels, -1, -1).contiguous()
 
 
+@register_family("doconv")
 class DOConv2d(DynaConv2d):
     """Depthwise over-parameterized convolution (drop-in for ``nn.Conv2d``).
 
@@ -57,8 +59,6 @@ class DOConv2d(DynaConv2d):
     over-parameterisation (default ``M*N``; must be at least ``M*N``). For 1x1 kernels there is
     no ``D`` and ``D_mul`` must be left unset (or 1).
     """
-
-    method = "doconv"
 
     def __init__(
         self,

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..families import register_family
 from ._base import ConversionSkipped, ConvSpec, DynaConv2d, check_input, check_progress
 
 __all__ = [
@@ -174,6 +175,13 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
+@register_family(
+    "lgc",
+    demo_options={"learned_groups": 4, "condense_factor": 4},
+    # CondenseNet's group lasso is off in its CIFAR recipe (docs/methods.md).
+    aux_loss_weight=0.0,
+    structure_plot="binary",
+)
 class LearnedGroupConv2d(DynaConv2d):
     """Learned group convolution (drop-in for ``nn.Conv2d`` with ``groups=1``).
 
@@ -190,8 +198,6 @@ class LearnedGroupConv2d(DynaConv2d):
     Loading a state dict checks that ``mask`` and ``stage`` are a state condensation can reach
     (:func:`check_condensation_state`) and raises ``ValueError`` naming the key otherwise.
     """
-
-    method = "lgc"
 
     def __init__(
         self,
