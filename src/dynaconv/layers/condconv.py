@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from ..families import register_family
 from ..kernels import triton_usable
-from ._base import ConversionSkipped, ConvSpec, DynaConv2d, check_input, kaiming_uniform_
+from ._base import ConvSpec, DynaConv2d, check_input, kaiming_uniform_
 
 __all__ = ["CondConv2d", "CondConvRouting", "condconv2d"]
 
@@ -379,19 +379,12 @@ class CondConv2d(DynaConv2d):
     ``(E, Cout)``.
     """
 
-    def __init__(
+    title = "CondConv"
+
+    def _init_family(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
+        device: Any,
+        dtype: Any,
         *,
         num_experts: int = 8,
         routing_dropout: float = 0.0,
@@ -399,17 +392,8 @@ class CondConv2d(DynaConv2d):
         shared_routing: bool = False,
         bias_per_expert: bool = True,
     ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-        )
+        s = self.spec
+        in_channels, out_channels, groups, bias = s.in_channels, s.out_channels, s.groups, s.bias
         _check_experts(num_experts)
         _check_dropout(routing_dropout)
         if not isinstance(shared_routing, bool):
@@ -420,7 +404,6 @@ class CondConv2d(DynaConv2d):
         self.impl = _check_impl(impl)
         self.num_experts = num_experts
         factory = {"device": device, "dtype": dtype}
-        s = self.spec
         self.weight = nn.Parameter(
             torch.empty(num_experts, out_channels, in_channels // groups, *s.kernel_size, **factory)
         )
@@ -616,7 +599,7 @@ class CondConv2d(DynaConv2d):
         return deployed
 
     @classmethod
-    def from_conv(
+    def _conversion(
         cls,
         conv: nn.Conv2d,
         *,
@@ -624,8 +607,7 @@ class CondConv2d(DynaConv2d):
         routing_dropout: float = 0.0,
         impl: str = "auto",
         expert_noise: float = 0.01,
-        **options: Any,
-    ) -> CondConv2d:
+    ) -> dict[str, Any]:
         """A CondConv that starts equal to ``conv`` (up to rounding), with perturbed experts.
 
         Copying the conv's kernel into every expert would not do: the output would be
@@ -641,10 +623,6 @@ class CondConv2d(DynaConv2d):
 
         ``expert_noise`` must be a finite number ``>= 0`` (``ValueError`` otherwise).
         """
-        if options:
-            raise ValueError(f"unknown CondConv option(s): {sorted(options)}")
-        if type(conv) is not nn.Conv2d:
-            raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
         if (
             isinstance(expert_noise, bool)
             or not isinstance(expert_noise, int | float)
@@ -655,26 +633,17 @@ class CondConv2d(DynaConv2d):
                 f"expert_noise must be a finite number >= 0 (a fraction of the kernel's "
                 f"scale), got {expert_noise!r}"
             )
-        spec = ConvSpec.from_conv(conv)
-        layer = cls(
-            **spec.conv_kwargs(),
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            num_experts=num_experts,
-            routing_dropout=routing_dropout,
-            impl=impl,
-        )
-        scale = 2.0 / num_experts
-        with torch.no_grad():
-            weight = conv.weight
-            noise = torch.randn_like(layer.weight) * (expert_noise * _noise_scale(weight))
-            layer.weight.copy_(scale * weight + (noise - noise.mean(dim=0, keepdim=True)))
-            if conv.bias is not None:
-                layer.bias.copy_((scale * conv.bias).expand_as(layer.bias))
-            layer.routing.fc.weight.zero_()
-            layer.routing.fc.bias.zero_()
-        layer.train(conv.training)
-        return layer
+        return {"num_experts": num_experts, "routing_dropout": routing_dropout, "impl": impl}
+
+    def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:
+        scale = 2.0 / self.num_experts
+        weight = conv.weight
+        noise = torch.randn_like(self.weight) * (options["expert_noise"] * _noise_scale(weight))
+        self.weight.copy_(scale * weight + (noise - noise.mean(dim=0, keepdim=True)))
+        if conv.bias is not None:
+            self.bias.copy_((scale * conv.bias).expand_as(self.bias))
+        self.routing.fc.weight.zero_()
+        self.routing.fc.bias.zero_()
 
     def count_macs(
         self, input_shape: Sequence[int], output_shape: Sequence[int]

@@ -590,19 +590,13 @@ class DynamicGroupConv2d(DynaConv2d):
     the last training-mode forward (a zero tensor before any).
     """
 
-    def __init__(
+    title = "DGC"
+    conv_groups = "one"
+
+    def _init_family(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
+        device: Any,
+        dtype: Any,
         *,
         heads: int = 4,
         squeeze_rate: int = 16,
@@ -611,17 +605,8 @@ class DynamicGroupConv2d(DynaConv2d):
         saliency_mode: SaliencyMode = "reference",
         hidden_width: int | None = None,
     ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-        )
+        s = self.spec
+        in_channels, out_channels, groups, bias = s.in_channels, s.out_channels, s.groups, s.bias
         if groups != 1:
             raise ValueError(f"groups must be 1 for DGC (the heads replace groups), got {groups}")
         _check_options(in_channels, heads, squeeze_rate, gate_factor, impl)
@@ -783,7 +768,7 @@ class DynamicGroupConv2d(DynaConv2d):
         return SparseDynamicGroupConv2d.from_layer(self)
 
     @classmethod
-    def from_conv(
+    def _conversion(
         cls,
         conv: nn.Conv2d,
         *,
@@ -792,8 +777,7 @@ class DynamicGroupConv2d(DynaConv2d):
         gate_factor: float = 0.25,
         impl: Impl = "auto",
         saliency_mode: SaliencyMode = "neutral",
-        **options: Any,
-    ) -> DynamicGroupConv2d:
+    ) -> dict[str, Any]:
         """A DGC layer with ``conv``'s kernel (every head keeps its rows of it).
 
         ``saliency_mode="neutral"`` (the default here) normalises the saliency descriptor and
@@ -801,12 +785,6 @@ class DynamicGroupConv2d(DynaConv2d):
         ``conv`` (module docstring, "Converted layers"); ``"reference"`` gives the paper's
         layer.
         """
-        if options:
-            raise ValueError(f"unknown DGC option(s): {sorted(options)}")
-        if type(conv) is not nn.Conv2d:
-            raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
-        if conv.groups != 1:
-            raise ConversionSkipped(f"grouped conv (groups={conv.groups}); DGC needs groups=1")
         if conv.out_channels % heads:
             raise ConversionSkipped(
                 f"out_channels={conv.out_channels} not divisible by heads={heads}"
@@ -815,30 +793,18 @@ class DynamicGroupConv2d(DynaConv2d):
             raise ConversionSkipped(
                 f"in_channels={conv.in_channels} too few to keep a fraction {gate_factor}"
             )
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            conv.stride,  # type: ignore[arg-type]
-            conv.padding,  # type: ignore[arg-type]
-            conv.dilation,  # type: ignore[arg-type]
-            1,
-            conv.bias is not None,
-            conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            heads=heads,
-            squeeze_rate=squeeze_rate,
-            gate_factor=gate_factor,
-            impl=impl,
-            saliency_mode=saliency_mode,
-        )
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.train(conv.training)
-        return layer
+        return {
+            "heads": heads,
+            "squeeze_rate": squeeze_rate,
+            "gate_factor": gate_factor,
+            "impl": impl,
+            "saliency_mode": saliency_mode,
+        }
+
+    def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:
+        self.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            self.bias.copy_(conv.bias)
 
     def _saliency_macs(self, batch: int) -> int:
         return batch * self.heads * 2 * self.spec.in_channels * self.hidden
