@@ -37,7 +37,7 @@ from .lifecycle import (
     layer_class,
     set_progress,
 )
-from .profile import profile
+from .profiling import profile
 
 __all__ = [
     "AUX_LOSS_WEIGHTS",

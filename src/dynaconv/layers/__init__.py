@@ -8,7 +8,7 @@ imported; the order below is the order of the families in every table (the paper
 from . import doconv, condconv, dgc, dgconv, lgc
 
 # isort: on
-from ._base import ConversionSkipped, ConvSpec, Deployable, DynaConv2d
+from ._base import ConversionSkipped, ConvSpec, Deployable, DynaConv2d, MacCount
 from .condconv import *  # noqa: F403
 from .dgc import *  # noqa: F403
 from .dgconv import *  # noqa: F403
@@ -21,6 +21,7 @@ __all__ = [
     "ConversionSkipped",
     "Deployable",
     "DynaConv2d",
+    "MacCount",
     "SameConv2d",
     *condconv.__all__,
     *dgc.__all__,

@@ -31,8 +31,10 @@ Every layer in :mod:`dynaconv.layers` is a drop-in for :class:`torch.nn.Conv2d`:
   :class:`ConversionSkipped` saying why the conv cannot be converted. The checks common to
   every family are written once in :meth:`DynaConv2d.from_conv`; a family adds its own and
   copies the weights through the ``_conversion`` and ``_copy_conv`` hooks.
-* **count_macs(input_shape, output_shape)** returns ``(dense, active)`` multiply-accumulates
-  for :func:`dynaconv.profile` (see that function for the conventions).
+* **count_macs(input_shape, output_shape, convention="dense")** returns a :class:`MacCount`
+  ``(dense, active)`` and **count_params(convention="dense")** the parameters, for
+  :func:`dynaconv.profile` (see that function for the conventions, ``"dense"`` and
+  ``"reference"``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
@@ -54,14 +56,30 @@ from .padding import SameConv2d, same_padding
 
 __all__ = [
     "ConvSpec",
+    "Convention",
     "ConversionSkipped",
     "Deployable",
     "DynaConv2d",
+    "MacCount",
     "conv_output_size",
 ]
 
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+#: The counting conventions of :func:`dynaconv.profile`.
+Convention = Literal["dense", "reference"]
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class MacCount(NamedTuple):
+    """What one call of a module costs, as ``count_macs`` reports it to :func:`dynaconv.profile`.
+
+    ``dense``: multiply-accumulates of the dense computation the module stands for; ``active``:
+    those it really has to compute (see :func:`dynaconv.profile` for both conventions; the
+    reference convention can count fractions).
+    """
+
+    dense: int | float
+    active: int | float
 
 
 class ConversionSkipped(Exception):
@@ -472,10 +490,19 @@ class DynaConv2d(Deployable, nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot be built from nn.Conv2d")
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self,
+        input_shape: Sequence[int],
+        output_shape: Sequence[int],
+        convention: Convention = "dense",
+    ) -> MacCount:
+        """The layer's :class:`MacCount`: by default the ``nn.Conv2d`` it stands for, in both
+        conventions (see :func:`dynaconv.profile`)."""
         dense = self.spec.dense_macs(output_shape)
-        return dense, dense
+        return MacCount(dense, dense)
+
+    def count_params(self, convention: Convention = "dense") -> int:
+        """The parameters :func:`dynaconv.profile` counts: by default the stored ones."""
+        return sum(p.numel() for p in self.parameters())
 
     def structure(self) -> str:
         """A short human-readable description of the learned structure (for tables)."""

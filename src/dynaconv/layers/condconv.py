@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from ..families import register_family
 from ..kernels import triton_usable
-from ._base import ConvSpec, DynaConv2d, check_input, kaiming_uniform_
+from ._base import Convention, ConvSpec, DynaConv2d, MacCount, check_input, kaiming_uniform_
 
 __all__ = ["CondConv2d", "CondConvRouting", "condconv2d"]
 
@@ -646,8 +646,11 @@ class CondConv2d(DynaConv2d):
         self.routing.fc.bias.zero_()
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self,
+        input_shape: Sequence[int],
+        output_shape: Sequence[int],
+        convention: Convention = "dense",
+    ) -> MacCount:
         """Dense: the conv (plus the own routing's linear map); active adds the kernel mixing.
 
         The mixing is ``B * E * numel(W_e)`` multiply-accumulates. The routing linear map
@@ -660,7 +663,7 @@ class CondConv2d(DynaConv2d):
         if self.routing is not None:
             dense += batch * self.spec.in_channels * self.num_experts
         mixing = batch * self.weight.numel()
-        return dense, dense + mixing
+        return MacCount(dense, dense + mixing)
 
     def structure(self) -> str:
         return f"experts={self.num_experts}"

@@ -112,9 +112,11 @@ from torch import Tensor, nn
 
 from ..families import register_family
 from ._base import (
+    Convention,
     ConversionSkipped,
     ConvSpec,
     DynaConv2d,
+    MacCount,
     check_input,
     check_progress,
     kaiming_uniform_,
@@ -810,29 +812,32 @@ class DynamicGroupConv2d(DynaConv2d):
         return batch * self.heads * 2 * self.spec.in_channels * self.hidden
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self,
+        input_shape: Sequence[int],
+        output_shape: Sequence[int],
+        convention: Convention = "dense",
+    ) -> MacCount:
         """Dense: the full conv of every head + the saliency FCs. Active: each head convolves
-        ``Cin - k_off`` channels (the current ``k_off``) + the saliency FCs."""
+        ``Cin - k_off`` channels (the current ``k_off``) + the saliency FCs.
+
+        ``convention="reference"``: what the reference counter (``utils.measure_model`` of the
+        DGC code) counts. Worked out from its totals for DyDenseNet-86 (CIFAR, 71,037,118) and
+        DyResNet-18 (224 px, 890,396,782.4), which it reproduces exactly: per layer, the head
+        convs at ``gate_factor`` of their dense MACs (the fraction, not the current ``k_off``,
+        hence the non-integer total), the global average pool (one op per input element), and
+        per head ``fc1`` (``Cin R``), its ReLU (``R``), ``fc2`` with bias (``R Cin + Cin``), its
+        ReLU (``Cin``) and one more op per saliency (``Cin``, the gating). The layer's BN-ReLU
+        (its ReLU: one op per input element) lives in the network, whose ``nn.ReLU`` the
+        counter counts. Dense: the same with the full conv.
+        """
+        if convention == "reference":
+            return self._reference_macs(input_shape, output_shape)
         conv = self.spec.dense_macs(output_shape)
         fcs = self._saliency_macs(int(output_shape[0]))
         active = conv // self.spec.in_channels * self.kept_channels
-        return conv + fcs, active + fcs
+        return MacCount(conv + fcs, active + fcs)
 
-    def count_macs_reference(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[float, float]:
-        """What the reference counter (``utils.measure_model`` of the DGC code) counts.
-
-        Worked out from its totals for DyDenseNet-86 (CIFAR, 71,037,118) and DyResNet-18
-        (224 px, 890,396,782.4), which it reproduces exactly: per layer, the head convs at
-        ``gate_factor`` of their dense MACs (the fraction, not the current ``k_off``, hence the
-        non-integer total), the global average pool (one op per input element), and per head
-        ``fc1`` (``Cin R``), its ReLU (``R``), ``fc2`` with bias (``R Cin + Cin``), its ReLU
-        (``Cin``) and one more op per saliency (``Cin``, the gating). The layer's
-        BN-ReLU (its ReLU: one op per input element) lives in the network, whose ``nn.ReLU``
-        the counter counts. Dense: the same with the full conv.
-        """
+    def _reference_macs(self, input_shape: Sequence[int], output_shape: Sequence[int]) -> MacCount:
         batch = int(input_shape[0])
         cin, hidden = self.spec.in_channels, self.hidden
         conv = self.spec.dense_macs(output_shape)
@@ -840,7 +845,7 @@ class DynamicGroupConv2d(DynaConv2d):
         per_head = cin * hidden + hidden + hidden * cin + cin + cin + cin
         extra = pool + batch * self.heads * per_head
         active = conv * self.gate_factor + extra
-        return (conv + extra, int(active) if float(active).is_integer() else active)
+        return MacCount(conv + extra, int(active) if float(active).is_integer() else active)
 
     def structure(self) -> str:
         return (
@@ -967,13 +972,16 @@ class SparseDynamicGroupConv2d(nn.Module):
         return out
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self,
+        input_shape: Sequence[int],
+        output_shape: Sequence[int],
+        convention: Convention = "dense",
+    ) -> MacCount:
         conv = self.spec.dense_macs(output_shape) // self.spec.in_channels * self.kept
         fcs = (
             int(output_shape[0]) * self.heads * 2 * self.spec.in_channels * self.fc1_weight.shape[1]
         )
-        return conv + fcs, conv + fcs
+        return MacCount(conv + fcs, conv + fcs)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from ..families import register_family
 from ..kernels import triton_usable
-from ._base import ConversionSkipped, DynaConv2d, check_input
+from ._base import Convention, ConversionSkipped, DynaConv2d, MacCount, check_input
 
 __all__ = [
     "GroupableConv2d",
@@ -391,10 +391,13 @@ class GroupableConv2d(DynaConv2d):
 
     # ---------------------------------------------------------------------------- reporting
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self,
+        input_shape: Sequence[int],
+        output_shape: Sequence[int],
+        convention: Convention = "dense",
+    ) -> MacCount:
         dense = self.spec.dense_macs(output_shape)
-        return dense, dense // self.num_groups
+        return MacCount(dense, dense // self.num_groups)
 
     def structure(self) -> str:
         bits = "".join("1" if g > 0 else ("0" if g < 0 else "h") for g in self.gate.tolist())

@@ -49,7 +49,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..families import register_family
-from ._base import ConversionSkipped, ConvSpec, DynaConv2d, check_input, check_progress
+from ._base import (
+    Convention,
+    ConversionSkipped,
+    ConvSpec,
+    DynaConv2d,
+    MacCount,
+    check_input,
+    check_progress,
+)
 
 __all__ = [
     "CondensedGroupConv2d",
@@ -413,21 +421,26 @@ class LearnedGroupConv2d(DynaConv2d):
             self.bias.copy_(conv.bias)
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self,
+        input_shape: Sequence[int],
+        output_shape: Sequence[int],
+        convention: Convention = "dense",
+    ) -> MacCount:
+        """Dense: the conv; active: its kept connections. ``convention="reference"``:
+        CondenseNet's counter, the conv's MACs at ``1 / C``, whatever the stage."""
         dense = self.spec.dense_macs(output_shape)
+        if convention == "reference":
+            return MacCount(dense // self.condense_factor, dense // self.condense_factor)
         kept = int(self.mask.sum())
-        return dense, dense * kept // self.mask.numel()
+        return MacCount(dense, dense * kept // self.mask.numel())
 
-    def reference_count(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
-        """CondenseNet's counter: the conv's MACs and parameters at ``1 / C``, whatever the stage."""
-        dense = self.spec.dense_macs(output_shape)
+    def count_params(self, convention: Convention = "dense") -> int:
+        """The stored parameters; ``convention="reference"``: CondenseNet's counter, the
+        weights at ``1 / C`` whatever the stage (and the bias)."""
+        if convention != "reference":
+            return super().count_params(convention)
         params = self.dense_weight.numel() // self.condense_factor
-        if self.bias is not None:
-            params += self.bias.numel()
-        return dense // self.condense_factor, params
+        return params + (0 if self.bias is None else self.bias.numel())
 
     def structure(self) -> str:
         kept = int(self.group_mask().sum(1)[0])
@@ -842,32 +855,38 @@ class CondensedGroupConv2d(nn.Module):
     # counts
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
-        macs = self.spec.dense_macs(output_shape)
-        return macs, macs
-
-    def reference_count(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
-        """What CondenseNet's counter reports for the modules folded here.
-
-        The grouped conv's MACs and weights; for a folded BN-ReLU before it, 2 parameters per
-        gathered channel and one op per gathered element (its ReLU); likewise for a folded
-        BN-ReLU after it, per output channel and element.
+        self,
+        input_shape: Sequence[int],
+        output_shape: Sequence[int],
+        convention: Convention = "dense",
+    ) -> MacCount:
+        """The grouped conv's MACs. ``convention="reference"``: what CondenseNet's counter
+        reports for the modules folded here: the grouped conv's MACs, and for a folded BN-ReLU
+        before it one op per gathered element (its ReLU), likewise for a folded BN-ReLU after
+        it, per output element (:meth:`count_params` counts their parameters).
         """
-        batch, _, height, width = input_shape
         macs = self.spec.dense_macs(output_shape)
+        if convention != "reference":
+            return MacCount(macs, macs)
+        batch, _, height, width = input_shape
+        if self.in_scale is not None and self.in_relu:
+            macs += batch * self.index.numel() * height * width
+        if self.out_scale is not None and self.out_relu:
+            macs += math.prod(output_shape)
+        return MacCount(macs, macs)
+
+    def count_params(self, convention: Convention = "dense") -> int:
+        """The stored parameters; ``convention="reference"``: what CondenseNet's counter
+        reports: the grouped conv's weights, and 2 per channel of a folded BN before it
+        (per gathered channel) and after it (per output channel)."""
+        if convention != "reference":
+            return sum(p.numel() for p in self.parameters())
         params = self.weight.numel() + (0 if self.bias is None else self.bias.numel())
         if self.in_scale is not None:
             params += 2 * self.in_scale.numel()
-            if self.in_relu:
-                macs += batch * self.index.numel() * height * width
         if self.out_scale is not None:
             params += 2 * self.out_scale.numel()
-            if self.out_relu:
-                macs += math.prod(output_shape)
-        return macs, params
+        return params
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -132,7 +132,7 @@ def _structure_table(model: nn.Module, path: Path, input_shape: Sequence[int] | 
     layers = list(dynaconv_layers(model))
     macs: dict[str, tuple[int, int]] = {}
     if input_shape is not None and layers:
-        from dynaconv.profile import profile
+        from dynaconv.profiling import profile
 
         try:
             report = profile(model, input_shape, deployed=False)
