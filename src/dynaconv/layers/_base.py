@@ -61,12 +61,15 @@ __all__ = [
     "Deployable",
     "DynaConv2d",
     "MacCount",
+    "Shape",
     "conv_output_size",
 ]
 
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 #: The counting conventions of :func:`dynaconv.profile`.
 Convention = Literal["dense", "reference"]
+#: A tensor shape, as ``count_macs`` receives it.
+Shape = Sequence[int]
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -490,10 +493,7 @@ class DynaConv2d(Deployable, nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot be built from nn.Conv2d")
 
     def count_macs(
-        self,
-        input_shape: Sequence[int],
-        output_shape: Sequence[int],
-        convention: Convention = "dense",
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
     ) -> MacCount:
         """The layer's :class:`MacCount`: by default the ``nn.Conv2d`` it stands for, in both
         conventions (see :func:`dynaconv.profile`)."""

@@ -46,7 +46,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -55,7 +54,7 @@ from torch import Tensor, nn
 
 from ..families import register_family
 from ..kernels import triton_usable
-from ._base import Convention, ConvSpec, DynaConv2d, MacCount, check_input, kaiming_uniform_
+from ._base import Convention, ConvSpec, DynaConv2d, MacCount, Shape, check_input, kaiming_uniform_
 
 __all__ = ["CondConv2d", "CondConvRouting", "condconv2d"]
 
@@ -646,10 +645,7 @@ class CondConv2d(DynaConv2d):
         self.routing.fc.bias.zero_()
 
     def count_macs(
-        self,
-        input_shape: Sequence[int],
-        output_shape: Sequence[int],
-        convention: Convention = "dense",
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
     ) -> MacCount:
         """Dense: the conv (plus the own routing's linear map); active adds the kernel mixing.
 

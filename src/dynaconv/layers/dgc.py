@@ -103,7 +103,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -117,6 +116,7 @@ from ._base import (
     ConvSpec,
     DynaConv2d,
     MacCount,
+    Shape,
     check_input,
     check_progress,
     kaiming_uniform_,
@@ -812,10 +812,7 @@ class DynamicGroupConv2d(DynaConv2d):
         return batch * self.heads * 2 * self.spec.in_channels * self.hidden
 
     def count_macs(
-        self,
-        input_shape: Sequence[int],
-        output_shape: Sequence[int],
-        convention: Convention = "dense",
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
     ) -> MacCount:
         """Dense: the full conv of every head + the saliency FCs. Active: each head convolves
         ``Cin - k_off`` channels (the current ``k_off``) + the saliency FCs.
@@ -837,7 +834,7 @@ class DynamicGroupConv2d(DynaConv2d):
         active = conv // self.spec.in_channels * self.kept_channels
         return MacCount(conv + fcs, active + fcs)
 
-    def _reference_macs(self, input_shape: Sequence[int], output_shape: Sequence[int]) -> MacCount:
+    def _reference_macs(self, input_shape: Shape, output_shape: Shape) -> MacCount:
         batch = int(input_shape[0])
         cin, hidden = self.spec.in_channels, self.hidden
         conv = self.spec.dense_macs(output_shape)
@@ -972,10 +969,7 @@ class SparseDynamicGroupConv2d(nn.Module):
         return out
 
     def count_macs(
-        self,
-        input_shape: Sequence[int],
-        output_shape: Sequence[int],
-        convention: Convention = "dense",
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
     ) -> MacCount:
         conv = self.spec.dense_macs(output_shape) // self.spec.in_channels * self.kept
         fcs = (

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from ..families import register_family
 from ..kernels import triton_usable
-from ._base import Convention, ConversionSkipped, DynaConv2d, MacCount, check_input
+from ._base import Convention, ConversionSkipped, DynaConv2d, MacCount, Shape, check_input
 
 __all__ = [
     "GroupableConv2d",
@@ -391,10 +391,7 @@ class GroupableConv2d(DynaConv2d):
 
     # ---------------------------------------------------------------------------- reporting
     def count_macs(
-        self,
-        input_shape: Sequence[int],
-        output_shape: Sequence[int],
-        convention: Convention = "dense",
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
     ) -> MacCount:
         dense = self.spec.dense_macs(output_shape)
         return MacCount(dense, dense // self.num_groups)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -55,6 +54,7 @@ from ._base import (
     ConvSpec,
     DynaConv2d,
     MacCount,
+    Shape,
     check_input,
     check_progress,
 )
@@ -421,10 +421,7 @@ class LearnedGroupConv2d(DynaConv2d):
             self.bias.copy_(conv.bias)
 
     def count_macs(
-        self,
-        input_shape: Sequence[int],
-        output_shape: Sequence[int],
-        convention: Convention = "dense",
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
     ) -> MacCount:
         """Dense: the conv; active: its kept connections. ``convention="reference"``:
         CondenseNet's counter, the conv's MACs at ``1 / C``, whatever the stage."""
@@ -855,10 +852,7 @@ class CondensedGroupConv2d(nn.Module):
     # counts
 
     def count_macs(
-        self,
-        input_shape: Sequence[int],
-        output_shape: Sequence[int],
-        convention: Convention = "dense",
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
     ) -> MacCount:
         """The grouped conv's MACs. ``convention="reference"``: what CondenseNet's counter
         reports for the modules folded here: the grouped conv's MACs, and for a folded BN-ReLU
