@@ -49,7 +49,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -67,6 +66,7 @@ from ..dispatch import (
     tracing,
     triton_available,
 )
+from ..families import register_family
 from ..functional.condconv import (
     TORCH_FORMS,
     add_bias,
@@ -75,7 +75,15 @@ from ..functional.condconv import (
     empty_batch,
     mix,
 )
-from ._base import ConversionSkipped, ConvSpec, DynaConv2d, check_input, kaiming_uniform_
+from ._base import (
+    Convention,
+    ConvSpec,
+    DynaConv2d,
+    MacCount,
+    Shape,
+    check_input,
+    kaiming_uniform_,
+)
 
 if triton_available():  # the fused kernel (triton ships with PyTorch's CUDA builds)
     from ..kernels import condconv as _kernels
@@ -189,6 +197,7 @@ def condconv2d(
 # ---------------------------------------------------------------------------------------------
 
 
+@register_family("condconv", demo_options={"num_experts": 4}, structure_plot="routing")
 class CondConv2d(DynaConv2d):
     """Conditionally parameterized convolution (drop-in for ``nn.Conv2d``).
 
@@ -213,21 +222,12 @@ class CondConv2d(DynaConv2d):
     ``(E, Cout)``.
     """
 
-    method = "condconv"
+    title = "CondConv"
 
-    def __init__(
+    def _init_family(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
+        device: Any,
+        dtype: Any,
         *,
         num_experts: int = 8,
         routing_dropout: float = 0.0,
@@ -235,17 +235,8 @@ class CondConv2d(DynaConv2d):
         shared_routing: bool = False,
         bias_per_expert: bool = True,
     ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-        )
+        s = self.spec
+        in_channels, out_channels, groups, bias = s.in_channels, s.out_channels, s.groups, s.bias
         _check_experts(num_experts)
         _check_dropout(routing_dropout)
         if not isinstance(shared_routing, bool):
@@ -256,7 +247,6 @@ class CondConv2d(DynaConv2d):
         self.impl = _check_impl(impl)
         self.num_experts = num_experts
         factory = {"device": device, "dtype": dtype}
-        s = self.spec
         self.weight = nn.Parameter(
             torch.empty(num_experts, out_channels, in_channels // groups, *s.kernel_size, **factory)
         )
@@ -423,7 +413,7 @@ class CondConv2d(DynaConv2d):
         return deployed
 
     @classmethod
-    def from_conv(
+    def _conversion(
         cls,
         conv: nn.Conv2d,
         *,
@@ -431,8 +421,7 @@ class CondConv2d(DynaConv2d):
         routing_dropout: float = 0.0,
         impl: str = "auto",
         expert_noise: float = 0.01,
-        **options: Any,
-    ) -> CondConv2d:
+    ) -> dict[str, Any]:
         """A CondConv that starts equal to ``conv`` (up to rounding), with perturbed experts.
 
         Copying the conv's kernel into every expert would not do: the output would be
@@ -448,10 +437,6 @@ class CondConv2d(DynaConv2d):
 
         ``expert_noise`` must be a finite number ``>= 0`` (``ValueError`` otherwise).
         """
-        if options:
-            raise ValueError(f"unknown CondConv option(s): {sorted(options)}")
-        if type(conv) is not nn.Conv2d:
-            raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
         if (
             isinstance(expert_noise, bool)
             or not isinstance(expert_noise, int | float)
@@ -462,30 +447,21 @@ class CondConv2d(DynaConv2d):
                 f"expert_noise must be a finite number >= 0 (a fraction of the kernel's "
                 f"scale), got {expert_noise!r}"
             )
-        spec = ConvSpec.from_conv(conv)
-        layer = cls(
-            **spec.conv_kwargs(),
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            num_experts=num_experts,
-            routing_dropout=routing_dropout,
-            impl=impl,
-        )
-        scale = 2.0 / num_experts
-        with torch.no_grad():
-            weight = conv.weight
-            noise = torch.randn_like(layer.weight) * (expert_noise * _noise_scale(weight))
-            layer.weight.copy_(scale * weight + (noise - noise.mean(dim=0, keepdim=True)))
-            if conv.bias is not None:
-                layer.bias.copy_((scale * conv.bias).expand_as(layer.bias))
-            layer.routing.fc.weight.zero_()
-            layer.routing.fc.bias.zero_()
-        layer.train(conv.training)
-        return layer
+        return {"num_experts": num_experts, "routing_dropout": routing_dropout, "impl": impl}
+
+    def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:
+        scale = 2.0 / self.num_experts
+        weight = conv.weight
+        noise = torch.randn_like(self.weight) * (options["expert_noise"] * _noise_scale(weight))
+        self.weight.copy_(scale * weight + (noise - noise.mean(dim=0, keepdim=True)))
+        if conv.bias is not None:
+            self.bias.copy_((scale * conv.bias).expand_as(self.bias))
+        self.routing.fc.weight.zero_()
+        self.routing.fc.bias.zero_()
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
+    ) -> MacCount:
         """Dense: the conv (plus the own routing's linear map); active adds the kernel mixing.
 
         The mixing is ``B * E * numel(W_e)`` multiply-accumulates. The routing linear map
@@ -498,7 +474,7 @@ class CondConv2d(DynaConv2d):
         if self.routing is not None:
             dense += batch * self.spec.in_channels * self.num_experts
         mixing = batch * self.weight.numel()
-        return dense, dense + mixing
+        return MacCount(dense, dense + mixing)
 
     def structure(self) -> str:
         return f"experts={self.num_experts}"

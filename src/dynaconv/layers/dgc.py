@@ -106,7 +106,6 @@ Shapes: input ``(B, Cin, H, W)`` -> output ``(B, Cout, H', W')`` as ``nn.Conv2d`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -118,6 +117,7 @@ from ..dispatch import (
     resolve_impl,
     tracing,
 )
+from ..families import register_family
 from ..functional.dgc import (
     dense_masked_conv,
     gate_dense,
@@ -131,8 +131,11 @@ from ..functional.dgc import (
 )
 from ..kernels.dgc import GatedHeadsConv, sparse_conv_triton
 from ._base import (
+    Convention,
     ConversionSkipped,
     DynaConv2d,
+    MacCount,
+    Shape,
     check_input,
     check_progress,
     kaiming_uniform_,
@@ -200,6 +203,13 @@ def _check_options(
         )
 
 
+@register_family(
+    "dgc",
+    demo_options={"heads": 4, "gate_factor": 0.25, "squeeze_rate": 4},
+    # docs/methods.md: DGC's lasso at 1e-5.
+    aux_loss_weight=1e-5,
+    structure_plot="channel_usage",
+)
 class DynamicGroupConv2d(DynaConv2d):
     """Dynamic group convolution (drop-in for ``nn.Conv2d`` with ``groups=1``).
 
@@ -222,21 +232,13 @@ class DynamicGroupConv2d(DynaConv2d):
     the last training-mode forward (a zero tensor before any).
     """
 
-    method = "dgc"
+    title = "DGC"
+    conv_groups = "one"
 
-    def __init__(
+    def _init_family(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
+        device: Any,
+        dtype: Any,
         *,
         heads: int = 4,
         squeeze_rate: int = 16,
@@ -245,17 +247,8 @@ class DynamicGroupConv2d(DynaConv2d):
         saliency_mode: SaliencyMode = "reference",
         hidden_width: int | None = None,
     ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-        )
+        s = self.spec
+        in_channels, out_channels, groups, bias = s.in_channels, s.out_channels, s.groups, s.bias
         if groups != 1:
             raise ValueError(f"groups must be 1 for DGC (the heads replace groups), got {groups}")
         _check_options(in_channels, heads, squeeze_rate, gate_factor, impl)
@@ -424,7 +417,7 @@ class DynamicGroupConv2d(DynaConv2d):
         return SparseDynamicGroupConv2d.from_layer(self)
 
     @classmethod
-    def from_conv(
+    def _conversion(
         cls,
         conv: nn.Conv2d,
         *,
@@ -433,8 +426,7 @@ class DynamicGroupConv2d(DynaConv2d):
         gate_factor: float = 0.25,
         impl: Impl = "auto",
         saliency_mode: SaliencyMode = "neutral",
-        **options: Any,
-    ) -> DynamicGroupConv2d:
+    ) -> dict[str, Any]:
         """A DGC layer with ``conv``'s kernel (every head keeps its rows of it).
 
         ``saliency_mode="neutral"`` (the default here) normalises the saliency descriptor and
@@ -442,12 +434,6 @@ class DynamicGroupConv2d(DynaConv2d):
         ``conv`` (module docstring, "Converted layers"); ``"reference"`` gives the paper's
         layer.
         """
-        if options:
-            raise ValueError(f"unknown DGC option(s): {sorted(options)}")
-        if type(conv) is not nn.Conv2d:
-            raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
-        if conv.groups != 1:
-            raise ConversionSkipped(f"grouped conv (groups={conv.groups}); DGC needs groups=1")
         if conv.out_channels % heads:
             raise ConversionSkipped(
                 f"out_channels={conv.out_channels} not divisible by heads={heads}"
@@ -456,58 +442,46 @@ class DynamicGroupConv2d(DynaConv2d):
             raise ConversionSkipped(
                 f"in_channels={conv.in_channels} too few to keep a fraction {gate_factor}"
             )
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            conv.stride,  # type: ignore[arg-type]
-            conv.padding,  # type: ignore[arg-type]
-            conv.dilation,  # type: ignore[arg-type]
-            1,
-            conv.bias is not None,
-            conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            heads=heads,
-            squeeze_rate=squeeze_rate,
-            gate_factor=gate_factor,
-            impl=impl,
-            saliency_mode=saliency_mode,
-        )
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.train(conv.training)
-        return layer
+        return {
+            "heads": heads,
+            "squeeze_rate": squeeze_rate,
+            "gate_factor": gate_factor,
+            "impl": impl,
+            "saliency_mode": saliency_mode,
+        }
+
+    def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:
+        self.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            self.bias.copy_(conv.bias)
 
     def _saliency_macs(self, batch: int) -> int:
         return batch * self.heads * 2 * self.spec.in_channels * self.hidden
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
+    ) -> MacCount:
         """Dense: the full conv of every head + the saliency FCs. Active: each head convolves
-        ``Cin - k_off`` channels (the current ``k_off``) + the saliency FCs."""
+        ``Cin - k_off`` channels (the current ``k_off``) + the saliency FCs.
+
+        ``convention="reference"``: what the reference counter (``utils.measure_model`` of the
+        DGC code) counts. Worked out from its totals for DyDenseNet-86 (CIFAR, 71,037,118) and
+        DyResNet-18 (224 px, 890,396,782.4), which it reproduces exactly: per layer, the head
+        convs at ``gate_factor`` of their dense MACs (the fraction, not the current ``k_off``,
+        hence the non-integer total), the global average pool (one op per input element), and
+        per head ``fc1`` (``Cin R``), its ReLU (``R``), ``fc2`` with bias (``R Cin + Cin``), its
+        ReLU (``Cin``) and one more op per saliency (``Cin``, the gating). The layer's BN-ReLU
+        (its ReLU: one op per input element) lives in the network, whose ``nn.ReLU`` the
+        counter counts. Dense: the same with the full conv.
+        """
+        if convention == "reference":
+            return self._reference_macs(input_shape, output_shape)
         conv = self.spec.dense_macs(output_shape)
         fcs = self._saliency_macs(int(output_shape[0]))
         active = conv // self.spec.in_channels * self.kept_channels
-        return conv + fcs, active + fcs
+        return MacCount(conv + fcs, active + fcs)
 
-    def count_macs_reference(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[float, float]:
-        """What the reference counter (``utils.measure_model`` of the DGC code) counts.
-
-        Worked out from its totals for DyDenseNet-86 (CIFAR, 71,037,118) and DyResNet-18
-        (224 px, 890,396,782.4), which it reproduces exactly: per layer, the head convs at
-        ``gate_factor`` of their dense MACs (the fraction, not the current ``k_off``, hence the
-        non-integer total), the global average pool (one op per input element), and per head
-        ``fc1`` (``Cin R``), its ReLU (``R``), ``fc2`` with bias (``R Cin + Cin``), its ReLU
-        (``Cin``) and one more op per saliency (``Cin``, the gating). The layer's
-        BN-ReLU (its ReLU: one op per input element) lives in the network, whose ``nn.ReLU``
-        the counter counts. Dense: the same with the full conv.
-        """
+    def _reference_macs(self, input_shape: Shape, output_shape: Shape) -> MacCount:
         batch = int(input_shape[0])
         cin, hidden = self.spec.in_channels, self.hidden
         conv = self.spec.dense_macs(output_shape)
@@ -515,7 +489,7 @@ class DynamicGroupConv2d(DynaConv2d):
         per_head = cin * hidden + hidden + hidden * cin + cin + cin + cin
         extra = pool + batch * self.heads * per_head
         active = conv * self.gate_factor + extra
-        return (conv + extra, int(active) if float(active).is_integer() else active)
+        return MacCount(conv + extra, int(active) if float(active).is_integer() else active)
 
     def structure(self) -> str:
         return (

@@ -8,7 +8,6 @@ kept count (the math: :mod:`dynaconv.functional.dgc`; the form: :mod:`dynaconv.d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor, nn
@@ -34,7 +33,7 @@ from ..functional.dgc import (
     zero_padding,
 )
 from ..kernels.dgc import sparse_conv_triton
-from ._base import ConvSpec, check_input
+from ._base import Convention, ConvSpec, MacCount, Shape, check_input
 
 if TYPE_CHECKING:
     from .dgc import DynamicGroupConv2d
@@ -189,13 +188,13 @@ class SparseDynamicGroupConv2d(nn.Module):
         )
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
+    ) -> MacCount:
         conv = self.spec.dense_macs(output_shape) // self.spec.in_channels * self.kept
         fcs = (
             int(output_shape[0]) * self.heads * 2 * self.spec.in_channels * self.fc1_weight.shape[1]
         )
-        return conv + fcs, conv + fcs
+        return MacCount(conv + fcs, conv + fcs)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -58,15 +58,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..dispatch import FAMILY_IMPLS, resolve_impl, uses_triton
+from ..families import register_family
 from ..kernels import dgconv as dgconv_kernels
-from ._base import ConversionSkipped, DynaConv2d, check_input
+from ._base import Convention, ConversionSkipped, DynaConv2d, MacCount, Shape, check_input
 from .dgconv_deployed import PermutedGroupConv2d
 
 __all__ = [
@@ -154,6 +154,7 @@ def _deploy_order(b_kron: Tensor) -> Tensor:
     return torch.argsort(new_code)
 
 
+@register_family("dgconv", structure_plot="groups")
 class GroupableConv2d(DynaConv2d):
     """Groupable convolution (drop-in for a square ``nn.Conv2d`` with ``C = 2^K`` channels).
 
@@ -166,38 +167,22 @@ class GroupableConv2d(DynaConv2d):
     ``(C, C, kh, kw)`` and ``bias``. ``.weight`` is the masked kernel.
     """
 
-    method = "dgconv"
+    title = "DGConv"
+    conv_groups = "learn"
+
     #: The gates' signs are the learned groups: an EMA copies them instead of averaging.
     structural_parameters: ClassVar[tuple[str, ...]] = ("gate",)
 
-    def __init__(
+    def _init_family(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
+        device: Any,
+        dtype: Any,
         *,
         sort: bool = False,
         impl: Impl = "auto",
     ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-        )
+        s = self.spec
+        in_channels, out_channels, groups, bias = s.in_channels, s.out_channels, s.groups, s.bias
         if groups != 1:
             raise ValueError(
                 f"groups must be 1 for GroupableConv2d (it learns its groups; use "
@@ -339,58 +324,39 @@ class GroupableConv2d(DynaConv2d):
         return PermutedGroupConv2d(conv, order)
 
     @classmethod
-    def from_conv(
-        cls, conv: nn.Conv2d, *, sort: bool = False, impl: Impl = "auto", **options: Any
-    ) -> GroupableConv2d:
+    def _conversion(
+        cls, conv: nn.Conv2d, *, sort: bool = False, impl: Impl = "auto"
+    ) -> dict[str, Any]:
         """A DGConv equal to ``conv``: its kernel placed block-diagonally, its groups as gates.
 
         A conv with ``2^m`` groups starts with the first ``m`` gates at ``-1e-8`` (zero) and the
         others at ``+1e-8``, so ``U`` is exactly its block-diagonal connectivity.
         """
-        if options:
-            raise ValueError(f"unknown DGConv option(s): {sorted(options)}")
-        if type(conv) is not nn.Conv2d:
-            raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
         try:
             _channel_bits(conv.in_channels, conv.out_channels)
         except ValueError as why:
             raise ConversionSkipped(str(why)) from None
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            conv.stride,  # type: ignore[arg-type]
-            conv.padding,  # type: ignore[arg-type]
-            conv.dilation,  # type: ignore[arg-type]
-            1,
-            conv.bias is not None,
-            conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            sort=sort,
-            impl=impl,
-        )
+        return {"sort": sort, "impl": impl}
+
+    def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:
         groups = conv.groups
         zero_gates = groups.bit_length() - 1
         size = conv.in_channels // groups
-        with torch.no_grad():
-            layer.dense_weight.zero_()
-            for g in range(groups):
-                block = slice(g * size, (g + 1) * size)
-                layer.dense_weight[block, block] = conv.weight[block]
-            gates = [-GATE_INIT] * zero_gates + [GATE_INIT] * (layer.num_gates - zero_gates)
-            layer.gate.copy_(torch.tensor(gates))
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.train(conv.training)
-        return layer
+        self.dense_weight.zero_()
+        for g in range(groups):
+            block = slice(g * size, (g + 1) * size)
+            self.dense_weight[block, block] = conv.weight[block]
+        gates = [-GATE_INIT] * zero_gates + [GATE_INIT] * (self.num_gates - zero_gates)
+        self.gate.copy_(torch.tensor(gates))
+        if conv.bias is not None:
+            self.bias.copy_(conv.bias)
 
     # ---------------------------------------------------------------------------- reporting
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
+    ) -> MacCount:
         dense = self.spec.dense_macs(output_shape)
-        return dense, dense // self.num_groups
+        return MacCount(dense, dense // self.num_groups)
 
     def structure(self) -> str:
         bits = "".join("1" if g > 0 else ("0" if g < 0 else "h") for g in self.gate.tolist())

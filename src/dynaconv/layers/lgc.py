@@ -40,14 +40,22 @@ Shapes: input ``(B, Cin, H, W)`` -> output ``(B, Cout, H', W')`` as ``nn.Conv2d`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import ConversionSkipped, DynaConv2d, check_input, check_progress
+from ..families import register_family
+from ._base import (
+    Convention,
+    ConversionSkipped,
+    DynaConv2d,
+    MacCount,
+    Shape,
+    check_input,
+    check_progress,
+)
 from .lgc_deployed import (  # the deployed layer; re-exported here
     CondensedGroupConv2d,
     GatherWorkspace,
@@ -142,6 +150,13 @@ def check_condensation_state(
         )
 
 
+@register_family(
+    "lgc",
+    demo_options={"learned_groups": 4, "condense_factor": 4},
+    # CondenseNet's group lasso is off in its CIFAR recipe (docs/methods.md).
+    aux_loss_weight=0.0,
+    structure_plot="binary",
+)
 class LearnedGroupConv2d(DynaConv2d):
     """Learned group convolution (drop-in for ``nn.Conv2d`` with ``groups=1``).
 
@@ -159,38 +174,21 @@ class LearnedGroupConv2d(DynaConv2d):
     (:func:`check_condensation_state`) and raises ``ValueError`` naming the key otherwise.
     """
 
-    method = "lgc"
+    title = "LGC"
+    conv_groups = "one"
 
-    def __init__(
+    def _init_family(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
+        device: Any,
+        dtype: Any,
         *,
         learned_groups: int = 4,
         condense_factor: int | None = None,
         dropout: float = 0.0,
         reference_lasso: bool = False,
     ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-        )
+        s = self.spec
+        in_channels, out_channels, groups, bias = s.in_channels, s.out_channels, s.groups, s.bias
         if not isinstance(reference_lasso, bool):
             raise ValueError(f"reference_lasso must be a bool, got {reference_lasso!r}")
         self.reference_lasso = reference_lasso
@@ -361,22 +359,15 @@ class LearnedGroupConv2d(DynaConv2d):
         return CondensedGroupConv2d.from_learned(self)
 
     @classmethod
-    def from_conv(
+    def _conversion(
         cls,
         conv: nn.Conv2d,
         *,
         learned_groups: int = 4,
         condense_factor: int | None = None,
         dropout: float = 0.0,
-        **options: Any,
-    ) -> LearnedGroupConv2d:
+    ) -> dict[str, Any]:
         """An LGC starting equal to ``conv`` (mask all ones, its weights kept)."""
-        if options:
-            raise ValueError(f"unknown LGC option(s): {sorted(options)}")
-        if type(conv) is not nn.Conv2d:
-            raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
-        if conv.groups != 1:
-            raise ConversionSkipped(f"grouped conv (groups={conv.groups})")
         factor = learned_groups if condense_factor is None else condense_factor
         if conv.out_channels % learned_groups or conv.in_channels % factor:
             raise ConversionSkipped(
@@ -385,45 +376,35 @@ class LearnedGroupConv2d(DynaConv2d):
             )
         if conv.in_channels // factor == 0 or conv.in_channels == 1:
             raise ConversionSkipped("too few input channels to condense")
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            1,
-            conv.bias is not None,
-            conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            learned_groups=learned_groups,
-            condense_factor=condense_factor,
-            dropout=dropout,
-        )
-        with torch.no_grad():
-            layer.dense_weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.train(conv.training)
-        return layer
+        return {
+            "learned_groups": learned_groups,
+            "condense_factor": condense_factor,
+            "dropout": dropout,
+        }
+
+    def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:
+        self.dense_weight.copy_(conv.weight)
+        if conv.bias is not None:
+            self.bias.copy_(conv.bias)
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
+    ) -> MacCount:
+        """Dense: the conv; active: its kept connections. ``convention="reference"``:
+        CondenseNet's counter, the conv's MACs at ``1 / C``, whatever the stage."""
         dense = self.spec.dense_macs(output_shape)
+        if convention == "reference":
+            return MacCount(dense // self.condense_factor, dense // self.condense_factor)
         kept = int(self.mask.sum())
-        return dense, dense * kept // self.mask.numel()
+        return MacCount(dense, dense * kept // self.mask.numel())
 
-    def reference_count(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
-        """CondenseNet's counter: the conv's MACs and parameters at ``1 / C``, whatever the stage."""
-        dense = self.spec.dense_macs(output_shape)
+    def count_params(self, convention: Convention = "dense") -> int:
+        """The stored parameters; ``convention="reference"``: CondenseNet's counter, the
+        weights at ``1 / C`` whatever the stage (and the bias)."""
+        if convention != "reference":
+            return super().count_params(convention)
         params = self.dense_weight.numel() // self.condense_factor
-        if self.bias is not None:
-            params += self.bias.numel()
-        return dense // self.condense_factor, params
+        return params + (0 if self.bias is None else self.bias.numel())
 
     def structure(self) -> str:
         kept = int(self.group_mask().sum(1)[0])

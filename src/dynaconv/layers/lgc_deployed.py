@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -30,7 +29,7 @@ from ..dispatch import (
     uses_triton,
 )
 from ..kernels import lgc as lgc_kernels
-from ._base import ConvSpec, check_input
+from ._base import Convention, ConvSpec, MacCount, Shape, check_input
 
 if TYPE_CHECKING:
     from .lgc import LearnedGroupConv2d
@@ -496,32 +495,35 @@ class CondensedGroupConv2d(nn.Module):
     # counts
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
-        macs = self.spec.dense_macs(output_shape)
-        return macs, macs
-
-    def reference_count(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
-        """What CondenseNet's counter reports for the modules folded here.
-
-        The grouped conv's MACs and weights; for a folded BN-ReLU before it, 2 parameters per
-        gathered channel and one op per gathered element (its ReLU); likewise for a folded
-        BN-ReLU after it, per output channel and element.
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
+    ) -> MacCount:
+        """The grouped conv's MACs. ``convention="reference"``: what CondenseNet's counter
+        reports for the modules folded here: the grouped conv's MACs, and for a folded BN-ReLU
+        before it one op per gathered element (its ReLU), likewise for a folded BN-ReLU after
+        it, per output element (:meth:`count_params` counts their parameters).
         """
-        batch, _, height, width = input_shape
         macs = self.spec.dense_macs(output_shape)
+        if convention != "reference":
+            return MacCount(macs, macs)
+        batch, _, height, width = input_shape
+        if self.in_scale is not None and self.in_relu:
+            macs += batch * self.index.numel() * height * width
+        if self.out_scale is not None and self.out_relu:
+            macs += math.prod(output_shape)
+        return MacCount(macs, macs)
+
+    def count_params(self, convention: Convention = "dense") -> int:
+        """The stored parameters; ``convention="reference"``: what CondenseNet's counter
+        reports: the grouped conv's weights, and 2 per channel of a folded BN before it
+        (per gathered channel) and after it (per output channel)."""
+        if convention != "reference":
+            return sum(p.numel() for p in self.parameters())
         params = self.weight.numel() + (0 if self.bias is None else self.bias.numel())
         if self.in_scale is not None:
             params += 2 * self.in_scale.numel()
-            if self.in_relu:
-                macs += batch * self.index.numel() * height * width
         if self.out_scale is not None:
             params += 2 * self.out_scale.numel()
-            if self.out_relu:
-                macs += math.prod(output_shape)
-        return macs, params
+        return params
 
     def extra_repr(self) -> str:
         s = self.spec
