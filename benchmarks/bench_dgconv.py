@@ -25,7 +25,8 @@ import argparse
 import torch
 from torch import nn
 
-from dynaconv.layers.dgconv import GroupableConv2d, fold_bottleneck
+from dynaconv.layers.dgconv import GroupableConv2d
+from dynaconv.models.surgery import fold_bottleneck
 from harness import Row, Timing, common_args, device_ms, forward_fn, measure, report, train_step_fn
 
 CASES = [("256ch 14x14", 256, 14), ("128ch 28x28", 128, 28)]

@@ -64,3 +64,12 @@ def assert_close64(
     torch.testing.assert_close(
         actual.to(torch.float64), expected.to(torch.float64), rtol=rtol, atol=atol
     )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_measured_choices():
+    """Measured ``impl="auto"`` choices are a per-process cache: none leaks between tests."""
+    from dynaconv.dispatch import clear_measured_choices
+
+    yield
+    clear_measured_choices()

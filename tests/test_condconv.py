@@ -230,9 +230,9 @@ def test_deploy_fixes_the_form_and_stays_dynamic():
     x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
     deployed = layer.deploy()
     assert type(deployed) is CondConv2d and not deployed.training
-    assert deployed.impl == layer.inference_form() == "grouped"  # CPU, 3x3
+    assert deployed.impl == layer.inference_form() == "loop"  # CPU inference, 3x3
     assert CondConv2d(4, 6, 1).inference_form() == "bmm"
-    assert CondConv2d(4, 4, 3, groups=4).inference_form() == "grouped"
+    assert CondConv2d(4, 4, 3, groups=4).inference_form() == "batch_grouped"
     layer.eval()
     assert_close64(deployed(x), layer(x))
     exportable = layer.deploy(impl="expert_sum")
@@ -291,10 +291,13 @@ def test_auto_choice():
     spec = CondConv2d(16, 16, 3).spec
     x, w = torch.randn(1, 16, 4, 4), torch.randn(2, 16, 16, 3, 3)
     assert choose_form(spec, x, w, needs_grad=False) == "loop"  # CPU inference, kxk
-    assert choose_form(spec, x, w, needs_grad=True) == "grouped"
+    assert choose_form(spec, x, w, needs_grad=True) == "batch_grouped"
     assert choose_form(CondConv2d(16, 16, 1).spec, x, w, needs_grad=False) == "bmm"
     assert choose_form(CondConv2d(16, 16, 1).spec, x, w, needs_grad=True) == "bmm"
-    assert choose_form(CondConv2d(16, 16, 3, groups=16).spec, x, w, needs_grad=False) == "grouped"
+    assert (
+        choose_form(CondConv2d(16, 16, 3, groups=16).spec, x, w, needs_grad=False)
+        == "batch_grouped"
+    )
 
 
 @pytest.mark.parametrize(

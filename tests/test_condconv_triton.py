@@ -228,8 +228,9 @@ def test_gpu_auto_picks_triton_and_half_precision():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 def test_gpu_measured_auto_choice_is_cached_and_exact():
-    from dynaconv.layers import condconv as module
+    from dynaconv.dispatch import clear_measured_choices, measured_choices
 
+    clear_measured_choices()
     layer = CondConv2d(32, 48, 1, num_experts=8, device="cuda").eval()
     x = torch.randn(16, 32, 14, 14, device="cuda")
     benchmark = torch.backends.cudnn.benchmark
@@ -238,7 +239,7 @@ def test_gpu_measured_auto_choice_is_cached_and_exact():
     try:
         with torch.no_grad():
             y = layer(x)
-            assert any(k[2] == layer.spec for k in module._MEASURED_FORMS)
+            assert any(k[0] == "condconv" and k[3] == layer.spec for k in measured_choices)
             again = layer(x)
     finally:
         torch.backends.cudnn.benchmark = benchmark

@@ -14,9 +14,9 @@ import dynaconv
 from conftest import assert_close64, load_fixture
 from dynaconv import DynamicGroupConv2d
 from dynaconv.compat import layer_from_reference, model_from_reference
+from dynaconv.kernels.dgc import GatedHeadsConv
 from dynaconv.layers.dgc import (
     SparseDynamicGroupConv2d,
-    _GatedHeadsConv,
     gate_dense,
     inactive_channels_at,
     lasso,
@@ -352,7 +352,7 @@ def test_gated_heads_training_function_equals_dense(cfg):
         layer._last_lasso = lasso(g)
         gated = gate_dense(g, layer.inactive_channels)
         index = select_kept(g, layer._inactive)[0]
-        out = _GatedHeadsConv.apply(
+        out = GatedHeadsConv.apply(
             x, gated, layer.weight, index, layer.spec, layer.heads, False, cfg["seed"] % 3 + 1
         )
         return out if layer.bias is None else out + layer.bias.reshape(1, -1, 1, 1)

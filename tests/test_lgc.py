@@ -13,7 +13,7 @@ from torch import nn
 
 import dynaconv
 from conftest import assert_close64, load_fixture
-from dynaconv import LearnedGroupConv2d
+from dynaconv import LearnedGroupConv2d, MacCount
 from dynaconv.compat import layer_from_reference
 from dynaconv.kernels import lgc as lgc_kernels
 from dynaconv.kernels import triton_available
@@ -400,7 +400,10 @@ def test_counts_and_structure():
     layer.set_progress(1.0)
     dense, active = layer.count_macs((1, 16, 5, 5), (1, 8, 5, 5))
     assert active * 4 == dense
-    assert layer.reference_count((1, 16, 5, 5), (1, 8, 5, 5)) == (dense // 4, 16 * 8 * 9 // 4 + 8)
+    reference = layer.count_macs((1, 16, 5, 5), (1, 8, 5, 5), convention="reference")
+    assert reference == MacCount(dense // 4, dense // 4)
+    assert layer.count_params("reference") == 16 * 8 * 9 // 4 + 8
+    assert layer.count_params() == 16 * 8 * 9 + 8
     assert "stage 3/3" in layer.structure() and "4/16" in layer.structure()
     profile = dynaconv.profile(nn.Sequential(layer), (1, 16, 5, 5))
     assert profile["macs_active"] == active

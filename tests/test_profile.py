@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynaconv
+from dynaconv import MacCount
 from dynaconv.models import DigitsCNN
 
 
@@ -199,9 +200,15 @@ def test_reference_count_protocol():
         def forward(self, x):
             return self.conv(self.norm(x))
 
-        def reference_count(self, input_shape, output_shape):
+        def count_macs(self, input_shape, output_shape, convention="dense"):
             dense = output_shape[0] * 8 * 4 * output_shape[2] * output_shape[3]
-            return dense // 4, 8 * 4 // 4 + 8
+            if convention == "reference":
+                return MacCount(dense // 4, dense // 4)
+            return MacCount(dense, dense)
+
+        def count_params(self, convention="dense"):
+            stored = sum(p.numel() for p in self.parameters())
+            return 8 * 4 // 4 + 8 if convention == "reference" else stored
 
     model = nn.Sequential(QuarterConv(), nn.ReLU())
     stored = 8 + 32
@@ -213,9 +220,9 @@ def test_reference_count_protocol():
     assert reference["macs"] == 2 * 8 * 4 * 9 // 4 + 2 * 8 * 9  # the ReLU's ops added
     assert reference["params"] == 16
     assert reference["params_deployed"] == stored
-    dense = dynaconv.profile(model, (2, 4, 3, 3))  # the protocol only applies to "reference"
+    dense = dynaconv.profile(model, (2, 4, 3, 3))  # its dense count, its stored parameters
     assert dense["macs"] == 2 * 8 * 4 * 9 and dense["params"] == stored
-    assert [r.name for r in dense.layers] == ["0.norm", "0.conv"]
+    assert [(r.name, r.macs, r.params) for r in dense.layers] == [("0", 2 * 8 * 4 * 9, stored)]
 
 
 def test_profile_changes_no_state_and_restores_modes():

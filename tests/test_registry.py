@@ -121,3 +121,15 @@ def test_a_second_registration_of_a_network_name_is_refused():
             return None
 
     assert get_model_builder("digits_cnn").__module__ == "dynaconv.models.digits"
+
+
+def test_remove_unregisters_and_names_the_entries_when_unknown():
+    registry: Registry[int] = Registry("thing")
+    registry.add("a", 1)
+    registry.add("b", 2)
+    assert registry.remove("a") == 1
+    assert list(registry) == ["b"] and "a" not in registry.view
+    with pytest.raises(ValueError, match="unknown thing 'a'; registered: b"):
+        registry.remove("a")
+    registry.add("a", 3)  # the name is free again
+    assert registry.get("a") == 3

@@ -20,7 +20,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
+from .families import FamilyView
 from .lifecycle import (
     DeployVerificationError,
     deploy,
@@ -36,7 +37,7 @@ from .lifecycle import (
     layer_class,
     set_progress,
 )
-from .profile import profile
+from .profiling import profile
 
 __all__ = [
     "AUX_LOSS_WEIGHTS",
@@ -47,18 +48,14 @@ __all__ = [
     "run_demo",
 ]
 
-#: Method -> options passed to :func:`dynaconv.convert` (``model.convert.options``).
-DEMO_METHODS: dict[str, dict[str, Any]] = {
-    "doconv": {},
-    "condconv": {"num_experts": 4},
-    "dgc": {"heads": 4, "gate_factor": 0.25, "squeeze_rate": 4},
-    "dgconv": {},
-    "lgc": {"learned_groups": 4, "condense_factor": 4},
-}
+#: Method -> options passed to :func:`dynaconv.convert` (``model.convert.options``); read-only,
+#: from each family's registration (:func:`dynaconv.families.register_family`).
+DEMO_METHODS: Mapping[str, Mapping[str, Any]] = FamilyView(lambda family: family.demo_options)
 
 #: Method -> weight of ``dynaconv.aux_loss(model)`` in the training loss (docs/methods.md: DGC's
-#: lasso 1e-5; CondenseNet's group lasso is off in its CIFAR recipe; none for the others).
-AUX_LOSS_WEIGHTS: dict[str, float] = {"dgc": 1e-5, "lgc": 0.0}
+#: lasso 1e-5; CondenseNet's group lasso is off in its CIFAR recipe; none for the others);
+#: read-only, from each family's registration.
+AUX_LOSS_WEIGHTS: Mapping[str, float] = FamilyView(lambda family: family.aux_loss_weight)
 
 PLAIN = "plain"
 UNAVAILABLE = "not available yet"

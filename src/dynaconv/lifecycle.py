@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import importlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from .families import FamilyView, get_family
 from .layers._base import ConversionSkipped, Deployable, DynaConv2d, check_progress
 
 __all__ = [
@@ -37,26 +37,13 @@ __all__ = [
 
 log = logging.getLogger("dynaconv")
 
-#: Method name -> ``module:class`` of its layer (imported on first use).
-METHODS: dict[str, str] = {
-    "doconv": "dynaconv.layers.doconv:DOConv2d",
-    "condconv": "dynaconv.layers.condconv:CondConv2d",
-    "dgc": "dynaconv.layers.dgc:DynamicGroupConv2d",
-    "dgconv": "dynaconv.layers.dgconv:GroupableConv2d",
-    "lgc": "dynaconv.layers.lgc:LearnedGroupConv2d",
-}
+#: Method name -> its layer class (read-only, live view of :data:`dynaconv.families.FAMILIES`).
+METHODS: Mapping[str, type[DynaConv2d]] = FamilyView(lambda family: family.layer)
 
 
 def layer_class(method: str) -> type[DynaConv2d]:
     """The layer class of ``method`` (one of :data:`METHODS`)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    module_name, class_name = METHODS[method].split(":")
-    module = importlib.import_module(module_name)
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise NotImplementedError(f"method {method!r} is not implemented yet")
-    return cls
+    return get_family(method).layer
 
 
 def dynaconv_layers(model: nn.Module) -> Iterator[tuple[str, DynaConv2d]]:

@@ -16,7 +16,10 @@ the name is unknown. A name is registered once: registering it again is an error
 definitions of one name are a bug, never an override). Lookups never import anything: an
 object is in a registry only once the module that defines it has been imported.
 
-Registries of this package: the networks (:mod:`dynaconv.models`, ``register_model``).
+Registries of this package: the method families (:mod:`dynaconv.families`,
+``register_family``), the networks (:mod:`dynaconv.models`, ``register_model``) and the
+reference-checkpoint loaders (:mod:`dynaconv.compat`, ``register_reference_layer`` and
+``register_reference_model``).
 """
 
 from __future__ import annotations
@@ -91,6 +94,13 @@ class Registry(Generic[T]):
                 f"got {name_or_obj!r}"
             )
         return self.add(name, name_or_obj)
+
+    def remove(self, name: str) -> T:
+        """Unregister ``name`` and return its object (for plugins and tests that register
+        temporarily); ``ValueError`` listing the names when it is not registered."""
+        obj = self.get(name)
+        del self._entries[name]
+        return obj
 
     def get(self, name: str) -> T:
         """The object registered as ``name``; ``ValueError`` listing the names otherwise."""

@@ -9,7 +9,9 @@
   arguments and state dict. Architectures: ``condensenet``, ``dydensenet``, ``dyresnet18``,
   ``g_resnext50``, ``g_resnext101``.
 
-The returned modules' ``forward`` returns the reference's main output.
+The returned modules' ``forward`` returns the reference's main output. Each loader registers
+itself in its module (:func:`register_reference_layer`, :func:`register_reference_model`);
+:data:`LAYER_METHODS` and :data:`ARCHITECTURES` are read-only views of them.
 
 Other sources of CondConv weights: :mod:`dynaconv.compat.timm` (timm's EfficientNet-CondConv
 checkpoints, ``tf_`` and native, and timm's ``CondConv2d``; timm itself is not needed) and
@@ -19,7 +21,6 @@ checkpoints, ``tf_`` and native, and timm's ``CondConv2d``; timm itself is not n
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._registry import (
+    ARCHITECTURES,
+    LAYER_METHODS,
+    register_reference_layer,
+    register_reference_model,
+    resolve,
+)
+
 __all__ = [
     "ARCHITECTURES",
     "LAYER_METHODS",
@@ -35,42 +44,10 @@ __all__ = [
     "layer_from_reference",
     "load_checkpoint",
     "model_from_reference",
+    "register_reference_layer",
+    "register_reference_model",
     "strip_prefix",
 ]
-
-#: Method -> ``module:function(config, state_dict) -> nn.Module``.
-LAYER_METHODS: dict[str, str] = {
-    "doconv": "dynaconv.compat.doconv:layer_from_reference",
-    "condconv": "dynaconv.compat.condconv:layer_from_reference",
-    "dgc": "dynaconv.compat.dgc:layer_from_reference",
-    "dgconv": "dynaconv.compat.dgconv:layer_from_reference",
-    "lgc": "dynaconv.compat.lgc:layer_from_reference",
-}
-
-#: Architecture -> ``module:function(config, state_dict) -> nn.Module``.
-ARCHITECTURES: dict[str, str] = {
-    "condensenet": "dynaconv.compat.lgc:condensenet_from_reference",
-    "dydensenet": "dynaconv.compat.dgc:dydensenet_from_reference",
-    "dyresnet18": "dynaconv.compat.dgc:dyresnet18_from_reference",
-    "g_resnext50": "dynaconv.compat.dgconv:g_resnext50_from_reference",
-    "g_resnext101": "dynaconv.compat.dgconv:g_resnext101_from_reference",
-}
-
-
-def _resolve(table: Mapping[str, str], name: str, what: str):
-    if name not in table:
-        raise ValueError(f"{what} must be one of {sorted(table)}, got {name!r}")
-    module_name, function_name = table[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as missing:
-        if missing.name != module_name:
-            raise
-        module = None
-    function = getattr(module, function_name, None)
-    if function is None:
-        raise NotImplementedError(f"loading reference {what} {name!r} is not implemented yet")
-    return function
 
 
 def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
@@ -85,7 +62,7 @@ def layer_from_reference(
     method: str, config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
 ) -> nn.Module:
     """A native layer equal to the reference ``method`` layer built with ``config``."""
-    build = _resolve(LAYER_METHODS, method, "method")
+    build = resolve(LAYER_METHODS, method, "method")
     return build(dict(config), strip_prefix(state_dict))
 
 
@@ -93,7 +70,7 @@ def model_from_reference(
     arch: str, config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
 ) -> nn.Module:
     """A native network equal to the reference ``arch`` built with ``config`` (its arguments)."""
-    build = _resolve(ARCHITECTURES, arch, "architecture")
+    build = resolve(ARCHITECTURES, arch, "architecture")
     return build(dict(config), strip_prefix(state_dict))
 
 
@@ -161,3 +138,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> ReferenceCheckpoint:
     raise ValueError(
         f"{path}: unknown checkpoint layout; expected a dict, found {type(obj).__name__}"
     )
+
+
+# The loaders register themselves when their modules are imported.
+from . import condconv, dgc, dgconv, doconv, lgc  # noqa: E402, F401

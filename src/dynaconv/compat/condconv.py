@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..layers.condconv import CondConv2d
 from ._keys import check_state_keys
+from ._registry import register_reference_layer
 
 __all__ = ["layer_from_reference"]
 
@@ -26,6 +27,7 @@ _RENAMES = {
 }
 
 
+@register_reference_layer("condconv")
 def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> CondConv2d:
     """A :class:`CondConv2d` equal to the reference layer built with ``config``.
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..layers.dgc import DynamicGroupConv2d, reference_squeeze_rate
 from ..models.dydensenet import DyDenseNet
 from ..models.dyresnet import DyResNet
+from ._registry import register_reference_layer, register_reference_model
 
 __all__ = [
     "dgc_state_from_reference",
@@ -131,6 +132,7 @@ def _with_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {prefix + k: v for k, v in state.items()}
 
 
+@register_reference_layer("dgc")
 def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> nn.Module:
     """``nn.Sequential(norm=BN, relu=ReLU, conv=DynamicGroupConv2d)`` equal to the reference
     ``DynamicMultiHeadConv(**config)`` with ``state_dict``: its main output (the reference
@@ -190,6 +192,7 @@ def _convert_dgc(
     return _with_prefix(bn, bn_prefix) | _with_prefix(layer, conv_prefix)
 
 
+@register_reference_model("dydensenet")
 def dydensenet_from_reference(
     config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
 ) -> DyDenseNet:
@@ -225,6 +228,7 @@ def dydensenet_from_reference(
     return model
 
 
+@register_reference_model("dyresnet18")
 def dyresnet18_from_reference(
     config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
 ) -> DyResNet:

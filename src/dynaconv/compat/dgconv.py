@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..layers.dgconv import GroupableConv2d
 from ._keys import check_state_keys
+from ._registry import register_reference_layer, register_reference_model
 
 __all__ = ["g_resnext50_from_reference", "g_resnext101_from_reference", "layer_from_reference"]
 
@@ -44,6 +45,7 @@ def _native_layer_state(state_dict: Mapping[str, Tensor], prefix: str = "") -> d
     }
 
 
+@register_reference_layer("dgconv")
 def layer_from_reference(
     config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
 ) -> GroupableConv2d:
@@ -96,6 +98,7 @@ def _model_from_reference(
     return model
 
 
+@register_reference_model("g_resnext50")
 def g_resnext50_from_reference(
     config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
 ) -> nn.Module:
@@ -103,6 +106,7 @@ def g_resnext50_from_reference(
     return _model_from_reference("g_resnext50", config, state_dict)
 
 
+@register_reference_model("g_resnext101")
 def g_resnext101_from_reference(
     config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
 ) -> nn.Module:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..layers.doconv import DOConv2d
 from ._keys import check_state_keys
+from ._registry import register_reference_layer
 
 _ARGS = (
     "in_channels",
@@ -33,6 +34,7 @@ def _kernel_numel(kernel: Any) -> int:
     return int(kernel[0]) * int(kernel[1])
 
 
+@register_reference_layer("doconv")
 def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> DOConv2d:
     """A :class:`DOConv2d` equal to the reference layer built with ``config``.
 

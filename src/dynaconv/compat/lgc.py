@@ -33,6 +33,7 @@ from ..layers.lgc import (
 )
 from ..models.condensenet import CondensedCondenseNet, CondenseNet, deploy_condensenet
 from ._keys import check_state_keys
+from ._registry import register_reference_layer, register_reference_model
 
 __all__ = ["condensenet_from_reference", "layer_from_reference", "native_state_dict"]
 
@@ -99,6 +100,7 @@ def _reference_lgc_state(
     return out
 
 
+@register_reference_layer("lgc")
 def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> nn.Module:
     """The reference ``LearnedGroupConv`` (BN-ReLU-dropout-masked conv) as native modules.
 
@@ -279,6 +281,7 @@ def _load_converted_lgc(
     return consumed
 
 
+@register_reference_model("condensenet")
 def condensenet_from_reference(
     config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
 ) -> nn.Module:

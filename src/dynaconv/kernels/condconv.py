@@ -33,7 +33,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import autotune_configs, interpreting
+from ..dispatch import interpreting
+from ..functional.condconv import condconv2d_torch, mix
+from . import autotune_configs
 
 __all__ = ["condconv_triton", "premix_default"]
 
@@ -261,8 +263,6 @@ def _launch(
     routing: tuple[Tensor, Tensor] | None = None,
     blocks: dict | None = None,
 ) -> Tensor:
-    from ..layers.condconv import mix
-
     if spec.pads_explicitly:  # other padding modes, TensorFlow's SAME
         x = spec.pad_input(x)
         left = top = 0
@@ -357,8 +357,6 @@ class _CondConvTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from ..layers.condconv import condconv2d
-
         saved = ctx.saved_tensors
         inputs = [
             None if t is None else t.detach().requires_grad_(needs)
@@ -367,7 +365,7 @@ class _CondConvTriton(torch.autograd.Function):
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         with torch.enable_grad():
             x, weight, bias, r = inputs
-            y = condconv2d(ctx.spec, x, weight, bias, r, "grouped")
+            y = condconv2d_torch(ctx.spec, x, weight, bias, r, "batch_grouped")
             grads = iter(torch.autograd.grad(y, wanted, grad))
         result = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
         return (*result, None, None)

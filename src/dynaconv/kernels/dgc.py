@@ -13,19 +13,30 @@ into the interleaved channels ``j*h + i``. ``gate_factor`` of the dense MACs, no
 of the input in memory.
 
 Kernel weights are read in the layout ``(h, kh, kw, Cin, Cout/h)`` (contiguous along the
-output channels), see :func:`dynaconv.layers.dgc.triton_kernel_layout`.
+output channels), see :func:`dynaconv.functional.dgc.triton_kernel_layout`.
+
+Also here: :func:`sparse_conv_triton` (the layer's inference call: top-k straight into the
+kernel) and :class:`GatedHeadsConv` (the training form: this kernel forward, a backward in
+cuDNN convolutions head by head).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import autotune_configs, interpreting
+from ..dispatch import interpreting
+from ..functional.dgc import top_candidates, triton_kernel_layout, zero_padding
+from . import autotune_configs
 
-__all__ = ["gathered_conv_triton"]
+if TYPE_CHECKING:
+    from ..layers._base import ConvSpec
+
+__all__ = ["GatedHeadsConv", "gathered_conv_triton", "sparse_conv_triton"]
 
 
 @functools.cache
@@ -184,3 +195,107 @@ def gathered_conv_triton(
 
         tuned[grid](*args, **flags)
     return out
+
+
+def sparse_conv_triton(
+    x: Tensor,
+    kernel_weight: Tensor,
+    g: Tensor,
+    inactive: int,
+    spec: ConvSpec,
+    heads: int,
+) -> Tensor:
+    """DGC's sparse form through :func:`gathered_conv_triton`: saliencies ``g`` ``(B, h,
+    Cin)`` with ``inactive`` channels dropped per example and head (the tie rule applied in
+    the kernel); ``kernel_weight`` in :func:`triton_kernel_layout`. Other padding modes (and
+    asymmetric 'same') pad explicitly first."""
+    if spec.padding_mode != "zeros" or spec.padding == "same":
+        x = spec.pad_input(x)
+        pad = (0, 0)
+    else:
+        pad = spec.padding  # type: ignore[assignment]
+    index, values, keep = top_candidates(g, inactive)
+    return gathered_conv_triton(
+        x, kernel_weight, index, values, heads, spec.stride, pad, spec.dilation, keep
+    )
+
+
+class GatedHeadsConv(torch.autograd.Function):
+    """Training form of the sparse path: the fused Triton kernel forward (``K/Cin`` of the
+    MACs, no gated copies of ``x``), a backward in cuDNN convolutions head by head over
+    ``chunks`` batch chunks (the transient gated input and its gradient are ``1/chunks`` of
+    ``x`` each).
+
+    Inputs: ``x`` ``(B, Cin, H, W)``, ``gated`` ``(B, h, Cin)`` (the zeroed saliencies),
+    ``weight`` ``(Cout, Cin, kh, kw)``, ``index`` ``(B, h, K)`` (kept channels).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gated, weight, index, spec, heads, use_triton, chunks=2):  # type: ignore[override]
+        padding = zero_padding(spec)
+        ctx.conv_args = (spec.stride, padding, spec.dilation)
+        ctx.heads = heads
+        ctx.chunks = chunks
+        ctx.save_for_backward(x, gated, weight)
+        if use_triton:
+            scale = gated.gather(-1, index)
+            return gathered_conv_triton(
+                x,
+                triton_kernel_layout(weight, heads),
+                index,
+                scale,
+                heads,
+                spec.stride,
+                padding,
+                spec.dilation,
+            )
+        outs = [
+            F.conv2d(
+                x * gated[:, i, :, None, None],
+                weight[i::heads],
+                None,
+                spec.stride,
+                padding,
+                spec.dilation,
+            )
+            for i in range(heads)
+        ]
+        return torch.stack(outs, dim=2).flatten(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, gated, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv_args
+        heads = ctx.heads
+        batch = x.shape[0]
+        chunk = max(1, -(-batch // ctx.chunks))
+        grad_x = torch.zeros_like(x)
+        grad_gated = torch.empty_like(gated)
+        grad_weight = torch.zeros_like(weight)
+        for i in range(heads):
+            kernel = weight[i::heads].to(x.dtype)  # under autocast x may be half precision
+            for start in range(0, batch, chunk):
+                part = slice(start, start + chunk)
+                scale = gated[part, i, :, None, None].to(x.dtype)
+                grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
+                    grad_out[part, i::heads].contiguous(),
+                    x[part] * scale,
+                    kernel,
+                    None,
+                    list(stride),
+                    list(padding),
+                    list(dilation),
+                    False,
+                    [0, 0],
+                    1,
+                    [True, True, False],
+                )
+                grad_weight[i::heads] += grad_w.to(weight.dtype)
+                rows = grad_in.shape[0] * grad_in.shape[1]  # per-channel dot products, no temp
+                grad_gated[part, i] = (
+                    torch.bmm(grad_in.reshape(rows, 1, -1), x[part].reshape(rows, -1, 1))
+                    .reshape(grad_in.shape[:2])
+                    .to(gated.dtype)
+                )
+                grad_x[part].addcmul_(grad_in, scale)
+        return grad_x, grad_gated, grad_weight, None, None, None, None, None

@@ -26,10 +26,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:
+from ..dispatch import triton_available
+
+if triton_available():
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+else:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
     tl = None
 

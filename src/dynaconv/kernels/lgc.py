@@ -1,6 +1,6 @@
 """Fused Triton kernel of the deployed learned group convolution (CondenseNet's index layer).
 
-One pass computes, for a 1x1 stride-1 :class:`~dynaconv.layers.lgc.CondensedGroupConv2d`,
+One pass computes, for a 1x1 stride-1 :class:`~dynaconv.layers.lgc_deployed.CondensedGroupConv2d`,
 
 ``y[b, out(g, n), s] = post(sum_k W[g * N + n, k] * pre(x[b, index[g * K + k], s]))``
 
@@ -24,7 +24,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from . import autotune_configs, triton_available
+from ..dispatch import interpreting, triton_available, triton_usable
+from . import autotune_configs
 
 __all__ = ["condensed_conv", "condensed_conv1x1", "supports"]
 
@@ -160,8 +161,6 @@ def _launch(
 ) -> Tensor:
     import triton
 
-    from . import interpreting
-
     batch, _, height, width = x.shape
     if x.stride(3) != 1 or x.stride(2) != width:
         x = x.contiguous()
@@ -259,8 +258,6 @@ def _(x, index, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift,
 
 def supports(module: Any, x: Tensor) -> bool:
     """Whether the fused kernel can run ``module`` on ``x`` here."""
-    from . import triton_usable
-
     spec = module.spec
     return (
         triton_available()
@@ -274,7 +271,7 @@ def supports(module: Any, x: Tensor) -> bool:
 
 
 def condensed_conv(module: Any, x: Tensor) -> Tensor:
-    """Run a :class:`~dynaconv.layers.lgc.CondensedGroupConv2d` through the fused kernel."""
+    """Run a :class:`~dynaconv.layers.lgc_deployed.CondensedGroupConv2d` through the fused kernel."""
     return condensed_conv1x1(
         x,
         module.index,

@@ -1,23 +1,33 @@
-"""dynaconv's layers: one module per method family, all following the contract in ``_base``."""
+"""dynaconv's layers: one module per method family, all following the contract in ``_base``.
 
-from . import condconv, dgc, dgconv, doconv, lgc
-from ._base import ConversionSkipped, ConvSpec, Deployable, DynaConv2d
+Each family module registers its layer class (:func:`dynaconv.families.register_family`) when
+imported; the order below is the order of the families in every table (the papers' order).
+"""
+
+# isort: off
+from . import doconv, condconv, dgc, dgconv, lgc, resource_constraint
+
+# isort: on
+from ._base import ConversionSkipped, ConvSpec, Deployable, DynaConv2d, MacCount
 from .condconv import *  # noqa: F403
 from .dgc import *  # noqa: F403
 from .dgconv import *  # noqa: F403
 from .doconv import *  # noqa: F403
 from .lgc import *  # noqa: F403
 from .padding import SameConv2d
+from .resource_constraint import *  # noqa: F403
 
 __all__ = [
     "ConvSpec",
     "ConversionSkipped",
     "Deployable",
     "DynaConv2d",
+    "MacCount",
     "SameConv2d",
     *condconv.__all__,
     *dgc.__all__,
     *dgconv.__all__,
     *doconv.__all__,
     *lgc.__all__,
+    *resource_constraint.__all__,
 ]

@@ -5,8 +5,10 @@ Every layer in :mod:`dynaconv.layers` is a drop-in for :class:`torch.nn.Conv2d`:
 * **Constructor.** ``(in_channels, out_channels, kernel_size, stride=1, padding=0,
   dilation=1, groups=1, bias=True, padding_mode="zeros", device=None, dtype=None)`` exactly as
   ``nn.Conv2d`` (``padding`` may be ``"same"`` or ``"valid"``), followed by the method's own
-  keyword options. An invalid combination raises :class:`ValueError` naming the argument and
-  the rule; nothing is silently degenerate. ``padding="same"`` is also accepted at stride > 1,
+  keyword options. The signature is written once, in :class:`DynaConv2d`; a family adds its
+  options through the ``_init_family`` hook (see the class). An invalid combination raises
+  :class:`ValueError` naming the argument and the rule; nothing is silently degenerate.
+  ``padding="same"`` is also accepted at stride > 1,
   where ``nn.Conv2d`` refuses it: it then means TensorFlow's SAME padding (output
   ``ceil(n / stride)``, asymmetric padding computed from the input size, see
   :mod:`dynaconv.layers.padding`).
@@ -26,18 +28,25 @@ Every layer in :mod:`dynaconv.layers` is a drop-in for :class:`torch.nn.Conv2d`:
   and verifies a whole model.
 * **from_conv(conv, **options)** builds the layer from an existing ``nn.Conv2d`` (used by
   :func:`dynaconv.convert`), keeping its weights where the method allows, or raises
-  :class:`ConversionSkipped` saying why the conv cannot be converted.
-* **count_macs(input_shape, output_shape)** returns ``(dense, active)`` multiply-accumulates
-  for :func:`dynaconv.profile` (see that function for the conventions).
+  :class:`ConversionSkipped` saying why the conv cannot be converted. The checks common to
+  every family are written once in :meth:`DynaConv2d.from_conv`; a family adds its own and
+  copies the weights through the ``_conversion`` and ``_copy_conv`` hooks.
+* **count_macs(input_shape, output_shape, convention="dense")** returns a :class:`MacCount`
+  ``(dense, active)`` and **count_params(convention="dense")** the parameters, for
+  :func:`dynaconv.profile` (see that function for the conventions, ``"dense"`` and
+  ``"reference"``).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass, fields
+from types import SimpleNamespace
+from typing import Any, ClassVar, Literal, NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
@@ -47,14 +56,33 @@ from .padding import SameConv2d, same_padding
 
 __all__ = [
     "ConvSpec",
+    "Convention",
     "ConversionSkipped",
     "Deployable",
     "DynaConv2d",
+    "MacCount",
+    "Shape",
     "conv_output_size",
 ]
 
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+#: The counting conventions of :func:`dynaconv.profile`.
+Convention = Literal["dense", "reference"]
+#: A tensor shape, as ``count_macs`` receives it.
+Shape = Sequence[int]
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class MacCount(NamedTuple):
+    """What one call of a module costs, as ``count_macs`` reports it to :func:`dynaconv.profile`.
+
+    ``dense``: multiply-accumulates of the dense computation the module stands for; ``active``:
+    those it really has to compute (see :func:`dynaconv.profile` for both conventions; the
+    reference convention can count fractions).
+    """
+
+    dense: int | float
+    active: int | float
 
 
 class ConversionSkipped(Exception):
@@ -113,95 +141,70 @@ class ConvSpec:
     padding_mode: str = "zeros"
 
     @classmethod
-    def create(
-        cls,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-    ) -> ConvSpec:
-        _positive(in_channels, "in_channels")
-        _positive(out_channels, "out_channels")
-        _positive(groups, "groups")
-        kernel = _pair(kernel_size, "kernel_size")
-        strides = _pair(stride, "stride")
-        dilations = _pair(dilation, "dilation")
+    def create(cls, *args: Any, **kwargs: Any) -> ConvSpec:
+        """Validate ``nn.Conv2d``'s arguments (``in_channels, out_channels, kernel_size,
+        stride=1, padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros"``, as
+        :class:`DynaConv2d` takes them, without ``device`` and ``dtype``)."""
+        bound = conv_arguments().bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = SimpleNamespace(**bound.arguments)
+        _positive(a.in_channels, "in_channels")
+        _positive(a.out_channels, "out_channels")
+        _positive(a.groups, "groups")
+        kernel = _pair(a.kernel_size, "kernel_size")
+        strides = _pair(a.stride, "stride")
+        dilations = _pair(a.dilation, "dilation")
         for name, pair in (("kernel_size", kernel), ("stride", strides), ("dilation", dilations)):
             if min(pair) <= 0:
                 raise ValueError(f"{name} must be positive, got {pair}")
-        if in_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
-        if out_channels % groups:
+        if a.in_channels % a.groups:
             raise ValueError(
-                f"out_channels ({out_channels}) must be divisible by groups ({groups})"
+                f"in_channels ({a.in_channels}) must be divisible by groups ({a.groups})"
             )
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        if isinstance(padding, str):
-            if padding == "valid":
+        if a.out_channels % a.groups:
+            raise ValueError(
+                f"out_channels ({a.out_channels}) must be divisible by groups ({a.groups})"
+            )
+        if a.padding_mode not in _PADDING_MODES:
+            raise ValueError(
+                f"padding_mode must be one of {_PADDING_MODES}, got {a.padding_mode!r}"
+            )
+        if isinstance(a.padding, str):
+            if a.padding == "valid":
                 pad: tuple[int, int] | str = (0, 0)
-            elif padding == "same":
+            elif a.padding == "same":
                 pad = "same"
             else:
                 raise ValueError(
-                    f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}"
+                    f"padding must be an int, a pair, 'same' or 'valid', got {a.padding!r}"
                 )
         else:
-            pad = _pair(padding, "padding")
+            pad = _pair(a.padding, "padding")
             if min(pad) < 0:
                 raise ValueError(f"padding must be non-negative, got {pad}")
-        if not isinstance(bias, bool):
-            raise ValueError(f"bias must be a bool, got {bias!r}")
-        return cls(
-            in_channels, out_channels, kernel, strides, pad, dilations, groups, bias, padding_mode
-        )
+        if not isinstance(a.bias, bool):
+            raise ValueError(f"bias must be a bool, got {a.bias!r}")
+        normalised = {
+            "kernel_size": kernel,
+            "stride": strides,
+            "padding": pad,
+            "dilation": dilations,
+        }
+        return cls(**{**bound.arguments, **normalised})
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> ConvSpec:
-        return cls.create(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            conv.stride,  # type: ignore[arg-type]
-            conv.padding,  # type: ignore[arg-type]
-            conv.dilation,  # type: ignore[arg-type]
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-        )
+        arguments = {name: getattr(conv, name) for name in conv_arguments().parameters}
+        return cls.create(**{**arguments, "bias": conv.bias is not None})
 
     def conv_kwargs(self) -> dict[str, Any]:
         """Keyword arguments that build the equivalent ``nn.Conv2d``."""
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": self.kernel_size,
-            "stride": self.stride,
-            "padding": self.padding,
-            "dilation": self.dilation,
-            "groups": self.groups,
-            "bias": self.bias,
-            "padding_mode": self.padding_mode,
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def with_channels(self, in_channels: int, out_channels: int, groups: int = 1) -> ConvSpec:
         """The same geometry with other channel counts (used for gathered or split convs)."""
-        return ConvSpec.create(
-            in_channels,
-            out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            groups,
-            self.bias,
-            self.padding_mode,
-        )
+        changed = {"in_channels": in_channels, "out_channels": out_channels, "groups": groups}
+        return ConvSpec.create(**{**self.conv_kwargs(), **changed})
 
     @property
     def kernel_numel(self) -> int:
@@ -314,10 +317,50 @@ def kaiming_uniform_(weight: Tensor, fan_in: int) -> None:
         weight.uniform_(-bound, bound)
 
 
+class _ConstructorSignature:
+    """``inspect.signature(cls)`` of a family: ``nn.Conv2d``'s arguments, then the family's
+    options (the keyword-only parameters of ``cls._init_family``).
+
+    Only on the class (an instance's signature is its ``__call__``'s), and only where the
+    class keeps :class:`DynaConv2d`'s ``__init__`` (a class with its own has that one's).
+    """
+
+    def __get__(self, instance: Any, owner: type) -> inspect.Signature:
+        if instance is not None or owner.__init__ is not DynaConv2d.__init__:
+            raise AttributeError("__signature__")
+        conv = list(inspect.signature(DynaConv2d.__init__).parameters.values())[1:-1]
+        hook = inspect.signature(owner._init_family).parameters.values()  # type: ignore[attr-defined]
+        options = [p for p in hook if p.kind is p.KEYWORD_ONLY]
+        return inspect.Signature([*conv, *options])
+
+
 class DynaConv2d(Deployable, nn.Module):
-    """Base class of every dynaconv layer; see the module docstring for the contract."""
+    """Base class of every dynaconv layer; see the module docstring for the contract.
+
+    The ``nn.Conv2d`` arguments are taken and validated here (into :attr:`spec`, a
+    :class:`ConvSpec`); a family adds its own through two hooks:
+
+    * ``_init_family(self, device, dtype, *, option=default, ...)`` builds the family's
+      parameters and buffers once ``self.spec`` exists. Its keyword-only parameters are the
+      family's options: the constructor passes them on, and ``inspect.signature`` of the class
+      shows them after ``nn.Conv2d``'s arguments.
+    * ``_conversion(cls, conv, *, option=default, ...) -> dict`` (classmethod) checks whether
+      ``conv`` converts with these options (:class:`ConversionSkipped` saying why not) and
+      returns the constructor's options; ``_copy_conv(self, conv, options)`` then copies
+      ``conv``'s weights into the new layer (``options``: the conversion options, defaults
+      applied). :meth:`from_conv` does the rest, the same for every family.
+
+    Class attributes: ``method`` (set by :func:`dynaconv.families.register_family`),
+    ``title`` (the family's name in messages) and ``conv_groups``, how :meth:`from_conv` treats a
+    grouped conv: ``"keep"`` (the layer has the conv's groups), ``"one"`` (only ``groups=1``
+    convs convert) or ``"learn"`` (any conv converts; the layer has ``groups=1`` and learns its
+    own).
+    """
 
     method: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    conv_groups: ClassVar[Literal["keep", "one", "learn"]] = "keep"
+    __signature__ = _ConstructorSignature()
 
     def __init__(
         self,
@@ -330,6 +373,9 @@ class DynaConv2d(Deployable, nn.Module):
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        **options: Any,
     ) -> None:
         super().__init__()
         self.spec = ConvSpec.create(
@@ -343,6 +389,10 @@ class DynaConv2d(Deployable, nn.Module):
             bias,
             padding_mode,
         )
+        self._init_family(device, dtype, **options)
+
+    def _init_family(self, device: Any, dtype: Any) -> None:
+        """The family's parameters and buffers (see the class); none by default."""
 
     # nn.Conv2d-compatible attributes, so code that inspects convs keeps working.
     @property
@@ -392,14 +442,67 @@ class DynaConv2d(Deployable, nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no deploy()")
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **options: Any) -> DynaConv2d:
-        raise NotImplementedError(f"{cls.__name__} cannot be built from nn.Conv2d")
+    def from_conv(cls, conv: nn.Conv2d, **options: Any) -> Self:
+        """The layer of this family built from ``conv`` (used by :func:`dynaconv.convert`).
+
+        ``options`` are the family's conversion options (the keyword-only parameters of its
+        ``_conversion``, see :meth:`conversion_options`); any other raises ``ValueError``.
+        Only a plain ``nn.Conv2d`` converts (a subclass such as ``SameConv2d`` computes
+        something else), a grouped one only where the family allows (``conv_groups``); else
+        :class:`ConversionSkipped` says why. The layer gets ``conv``'s geometry (padding mode
+        included), device, dtype and training flag, and its weights where the family allows.
+        """
+        if cls._copy_conv is DynaConv2d._copy_conv:
+            raise NotImplementedError(f"{cls.__name__} cannot be built from nn.Conv2d")
+        unknown = sorted(set(options) - set(cls.conversion_options()))
+        if unknown:
+            raise ValueError(f"unknown {cls.title or cls.__name__} option(s): {unknown}")
+        if type(conv) is not nn.Conv2d:
+            raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
+        if conv.groups != 1 and cls.conv_groups == "one":
+            raise ConversionSkipped(
+                f"grouped conv (groups={conv.groups}); {cls.title or cls.__name__} needs groups=1"
+            )
+        bound = inspect.signature(cls._conversion).bind(conv, **options)
+        bound.apply_defaults()
+        options = {k: v for k, v in bound.arguments.items() if k != "conv"}
+        layer_options = cls._conversion(conv, **options)
+        kwargs = ConvSpec.from_conv(conv).conv_kwargs()
+        if cls.conv_groups == "learn":
+            kwargs["groups"] = 1
+        layer = cls(**kwargs, device=conv.weight.device, dtype=conv.weight.dtype, **layer_options)
+        with torch.no_grad():
+            layer._copy_conv(conv, options)
+        layer.train(conv.training)
+        return layer
+
+    @classmethod
+    def conversion_options(cls) -> tuple[str, ...]:
+        """The names of the options :meth:`from_conv` takes."""
+        parameters = inspect.signature(cls._conversion).parameters.values()
+        return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY)
+
+    @classmethod
+    def _conversion(cls, conv: nn.Conv2d) -> dict[str, Any]:
+        """Check that ``conv`` converts with the given options (:class:`ConversionSkipped`
+        otherwise) and return the constructor's options (see the class)."""
+        return {}
+
+    def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:
+        """Copy ``conv``'s weights into this new layer (runs without autograd)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be built from nn.Conv2d")
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
+    ) -> MacCount:
+        """The layer's :class:`MacCount`: by default the ``nn.Conv2d`` it stands for, in both
+        conventions (see :func:`dynaconv.profile`)."""
         dense = self.spec.dense_macs(output_shape)
-        return dense, dense
+        return MacCount(dense, dense)
+
+    def count_params(self, convention: Convention = "dense") -> int:
+        """The parameters :func:`dynaconv.profile` counts: by default the stored ones."""
+        return sum(p.numel() for p in self.parameters())
 
     def structure(self) -> str:
         """A short human-readable description of the learned structure (for tables)."""
@@ -432,3 +535,11 @@ def check_progress(progress: float) -> float:
     ):
         raise ValueError(f"progress must be a number in [0, 1], got {progress!r}")
     return float(progress)
+
+
+@functools.cache
+def conv_arguments() -> inspect.Signature:
+    """``nn.Conv2d``'s arguments without ``device`` and ``dtype``, read from
+    :class:`DynaConv2d`'s constructor, the one place they are written."""
+    parameters = list(inspect.signature(DynaConv2d.__init__).parameters.values())
+    return inspect.Signature(parameters[1:10])

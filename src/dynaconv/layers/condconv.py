@@ -12,10 +12,12 @@ expert (``bias``: ``(E, Cout)``). For an input ``x`` of shape ``(B, Cin, H, W)``
 * per example ``b`` the mixed kernel ``W_b = sum_e r[b, e] W_e`` and bias ``c_b = sum_e r[b, e] c_e``;
 * ``y[b] = conv(x[b], W_b) + c_b``: ``(B, Cout, H', W')`` with ``nn.Conv2d``'s geometry.
 
-Execution forms (``impl``), all exact and tested equal in float64:
+Execution forms (``impl``, names as in :mod:`dynaconv.dispatch`; the math is in
+:mod:`dynaconv.functional.condconv`), all exact and tested equal in float64:
 
 * ``"loop"``: the per-example loop of the paper's code (reference; slow);
-* ``"grouped"``: the batch folded into conv groups, ``groups = B * groups`` (timm's form);
+* ``"batch_grouped"`` (also spelled ``"grouped"``): the batch folded into conv groups,
+  ``groups = B * groups`` (timm's form);
 * ``"expert_sum"``: one conv to ``E * Cout`` channels, then the ``r``-weighted sum over experts;
 * ``"bmm"``: per-example batched matrix products of the mixed kernels with the input (1x1:
   the input itself; kxk: the unfolded input);
@@ -30,7 +32,8 @@ Execution forms (``impl``), all exact and tested equal in float64:
   with the layer's own routing the kernel also computes the routing itself (one launch);
   other padding modes pad explicitly first. Training through it is exact (its backward
   recomputes the grouped form), but ``"auto"`` trains with the PyTorch forms;
-* ``"auto"`` (default): chosen per call from the shape and device, see :func:`choose_form`;
+* ``"auto"`` (default): chosen per call from the shape and device, see
+  :func:`dynaconv.dispatch.condconv_form` (``"torch"``: the same, never ``"triton"``);
   on CUDA with ``torch.backends.cudnn.benchmark`` on, inference measures the candidates once
   per input shape and keeps the fastest (like cuDNN's algorithm search).
 
@@ -46,23 +49,54 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import triton_usable
-from ._base import ConversionSkipped, ConvSpec, DynaConv2d, check_input, kaiming_uniform_
+from ..dispatch import (
+    CONDCONV_BATCH_DEPENDENT,
+    FAMILY_IMPLS,
+    condconv_export_form,
+    condconv_form,
+    measured_choices,
+    measuring,
+    resolve_impl,
+    tracing,
+    triton_available,
+)
+from ..families import register_family
+from ..functional.condconv import (
+    TORCH_FORMS,
+    add_bias,
+    batch_independent_form,
+    check_routing_weights,
+    empty_batch,
+    mix,
+)
+from ._base import (
+    Convention,
+    ConvSpec,
+    DynaConv2d,
+    MacCount,
+    Shape,
+    check_input,
+    kaiming_uniform_,
+)
+
+if triton_available():  # the fused kernel (triton ships with PyTorch's CUDA builds)
+    from ..kernels import condconv as _kernels
+else:  # pragma: no cover - depends on the installation
+    _kernels = None
 
 __all__ = ["CondConv2d", "CondConvRouting", "condconv2d"]
 
 log = logging.getLogger("dynaconv")
 
-#: The execution forms of :class:`CondConv2d` (plus ``"auto"``).
-FORMS = ("loop", "grouped", "expert_sum", "bmm", "taps", "triton")
-_IMPLS = ("auto", *FORMS)
+#: The execution forms of :class:`CondConv2d` (plus ``"auto"`` and ``"torch"``).
+FORMS = ("loop", "batch_grouped", "expert_sum", "bmm", "taps", "triton")
+_IMPLS = FAMILY_IMPLS["condconv"]
 
 
 class CondConvRouting(nn.Module):
@@ -109,219 +143,28 @@ def _check_dropout(dropout: float) -> None:
         raise ValueError(f"routing_dropout must be a number in [0, 1), got {dropout!r}")
 
 
-def check_routing_weights(routing_weights: Any, batch: int, num_experts: int) -> None:
-    """ValueError, naming the argument and the rule, unless ``routing_weights`` fits the call.
-
-    The rule: a floating-point tensor of shape ``(B, E)`` with ``B`` the input's batch size
-    and ``E`` the number of experts. (Values are not inspected: a check for non-finite values
-    would synchronise the device on every call; non-finite routing weights give non-finite
-    outputs, as a non-finite input of ``nn.Conv2d`` does.)
-    """
-    if not isinstance(routing_weights, Tensor):
-        raise ValueError(
-            f"routing_weights must be a tensor of shape (B, num_experts), got "
-            f"{type(routing_weights).__name__}"
-        )
-    if not routing_weights.is_floating_point():
-        raise ValueError(
-            f"routing_weights must be a floating-point tensor, got dtype {routing_weights.dtype}"
-        )
-    if routing_weights.dim() != 2 or routing_weights.shape[1] != num_experts:
-        raise ValueError(
-            f"routing_weights must have shape (B, num_experts) = (B, {num_experts}), got "
-            f"{tuple(routing_weights.shape)}"
-        )
-    if routing_weights.shape[0] != batch:
-        raise ValueError(
-            f"routing_weights must have one row per example: the input has batch size {batch}, "
-            f"routing_weights has shape {tuple(routing_weights.shape)}"
-        )
-
-
-def _check_impl(impl: str) -> str:
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    return impl
-
-
-# ---------------------------------------------------------------------------------------------
-# The execution forms: each maps (x, weight (E, Cout, Cin/g, kh, kw), bias (E, Cout) or None,
-# r (B, E)) to the output, for the geometry in ``spec``.
-
-
-def mix(r: Tensor, bank: Tensor) -> Tensor:
-    """``sum_e r[b, e] bank[e]`` for every example: ``(B, *bank.shape[1:])``."""
-    return (r @ bank.reshape(bank.shape[0], -1)).reshape(r.shape[0], *bank.shape[1:])
-
-
-def _mixed_bias(r: Tensor, bias: Tensor | None) -> Tensor | None:
-    return None if bias is None else r @ bias
-
-
-def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
-    return y if bias is None else y + bias[:, :, None, None]
-
-
-def _loop(spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor) -> Tensor:
-    outputs = []
-    for b in range(x.shape[0]):
-        kernel = torch.einsum("e,e...->...", r[b], weight)
-        mixed = None if bias is None else r[b] @ bias
-        outputs.append(spec.conv2d(x[b : b + 1], kernel, mixed))
-    return torch.cat(outputs)
-
-
-def _grouped(spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor) -> Tensor:
-    batch = x.shape[0]
-    kernels = mix(r, weight).reshape(-1, *weight.shape[2:])
-    mixed = _mixed_bias(r, bias)
-    folded = x.reshape(1, -1, *x.shape[2:])
-    y = spec.conv2d(
-        folded, kernels, None if mixed is None else mixed.reshape(-1), batch * spec.groups
-    )
-    return y.reshape(batch, spec.out_channels, *y.shape[2:])
-
-
-def _expert_sum(
-    spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor
-) -> Tensor:
-    experts, cout = weight.shape[:2]
-    g = spec.groups
-    # Output channels ordered (group, expert, channel in group) so that a grouped conv applies.
-    stacked = weight.reshape(experts, g, cout // g, *weight.shape[2:]).transpose(0, 1)
-    y = spec.conv2d(x, stacked.reshape(experts * cout, *weight.shape[2:]), None)
-    batch, _, height, width = y.shape  # explicit sizes: no -1 for export to solve for
-    y = y.reshape(batch, g, experts, (cout // g) * height * width)
-    y = (r[:, None, None, :] @ y).squeeze(2).reshape(batch, cout, height, width)
-    return _add_bias(y, _mixed_bias(r, bias))
-
-
-def _bmm(spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor) -> Tensor:
-    g, cout = spec.groups, spec.out_channels
-    kernels = mix(r, weight).reshape(-1, g, cout // g, weight[0, 0].numel())
-    x = spec.pad_input(x)
-    if spec.kernel_size == (1, 1):
-        columns = x[:, :, :: spec.stride[0], :: spec.stride[1]]
-        height, width = columns.shape[2:]
-    else:
-        height, width = (
-            (size - d * (k - 1) - 1) // s + 1
-            for size, k, s, d in zip(x.shape[2:], spec.kernel_size, spec.stride, spec.dilation)
-        )
-        columns = F.unfold(x, spec.kernel_size, spec.dilation, 0, spec.stride)
-    columns = columns.reshape(-1, g, kernels.shape[-1], height * width)
-    y = (kernels @ columns).reshape(-1, cout, height, width)
-    return _add_bias(y, _mixed_bias(r, bias))
-
-
-def _taps(spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor) -> Tensor:
-    batch, g, cout = x.shape[0], spec.groups, spec.out_channels
-    cin_g, (kh, kw) = weight.shape[2], spec.kernel_size
-    # (kh * kw, B * g, Cout/g, Cin/g): one contiguous kernel matrix per tap, example and group
-    kernels = mix(r, weight).reshape(batch * g, cout // g, cin_g, kh * kw).permute(3, 0, 1, 2)
-    x = spec.pad_input(x)
-    (sh, sw), (dh, dw) = spec.stride, spec.dilation
-    height = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    width = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    y = None
-    for i in range(kh):
-        for j in range(kw):
-            window = x[
-                :,
-                :,
-                i * dh : i * dh + sh * (height - 1) + 1 : sh,
-                j * dw : j * dw + sw * (width - 1) + 1 : sw,
-            ].reshape(batch * g, cin_g, height * width)
-            tap = kernels[i * kw + j]
-            y = torch.bmm(tap, window) if y is None else torch.baddbmm(y, tap, window)
-    y = y.reshape(batch, cout, height, width)  # type: ignore[union-attr]
-    return _add_bias(y, _mixed_bias(r, bias))
+def _check_impl(impl: Any) -> str:
+    return resolve_impl(impl, _IMPLS)
 
 
 def _triton(spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor) -> Tensor:
-    from ..kernels.condconv import condconv_triton
-
-    return condconv_triton(spec, x, weight, bias, r)
-
-
-#: Measured choices of ``impl="auto"`` (see :meth:`CondConv2d._measured_form`), keyed by
-#: device, dtype, geometry and input shape: a performance cache like cuDNN's, not model state.
-_MEASURED_FORMS: dict[tuple, tuple[str, bool | None]] = {}
-
-_FORM_FUNCTIONS = {
-    "loop": _loop,
-    "grouped": _grouped,
-    "expert_sum": _expert_sum,
-    "bmm": _bmm,
-    "taps": _taps,
-    "triton": _triton,
-}
+    if _kernels is None:
+        raise ValueError("impl='triton' needs triton, which is not installed")
+    return _kernels.condconv_triton(spec, x, weight, bias, r)
 
 
-#: Forms that cannot run on an empty batch (a Python loop, ``B * groups`` conv groups, a
-#: kernel grid over ``B``).
-_BATCH_DEPENDENT = ("loop", "grouped", "triton")
-
-
-def _batch_independent_form(spec: ConvSpec) -> str:
-    return "bmm" if spec.kernel_size == (1, 1) else "expert_sum"
-
-
-def _empty_batch(x: Tensor) -> bool:
-    return not _exporting() and x.shape[0] == 0
-
-
-def _exporting() -> bool:
-    return (
-        torch.compiler.is_compiling()
-        or getattr(torch.compiler, "is_exporting", lambda: False)()
-        or torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-    )
-
-
-def export_form(spec: ConvSpec, weight: Tensor) -> str:
+def export_form(spec: ConvSpec, weight: Tensor | None = None) -> str:
     """The form a traced, compiled or exported layer runs (see :func:`choose_form`)."""
-    if spec.kernel_size == (1, 1):
-        return "bmm"
-    return "expert_sum" if weight.shape[2] == 1 else "taps"
+    return condconv_export_form(spec)
 
 
 def choose_form(spec: ConvSpec, x: Tensor, weight: Tensor, needs_grad: bool) -> str:
-    """The form ``impl="auto"`` runs for this call (a small heuristic, see below).
+    """The form ``impl="auto"`` runs for this call: :func:`dynaconv.dispatch.condconv_form`."""
+    return condconv_form(spec, x.device, x.dtype, needs_grad)
 
-    * Traced, compiled or exported: plain batch-independent ops (a dynamic batch exports;
-      the batch-folded forms do not): ``"bmm"`` for 1x1 kernels, ``"taps"`` for kxk (the
-      conv's MACs), ``"expert_sum"`` for depthwise kxk (``Cin/groups == 1``): there every exact
-      form is a chain of ``kh * kw`` memory-bound passes, which measured 1.3-2.5x slower in
-      onnxruntime than one depthwise conv to ``E * C`` channels (``benchmarks/NOTES.md``).
-    * Depthwise (``groups == Cin``): ``"grouped"``: the folded conv is a depthwise conv too.
-    * On CUDA with Triton, floating inputs, ``Cin/groups >= 16`` and no gradient needed:
-      ``"triton"`` (the layer then measures it against the PyTorch forms when
-      ``torch.backends.cudnn.benchmark`` is on, see ``CondConv2d._measured_form``).
-    * CPU inference with kxk kernels: ``"loop"``: oneDNN runs the per-example convs about as
-      efficiently as one batched conv, 1.1-1.3x faster than the folded grouped conv
-      (``benchmarks/RESULTS.md``); its host overhead is negligible next to CPU conv times.
-    * Otherwise (training on GPU, CPU): ``"bmm"`` for 1x1 kernels, ``"grouped"`` for kxk
-      (cuDNN and oneDNN run grouped convs well; unfold + bmm costs memory).
-    """
-    one_by_one = spec.kernel_size == (1, 1)
-    if _exporting():
-        return export_form(spec, weight)
-    if spec.groups == spec.in_channels and spec.groups > 1:
-        return "grouped"
-    if (
-        x.is_cuda
-        and not needs_grad
-        and spec.in_channels // spec.groups >= 16
-        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and triton_usable(x, weight)
-    ):
-        return "triton"
-    if one_by_one:
-        return "bmm"
-    return "loop" if x.device.type == "cpu" and not needs_grad else "grouped"
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def condconv2d(
@@ -335,24 +178,26 @@ def condconv2d(
     """Functional CondConv: ``y[b] = conv(x[b], sum_e r[b, e] weight[e]) + sum_e r[b, e] bias[e]``.
 
     ``routing_weights`` must be floating point of shape ``(B, E)`` (``ValueError`` otherwise).
-    An empty batch runs a batch-independent form (``"loop"``, ``"grouped"`` and ``"triton"``
-    have nothing to launch) and gives an empty output of the right shape.
+    ``impl``: one of CondConv's names in :mod:`dynaconv.dispatch` (``"auto"`` by default).
+    An empty batch runs a batch-independent form (``"loop"``, ``"batch_grouped"`` and
+    ``"triton"`` have nothing to launch) and gives an empty output of the right shape.
     """
-    _check_impl(impl)
+    impl = _check_impl(impl)
     check_routing_weights(routing_weights, x.shape[0], weight.shape[0])
-    if impl in _BATCH_DEPENDENT and _empty_batch(x):
-        impl = _batch_independent_form(spec)
-    if impl == "auto":
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, routing_weights)
-        )
-        impl = choose_form(spec, x, weight, needs_grad)
-    return _FORM_FUNCTIONS[impl](spec, x, weight, bias, routing_weights)
+    if impl in CONDCONV_BATCH_DEPENDENT and empty_batch(x):
+        impl = batch_independent_form(spec)
+    if impl in ("auto", "torch"):
+        needs_grad = _needs_grad(x, weight, bias, routing_weights)
+        impl = condconv_form(spec, x.device, x.dtype, needs_grad, allow_triton=impl == "auto")
+    if impl == "triton":
+        return _triton(spec, x, weight, bias, routing_weights)
+    return TORCH_FORMS[impl](spec, x, weight, bias, routing_weights)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
+@register_family("condconv", demo_options={"num_experts": 4}, structure_plot="routing")
 class CondConv2d(DynaConv2d):
     """Conditionally parameterized convolution (drop-in for ``nn.Conv2d``).
 
@@ -377,21 +222,12 @@ class CondConv2d(DynaConv2d):
     ``(E, Cout)``.
     """
 
-    method = "condconv"
+    title = "CondConv"
 
-    def __init__(
+    def _init_family(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
+        device: Any,
+        dtype: Any,
         *,
         num_experts: int = 8,
         routing_dropout: float = 0.0,
@@ -399,17 +235,8 @@ class CondConv2d(DynaConv2d):
         shared_routing: bool = False,
         bias_per_expert: bool = True,
     ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-        )
+        s = self.spec
+        in_channels, out_channels, groups, bias = s.in_channels, s.out_channels, s.groups, s.bias
         _check_experts(num_experts)
         _check_dropout(routing_dropout)
         if not isinstance(shared_routing, bool):
@@ -420,7 +247,6 @@ class CondConv2d(DynaConv2d):
         self.impl = _check_impl(impl)
         self.num_experts = num_experts
         factory = {"device": device, "dtype": dtype}
-        s = self.spec
         self.weight = nn.Parameter(
             torch.empty(num_experts, out_channels, in_channels // groups, *s.kernel_size, **factory)
         )
@@ -467,33 +293,30 @@ class CondConv2d(DynaConv2d):
         check_input(x, self.spec.in_channels, type(self).__name__)
         if routing_weights is not None:
             check_routing_weights(routing_weights, x.shape[0], self.num_experts)
-        if _empty_batch(x):  # nothing to launch or measure; every form gives the same
-            form, premix = _batch_independent_form(self.spec), None
+        if empty_batch(x):  # nothing to launch or measure; every form gives the same
+            form, premix = batch_independent_form(self.spec), None
         else:
             form, premix = self._resolve(x, routing_weights)
         return self._run(form, premix, x, routing_weights)
 
     def _needs_grad(self, x: Tensor, routing_weights: Tensor | None) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        tensors = [x, *self.parameters()]
-        if routing_weights is not None:
-            tensors.append(routing_weights)
-        return any(t.requires_grad for t in tensors)
+        return _needs_grad(x, routing_weights, *self.parameters())
 
     def _resolve(self, x: Tensor, routing_weights: Tensor | None) -> tuple[str, bool | None]:
         """The form to run (and, for ``"triton"``, whether to premix; None: its heuristic).
 
-        Traced, compiled or exported, the batch-dependent forms (``"loop"``, ``"grouped"``)
-        and the opaque kernel (``"triton"``) are replaced by the export-friendly choice of
-        :func:`choose_form` (all forms are exact), so a deployed layer exports too.
+        Traced, compiled or exported, the batch-dependent forms (``"loop"``,
+        ``"batch_grouped"``) and the opaque kernel (``"triton"``) are replaced by
+        :func:`export_form` (all forms are exact), so a deployed layer exports too.
         """
-        if self.impl != "auto":
-            if self.impl in ("loop", "grouped", "triton") and _exporting():
-                return choose_form(self.spec, x, self.weight, True), None
-            return self.impl, None
-        form = choose_form(self.spec, x, self.weight, self._needs_grad(x, routing_weights))
-        if form == "triton" and torch.backends.cudnn.benchmark:
+        impl = _check_impl(self.impl)
+        if impl not in ("auto", "torch"):
+            if impl in CONDCONV_BATCH_DEPENDENT and tracing():
+                return condconv_export_form(self.spec), None
+            return impl, None
+        needs_grad = self._needs_grad(x, routing_weights)
+        form = condconv_form(self.spec, x.device, x.dtype, needs_grad, impl == "auto")
+        if form == "triton" and measuring(x):
             return self._measured_form(x, routing_weights)
         return form, None
 
@@ -502,24 +325,26 @@ class CondConv2d(DynaConv2d):
     ) -> Tensor:
         bias = self.bias if self.bias_per_expert else None
         if routing_weights is None and form == "triton" and self._routing_in_kernel(x):
-            from ..kernels.condconv import condconv_triton
-
             fc = self.routing.fc
-            y = condconv_triton(
+            y = self._kernels().condconv_triton(
                 self.spec, x, self.weight, bias, None, premix, routing=(fc.weight, fc.bias)
             )
         else:
             r = self.routing_weights(x) if routing_weights is None else routing_weights
             r = r.to(self.weight.dtype)
             if form == "triton":
-                from ..kernels.condconv import condconv_triton
-
-                y = condconv_triton(self.spec, x, self.weight, bias, r, premix)
+                y = self._kernels().condconv_triton(self.spec, x, self.weight, bias, r, premix)
             else:
                 y = condconv2d(self.spec, x, self.weight, bias, r, form)
         if self.bias is not None and not self.bias_per_expert:
-            y = _add_bias(y, self.bias[None])
+            y = add_bias(y, self.bias[None])
         return y
+
+    @staticmethod
+    def _kernels() -> Any:
+        if _kernels is None:
+            raise ValueError("impl='triton' needs triton, which is not installed")
+        return _kernels
 
     def _routing_in_kernel(self, x: Tensor) -> bool:
         """Whether the fused kernel may compute the routing itself (no dropout, no gradient)."""
@@ -533,11 +358,13 @@ class CondConv2d(DynaConv2d):
         """The fastest inference form for this shape, measured once per shape and cached.
 
         Used by ``impl="auto"`` on CUDA when ``torch.backends.cudnn.benchmark`` is on (the
-        same switch as cuDNN's own algorithm search). Candidates: the fused kernel mixing in
-        registers and premixed, the batch-folded grouped conv, and ``"bmm"`` (1x1) or
-        ``"expert_sum"`` (kxk). The cache is a per-process performance cache, not model state.
+        same switch as cuDNN's own algorithm search, see :func:`dynaconv.dispatch.measuring`).
+        Candidates: the fused kernel mixing in registers and premixed, the batch-folded
+        grouped conv, and ``"bmm"`` (1x1) or ``"expert_sum"`` (kxk). Kept in
+        :data:`dynaconv.dispatch.measured_choices` (a performance cache, not model state).
         """
         key = (
+            "condconv",
             x.device,
             x.dtype,
             self.spec,
@@ -547,56 +374,26 @@ class CondConv2d(DynaConv2d):
             self.bias is not None,
             routing_weights is None and self._routing_in_kernel(x),
         )
-        choice = _MEASURED_FORMS.get(key)
-        if choice is not None:
-            return choice
-        if torch.cuda.is_current_stream_capturing():
-            return "triton", None
-        other = "bmm" if self.spec.kernel_size == (1, 1) else "expert_sum"
-        candidates = [("triton", False), ("triton", True), ("grouped", None), (other, None)]
-        timings = []
-        for form, premix in candidates:
-            try:
-                for _ in range(2):  # warm-up (and Triton's autotuning on the first call)
-                    self._run(form, premix, x, routing_weights)
-            except Exception as error:  # a candidate that cannot run here is not chosen
-                log.warning("CondConv2d: form %s (premix=%s) failed: %s", form, premix, error)
-                timings.append(math.inf)
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(5):
-                self._run(form, premix, x, routing_weights)
-            end.record()
-            end.synchronize()
-            timings.append(start.elapsed_time(end))
-        choice = candidates[min(range(len(candidates)), key=timings.__getitem__)]
-        _MEASURED_FORMS[key] = choice
-        return choice
+        other = batch_independent_form(self.spec)
+        candidates = [("triton", False), ("triton", True), ("batch_grouped", None), (other, None)]
+        return measured_choices.choose(
+            key,
+            candidates,
+            lambda c: self._run(c[0], c[1], x, routing_weights),
+            label="CondConv2d",
+            fallback=("triton", None),
+        )
 
     def inference_form(self, device: torch.device | str | None = None) -> str:
-        """The form :meth:`deploy` fixes: ``impl`` if set, else the eval-mode choice on ``device``.
-
-        The rule follows :func:`choose_form` for an eval forward without gradient, with the
-        shape-dependent choice made for this layer's geometry (not per batch): ``"triton"``
-        on CUDA with Triton for non-depthwise layers, ``"grouped"`` for depthwise ones, and on
-        CPU ``"bmm"`` for 1x1 and ``"grouped"`` for kxk kernels.
-        """
-        if self.impl != "auto":
-            return self.impl
+        """The form :meth:`deploy` fixes: ``impl`` if it names a form, else the choice of
+        :func:`dynaconv.dispatch.condconv_form` for an eval forward without gradient on
+        ``device`` (default: the weights'): the rule every such forward runs, so a deployed
+        layer computes as the layer did in eval mode (``"torch"``: without Triton)."""
+        impl = _check_impl(self.impl)
+        if impl not in ("auto", "torch"):
+            return impl
         device = torch.device(device) if device is not None else self.weight.device
-        probe = torch.empty(0, device=device, dtype=self.weight.dtype)
-        s = self.spec
-        if s.groups == s.in_channels and s.groups > 1:
-            return "grouped"
-        if (
-            probe.is_cuda
-            and s.in_channels // s.groups >= 16
-            and probe.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and triton_usable(probe)
-        ):
-            return "triton"
-        return "bmm" if s.kernel_size == (1, 1) else "grouped"
+        return condconv_form(self.spec, device, self.weight.dtype, False, impl == "auto")
 
     def deploy(self, impl: str | None = None) -> CondConv2d:
         """An eval-mode copy with its execution form fixed (the layer stays dynamic).
@@ -609,14 +406,14 @@ class CondConv2d(DynaConv2d):
         exports with a dynamic batch.
         """
         form = self.inference_form() if impl is None else _check_impl(impl)
-        if form == "auto":
-            form = self.inference_form()
         deployed = copy.deepcopy(self).eval()
         deployed.impl = form
+        if form in ("auto", "torch"):
+            deployed.impl = deployed.inference_form()
         return deployed
 
     @classmethod
-    def from_conv(
+    def _conversion(
         cls,
         conv: nn.Conv2d,
         *,
@@ -624,8 +421,7 @@ class CondConv2d(DynaConv2d):
         routing_dropout: float = 0.0,
         impl: str = "auto",
         expert_noise: float = 0.01,
-        **options: Any,
-    ) -> CondConv2d:
+    ) -> dict[str, Any]:
         """A CondConv that starts equal to ``conv`` (up to rounding), with perturbed experts.
 
         Copying the conv's kernel into every expert would not do: the output would be
@@ -641,10 +437,6 @@ class CondConv2d(DynaConv2d):
 
         ``expert_noise`` must be a finite number ``>= 0`` (``ValueError`` otherwise).
         """
-        if options:
-            raise ValueError(f"unknown CondConv option(s): {sorted(options)}")
-        if type(conv) is not nn.Conv2d:
-            raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
         if (
             isinstance(expert_noise, bool)
             or not isinstance(expert_noise, int | float)
@@ -655,30 +447,21 @@ class CondConv2d(DynaConv2d):
                 f"expert_noise must be a finite number >= 0 (a fraction of the kernel's "
                 f"scale), got {expert_noise!r}"
             )
-        spec = ConvSpec.from_conv(conv)
-        layer = cls(
-            **spec.conv_kwargs(),
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            num_experts=num_experts,
-            routing_dropout=routing_dropout,
-            impl=impl,
-        )
-        scale = 2.0 / num_experts
-        with torch.no_grad():
-            weight = conv.weight
-            noise = torch.randn_like(layer.weight) * (expert_noise * _noise_scale(weight))
-            layer.weight.copy_(scale * weight + (noise - noise.mean(dim=0, keepdim=True)))
-            if conv.bias is not None:
-                layer.bias.copy_((scale * conv.bias).expand_as(layer.bias))
-            layer.routing.fc.weight.zero_()
-            layer.routing.fc.bias.zero_()
-        layer.train(conv.training)
-        return layer
+        return {"num_experts": num_experts, "routing_dropout": routing_dropout, "impl": impl}
+
+    def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:
+        scale = 2.0 / self.num_experts
+        weight = conv.weight
+        noise = torch.randn_like(self.weight) * (options["expert_noise"] * _noise_scale(weight))
+        self.weight.copy_(scale * weight + (noise - noise.mean(dim=0, keepdim=True)))
+        if conv.bias is not None:
+            self.bias.copy_((scale * conv.bias).expand_as(self.bias))
+        self.routing.fc.weight.zero_()
+        self.routing.fc.bias.zero_()
 
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
+    ) -> MacCount:
         """Dense: the conv (plus the own routing's linear map); active adds the kernel mixing.
 
         The mixing is ``B * E * numel(W_e)`` multiply-accumulates. The routing linear map
@@ -691,7 +474,7 @@ class CondConv2d(DynaConv2d):
         if self.routing is not None:
             dense += batch * self.spec.in_channels * self.num_experts
         mixing = batch * self.weight.numel()
-        return dense, dense + mixing
+        return MacCount(dense, dense + mixing)
 
     def structure(self) -> str:
         return f"experts={self.num_experts}"

@@ -38,13 +38,15 @@ apply DGConv to the convs that qualify; the others are skipped with this reason.
 
 Deployment: sorting the channels by their bits at the zero-gate positions, then by the other
 bits, makes ``U`` block-diagonal, so the layer is a real grouped conv with ``2^(#zeros)`` groups
-between an input gather and an output permutation (:class:`PermutedGroupConv2d`; a plain
-``nn.Conv2d`` when the permutation is the identity, e.g. with ``sort=True``).
-:func:`fold_bottleneck` folds the permutation into the neighbouring 1x1 convs and BatchNorms
-instead, which :class:`dynaconv.models.GResNeXt` does for every bottleneck
+between an input gather and an output permutation
+(:class:`~dynaconv.layers.dgconv_deployed.PermutedGroupConv2d`; a plain ``nn.Conv2d`` when the
+permutation is the identity, e.g. with ``sort=True``).
+:func:`dynaconv.models.surgery.fold_bottleneck` folds the permutation into the neighbouring 1x1
+convs and BatchNorms instead, which :class:`dynaconv.models.GResNeXt` does for every bottleneck
 (:func:`dynaconv.models.fold_bottlenecks` does it for any network of torchvision bottlenecks).
 
-Resource-constrained training (the authors' objective): :class:`ResourceConstraint` and
+Resource-constrained training (the authors' objective,
+:mod:`dynaconv.layers.resource_constraint`): :class:`ResourceConstraint` and
 :func:`resource_constrained_loss` scale the task loss by ``(cost / budget) ^ 0.02`` while the
 cost of the DGConv layers is above the budget, the budget being a fraction of their dense
 parameters or MACs. The authors' sketch writes the factor as ``(budget / cost) ^ 0.02``, a
@@ -56,29 +58,28 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..kernels import triton_usable
-from ._base import ConversionSkipped, DynaConv2d, check_input
+from ..dispatch import FAMILY_IMPLS, resolve_impl, uses_triton
+from ..families import register_family
+from ..kernels import dgconv as dgconv_kernels
+from ._base import Convention, ConversionSkipped, DynaConv2d, MacCount, Shape, check_input
+from .dgconv_deployed import PermutedGroupConv2d
 
 __all__ = [
     "GroupableConv2d",
     "PermutedGroupConv2d",
-    "ResourceConstraint",
     "binarise_gates",
     "connectivity_mask",
-    "fold_bottleneck",
-    "resource_constrained_loss",
 ]
 
 log = logging.getLogger("dynaconv")
 
 Impl = Literal["auto", "torch", "triton"]
-_IMPLS = ("auto", "torch", "triton")
+_IMPLS = FAMILY_IMPLS["dgconv"]
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GATE_INIT = 1e-8
 
@@ -153,36 +154,7 @@ def _deploy_order(b_kron: Tensor) -> Tensor:
     return torch.argsort(new_code)
 
 
-class PermutedGroupConv2d(nn.Module):
-    """Deployed DGConv: gather the input channels, a grouped conv, restore the channel order.
-
-    ``forward(x) = conv(x[:, order])[:, inverse]`` with ``inverse = argsort(order)``; exact.
-    ``order`` (a buffer) is the only copy of the permutation: ``inverse`` is derived from it at
-    each forward (``C`` integers to sort), so a loaded, replaced or edited ``order`` is always
-    undone correctly. The gathers cost memory traffic; fold them into neighbouring layers where
-    the network allows (:func:`fold_bottleneck`).
-    """
-
-    def __init__(self, conv: nn.Conv2d, order: Tensor) -> None:
-        super().__init__()
-        self.conv = conv
-        self.register_buffer("order", order.clone())
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
-        # State dicts saved before ``inverse`` was derived hold it as a buffer: accept it when
-        # it is the inverse of ``order``, refuse it otherwise.
-        legacy = state_dict.pop(f"{prefix}inverse", None)
-        order = state_dict.get(f"{prefix}order")
-        consistent = legacy is None or order is None
-        if not consistent and not torch.equal(legacy.cpu(), torch.argsort(order.cpu())):
-            raise ValueError(f"{prefix}inverse is not the inverse permutation of {prefix}order")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def forward(self, x: Tensor) -> Tensor:
-        inverse = torch.argsort(self.order)
-        return self.conv(x.index_select(1, self.order)).index_select(1, inverse)
-
-
+@register_family("dgconv", structure_plot="groups")
 class GroupableConv2d(DynaConv2d):
     """Groupable convolution (drop-in for a square ``nn.Conv2d`` with ``C = 2^K`` channels).
 
@@ -195,38 +167,22 @@ class GroupableConv2d(DynaConv2d):
     ``(C, C, kh, kw)`` and ``bias``. ``.weight`` is the masked kernel.
     """
 
-    method = "dgconv"
+    title = "DGConv"
+    conv_groups = "learn"
+
     #: The gates' signs are the learned groups: an EMA copies them instead of averaging.
     structural_parameters: ClassVar[tuple[str, ...]] = ("gate",)
 
-    def __init__(
+    def _init_family(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
+        device: Any,
+        dtype: Any,
         *,
         sort: bool = False,
         impl: Impl = "auto",
     ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-        )
+        s = self.spec
+        in_channels, out_channels, groups, bias = s.in_channels, s.out_channels, s.groups, s.bias
         if groups != 1:
             raise ValueError(
                 f"groups must be 1 for GroupableConv2d (it learns its groups; use "
@@ -296,29 +252,21 @@ class GroupableConv2d(DynaConv2d):
         return 2 ** int((self.gate.detach() < 0).sum())
 
     def _use_triton(self) -> bool:
-        if self.impl == "torch" or _tracing():
-            return False
+        """Whether the mask is applied by the fused kernel: :func:`dynaconv.dispatch.uses_triton`
+        (``"auto"``: CUDA, a float dtype the kernel takes, and no earlier failure)."""
         w = self.dense_weight
-        if self.impl == "triton":
-            if not triton_usable(w, self.gate):
-                raise RuntimeError(
-                    "impl='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)"
-                )
-            return True
-        return (
-            not self._triton_failed
-            and w.is_cuda
-            and w.dtype in _TRITON_DTYPES
-            and triton_usable(w, self.gate)
+        return uses_triton(
+            resolve_impl(self.impl, _IMPLS),
+            w,
+            self.gate,
+            automatic=not self._triton_failed and w.dtype in _TRITON_DTYPES,
         )
 
     def masked_weight(self) -> Tensor:
         """``dense_weight * U``: the effective kernel (differentiable)."""
         if self._use_triton():
-            from ..kernels.dgconv import masked_weight
-
             try:
-                return masked_weight(self.dense_weight, self.gate, self.sort)
+                return dgconv_kernels.masked_weight(self.dense_weight, self.gate, self.sort)
             except Exception as error:  # a Triton build that cannot compile the kernel
                 if self.impl == "triton":
                     raise
@@ -376,58 +324,39 @@ class GroupableConv2d(DynaConv2d):
         return PermutedGroupConv2d(conv, order)
 
     @classmethod
-    def from_conv(
-        cls, conv: nn.Conv2d, *, sort: bool = False, impl: Impl = "auto", **options: Any
-    ) -> GroupableConv2d:
+    def _conversion(
+        cls, conv: nn.Conv2d, *, sort: bool = False, impl: Impl = "auto"
+    ) -> dict[str, Any]:
         """A DGConv equal to ``conv``: its kernel placed block-diagonally, its groups as gates.
 
         A conv with ``2^m`` groups starts with the first ``m`` gates at ``-1e-8`` (zero) and the
         others at ``+1e-8``, so ``U`` is exactly its block-diagonal connectivity.
         """
-        if options:
-            raise ValueError(f"unknown DGConv option(s): {sorted(options)}")
-        if type(conv) is not nn.Conv2d:
-            raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
         try:
             _channel_bits(conv.in_channels, conv.out_channels)
         except ValueError as why:
             raise ConversionSkipped(str(why)) from None
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            conv.stride,  # type: ignore[arg-type]
-            conv.padding,  # type: ignore[arg-type]
-            conv.dilation,  # type: ignore[arg-type]
-            1,
-            conv.bias is not None,
-            conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            sort=sort,
-            impl=impl,
-        )
+        return {"sort": sort, "impl": impl}
+
+    def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:
         groups = conv.groups
         zero_gates = groups.bit_length() - 1
         size = conv.in_channels // groups
-        with torch.no_grad():
-            layer.dense_weight.zero_()
-            for g in range(groups):
-                block = slice(g * size, (g + 1) * size)
-                layer.dense_weight[block, block] = conv.weight[block]
-            gates = [-GATE_INIT] * zero_gates + [GATE_INIT] * (layer.num_gates - zero_gates)
-            layer.gate.copy_(torch.tensor(gates))
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.train(conv.training)
-        return layer
+        self.dense_weight.zero_()
+        for g in range(groups):
+            block = slice(g * size, (g + 1) * size)
+            self.dense_weight[block, block] = conv.weight[block]
+        gates = [-GATE_INIT] * zero_gates + [GATE_INIT] * (self.num_gates - zero_gates)
+        self.gate.copy_(torch.tensor(gates))
+        if conv.bias is not None:
+            self.bias.copy_(conv.bias)
 
     # ---------------------------------------------------------------------------- reporting
     def count_macs(
-        self, input_shape: Sequence[int], output_shape: Sequence[int]
-    ) -> tuple[int, int]:
+        self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"
+    ) -> MacCount:
         dense = self.spec.dense_macs(output_shape)
-        return dense, dense // self.num_groups
+        return MacCount(dense, dense // self.num_groups)
 
     def structure(self) -> str:
         bits = "".join("1" if g > 0 else ("0" if g < 0 else "h") for g in self.gate.tolist())
@@ -446,12 +375,6 @@ def gate_dtype(dtype: torch.dtype | None) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _tracing() -> bool:
-    """Under torch.compile or torch.export: use the pure PyTorch path, no Python-side cache."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.compiler.is_compiling() or exporting()
-
-
 def _channel_bits(in_channels: int, out_channels: int) -> int:
     """``K`` with ``in_channels == out_channels == 2^K``, or the ValueError explaining why not."""
     if in_channels != out_channels or in_channels < 2 or in_channels & (in_channels - 1):
@@ -461,174 +384,3 @@ def _channel_bits(in_channels: int, out_channels: int) -> int:
             f"out_channels={out_channels}"
         )
     return in_channels.bit_length() - 1
-
-
-# -------------------------------------------------------------------------------------------
-# folding the deployment permutation into neighbouring layers
-
-
-def _permute_output_channels(conv: nn.Conv2d, order: Tensor) -> None:
-    if conv.groups != 1:
-        raise ValueError("cannot permute the output channels of a grouped conv")
-    with torch.no_grad():
-        conv.weight.copy_(conv.weight.index_select(0, order))
-        if conv.bias is not None:
-            conv.bias.copy_(conv.bias.index_select(0, order))
-
-
-def _permute_input_channels(conv: nn.Conv2d, order: Tensor) -> None:
-    if conv.groups != 1:
-        raise ValueError("cannot permute the input channels of a grouped conv")
-    with torch.no_grad():
-        conv.weight.copy_(conv.weight.index_select(1, order))
-
-
-def _permute_batchnorm(bn: nn.BatchNorm2d, order: Tensor) -> None:
-    with torch.no_grad():
-        for tensor in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
-            if tensor is not None:
-                tensor.copy_(tensor.index_select(0, order))
-
-
-def fold_bottleneck(
-    producer: nn.Conv2d,
-    producer_norm: nn.BatchNorm2d | None,
-    layer: GroupableConv2d,
-    consumer_norm: nn.BatchNorm2d | None,
-    consumer: nn.Conv2d,
-) -> nn.Conv2d:
-    """Deploy ``layer`` as a grouped conv with its channel permutation folded into neighbours.
-
-    For ``producer -> producer_norm -> (elementwise) -> layer -> consumer_norm ->
-    (elementwise) -> consumer`` (a bottleneck's ``conv1, bn1, conv2, bn2, conv3``), the
-    producer's output channels and its norm are permuted in place, the consumer's norm and
-    input channels likewise, and the grouped conv (on the permuted channels) is returned:
-    the chain computes exactly the same function with no gather. The producer and consumer must
-    be ungrouped convs and feed nothing else.
-    """
-    order, conv = layer.grouped_form()
-    _permute_output_channels(producer, order)
-    if producer_norm is not None:
-        _permute_batchnorm(producer_norm, order)
-    if consumer_norm is not None:
-        _permute_batchnorm(consumer_norm, order)
-    _permute_input_channels(consumer, order)
-    return conv
-
-
-# -------------------------------------------------------------------------------------------
-# resource-constrained training
-
-
-class ResourceConstraint:
-    """The authors' resource-constrained objective for the DGConv layers of ``model``.
-
-    ``cost()`` is the differentiable resource of the DGConv layers: each layer's active
-    connections ``2^(K + sum b)`` (its ``aux_loss()``) times ``kh * kw`` (``budget_type=
-    "params"``: the kernel entries kept) or times ``kh * kw * H' * W'`` (``"macs"``: the MACs of
-    one example at ``input_shape``). The budget is ``budget`` (a fraction in ``(0, 1]``) of the
-    dense value of those layers. Calling it on a loss gives
-    ``loss * (cost / budget) ^ exponent`` while ``cost > budget``, else ``loss`` (the authors'
-    ``(budget / cost) ^ 0.02`` with the sign that penalises, see the module docstring); the
-    straight-through gradient of ``cost`` pushes the gates towards fewer connections.
-
-    Args:
-        model: a model with :class:`GroupableConv2d` layers.
-        budget: the allowed fraction of the dense parameters or MACs of those layers.
-        budget_type: ``"params"`` or ``"macs"`` (``"macs"`` needs ``input_shape``: one
-            no-grad eval forward at batch 1 records each layer's output size).
-        input_shape: ``(C, H, W)`` or ``(B, C, H, W)`` of the model's input, for ``"macs"``.
-        exponent: the objective's exponent (0.02 in the paper).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        budget: float,
-        budget_type: Literal["params", "macs"] = "params",
-        input_shape: Sequence[int] | None = None,
-        exponent: float = 0.02,
-    ) -> None:
-        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
-            raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
-        if budget_type not in ("params", "macs"):
-            raise ValueError(f"budget_type must be 'params' or 'macs', got {budget_type!r}")
-        if isinstance(exponent, bool) or not isinstance(exponent, int | float) or exponent <= 0:
-            raise ValueError(f"exponent must be a positive number, got {exponent!r}")
-        self.layers = [m for m in model.modules() if isinstance(m, GroupableConv2d)]
-        if not self.layers:
-            raise ValueError("model has no GroupableConv2d layer to constrain")
-        if budget_type == "macs":
-            if input_shape is None:
-                raise ValueError("budget_type='macs' needs input_shape (the model's input size)")
-            positions = _output_positions(model, self.layers, input_shape)
-        else:
-            positions = [1] * len(self.layers)
-        self.scales = [
-            layer.spec.kernel_numel * p for layer, p in zip(self.layers, positions, strict=True)
-        ]
-        self.dense = float(
-            sum(layer.in_channels * layer.out_channels * s for layer, s in self._pairs())
-        )
-        self.budget = float(budget) * self.dense
-        self.budget_type = budget_type
-        self.exponent = float(exponent)
-
-    def _pairs(self) -> Iterable[tuple[GroupableConv2d, int]]:
-        return zip(self.layers, self.scales, strict=True)
-
-    def cost(self) -> Tensor:
-        """Current parameters or MACs of the DGConv layers (differentiable in the gates)."""
-        return torch.stack([layer.aux_loss() * scale for layer, scale in self._pairs()]).sum()
-
-    def __call__(self, loss: Tensor) -> Tensor:
-        cost = self.cost()
-        factor = (cost / self.budget) ** self.exponent
-        return torch.where(cost > self.budget, loss * factor.to(loss.dtype), loss)
-
-
-def _output_positions(
-    model: nn.Module, layers: list[GroupableConv2d], input_shape: Sequence[int]
-) -> list[int]:
-    shape = tuple(input_shape)
-    if len(shape) == 3:
-        shape = (1, *shape)
-    if len(shape) != 4 or any(not isinstance(s, int) or s <= 0 for s in shape):
-        raise ValueError(f"input_shape must be (C, H, W) or (B, C, H, W), got {tuple(input_shape)}")
-    sizes: dict[int, int] = {}
-
-    def record(module: nn.Module, inputs: Any, output: Tensor) -> None:
-        sizes[id(module)] = output.shape[-2] * output.shape[-1]
-
-    handles = [layer.register_forward_hook(record) for layer in layers]
-    ref = next(model.parameters())
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *shape[1:]), device=ref.device, dtype=ref.dtype))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    missing = [i for i, layer in enumerate(layers) if id(layer) not in sizes]
-    if missing:
-        raise ValueError(f"{len(missing)} GroupableConv2d layer(s) did not run in the forward")
-    return [sizes[id(layer)] for layer in layers]
-
-
-def resource_constrained_loss(
-    loss: Tensor,
-    model: nn.Module,
-    budget: float,
-    budget_type: Literal["params", "macs"] = "params",
-    input_shape: Sequence[int] | None = None,
-    exponent: float = 0.02,
-) -> Tensor:
-    """``loss * (cost / budget) ^ exponent`` while the DGConv cost exceeds the budget.
-
-    One-call form of :class:`ResourceConstraint` (see there). For ``"macs"`` it runs a forward
-    to find the layers' output sizes on every call: build a :class:`ResourceConstraint` once
-    in a training loop instead.
-    """
-    return ResourceConstraint(model, budget, budget_type, input_shape, exponent)(loss)

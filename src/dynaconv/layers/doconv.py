@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._base import ConversionSkipped, DynaConv2d, check_input, kaiming_uniform_
+from ..families import register_family
+from ._base import DynaConv2d, check_input, kaiming_uniform_
 
 __all__ = ["DOConv2d"]
 
@@ -50,6 +51,7 @@ def _diagonal_tiles(in_channels: int, kernel_numel: int, d_mul: int, **factory: 
     return torch.cat([tiles, remainder], dim=1).expand(in_channels, -1, -1).contiguous()
 
 
+@register_family("doconv")
 class DOConv2d(DynaConv2d):
     """Depthwise over-parameterized convolution (drop-in for ``nn.Conv2d``).
 
@@ -58,35 +60,17 @@ class DOConv2d(DynaConv2d):
     no ``D`` and ``D_mul`` must be left unset (or 1).
     """
 
-    method = "doconv"
+    title = "DO-Conv"
 
-    def __init__(
+    def _init_family(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
+        device: Any,
+        dtype: Any,
         *,
         D_mul: int | None = None,
     ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-        )
+        s = self.spec
+        in_channels, out_channels, groups, bias = s.in_channels, s.out_channels, s.groups, s.bias
         factory = {"device": device, "dtype": dtype}
         kernel_numel = self.spec.kernel_numel
         if kernel_numel == 1:
@@ -162,36 +146,18 @@ class DOConv2d(DynaConv2d):
         return conv
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, D_mul: int | None = None, **options: Any) -> DOConv2d:
-        """A DO-Conv equal to ``conv`` (its kernel placed in the first ``M*N`` columns of ``W``)."""
-        if options:
-            raise ValueError(f"unknown DO-Conv option(s): {sorted(options)}")
-        if type(conv) is not nn.Conv2d:
-            raise ConversionSkipped(f"{type(conv).__name__} is not a plain nn.Conv2d")
+    def _conversion(cls, conv: nn.Conv2d, *, D_mul: int | None = None) -> dict[str, Any]:
+        """A DO-Conv equal to ``conv`` (its kernel placed in the first ``M*N`` columns of ``W``);
+        ``D_mul`` is ignored for 1x1 kernels."""
         kernel_numel = conv.kernel_size[0] * conv.kernel_size[1]
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            D_mul=D_mul if kernel_numel > 1 else None,
-        )
-        with torch.no_grad():
-            layer.W.zero_()
-            layer.W[..., :kernel_numel].copy_(
-                conv.weight.reshape(conv.out_channels, -1, kernel_numel)
-            )
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.train(conv.training)
-        return layer
+        return {"D_mul": D_mul if kernel_numel > 1 else None}
+
+    def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:
+        kernel_numel = self.spec.kernel_numel
+        self.W.zero_()
+        self.W[..., :kernel_numel].copy_(conv.weight.reshape(conv.out_channels, -1, kernel_numel))
+        if conv.bias is not None:
+            self.bias.copy_(conv.bias)
 
     def structure(self) -> str:
         return f"D_mul={self.D_mul}"

@@ -18,6 +18,7 @@ or width the amount stays symbolic (no guard on the input size).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -53,6 +54,30 @@ def pad_same(
     return F.pad(x, (left, right, top, bottom), mode=mode)
 
 
+class ClassSignature:
+    """A class's ``__signature__`` (what ``inspect.signature(cls)`` shows) that its instances
+    do not inherit (theirs stays their ``__call__``'s)."""
+
+    def __init__(self, signature: inspect.Signature) -> None:
+        self.signature = signature
+
+    def __get__(self, instance: Any, owner: type) -> inspect.Signature:
+        if instance is not None:
+            raise AttributeError("__signature__")
+        return self.signature
+
+
+def drop_parameter(signature: inspect.Signature, name: str) -> inspect.Signature:
+    """``signature`` without the parameter ``name``."""
+    return signature.replace(
+        parameters=[p for p in signature.parameters.values() if p.name != name]
+    )
+
+
+#: ``nn.Conv2d``'s arguments without ``padding``: :class:`SameConv2d`'s.
+_SAME_ARGUMENTS = drop_parameter(inspect.signature(nn.Conv2d), "padding")
+
+
 class SameConv2d(nn.Conv2d):
     """``nn.Conv2d`` with ``padding="same"`` at any stride (TensorFlow's SAME when stride > 1).
 
@@ -61,32 +86,11 @@ class SameConv2d(nn.Conv2d):
     ``nn.Conv2d``'s; ``padding`` reads ``"same"``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            0,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            device=device,
-            dtype=dtype,
-        )
+    __signature__ = ClassSignature(_SAME_ARGUMENTS)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        arguments = _SAME_ARGUMENTS.bind(*args, **kwargs).arguments
+        super().__init__(**arguments, padding=0)
         self.padding = "same"
 
     def forward(self, x: Tensor) -> Tensor:

@@ -15,3 +15,4 @@ from .dydensenet import *  # noqa: F403
 from .dyresnet import *  # noqa: F403
 from .efficientnet_condconv import *  # noqa: F403
 from .g_resnext import *  # noqa: F403
+from .surgery import *  # noqa: F403

@@ -20,9 +20,10 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from ..layers._base import Deployable
-from ..layers.dgconv import GroupableConv2d, Impl, fold_bottleneck
+from ..layers.dgconv import GroupableConv2d, Impl
 from ..lifecycle import dynaconv_layers
 from ._registry import register_model
+from .surgery import fold_bottleneck
 
 __all__ = ["GResNeXt", "fold_bottlenecks", "g_resnext50", "g_resnext101"]
 

@@ -27,7 +27,7 @@ naming the key (and the file) and the rule:
   ``model.convert.options`` keys must be options of the method's ``from_conv``.
 * **Legacy**: configurations written by earlier versions hold
   ``loss.resource.helper: dynaconv.layers.dgconv:ResourceConstraint``; exactly that value is
-  accepted and dropped (the objective is always :class:`dynaconv.layers.dgconv.ResourceConstraint`),
+  accepted and dropped (the objective is always :class:`dynaconv.ResourceConstraint`),
   any other value is an error.
 """
 
@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .errors import ConfigError
 
 __all__ = [
     "CHOICES",
@@ -57,10 +59,6 @@ __all__ = [
     "resolve_config",
     "validate_config",
 ]
-
-
-class ConfigError(ValueError):
-    """An invalid configuration (unknown key, wrong type, bad value)."""
 
 
 DEFAULTS: dict[str, Any] = {
@@ -112,7 +110,7 @@ DEFAULTS: dict[str, Any] = {
     "loss": {
         # Weight of dynaconv.aux_loss(model) (the sum of the layers' regularisers).
         "aux_weight": 0.0,
-        # DGConv's resource-constrained objective (dynaconv.layers.dgconv.ResourceConstraint).
+        # DGConv's resource-constrained objective (dynaconv.ResourceConstraint).
         "resource": {
             "enabled": False,
             "budget": 0.5,  # fraction of the dense params (or MACs) of the DGConv layers
@@ -361,7 +359,7 @@ def drop_legacy_keys(config: Any) -> Any:
         if resource["helper"] != LEGACY_RESOURCE_HELPER:
             raise ConfigError(
                 f"loss.resource.helper is no longer a setting (got {resource['helper']!r}); "
-                "the resource objective is dynaconv.layers.dgconv.ResourceConstraint and names "
+                "the resource objective is dynaconv.ResourceConstraint and names "
                 "in a configuration are never imported: remove the key"
             )
         del resource["helper"]

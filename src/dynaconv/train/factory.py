@@ -215,13 +215,14 @@ def resource_objective(
 ) -> Callable[[Tensor], Tensor]:
     """DGConv's resource-constrained objective as a function ``loss -> loss``.
 
-    :class:`dynaconv.layers.dgconv.ResourceConstraint` built as
+    :class:`dynaconv.layers.resource_constraint.ResourceConstraint` built as
     ``ResourceConstraint(model, budget=, budget_type=, input_shape=, exponent=)`` from the
     ``loss.resource`` section: ``loss * (cost / budget) ** exponent`` while the DGConv layers'
     cost (parameters or MACs, ``budget_type``) exceeds ``budget`` x its dense value, else
     ``loss``. A model without DGConv layers is a :class:`ConfigError`.
     """
-    from dynaconv.layers.dgconv import GroupableConv2d, ResourceConstraint
+    from dynaconv.layers.dgconv import GroupableConv2d
+    from dynaconv.layers.resource_constraint import ResourceConstraint
 
     if not any(isinstance(m, GroupableConv2d) for m in model.modules()):
         raise ConfigError("loss.resource.enabled needs DGConv layers in the model")

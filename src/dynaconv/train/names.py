@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 
 __all__ = ["check_convert_options", "check_model_kwargs", "known_model", "model_builder"]
 
@@ -130,17 +130,11 @@ def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
 
 
 def check_convert_options(method: str, options: Mapping[str, Any]) -> None:
-    """Refuse ``model.convert.options`` keys that ``method``'s ``from_conv`` does not name.
-
-    Every family's ``from_conv(conv, *, options..., **rest)`` refuses ``rest`` (the layer
-    contract), so its named keyword parameters are the options.
-    """
+    """Refuse ``model.convert.options`` keys that ``method``'s ``from_conv`` does not take
+    (its layer's ``conversion_options()``, the layer contract)."""
     from dynaconv.lifecycle import layer_class
 
-    # skip ``conv``
-    accepted = _named_parameters(layer_class(method).from_conv, skip=1, open_kwargs=False)
-    if accepted is None:
-        return
+    accepted = set(layer_class(method).conversion_options())
     for key in options:
         if key not in accepted:
             raise ConfigError(

@@ -4,13 +4,16 @@
 * ``structure.png``: a table of every dynaconv layer with its ``structure()`` string,
   parameters and (for the profiled batch) dense and active MACs.
 * ``structure_<method>.png``: one figure per method family present, drawn by the plotter
-  registered for that method (:func:`register_structure_plot`), or by the generic plotter
-  (any 0/1-valued buffer or parameter of a layer, e.g. a connectivity mask, drawn as an image).
+  of the kind the family registered (``structure_plot`` of
+  :func:`dynaconv.families.register_family`), or one registered for that method with
+  :func:`register_structure_plot`, or by the generic plotter (any 0/1-valued buffer or
+  parameter of a layer, e.g. a connectivity mask, drawn as an image).
 
 Plotters receive ``(figure, layers, activations)`` where ``layers`` is a list of
 ``(name, layer)`` and ``activations`` maps a layer name to the outputs of its sub-modules,
 recorded on one validation batch (``{sub_module_name: tensor}``), and return ``False`` when
-they have nothing to draw. New families register a plotter here without editing the family:
+they have nothing to draw. A family picks a kind where it registers; a plotter of its own
+is registered here without editing the family:
 
     from dynaconv.train.plots import register_structure_plot
     register_structure_plot("mymethod", my_plotter)
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dynaconv.families import FAMILIES
 from dynaconv.layers._base import DynaConv2d
 from dynaconv.lifecycle import dynaconv_layers
 
@@ -35,13 +39,14 @@ __all__ = [
     "plot_structure",
     "record_activations",
     "register_structure_plot",
+    "structure_plotter",
 ]
 
 Layers = list[tuple[str, DynaConv2d]]
 Activations = dict[str, dict[str, Tensor]]
 Plotter = Callable[[Any, Layers, Activations], bool]
 
-#: Method name -> plotter (see the module docstring).
+#: Method name -> plotter registered with :func:`register_structure_plot` (overrides the kind).
 STRUCTURE_PLOTTERS: dict[str, Plotter] = {}
 
 
@@ -127,7 +132,7 @@ def _structure_table(model: nn.Module, path: Path, input_shape: Sequence[int] | 
     layers = list(dynaconv_layers(model))
     macs: dict[str, tuple[int, int]] = {}
     if input_shape is not None and layers:
-        from dynaconv.profile import profile
+        from dynaconv.profiling import profile
 
         try:
             report = profile(model, input_shape, deployed=False)
@@ -282,10 +287,23 @@ def plot_dgc_channel_usage(fig: Any, layers: Layers, activations: Activations) -
     )
 
 
-register_structure_plot("dgconv", plot_dgconv_groups)
-register_structure_plot("condconv", plot_condconv_routing)
-register_structure_plot("dgc", plot_dgc_channel_usage)
-register_structure_plot("lgc", plot_binary_structure)
+#: Structure-plot kind (:data:`dynaconv.families.STRUCTURE_PLOT_KINDS`) -> plotter.
+PLOTTERS_BY_KIND: dict[str, Plotter] = {
+    "binary": plot_binary_structure,
+    "groups": plot_dgconv_groups,
+    "routing": plot_condconv_routing,
+    "channel_usage": plot_dgc_channel_usage,
+}
+
+
+def structure_plotter(method: str) -> Plotter:
+    """The plotter of ``method``: one registered with :func:`register_structure_plot`, else the
+    one of the kind its family registered (:class:`dynaconv.families.Family`), else the
+    generic binary plotter."""
+    if method in STRUCTURE_PLOTTERS:
+        return STRUCTURE_PLOTTERS[method]
+    family = FAMILIES.get(method)
+    return PLOTTERS_BY_KIND[family.structure_plot if family else "binary"]
 
 
 def plot_structure(
@@ -305,7 +323,7 @@ def plot_structure(
         by_method.setdefault(layer.method or type(layer).__name__, []).append((name, layer))
     for method, members in by_method.items():
         fig = plt.figure()
-        plotter = STRUCTURE_PLOTTERS.get(method, plot_binary_structure)
+        plotter = structure_plotter(method)
         if plotter(fig, members, activations):
             path = folder / f"structure_{method}.png"
             fig.tight_layout()

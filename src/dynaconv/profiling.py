@@ -17,9 +17,12 @@ Counting conventions (``convention="dense"``, the default):
 * ``macs_active``: what really has to be computed: DGC's kept channels, DGConv's learned
   groups, LGC's kept connections, plus CondConv's kernel mixing (``B * E * numel(W_e)``).
   Equal to ``macs`` for plain modules.
-* A module with its own ``count_macs(input_shape, output_shape) -> (dense, active)`` method
-  (every dynaconv layer, and deployed modules that need one) is counted as a whole; what it
-  contains is not counted again.
+* A module with its own ``count_macs(input_shape, output_shape, convention="dense")`` method
+  returning a :class:`~dynaconv.layers.MacCount` ``(dense, active)`` (every dynaconv layer,
+  and deployed modules that need one) is counted as a whole, in both conventions; what it
+  contains is not counted again. Its parameters are its ``count_params(convention)`` where it
+  has one, else its stored ones. (A ``count_macs(input_shape, output_shape)`` without
+  ``convention`` counts one way for both; a plain ``(dense, active)`` tuple is accepted.)
 
 ``convention="reference"`` reproduces the counter of the papers' repositories
 (CondenseNet's ``measure_model``, used by DGC too). Use it to compare with published numbers.
@@ -30,31 +33,31 @@ What that counter counts (it hooks the leaf modules of one forward):
   ``k * k`` per output element; ``AdaptiveAvgPool2d``: one per input element; ``BatchNorm2d``:
   no ops, its weight and bias as parameters; dropout, concatenation, indexing, reshapes:
   nothing.
-* A module with ``reference_count(input_shape, output_shape) -> (macs, params)`` gives its own
-  count under this convention, for itself and what it contains (CondenseNet's learned group
-  conv counts ``1 / C`` of its dense conv, ops and weights alike, whatever its condensation
-  stage; deployed modules that fold a BN-ReLU into a conv report what the reference would have
-  counted for them). ``params`` is then the reference's parameter count: the stored
-  parameters, with those modules counted their way; ``params_deployed`` stays the stored
-  parameters of the deployed model.
+* A module's ``count_macs(..., convention="reference")`` and ``count_params("reference")``
+  give its own count under this convention, for itself and what it contains (CondenseNet's
+  learned group conv counts ``1 / C`` of its dense conv, ops and weights alike, whatever its
+  condensation stage; deployed modules that fold a BN-ReLU into a conv report what the
+  reference would have counted for them; DGC counts its heads at ``gate_factor``, a
+  fraction). ``params`` is then the reference's parameter count: the stored parameters, with
+  those modules counted their way; ``params_deployed`` stays the stored parameters of the
+  deployed model.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .layers._base import DynaConv2d
+from .layers._base import Convention, DynaConv2d, MacCount
 from .lifecycle import deploy, eval_mode
 
-__all__ = ["LayerProfile", "Profile", "profile"]
-
-Convention = Literal["dense", "reference"]
+__all__ = ["Convention", "LayerProfile", "MacCount", "Profile", "profile"]
 
 
 @dataclass
@@ -142,13 +145,29 @@ def _has(module: nn.Module, method: str) -> bool:
     return callable(getattr(module, method, None))
 
 
-def _counts_itself(module: nn.Module, convention: Convention) -> bool:
+def _counts_itself(module: nn.Module) -> bool:
     """Modules counted as a whole: dynaconv layers, and those with their own count."""
-    return (
-        isinstance(module, DynaConv2d)
-        or _has(module, "count_macs")
-        or (convention == "reference" and _has(module, "reference_count"))
-    )
+    return isinstance(module, DynaConv2d) or _has(module, "count_macs")
+
+
+def own_count(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    output_shape: Sequence[int],
+    convention: Convention = "dense",
+) -> MacCount:
+    """``module.count_macs`` in ``convention`` as a :class:`MacCount` (see the module docstring)."""
+    count_macs = module.count_macs
+    if "convention" in inspect.signature(count_macs).parameters:
+        counted = count_macs(input_shape, output_shape, convention=convention)
+    else:  # a module that counts one way for both conventions
+        counted = count_macs(input_shape, output_shape)
+    return MacCount(*counted)
+
+
+def _whole(value: int | float) -> int | float:
+    """Counts are whole numbers, except the fractions of the reference convention's rules."""
+    return value if isinstance(value, float) and not value.is_integer() else int(value)
 
 
 @dataclass
@@ -170,18 +189,12 @@ def _measure(
     in_shape = tuple(inp.shape) if inp is not None else ()
     out_shape = tuple(output.shape)
     structure = module.structure() if _has(module, "structure") else ""
-    if convention == "reference" and _has(module, "reference_count"):
-        macs, params = module.reference_count(in_shape, out_shape)
+    if _counts_itself(module):
+        count = own_count(module, in_shape, out_shape, convention)
         stored = sum(p.numel() for p in module.parameters())
-        return _Measured(int(params), int(macs), int(macs), structure, int(params) - stored)
-    if convention == "reference" and _has(module, "count_macs_reference"):
-        # The layer's own reference rules (DGC: the reference counter's fractional head count).
-        macs, active = module.count_macs_reference(in_shape, out_shape)
-        return _Measured(sum(p.numel() for p in module.parameters()), macs, active, structure)
-    if _counts_itself(module, convention):
-        macs, active = module.count_macs(in_shape, out_shape)
-        params = sum(p.numel() for p in module.parameters())
-        return _Measured(params, int(macs), int(active), structure)
+        params = int(module.count_params(convention)) if _has(module, "count_params") else stored
+        dense, active = _whole(count.dense), _whole(count.active)
+        return _Measured(params, dense, active, structure, params - stored)  # type: ignore[arg-type]
     if isinstance(module, _ConvNd):
         macs = _conv_macs(module, in_shape, out_shape)
     elif isinstance(module, nn.Linear):
@@ -204,7 +217,7 @@ def _count(
     counted_inside = {
         id(child)
         for module in model.modules()
-        if _counts_itself(module, convention)
+        if _counts_itself(module)
         for child in module.modules()
         if child is not module
     }

@@ -1,0 +1,267 @@
+"""DGC's tensor math as functions (Su et al., "Dynamic Group Convolution for Accelerating
+Convolutional Neural Networks", ECCV 2020; see :mod:`dynaconv.layers.dgc`).
+
+Shared by the training layer, its deployed form and the Triton kernels: the saliency
+generator ``g`` ``(B, h, Cin)``, the gating (the tie rule of the reference), the lasso term,
+and the exact forms of the gated convolution: ``"masked"`` (:func:`dense_masked_conv`),
+``"bmm"`` (:func:`gathered_conv`) and ``"batch_grouped"`` (:func:`grouped_gathered_conv`), plus
+the weight layouts the Triton kernel reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..layers._base import ConvSpec
+
+__all__ = [
+    "dense_masked_conv",
+    "gate_dense",
+    "gathered_conv",
+    "grouped_gathered_conv",
+    "head_kernels",
+    "interleave",
+    "lasso",
+    "saliency",
+    "select_kept",
+    "top_candidates",
+    "transposed_head_kernels",
+    "triton_kernel_layout",
+    "zero_padding",
+]
+
+#: The normalised descriptor of an all-zero input is zero (not 0 / 0).
+_RMS_FLOOR = 1e-30
+
+
+def saliency(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    normalize: bool = False,
+) -> Tensor:
+    """``g``: ``(B, h, Cin)`` saliencies of ``x`` ``(B, Cin, H, W)`` for every head.
+
+    With ``normalize`` (``saliency_mode="neutral"``), the pooled descriptor ``s`` is divided by
+    its root mean square over the channels, so ``g`` does not depend on the scale of ``x``.
+    """
+    heads, hidden_width, channels = fc1_weight.shape
+    # Which channels are kept is a hard decision: it is made in at least float32, also under
+    # autocast, so that reduced precision changes the arithmetic but not the selection.
+    dtype = torch.promote_types(fc1_weight.dtype, torch.float32)
+    with _autocast_off(x):
+        pooled = x.to(dtype).mean(dim=(2, 3))
+        if normalize:
+            rms = pooled.square().mean(dim=1, keepdim=True).sqrt()
+            pooled = pooled / rms.clamp_min(_RMS_FLOOR)
+        weight1 = fc1_weight.to(dtype).reshape(heads * hidden_width, channels)
+        hidden = torch.relu(F.linear(pooled, weight1))
+        per_head = hidden.reshape(pooled.shape[0], heads, hidden_width).transpose(0, 1)  # h,B,R
+        out = torch.baddbmm(
+            fc2_bias.to(dtype).unsqueeze(1), per_head, fc2_weight.to(dtype).transpose(1, 2)
+        )
+        return torch.relu(out).transpose(0, 1)
+
+
+def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+    if x.device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def lasso(g: Tensor) -> Tensor:
+    """The regulariser: the sum over heads of the mean saliency (0 for an empty batch)."""
+    if g.shape[0] == 0:
+        return g.sum()  # the mean of nothing would be NaN
+    return g.mean(dim=(0, 2)).sum()
+
+
+def gate_dense(g: Tensor, inactive: Tensor) -> Tensor:
+    """Zero every entry ``<=`` the ``inactive``-th smallest per example and head.
+
+    ``inactive`` is a 0-dim integer tensor (no Python int needed, so no recompiles).
+    """
+    detached = g.detach()
+    ranked = detached.sort(dim=-1).values
+    position = (inactive - 1).clamp(min=0).reshape(1, 1, 1).expand(*g.shape[:2], 1)
+    threshold = ranked.gather(-1, position)
+    drop = (detached <= threshold) & (inactive > 0)
+    return g.masked_fill(drop, 0.0)
+
+
+def select_kept(g: Tensor, inactive: int) -> tuple[Tensor, Tensor]:
+    """``(index, scale)``, each ``(B, h, K)`` with ``K = Cin - inactive``.
+
+    ``index`` holds the ``K`` highest-saliency channels; ``scale`` their gated saliency, which
+    is 0 for the candidates the reference zeroes because they tie with the threshold.
+    """
+    channels = g.shape[-1]
+    keep = channels - inactive
+    if inactive == 0:
+        index = torch.arange(channels, device=g.device).expand(*g.shape[:2], channels)
+        return index, g
+    top = g.detach().topk(keep + 1, dim=-1)
+    index = top.indices[..., :keep]
+    threshold = top.values[..., keep:]
+    values = g.gather(-1, index) if g.requires_grad else top.values[..., :keep]
+    scale = values.masked_fill(values.detach() <= threshold, 0.0)
+    return index, scale
+
+
+def head_kernels(weight: Tensor, heads: int) -> Tensor:
+    """``weight`` ``(Cout, Cin, kh, kw)`` regrouped head-major: head ``i``'s rows first."""
+    cout = weight.shape[0]
+    return weight.reshape(cout // heads, heads, *weight.shape[1:]).transpose(0, 1).flatten(0, 1)
+
+
+def interleave(out: Tensor, heads: int) -> Tensor:
+    """Head-major channels ``(B, h*Cout/h, ...)`` -> output channel ``j*h + i`` from head ``i``."""
+    batch, channels = out.shape[:2]
+    grouped = out.reshape(batch, heads, channels // heads, *out.shape[2:])
+    return grouped.transpose(1, 2).reshape(out.shape)
+
+
+def dense_masked_conv(
+    x: Tensor, weight: Tensor, gated: Tensor, spec: ConvSpec, heads: int
+) -> Tensor:
+    """The reference form: each head convolves its gated copy of ``x`` (grouped conv)."""
+    batch, cin, height, width = x.shape
+    # The saliencies are float32 (or float64); the convolution runs in x's dtype.
+    scale = gated.to(x.dtype)[..., None, None]
+    copies = (x.unsqueeze(1) * scale).reshape(batch, heads * cin, height, width)
+    out = spec.conv2d(copies, head_kernels(weight, heads), None, groups=heads)
+    return interleave(out, heads)
+
+
+def gathered_conv(
+    x: Tensor, weight: Tensor, index: Tensor, scale: Tensor, spec: ConvSpec, heads: int
+) -> Tensor:
+    """The sparse form in plain PyTorch: gather kept channels, unfold, one batched matmul.
+
+    ``x`` ``(B, Cin, H, W)``, ``weight`` ``(Cout, Cin, kh, kw)``, ``index``/``scale``
+    ``(B, h, K)``. Only ``K/Cin`` of the dense MACs. No data-dependent control flow, so it
+    exports with ``torch.export``.
+    """
+    batch, cin = x.shape[:2]
+    cout = weight.shape[0]
+    keep = index.shape[-1]
+    taps = spec.kernel_numel
+    padded = spec.pad_input(x)
+    out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
+    positions = out_h * out_w  # explicit sizes: -1 cannot be inferred for an empty batch
+    if taps == 1 and spec.stride == (1, 1):
+        columns = padded.reshape(batch, cin, 1, positions)
+    else:
+        columns = F.unfold(padded, spec.kernel_size, spec.dilation, 0, spec.stride)
+        columns = columns.reshape(batch, cin, taps, positions)
+    rows = (index + torch.arange(batch, device=x.device).reshape(batch, 1, 1) * cin).reshape(-1)
+    picked = columns.reshape(batch * cin, taps * positions).index_select(0, rows)
+    picked = picked.reshape(batch * heads, keep * taps, positions)
+    per_head = weight.reshape(cout // heads, heads, cin, taps).permute(1, 2, 0, 3)  # h,Cin,Co/h,T
+    head_ids = torch.arange(heads, device=x.device).reshape(1, heads, 1)
+    kernels = per_head[head_ids, index] * scale.to(weight.dtype)[..., None, None]  # B,h,K,Co/h,T
+    kernels = kernels.permute(0, 1, 3, 2, 4).reshape(batch * heads, cout // heads, keep * taps)
+    out = torch.bmm(kernels, picked).reshape(batch, heads * (cout // heads), out_h, out_w)
+    return interleave(out, heads)
+
+
+def transposed_head_kernels(weight: Tensor, heads: int, flipped: bool = True) -> Tensor:
+    """``weight`` as rows ``(h*Cin, Cout/h, kh, kw)``: row ``i*Cin + c`` is input channel ``c``
+    of head ``i`` (spatially flipped with ``flipped``); a transposed convolution's kernel layout.
+
+    Gathering the kept rows of an example and head gives, as is, the ``conv_transpose2d``
+    kernel that computes that head's stride-1 convolution over the kept channels.
+    """
+    cout, cin, kh, kw = weight.shape
+    per_head = (weight.flip(2, 3) if flipped else weight).reshape(cout // heads, heads, cin, kh, kw)
+    return per_head.permute(1, 2, 0, 3, 4).reshape(heads * cin, cout // heads, kh, kw)
+
+
+def grouped_gathered_conv(
+    x: Tensor,
+    weight: Tensor,
+    index: Tensor,
+    scale: Tensor,
+    spec: ConvSpec,
+    heads: int,
+    transposed: Tensor | None = None,
+) -> Tensor:
+    """The sparse form as one grouped convolution with a group per example and head.
+
+    Same inputs and numbers as :func:`gathered_conv` (``K/Cin`` of the dense MACs), but the
+    kept channels go to one ``B*h``-group convolution instead of an unfolded matmul, which is
+    several times faster where the convolution library is (CPU). The kernels are gathered per
+    example and head as rows of :func:`transposed_head_kernels` (``transposed``, computed from
+    ``weight`` when not given): for stride 1 they feed a transposed convolution as they are;
+    otherwise they are reordered for a plain grouped conv. The saliency scale multiplies
+    whichever of the gathered input and kernels is smaller. Differentiable; ``groups`` depends
+    on the batch, so ``torch.export`` specialises it (use :func:`gathered_conv` to export).
+    """
+    padding = zero_padding(spec)
+    if padding is None:
+        x, padding = spec.pad_input(x), (0, 0)
+    batch, cin, height, width = x.shape
+    cout, _, kh, kw = weight.shape
+    keep = index.shape[-1]
+    groups = batch * heads
+    rows = (index + torch.arange(batch, device=x.device).reshape(batch, 1, 1) * cin).reshape(-1)
+    picked = x.reshape(batch * cin, height * width).index_select(0, rows)
+    scale_input = height * width <= (cout // heads) * kh * kw
+    if scale_input:
+        picked = picked * scale.reshape(-1, 1).to(picked.dtype)
+    picked = picked.reshape(1, groups * keep, height, width)
+
+    dilation = spec.dilation
+    transposed_padding = tuple(d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding))
+    as_transposed = spec.stride == (1, 1) and min(transposed_padding) >= 0
+    if transposed is None or not as_transposed:
+        transposed = transposed_head_kernels(weight, heads, flipped=as_transposed)
+    head_rows = index + torch.arange(heads, device=x.device).reshape(1, heads, 1) * cin
+    kernels = transposed.index_select(0, head_rows.reshape(-1))  # (B*h*K, Cout/h, kh, kw)
+    if not scale_input:
+        kernels = kernels * scale.reshape(-1, 1, 1, 1).to(kernels.dtype)
+    if as_transposed:
+        out = F.conv_transpose2d(picked, kernels, None, 1, transposed_padding, 0, groups, dilation)
+    else:
+        kernels = kernels.reshape(groups, keep, cout // heads, kh, kw).transpose(1, 2)
+        kernels = kernels.reshape(groups * (cout // heads), keep, kh, kw)
+        out = F.conv2d(picked, kernels, None, spec.stride, padding, dilation, groups)
+    return interleave(out.reshape(batch, cout, *out.shape[2:]), heads)
+
+
+def triton_kernel_layout(weight: Tensor, heads: int) -> Tensor:
+    """``weight`` as the Triton kernel reads it: ``(h, kh, kw, Cin, Cout/h)``, contiguous."""
+    cout, cin, kh, kw = weight.shape
+    return weight.reshape(cout // heads, heads, cin, kh, kw).permute(1, 3, 4, 2, 0).contiguous()
+
+
+def top_candidates(g: Tensor, inactive: int) -> tuple[Tensor, Tensor, int]:
+    """``(index, values, keep)`` for the Triton kernel, straight from one top-k.
+
+    With ``inactive > 0``: the ``keep + 1`` largest saliencies per row; the last is the
+    threshold of the tie rule, applied inside the kernel. With ``inactive == 0``: every channel.
+    """
+    channels = g.shape[-1]
+    if inactive == 0:
+        index = torch.arange(channels, device=g.device).expand(*g.shape[:2], channels)
+        return index, g, channels
+    keep = channels - inactive
+    top = g.topk(keep + 1, dim=-1)
+    return top.indices, top.values, keep
+
+
+def zero_padding(spec: ConvSpec) -> tuple[int, int] | None:
+    """The symmetric zero padding of ``spec``, or None (other modes, asymmetric 'same')."""
+    if spec.pads_explicitly:
+        return None
+    left, right, top, bottom = spec.explicit_padding()
+    if left != right or top != bottom:
+        return None
+    return (top, left)
