@@ -44,6 +44,7 @@ at 50% kept >= -0.5 point; LGC with C=4 and DGConv under a 50% budget >= -1 poin
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -282,7 +283,7 @@ class Run:
 
 def run_one(
     family: Family, seed: int, data: ImageData, settings: Settings
-) -> tuple[Run, nn.Module | None]:
+) -> tuple[Run, nn.Module | None, nn.Module | None]:
     """Train, evaluate, deploy (verified), evaluate again and profile one family and seed."""
     run = Run(family.name, seed)
     try:
@@ -305,13 +306,13 @@ def run_one(
                 f"; {100 * run.connections_kept:.0f}% of the connections kept "
                 f"(budget {100 * family.budget:.0f}%)"
             )
-        return run, deployed
+        return run, model, deployed
     except Exception as error:  # one failing family must not hide the others' rows
         traceback.print_exc(file=sys.stderr)
         run.status = (
             f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         )
-        return run, None
+        return run, None, None
 
 
 def latencies(
@@ -325,6 +326,68 @@ def latencies(
         for name, ms in measure_interleaved(fns, torch.device("cpu"), warmup, reps).items():
             result[name][batch] = ms
     return result
+
+
+def saved_model_path(directory: Path, family: str, seed: int) -> Path:
+    """Where ``--save-models`` writes one family and seed."""
+    return directory / f"{family}-seed{seed}.pt"
+
+
+def save_models(
+    directory: Path,
+    family: Family,
+    seed: int,
+    settings: Settings,
+    model: nn.Module,
+    deployed: nn.Module,
+) -> Path:
+    """Write the trained and the deployed model's state, and what rebuilds them.
+
+    The file (``torch.save``, loadable with ``weights_only=True``) holds the family's name, the
+    seed, the settings and both state dicts; :func:`load_saved` rebuilds the networks from them.
+    """
+    path = saved_model_path(directory, family.name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "family": family.name,
+        "seed": seed,
+        "settings": asdict(settings),
+        "trained": model.state_dict(),
+        "deployed": deployed.state_dict(),
+    }
+    torch.save(payload, path)
+    return path
+
+
+def load_saved(path: Path, example_input: Tensor) -> tuple[str, int, nn.Module, nn.Module]:
+    """Family name, seed, trained model and deployed model from a :func:`save_models` file.
+
+    The trained model is rebuilt (:func:`build_model` at progress 1) and given its saved state;
+    it is deployed again (verified on ``example_input``) and the deployed model's saved state
+    is loaded strictly into the result, so a structure that differs from the saved one raises.
+    """
+    payload = torch.load(path, weights_only=True)
+    family = FAMILIES[payload["family"]]
+    model, _ = build_model(family, payload["settings"]["width"], payload["seed"])
+    dynaconv.set_progress(model, 1.0)
+    model.load_state_dict(payload["trained"])
+    model.eval()
+    deployed = dynaconv.deploy(model, example_input=example_input)
+    deployed.load_state_dict(payload["deployed"])
+    return family.name, payload["seed"], model, deployed.eval()
+
+
+def first_saved(directory: Path, families: Sequence[Family]) -> dict[str, Path]:
+    """The saved file of each family's lowest seed in ``directory`` (families without one left out)."""
+    found: dict[str, Path] = {}
+    for family in families:
+        paths = sorted(
+            directory.glob(f"{family.name}-seed*.pt"),
+            key=lambda p: int(p.stem.rsplit("-seed", 1)[1]),
+        )
+        if paths:
+            found[family.name] = paths[0]
+    return found
 
 
 def seconds_per_step(
@@ -387,6 +450,12 @@ def _same_labels_text(done: Sequence[Run]) -> str:
     return f"NO: {len(done) - same}/{len(done)} seeds changed {changed} labels"
 
 
+def _latency_cell(ms: dict[int, float], batch: int, measured: bool) -> str:
+    if not measured:
+        return "not measured"
+    return f"{ms[batch]:.3f}" if batch in ms else "-"
+
+
 def _holds(family: Family, gap: float | None) -> str:
     if gap is None or family.min_gap is None:
         return ""
@@ -396,10 +465,13 @@ def _holds(family: Family, gap: float | None) -> str:
 def summarise(
     families: Sequence[Family],
     runs: Sequence[Run],
-    latency: dict[str, dict[int, float]],
+    latency: dict[str, dict[int, float]] | None,
     batches: Sequence[int] = (1, 256),
 ) -> tuple[list[list[str]], list[dict[str, Any]]]:
-    """Table rows (strings, columns of :func:`headers`) and machine-readable summaries."""
+    """Table rows (strings, columns of :func:`headers`) and machine-readable summaries.
+
+    ``latency`` ``None`` means latency was not measured (``--no-latency``): those cells say so.
+    """
     ok = {f.name: [r for r in runs if r.family == f.name and r.status == "ok"] for f in families}
     plain = ok.get("plain") or []
     plain_mean = mean_std([100 * r.accuracy for r in plain])[0] if plain else None
@@ -417,7 +489,7 @@ def summarise(
         mean, std = mean_std(accs)
         gap = None if plain_mean is None or family.name == "plain" else mean - plain_mean
         holds = _holds(family, gap)
-        ms = latency.get(family.name, {})
+        ms = latency.get(family.name, {}) if latency is not None else {}
         record.update(
             accuracy_mean=mean,
             accuracy_std=std,
@@ -429,7 +501,7 @@ def summarise(
             params_deployed=[r.params_deployed for r in done],
             macs=[r.macs for r in done],
             macs_active=[r.macs_active for r in done],
-            latency_ms={str(b): ms.get(b) for b in batches},
+            latency_ms=None if latency is None else {str(b): ms.get(b) for b in batches},
             same_labels_all_seeds=all(r.changed == 0 for r in done),
             changed_labels=[r.changed for r in done],
             structure=[r.structure for r in done],
@@ -446,7 +518,7 @@ def summarise(
                 _mean_int([r.params_deployed for r in done]),
                 _mean_int([r.macs for r in done]),
                 _mean_int([r.macs_active for r in done]),
-                *(f"{ms[b]:.3f}" if b in ms else "-" for b in batches),
+                *(_latency_cell(ms, b, measured=latency is not None) for b in batches),
                 _same_labels_text(done),
                 str(len(done)) + (f" ({len(failures)} failed)" if failures else ""),
             ]
@@ -532,6 +604,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--latency-batches", type=positive_int, nargs="+", default=[1, 256], metavar="B"
     )
     parser.add_argument("--latency-reps", type=positive_int, default=20)
+    parser.add_argument(
+        "--no-latency",
+        action="store_true",
+        help="skip timing (the latency columns say 'not measured'); see --latency-from",
+    )
+    parser.add_argument(
+        "--save-models",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="save each trained and deployed model (state + what rebuilds it) as DIR/FAMILY-seedN.pt",
+    )
+    parser.add_argument(
+        "--latency-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="only time the deployed models saved in DIR by --save-models (lowest seed of each "
+        "family) at --latency-batches; merge into the table of the training run in --out "
+        "(its accuracy.json) when there is one",
+    )
     parser.add_argument("--latency-warmup", type=positive_int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "accuracy")
     parser.add_argument("--plot-dir", type=Path, default=DEFAULT_PLOT_DIR)
@@ -556,11 +649,105 @@ def command_line(argv: Sequence[str] | None) -> str:
     return "python benchmarks/accuracy.py" + "".join(f" {w}" for w in words)
 
 
+TITLE = "Accuracy study: FashionCNN on Fashion-MNIST"
+
+
+def report_text(
+    header: str, command: str, batches: Sequence[int], rows: list[list[str]], runs: Sequence[Run]
+) -> str:
+    """The printed report: title, setting and machine line, command, table, learned structure."""
+    first = min((r.seed for r in runs), default=0)
+    return "\n".join(
+        [
+            f"## {TITLE}",
+            header,
+            f"command: `{command}`",
+            "",
+            markdown_table(headers(batches), rows),
+            "",
+            "Learned structure (first seed): "
+            + "; ".join(
+                f"{r.family}: {r.structure}" for r in runs if r.seed == first and r.structure
+            ),
+        ]
+    )
+
+
+def write_report(
+    args: argparse.Namespace,
+    text: str,
+    batches: Sequence[int],
+    rows: list[list[str]],
+    records: list[dict[str, Any]],
+    runs: Sequence[Run],
+    payload: dict[str, Any],
+) -> None:
+    """accuracy.md / .csv / _runs.csv / .json in ``--out`` and the plot in ``--plot-dir``."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "accuracy.md").write_text(text + "\n")
+    write_csv(args.out / "accuracy.csv", headers(batches), rows)
+    run_fields = list(asdict(runs[0])) if runs else []
+    write_csv(args.out / "accuracy_runs.csv", run_fields, [list(asdict(r).values()) for r in runs])
+    write_json(args.out / "accuracy.json", payload | {"summary": records})
+    plot = args.plot_dir / "accuracy_vs_macs.png"
+    plot_accuracy_vs_macs(records, plot, f"FashionCNN, Fashion-MNIST: {payload['setting']}")
+    print(f"\nwrote {args.out}/accuracy.md, .csv, _runs.csv, .json and {plot}")
+
+
+def latency_pass(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """``--latency-from DIR``: time the saved deployed models (first seed of each family).
+
+    Prints the latencies; when ``--out`` holds the training run's ``accuracy.json``, its table
+    is written again with the latency columns filled (the accuracy columns unchanged).
+    """
+    families = [FAMILIES[name] for name in args.families]
+    saved = first_saved(args.latency_from, families)
+    if not saved:
+        raise SystemExit(
+            f"--latency-from: no saved models (FAMILY-seedN.pt) in {args.latency_from}"
+        )
+    data = load_fashion_mnist(args.data_dir, 1, args.test_subset)
+    machine = machine_line()
+    print(f"accuracy study, latency of the deployed models in {args.latency_from}\n{machine}")
+    deployed, seeds = {}, {}
+    for name, path in saved.items():
+        _, seeds[name], _, deployed[name] = load_saved(path, data.x_test[:256])
+    batches = tuple(args.latency_batches)
+    latency = latencies(deployed, data.x_test, batches, args.latency_reps, args.latency_warmup)
+    latency_command = command_line(argv)
+    lat_headers = ("family", "seed", *(f"ms batch {b}" for b in batches))
+    lat_rows = [[n, str(seeds[n]), *(f"{latency[n][b]:.3f}" for b in batches)] for n in latency]
+    print(f"command: `{latency_command}`\n\n{markdown_table(lat_headers, lat_rows)}", flush=True)
+    previous = args.out / "accuracy.json"
+    if not previous.is_file():
+        print(f"\n(no {previous}: latency not merged into an accuracy table)")
+        return 0
+    payload = json.loads(previous.read_text())
+    runs = [Run(**r) for r in payload["runs"]]
+    trained = [FAMILIES[name] for name in payload["families"]]
+    rows, records = summarise(trained, runs, latency, batches)
+    latency_note = {
+        "command": latency_command,
+        "machine": machine_summary(),
+        "machine_line": machine,
+        "seeds": seeds,
+        "reps": args.latency_reps,
+        "warmup": args.latency_warmup,
+    }
+    header = f"{payload['header']}\nlatency: {machine}; `{latency_command}`"
+    text = report_text(header, payload["command"], batches, rows, runs)
+    print("\n" + text, flush=True)
+    write_report(args, text, batches, rows, records, runs, payload | {"latency": latency_note})
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the study; 0 when every run finished and every deployment kept every test label."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.latency_from is not None:
+        return latency_pass(args, argv)
     started = time.perf_counter()
     families = [FAMILIES[name] for name in args.families]
     settings = Settings(
@@ -588,8 +775,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     first_deployed: dict[str, nn.Module] = {}
     for seed in range(args.seeds):  # seeds outside: load drift spreads over every family
         for family in families:
-            run, deployed = run_one(family, seed, data, settings)
+            run, model, deployed = run_one(family, seed, data, settings)
             runs.append(run)
+            if deployed is not None and args.save_models is not None:
+                save_models(args.save_models, family, seed, settings, model, deployed)
             if deployed is not None and family.name not in first_deployed:
                 first_deployed[family.name] = deployed
             acc = "-" if run.accuracy is None else f"{100 * run.accuracy:.2f}%"
@@ -599,46 +788,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
     latency_batches = tuple(args.latency_batches)
-    latency = latencies(
-        first_deployed, data.x_test, latency_batches, args.latency_reps, args.latency_warmup
+    latency = (
+        None
+        if args.no_latency
+        else latencies(
+            first_deployed, data.x_test, latency_batches, args.latency_reps, args.latency_warmup
+        )
     )
     rows, records = summarise(families, runs, latency, latency_batches)
     elapsed = time.perf_counter() - started
-    title = "Accuracy study: FashionCNN on Fashion-MNIST"
-    text = "\n".join(
-        [
-            f"## {title}",
-            f"{setting_text}; {machine_line()}; total {elapsed / 60:.1f} min",
-            f"command: `{command_line(argv)}`",
-            "",
-            markdown_table(headers(latency_batches), rows),
-            "",
-            "Learned structure (first seed): "
-            + "; ".join(f"{r.family}: {r.structure}" for r in runs if r.seed == 0 and r.structure),
-        ]
-    )
+    header = f"{setting_text}; {machine_line()}; total {elapsed / 60:.1f} min"
+    text = report_text(header, command_line(argv), latency_batches, rows, runs)
     print("\n" + text, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "accuracy.csv", headers(latency_batches), rows)
-    run_fields = list(asdict(runs[0])) if runs else []
-    write_csv(args.out / "accuracy_runs.csv", run_fields, [list(asdict(r).values()) for r in runs])
-    write_json(
-        args.out / "accuracy.json",
-        {
-            "title": title,
-            "setting": setting_text,
-            "command": command_line(argv),
-            "machine": machine_summary(),
-            "settings": asdict(settings),
-            "families": {f.name: asdict(f) for f in families},
-            "summary": records,
-            "runs": [asdict(r) for r in runs],
-            "elapsed_s": elapsed,
-        },
-    )
-    plot = args.plot_dir / "accuracy_vs_macs.png"
-    plot_accuracy_vs_macs(records, plot, f"FashionCNN, Fashion-MNIST: {setting_text}")
-    print(f"\nwrote {args.out}/accuracy.csv, accuracy_runs.csv, accuracy.json and {plot}")
+    payload = {
+        "title": TITLE,
+        "setting": setting_text,
+        "header": header,
+        "command": command_line(argv),
+        "machine": machine_summary(),
+        "settings": asdict(settings),
+        "families": {f.name: asdict(f) for f in families},
+        "runs": [asdict(r) for r in runs],
+        "elapsed_s": elapsed,
+    }
+    write_report(args, text, latency_batches, rows, records, runs, payload)
     failed = [r for r in runs if r.status != "ok" or r.changed]
     return 1 if failed else 0
 

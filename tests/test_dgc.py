@@ -329,6 +329,34 @@ def test_sparse_training_gradients_equal_dense(cfg):
             assert_close64(other, dense, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("impl", ["dense", "sparse", "grouped"])
+def test_cpu_training_gradients_are_bitwise_reproducible_with_threads(impl, kernel):
+    """The same step twice gives the same gradients bit for bit with several threads.
+
+    Many examples keep the same channel, so the weight gradient sums their contributions; a
+    CPU kernel that accumulates with atomics (``index_put_`` with ``accumulate``, the backward
+    of advanced indexing) sums them in a different order on every run.
+    """
+    torch.set_num_threads(4)  # the autouse fixture restores the thread count
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(32, 32, kernel, padding=kernel // 2, heads=4, gate_factor=0.5)
+    layer.impl = impl
+    layer.set_progress(1.0)
+    layer.train()
+    x = torch.randn(128, 32, 7, 7, requires_grad=True)
+    weights = torch.randn(128, 32, 7, 7)
+    runs = []
+    for _ in range(4):
+        layer.zero_grad()
+        x.grad = None
+        ((layer(x) * weights).sum() + layer.aux_loss()).backward()
+        runs.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    for other in runs[1:]:
+        for first, again in zip(runs[0], other, strict=True):
+            assert torch.equal(first, again)
+
+
 def _training_grads(layer, x, run):
     layer.zero_grad()
     x.grad = None

@@ -225,6 +225,101 @@ def test_accuracy_study_end_to_end_on_a_subset(tmp_path, capsys, one_thread):
     assert (tmp_path / "img" / "accuracy_vs_macs.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("name", list(accuracy.FAMILIES))
+def test_saved_models_rebuild_the_same_trained_and_deployed_networks(tmp_path, name, one_thread):
+    family = accuracy.FAMILIES[name]
+    settings = accuracy.Settings(epochs=1, width=16)
+    model, _ = accuracy.build_model(family, settings.width, seed=3)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for step in range(3):  # move every parameter and the schedules away from initialisation
+        dynaconv.set_progress(model, (step + 1) / 3)
+        x = torch.randn(8, 1, 28, 28, generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(x), torch.arange(8) % 10)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    dynaconv.set_progress(model, 1.0)
+    model.eval()
+    example = torch.randn(16, 1, 28, 28, generator=generator)
+    deployed = dynaconv.deploy(model, example_input=example)
+    path = accuracy.save_models(tmp_path, family, 3, settings, model, deployed)
+    assert path == tmp_path / f"{name}-seed3.pt"
+    loaded_name, seed, trained, redeployed = accuracy.load_saved(path, example)
+    assert (loaded_name, seed) == (name, 3)
+    x = torch.randn(5, 1, 28, 28, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(trained(x), model(x))
+        assert torch.equal(redeployed(x), deployed(x))
+    assert type(redeployed) is type(deployed)
+    assert [type(m) for m in redeployed.modules()] == [type(m) for m in deployed.modules()]
+
+
+def test_first_saved_takes_the_lowest_seed_of_each_family(tmp_path):
+    for stem in ("dgc-seed10", "dgc-seed2", "plain-seed0", "plain-seed1"):
+        (tmp_path / f"{stem}.pt").write_bytes(b"")
+    families = [accuracy.FAMILIES[n] for n in ("plain", "dgc", "lgc")]
+    assert accuracy.first_saved(tmp_path, families) == {
+        "plain": tmp_path / "plain-seed0.pt",
+        "dgc": tmp_path / "dgc-seed2.pt",
+    }
+
+
+def test_latency_from_an_empty_directory_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="no saved models"):
+        accuracy.main(["--latency-from", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+@needs_fashion
+def test_accuracy_without_latency_then_latency_from_saved_models(tmp_path, capsys, one_thread):
+    common = ["--test-subset", "100", "--out", str(tmp_path / "out")]
+    common += ["--plot-dir", str(tmp_path / "img"), "--families", "lgc", "dgconv"]
+    code = accuracy.main(
+        [
+            *common,
+            "--epochs", "1",
+            "--train-subset", "64",
+            "--batch-size", "32",
+            "--seeds", "2",
+            "--width", "16",
+            "--no-latency",
+            "--save-models", str(tmp_path / "models"),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    names = ["plain", "lgc", "dgconv"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(
+        f"{n}-seed{s}.pt" for n in names for s in (0, 1)
+    )
+    column = {h: i for i, h in enumerate(accuracy.HEADERS)}
+    table = read_csv(tmp_path / "out" / "accuracy.csv")
+    for row in table[1:]:
+        assert row[column["ms batch 1"]] == row[column["ms batch 256"]] == "not measured"
+    trained = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert all(r["latency_ms"] is None for r in trained["summary"])
+    capsys.readouterr()
+
+    code = accuracy.main(
+        [*common, "--latency-from", str(tmp_path / "models"), "--latency-reps", "1",
+         "--latency-warmup", "1"]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| family | seed | ms batch 1 | ms batch 256 |" in printed
+    merged = read_csv(tmp_path / "out" / "accuracy.csv")
+    assert [row[0] for row in merged[1:]] == names
+    for before, after in zip(table[1:], merged[1:], strict=True):
+        assert float(after[column["ms batch 1"]]) > 0 and float(after[column["ms batch 256"]]) > 0
+        unchanged = [i for h, i in column.items() if not h.startswith("ms batch")]
+        assert [after[i] for i in unchanged] == [before[i] for i in unchanged]
+    payload = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert payload["runs"] == trained["runs"]
+    assert payload["latency"]["seeds"] == {n: 0 for n in names}
+    assert all(set(r["latency_ms"]) == {"1", "256"} for r in payload["summary"])
+    assert "latency: " in (tmp_path / "out" / "accuracy.md").read_text()
+
+
 def test_expected_minutes_counts_every_family_seed_and_step():
     settings = accuracy.Settings(epochs=2, batch_size=100)
     # 2 epochs x 10 steps x 3 seeds x (0.1 + 0.2) s = 18 s

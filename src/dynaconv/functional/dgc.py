@@ -165,8 +165,16 @@ def gathered_conv(
     picked = columns.reshape(batch * cin, taps * positions).index_select(0, rows)
     picked = picked.reshape(batch * heads, keep * taps, positions)
     per_head = weight.reshape(cout // heads, heads, cin, taps).permute(1, 2, 0, 3)  # h,Cin,Co/h,T
-    head_ids = torch.arange(heads, device=x.device).reshape(1, heads, 1)
-    kernels = per_head[head_ids, index] * scale.to(weight.dtype)[..., None, None]  # B,h,K,Co/h,T
+    head_rows = index + torch.arange(heads, device=x.device).reshape(1, heads, 1) * cin
+    # index_select, not advanced indexing: the backward of per_head[heads, index] is an
+    # index_put_ with accumulate, whose multi-threaded CPU kernel adds the many examples that
+    # keep the same channel in a varying order (run-to-run different weight gradients).
+    # index_select's backward (index_add_) adds them in index order.
+    kernels = per_head.reshape(heads * cin, (cout // heads) * taps).index_select(
+        0, head_rows.reshape(-1)
+    )
+    kernels = kernels.reshape(batch, heads, keep, cout // heads, taps)
+    kernels = kernels * scale.to(weight.dtype)[..., None, None]  # B,h,K,Co/h,T
     kernels = kernels.permute(0, 1, 3, 2, 4).reshape(batch * heads, cout // heads, keep * taps)
     out = torch.bmm(kernels, picked).reshape(batch, heads * (cout // heads), out_h, out_w)
     return interleave(out, heads)
