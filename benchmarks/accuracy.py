@@ -35,6 +35,12 @@ Usage::
     python benchmarks/accuracy.py                 # default: 3 seeds x 2 epochs, all 60k images
     python benchmarks/accuracy.py --full          # 5 seeds x 10 epochs, random 2 px shifts
     python benchmarks/accuracy.py --epochs 1 --train-subset 2000 --seeds 1   # smoke run
+    python benchmarks/accuracy.py --no-latency --save-models DIR  # train on a busy machine...
+    python benchmarks/accuracy.py --latency-from DIR              # ...time the models later
+
+``--save-models DIR`` writes ``DIR/FAMILY-seedN.pt`` per run (both state dicts and what
+rebuilds the networks, see :func:`load_saved`); ``--latency-from DIR`` times the lowest seed
+of each family and rewrites the table in ``--out`` with the latency columns filled.
 
 Expected from the papers (difference of means to ``plain``): DO-Conv and CondConv >= 0; DGC
 at 50% kept >= -0.5 point; LGC with C=4 and DGConv under a 50% budget >= -1 point. The
