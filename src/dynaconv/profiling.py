@@ -13,7 +13,8 @@ Counting conventions (``convention="dense"``, the default):
   additions, normalisation, activations, pooling, element-wise ops and tensor operations
   written outside modules count nothing, as in ``FlopCounterMode`` (whose FLOPs are exactly
   2 x these MACs for a deployed network of convs and linears). DO-Conv's kernel composition is
-  not counted: it is done once for inference (cached, or folded by ``deploy``).
+  not counted: ``deploy`` folds it into the kernel once (the training and eval-mode layers
+  recompute it each forward; it is weight-sized work, independent of the batch and image).
 * ``macs_active``: what really has to be computed: DGC's kept channels, DGConv's learned
   groups, LGC's kept connections, plus CondConv's kernel mixing (``B * E * numel(W_e)``).
   Equal to ``macs`` for plain modules.
