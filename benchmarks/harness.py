@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dynaconv.dispatch import cuda_timer, host_timer
+
 
 @dataclass
 class Timing:
@@ -83,18 +85,8 @@ def _calibrate_inner(fn: Callable[[], object], device: torch.device, target_ms: 
 
 def _sample(fn: Callable[[], object], device: torch.device, inner: int) -> float:
     """Milliseconds per call over ``inner`` back-to-back calls."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / inner
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / inner
+    timer = cuda_timer if device.type == "cuda" else host_timer
+    return timer(fn, inner) / inner
 
 
 def measure_interleaved(
