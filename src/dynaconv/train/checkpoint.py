@@ -8,7 +8,15 @@ loading never unpickles code. Its keys:
 * ``config``: the resolved configuration as YAML text;
 * ``model``, ``ema`` (or None), ``optimizer``, ``scaler`` (or None): state dicts;
 * ``state``: epoch, iteration, batches done in the epoch, best accuracy, history rows;
-* ``rng``: torch CPU and CUDA generator states, numpy's and Python's, all as tensors.
+* ``rng``: torch CPU and CUDA generator states, numpy's and Python's, all as tensors;
+* ``digests``: the SHA-256 of every tensor above (dtype, shape and bytes), keyed by its path
+  in the payload (``model/conv.weight``, ``optimizer/state/0/momentum_buffer``).
+
+**Integrity**: :func:`load_checkpoint` recomputes every digest and refuses a file whose
+tensors were changed, added or removed (a :class:`CheckpointError` naming the file and the
+first such tensor). Safetensors files written by training and ``deploy`` carry the same
+digests in their metadata (``digests``, JSON), checked by :func:`load_weights`. Version-1
+checkpoints (written before digests) load without the check.
 
 Writes go to a temporary file ``.NAME.XXXX.tmp`` in the same folder, then ``os.replace``, so
 a crash leaves the previous file intact (a killed process may leave the temporary file, which
@@ -24,6 +32,8 @@ the entry; :func:`load_state` does the same for state dicts that do not fit a mo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import tempfile
@@ -46,13 +56,17 @@ __all__ = [
     "load_checkpoint",
     "load_state",
     "load_weights",
+    "payload_digests",
     "read_metadata",
     "restore_rng",
     "save_safetensors",
+    "tensor_digest",
 ]
 
 FORMAT = "dynaconv-train-checkpoint"
-VERSION = 1
+VERSION = 2
+#: Versions :func:`load_checkpoint` reads (1: before tensor digests).
+READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(RuntimeError):
@@ -107,9 +121,61 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def tensor_digest(tensor: Tensor) -> str:
+    """SHA-256 (hex) of a tensor's dtype, shape and bytes."""
+    data = tensor.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{data.dtype}{tuple(tensor.shape)}".encode())
+    if data.numel():
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _tensors(node: Any, prefix: str = "") -> Any:
+    """``(path, tensor)`` of every tensor in nested dicts, lists and tuples."""
+    if isinstance(node, Tensor):
+        yield prefix, node
+    elif isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _tensors(value, f"{prefix}/{key}" if prefix else str(key))
+    elif isinstance(node, list | tuple):
+        for index, value in enumerate(node):
+            yield from _tensors(value, f"{prefix}/{index}")
+
+
+def payload_digests(payload: Mapping[str, Any]) -> dict[str, str]:
+    """:func:`tensor_digest` of every tensor of a checkpoint payload (``digests`` aside)."""
+    return {
+        path: tensor_digest(tensor)
+        for path, tensor in _tensors({k: v for k, v in payload.items() if k != "digests"})
+    }
+
+
+def _check_digests(stored: Any, actual: Mapping[str, str], origin: str) -> None:
+    """:class:`CheckpointError` naming ``origin`` unless ``stored`` equals ``actual``."""
+    if not isinstance(stored, Mapping):
+        raise CheckpointError(f"{origin} has no tensor digests (the file was changed)")
+    for name, digest in actual.items():
+        if stored.get(name) != digest:
+            why = "has no stored digest" if name not in stored else "does not match its digest"
+            raise CheckpointError(
+                f"{origin}: tensor {name} {why}; the file was changed or corrupted after it "
+                "was written"
+            )
+    missing = [name for name in stored if name not in actual]
+    if missing:
+        raise CheckpointError(
+            f"{origin}: tensor {missing[0]} is missing; the file was changed or corrupted"
+        )
+
+
 def atomic_save(payload: Mapping[str, Any], path: str | Path) -> None:
-    """``torch.save(payload)`` to ``path`` through a temporary file and ``os.replace``."""
-    _atomic_write(Path(path), lambda tmp: torch.save(dict(payload), tmp))
+    """``torch.save(payload)`` to ``path`` through a temporary file and ``os.replace``; a
+    training checkpoint (``format`` :data:`FORMAT`) gets the digests of its tensors."""
+    payload = dict(payload)
+    if payload.get("format") == FORMAT:
+        payload["version"] = VERSION
+        payload["digests"] = payload_digests(payload)
+    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
@@ -155,10 +221,13 @@ def load_checkpoint(
             f"{path} is not a dynaconv training checkpoint (no format={FORMAT!r} marker); "
             "for plain weights use a .safetensors file"
         )
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path} has checkpoint version {payload.get('version')}, expected {VERSION}"
+            f"{path} has checkpoint version {short_version(payload.get('version'))}, "
+            f"expected one of {READABLE_VERSIONS}"
         )
+    if payload["version"] >= 2:
+        _check_digests(payload.get("digests"), payload_digests(payload), f"checkpoint {path}")
     for key, kind in (entries or {}).items():
         if key not in payload:
             raise CheckpointError(f"checkpoint {path} has no {key!r} entry")
@@ -172,6 +241,11 @@ def load_checkpoint(
             if missing:
                 raise CheckpointError(f"checkpoint {path} has no {group}.{missing[0]} entry")
     return payload
+
+
+def short_version(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def load_state(module: nn.Module, state: Any, origin: str) -> None:
@@ -257,11 +331,14 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 def save_safetensors(
     state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Weights only, as safetensors (shared storage is cloned apart), written atomically."""
+    """Weights only, as safetensors (shared storage is cloned apart), written atomically, with
+    the digest of every tensor in the metadata (``digests``)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=dict(metadata or {})))
+    metadata = dict(metadata or {})
+    metadata["digests"] = json.dumps({k: tensor_digest(v) for k, v in tensors.items()})
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 T = TypeVar("T")
@@ -289,13 +366,22 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, or :class:`CheckpointError`."""
+    """Tensors and metadata of a safetensors file, or :class:`CheckpointError` (also when its
+    ``digests`` metadata, when present, does not match the tensors)."""
 
     def read(handle: Any) -> tuple[dict[str, Tensor], dict[str, str]]:
         metadata = handle.metadata() or {}
         return {key: handle.get_tensor(key) for key in handle.keys()}, metadata  # noqa: SIM118
 
-    return _read_safetensors(path, read)
+    tensors, metadata = _read_safetensors(path, read)
+    if "digests" in metadata:
+        try:
+            stored = json.loads(metadata["digests"])
+        except ValueError:
+            stored = None
+        actual = {key: tensor_digest(value) for key, value in tensors.items()}
+        _check_digests(stored, actual, str(path))
+    return tensors, metadata
 
 
 def model_state(model: nn.Module) -> dict[str, Tensor]:

@@ -105,6 +105,17 @@ def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def resume_base(stored: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    """The configuration a resume starts from: the checkpoint's, except what the command line
+    decides: where to write (``train.out_dir``: the checkpoint's own folder unless ``--out``)
+    and whether to download (``data.download``: only with ``--download``)."""
+    from pathlib import Path
+
+    stored["train"]["out_dir"] = str(Path(checkpoint).parent)
+    stored["data"]["download"] = False
+    return stored
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .engine import train
 
@@ -114,7 +125,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .config import config_from_text
 
         stored = load_checkpoint(args.resume, {"config": str})["config"]
-        base = config_from_text(stored, f"checkpoint {args.resume}")
+        base = resume_base(config_from_text(stored, f"checkpoint {args.resume}"), args.resume)
     config = _resolve(args, base)
     if args.print_config:
         from .config import dump_config

@@ -43,7 +43,14 @@ from .checkpoint import (
     load_weights,
     save_safetensors,
 )
-from .config import ConfigError, config_from_text, dump_config, set_path, validate_config
+from .config import (
+    ConfigError,
+    config_from_text,
+    dump_config,
+    read_config_file,
+    set_path,
+    validate_config,
+)
 from .data import build_datasets, dataset_info
 from .factory import build_model
 from .runfolder import make_writable_folder
@@ -62,6 +69,9 @@ MODEL_ENTRIES: dict[str, Any] = {"config": str, "model": dict, "ema": (dict, typ
 
 
 def _apply(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A configuration read from a file, with the command line's ``overrides``: a file never
+    decides to download (``data.download`` is false unless an override sets it)."""
+    config["data"]["download"] = False
     for dotted, value in overrides.items():
         set_path(config, dotted, value)
     validate_config(config)
@@ -147,10 +157,7 @@ def _folder_config(folder: Path, overrides: dict[str, Any] | None) -> dict[str, 
             f"{folder} is not a deploy folder: it has no config.yaml (give a checkpoint, a "
             "training .safetensors or a folder written by dynaconv deploy)"
         )
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"cannot read {path}: {error}") from None
+    text = read_config_file(path, "configuration")
     return _apply(config_from_text(text, str(path)), overrides or {})
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
+import reprlib
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -56,7 +57,10 @@ __all__ = [
     "list_recipes",
     "load_recipe",
     "parse_assignment",
+    "parse_yaml",
     "resolve_config",
+    "short_repr",
+    "short_text",
     "validate_config",
 ]
 
@@ -184,6 +188,129 @@ SWITCHES: dict[str, tuple[str, str]] = {
 
 
 # --------------------------------------------------------------------------------------------
+# bounded YAML
+
+#: Limits on a configuration's YAML text, checked while it is parsed and before anything is
+#: built from it (so an alias "bomb" or deep nesting costs neither memory nor a traceback):
+#: its size in bytes, the nesting depth of its collections, the number of aliases (``*name``)
+#: and the number of values it would expand to (aliases counted at their full size).
+#: A real configuration is a few kilobytes, 5 levels deep and has about 100 values.
+YAML_LIMITS = {"bytes": 256 * 1024, "depth": 32, "aliases": 64, "nodes": 20_000}
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts depth, aliases and expanded size while composing."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > YAML_LIMITS["aliases"]:
+                raise ConfigError(f"more than {YAML_LIMITS['aliases']} YAML aliases")
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > YAML_LIMITS["depth"]:
+            raise ConfigError(f"nested deeper than {YAML_LIMITS['depth']} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node: Any) -> Any:
+        _check_expanded_size(node)
+        return super().construct_document(node)
+
+
+def _check_expanded_size(root: Any) -> None:
+    """:class:`ConfigError` when the node graph ``root`` expands to more than
+    ``YAML_LIMITS["nodes"]`` values (each distinct node is sized once)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        sizes[id(node)] = 1  # a cycle (a recursive alias) counts once
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(key) + size(value) for key, value in node.value)
+        else:
+            total = 1
+        total = min(total, YAML_LIMITS["nodes"] + 1)
+        sizes[id(node)] = total
+        return total
+
+    if size(root) > YAML_LIMITS["nodes"]:
+        raise ConfigError(f"expands to more than {YAML_LIMITS['nodes']} values")
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``text`` parsed as YAML within :data:`YAML_LIMITS`, safe tags only.
+
+    Errors are one :class:`ConfigError` line naming ``what`` (a file or a key) and the limit
+    or the YAML problem, quoting at most a short prefix of the text.
+    """
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > YAML_LIMITS["bytes"]:
+        raise ConfigError(
+            f"{what} is {size} bytes, more than a configuration may be "
+            f"({YAML_LIMITS['bytes']}); it starts {short_repr(text[:40])}"
+        )
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except ConfigError as error:
+        raise ConfigError(f"{what} is refused: {error}") from None
+    except yaml.YAMLError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(f"{what} is not valid YAML ({short_text(first)})") from None
+    except RecursionError:
+        raise ConfigError(f"{what} is refused: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = 60
+_SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+
+
+def read_config_file(path: Path, what: str) -> str:
+    """The text of the configuration file ``path``; :class:`ConfigError` (naming ``what`` and
+    the file) when it cannot be read or exceeds ``YAML_LIMITS["bytes"]`` (checked before
+    reading)."""
+    try:
+        size = path.stat().st_size
+        if size > YAML_LIMITS["bytes"]:
+            raise ConfigError(
+                f"{what} {path} is {size} bytes, more than a configuration may be "
+                f"({YAML_LIMITS['bytes']})"
+            )
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read {what} {path}: {short_text(str(error))}") from None
+
+
+def short_text(text: str, limit: int = 200) -> str:
+    """``text`` on one line, cut to ``limit`` characters (what error messages quote of another
+    error's message)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to a short prefix (what error messages quote of a value)."""
+    return _SHORT.repr(value)
+
+
+# --------------------------------------------------------------------------------------------
 # recipes
 
 
@@ -206,24 +333,18 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"cannot read recipe {path}: {error}") from None
+        text = read_config_file(path, "recipe")
         origin = str(path)
     else:
         entry = _recipe_dir().joinpath(f"{name_or_path}.yaml")
         if not entry.is_file():
             raise ConfigError(
-                f"unknown recipe {name_or_path!r}; shipped recipes: {', '.join(list_recipes())} "
+                f"unknown recipe {short_repr(name_or_path)}; shipped recipes: {', '.join(list_recipes())} "
                 "(or give a path to a .yaml file)"
             )
         text = entry.read_text()
         origin = name_or_path
-    try:
-        recipe = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"recipe {origin} is not valid YAML: {error}") from None
+    recipe = parse_yaml(text, f"recipe {origin}") or {}
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {origin} must be a mapping of sections, got {type(recipe)}")
     recipe.setdefault("name", Path(origin).stem)
@@ -242,11 +363,11 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], prefix: str = "") ->
         dotted = f"{prefix}{key}"
         if key not in base:
             raise ConfigError(
-                f"unknown configuration key {dotted!r}; valid keys here: {', '.join(sorted(base))}"
+                f"unknown configuration key {short_repr(dotted)}; valid keys here: {', '.join(sorted(base))}"
             )
         if isinstance(base[key], dict) and _is_section(dotted):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{dotted} must be a mapping, got {value!r}")
+                raise ConfigError(f"{dotted} must be a mapping, got {short_repr(value)}")
             _merge(base[key], value, f"{dotted}.")
         else:
             base[key] = copy.deepcopy(value)
@@ -266,13 +387,12 @@ def _is_section(dotted: str) -> bool:
 def parse_assignment(assignment: str) -> tuple[str, Any]:
     """``"a.b=VALUE"`` -> ``("a.b", VALUE parsed as YAML)``."""
     if "=" not in assignment:
-        raise ConfigError(f"override must look like section.key=value, got {assignment!r}")
+        raise ConfigError(
+            f"override must look like section.key=value, got {short_repr(assignment)}"
+        )
     dotted, _, raw = assignment.partition("=")
     dotted = dotted.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"value of {dotted} is not valid YAML: {error}") from None
+    value = parse_yaml(raw, f"the value of {short_repr(dotted)}") if raw.strip() else None
     return dotted, value
 
 
@@ -301,7 +421,7 @@ def set_path(config: dict[str, Any], dotted: str, value: Any) -> None:
         prefix = ".".join(parts[: depth + 1])
         if part not in node and not _free_form(prefix):
             raise ConfigError(
-                f"unknown configuration key {prefix!r}; valid keys here: {', '.join(sorted(node))}"
+                f"unknown configuration key {short_repr(prefix)}; valid keys here: {', '.join(sorted(node))}"
             )
         if depth == len(parts) - 1:
             node[part] = value
@@ -309,7 +429,7 @@ def set_path(config: dict[str, Any], dotted: str, value: Any) -> None:
         if node.get(part) is None:
             node[part] = {}
         if not isinstance(node[part], dict):
-            raise ConfigError(f"{prefix} is not a mapping (it is {node[part]!r})")
+            raise ConfigError(f"{prefix} is not a mapping (it is {short_repr(node[part])})")
         node = node[part]
 
 
@@ -358,7 +478,7 @@ def drop_legacy_keys(config: Any) -> Any:
     if isinstance(resource, dict) and "helper" in resource:
         if resource["helper"] != LEGACY_RESOURCE_HELPER:
             raise ConfigError(
-                f"loss.resource.helper is no longer a setting (got {resource['helper']!r}); "
+                f"loss.resource.helper is no longer a setting (got {short_repr(resource['helper'])}); "
                 "the resource objective is dynaconv.ResourceConstraint and names "
                 "in a configuration are never imported: remove the key"
             )
@@ -387,13 +507,7 @@ def config_from_text(text: str, origin: str) -> dict[str, Any]:
     """
     if not isinstance(text, str):
         raise ConfigError(f"{origin}: the stored configuration is not YAML text")
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(
-            f"{origin}: the stored configuration is not valid YAML ({first})"
-        ) from None
+    config = parse_yaml(text, f"{origin}: the stored configuration")
     if not isinstance(config, dict):
         raise ConfigError(f"{origin}: the stored configuration is not a mapping of sections")
     try:
@@ -471,7 +585,7 @@ def _type_name(types: tuple[type, ...]) -> str:
 def _check_value_type(dotted: str, value: Any, default: Any) -> None:
     if value is None:
         if default is not None:
-            raise ConfigError(f"{dotted} must not be null (default {default!r})")
+            raise ConfigError(f"{dotted} must not be null (default {short_repr(default)})")
         return
     if default is None:
         expected = NULLABLE_TYPES.get(dotted)
@@ -486,16 +600,18 @@ def _check_value_type(dotted: str, value: Any, default: Any) -> None:
     else:
         expected = (type(default),)
     if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
-        raise ConfigError(f"{dotted} must be of type {_type_name(expected)}, got {value!r}")
+        raise ConfigError(
+            f"{dotted} must be of type {_type_name(expected)}, got {short_repr(value)}"
+        )
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{dotted} must be a finite number, got {value!r}")
+        raise ConfigError(f"{dotted} must be a finite number, got {short_repr(value)}")
 
 
 def _check_types(config: Mapping[str, Any], defaults: Mapping[str, Any], prefix: str) -> None:
     unknown = sorted(set(config) - set(defaults), key=str)
     if unknown:
         raise ConfigError(
-            f"unknown configuration key {prefix}{unknown[0]!r}; valid keys here: "
+            f"unknown configuration key {prefix}{short_repr(unknown[0])}; valid keys here: "
             f"{', '.join(sorted(defaults))}"
         )
     for key, default in defaults.items():
@@ -505,7 +621,7 @@ def _check_types(config: Mapping[str, Any], defaults: Mapping[str, Any], prefix:
         value = config[key]
         if isinstance(default, dict) and _is_section(dotted):
             if not isinstance(value, dict):
-                raise ConfigError(f"{dotted} must be a mapping, got {value!r}")
+                raise ConfigError(f"{dotted} must be a mapping, got {short_repr(value)}")
             _check_types(value, default, f"{dotted}.")
             continue
         _check_value_type(dotted, value, default)
@@ -521,7 +637,7 @@ def _check_ranges(config: Mapping[str, Any]) -> None:
             value <= high if high_in else value < high
         )
         if not inside:
-            raise ConfigError(f"{dotted} must be {_range_text(rule)}, got {value!r}")
+            raise ConfigError(f"{dotted} must be {_range_text(rule)}, got {short_repr(value)}")
     optim = config["optim"]
     if optim["min_lr"] > optim["lr"]:
         raise ConfigError(
@@ -531,14 +647,16 @@ def _check_ranges(config: Mapping[str, Any]) -> None:
     if len(betas) != 2 or not all(
         isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
     ):
-        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {short_repr(betas)}")
 
 
 def _check_selector(dotted: str, value: Any) -> None:
     if value is None or isinstance(value, str):
         return
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{dotted} must be null, a glob pattern or a list of them, got {value!r}")
+        raise ConfigError(
+            f"{dotted} must be null, a glob pattern or a list of them, got {short_repr(value)}"
+        )
 
 
 def _check_model(model: dict[str, Any]) -> None:
@@ -561,11 +679,11 @@ def _check_model(model: dict[str, Any]) -> None:
 
     if convert["method"] not in METHODS:
         raise ConfigError(
-            f"model.convert.method must be one of {sorted(METHODS)}, got {convert['method']!r}"
+            f"model.convert.method must be one of {sorted(METHODS)}, got {short_repr(convert['method'])}"
         )
     options = convert.get("options")
     if options is not None and not isinstance(options, dict):
-        raise ConfigError(f"model.convert.options must be a mapping, got {options!r}")
+        raise ConfigError(f"model.convert.options must be a mapping, got {short_repr(options)}")
     check_convert_options(convert["method"], options or {})
     for key in ("include", "exclude"):
         _check_selector(f"model.convert.{key}", convert.get(key))
@@ -574,23 +692,25 @@ def _check_model(model: dict[str, Any]) -> None:
 def validate_config(config: dict[str, Any]) -> None:
     """Raise :class:`ConfigError` naming the key for anything invalid (module docstring)."""
     if not isinstance(config, dict):
-        raise ConfigError(f"a configuration must be a mapping of sections, got {config!r}")
+        raise ConfigError(
+            f"a configuration must be a mapping of sections, got {short_repr(config)}"
+        )
     _check_types(config, DEFAULTS, "")
     for dotted, allowed in CHOICES.items():
         if _get(config, dotted) not in allowed:
             raise ConfigError(
-                f"{dotted} must be one of {', '.join(map(str, allowed))}, got {_get(config, dotted)!r}"
+                f"{dotted} must be one of {', '.join(map(str, allowed))}, got {short_repr(_get(config, dotted))}"
             )
     for aug in config["data"]["augment"]:
         if aug not in AUGMENTATIONS:
             raise ConfigError(
-                f"data.augment entries must be among {', '.join(AUGMENTATIONS)}, got {aug!r}"
+                f"data.augment entries must be among {', '.join(AUGMENTATIONS)}, got {short_repr(aug)}"
             )
     if not isinstance(config["model"]["kwargs"], dict):
         raise ConfigError("model.kwargs must be a mapping")
     name = config["name"]
     if not name.strip() or "/" in name or "\\" in name or name in (".", ".."):
-        raise ConfigError(f"name must be a folder name (runs/NAME), got {name!r}")
+        raise ConfigError(f"name must be a folder name (runs/NAME), got {short_repr(name)}")
     _check_ranges(config)
     _check_model(config["model"])
 

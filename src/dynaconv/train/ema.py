@@ -2,7 +2,8 @@
 
 ``ema = decay * ema + (1 - decay) * model`` for parameters and for the floating-point buffers
 that are statistics (BatchNorm's running mean and variance). **Structural state is copied**
-from the model at every update, because an average of two masks, gate states or counters is
+from the model at every update (and, when the EMA is updated only every ``train.ema_every``
+iterations, at every iteration in between: :meth:`ModelEMA.copy_structure`), because an average of two masks, gate states or counters is
 not a mask, a gate state or a counter: the EMA's learned structure (``structure()``, groups,
 masks, stages, kept-channel counts) is always the model's.
 
@@ -74,6 +75,19 @@ class ModelEMA:
             parameter.requires_grad_(False)
         self.structural = structural_buffer_names(model)
         self.structural_parameters = structural_parameter_names(model)
+
+    @torch.no_grad()
+    def copy_structure(self, model: nn.Module) -> None:
+        """Copy only the structural state (no averaging): called at every iteration on which
+        :meth:`update` is not (``train.ema_every > 1``), so the EMA's structure never lags."""
+        ema_params = dict(self.module.named_parameters())
+        for name, parameter in model.named_parameters():
+            if name in self.structural_parameters:
+                ema_params[name].copy_(parameter.detach())
+        ema_buffers = dict(self.module.named_buffers())
+        for name, buffer in model.named_buffers():
+            if name in self.structural or not buffer.is_floating_point():
+                ema_buffers[name].copy_(buffer)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -1,6 +1,10 @@
 """The training loop: one CPU, one GPU or many processes (DDP through ``torchrun``).
 
-Per iteration ``t`` of ``T`` (``T`` = epochs x iterations per epoch, or ``train.max_iters``):
+Per iteration ``t`` of ``T`` (``T`` = epochs x iterations per epoch, or ``train.max_iters``
+when that is smaller: the schedules then span exactly ``max_iters`` iterations, so a short run
+is a complete run, compressed; ``T`` is the current configuration's, and a resume whose ``T``
+differs from the checkpoint's says so in a warning line, because its schedules then continue
+from ``t / T`` with the new ``T`` instead of bit-for-bit):
 
 1. ``dynaconv.set_progress(model, t / T)``: every layer's schedule (condensation stages,
    gate schedules) follows the *global* iteration, so it is identical on every rank and after
@@ -12,7 +16,9 @@ Per iteration ``t`` of ``T`` (``T`` = epochs x iterations per epoch, or ``train.
    (:func:`~dynaconv.train.factory.resource_objective`) multiplies it;
 4. backward (with a GradScaler under fp16 autocast), optional gradient-norm clipping, step,
    ``dynaconv.set_progress(model, (t + 1) / T)`` (so the final model is at progress 1.0),
-   EMA update.
+   EMA update every ``train.ema_every`` iterations; the EMA's structural state (masks,
+   stages, gates: :mod:`dynaconv.train.ema`) is copied from the model at *every* iteration,
+   so it is always the model's whatever ``ema_every``.
 
 Validation runs every ``train.eval_every_epochs`` epochs and after the last one; ``best.pt``
 is chosen among the evaluated epochs (EMA accuracy when the EMA is enabled).
@@ -25,8 +31,10 @@ a consistent end-of-epoch set restored on resume, stale temporary files removed)
 
 **Non-finite values stop the run and keep the last good set.** A loss that is NaN or infinite
 on any rank raises :class:`NonFiniteLossError`; before any checkpoint replaces the previous
-one, every floating-point tensor of the model and of the EMA (parameters *and* buffers, e.g.
-BatchNorm statistics) is checked, and the first non-finite one is named in the error.
+one, and before the final ``model.safetensors``, every floating-point tensor of the model and
+of the EMA (parameters *and* buffers, e.g. BatchNorm statistics) is checked, and the first
+non-finite one is named in the error; so is a resumed checkpoint's state when it is loaded.
+``summary.json`` never holds NaN (a non-finite figure is ``null``).
 
 The set-up lives beside this module: :mod:`dynaconv.train.distributed` (processes, devices,
 seeding, collectives) and :mod:`dynaconv.train.factory` (network, optimizer, learning rate,
@@ -88,7 +96,7 @@ from .distributed import (
 from .ema import ModelEMA
 from .factory import build_model, build_optimizer, learning_rate, resource_objective
 from .names import known_model
-from .runfolder import prepare_run_folder, remove_artefacts
+from .runfolder import RunLock, prepare_run_folder, remove_artefacts
 from .ui import Progress
 
 __all__ = [
@@ -198,9 +206,26 @@ class Trainer:
         self.ddp = setup_distributed(tc["device"])
         self.device = self.ddp.device
         resume = None if resume is None else Path(resume)
-        self.replaced = prepare_run_folder(
+        self.replaced, self.lock = prepare_run_folder(
             self.out, resume=resume, overwrite=overwrite, is_main=self.ddp.is_main
         )
+        self.resumed_from = resume
+        self.checkpointed = False  # this run has written a checkpoint
+        self.written: list[Path] = []  # files this run wrote before its first checkpoint
+        try:
+            self._build(config, resume, network)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _build(
+        self,
+        config: dict[str, Any],
+        resume: Path | None,
+        network: Callable[..., nn.Module] | None,
+    ) -> None:
+        """Everything after the run folder's checks: data, model, optimizer, resumed state."""
+        tc = config["train"]
         payload = None if resume is None else self._read_resume(resume)
         seed_everything(tc["seed"], tc["deterministic"])
         self.train_set, self.val_set, self.info = build_datasets(config["data"], tc["seed"])
@@ -218,10 +243,24 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.state = self._initial_state()
-        self.resumed_from = resume
         if payload is not None:
             self._resume(resume, payload)
         self.net = self._wrap(self.model)
+
+    def _abandon(self) -> None:
+        """A run that fails before its first checkpoint removes what it wrote (and the
+        folder when it created it), so that a rerun is not refused; the lock is released."""
+        lock: RunLock | None = getattr(self, "lock", None)
+        if lock is None:
+            return
+        if self.resumed_from is None and not self.checkpointed:
+            lock.abandon(self.written)
+        lock.release()
+
+    def close(self) -> None:
+        """Release the run folder's lock (:meth:`fit` does at its end)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ---- set-up helpers
 
@@ -263,6 +302,7 @@ class Trainer:
             "epoch_stats": [0.0, 0.0, 0.0],
             "world_size": self.ddp.world,
             "elapsed": 0.0,
+            "total_iters": self.total_iters,  # the schedules' length T
         }
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -327,6 +367,17 @@ class Trainer:
         if self.ddp.rank < len(per_rank):
             torch.set_rng_state(per_rank[self.ddp.rank])
         self.state["world_size"] = self.ddp.world
+        self.check_finite(f"checkpoint {path}")
+        stored_total = self.state.get("total_iters")
+        if stored_total is not None and stored_total != self.total_iters and self.ddp.is_main:
+            print(
+                f"warning: {path} was written by a run of {stored_total} iterations, this one "
+                f"has {self.total_iters} (train.epochs / train.max_iters): the learning rate "
+                f"and layer schedules continue from iteration {self.state['iteration']} of "
+                f"{self.total_iters}",
+                file=sys.stderr,
+            )
+        self.state["total_iters"] = self.total_iters
 
     def _loader(self, dataset: Any, sampler: Any, batch: int, drop_last: bool) -> DataLoader:
         workers = self.config["data"]["workers"]
@@ -399,11 +450,11 @@ class Trainer:
         # so the evaluated, checkpointed and deployed model has its final structure. (The
         # weights do not change before the next step, which would set the same value.)
         dynaconv.set_progress(self.model, self.state["iteration"] / self.total_iters)
-        if (
-            self.ema is not None
-            and self.state["iteration"] % self.config["train"]["ema_every"] == 0
-        ):
-            self.ema.update(self.model)
+        if self.ema is not None:
+            if self.state["iteration"] % self.config["train"]["ema_every"] == 0:
+                self.ema.update(self.model)
+            else:
+                self.ema.copy_structure(self.model)
         stats = self.state["epoch_stats"]
         stats[0] += loss_sum
         stats[1] += correct_sum
@@ -457,17 +508,24 @@ class Trainer:
         modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
         broadcast_buffers(modules, self.ddp)
 
-    def check_finite(self) -> None:
-        """:class:`NonFiniteLossError` naming the first non-finite tensor of the model or EMA."""
+    def check_finite(self, origin: str | None = None) -> None:
+        """:class:`NonFiniteLossError` naming the first non-finite tensor of the model or EMA
+        (``origin``: the checkpoint they were just loaded from)."""
         modules = {"model": self.model}
         if self.ema is not None:
             modules["ema"] = self.ema.module
         bad = first_nonfinite(modules)
-        if bad is not None:
+        if bad is None:
+            return
+        if origin is not None:
             raise NonFiniteLossError(
-                f"{bad} became NaN or infinite by iteration {self.state['iteration']}; stopping "
-                f"without replacing the last good checkpoint set in {self.out}"
+                f"{origin}: {bad} is NaN or infinite; it cannot be resumed (resume an earlier "
+                "checkpoint)"
             )
+        raise NonFiniteLossError(
+            f"{bad} became NaN or infinite by iteration {self.state['iteration']}; stopping "
+            f"without replacing the last good checkpoint set in {self.out}"
+        )
 
     def save_checkpoint(self, best: bool = False) -> None:
         """``last.pt``, then (``best``) ``best.pt`` and ``best.safetensors``, each atomically.
@@ -481,6 +539,7 @@ class Trainer:
         payload = self._checkpoint_payload()  # every rank joins the RNG gather
         if self.ddp.is_main:
             atomic_save(payload, self.out / "last.pt")
+            self.checkpointed = True
             if best:
                 atomic_save(payload, self.out / "best.pt")
                 self._save_best_weights(payload)
@@ -488,6 +547,15 @@ class Trainer:
     def _save_best_weights(self, payload: dict[str, Any]) -> None:
         """``best.safetensors``: the evaluation weights of the checkpoint ``payload``."""
         weights = payload["ema"] if payload["ema"] is not None else payload["model"]
+        bad = next(
+            (k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()),
+            None,
+        )
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"{bad} of the checkpoint of iteration {payload['state']['iteration']} is NaN "
+                "or infinite; best.safetensors is not written from it"
+            )
         metadata = self._weights_metadata(payload["config"], payload["state"]["iteration"])
         save_safetensors(weights, self.out / "best.safetensors", metadata)
 
@@ -560,7 +628,7 @@ class Trainer:
         metrics = self.out / "metrics.csv"
         if self.state["history"]:
             text = self._history_csv()
-            if not metrics.is_file() or metrics.read_text() != text:
+            if not metrics.is_file() or metrics.read_bytes() != text.encode():
                 atomic_write_text(text, metrics)
                 restored.append("metrics.csv (from the history rows)")
         elif metrics.exists():
@@ -581,13 +649,25 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to the end; returns the summary (also written to ``summary.json``)."""
+        try:
+            return self._fit()
+        except BaseException:
+            self._abandon()
+            raise
+        finally:
+            self.close()
+
+    def _fit(self) -> dict[str, Any]:
         tc = self.config["train"]
         if self.ddp.is_main:
             remove_artefacts(self.replaced)  # --overwrite: the set-up succeeded
             if self.resumed_from is not None:
                 for item in self.repair_run_folder():
                     print(f"resume: restored {item}", file=sys.stderr)
+            self.written.append(self.out / "config.yaml")
             atomic_write_text(dump_config(self.config), self.out / "config.yaml")
+            if tc["tensorboard"] and not (self.out / "tensorboard").exists():
+                self.written.append(self.out / "tensorboard")
         writer = self._tensorboard()
         sampler = ResumableSampler(self.train_set, self.ddp.world, self.ddp.rank, tc["seed"])
         progress = Progress(
@@ -693,6 +773,7 @@ class Trainer:
         }
         if not self.ddp.is_main:
             return summary
+        self.check_finite()
         save_safetensors(
             model_state(final), self.out / "model.safetensors", self._weights_metadata()
         )
@@ -710,10 +791,25 @@ class Trainer:
             plot_curves(history, self.out / "curves.png")
             batch = torch.stack([self.val_set[i][0] for i in range(min(32, len(self.val_set)))])
             plot_structure(final, self.out, batch.to(self.device))
-        atomic_write_text(json.dumps(summary, indent=2), self.out / "summary.json")
+        atomic_write_text(json_text(summary), self.out / "summary.json")
         if self.verbose:
             print(yaml.safe_dump(summary, sort_keys=False).rstrip())
         return summary
+
+
+def json_text(value: Any) -> str:
+    """``value`` as indented JSON, non-finite floats as ``null`` (JSON has no NaN)."""
+
+    def finite(node: Any) -> Any:
+        if isinstance(node, float) and not math.isfinite(node):
+            return None
+        if isinstance(node, dict):
+            return {key: finite(item) for key, item in node.items()}
+        if isinstance(node, list | tuple):
+            return [finite(item) for item in node]
+        return node
+
+    return json.dumps(finite(value), indent=2, allow_nan=False)
 
 
 def train(

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import dynaconv
 from dynaconv.lifecycle import ConversionReport
 
-from .config import ConfigError
+from .config import ConfigError, short_repr, short_text
 from .data import DatasetInfo, dataset_info
 from .names import model_builder
 
@@ -99,10 +99,19 @@ def _build_registered(name: str, kwargs: dict[str, Any], info: DatasetInfo) -> n
         takes_classes = True
     if takes_classes:
         kwargs.setdefault("num_classes", info.num_classes)
+    classes = kwargs.get("num_classes", info.num_classes)
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < info.num_classes:
+        raise ConfigError(
+            f"model.kwargs.num_classes must be an int of at least the dataset's "
+            f"{info.num_classes} classes, got {short_repr(classes)} (leave it out: it is taken "
+            "from the data)"
+        )
     try:
         return builder(**kwargs)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"model.kwargs of {name}: {error}") from None
+    except Exception as error:  # any failure of a builder is its arguments' fault
+        raise ConfigError(
+            f"model.kwargs of {name}: {type(error).__name__}: {short_text(str(error))}"
+        ) from None
 
 
 def _convert(
@@ -121,7 +130,7 @@ def _convert(
             **(convert.get("options") or {}),
         )
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"model.convert.options ({method}): {error}") from None
+        raise ConfigError(f"model.convert.options ({method}): {short_text(str(error))}") from None
     if not report.converted:
         first = next(iter(report.skipped.items()), None)
         why = f"; e.g. {first[0]}: {first[1]}" if first else ""

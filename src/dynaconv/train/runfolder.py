@@ -27,18 +27,36 @@ Rules:
    ``metrics.csv`` from the history rows.
 3. **No stale temporaries**: the temporary files a killed run left (``.NAME.XXXX.tmp``) are
    removed when a run starts or resumes in the folder.
+4. **One run at a time**: a run holds an exclusive lock on its folder (:class:`RunLock`, the
+   file ``.dynaconv.lock`` holding its pid, locked with ``flock``) from its first check to its
+   end; another ``train`` into that folder (new, ``--resume`` or ``--overwrite``) is refused
+   with one line naming the holder's pid while it lives. A lock left by a dead process is
+   reclaimed (the operating system releases ``flock`` locks with their process).
+5. **No symlinked artefacts**: a folder whose artefacts (``tensorboard/`` included) are
+   symbolic links is refused before anything is deleted or written.
+6. **A run that fails before its first checkpoint leaves nothing that blocks a rerun**: the
+   files it wrote (``config.yaml``, ``tensorboard/``) are removed, and the folder too when the
+   run created it and it is empty (:meth:`RunLock.abandon`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: the pid in the lock file decides
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "ARTEFACTS",
+    "LOCK_NAME",
     "RunFolderError",
+    "RunLock",
     "existing_artefacts",
     "make_writable_folder",
     "prepare_run_folder",
@@ -59,6 +77,8 @@ ARTEFACTS = (
 )
 ARTEFACT_PATTERNS = ("structure.png", "structure_*.png")
 ARTEFACT_FOLDERS = ("tensorboard",)
+#: The lock file of a run folder (not an artefact: removed when the run ends).
+LOCK_NAME = ".dynaconv.lock"
 
 
 class RunFolderError(RuntimeError):
@@ -69,10 +89,10 @@ def existing_artefacts(out: Path) -> list[Path]:
     """The files and folders of a previous run in ``out`` (see :data:`ARTEFACTS`)."""
     if not out.is_dir():
         return []
-    found = [out / name for name in ARTEFACTS if (out / name).exists()]
+    found = [out / name for name in ARTEFACTS if os.path.lexists(out / name)]
     for pattern in ARTEFACT_PATTERNS:
         found += sorted(out.glob(pattern))
-    found += [out / name for name in ARTEFACT_FOLDERS if (out / name).is_dir()]
+    found += [out / name for name in ARTEFACT_FOLDERS if os.path.lexists(out / name)]
     return found
 
 
@@ -100,24 +120,161 @@ def _same_folder(checkpoint: Path, out: Path) -> bool:
         return False
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """The exclusive lock of a run folder (module docstring, rules 4 and 6).
+
+    :meth:`acquire` creates ``FOLDER/.dynaconv.lock`` holding this process's pid and locks it
+    (``flock``, not blocking); :class:`RunFolderError` names the holder's pid when another
+    process holds it. :meth:`release` removes the file and unlocks.
+    """
+
+    def __init__(self, folder: Path, created: bool = False) -> None:
+        self.folder = folder
+        self.path = folder / LOCK_NAME
+        self.created = created  # the run created the folder (abandon may remove it)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text().strip()[:20] or "unknown"
+        except OSError:
+            return "unknown"
+
+    def _refuse(self) -> RunFolderError:
+        return RunFolderError(
+            f"{self.folder} is in use by a running training (pid {self._holder()}, lock file "
+            f"{self.path}); wait for it to end or choose another --out"
+        )
+
+    def acquire(self) -> RunLock:
+        for _ in range(100):
+            if fcntl is None:  # pragma: no cover
+                self._acquire_by_pid()
+                return self
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise self._refuse() from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed the file meanwhile: lock the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self._fd = fd
+            return self
+        raise self._refuse()
+
+    def _acquire_by_pid(self) -> None:  # pragma: no cover - non-POSIX fallback
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = self._holder()
+            if holder.isdigit() and _pid_alive(int(holder)):
+                raise self._refuse() from None
+            self.path.unlink(missing_ok=True)  # a dead holder's lock is reclaimed
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and unlock (nothing when not held)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+    def abandon(self, written: list[Path]) -> None:
+        """A run that failed before its first checkpoint: remove the ``written`` artefacts,
+        the folder when this run created it and it is now empty, and the lock."""
+        if self._fd is None:
+            return
+        for path in written:
+            if path.is_symlink() or not path.is_dir():
+                path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        remove_stale_temporaries(self.folder)
+        self.release()
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # only when empty
+
+    def __del__(self) -> None:
+        self.release()
+
+
 def prepare_run_folder(
     out: Path, *, resume: Path | None, overwrite: bool, is_main: bool = True
-) -> list[Path]:
-    """Check and create the run folder ``out`` before any work (module docstring, rule 1).
+) -> tuple[list[Path], RunLock | None]:
+    """Check, create and lock the run folder ``out`` before any work (module docstring).
 
     * ``out`` with a previous run's artefacts: refused unless ``resume`` is a checkpoint in
-      ``out`` (the run continues) or ``overwrite``;
-    * ``out`` must be creatable and writable;
+      ``out`` (the run continues) or ``overwrite``; symlinked artefacts are refused either way;
+    * ``out`` must be creatable and writable, and not in use by another run (the main process
+      takes its lock, released by the caller);
     * stale temporary files in ``out`` are removed (main process).
 
     Returns the artefacts that ``overwrite`` replaces (pass them to :func:`remove_artefacts`
-    when the new run starts writing); empty otherwise.
+    when the new run starts writing; empty otherwise) and the lock (None on other ranks).
     """
+    if out.is_symlink() and not out.is_dir():
+        raise RunFolderError(f"train.out_dir {out} is a symbolic link to no folder")
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"train.out_dir {out} exists and is not a folder")
     if resume is not None and overwrite:
         raise RunFolderError("--overwrite and --resume exclude each other")
+    created = not out.exists()
+    try:
+        make_writable_folder(out)
+    except OSError as error:
+        raise RunFolderError(
+            f"train.out_dir {out} cannot be created or written: {error.strerror or error}"
+        ) from None
+    lock = RunLock(out, created).acquire() if is_main else None
+    try:
+        artefacts = _check_artefacts(out, resume, overwrite)
+    except BaseException:
+        if lock is not None:
+            lock.abandon([])
+        raise
+    if is_main:
+        remove_stale_temporaries(out)
+    return (artefacts if overwrite else []), lock
+
+
+def _check_artefacts(out: Path, resume: Path | None, overwrite: bool) -> list[Path]:
+    """The previous run's artefacts in ``out`` (rule 1), refusing symlinks among them (rule 5)."""
     artefacts = existing_artefacts(out)
+    linked = next((path for path in artefacts if path.is_symlink()), None)
+    if linked is not None:
+        raise RunFolderError(
+            f"{linked} is a symbolic link; a run folder's files are never written or deleted "
+            "through links: remove it or choose another --out"
+        )
     if artefacts and not overwrite:
         if resume is None:
             hint = (
@@ -134,15 +291,7 @@ def prepare_run_folder(
                 f"{out} already holds another run ({artefacts[0].name}, ...) than {resume}; "
                 "resume into the checkpoint's own folder or an empty one (--out)"
             )
-    try:
-        make_writable_folder(out)
-    except OSError as error:
-        raise RunFolderError(
-            f"train.out_dir {out} cannot be created or written: {error.strerror or error}"
-        ) from None
-    if is_main:
-        remove_stale_temporaries(out)
-    return artefacts if overwrite else []
+    return artefacts
 
 
 def make_writable_folder(folder: Path) -> None:
@@ -157,7 +306,7 @@ def make_writable_folder(folder: Path) -> None:
 def remove_artefacts(paths: list[Path]) -> None:
     """Delete a previous run's artefacts (files and folders) before a new run writes."""
     for path in paths:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
