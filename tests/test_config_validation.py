@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from dynaconv.train.checkpoint import load_checkpoint
+from dynaconv.train.checkpoint import atomic_save, load_checkpoint
 from dynaconv.train.cli import main
 from dynaconv.train.config import DEFAULTS, RULES, ConfigError, resolve_config
 from dynaconv.train.data import DataError, build_datasets
@@ -270,9 +270,11 @@ def test_eval_every_epochs_evaluates_every_n_and_the_last(tmp_path, capsys):
 
 
 def _rewrite(run: Path, path: Path, change) -> Path:
+    """``run``'s last.pt changed by ``change``, written with fresh tensor digests (a consistent
+    file that lacks an entry; changed bytes are refused first: tests/test_trust_runs.py)."""
     payload = torch.load(run / "last.pt", weights_only=True)
     change(payload)
-    torch.save(payload, path)
+    atomic_save(payload, path)
     return path
 
 

@@ -157,6 +157,8 @@ def convert(
     convs inside existing dynaconv layers are left alone; a conv shared by several parents
     becomes one shared layer. Unknown or invalid ``options`` raise ``ValueError``.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     cls = layer_class(method)
     _check_selector(include, "include")
     _check_selector(exclude, "exclude")
@@ -185,7 +187,13 @@ def convert(
             target = layer
         report.converted.append(name)
     if not report.converted:
-        log.warning("convert(%r) converted no layer:\n%s", method, report)
+        first = next(iter(report.skipped.items()), None)
+        log.warning(
+            "convert(%r) converted no layer (%d skipped%s)",
+            method,
+            len(report.skipped),
+            f"; e.g. {first[0]}: {first[1]}" if first else "",
+        )
     else:
         log.info("%s", report)
     return (target, report) if return_report else target

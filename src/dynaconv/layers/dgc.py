@@ -183,6 +183,18 @@ def neutral_offsets(heads: int, channels: int, spread: float = NEUTRAL_SPREAD) -
 def _check_options(
     in_channels: int, heads: Any, squeeze_rate: Any, gate_factor: Any, impl: Any
 ) -> None:
+    _check_option_types(heads, squeeze_rate, gate_factor)
+    resolve_impl(impl, _IMPLS)
+    if in_channels - round(in_channels * (1 - gate_factor)) < 1:
+        raise ValueError(
+            f"gate_factor={gate_factor} keeps no channel of in_channels={in_channels}: "
+            "in_channels * gate_factor must round to at least 1"
+        )
+
+
+def _check_option_types(heads: Any, squeeze_rate: Any, gate_factor: Any) -> None:
+    """``ValueError`` naming the option unless heads and squeeze_rate are positive ints and
+    gate_factor is in (0, 1]."""
     if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
         raise ValueError(f"heads must be a positive int, got {heads!r}")
     if isinstance(squeeze_rate, bool) or not isinstance(squeeze_rate, int) or squeeze_rate <= 0:
@@ -194,12 +206,6 @@ def _check_options(
     ):
         raise ValueError(
             f"gate_factor (the kept fraction of input channels) must be in (0, 1], got {gate_factor!r}"
-        )
-    resolve_impl(impl, _IMPLS)
-    if in_channels - round(in_channels * (1 - gate_factor)) < 1:
-        raise ValueError(
-            f"gate_factor={gate_factor} keeps no channel of in_channels={in_channels}: "
-            "in_channels * gate_factor must round to at least 1"
         )
 
 
@@ -352,6 +358,12 @@ class DynamicGroupConv2d(DynaConv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
+        if not tracing() and min(self.spec.output_size(x.shape[-2], x.shape[-1])) < 1:
+            raise ValueError(
+                f"{type(self).__name__}: input of {x.shape[-2]}x{x.shape[-1]} pixels is smaller "
+                f"than the kernel {self.spec.kernel_size} with padding {self.spec.padding} "
+                "(the output would be empty)"
+            )
         g = self.saliency(x)
         if self.training:
             # The lasso term of this forward, read by aux_loss(): a plain attribute (not
@@ -434,6 +446,7 @@ class DynamicGroupConv2d(DynaConv2d):
         ``conv`` (module docstring, "Converted layers"); ``"reference"`` gives the paper's
         layer.
         """
+        _check_option_types(heads, squeeze_rate, gate_factor)  # before any arithmetic
         if conv.out_channels % heads:
             raise ConversionSkipped(
                 f"out_channels={conv.out_channels} not divisible by heads={heads}"

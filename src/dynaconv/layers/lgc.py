@@ -368,7 +368,9 @@ class LearnedGroupConv2d(DynaConv2d):
         dropout: float = 0.0,
     ) -> dict[str, Any]:
         """An LGC starting equal to ``conv`` (mask all ones, its weights kept)."""
+        _positive_int(learned_groups, "learned_groups")  # before any arithmetic
         factor = learned_groups if condense_factor is None else condense_factor
+        _positive_int(factor, "condense_factor")
         if conv.out_channels % learned_groups or conv.in_channels % factor:
             raise ConversionSkipped(
                 f"{conv.in_channels}->{conv.out_channels} channels do not divide into "

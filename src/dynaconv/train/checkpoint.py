@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -51,8 +52,10 @@ __all__ = [
     "CheckpointError",
     "atomic_save",
     "atomic_write_bytes",
+    "atomic_write_file",
     "atomic_write_text",
     "capture_rng",
+    "json_text",
     "load_checkpoint",
     "load_state",
     "load_weights",
@@ -109,9 +112,10 @@ def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, _file_mode())  # mkstemp's 0o600 would make the results private
     try:
         write(tmp)
+        # mkstemp's 0o600 (kept by writers that replace the file) would make results private
+        os.chmod(tmp, _file_mode())
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -166,6 +170,27 @@ def _check_digests(stored: Any, actual: Mapping[str, str], origin: str) -> None:
         raise CheckpointError(
             f"{origin}: tensor {missing[0]} is missing; the file was changed or corrupted"
         )
+
+
+def json_text(value: Any) -> str:
+    """``value`` as indented JSON, non-finite floats as ``null`` (JSON has no NaN)."""
+
+    def finite(node: Any) -> Any:
+        if isinstance(node, float) and not math.isfinite(node):
+            return None
+        if isinstance(node, dict):
+            return {key: finite(item) for key, item in node.items()}
+        if isinstance(node, list | tuple):
+            return [finite(item) for item in node]
+        return node
+
+    return json.dumps(finite(value), indent=2, allow_nan=False)
+
+
+def atomic_write_file(path: str | Path, write: Callable[[str], Any]) -> None:
+    """``write(temporary_path)``, then ``os.replace`` onto ``path`` (for writers that take a
+    path, e.g. ``torch.export.save``, ``torch.onnx.export``)."""
+    _atomic_write(Path(path), write)
 
 
 def atomic_save(payload: Mapping[str, Any], path: str | Path) -> None:
@@ -226,8 +251,6 @@ def load_checkpoint(
             f"{path} has checkpoint version {short_version(payload.get('version'))}, "
             f"expected one of {READABLE_VERSIONS}"
         )
-    if payload["version"] >= 2:
-        _check_digests(payload.get("digests"), payload_digests(payload), f"checkpoint {path}")
     for key, kind in (entries or {}).items():
         if key not in payload:
             raise CheckpointError(f"checkpoint {path} has no {key!r} entry")
@@ -240,6 +263,8 @@ def load_checkpoint(
             missing = [name for name in names if name not in payload[group]]
             if missing:
                 raise CheckpointError(f"checkpoint {path} has no {group}.{missing[0]} entry")
+    if payload["version"] >= 2:
+        _check_digests(payload.get("digests"), payload_digests(payload), f"checkpoint {path}")
     return payload
 
 

@@ -24,7 +24,6 @@ file given to any command runs code (see :mod:`dynaconv.train.names` and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -146,15 +145,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.device,
         unsafe_load_pt2=args.unsafe_load_pt2,
     )
-    print(json.dumps(result, indent=2))
+    from .checkpoint import json_text
+
+    print(json_text(result))
     return 0
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
     from .commands import deploy_checkpoint
 
-    result = deploy_checkpoint(args.checkpoint, args.out, _data_overrides(args), args.weights)
-    print(json.dumps(result, indent=2))
+    result = deploy_checkpoint(
+        args.checkpoint, args.out, _data_overrides(args), args.weights, overwrite=args.overwrite
+    )
+    from .checkpoint import json_text
+
+    print(json_text(result))
     return 0
 
 
@@ -217,8 +222,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         args.weights,
         deploy=not args.no_deploy,
         opset=args.opset,
+        overwrite=args.overwrite,
     )
-    print(json.dumps(result, indent=2))
+    from .checkpoint import json_text
+
+    print(json_text(result))
     return 0
 
 
@@ -274,11 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     deploy = _checkpoint_parser(sub, "deploy", "write the static (deployed) model and verify it")
     deploy.add_argument("--out", required=True, help="output folder")
+    deploy.add_argument("--overwrite", action="store_true", help="replace files already in --out")
 
     export = _checkpoint_parser(
         sub, "export", "torch.export (.pt2) and ONNX, checked in onnxruntime"
     )
     export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     export.add_argument("--no-deploy", action="store_true", help="export the training form")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
 
@@ -299,14 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The longest error line printed (a message quoting a huge value is cut).
+MAX_ERROR_LINE = 1000
+
+
 def _one_line(error: BaseException) -> str:
     """The error as one line (a data-loader worker's error keeps only its last line)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
     if any(line.startswith("Original Traceback") for line in lines):
-        return lines[-1]
-    return " ".join(lines)
+        line = lines[-1]
+    else:
+        line = " ".join(lines)
+    return line if len(line) <= MAX_ERROR_LINE else line[: MAX_ERROR_LINE - 3] + "..."
 
 
 def main(argv: Sequence[str] | None = None) -> int:

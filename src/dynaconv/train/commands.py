@@ -23,7 +23,6 @@ the ``.pt2`` they have just written, to check it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,10 @@ from dynaconv.lifecycle import DeployVerificationError, verify_outputs
 
 from .checkpoint import (
     CheckpointError,
+    atomic_write_file,
+    atomic_write_text,
     check_file,
+    json_text,
     load_checkpoint,
     load_state,
     load_weights,
@@ -226,11 +228,36 @@ def _batch_dim() -> Any:
     return torch.export.Dim("batch", min=1, max=1 << 16)
 
 
-def prepare_output_folder(out: str | Path, flag: str = "--out") -> Path:
-    """Create ``out`` (a writable folder) before any work, or :class:`ConfigError` naming it."""
+#: The files ``deploy`` and ``export`` write into their ``--out`` folder.
+DEPLOY_FILES = ("config.yaml", "weights.safetensors", "deployed.safetensors", "deployed.pt2")
+EXPORT_FILES = ("model.pt2", "model.onnx", "config.yaml", "export.json")
+
+
+def prepare_output_folder(
+    out: str | Path, files: tuple[str, ...] = (), overwrite: bool = False, flag: str = "--out"
+) -> Path:
+    """Create ``out`` (a writable folder) before any work, or :class:`ConfigError` naming it.
+
+    Nothing is written through a symbolic link: ``out`` and any of its ``files`` that is a
+    link is refused. An existing file of ``files`` is refused unless ``overwrite``; the files
+    are then replaced atomically (temporary file, then ``os.replace``).
+    """
     out = Path(out)
+    if out.is_symlink():
+        raise ConfigError(
+            f"{flag} {out} is a symbolic link; outputs are never written through links"
+        )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} exists and is not a folder")
+    for name in files:
+        target = out / name
+        if target.is_symlink():
+            raise ConfigError(
+                f"{target} is a symbolic link; outputs are never written through links "
+                "(remove it or choose another --out)"
+            )
+        if target.exists() and not overwrite:
+            raise ConfigError(f"{target} already exists; pass --overwrite to replace it")
     try:
         make_writable_folder(out)
     except OSError as error:
@@ -241,23 +268,28 @@ def prepare_output_folder(out: str | Path, flag: str = "--out") -> Path:
 
 
 def deploy_checkpoint(
-    path: str | Path, out: str | Path, overrides: dict[str, Any] | None = None, weights: str = "ema"
+    path: str | Path,
+    out: str | Path,
+    overrides: dict[str, Any] | None = None,
+    weights: str = "ema",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Deploy, verify (on a validation batch), and write the static model folder."""
+    """Deploy, verify (on a validation batch), and write the static model folder
+    (:data:`DEPLOY_FILES`, each atomically; existing ones only with ``overwrite``)."""
     model, config = load_trained(path, weights, overrides)
-    out = prepare_output_folder(out)
+    out = prepare_output_folder(out, DEPLOY_FILES, overwrite)
     example = _example_batch(config, 8)
     deployed = dynaconv.deploy(model, example_input=example)
     with torch.no_grad():
         expected = model(example)
         actual = deployed(example)
     error = verify_outputs(expected, actual, "deployed model")
-    (out / "config.yaml").write_text(dump_config(config))
     meta = {"format": "dynaconv-train-weights", "config": dump_config(config)}
     save_safetensors(model.state_dict(), out / "weights.safetensors", meta)
     save_safetensors(deployed.state_dict(), out / "deployed.safetensors", {**meta, "deployed": "1"})
     program = torch.export.export(deployed, (example,), dynamic_shapes=({0: _batch_dim()},))
-    torch.export.save(program, str(out / "deployed.pt2"))
+    atomic_write_file(out / "deployed.pt2", lambda tmp: torch.export.save(program, tmp))
+    atomic_write_text(dump_config(config), out / "config.yaml")  # last: marks a whole folder
     reloaded = torch.export.load(str(out / "deployed.pt2")).module()  # the file just written
     with torch.no_grad():
         export_error = verify_outputs(expected, reloaded(example), "exported deployed model")
@@ -331,6 +363,7 @@ def export_checkpoint(
     weights: str = "ema",
     deploy: bool = True,
     opset: int = 18,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write ``model.pt2`` (torch.export) and ``model.onnx``; check both against PyTorch.
 
@@ -340,14 +373,14 @@ def export_checkpoint(
     if not MIN_OPSET <= opset <= _max_opset():
         raise ConfigError(f"--opset must be in [{MIN_OPSET}, {_max_opset()}], got {opset}")
     model, config = load_trained(path, weights, overrides)
-    out = prepare_output_folder(out)
+    out = prepare_output_folder(out, EXPORT_FILES, overwrite)
     if deploy:
         model = dynaconv.deploy(model, example_input=_example_batch(config, 4))
     example = _example_batch(config, 4)
     check = _example_batch(config, 7)[:3]
     batch_dim = _batch_dim()
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim},))
-    torch.export.save(program, str(out / "model.pt2"))
+    atomic_write_file(out / "model.pt2", lambda tmp: torch.export.save(program, tmp))
     with torch.no_grad():
         expected = model(check)
         pt2_error = verify_outputs(
@@ -357,23 +390,26 @@ def export_checkpoint(
             "model.pt2",
         )
     onnx_path = out / "model.onnx"
-    torch.onnx.export(
-        model,
-        (example,),
-        str(onnx_path),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_shapes=({0: batch_dim},),
-        opset_version=opset,
-        dynamo=True,
-        external_data=False,
+    atomic_write_file(
+        onnx_path,
+        lambda tmp: torch.onnx.export(
+            model,
+            (example,),
+            tmp,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch_dim},),
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+        ),
     )
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     (onnx_out,) = session.run(None, {"images": check.numpy()})
     onnx_error = verify_outputs(expected, torch.from_numpy(onnx_out), "ONNX model (onnxruntime)")
-    (out / "config.yaml").write_text(dump_config(config))
+    atomic_write_text(dump_config(config), out / "config.yaml")
     summary = {
         "pt2": str(out / "model.pt2"),
         "onnx": str(onnx_path),
@@ -381,7 +417,7 @@ def export_checkpoint(
         "max_rel_error_pt2": pt2_error,
         "max_rel_error_onnxruntime": onnx_error,
     }
-    (out / "export.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(json_text(summary), out / "export.json")
     return summary
 
 

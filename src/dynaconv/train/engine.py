@@ -76,6 +76,7 @@ from .checkpoint import (
     atomic_write_bytes,
     atomic_write_text,
     capture_rng,
+    json_text,
     load_checkpoint,
     load_state,
     model_state,
@@ -795,21 +796,6 @@ class Trainer:
         if self.verbose:
             print(yaml.safe_dump(summary, sort_keys=False).rstrip())
         return summary
-
-
-def json_text(value: Any) -> str:
-    """``value`` as indented JSON, non-finite floats as ``null`` (JSON has no NaN)."""
-
-    def finite(node: Any) -> Any:
-        if isinstance(node, float) and not math.isfinite(node):
-            return None
-        if isinstance(node, dict):
-            return {key: finite(item) for key, item in node.items()}
-        if isinstance(node, list | tuple):
-            return [finite(item) for item in node]
-        return node
-
-    return json.dumps(finite(value), indent=2, allow_nan=False)
 
 
 def train(

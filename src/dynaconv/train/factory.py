@@ -7,7 +7,9 @@ reports what does not fit as a :class:`ConfigError` naming the key. The network 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import math
 from collections.abc import Callable
 from typing import Any, Literal, overload
@@ -121,14 +123,15 @@ def _convert(
     a conversion that converts no layer is a :class:`ConfigError` saying why."""
     method = convert["method"]
     try:
-        model, report = dynaconv.convert(
-            model,
-            method,
-            include=convert.get("include"),
-            exclude=convert.get("exclude"),
-            return_report=True,
-            **(convert.get("options") or {}),
-        )
+        with _conversion_log_quiet():  # a conversion of no layer is the error below, alone
+            model, report = dynaconv.convert(
+                model,
+                method,
+                include=convert.get("include"),
+                exclude=convert.get("exclude"),
+                return_report=True,
+                **(convert.get("options") or {}),
+            )
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model.convert.options ({method}): {short_text(str(error))}") from None
     if not report.converted:
@@ -139,6 +142,19 @@ def _convert(
             f"({len(report.skipped)} skipped{why})"
         )
     return model, report
+
+
+@contextlib.contextmanager
+def _conversion_log_quiet() -> Any:
+    """Silence ``dynaconv``'s warning that a conversion converted no layer (the caller
+    reports it as a :class:`ConfigError`)."""
+    logger = logging.getLogger("dynaconv")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_input_channels(model: nn.Module, name: str, info: DatasetInfo) -> None:
