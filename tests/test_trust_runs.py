@@ -523,3 +523,25 @@ def test_safetensors_files_have_the_mode_of_the_checkpoints(run):
     assert mode == 0o666 & ~umask
     for name in ("model.safetensors", "best.safetensors", "summary.json", "config.yaml"):
         assert stat.S_IMODE((run / name).stat().st_mode) == mode, name
+
+
+def test_a_network_that_does_not_fit_the_data_is_refused_before_training(tmp_path):
+    from dynaconv.train.config import ConfigError
+
+    config = resolve_config(
+        None,
+        {"train.out_dir": str(tmp_path / "run"), "train.tensorboard": False, "train.plots": False},
+    )
+
+    def three_logits(num_classes):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+
+    with pytest.raises(ConfigError, match="gives 3 logits but the data has 10 classes"):
+        engine.Trainer(config, network=three_logits, verbose=False)
+
+    def wrong_input(num_classes):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(10, num_classes))
+
+    with pytest.raises(ConfigError, match=r"does not run on the data's input \(1, 8, 8\)"):
+        engine.Trainer(config, network=wrong_input, verbose=False)
+    assert not (tmp_path / "run").exists()

@@ -309,6 +309,17 @@ def check_input(x: Tensor, in_channels: int, layer: str) -> None:
         )
 
 
+def check_output_size(x: Tensor, spec: ConvSpec, layer: str) -> None:
+    """``ValueError`` when ``x`` is too small for the kernel (the output would be empty),
+    instead of an empty result or a backend's message."""
+    height, width = spec.output_size(x.shape[-2], x.shape[-1])
+    if height < 1 or width < 1:
+        raise ValueError(
+            f"{layer}: an input of {x.shape[-2]}x{x.shape[-1]} pixels is smaller than the "
+            f"kernel {spec.kernel_size} with padding {spec.padding}, dilation {spec.dilation}"
+        )
+
+
 def kaiming_uniform_(weight: Tensor, fan_in: int) -> None:
     """``nn.Conv2d``'s default init (kaiming-uniform with a = sqrt 5) for a given fan-in."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0

@@ -137,6 +137,7 @@ from ._base import (
     MacCount,
     Shape,
     check_input,
+    check_output_size,
     check_progress,
     kaiming_uniform_,
 )
@@ -358,12 +359,8 @@ class DynamicGroupConv2d(DynaConv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
-        if not tracing() and min(self.spec.output_size(x.shape[-2], x.shape[-1])) < 1:
-            raise ValueError(
-                f"{type(self).__name__}: input of {x.shape[-2]}x{x.shape[-1]} pixels is smaller "
-                f"than the kernel {self.spec.kernel_size} with padding {self.spec.padding} "
-                "(the output would be empty)"
-            )
+        if not tracing():
+            check_output_size(x, self.spec, type(self).__name__)
         g = self.saliency(x)
         if self.training:
             # The lasso term of this forward, read by aux_loss(): a plain attribute (not

@@ -33,7 +33,7 @@ from ..functional.dgc import (
     zero_padding,
 )
 from ..kernels.dgc import sparse_conv_triton
-from ._base import Convention, ConvSpec, MacCount, Shape, check_input
+from ._base import Convention, ConvSpec, MacCount, Shape, check_input, check_output_size
 
 if TYPE_CHECKING:
     from .dgc import DynamicGroupConv2d
@@ -139,6 +139,8 @@ class SparseDynamicGroupConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
+        if not tracing():
+            check_output_size(x, self.spec, type(self).__name__)
         g = saliency(
             x, self.fc1_weight, self.fc2_weight, self.fc2_bias, self.saliency_mode == "neutral"
         )

@@ -23,8 +23,8 @@ a crash leaves the previous file intact (a killed process may leave the temporar
 the next run in that folder removes: :mod:`dynaconv.train.runfolder`).
 
 Nothing here runs code from a file: checkpoints load with ``weights_only=True``, weights are
-safetensors, and the configuration a file holds is YAML parsed with ``yaml.safe_load`` and then
-validated (:func:`dynaconv.train.config.config_from_text`), whose names resolve only through
+safetensors, and the configuration a file holds is YAML parsed within bounds
+(:func:`dynaconv.train.config.parse_yaml`) and then validated (:func:`dynaconv.train.config.config_from_text`), whose names resolve only through
 model registries. :func:`load_checkpoint` turns truncated, foreign or unreadable files, and
 files that lack an entry the caller needs, into a :class:`CheckpointError` naming the file and
 the entry; :func:`load_state` does the same for state dicts that do not fit a model.

@@ -23,8 +23,13 @@ naming the key (and the file) and the rule:
   :data:`CHOICES`.
 * **Names never become code by import**: ``model.name`` must name a model of a registry
   (:mod:`dynaconv.train.names`: dynaconv's, torchvision's or timm's); ``model.kwargs`` keys must
-  be arguments of that builder (when its signature is closed) and may not load weights;
+  be on that model's allowlist of architecture arguments (never one that loads weights);
   ``model.convert.options`` keys must be options of the method's ``from_conv``.
+* **Bounded text**: every configuration's YAML (a recipe, a ``--set`` value, a run or deploy
+  folder's ``config.yaml``, the text stored in a checkpoint or a safetensors file) is parsed by
+  :func:`parse_yaml` within :data:`YAML_LIMITS` (bytes, nesting depth, aliases, expanded
+  size), checked while parsing, before anything is expanded; error messages quote at most a
+  short prefix of a value (:func:`short_repr`).
 * **Legacy**: configurations written by earlier versions hold
   ``loss.resource.helper: dynaconv.layers.dgconv:ResourceConstraint``; exactly that value is
   accepted and dropped (the objective is always :class:`dynaconv.ResourceConstraint`),
@@ -124,7 +129,11 @@ DEFAULTS: dict[str, Any] = {
     },
     "train": {
         "epochs": 10,
-        "max_iters": None,  # stop after this many iterations (the schedule still spans epochs)
+        # null, or the run's length in iterations when shorter than epochs x iterations per
+        # epoch: the schedules (learning rate, layer progress) then span exactly max_iters
+        # (a short run is a complete run, compressed). Resuming with another value continues
+        # the schedules at iteration t of the new length (with a warning).
+        "max_iters": None,
         "device": "auto",  # auto | cpu | cuda
         "amp": "none",  # none | bf16 | fp16
         "ema_decay": 0.0,  # 0 disables the EMA

@@ -84,7 +84,7 @@ from .checkpoint import (
     restore_rng,
     save_safetensors,
 )
-from .config import ConfigError, dump_config, validate_config
+from .config import ConfigError, dump_config, short_text, validate_config
 from .data import ResumableSampler, ShardSampler, build_datasets
 from .distributed import (
     Distributed,
@@ -235,6 +235,7 @@ class Trainer:
             config, self.info, network, return_report=True
         )
         self.model.to(self.device)
+        self._check_forward()
         if self.ddp.enabled:
             torch.manual_seed(tc["seed"] + self.ddp.rank)  # different dropout per rank
         self.ema = ModelEMA(self.model, tc["ema_decay"]) if tc["ema_decay"] > 0 else None
@@ -282,6 +283,32 @@ class Trainer:
         planned = tc["epochs"] * self.iters_per_epoch
         self.total_iters = min(planned, tc["max_iters"]) if tc["max_iters"] else planned
         self.epochs = math.ceil(self.total_iters / self.iters_per_epoch)
+
+    @torch.no_grad()
+    def _check_forward(self) -> None:
+        """One forward of a validation example (eval mode): a model that does not take the
+        data's input, or gives fewer logits than the data has classes, is a
+        :class:`ConfigError` before training instead of a traceback in the first epoch."""
+        example = self.val_set[0][0].unsqueeze(0).to(self.device)
+        name = self.config["model"]["name"]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(example)
+        except (ValueError, RuntimeError) as error:
+            raise ConfigError(
+                f"{name} does not run on the data's input {tuple(example.shape[1:])}: "
+                f"{short_text(str(error))}"
+            ) from None
+        finally:
+            self.model.train(was_training)
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            raise ConfigError(f"{name} must return logits of shape (B, classes)")
+        if logits.shape[1] < self.info.num_classes:
+            raise ConfigError(
+                f"{name} gives {logits.shape[1]} logits but the data has "
+                f"{self.info.num_classes} classes"
+            )
 
     def _resource_objective(self) -> Callable[[Tensor], Tensor] | None:
         """The DGConv resource objective when ``loss.resource.enabled``, else None."""
