@@ -16,7 +16,9 @@ loading never unpickles code. Its keys:
 tensors were changed, added or removed (a :class:`CheckpointError` naming the file and the
 first such tensor). Safetensors files written by training and ``deploy`` carry the same
 digests in their metadata (``digests``, JSON), checked by :func:`load_weights`. Version-1
-checkpoints (written before digests) load without the check.
+checkpoints (written before digests) load without the check. A digest detects corruption and
+edits made without this module; it is not a signature (whoever can write the file can
+recompute it), and nothing in a file runs code either way.
 
 Writes go to a temporary file ``.NAME.XXXX.tmp`` in the same folder, then ``os.replace``, so
 a crash leaves the previous file intact (a killed process may leave the temporary file, which
