@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import math
-import reprlib
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, short_repr, short_text
 
 __all__ = [
     "CHOICES",
@@ -284,13 +283,6 @@ def parse_yaml(text: str, what: str) -> Any:
         loader.dispose()
 
 
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = 60
-_SHORT.maxother = 60
-_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 4
-_SHORT.maxlevel = 2
-
-
 def read_config_file(path: Path, what: str) -> str:
     """The text of the configuration file ``path``; :class:`ConfigError` (naming ``what`` and
     the file) when it cannot be read or exceeds ``YAML_LIMITS["bytes"]`` (checked before
@@ -305,18 +297,6 @@ def read_config_file(path: Path, what: str) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read {what} {path}: {short_text(str(error))}") from None
-
-
-def short_text(text: str, limit: int = 200) -> str:
-    """``text`` on one line, cut to ``limit`` characters (what error messages quote of another
-    error's message)."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def short_repr(value: Any) -> str:
-    """``repr(value)`` cut to a short prefix (what error messages quote of a value)."""
-    return _SHORT.repr(value)
 
 
 # --------------------------------------------------------------------------------------------

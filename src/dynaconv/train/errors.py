@@ -1,10 +1,33 @@
-"""The training package's error type (a module of its own so that every train module, the
-configuration's validators included, can raise it without importing each other)."""
+"""The training package's error type and how its messages quote values (a module of its own
+so that every train module, the configuration's validators included, can use them without
+importing each other)."""
 
 from __future__ import annotations
 
-__all__ = ["ConfigError"]
+import reprlib
+from typing import Any
+
+__all__ = ["ConfigError", "short_repr", "short_text"]
 
 
 class ConfigError(ValueError):
     """An invalid configuration (unknown key, wrong type, bad value)."""
+
+
+def short_text(text: str, limit: int = 200) -> str:
+    """``text`` on one line, cut to ``limit`` characters (what error messages quote of another
+    error's message)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = 60
+_SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to a short prefix (what error messages quote of a value)."""
+    return _SHORT.repr(value)

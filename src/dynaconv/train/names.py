@@ -46,7 +46,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, short_repr
 
 __all__ = [
     "TIMM_KWARGS",
@@ -104,7 +104,7 @@ def model_builder(name: str) -> Callable[..., nn.Module]:
     """The builder of the network called ``name`` in one of the registries (module docstring);
     torchvision and timm builders come with their weights switched off."""
     if not isinstance(name, str) or not name or name != name.strip():
-        raise ConfigError(f"model.name must be a registered model name, got {_short(name)}")
+        raise ConfigError(f"model.name must be a registered model name, got {short_repr(name)}")
     import dynaconv.models
 
     if name in dynaconv.models.MODELS:
@@ -117,18 +117,12 @@ def model_builder(name: str) -> Callable[..., nn.Module]:
     if timm is not None and name in timm.list_models():
         return functools.partial(timm.create_model, name, pretrained=False)
     raise ConfigError(
-        f"model.name {_short(name)} is not a registered model: use a name of "
+        f"model.name {short_repr(name)} is not a registered model: use a name of "
         f"dynaconv.models.list_models() ({', '.join(dynaconv.models.list_models())}), "
         "a torchvision classification model "
         "or a name of timm.list_models(); import strings are never resolved (train a network "
         "of your own from Python with Trainer(config, network=...))"
     )
-
-
-def _short(value: Any) -> str:
-    from .config import short_repr
-
-    return short_repr(value)
 
 
 def _timm() -> Any:
@@ -197,7 +191,7 @@ def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
     accepted = allowed_model_kwargs(name)
     for key in kwargs:
         if not isinstance(key, str):
-            raise ConfigError(f"model.kwargs keys must be strings, got {_short(key)}")
+            raise ConfigError(f"model.kwargs keys must be strings, got {short_repr(key)}")
         if key not in accepted:
             raise ConfigError(
                 f"model.kwargs.{key[:60]} is not an allowed argument of {name} "
