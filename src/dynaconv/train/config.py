@@ -40,9 +40,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import ConfigError
+from .extras import yaml_module
 
 __all__ = [
     "CHOICES",
@@ -62,7 +61,9 @@ __all__ = [
 
 
 DEFAULTS: dict[str, Any] = {
-    "name": "run",
+    # The run's name, its folder runs/NAME. null: MODEL[-METHOD]-YYYYmmdd-HHMMSS from the start
+    # time, numbered (-2, -3, ...) when that folder exists (see runfolder.claim_run_folder).
+    "name": None,
     "model": {
         # A registered name: dynaconv.models.list_models(), a torchvision classification model
         # (e.g. resnet18) or timm.list_models(); never an import string (dynaconv.train.names).
@@ -152,8 +153,17 @@ AUGMENTATIONS = ("random_crop", "hflip", "random_resized_crop", "color_jitter", 
 
 #: Flat command-line flags -> (dotted key, argparse type, help).
 FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--model": ("model.name", str, "network name (dynaconv.models or torchvision.models)"),
-    "--dataset": ("data.dataset", str, "dataset name"),
+    "--model": (
+        "model.name",
+        str,
+        "network name: one of dynaconv.list_models(), a torchvision classification model "
+        "(e.g. resnet18) or, when timm is installed, a timm model (e.g. efficientnet_b0)",
+    ),
+    "--dataset": (
+        "data.dataset",
+        str,
+        "digits | mnist | fashion_mnist | cifar10 | cifar100 | imagenet",
+    ),
     "--data-dir": ("data.dir", str, "dataset folder"),
     "--batch-size": ("data.batch_size", int, "global batch size"),
     "--workers": ("data.workers", int, "data-loader worker processes"),
@@ -170,7 +180,12 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--device": ("train.device", str, "auto | cpu | cuda"),
     "--out": ("train.out_dir", str, "run folder"),
     "--checkpoint-every": ("train.checkpoint_every_iters", int, "also checkpoint every N iters"),
-    "--name": ("name", str, "run name (default folder runs/NAME)"),
+    "--name": (
+        "name",
+        str,
+        "run name, the folder runs/NAME (default: MODEL-METHOD-YYYYmmdd-HHMMSS, numbered "
+        "when taken)",
+    ),
 }
 
 #: Boolean switches -> dotted key (set to true).
@@ -220,6 +235,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
             )
         text = entry.read_text()
         origin = name_or_path
+    yaml = yaml_module()
     try:
         recipe = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
@@ -269,6 +285,7 @@ def parse_assignment(assignment: str) -> tuple[str, Any]:
         raise ConfigError(f"override must look like section.key=value, got {assignment!r}")
     dotted, _, raw = assignment.partition("=")
     dotted = dotted.strip()
+    yaml = yaml_module()
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
@@ -387,6 +404,7 @@ def config_from_text(text: str, origin: str) -> dict[str, Any]:
     """
     if not isinstance(text, str):
         raise ConfigError(f"{origin}: the stored configuration is not YAML text")
+    yaml = yaml_module()
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -589,7 +607,9 @@ def validate_config(config: dict[str, Any]) -> None:
     if not isinstance(config["model"]["kwargs"], dict):
         raise ConfigError("model.kwargs must be a mapping")
     name = config["name"]
-    if not name.strip() or "/" in name or "\\" in name or name in (".", ".."):
+    if name is not None and (
+        not name.strip() or "/" in name or "\\" in name or name in (".", "..")
+    ):
         raise ConfigError(f"name must be a folder name (runs/NAME), got {name!r}")
     _check_ranges(config)
     _check_model(config["model"])
@@ -597,4 +617,4 @@ def validate_config(config: dict[str, Any]) -> None:
 
 def dump_config(config: Mapping[str, Any]) -> str:
     """The configuration as YAML text (what ``config.yaml`` and checkpoints store)."""
-    return yaml.safe_dump(dict(config), sort_keys=False)
+    return yaml_module().safe_dump(dict(config), sort_keys=False)
