@@ -27,6 +27,7 @@ def default_run_name(config: dict[str, Any], when: float | None = None) -> str:
     parts = [model["name"]]
     if model["convert"]:
         parts.append(model["convert"]["method"])
+    when = time.time() if when is None else when
     parts.append(time.strftime("%Y%m%d-%H%M%S", time.localtime(when)))
     return "-".join(_UNSAFE.sub("_", part).strip("._") or "model" for part in parts)
 
