@@ -49,6 +49,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, config_from_text, dump_config, set_path, validate_config
 from .data import build_datasets, dataset_info
+from .extras import require_extras
 from .factory import build_model
 from .runfolder import make_writable_folder
 
@@ -344,6 +345,7 @@ def export_checkpoint(
     file, :class:`~dynaconv.DeployVerificationError` when an output differs.
     The exporter's progress messages go to stderr, not stdout.
     """
+    require_extras("export", what="exporting to ONNX")  # before any file is written
     if not MIN_OPSET <= opset <= _max_opset():
         raise ConfigError(f"--opset must be in [{MIN_OPSET}, {_max_opset()}], got {opset}")
     model, config = load_trained(path, weights, overrides)
