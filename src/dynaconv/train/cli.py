@@ -30,6 +30,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from dynaconv.families import list_families
+
 from .config import FLAGS, SWITCHES, ConfigError, list_recipes
 from .extras import MissingExtraError, require_extras
 
@@ -68,7 +70,7 @@ def _add_convert_arguments(group: Any) -> None:
         "--convert",
         metavar="METHOD",
         help="convert the model's nn.Conv2d layers to METHOD: "
-        f"{', '.join(_family_names())} (model.convert.method)",
+        f"{', '.join(list_families())} (model.convert.method)",
     )
     group.add_argument(
         "--convert-opt",
@@ -77,12 +79,6 @@ def _add_convert_arguments(group: Any) -> None:
         metavar="KEY=VALUE",
         help="an option of the method, e.g. --convert-opt D_mul=12 (model.convert.options)",
     )
-
-
-def _family_names() -> list[str]:
-    from dynaconv.families import list_families
-
-    return list_families()
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, only: Sequence[str] = ()) -> None:
