@@ -178,13 +178,13 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--ema": ("train.ema_decay", float, "EMA decay (0: off)"),
     "--seed": ("train.seed", int, "random seed"),
     "--device": ("train.device", str, "auto | cpu | cuda"),
-    "--out": ("train.out_dir", str, "run folder"),
+    "--out": ("train.out_dir", str, "run folder (instead of runs/NAME)"),
     "--checkpoint-every": ("train.checkpoint_every_iters", int, "also checkpoint every N iters"),
     "--name": (
         "name",
         str,
-        "run name, the folder runs/NAME (default: MODEL-METHOD-YYYYmmdd-HHMMSS, numbered "
-        "when taken)",
+        "run name, the folder runs/NAME (default: the recipe's name, else "
+        "MODEL-METHOD-YYYYmmdd-HHMMSS, numbered when taken)",
     ),
 }
 
