@@ -73,3 +73,27 @@ def _fresh_measured_choices():
 
     yield
     clear_measured_choices()
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+#: Folders a test run may create or change in the checkout: caches of the tools themselves.
+_CACHES = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache"}
+
+
+def checkout_files(root: Path = CHECKOUT) -> set[str]:
+    """Every file and folder under the checkout, caches excluded, relative to it."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _CACHES and not d.endswith(".egg-info")]
+        base = Path(folder).relative_to(root)
+        found.update(str(base / name) for name in dirs + files)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_stays_clean():
+    """No test writes into the checkout (run folders, exports...): all go to tmp_path."""
+    before = checkout_files()
+    yield
+    added = sorted(checkout_files() - before)
+    assert not added, f"tests wrote into the checkout: {', '.join(added[:20])}"

@@ -517,12 +517,13 @@ def test_bad_arguments_of_the_commands(run, tmp_path, capsys):
         ["profile", best, "--batch", "-2"],
         ["eval", best, "--device", "tpu"],
         ["train", "--epochs", "many"],
+        ["profile", best, "--lr", "0.1"],  # a training flag: not one of profile's
     ):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2
         assert "Traceback" not in capsys.readouterr().err
-    _refused(["profile", best, "--lr", "0.1"], capsys, "--set")
+    _refused(["profile", best, "--model", "resnet18"], capsys, "--set")
     if not torch.cuda.is_available():
         _refused(["eval", best, "--device", "cuda"], capsys, "cuda")
         _refused(["train", "--set", "train.device=cuda"], capsys, "cuda")

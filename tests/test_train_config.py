@@ -269,7 +269,8 @@ def test_rng_state_roundtrip_through_a_weights_only_file(tmp_path):
 # data errors
 
 
-def test_missing_data_dir_names_path_and_layout(tmp_path, capsys):
+def test_missing_data_dir_names_path_and_layout(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run folder (runs/NAME) is relative: never in the checkout
     missing = tmp_path / "nowhere"
     config = resolve_config(None, overrides=["data.dataset=fashion_mnist", f"data.dir={missing}"])
     with pytest.raises(DataError, match=r"nowhere.*train-images-idx3-ubyte\[\.gz\]"):
@@ -277,6 +278,7 @@ def test_missing_data_dir_names_path_and_layout(tmp_path, capsys):
     code = main(["train", "--dataset", "cifar10", "--data-dir", str(missing), "--epochs", "1"])
     assert code == 2
     assert "cifar-10-batches-py" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     empty = tmp_path / "empty"
     empty.mkdir()
     config = resolve_config(None, overrides=["data.dataset=cifar10", f"data.dir={empty}"])

@@ -18,6 +18,13 @@ Counting conventions (``convention="dense"``, the default):
 * ``macs_active``: what really has to be computed: DGC's kept channels, DGConv's learned
   groups, LGC's kept connections, plus CondConv's kernel mixing (``B * E * numel(W_e)``).
   Equal to ``macs`` for plain modules.
+* A module of a type not listed above that holds parameters of its own (a layer from another
+  library, e.g. timm's ``CondConv2d``) is counted by ``torch.utils.flop_counter``: its call is
+  replayed under ``FlopCounterMode`` and its MACs (dense and active) are half the FLOPs of
+  its own operations (those of its child modules are counted with them). Its row says
+  ``counted by torch.utils.flop_counter`` and the table's last line names it, so nothing with
+  parameters is silently counted as zero. Normalisation layers, ``PReLU`` and ``Embedding``
+  count nothing by the rule above.
 * A module with its own ``count_macs(input_shape, output_shape, convention="dense")`` method
   returning a :class:`~dynaconv.layers.MacCount` ``(dense, active)`` (every dynaconv layer,
   and deployed modules that need one) is counted as a whole, in both conventions; what it
@@ -54,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+from torch.utils.flop_counter import FlopCounterMode
 
 from .layers._base import Convention, DynaConv2d, MacCount
 from .lifecycle import deploy, eval_mode
@@ -75,6 +83,10 @@ class LayerProfile:
 
 class Profile(dict):
     """Dict with ``params``, ``params_deployed``, ``macs``, ``macs_active`` and ``layers``.
+
+    Every count is an ``int``. The reference convention's rules can give a layer a fraction of
+    a MAC (DGC's heads at ``gate_factor``): a row shows it rounded, and the totals are the exact
+    sums rounded once (so they can differ from the sum of the rows by less than one per row).
 
     ``layers`` (also the attribute ``.layers``) is the per-layer breakdown; ``str()`` of a
     profile is a table.
@@ -104,7 +116,31 @@ class Profile(dict):
             f"params {self['params']:,d} (deployed {self['params_deployed']:,d})  "
             f"MACs {self['macs']:,d} (active {self['macs_active']:,d})"
         )
+        if self.flop_counted:
+            lines.append(
+                f"counted by torch.utils.flop_counter ({len(self.flop_counted)} layers of types "
+                f"without a MAC rule): {', '.join(self.flop_counted)}"
+            )
         return "\n".join(lines)
+
+    @property
+    def flop_counted(self) -> list[str]:
+        """Names of the layers counted by ``torch.utils.flop_counter`` (no rule of their own)."""
+        return [row.name for row in self.layers if row.structure == FLOP_COUNTED]
+
+
+#: The ``structure`` of a row counted by ``torch.utils.flop_counter``.
+FLOP_COUNTED = "counted by torch.utils.flop_counter"
+
+#: Modules with parameters that count no MACs (normalisation, per-channel slopes, lookups).
+_NO_MACS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.PReLU,
+    nn.Embedding,
+)
 
 
 def _direct_params(module: nn.Module) -> int:
@@ -167,7 +203,8 @@ def own_count(
 
 
 def _whole(value: int | float) -> int | float:
-    """Counts are whole numbers, except the fractions of the reference convention's rules."""
+    """Counts are whole numbers, except the fractions of the reference convention's rules
+    (kept exact for the totals, which are rounded once: see :func:`profile`)."""
     return value if isinstance(value, float) and not value.is_integer() else int(value)
 
 
@@ -180,13 +217,38 @@ class _Measured:
     params_adjustment: int = 0  # reference parameters minus stored ones
 
 
+def _needs_flop_counter(module: nn.Module) -> bool:
+    """A module with parameters of its own and no MAC rule (module docstring)."""
+    return (
+        not isinstance(module, (_ConvNd, nn.Linear, *_NO_MACS))
+        and not _counts_itself(module)
+        and _direct_params(module) > 0
+    )
+
+
+def _own_macs_by_flop_counter(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> int:
+    """Half the FLOPs ``FlopCounterMode`` counts for ``module(*args, **kwargs)``, without
+    those of its direct children (each counted by its own rule)."""
+    with FlopCounterMode(display=False) as counter:
+        module(*args, **kwargs)
+    counts = counter.get_flop_counts()
+    root = type(module).__name__
+    children = {f"{root}.{name}" for name, _ in module.named_children()}
+    flops = sum(counts.get("Global", {}).values()) - sum(
+        sum(ops.values()) for key, ops in counts.items() if key in children
+    )
+    return int(flops) // 2
+
+
 def _measure(
     module: nn.Module,
     inp: torch.Tensor | None,
     output: torch.Tensor,
     convention: Convention,
 ) -> _Measured:
-    """The counts of one call of ``module``."""
+    """The counts of one call of ``module`` (not for those :func:`_needs_flop_counter`)."""
     in_shape = tuple(inp.shape) if inp is not None else ()
     out_shape = tuple(output.shape)
     structure = module.structure() if _has(module, "structure") else ""
@@ -209,10 +271,12 @@ def _measure(
 
 def _count(
     model: nn.Module, x: torch.Tensor, convention: Convention
-) -> tuple[list[LayerProfile], int]:
-    """Per-module rows, and the total reference-minus-stored parameter adjustment."""
+) -> tuple[list[LayerProfile], int, tuple[int, int]]:
+    """Per-module rows, the total reference-minus-stored parameter adjustment, and the MAC
+    totals ``(macs, macs_active)``: the exact sums, rounded once to whole MACs."""
     rows: list[LayerProfile] = []
     adjustment = 0
+    totals = [0, 0]  # exact: the reference convention's rules give fractions
     # Forward hooks of children fire before their parent's, so what a self-counting module
     # contains is excluded up front.
     counted_inside = {
@@ -223,14 +287,28 @@ def _count(
         if child is not module
     }
 
+    replaying = False  # hooks are silent while a module's call is replayed for its FLOPs
+
     def hook(name: str):
-        def record(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            nonlocal adjustment
-            if id(module) in counted_inside or not isinstance(output, torch.Tensor):
+        def record(
+            module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
+            nonlocal adjustment, replaying
+            if replaying or id(module) in counted_inside or not isinstance(output, torch.Tensor):
                 return
             inp = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-            counts = _measure(module, inp, output, convention)
+            if _needs_flop_counter(module):
+                replaying = True
+                try:
+                    macs = _own_macs_by_flop_counter(module, inputs, kwargs)
+                finally:
+                    replaying = False
+                counts = _Measured(_direct_params(module), macs, macs, FLOP_COUNTED)
+            else:
+                counts = _measure(module, inp, output, convention)
             adjustment += counts.params_adjustment
+            totals[0] += counts.macs
+            totals[1] += counts.macs_active
             if counts.macs or counts.params:
                 rows.append(
                     LayerProfile(
@@ -239,8 +317,8 @@ def _count(
                         tuple(inp.shape) if inp is not None else (),
                         tuple(output.shape),
                         counts.params,
-                        counts.macs,
-                        counts.macs_active,
+                        round(counts.macs),
+                        round(counts.macs_active),
                         counts.structure,
                     )
                 )
@@ -248,7 +326,7 @@ def _count(
         return record
 
     handles = [
-        module.register_forward_hook(hook(name or type(model).__name__))
+        module.register_forward_hook(hook(name or type(model).__name__), with_kwargs=True)
         for name, module in model.named_modules()
     ]
     try:
@@ -257,7 +335,7 @@ def _count(
     finally:
         for handle in handles:
             handle.remove()
-    return rows, adjustment
+    return rows, adjustment, (round(totals[0]), round(totals[1]))
 
 
 def profile(
@@ -292,7 +370,7 @@ def profile(
         device
     )
     with eval_mode(model):
-        rows, adjustment = _count(model, x, convention)
+        rows, adjustment, (macs, macs_active) = _count(model, x, convention)
     stored = sum(p.numel() for p in model.parameters())
     if deployed:
         params_deployed = sum(p.numel() for p in deploy(model, verify=False).parameters())
@@ -302,6 +380,6 @@ def profile(
         rows,
         params=stored + adjustment,
         params_deployed=params_deployed,
-        macs=sum(r.macs for r in rows),
-        macs_active=sum(r.macs_active for r in rows),
+        macs=macs,
+        macs_active=macs_active,
     )

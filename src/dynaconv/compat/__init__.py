@@ -140,5 +140,6 @@ def load_checkpoint(path: str | os.PathLike[str]) -> ReferenceCheckpoint:
     )
 
 
-# The loaders register themselves when their modules are imported.
-from . import condconv, dgc, dgconv, doconv, lgc  # noqa: E402, F401
+# The loaders register themselves when their modules are imported; ``compat.timm`` and
+# ``compat.tensorflow`` need neither timm nor TensorFlow, so they are imported with the package.
+from . import condconv, dgc, dgconv, doconv, lgc, tensorflow, timm  # noqa: E402, F401

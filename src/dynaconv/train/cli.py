@@ -14,10 +14,11 @@
 Configuration: defaults < recipe < flat flags < ``--set SECTION.KEY=VALUE`` (see
 :mod:`dynaconv.train.config`; ``dynaconv train --print-config`` shows the result).
 
-Bad input (a configuration value, a file that is missing, foreign, truncated or does not fit,
-a run folder that holds another run) is one line on stderr, ``dynaconv CMD: error: ...``, and
-exit status 2; a non-finite loss or weights exit 3; a failed deploy/export check exits 4. No
-file given to any command runs code (see :mod:`dynaconv.train.names` and
+The parser's description and epilog (:data:`DESCRIPTION`, :data:`EPILOG`) are what
+``dynaconv --help`` prints: the commands, the configuration order and the exit statuses. Each
+command first checks the optional dependencies it needs (:data:`COMMAND_EXTRAS`): a missing one
+is one line naming the extra to install, exit status 2, before any file is read or written.
+No file given to any command runs code (see :mod:`dynaconv.train.names` and
 :mod:`dynaconv.train.commands`); ``eval --unsafe-load-pt2`` is the one explicit exception.
 """
 
@@ -28,7 +29,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from dynaconv.families import list_families
+
 from .config import FLAGS, SWITCHES, ConfigError, list_recipes
+from .extras import MissingExtraError, require_extras
 
 EXIT_ERROR = 2
 EXIT_NONFINITE = 3
@@ -36,28 +40,38 @@ EXIT_VERIFY = 4
 EXIT_INTERRUPTED = 130
 
 
-def _add_set_argument(parser: argparse.ArgumentParser, text: str) -> None:
+def _add_set_argument(parser: argparse.ArgumentParser | Any, text: str) -> None:
     """``--set KEY=VALUE`` (repeatable), collected in ``args.overrides``."""
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=text
     )
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", help=f"recipe name ({', '.join(list_recipes())}) or YAML path")
-    _add_set_argument(
-        parser, "override any field, e.g. --set optim.lr=0.05 (value parsed as YAML; repeatable)"
-    )
-    for flag, (dotted, kind, text) in FLAGS.items():
-        parser.add_argument(flag, type=kind, default=None, help=f"{text} ({dotted})")
-    for flag, (dotted, text) in SWITCHES.items():
-        parser.add_argument(flag, action="store_true", default=None, help=f"{text} ({dotted})")
-    parser.add_argument(
+#: The argument groups of ``train --help``: a flag goes to the first group whose key prefix
+#: its configuration key has.
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("model", ("model.",)),
+    ("data", ("data.",)),
+    ("optimisation", ("optim.", "loss.", "train.epochs", "train.max_iters")),
+    ("run", ("train.", "name")),
+)
+
+#: The flat flags ``profile`` takes to describe a configuration (everything else is training's).
+PROFILE_FLAGS = ("--model", "--dataset", "--data-dir")
+
+
+def _group_of(dotted: str) -> str:
+    return next(title for title, prefixes in GROUPS if dotted.startswith(prefixes))
+
+
+def _add_convert_arguments(group: Any) -> None:
+    group.add_argument(
         "--convert",
         metavar="METHOD",
-        help="convert the model's nn.Conv2d layers to METHOD (model.convert.method)",
+        help="convert the model's nn.Conv2d layers to METHOD: "
+        f"{', '.join(list_families())} (model.convert.method)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--convert-opt",
         action="append",
         default=[],
@@ -66,10 +80,31 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser, only: Sequence[str] = ()) -> None:
+    """``--recipe``, ``--set`` and the flat flags (all, or those in ``only``), grouped."""
+    config = parser.add_argument_group("configuration")
+    config.add_argument("--recipe", help=f"recipe name ({', '.join(list_recipes())}) or YAML path")
+    _add_set_argument(
+        config, "override any field, e.g. --set optim.lr=0.05 (value parsed as YAML; repeatable)"
+    )
+    groups = {title: parser.add_argument_group(title) for title, _ in GROUPS}
+    for flag, (dotted, kind, text) in FLAGS.items():
+        if not only or flag in only:
+            groups[_group_of(dotted)].add_argument(
+                flag, type=kind, default=None, help=f"{text} ({dotted})"
+            )
+    for flag, (dotted, text) in SWITCHES.items():
+        if not only or flag in only:
+            groups[_group_of(dotted)].add_argument(
+                flag, action="store_true", default=None, help=f"{text} ({dotted})"
+            )
+    _add_convert_arguments(groups["model"])
+
+
 def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for flag, (dotted, *_rest) in {**FLAGS, **SWITCHES}.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is not None:
             values[dotted] = value
     return values
@@ -230,6 +265,37 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+WEIGHTS_HELP = "ema: the EMA weights when the run kept an EMA (default), model: the raw weights"
+
+DESCRIPTION = """\
+Train, evaluate, deploy, profile and export dynaconv models.
+
+examples:
+  dynaconv train --recipe condensenet86-cifar10 --data-dir DIR [--set optim.lr=0.05 ...]
+  dynaconv train --model resnet18 --convert doconv --dataset cifar10 --data-dir DIR
+  torchrun --nproc-per-node 4 -m dynaconv train --recipe dyresnet18-imagenet --data-dir DIR
+  dynaconv train --resume runs/NAME/last.pt
+  dynaconv eval runs/NAME/best.pt                (or a deploy folder)
+  dynaconv deploy runs/NAME/best.pt --out deployed/
+  dynaconv profile runs/NAME/best.pt             (or: dynaconv profile --recipe NAME)
+  dynaconv export runs/NAME/best.pt --out exported/
+  dynaconv demo [--out DIR]
+
+Configuration: defaults < recipe < flat flags < --set SECTION.KEY=VALUE
+(dynaconv train --print-config shows the result). 'dynaconv COMMAND --help' lists a
+command's options.
+"""
+
+EPILOG = """\
+exit status: 0 success; 2 bad input (one line on stderr: a configuration value, a file that is
+missing, foreign or does not fit, a run folder that holds another run, a missing optional
+dependency, an exported file that onnxruntime cannot load or run); 3 a non-finite loss or
+weights; 4 a deployed or exported model whose outputs differ from the original's; 130
+interrupted. No file given to any command runs code; eval --unsafe-load-pt2 is the one explicit
+exception.
+"""
+
+
 def _checkpoint_parser(sub: Any, name: str, text: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=text, description=text)
     parser.add_argument("checkpoint", help="last.pt / best.pt, or a *.safetensors from training")
@@ -237,28 +303,29 @@ def _checkpoint_parser(sub: Any, name: str, text: str) -> argparse.ArgumentParse
     _add_set_argument(
         parser, "override a field of the stored configuration (e.g. data.eval_batch_size=64)"
     )
-    parser.add_argument(
-        "--weights",
-        choices=("ema", "model"),
-        default="ema",
-        help="EMA weights when the checkpoint has them (default) or the raw model",
-    )
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help=WEIGHTS_HELP)
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dynaconv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="dynaconv",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo", help="train a small CNN on digits with every method, deploy, verify, compare"
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo_text = (
+        "train a small CNN on scikit-learn's digits with every method (a few hundred steps "
+        "each, on the CPU), deploy, verify and compare them in one table"
     )
+    demo = sub.add_parser("demo", help=demo_text, description=demo_text)
     demo.add_argument(
         "--out", help="keep each method's run folder as OUT/METHOD (default: temporary folders)"
     )
 
-    train = sub.add_parser("train", help="train a model (recipe, flags, --set overrides)")
+    train_text = "train a model (recipe, flags, --set overrides) into a run folder"
+    train = sub.add_parser("train", help=train_text, description=train_text)
     _add_config_arguments(train)
     start = train.add_mutually_exclusive_group()
     start.add_argument("--resume", metavar="CHECKPOINT", help="continue from last.pt / best.pt")
@@ -272,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = _checkpoint_parser(
         sub, "eval", "validation loss and accuracy of a checkpoint or a deploy folder"
     )
-    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to evaluate (auto: cuda when available, else cpu)",
+    )
     evaluate.add_argument(
         "--unsafe-load-pt2",
         action="store_true",
@@ -285,21 +357,32 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--overwrite", action="store_true", help="replace files already in --out")
 
     export = _checkpoint_parser(
-        sub, "export", "torch.export (.pt2) and ONNX, checked in onnxruntime"
+        sub,
+        "export",
+        "torch.export (.pt2) and ONNX; both checked against PyTorch (ONNX in onnxruntime); "
+        "prints a JSON summary on stdout",
     )
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     export.add_argument("--no-deploy", action="store_true", help="export the training form")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
 
-    profile = sub.add_parser("profile", help="parameters and MACs of a checkpoint or a config")
+    profile_text = "parameters and MACs of a checkpoint or of a configured (untrained) model"
+    profile = sub.add_parser("profile", help=profile_text, description=profile_text)
     profile.add_argument("checkpoint", nargs="?", help="checkpoint (omit to profile a config)")
-    _add_config_arguments(profile)
+    _add_config_arguments(profile, only=PROFILE_FLAGS)
     profile.add_argument(
         "--batch", type=_positive_int, default=1, help="batch size of the profiled input"
     )
-    profile.add_argument("--convention", choices=("dense", "reference"), default="dense")
-    profile.add_argument("--weights", choices=("ema", "model"), default="ema")
+    profile.add_argument(
+        "--convention",
+        choices=("dense", "reference"),
+        default="dense",
+        help="dense: multiply-accumulates of convs and linears (FLOPs = 2 x MACs, as "
+        "torch.utils.flop_counter); reference: the papers' own counter, to compare with "
+        "published counts (see dynaconv.profile)",
+    )
+    profile.add_argument("--weights", choices=("ema", "model"), default="ema", help=WEIGHTS_HELP)
     profile.add_argument(
         "--progress",
         type=_progress_value,
@@ -325,9 +408,25 @@ def _one_line(error: BaseException) -> str:
     return line if len(line) <= MAX_ERROR_LINE else line[: MAX_ERROR_LINE - 3] + "..."
 
 
+#: The optional dependency groups each command needs (see :mod:`dynaconv.train.extras`).
+COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
+    "demo": ("train",),
+    "train": ("train",),
+    "eval": ("train",),
+    "deploy": ("train",),
+    "profile": ("train",),
+    "export": ("train", "export"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        require_extras(*COMMAND_EXTRAS[args.command], what=f"dynaconv {args.command}")
+    except MissingExtraError as error:  # before any file is read or written
+        print(f"dynaconv {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
     if args.command == "demo":
         from dynaconv.demo import main as demo_main
 
@@ -339,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dynaconv.lifecycle import DeployVerificationError
 
     from .checkpoint import CheckpointError
+    from .commands import ExportError
     from .data import DataError
     from .engine import NonFiniteLossError
     from .runfolder import RunFolderError
@@ -357,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DataError,
         CheckpointError,
         RunFolderError,
+        ExportError,
         NotImplementedError,
     ) as error:
         print(f"dynaconv {args.command}: error: {_one_line(error)}", file=sys.stderr)

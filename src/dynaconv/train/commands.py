@@ -23,6 +23,10 @@ the ``.pt2`` they have just written, to check it.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +58,12 @@ from .config import (
     validate_config,
 )
 from .data import build_datasets, dataset_info
+from .extras import require_extras
 from .factory import build_model
 from .runfolder import make_writable_folder
 
 __all__ = [
+    "ExportError",
     "deploy_checkpoint",
     "evaluate_checkpoint",
     "export_checkpoint",
@@ -356,6 +362,10 @@ def profile_checkpoint(
     return dynaconv.profile(model.eval(), shape, convention=convention)  # type: ignore[arg-type]
 
 
+class ExportError(RuntimeError):
+    """The ONNX exporter failed, or wrote a file that onnxruntime cannot load or run."""
+
+
 def export_checkpoint(
     path: str | Path,
     out: str | Path,
@@ -367,9 +377,15 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Write ``model.pt2`` (torch.export) and ``model.onnx``; check both against PyTorch.
 
-    The ONNX model has a dynamic batch dimension; onnxruntime runs it on a batch of a size
-    other than the one exported and must match PyTorch to 1e-4 (relative to the largest logit).
+    The ONNX model has a dynamic batch dimension; onnxruntime must load it and run it on a
+    batch of a size other than the one exported, and match PyTorch to 1e-4 (relative to the
+    largest logit). Both files are written into a temporary folder inside ``out`` and moved
+    there only once both checks pass: a failed export leaves no file that looks good.
+    Raises :class:`ExportError` when the exporter fails or onnxruntime cannot load or run the
+    file, :class:`~dynaconv.DeployVerificationError` when an output differs.
+    The exporter's progress messages go to stderr, not stdout.
     """
+    require_extras("export", what="exporting to ONNX")  # before any file is written
     if not MIN_OPSET <= opset <= _max_opset():
         raise ConfigError(f"--opset must be in [{MIN_OPSET}, {_max_opset()}], got {opset}")
     model, config = load_trained(path, weights, overrides)
@@ -378,47 +394,75 @@ def export_checkpoint(
         model = dynaconv.deploy(model, example_input=_example_batch(config, 4))
     example = _example_batch(config, 4)
     check = _example_batch(config, 7)[:3]
-    batch_dim = _batch_dim()
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim},))
-    atomic_write_file(out / "model.pt2", lambda tmp: torch.export.save(program, tmp))
     with torch.no_grad():
         expected = model(check)
-        pt2_error = verify_outputs(
-            # the file just written
-            expected,
-            torch.export.load(str(out / "model.pt2")).module()(check),
-            "model.pt2",
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as staging:
+        pt2_path, onnx_path = Path(staging) / "model.pt2", Path(staging) / "model.onnx"
+        pt2_error = _export_pt2(model, example, check, expected, pt2_path)
+        _export_onnx(model, example, onnx_path, opset)
+        onnx_error = verify_outputs(
+            expected, torch.from_numpy(_run_onnx(onnx_path, check)), "ONNX model (onnxruntime)"
         )
-    onnx_path = out / "model.onnx"
-    atomic_write_file(
-        onnx_path,
-        lambda tmp: torch.onnx.export(
-            model,
-            (example,),
-            tmp,
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_shapes=({0: batch_dim},),
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-        ),
-    )
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (onnx_out,) = session.run(None, {"images": check.numpy()})
-    onnx_error = verify_outputs(expected, torch.from_numpy(onnx_out), "ONNX model (onnxruntime)")
+        for staged in (pt2_path, onnx_path):
+            os.replace(staged, out / staged.name)
     atomic_write_text(dump_config(config), out / "config.yaml")
     summary = {
         "pt2": str(out / "model.pt2"),
-        "onnx": str(onnx_path),
+        "onnx": str(out / "model.onnx"),
         "deployed": deploy,
         "max_rel_error_pt2": pt2_error,
         "max_rel_error_onnxruntime": onnx_error,
     }
     atomic_write_text(json_text(summary), out / "export.json")
     return summary
+
+
+def _export_pt2(
+    model: nn.Module, example: Tensor, check: Tensor, expected: Tensor, path: Path
+) -> float:
+    """``torch.export`` with a dynamic batch, saved to ``path``, reloaded and checked."""
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
+    torch.export.save(program, str(path))
+    with torch.no_grad():  # the file just written
+        return verify_outputs(expected, torch.export.load(str(path)).module()(check), "model.pt2")
+
+
+def _export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
+    """``torch.onnx.export`` (dynamo, dynamic batch) to ``path``; its messages to stderr."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes=({0: _batch_dim()},),
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+            )
+    except Exception as error:  # the exporter raises many types; all mean "no usable file"
+        raise ExportError(f"torch.onnx.export failed: {_first_line(error)}") from error
+
+
+def _run_onnx(path: Path, batch: Tensor) -> Any:
+    """The first output of the ONNX file at ``path`` on ``batch``, run by onnxruntime."""
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {"images": batch.numpy()})[0]
+    except Exception as error:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
+        raise ExportError(
+            "the ONNX file written by torch.onnx.export does not load or run in onnxruntime "
+            f"({_first_line(error)}); no model file was kept"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 #: The oldest opset the (dynamo) ONNX exporter writes directly.

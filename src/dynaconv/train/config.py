@@ -39,15 +39,15 @@ naming the key (and the file) and the rule:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import ConfigError, short_repr, short_text
+from .extras import yaml_module
 
 __all__ = [
     "CHOICES",
@@ -70,7 +70,9 @@ __all__ = [
 
 
 DEFAULTS: dict[str, Any] = {
-    "name": "run",
+    # The run's name, its folder runs/NAME. null: MODEL[-METHOD]-YYYYmmdd-HHMMSS from the start
+    # time, numbered (-2, -3, ...) when that folder exists (see runfolder.claim_run_folder).
+    "name": None,
     "model": {
         # A registered name: dynaconv.models.list_models(), a torchvision classification model
         # (e.g. resnet18) or timm.list_models(); never an import string (dynaconv.train.names).
@@ -164,8 +166,17 @@ AUGMENTATIONS = ("random_crop", "hflip", "random_resized_crop", "color_jitter", 
 
 #: Flat command-line flags -> (dotted key, argparse type, help).
 FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--model": ("model.name", str, "network name (dynaconv.models or torchvision.models)"),
-    "--dataset": ("data.dataset", str, "dataset name"),
+    "--model": (
+        "model.name",
+        str,
+        "network name: one of dynaconv.list_models(), a torchvision classification model "
+        "(e.g. resnet18) or, when timm is installed, a timm model (e.g. efficientnet_b0)",
+    ),
+    "--dataset": (
+        "data.dataset",
+        str,
+        "digits | mnist | fashion_mnist | cifar10 | cifar100 | imagenet",
+    ),
     "--data-dir": ("data.dir", str, "dataset folder"),
     "--batch-size": ("data.batch_size", int, "global batch size"),
     "--workers": ("data.workers", int, "data-loader worker processes"),
@@ -180,9 +191,14 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--ema": ("train.ema_decay", float, "EMA decay (0: off)"),
     "--seed": ("train.seed", int, "random seed"),
     "--device": ("train.device", str, "auto | cpu | cuda"),
-    "--out": ("train.out_dir", str, "run folder"),
+    "--out": ("train.out_dir", str, "run folder (instead of runs/NAME)"),
     "--checkpoint-every": ("train.checkpoint_every_iters", int, "also checkpoint every N iters"),
-    "--name": ("name", str, "run name (default folder runs/NAME)"),
+    "--name": (
+        "name",
+        str,
+        "run name, the folder runs/NAME (default: the recipe's name, else "
+        "MODEL-METHOD-YYYYmmdd-HHMMSS, numbered when taken)",
+    ),
 }
 
 #: Boolean switches -> dotted key (set to true).
@@ -206,36 +222,43 @@ SWITCHES: dict[str, tuple[str, str]] = {
 YAML_LIMITS = {"bytes": 256 * 1024, "depth": 32, "aliases": 64, "nodes": 20_000}
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that counts depth, aliases and expanded size while composing."""
+@functools.cache
+def _bounded_loader() -> type:
+    """A ``yaml.SafeLoader`` subclass that counts depth, aliases and expanded size while
+    composing (made on first use: PyYAML is the ``train`` extra, imported only when needed)."""
+    yaml = yaml_module()
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-        self._aliases = 0
+    class BoundedLoader(yaml.SafeLoader):
+        def __init__(self, stream: str) -> None:
+            super().__init__(stream)
+            self._depth = 0
+            self._aliases = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            self._aliases += 1
-            if self._aliases > YAML_LIMITS["aliases"]:
-                raise ConfigError(f"more than {YAML_LIMITS['aliases']} YAML aliases")
-            return super().compose_node(parent, index)
-        self._depth += 1
-        if self._depth > YAML_LIMITS["depth"]:
-            raise ConfigError(f"nested deeper than {YAML_LIMITS['depth']} levels")
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                self._aliases += 1
+                if self._aliases > YAML_LIMITS["aliases"]:
+                    raise ConfigError(f"more than {YAML_LIMITS['aliases']} YAML aliases")
+                return super().compose_node(parent, index)
+            self._depth += 1
+            if self._depth > YAML_LIMITS["depth"]:
+                raise ConfigError(f"nested deeper than {YAML_LIMITS['depth']} levels")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
 
-    def construct_document(self, node: Any) -> Any:
-        _check_expanded_size(node)
-        return super().construct_document(node)
+        def construct_document(self, node: Any) -> Any:
+            _check_expanded_size(node)
+            return super().construct_document(node)
+
+    return BoundedLoader
 
 
 def _check_expanded_size(root: Any) -> None:
     """:class:`ConfigError` when the node graph ``root`` expands to more than
     ``YAML_LIMITS["nodes"]`` values (each distinct node is sized once)."""
+    yaml = yaml_module()
     sizes: dict[int, int] = {}
 
     def size(node: Any) -> int:
@@ -269,7 +292,8 @@ def parse_yaml(text: str, what: str) -> Any:
             f"{what} is {size} bytes, more than a configuration may be "
             f"({YAML_LIMITS['bytes']}); it starts {short_repr(text[:40])}"
         )
-    loader = _BoundedLoader(text)
+    yaml = yaml_module()
+    loader = _bounded_loader()(text)
     try:
         return loader.get_single_data()
     except ConfigError as error:
@@ -698,7 +722,9 @@ def validate_config(config: dict[str, Any]) -> None:
     if not isinstance(config["model"]["kwargs"], dict):
         raise ConfigError("model.kwargs must be a mapping")
     name = config["name"]
-    if not name.strip() or "/" in name or "\\" in name or name in (".", ".."):
+    if name is not None and (
+        not name.strip() or "/" in name or "\\" in name or name in (".", "..")
+    ):
         raise ConfigError(f"name must be a folder name (runs/NAME), got {short_repr(name)}")
     _check_ranges(config)
     _check_model(config["model"])
@@ -706,4 +732,4 @@ def validate_config(config: dict[str, Any]) -> None:
 
 def dump_config(config: Mapping[str, Any]) -> str:
     """The configuration as YAML text (what ``config.yaml`` and checkpoints store)."""
-    return yaml.safe_dump(dict(config), sort_keys=False)
+    return yaml_module().safe_dump(dict(config), sort_keys=False)

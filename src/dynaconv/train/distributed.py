@@ -11,6 +11,7 @@ import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,3 +106,12 @@ def broadcast_buffers(modules: Iterable[nn.Module], ddp: Distributed) -> None:
     for module in modules:
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def broadcast_object(value: Any, ddp: Distributed) -> Any:
+    """Rank 0's ``value`` on every process (picklable; ``value`` itself for one process)."""
+    if not ddp.enabled:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

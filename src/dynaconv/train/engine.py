@@ -90,6 +90,7 @@ from .distributed import (
     Distributed,
     all_reduce_sum,
     broadcast_buffers,
+    broadcast_object,
     gather_tensor,
     seed_everything,
     setup_distributed,
@@ -98,6 +99,7 @@ from .ema import ModelEMA
 from .factory import build_model, build_optimizer, learning_rate, resource_objective
 from .names import known_model
 from .runfolder import RunLock, prepare_run_folder, remove_artefacts
+from .runnames import RUNS, claim_run_folder, default_run_name
 from .ui import Progress
 
 __all__ = [
@@ -200,24 +202,46 @@ class Trainer:
         and checked, before any data is loaded or any model built.
         """
         validate_config(config)
-        self.config = config
+        self.config = dict(config)  # a default name is filled in below, not in the caller's
         self.verbose = verbose
-        tc = config["train"]
-        self.out = Path(tc["out_dir"] or Path("runs") / config["name"])
+        tc = self.config["train"]
         self.ddp = setup_distributed(tc["device"])
         self.device = self.ddp.device
+        self.out, claimed = self._run_folder()
         resume = None if resume is None else Path(resume)
-        self.replaced, self.lock = prepare_run_folder(
-            self.out, resume=resume, overwrite=overwrite, is_main=self.ddp.is_main
-        )
+        try:
+            self.replaced, self.lock = prepare_run_folder(
+                self.out, resume=resume, overwrite=overwrite, is_main=self.ddp.is_main
+            )
+        except BaseException:
+            if claimed and self.ddp.is_main and not any(self.out.iterdir()):
+                self.out.rmdir()  # the folder this run named and created, still empty
+            raise
+        if claimed and self.lock is not None:
+            self.lock.created = True  # claimed by this run: abandon may remove it
         self.resumed_from = resume
         self.checkpointed = False  # this run has written a checkpoint
         self.written: list[Path] = []  # files this run wrote before its first checkpoint
         try:
-            self._build(config, resume, network)
+            self._build(self.config, resume, network)
         except BaseException:
             self._abandon()
             raise
+
+    def _run_folder(self) -> tuple[Path, bool]:
+        """``train.out_dir``, else ``runs/NAME``; without a name, one derived from the model,
+        the method and the time, whose folder is claimed (created) here: ``(folder, claimed)``.
+        """
+        config, tc = self.config, self.config["train"]
+        if config["name"] is None:
+            if tc["out_dir"] is not None:
+                config["name"] = default_run_name(config)
+                return Path(tc["out_dir"]), False
+            folder = claim_run_folder(default_run_name(config)) if self.ddp.is_main else None
+            folder = Path(broadcast_object(None if folder is None else str(folder), self.ddp))
+            config["name"] = folder.name
+            return folder, True
+        return Path(tc["out_dir"] or RUNS / config["name"]), False
 
     def _build(
         self,
@@ -309,6 +333,14 @@ class Trainer:
                 f"{name} gives {logits.shape[1]} logits but the data has "
                 f"{self.info.num_classes} classes"
             )
+
+    def epochs_of_run(self) -> int:
+        """The epochs (history rows) the run has when it ends: those done, plus those the
+        remaining iterations span from the start of the current epoch. (A resume with a larger
+        ``train.max_iters`` than the first run's continues past that run's last epoch.)"""
+        state = self.state
+        left = self.total_iters - (state["iteration"] - state["batches_done"])
+        return state["epoch"] + max(0, math.ceil(left / self.iters_per_epoch))
 
     def _resource_objective(self) -> Callable[[Tensor], Tensor] | None:
         """The DGConv resource objective when ``loss.resource.enabled``, else None."""
@@ -696,6 +728,7 @@ class Trainer:
             atomic_write_text(dump_config(self.config), self.out / "config.yaml")
             if tc["tensorboard"] and not (self.out / "tensorboard").exists():
                 self.written.append(self.out / "tensorboard")
+        self.epochs = self.epochs_of_run()
         writer = self._tensorboard()
         sampler = ResumableSampler(self.train_set, self.ddp.world, self.ddp.rank, tc["seed"])
         progress = Progress(
