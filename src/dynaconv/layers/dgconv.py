@@ -54,12 +54,14 @@ Initialisation: a layer built by the constructor (the papers' networks, ``G-ResN
 with the paper's gates, ``+-1e-8`` with random signs. A layer converted from a conv
 (:meth:`GroupableConv2d.from_conv`, :func:`dynaconv.convert`) starts from the conv's structure
 with a margin: gates ``-gate_init`` for its groups' bits and ``+gate_init`` for the others,
-``gate_init = 0.1`` by default (:data:`CONVERSION_GATE_INIT`). Gate gradients of a converted
-ResNet-18 are at most about 0.3 per step, so an SGD step of learning rate up to 0.1 cannot flip
-a gate: the structure changes only when the gradient keeps pushing for several steps. At
-``1e-8`` a single step flips gates at random (a converted ResNet-18 went from 1 group per
-layer to 2-128 groups after one SGD step of learning rate 0.01). ``gate_init=1e-8`` restores
-the paper's value.
+``gate_init = 0.1`` by default (:data:`CONVERSION_GATE_INIT`). An SGD step moves a gate by
+the learning rate times its gradient; the gate gradients of a freshly converted ResNet-18
+measured at most 0.15 with 224 x 224 inputs, 0.33 with 64 x 64 (batch 8) and 4.3 with 32 x 32
+(batch 4), so one step of learning rate 0.1 (0.01 on the smallest inputs) keeps the conv's
+structure, and the structure changes only where the gradient keeps pushing over several
+steps. At ``1e-8`` a single step flips gates at random (a converted ResNet-18 went from 1
+group per layer to 2-128 groups after one SGD step of learning rate 0.01).
+``gate_init=1e-8`` restores the paper's value.
 
 Resource-constrained training (the authors' objective,
 :mod:`dynaconv.layers.resource_constraint`): :class:`ResourceConstraint` and
