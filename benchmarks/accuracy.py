@@ -53,9 +53,11 @@ rebuilds the networks, see :func:`load_saved`); ``--latency-from DIR`` times the
 of each family and rewrites the table in ``--out`` with the latency columns filled.
 
 ``--families`` picks rows (``plain`` is always trained unless ``--skip-plain``, which is meant
-for a run whose table is merged later); ``--merge OUT1 OUT2 ...`` builds one table from the
-``accuracy.json`` files of several runs of the same setting (a family in a later file replaces
-the same family of an earlier one) and writes it to ``--out``.
+for a run whose table is merged later) and ``--first-seed F`` runs seeds ``F..F+N-1``;
+``--merge OUT1 OUT2 ...`` builds one table from the ``accuracy.json`` files of several runs of
+the same setting (a run of a later file replaces the run of the same family and seed of an
+earlier one, so a rerun family replaces the old rows and split seeds add up) and writes it to
+``--out``.
 
 Expected from the papers (difference of means to ``plain``): DO-Conv and CondConv >= 0; DGC
 at 50% kept >= -0.5 point; LGC with C=4 and DGConv under a 50% budget >= -1 point. The
@@ -703,6 +705,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--seeds", type=positive_int, default=None, help="seeds 0..N-1")
     parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="start at this seed (seeds F..F+N-1), to split seeds over runs joined by --merge",
+    )
+    parser.add_argument(
         "--train-subset", type=positive_int, default=None, help="first N training images"
     )
     parser.add_argument("--all-train", action="store_true", help="all 60,000 training images")
@@ -756,7 +764,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="OUT",
         help="only build one table from the accuracy.json in each OUT folder (same setting; a "
-        "family in a later folder replaces the same family of an earlier one), into --out",
+        "run in a later folder replaces the run of the same family and seed), into --out",
     )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "accuracy")
     parser.add_argument("--plot-dir", type=Path, default=DEFAULT_PLOT_DIR)
@@ -767,6 +775,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.shift = preset["shift"] if args.shift is None else args.shift
     if args.shift < 0:
         parser.error(f"--shift must be >= 0, got {args.shift}")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
     if args.all_train:
         args.train_subset = None
     elif args.train_subset is None:
@@ -876,25 +886,26 @@ def latency_pass(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 def merge_payloads(payloads: Sequence[dict[str, Any]]) -> tuple[list[Family], list[Run]]:
     """Families (in :data:`FAMILIES` order) and runs of several runs of one setting.
 
-    A family in a later payload replaces every run of that family from earlier ones; payloads
-    of different settings raise ``ValueError``.
+    A run of a later payload replaces the run of the same family and seed from earlier ones
+    (so a rerun family replaces the old one, and runs of different seeds add up); payloads of
+    different settings raise ``ValueError``.
     """
     if not payloads:
         raise ValueError("nothing to merge")
     settings = [p["settings"] for p in payloads]
     if any(s != settings[0] for s in settings[1:]):
         raise ValueError(f"cannot merge runs of different settings: {settings}")
-    by_family: dict[str, list[Run]] = {}
+    by_key: dict[tuple[str, int], Run] = {}
     for payload in payloads:
-        fresh: dict[str, list[Run]] = {}
         for record in payload["runs"]:
-            fresh.setdefault(record["family"], []).append(Run(**record))
-        by_family.update(fresh)
-    families = [f for name, f in FAMILIES.items() if name in by_family]
-    unknown = sorted(set(by_family) - set(FAMILIES))
+            by_key[(record["family"], record["seed"])] = Run(**record)
+    names = {family for family, _ in by_key}
+    unknown = sorted(names - set(FAMILIES))
     if unknown:
         raise ValueError(f"unknown families in the merged runs: {unknown}")
-    return families, [run for f in families for run in by_family[f.name]]
+    families = [f for name, f in FAMILIES.items() if name in names]
+    runs = sorted(by_key.values(), key=lambda r: (r.seed, list(FAMILIES).index(r.family)))
+    return families, runs
 
 
 def merge_pass(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -953,7 +964,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setting_text = (
         f"{len(data.y_train):,} training / {len(data.y_test):,} test images, {args.epochs} epochs, "
         f"batch {args.batch_size}, SGD lr {args.lr} cosine, shift {args.shift}px, width "
-        f"{args.width}, seeds 0-{args.seeds - 1}"
+        f"{args.width}, seeds {args.first_seed}-{args.first_seed + args.seeds - 1}"
     )
     print(f"accuracy study: {setting_text}\n{machine_line()}", flush=True)
     if args.time_only:
@@ -965,7 +976,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     runs: list[Run] = []
     first_deployed: dict[str, nn.Module] = {}
-    for seed in range(args.seeds):  # seeds outside: load drift spreads over every family
+    for seed in range(
+        args.first_seed, args.first_seed + args.seeds
+    ):  # seeds outside: load drift spreads over every family
         for family in families:
             run, model, deployed = run_one(family, seed, data, settings)
             runs.append(run)

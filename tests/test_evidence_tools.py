@@ -178,6 +178,14 @@ def test_merge_replaces_families_and_refuses_other_settings():
         ("lgc-1x1", 0.87),
         ("lgc", 0.85),
     }
+    later_seed = payload(32, [("plain", 1, 0.91), ("dgconv", 1, 0.86)])
+    _, runs = accuracy.merge_payloads([first, second, later_seed])
+    assert sorted((r.family, r.seed) for r in runs if r.family in ("plain", "dgconv")) == [
+        ("dgconv", 0),
+        ("dgconv", 1),
+        ("plain", 0),
+        ("plain", 1),
+    ]
     with pytest.raises(ValueError, match="different settings"):
         accuracy.merge_payloads([first, payload(64, [("plain", 0, 0.9)])])
 
