@@ -6,7 +6,8 @@ layer reads a BN-ReLU output, as DGC and CondenseNet's LGC expect): 3x3 and 1x1 
 3x3/2 to 7x7, then 1x1, 3x3, 1x1 at 7x7; global average pool; linear to 10 classes. The six
 inner convs are square with power-of-two channels, so every family converts the same six
 layers (DGConv's ``C = 2^K``, LGC's ``C`` input groups and DGC's heads all apply); the stem
-(one input channel) stays plain everywhere.
+(one input channel) stays plain everywhere (``lgc-1x1``, the paper's placement, converts the
+three 1x1 convs only).
 
 Families (options passed to ``dynaconv.convert``; schedule and regulariser as METHODS.md):
 
@@ -16,9 +17,18 @@ Families (options passed to ``dynaconv.convert``; schedule and regulariser as ME
 * ``dgc``: DGC, 4 heads, half of the input channels kept (``gate_factor=0.5``), squeeze rate
   16, saliency lasso x 1e-5; its channel schedule follows ``set_progress``;
 * ``dgconv``: DGConv under a 50% connection budget: ``dynaconv.ResourceConstraint(model, 0.5,
-  "params")`` multiplies the loss by ``(cost / budget)^0.02`` while over budget;
-* ``lgc``: LGC with ``G = C = 4``; condensation follows ``set_progress`` (stages at progress
-  1/6, 1/3, 1/2); group lasso off, as in CondenseNet's CIFAR recipe.
+  "params", two_sided=True)`` multiplies the loss by ``(cost / budget)^0.02`` while over the
+  budget and by ``(budget / cost)^0.02`` while under it; at progress 1/2 ``finalize()`` sets
+  the gates to the structure closest to the budget at or under it and freezes them, and the
+  second half of training fine-tunes the weights under that structure (the constraint is then
+  inactive). Converted layers start from the plain conv's structure (one group) with the
+  library's conversion margin (gates ``+0.1``);
+* ``lgc-1x1``: CondenseNet's placement: the three 1x1 convs become LGC with ``G = C = 4``
+  (condensation follows ``set_progress``, stages at progress 1/6, 1/3, 1/2; group lasso off,
+  as in CondenseNet's CIFAR recipe) and the three 3x3 convs fixed group convolutions with 4
+  groups (``nn.Conv2d(groups=4)``, freshly initialised), as CondenseNet's 3x3 convs;
+* ``lgc``: this library's extension: LGC with ``G = C = 4`` on all six convs, 3x3 included
+  (CondenseNet itself never condenses a 3x3 conv); same schedule and recipe.
 
 Every family gets the same budget: the same epochs, SGD (Nesterov, momentum 0.9, weight
 decay 1e-4, cosine learning rate per iteration from 0.1), batch 128, augmentation and, per
@@ -42,9 +52,18 @@ Usage::
 rebuilds the networks, see :func:`load_saved`); ``--latency-from DIR`` times the lowest seed
 of each family and rewrites the table in ``--out`` with the latency columns filled.
 
+``--families`` picks rows (``plain`` is always trained unless ``--skip-plain``, which is meant
+for a run whose table is merged later) and ``--first-seed F`` runs seeds ``F..F+N-1``;
+``--merge OUT1 OUT2 ...`` builds one table from the ``accuracy.json`` files of several runs of
+the same setting (a run of a later file replaces the run of the same family and seed of an
+earlier one, so a rerun family replaces the old rows and split seeds add up) and writes it to
+``--out``.
+
 Expected from the papers (difference of means to ``plain``): DO-Conv and CondConv >= 0; DGC
 at 50% kept >= -0.5 point; LGC with C=4 and DGConv under a 50% budget >= -1 point. The
-``holds`` column reports whether each holds in this run; nothing is tuned to make it so.
+``holds`` column reports whether each holds in this run; nothing is tuned to make it so. The
+``kept / budget`` column gives DGConv's final fraction of the connections per seed against
+its budget.
 """
 
 from __future__ import annotations
@@ -65,6 +84,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dynaconv
+from dynaconv.layers.resource_constraint import closest_gate_counts
 from evidence_common import (
     DEFAULT_FASHION_DIR,
     DEFAULT_PLOT_DIR,
@@ -126,6 +146,10 @@ class Family:
     options: dict[str, Any] = field(default_factory=dict)
     aux_weight: float = 0.0  # weight of dynaconv.aux_loss(model)
     budget: float | None = None  # DGConv: fraction of the dense connections allowed
+    two_sided: bool = False  # DGConv: ResourceConstraint(two_sided=)
+    finalize_at: float | None = None  # DGConv: progress at which the structure is fixed
+    convert_kernel: int | None = None  # convert only the inner convs of this kernel size
+    fixed_groups: int = 1  # the other inner convs become nn.Conv2d(groups=fixed_groups)
     min_gap: float | None = None  # the papers' expectation: mean - plain mean >= min_gap
     expectation: str = ""
 
@@ -144,13 +168,30 @@ FAMILIES: dict[str, Family] = {
             min_gap=-0.5,
             expectation="within 0.5",
         ),
-        Family("dgconv", "dgconv", budget=0.5, min_gap=-1.0, expectation="within 1"),
+        Family(
+            "dgconv",
+            "dgconv",
+            budget=0.5,
+            two_sided=True,
+            finalize_at=0.5,
+            min_gap=-1.0,
+            expectation="within 1",
+        ),
+        Family(
+            "lgc-1x1",
+            "lgc",
+            {"learned_groups": 4, "condense_factor": 4},
+            min_gap=-1.0,
+            expectation="within 1",
+            convert_kernel=1,
+            fixed_groups=4,
+        ),
         Family(
             "lgc",
             "lgc",
             {"learned_groups": 4, "condense_factor": 4},
             min_gap=-1.0,
-            expectation="within 1",
+            expectation="within 1 (extension: all convs)",
         ),
     )
 }
@@ -159,17 +200,37 @@ STEM = "stem.0"
 TIMING_STEPS = 20
 
 
+def converted_positions(family: Family) -> list[int]:
+    """Indices in ``FashionCNN.body`` of the inner convs ``family`` converts."""
+    return [
+        i
+        for i, (kernel, _) in enumerate(FashionCNN.LAYOUT)
+        if family.convert_kernel is None or kernel == family.convert_kernel
+    ]
+
+
 def build_model(family: Family, width: int, seed: int) -> tuple[nn.Module, int]:
-    """The seeded plain network converted to ``family``; also the number of converted layers."""
+    """The seeded plain network converted to ``family``; also the number of converted layers.
+
+    With ``convert_kernel`` only the inner convs of that kernel size are converted, and the
+    others are replaced by fresh ``nn.Conv2d(groups=fixed_groups)`` of the same geometry.
+    """
     torch.manual_seed(seed)
     model: nn.Module = FashionCNN(width)
     if family.method is None:
         return model, 0
+    positions = converted_positions(family)
+    for index, (kernel, stride) in enumerate(FashionCNN.LAYOUT):
+        if index not in positions:
+            model.body[index][0] = nn.Conv2d(
+                width, width, kernel, stride, kernel // 2, groups=family.fixed_groups, bias=False
+            )
+    names = [f"body.{i}.0" for i in positions]
     model, report = dynaconv.convert(
-        model, family.method, exclude=STEM, return_report=True, **family.options
+        model, family.method, include=names, return_report=True, **family.options
     )
-    if len(report.converted) != len(FashionCNN.LAYOUT):
-        raise RuntimeError(f"{family.name}: expected to convert the six inner convs\n{report}")
+    if report.converted != names:
+        raise RuntimeError(f"{family.name}: expected to convert {names}\n{report}")
     return model, len(report.converted)
 
 
@@ -204,7 +265,7 @@ def train(
         weight_decay=settings.weight_decay,
     )
     constraint = (
-        dynaconv.ResourceConstraint(model, family.budget, "params")
+        dynaconv.ResourceConstraint(model, family.budget, "params", two_sided=family.two_sided)
         if family.budget is not None
         else None
     )
@@ -224,6 +285,13 @@ def train(
         if settings.shift:
             images = random_shift(images, settings.shift, generator, data.background)
         dynaconv.set_progress(model, step / total)
+        if (
+            constraint is not None
+            and family.finalize_at is not None
+            and not constraint.finalized
+            and step >= family.finalize_at * total
+        ):
+            constraint.finalize()  # fixes and freezes the gates; fine-tuning goes on
         for group in optimizer.param_groups:
             group["lr"] = 0.5 * settings.lr * (1 + math.cos(math.pi * step / total))
         loss = F.cross_entropy(model(images), data.y_train[index])
@@ -237,6 +305,8 @@ def train(
         loss.backward()
         optimizer.step()
     dynaconv.set_progress(model, 1.0)
+    if constraint is not None and family.finalize_at is not None and not constraint.finalized:
+        constraint.finalize()
     model.eval()
     return time.perf_counter() - started
 
@@ -284,6 +354,7 @@ class Run:
     converted: int = 0
     structure: str = ""
     connections_kept: float | None = None  # DGConv: cost / dense cost of its resource budget
+    closest_under_budget: float | None = None  # DGConv: the closest achievable fraction <= budget
     train_seconds: float = 0.0
 
 
@@ -308,6 +379,7 @@ def run_one(
         if family.budget is not None:
             constraint = dynaconv.ResourceConstraint(model, family.budget, "params")
             run.connections_kept = float(constraint.cost().detach()) / constraint.dense
+            run.closest_under_budget = closest_achievable_fraction(constraint)
             run.structure += (
                 f"; {100 * run.connections_kept:.0f}% of the connections kept "
                 f"(budget {100 * family.budget:.0f}%)"
@@ -319,6 +391,18 @@ def run_one(
             f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         )
         return run, None, None
+
+
+def closest_achievable_fraction(constraint: dynaconv.ResourceConstraint) -> float:
+    """The largest fraction of the dense cost any gate pattern reaches at or under the budget
+    (the cheapest structure's fraction when none fits); the model is not changed."""
+    costs = [
+        [scale * 2 ** (layer.num_gates + n) for n in range(layer.num_gates + 1)]
+        for layer, scale in zip(constraint.layers, constraint.scales, strict=True)
+    ]
+    penalties = [[0.0] * len(c) for c in costs]
+    counts = closest_gate_counts(costs, penalties, constraint.budget)
+    return sum(c[n] for c, n in zip(costs, counts, strict=True)) / constraint.dense
 
 
 def latencies(
@@ -434,6 +518,7 @@ def headers(batches: Sequence[int] = (1, 256)) -> tuple[str, ...]:
         "params deployed",
         "MACs dense",
         "MACs active",
+        "kept / budget",
         *(f"ms batch {b}" for b in batches),
         "deployed = same test labels",
         "seeds",
@@ -454,6 +539,31 @@ def _same_labels_text(done: Sequence[Run]) -> str:
         return f"yes ({same}/{len(done)} seeds)"
     changed = sum(r.changed or 0 for r in done)
     return f"NO: {len(done) - same}/{len(done)} seeds changed {changed} labels"
+
+
+def _budget_cell(family: Family, done: Sequence[Run]) -> str:
+    """DGConv: the kept fraction of each seed, the budget, and whether every seed is within 5
+    points under it (or at the closest achievable structure)."""
+    if family.budget is None:
+        return "-"
+    kept = [r.connections_kept for r in done]
+    if any(k is None for k in kept):
+        return "not recorded"
+    text = "/".join(f"{100 * k:.0f}" for k in kept) + f"% of {100 * family.budget:.0f}%"
+    return f"{text} ({'met' if _budget_met(family, done) else 'MISSED'})"
+
+
+def _budget_met(family: Family, done: Sequence[Run]) -> bool:
+    """Every seed at or under the budget by at most 5 points, or at the closest achievable."""
+    assert family.budget is not None
+    for run in done:
+        kept, closest = run.connections_kept, run.closest_under_budget
+        if kept is None:
+            return False
+        at_closest = closest is not None and abs(kept - closest) < 1e-12
+        if not (family.budget - 0.05 <= kept <= family.budget or at_closest):
+            return False
+    return True
 
 
 def _latency_cell(ms: dict[int, float], batch: int, measured: bool) -> str:
@@ -511,6 +621,9 @@ def summarise(
             same_labels_all_seeds=all(r.changed == 0 for r in done),
             changed_labels=[r.changed for r in done],
             structure=[r.structure for r in done],
+            connections_kept=[r.connections_kept for r in done],
+            budget=family.budget,
+            budget_met=None if family.budget is None else _budget_met(family, done),
             train_seconds=[r.train_seconds for r in done],
         )
         rows.append(
@@ -524,6 +637,7 @@ def summarise(
                 _mean_int([r.params_deployed for r in done]),
                 _mean_int([r.macs for r in done]),
                 _mean_int([r.macs_active for r in done]),
+                _budget_cell(family, done),
                 *(_latency_cell(ms, b, measured=latency is not None) for b in batches),
                 _same_labels_text(done),
                 str(len(done)) + (f" ({len(failures)} failed)" if failures else ""),
@@ -591,6 +705,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--seeds", type=positive_int, default=None, help="seeds 0..N-1")
     parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="start at this seed (seeds F..F+N-1), to split seeds over runs joined by --merge",
+    )
+    parser.add_argument(
         "--train-subset", type=positive_int, default=None, help="first N training images"
     )
     parser.add_argument("--all-train", action="store_true", help="all 60,000 training images")
@@ -632,6 +752,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(its accuracy.json) when there is one",
     )
     parser.add_argument("--latency-warmup", type=positive_int, default=3)
+    parser.add_argument(
+        "--skip-plain",
+        action="store_true",
+        help="do not train plain (for a run whose table is merged later with --merge)",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="OUT",
+        help="only build one table from the accuracy.json in each OUT folder (same setting; a "
+        "run in a later folder replaces the run of the same family and seed), into --out",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "accuracy")
     parser.add_argument("--plot-dir", type=Path, default=DEFAULT_PLOT_DIR)
     args = parser.parse_args(argv)
@@ -641,11 +775,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.shift = preset["shift"] if args.shift is None else args.shift
     if args.shift < 0:
         parser.error(f"--shift must be >= 0, got {args.shift}")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
     if args.all_train:
         args.train_subset = None
     elif args.train_subset is None:
         args.train_subset = preset["train_subset"]
-    if "plain" not in args.families:
+    if "plain" not in args.families and not args.skip_plain:
         args.families = ["plain", *args.families]
     return args
 
@@ -747,6 +883,65 @@ def latency_pass(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return 0
 
 
+def merge_payloads(payloads: Sequence[dict[str, Any]]) -> tuple[list[Family], list[Run]]:
+    """Families (in :data:`FAMILIES` order) and runs of several runs of one setting.
+
+    A run of a later payload replaces the run of the same family and seed from earlier ones
+    (so a rerun family replaces the old one, and runs of different seeds add up); payloads of
+    different settings raise ``ValueError``.
+    """
+    if not payloads:
+        raise ValueError("nothing to merge")
+    settings = [p["settings"] for p in payloads]
+    if any(s != settings[0] for s in settings[1:]):
+        raise ValueError(f"cannot merge runs of different settings: {settings}")
+    by_key: dict[tuple[str, int], Run] = {}
+    for payload in payloads:
+        for record in payload["runs"]:
+            by_key[(record["family"], record["seed"])] = Run(**record)
+    names = {family for family, _ in by_key}
+    unknown = sorted(names - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown families in the merged runs: {unknown}")
+    families = [f for name, f in FAMILIES.items() if name in names]
+    runs = sorted(by_key.values(), key=lambda r: (r.seed, list(FAMILIES).index(r.family)))
+    return families, runs
+
+
+def merge_pass(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """``--merge OUT...``: one table from several runs' ``accuracy.json``, written to ``--out``."""
+    payloads = [json.loads((folder / "accuracy.json").read_text()) for folder in args.merge]
+    try:
+        families, runs = merge_payloads(payloads)
+    except ValueError as error:
+        raise SystemExit(f"--merge: {error}") from None
+    batches = tuple(args.latency_batches)
+    rows, records = summarise(families, runs, None, batches)
+    header = "\n".join(
+        f"{p['header']}; `{p['command']}` ({', '.join(p['families'])})" for p in payloads
+    )
+    command = command_line(argv)
+    text = report_text(f"merged runs:\n{header}", command, batches, rows, runs)
+    print(text, flush=True)
+    payload = {
+        "title": TITLE,
+        "setting": payloads[0]["setting"],
+        "header": header,
+        "command": command,
+        "machine": payloads[-1]["machine"],
+        "settings": payloads[0]["settings"],
+        "families": {f.name: asdict(f) for f in families},
+        "runs": [asdict(r) for r in runs],
+        "merged_from": [
+            {"command": p["command"], "header": p["header"], "families": list(p["families"])}
+            for p in payloads
+        ],
+        "elapsed_s": sum(p.get("elapsed_s", 0.0) for p in payloads),
+    }
+    write_report(args, text, batches, rows, records, runs, payload)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the study; 0 when every run finished and every deployment kept every test label."""
     args = parse_args(argv)
@@ -754,6 +949,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.latency_from is not None:
         return latency_pass(args, argv)
+    if args.merge is not None:
+        return merge_pass(args, argv)
     started = time.perf_counter()
     families = [FAMILIES[name] for name in args.families]
     settings = Settings(
@@ -767,7 +964,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setting_text = (
         f"{len(data.y_train):,} training / {len(data.y_test):,} test images, {args.epochs} epochs, "
         f"batch {args.batch_size}, SGD lr {args.lr} cosine, shift {args.shift}px, width "
-        f"{args.width}, seeds 0-{args.seeds - 1}"
+        f"{args.width}, seeds {args.first_seed}-{args.first_seed + args.seeds - 1}"
     )
     print(f"accuracy study: {setting_text}\n{machine_line()}", flush=True)
     if args.time_only:
@@ -779,7 +976,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     runs: list[Run] = []
     first_deployed: dict[str, nn.Module] = {}
-    for seed in range(args.seeds):  # seeds outside: load drift spreads over every family
+    for seed in range(
+        args.first_seed, args.first_seed + args.seeds
+    ):  # seeds outside: load drift spreads over every family
         for family in families:
             run, model, deployed = run_one(family, seed, data, settings)
             runs.append(run)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -14,6 +15,7 @@ import dynaconv
 from conftest import assert_close64, load_fixture
 from dynaconv import GroupableConv2d, PermutedGroupConv2d
 from dynaconv.compat import layer_from_reference, model_from_reference
+from dynaconv.layers import resource_constraint
 from dynaconv.layers.dgconv import binarise_gates, connectivity_mask, kronecker_order
 from dynaconv.layers.resource_constraint import ResourceConstraint, resource_constrained_loss
 from dynaconv.models import GResNeXt, g_resnext50, g_resnext101
@@ -33,9 +35,10 @@ def test_matches_reference_fixture(name):
     assert layer.impl == "auto" and layer.sort == data["config"]["sort"]
     x = data["x"].double()
     y = layer(x)
-    regulariser = layer.aux_loss()
+    regulariser = layer.active_connections()
     assert_close64(y, data["y"])
     assert regulariser.item() == data["u_regularizer"]
+    assert layer.aux_loss().item() == data["u_regularizer"] / layer.in_channels**2
     _fixture_loss(y, regulariser).backward()
     assert_close64(layer.gate.grad, data["grad"]["gate"])
     assert_close64(layer.dense_weight.grad, data["grad"]["weight"])
@@ -53,7 +56,7 @@ def test_fixture_through_the_triton_kernel():
     if not dynaconv.kernels.triton_usable(layer.dense_weight):
         pytest.skip("the Triton interpreter is not active")
     y = layer(data["x"])
-    _fixture_loss(y, layer.aux_loss()).backward()
+    _fixture_loss(y, layer.active_connections()).backward()
     tol = {"rtol": 1e-4, "atol": 1e-6}
     torch.testing.assert_close(y.double(), data["y"], **tol)
     torch.testing.assert_close(layer.gate.grad.double(), data["grad"]["gate"], **tol)
@@ -120,15 +123,20 @@ def test_binarisation_compat_and_straight_through():
     assert gate.grad.tolist() == [1.0, 2.0, 3.0]
 
 
-def test_regulariser_counts_active_connections():
+def test_regulariser_counts_active_connections_and_aux_loss_is_their_fraction():
     layer = GroupableConv2d(64, 64, 3)
     with torch.no_grad():
         layer.gate.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0]))
-    reg = layer.aux_loss()
-    assert reg.item() == 2**9 == int((layer.mask() != 0).sum())
-    reg.backward()
+    count = layer.active_connections()
+    assert count.item() == 2**9 == int((layer.mask() != 0).sum())
+    count.backward()
     torch.testing.assert_close(layer.gate.grad, torch.full((6,), 2**9 * math.log(2)))
-    assert dynaconv.aux_loss(nn.Sequential(layer, nn.ReLU())).item() == 2**9
+    layer.gate.grad = None
+    fraction = layer.aux_loss()
+    assert fraction.item() == 2**9 / 64**2
+    fraction.backward()
+    torch.testing.assert_close(layer.gate.grad, torch.full((6,), 2**9 / 64**2 * math.log(2)))
+    assert dynaconv.aux_loss(nn.Sequential(layer, nn.ReLU())).item() == 2**9 / 64**2
 
 
 # ------------------------------------------------------------------------------ fused kernel
@@ -498,13 +506,15 @@ def test_convert_digits_cnn_trains_and_deploys():
     model = dynaconv.convert(dynaconv.models.DigitsCNN(), "dgconv")
     assert len(list(dynaconv.dynaconv_layers(model))) == 4
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    constraint = ResourceConstraint(model, 0.5, two_sided=True)
     x, target = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     for _ in range(2):
         optimizer.zero_grad()
         loss = nn.functional.cross_entropy(model(x), target) + 1e-6 * dynaconv.aux_loss(model)
-        loss.backward()
+        constraint(loss).backward()
         optimizer.step()
     dynaconv.set_progress(model, 0.5)
+    assert constraint.finalize().within_budget
     deployed = dynaconv.deploy(model, input_shape=(2, 1, 8, 8))
     assert not any(isinstance(m, GroupableConv2d) for m in deployed.modules())
     profile = dynaconv.profile(model, (1, 1, 8, 8))
@@ -572,3 +582,188 @@ def test_channels_last_autocast_and_export():
     torch.testing.assert_close(low.float(), expected, rtol=5e-2, atol=5e-2)
     exported = torch.export.export(layer.eval(), (x,))
     torch.testing.assert_close(exported.module()(x), expected)
+
+
+# ------------------------------------------------------------------------------ conversion margin
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_conversion_starts_from_the_convs_structure_with_a_margin(groups):
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=groups)
+    layer = GroupableConv2d.from_conv(conv)
+    zero_gates = groups.bit_length() - 1
+    expected = [-0.1] * zero_gates + [0.1] * (4 - zero_gates)
+    torch.testing.assert_close(layer.gate.detach(), torch.tensor(expected))
+    paper = GroupableConv2d.from_conv(conv, gate_init=1e-8)
+    assert paper.gate.detach().abs().max().item() == pytest.approx(1e-8)
+    assert GroupableConv2d(16, 16, 3).gate.detach().abs().max().item() == pytest.approx(1e-8)
+
+
+@pytest.mark.parametrize("gate_init", [0, -0.1, float("inf"), float("nan"), True, "0.1"])
+def test_conversion_gate_init_must_be_positive_and_finite(gate_init):
+    with pytest.raises(ValueError, match="gate_init"):
+        GroupableConv2d.from_conv(nn.Conv2d(16, 16, 3), gate_init=gate_init)
+
+
+@pytest.mark.parametrize(
+    ("size", "batch", "lr"), [(32, 4, 0.01), pytest.param(64, 8, 0.1, marks=pytest.mark.slow)]
+)
+def test_one_readme_weighted_step_keeps_a_converted_resnet18s_structure(size, batch, lr):
+    """The README loop (``CE + 1e-5 * aux_loss``), one SGD step (momentum 0.9).
+
+    With the paper's 1e-8 gates the same step changes the structure (the old behaviour: 1
+    group per layer became 2-128 groups), which is what the conversion margin prevents.
+    """
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+
+    def one_step(gate_init: float) -> tuple[list[int], float, float]:
+        torch.manual_seed(1)
+        model = torchvision.models.resnet18(num_classes=10)
+        model = dynaconv.convert(model, "dgconv", gate_init=gate_init)
+        before = dynaconv.profile(model, (1, 3, 32, 32))["params_deployed"]
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        ce = nn.functional.cross_entropy(model(x), y)
+        aux = 1e-5 * dynaconv.aux_loss(model)
+        assert aux.item() < 1e-3 * ce.item()  # the DGConv term is a fraction, not a count
+        (ce + aux).backward()
+        optimizer.step()
+        groups = [layer.num_groups for _, layer in dynaconv.dynaconv_layers(model)]
+        after = dynaconv.profile(model, (1, 3, 32, 32))["params_deployed"]
+        return groups, before, after
+
+    groups, before, after = one_step(0.1)
+    assert len(groups) > 10 and set(groups) == {1}
+    assert after == before
+    groups_paper, _, after_paper = one_step(1e-8)
+    assert set(groups_paper) != {1} and after_paper < before
+
+
+# ------------------------------------------------------------------------------ budget promise
+
+
+def _random_dgconv_model(channel_bits: list[int], kernels: list[int], seed: int) -> nn.Sequential:
+    """DGConv layers of ``2^bits`` channels with random gates, joined by plain 1x1 convs; the
+    second and later layers have stride 2 (different output sizes for the MAC budget)."""
+    generator = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for index, (bits, kernel) in enumerate(zip(channel_bits, kernels, strict=True)):
+        if layers:
+            layers.append(nn.Conv2d(2 ** channel_bits[index - 1], 2**bits, 1))
+        stride = 1 if index == 0 else 2
+        layer = GroupableConv2d(2**bits, 2**bits, kernel, stride=stride, padding=kernel // 2)
+        with torch.no_grad():
+            layer.gate.copy_(torch.randn(bits, generator=generator, dtype=torch.float64))
+        layers.append(layer)
+    return nn.Sequential(*layers)
+
+
+def _achievable_costs(constraint: ResourceConstraint) -> list[float]:
+    """Every total cost a gate pattern can reach (brute force over open-gate counts)."""
+    options = [
+        [scale * 2 ** (layer.num_gates + n) for n in range(layer.num_gates + 1)]
+        for layer, scale in zip(constraint.layers, constraint.scales, strict=True)
+    ]
+    return sorted({float(sum(c)) for c in itertools.product(*options)})
+
+
+budget_models = st.integers(1, 4).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.integers(1, 5), min_size=n, max_size=n),
+        st.lists(st.sampled_from([1, 3]), min_size=n, max_size=n),
+    )
+)
+
+
+@given(
+    model=budget_models,
+    budget=st.floats(0.01, 1.0),
+    budget_type=st.sampled_from(["params", "macs"]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60, deadline=None)
+def test_finalize_reaches_the_closest_structure_at_or_under_the_budget(
+    model, budget, budget_type, seed
+):
+    bits, kernels = model
+    net = _random_dgconv_model(bits, kernels, seed)
+    dgconvs = [m for m in net if isinstance(m, GroupableConv2d)]
+    before = [layer.gate.detach().clone() for layer in dgconvs]
+    constraint = ResourceConstraint(net, budget, budget_type, input_shape=(2 ** bits[0], 6, 6))
+    report = constraint.finalize()
+    cost = float(constraint.cost())
+    assert cost == report.cost
+    achievable = _achievable_costs(constraint)
+    under = [c for c in achievable if c <= constraint.budget]
+    if under:
+        assert report.within_budget and cost == max(under)  # closest at or under the budget
+    else:
+        assert not report.within_budget and cost == min(achievable)  # the cheapest structure
+    for layer, gates, open_count in zip(dgconvs, before, report.open_gates, strict=True):
+        # the open gates are the highest-ranked ones; kept gates keep their value
+        is_open = layer.gate.detach() > 0
+        assert int(is_open.sum()) == open_count
+        if 0 < open_count < layer.num_gates:
+            assert gates[is_open].min() >= gates[~is_open].max()
+        kept = is_open == (gates > 0)
+        torch.testing.assert_close(layer.gate.detach()[kept], gates[kept].float())
+        assert not layer.gate.requires_grad and bool((layer.gate != 0).all())
+
+
+def test_finalize_among_equal_costs_flips_the_smallest_gates():
+    net = _random_dgconv_model([2, 2], [1, 1], 0)
+    first, second = net[0], net[2]
+    with torch.no_grad():
+        first.gate.copy_(torch.tensor([0.5, 0.4]))  # two open gates: 16 connections
+        second.gate.copy_(torch.tensor([0.9, 0.01]))
+    constraint = ResourceConstraint(net, 24 / 32)  # 16 + 8 or 8 + 16: equal cost
+    report = constraint.finalize(freeze=False)
+    assert report.open_gates == (2, 1) and report.flipped == 1
+    assert second.gate.tolist() == pytest.approx([0.9, -0.01])
+    assert first.gate.requires_grad
+
+
+def test_finalize_reports_an_unreachable_budget(caplog):
+    net = _random_dgconv_model([3], [3], 0)  # the cheapest structure keeps 1/8
+    constraint = ResourceConstraint(net, 0.1)
+    with caplog.at_level("WARNING", logger="dynaconv"):
+        report = constraint.finalize()
+    assert report.open_gates == (0,) and not report.within_budget
+    assert report.fraction == pytest.approx(1 / 8)
+    assert "not reachable" in caplog.text and "OVER" in str(report)
+
+
+def test_closest_gate_counts_with_coarse_units_stays_under_the_budget(monkeypatch):
+    costs = [[3 * 2**n for n in range(6)], [5 * 2**n for n in range(6)], [7, 14, 28, 56]]
+    penalties = [[0.0] * len(c) for c in costs]
+    best = max(s for s in map(sum, itertools.product(*costs)) if s <= 199)
+    exact = resource_constraint.closest_gate_counts(costs, penalties, 199)
+    assert sum(c[n] for c, n in zip(costs, exact, strict=True)) == best
+    monkeypatch.setattr(resource_constraint, "MAX_SEARCH_UNITS", 10)
+    coarse = resource_constraint.closest_gate_counts(costs, penalties, 199)
+    assert sum(c[n] for c, n in zip(costs, coarse, strict=True)) <= 199
+    with pytest.raises(ValueError, match="positive integers"):
+        resource_constraint.closest_gate_counts([[1.5, 3]], [[0.0, 0.0]], 10)
+    with pytest.raises(ValueError, match="one non-empty list per layer"):
+        resource_constraint.closest_gate_counts([[1, 2]], [], 10)
+
+
+def test_two_sided_constraint_pulls_the_cost_up_under_the_budget():
+    model = _toy([[-1.0, -1.0, 1.0], [-1.0, -1.0, -1.0, 1.0]])
+    fraction = float(ResourceConstraint(model, 1.0).cost()) / ResourceConstraint(model, 1.0).dense
+    loss = torch.tensor(2.0)
+    one_sided = ResourceConstraint(model, fraction * 4)
+    two_sided = ResourceConstraint(model, fraction * 4, two_sided=True)
+    assert one_sided(loss).item() == 2.0
+    torch.testing.assert_close(two_sided(loss), loss * 4**0.02)
+    two_sided(loss).backward()
+    assert all(layer.gate.grad.lt(0).all() for layer in two_sided.layers)  # SGD raises the cost
+    over = ResourceConstraint(model, fraction / 4, two_sided=True)
+    torch.testing.assert_close(over(loss), loss * 4**0.02)
+    at = ResourceConstraint(model, fraction, two_sided=True)
+    assert at(loss).item() == 2.0
+    at.finalize()
+    assert at.finalized and at(loss) is loss
+    with pytest.raises(ValueError, match="two_sided"):
+        ResourceConstraint(model, 0.5, two_sided=1)

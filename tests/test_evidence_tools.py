@@ -9,6 +9,7 @@ prediction-equality check that every deployment must pass, not on the numbers.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -120,12 +121,73 @@ def test_load_fashion_mnist_names_a_missing_folder(tmp_path):
 # accuracy study
 
 
-@pytest.mark.parametrize("name", [n for n in accuracy.FAMILIES if n != "plain"])
+@pytest.mark.parametrize("name", [n for n in accuracy.FAMILIES if n not in ("plain", "lgc-1x1")])
 def test_every_family_converts_the_same_six_inner_convs(name):
     model, converted = accuracy.build_model(accuracy.FAMILIES[name], width=16, seed=0)
     assert converted == len(accuracy.FashionCNN.LAYOUT)
     assert isinstance(model.stem[0], nn.Conv2d)  # the stem stays plain
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_lgc_paper_placement_condenses_the_1x1_convs_and_groups_the_3x3_convs():
+    model, converted = accuracy.build_model(accuracy.FAMILIES["lgc-1x1"], width=16, seed=0)
+    assert converted == 3
+    for block, (kernel, stride) in zip(model.body, accuracy.FashionCNN.LAYOUT, strict=True):
+        conv = block[0]
+        if kernel == 1:
+            assert isinstance(conv, dynaconv.layers.LearnedGroupConv2d)
+        else:
+            assert type(conv) is nn.Conv2d and conv.groups == 4 and conv.stride == (stride,) * 2
+    plain, _ = accuracy.build_model(accuracy.FAMILIES["plain"], width=16, seed=0)
+    for kernel, ours, reference in zip(
+        [k for k, _ in accuracy.FashionCNN.LAYOUT], model.body, plain.body, strict=True
+    ):
+        if kernel == 1:  # the converted convs start from the plain network's weights
+            assert torch.equal(ours[0].dense_weight, reference[0].weight)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_budget_column_says_whether_every_seed_met_the_budget():
+    family = accuracy.FAMILIES["dgconv"]
+    met = [
+        accuracy.Run("dgconv", 0, connections_kept=0.5, closest_under_budget=0.5),
+        accuracy.Run("dgconv", 1, connections_kept=0.46, closest_under_budget=0.5),
+    ]
+    assert accuracy._budget_cell(family, met) == "50/46% of 50% (met)"
+    missed = [*met, accuracy.Run("dgconv", 2, connections_kept=0.58, closest_under_budget=0.5)]
+    assert accuracy._budget_cell(family, missed) == "50/46/58% of 50% (MISSED)"
+    far = [accuracy.Run("dgconv", 0, connections_kept=0.29, closest_under_budget=0.5)]
+    assert accuracy._budget_cell(family, far).endswith("(MISSED)")
+    unreachable = [accuracy.Run("dgconv", 0, connections_kept=0.6, closest_under_budget=0.6)]
+    assert accuracy._budget_cell(family, unreachable).endswith("(met)")
+    assert accuracy._budget_cell(accuracy.FAMILIES["dgc"], met) == "-"
+
+
+def test_merge_replaces_families_and_refuses_other_settings():
+    def payload(width: int, entries: list[tuple[str, int, float]]) -> dict:
+        runs = [dataclasses.asdict(_run(name, seed, acc, 0)) for name, seed, acc in entries]
+        return {"settings": {"width": width}, "runs": runs}
+
+    first = payload(32, [("plain", 0, 0.9), ("dgconv", 0, 0.8), ("lgc", 0, 0.85)])
+    second = payload(32, [("dgconv", 0, 0.88), ("lgc-1x1", 0, 0.87)])
+    families, runs = accuracy.merge_payloads([first, second])
+    assert [f.name for f in families] == ["plain", "dgconv", "lgc-1x1", "lgc"]
+    assert {(r.family, r.accuracy) for r in runs} == {
+        ("plain", 0.9),
+        ("dgconv", 0.88),
+        ("lgc-1x1", 0.87),
+        ("lgc", 0.85),
+    }
+    later_seed = payload(32, [("plain", 1, 0.91), ("dgconv", 1, 0.86)])
+    _, runs = accuracy.merge_payloads([first, second, later_seed])
+    assert sorted((r.family, r.seed) for r in runs if r.family in ("plain", "dgconv")) == [
+        ("dgconv", 0),
+        ("dgconv", 1),
+        ("plain", 0),
+        ("plain", 1),
+    ]
+    with pytest.raises(ValueError, match="different settings"):
+        accuracy.merge_payloads([first, payload(64, [("plain", 0, 0.9)])])
 
 
 def test_fashion_cnn_rejects_a_width_dgconv_cannot_take():

@@ -383,3 +383,19 @@ def test_layer_class_and_conversion_skipped_are_exported():
     with pytest.raises(ValueError, match="method must be one of"):
         dynaconv.layer_class("nope")
     assert issubclass(ConversionSkipped, Exception)
+
+
+@pytest.mark.parametrize("method", list(dynaconv.METHODS))
+def test_one_readme_aux_weight_suits_every_family(method):
+    """``CE + 1e-5 * aux_loss`` (the README's loop) on a converted ResNet-18: the weighted
+    regulariser is at most a tenth of the cross-entropy for every family (a count, such as
+    DGConv's 1,048,576 active connections before it became a fraction, made it 10.5)."""
+    torch.manual_seed(1)
+    model = dynaconv.convert(torchvision.models.resnet18(num_classes=10), method, exclude="conv1")
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 7, 3, 2])
+    ce = nn.functional.cross_entropy(model(x), y)  # a training forward (DGC's lasso needs one)
+    weighted = 1e-5 * dynaconv.aux_loss(model)
+    assert 0 <= weighted.item() <= 0.1 * ce.item()
+    layers = [layer for _, layer in dynaconv.dynaconv_layers(model)]
+    if method == "dgconv":
+        assert dynaconv.aux_loss(model).item() == len(layers)  # every layer keeps all of them
