@@ -32,6 +32,14 @@ from dynaconv.layers import ChoosesForm, SparseDynamicGroupConv2d, _base
 from dynaconv.layers import dgconv as dgconv_module
 from dynaconv.layers.lgc_deployed import CondensedGroupConv2d
 
+
+@pytest.fixture(autouse=True)
+def _measure_at_the_first_call():
+    """These tests look at measuring itself: from a key's first call on (default: third)."""
+    with dispatch.measuring(True, after=0):
+        yield
+
+
 #: Every class that declares execution forms.
 FORM_CLASSES = [
     CondConv2d,
@@ -246,7 +254,7 @@ def test_tracing_is_one_answer_for_every_capture():
 def test_measured_choices_keep_the_fastest_and_skip_failures():
     cache = MeasuredChoices()
     runs: list[str] = []
-    timings = {"slow": 3.0, "fast": 1.0, "close": 1.2}
+    timings = {"slow": 3.0, "fast": 1.0, "close": 1.2, "glacial": 10.0}
 
     def run(candidate):
         runs.append(candidate)
@@ -257,8 +265,9 @@ def test_measured_choices_keep_the_fastest_and_skip_failures():
         call()
         return timings[runs[-1]]
 
-    chosen = cache.choose("k", ["slow", "broken", "close", "fast"], run, timer=timer, repeat=3)
-    assert chosen == "fast"
+    candidates = ["slow", "broken", "close", "fast", "glacial"]
+    assert cache.choose("k", candidates, run, timer=timer, repeat=3) == "fast"
+    assert runs.count("glacial") == 1  # its warm-up took over 4x the fastest timed call
     assert runs.count("slow") == 2  # warm-up and one timed call: pruned (over 2x the fastest)
     assert runs.count("fast") == runs.count("close") == 4  # warm-up, then 3 interleaved
     assert "k" in cache and len(cache) == 1
@@ -442,6 +451,23 @@ def test_switched_off_auto_runs_the_rule_and_measures_nothing(monkeypatch):
         torch.use_deterministic_algorithms(False)
     with pytest.raises(ValueError, match="enabled must be a bool"):
         dispatch.set_measuring("no")
+    with pytest.raises(ValueError, match="after must be"):
+        dispatch.set_measuring(True, after=-1)
+
+
+def test_a_key_is_measured_from_its_third_call_by_default(monkeypatch):
+    layer = CondConv2d(8, 8, 3, padding=1, num_experts=3).eval()
+    ran = _count_runs(monkeypatch, CondConv2d)
+    x = torch.randn(2, 8, 5, 5)
+    rule = CondConv2d.forms.rule(layer, layer.form_call(x))[0]
+    with dispatch.measuring(True, after=2), torch.no_grad():
+        assert dispatch.measure_after() == 2
+        for _ in range(2):
+            layer(x)
+        assert ran == [rule, rule] and len(measured_choices) == 0  # the rule, twice
+        layer(x)  # the third call measures
+        assert len(ran) > 3 and len(measured_choices) == 1
+    assert dispatch.measure_after() == 0  # restored (this file's fixture)
 
 
 def test_the_environment_variable_switches_measuring_off():

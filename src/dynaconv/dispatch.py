@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -64,6 +65,7 @@ __all__ = [
     "cuda_timer",
     "host_timer",
     "interpreting",
+    "measure_after",
     "measured_choices",
     "measuring",
     "measuring_enabled",
@@ -239,6 +241,7 @@ class MeasuredChoices:
 
     def __init__(self) -> None:
         self._choices: dict[Hashable, Any] = {}
+        self._seen: dict[Hashable, int] = {}
 
     def __len__(self) -> int:
         return len(self._choices)
@@ -254,6 +257,13 @@ class MeasuredChoices:
 
     def clear(self) -> None:
         self._choices.clear()
+        self._seen.clear()
+
+    def seen(self, key: Hashable) -> int:
+        """How many times ``key`` was asked for before this call (counts this call)."""
+        count = self._seen.get(key, 0)
+        self._seen[key] = count + 1
+        return count
 
     def choose(
         self,
@@ -263,17 +273,18 @@ class MeasuredChoices:
         *,
         timer: Callable[[Callable[[], Any], int], float] = host_timer,
         warmup: int = 1,
-        repeat: int = 3,
+        repeat: int = 2,
         prune: float = 2.0,
         label: str = "",
         fallback: Any = None,
     ) -> C:
         """The cached choice for ``key``, or the fastest of ``candidates`` measured now.
 
-        Each candidate runs ``warmup`` times untimed (allocation, library set-up,
-        compilation), then once timed. Candidates over ``prune`` times the fastest so far are
-        dropped: a form far off costs ``warmup + 1`` calls. The rest run ``repeat - 1`` more
-        times, interleaved (so that load from other processes affects them alike), dropping
+        Each candidate runs ``warmup`` times (allocation, library set-up, compilation), then
+        once timed. A candidate whose warm-up already took over ``2 * prune`` times the
+        fastest timed call is dropped there (a form far off costs ``warmup`` calls; put the
+        likeliest candidate first), as are those whose timed call is over ``prune`` times the
+        fastest. The rest run ``repeat - 1`` more times, interleaved (so that load from other processes affects them alike), dropping
         those that fall over ``prune`` times the fastest. The choice is the lowest time seen
         per candidate (the least disturbed sample): at most ``warmup + repeat`` calls per
         candidate, once per key. A candidate that raises is skipped (logged). Nothing is
@@ -289,8 +300,11 @@ class MeasuredChoices:
         best: dict[int, float] = {}
         for index, candidate in enumerate(candidates):
             try:
+                loose = math.inf
                 for _ in range(warmup):
-                    run(candidate)
+                    loose = timer(lambda c=candidate: run(c), 1)
+                if best and loose > 2 * prune * min(best.values()):
+                    continue  # far off even allowing for a first call's set-up: one call
                 best[index] = timer(lambda c=candidate: run(c), 1)
             except Exception as error:  # a candidate that cannot run here is not chosen
                 log.warning("%s: candidate %s failed: %s", label or "measure", candidate, error)
@@ -322,38 +336,58 @@ def clear_measured_choices() -> None:
 #: The environment variable that switches measuring off (``0``) for the process.
 MEASURE_ENV = "DYNACONV_MEASURE"
 
-_measuring = [os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")]
+#: Whether ``impl="auto"`` measures, and after how many calls of a key it does.
+_settings = {
+    "enabled": os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "false", "no", "off"),
+    "after": 2,
+}
 
 
-def set_measuring(enabled: bool) -> None:
+def _check_settings(enabled: Any, after: Any) -> None:
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be a bool, got {enabled!r}")
+    if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
+        raise ValueError(f"after must be None or an int >= 0, got {after!r}")
+
+
+def set_measuring(enabled: bool, *, after: int | None = None) -> None:
     """Switch measured choices of ``impl="auto"`` on or off for the process.
 
+    On (the default), a call whose key (layer configuration, input shape, dtype, device,
+    mode) has been seen ``after`` times before (default 2) measures the candidates and
+    keeps the fastest; earlier calls of the key run the family's rule, so that a shape met
+    once or twice (a last partial batch, a one-off evaluation) never pays for measuring.
     Off, every ``"auto"`` layer runs its family's rule: a fixed function of the layer's
     configuration, the input and the device, so runs are reproducible form for form (what
     benchmarks that compare runs want). Also off while the environment variable
     ``DYNACONV_MEASURE=0`` was set at import, and while
     ``torch.use_deterministic_algorithms(True)`` is on.
     """
-    if not isinstance(enabled, bool):
-        raise ValueError(f"enabled must be a bool, got {enabled!r}")
-    _measuring[0] = enabled
+    _check_settings(enabled, after)
+    _settings["enabled"] = enabled
+    if after is not None:
+        _settings["after"] = after
 
 
 @contextlib.contextmanager
-def measuring(enabled: bool) -> Iterator[None]:
+def measuring(enabled: bool, *, after: int | None = None) -> Iterator[None]:
     """A context in which measuring is on or off (:func:`set_measuring`), restored after."""
-    if not isinstance(enabled, bool):
-        raise ValueError(f"enabled must be a bool, got {enabled!r}")
-    before = _measuring[0]
-    _measuring[0] = enabled
+    _check_settings(enabled, after)
+    before = dict(_settings)
+    set_measuring(enabled, after=after)
     try:
         yield
     finally:
-        _measuring[0] = before
+        _settings.update(before)
 
 
 def measuring_enabled() -> bool:
     """Whether ``impl="auto"`` measures its candidates (else it runs the family's rule):
     on unless switched off (:func:`set_measuring`, ``DYNACONV_MEASURE=0``) or
     ``torch.use_deterministic_algorithms(True)`` is on."""
-    return _measuring[0] and not torch._C._get_deterministic_algorithms()
+    return _settings["enabled"] and not torch._C._get_deterministic_algorithms()
+
+
+def measure_after() -> int:
+    """How many calls of a key run the rule before the next one measures (:func:`set_measuring`)."""
+    return _settings["after"]

@@ -60,6 +60,7 @@ from ..dispatch import (
     IMPLS,
     cuda_timer,
     host_timer,
+    measure_after,
     measured_choices,
     measuring_enabled,
     resolve_impl,
@@ -367,6 +368,9 @@ class Form:
       read of a tensor, nothing specialised on the batch); elsewhere the export form runs there.
     * ``refuses(module, call) -> str | None``: why the form cannot run this call (None: it
       can). An explicit ``impl`` raises ``ValueError`` with the reason; ``"auto"`` skips it.
+    * ``candidate(module, call) -> bool``: whether ``"auto"`` measures the form for this call
+      (default: whenever it can run). For forms known to be far off somewhere, whose calls
+      there would make measuring itself costly (CondConv's per-example loop at large batches).
     """
 
     run: Callable[..., Tensor]
@@ -374,6 +378,7 @@ class Form:
     batch_dependent: bool = False
     traceable: bool = True
     refuses: Callable[[Any, FormCall], str | None] | None = None
+    candidate: Callable[[Any, FormCall], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -444,7 +449,9 @@ class ChoosesForm:
        another (they all give the same empty output);
     3. ``"auto"`` (``"torch"``: the same without Triton forms): among the forms that can run
        the call, the fastest measured (:meth:`measured_form`) while measuring is on
-       (:func:`dynaconv.dispatch.measuring_enabled`), else the family's rule.
+       (:func:`dynaconv.dispatch.measuring_enabled`), else the family's rule. A key's first
+       calls (:func:`dynaconv.dispatch.measure_after`, 2 by default) run the rule; the next
+       one measures, so shapes met once or twice never pay for measuring.
 
     ``impl`` is validated and canonicalised once, when set.
     """
@@ -506,7 +513,16 @@ class ChoosesForm:
                 raise ValueError(f"impl={impl!r} cannot run this call: {why}")
             return impl
         config = self.spec if forms.key is None else forms.key(self, x, *args)  # type: ignore[attr-defined]
-        known = (type(self), config, x.device, x.dtype, call.needs_grad, call.train, impl, empty)
+        known = (
+            type(self),
+            config,
+            x.shape[0],
+            x.device,
+            x.dtype,
+            call.needs_grad,
+            call.train,
+            impl,
+        )
         candidates = forms.candidates.get(known)
         if candidates is None:
             candidates = tuple(self.form_candidates(call, triton=impl == "auto"))
@@ -519,7 +535,10 @@ class ChoosesForm:
         if len(candidates) > 1 and not empty and measuring_enabled():
             key = self.form_key(call, candidates, config)
             chosen = measured_choices.get(key)
-            return chosen if chosen is not None else self.measured_form(call, candidates, args)
+            if chosen is not None:
+                return chosen
+            if measured_choices.seen(key) >= measure_after():
+                return self.measured_form(call, candidates, args)
         return self.ruled_form(call, candidates)
 
     def _refusal(self, form: Form, call: FormCall) -> str | None:
@@ -531,14 +550,16 @@ class ChoosesForm:
 
     def form_candidates(self, call: FormCall, triton: bool = True) -> list[str]:
         """The forms ``impl="auto"`` chooses from for ``call`` (``triton=False``: ``"torch"``):
-        those that can run it; Triton forms only on CUDA; batch-independent ones for an
-        empty batch."""
+        those that can run it and are candidates (:class:`Form`); Triton forms only on CUDA;
+        batch-independent ones for an empty batch."""
         empty = call.x.shape[0] == 0
         names = []
         for name, form in self.forms.forms.items():  # type: ignore[union-attr]
             if form.triton and not (triton and triton_preferred(call.x)):
                 continue
             if (empty and form.batch_dependent) or self._refusal(form, call) is not None:
+                continue
+            if form.candidate is not None and not form.candidate(self, call):
                 continue
             names.append(name)
         return names

@@ -276,11 +276,21 @@ def _key(layer: CondConv2d, x: Tensor, routing_weights: Tensor | None = None) ->
     )
 
 
+#: The largest batch at which ``impl="auto"`` measures the per-example loop: beyond it the
+#: loop was never within 1.5x of the fastest form (``benchmarks/bench_auto.py``), and its
+#: calls (``B`` convolutions) would make measuring itself the slowest part of a first step.
+LOOP_MAX_BATCH = 16
+
 #: CondConv's execution forms (the declaration :class:`~dynaconv.layers.ChoosesForm` reads):
 #: the PyTorch forms of :mod:`dynaconv.functional.condconv` and the fused kernel.
 FORMS = Forms(
     forms={
-        "loop": Form(_torch_form("loop"), batch_dependent=True, traceable=False),
+        "loop": Form(
+            _torch_form("loop"),
+            batch_dependent=True,
+            traceable=False,
+            candidate=lambda layer, call: call.x.shape[0] <= LOOP_MAX_BATCH,
+        ),
         "batch_grouped": Form(_torch_form("batch_grouped"), batch_dependent=True, traceable=False),
         "expert_sum": Form(_torch_form("expert_sum")),
         "bmm": Form(_torch_form("bmm")),
