@@ -266,16 +266,23 @@ def test_measured_choices_keep_the_fastest_and_skip_failures():
         return timings[runs[-1]]
 
     candidates = ["slow", "broken", "close", "fast", "glacial"]
-    assert cache.choose("k", candidates, run, timer=timer, repeat=3) == "fast"
+    assert cache.choose("k", candidates, run, timer=timer, repeat=3, budget_ms=0) == "fast"
     assert runs.count("glacial") == 1  # its warm-up took over 4x the fastest timed call
     assert runs.count("slow") == 2  # warm-up and one timed call: pruned (over 2x the fastest)
     assert runs.count("fast") == runs.count("close") == 4  # warm-up, then 3 interleaved
-    assert "k" in cache and len(cache) == 1
+    assert "k" in cache
+    runs.clear()  # short calls are sampled until each has run budget_ms (or max_rounds)
+    assert cache.choose("k2", ["close", "fast"], run, timer=timer, budget_ms=5.5) == "fast"
+    assert runs.count("fast") == 1 + 6  # warm-up, then 6 samples of 1.0 ms
+    runs.clear()
+    cache.choose("k3", ["close", "fast"], run, timer=timer, budget_ms=1e9, max_rounds=5)
+    assert runs.count("fast") == 1 + 5
     count = len(runs)
     assert cache.choose("k", ["slow", "fast"], run, timer=timer) == "fast"
     assert len(runs) == count  # looked up, not measured again
     assert cache.choose("other", ["broken"], run, timer=timer, fallback="safe") == "safe"
     assert "other" not in cache  # nothing cached when nothing ran
+    assert len(cache) == 3
     cache.clear()
     assert len(cache) == 0
 

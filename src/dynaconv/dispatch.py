@@ -275,6 +275,8 @@ class MeasuredChoices:
         warmup: int = 1,
         repeat: int = 2,
         prune: float = 2.0,
+        budget_ms: float = 25.0,
+        max_rounds: int = 12,
         label: str = "",
         fallback: Any = None,
     ) -> C:
@@ -284,10 +286,12 @@ class MeasuredChoices:
         once timed. A candidate whose warm-up already took over ``2 * prune`` times the
         fastest timed call is dropped there (a form far off costs ``warmup`` calls; put the
         likeliest candidate first), as are those whose timed call is over ``prune`` times the
-        fastest. The rest run ``repeat - 1`` more times, interleaved (so that load from other processes affects them alike), dropping
-        those that fall over ``prune`` times the fastest. The choice is the lowest time seen
-        per candidate (the least disturbed sample): at most ``warmup + repeat`` calls per
-        candidate, once per key. A candidate that raises is skipped (logged). Nothing is
+        fastest. The rest run ``repeat - 1`` more times, interleaved (so that load from other
+        processes affects them alike), and short ones more, until each has run ``budget_ms``
+        in all (at most ``max_rounds`` timed calls: a millisecond form gets a dozen samples, a
+        100 ms one two), dropping those that fall over ``prune`` times the fastest. The
+        choice is the lowest time seen per candidate (the least disturbed sample), measured
+        once per key. A candidate that raises is skipped (logged). Nothing is
         measured or cached while a CUDA graph is being captured, nor when every candidate
         fails: then ``fallback`` (default: the first candidate) is returned.
         """
@@ -311,12 +315,14 @@ class MeasuredChoices:
         if not best:
             return fallback
         survivors = [i for i in best if best[i] <= prune * min(best.values())]
-        for _ in range(repeat - 1):
-            if len(survivors) < 2:
+        spent = {i: best[i] for i in survivors}
+        for round_ in range(1, max_rounds):
+            if len(survivors) < 2 or (round_ >= repeat and min(spent.values()) >= budget_ms):
                 break
             for index in survivors:
                 sample = timer(lambda i=index: run(candidates[i]), 1)
                 best[index] = min(best[index], sample)
+                spent[index] += sample
             survivors = [i for i in survivors if best[i] <= prune * min(best.values())]
         chosen = candidates[min(survivors, key=best.__getitem__)]
         log.debug("%s: measured %s -> %s", label or "measure", key, chosen)
