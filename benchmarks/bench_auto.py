@@ -43,6 +43,9 @@ from harness import environment, forward_fn, measure_interleaved, synchronize, t
 BAR = 1.10
 #: Forms slower than this many times the fastest in the screen are not timed further.
 FAR = 3.0
+#: A sample times back-to-back calls for about this long (single sub-millisecond calls are
+#: mostly scheduler noise on a shared machine).
+TARGET_MS = 10.0
 
 
 @dataclass(frozen=True)
@@ -196,10 +199,13 @@ def time_case(case: Case, device: torch.device, train: bool, reps: int, warmup: 
             fns[name] = train_step_fn(module, x) if train else forward_fn(module, x)
     # Forms far off (over FAR x the fastest in a short interleaved screen) keep the screen's
     # median; the others are timed fully, interleaved with auto.
-    screen = measure_interleaved(fns, device, warmup=1, reps=3, target_ms=0.0)
+    screen = measure_interleaved(fns, device, warmup=1, reps=3, target_ms=TARGET_MS)
     close = min(screen.values()) * FAR
     timed = {n: f for n, f in fns.items() if n.startswith("auto") or screen[n] <= close}
-    ms = {**screen, **measure_interleaved(timed, device, warmup=warmup, reps=reps, target_ms=0.0)}
+    ms = {
+        **screen,
+        **measure_interleaved(timed, device, warmup=warmup, reps=reps, target_ms=TARGET_MS),
+    }
     far = sorted(set(fns) - set(timed))
     with torch.no_grad() if not train else torch.enable_grad():
         chosen = (
