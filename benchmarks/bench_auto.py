@@ -19,6 +19,7 @@ every candidate.
 
     PYTHONPATH=src python benchmarks/bench_auto.py            # CPU, one thread
     PYTHONPATH=src python benchmarks/bench_auto.py --quick    # smoke test
+    PYTHONPATH=src python benchmarks/bench_auto.py --demo-model  # the demo's network per family
 """
 
 from __future__ import annotations
@@ -283,6 +284,67 @@ def markdown(rows: list[Row], header: str) -> str:
     return "\n".join(lines)
 
 
+def demo_model(device: torch.device, reps: int) -> str:
+    """The demo's network (``DigitsCNN`` converted as the demo does), a training step at
+    batch 64 and an eval forward at batch 256: the family's rule (measuring off: the old
+    choice) against measured ``auto``, interleaved, with a noise variant (measured twice)."""
+    from dynaconv.demo import DEMO_METHODS
+    from dynaconv.models import DigitsCNN
+
+    def switched(fn: Callable[[], object], on: bool) -> Callable[[], object]:
+        def run() -> object:
+            with dispatch.measuring(on):
+                return fn()
+
+        return run
+
+    lines = [
+        "| model | train b64 rule ms | measured ms | speed-up | eval b256 rule ms | measured ms "
+        "| speed-up | noise |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method in ["plain", "condconv", "dgc", "dgconv"]:
+        torch.manual_seed(0)
+        model = DigitsCNN()
+        if method != "plain":
+            model = dynaconv.convert(model, method, **DEMO_METHODS[method])
+        if method == "dgc":
+            dynaconv.set_progress(model, 0.5)
+        model = model.to(device)
+        x_train = torch.randn(64, 1, 8, 8, device=device)
+        x_eval = torch.randn(256, 1, 8, 8, device=device)
+        rule, measured = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+        train = measure_interleaved(
+            {
+                "rule": switched(train_step_fn(rule, x_train), False),
+                "measured": switched(train_step_fn(measured, x_train), True),
+            },
+            device,
+            warmup=4,
+            reps=reps,
+            target_ms=TARGET_MS,
+        )
+        rule.eval(), measured.eval()
+        infer = measure_interleaved(
+            {
+                "rule": switched(forward_fn(rule, x_eval), False),
+                "measured": switched(forward_fn(measured, x_eval), True),
+                "again": switched(forward_fn(measured, x_eval), True),
+            },
+            device,
+            warmup=4,
+            reps=reps,
+            target_ms=TARGET_MS,
+        )
+        lines.append(
+            f"| {method} | {train['rule']:.2f} | {train['measured']:.2f} | "
+            f"{train['rule'] / train['measured']:.2f}x | {infer['rule']:.2f} | "
+            f"{infer['measured']:.2f} | {infer['rule'] / infer['measured']:.2f}x | "
+            f"{infer['again'] / infer['measured']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -293,6 +355,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", default=None, help="families to run")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown")
+    parser.add_argument(
+        "--demo-model",
+        action="store_true",
+        help="only the demo's network per family: the rule (old choice) against measured auto",
+    )
     args = parser.parse_args()
     args.device = torch.device(args.device)
     args.reps = args.reps or (3 if args.quick else 9)
@@ -302,6 +369,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.demo_model:
+        print(f"## The demo's network: rule against measured auto\n{environment(args.device)}\n")
+        print(demo_model(args.device, args.reps), flush=True)
+        return
     rows = []
     for case in cases(args.quick):
         if args.only and case.family not in args.only:
