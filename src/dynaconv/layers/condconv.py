@@ -276,9 +276,10 @@ def _key(layer: CondConv2d, x: Tensor, routing_weights: Tensor | None = None) ->
     )
 
 
-#: The largest batch at which ``impl="auto"`` measures the per-example loop: beyond it the
-#: loop was never within 1.5x of the fastest form (``benchmarks/bench_auto.py``), and its
-#: calls (``B`` convolutions) would make measuring itself the slowest part of a first step.
+#: The largest batch at which ``impl="auto"`` measures the per-example loop. Its calls run
+#: ``B`` convolutions (and mixes): at the demo's batches 64 and 256 its measuring calls were
+#: most of the first steps' time, and from batch 16 on it ran 1.4-6x the fastest form on the
+#: demo's 3x3 layer (``benchmarks/NOTES.md``). ``impl="loop"`` still runs it at any batch.
 LOOP_MAX_BATCH = 16
 
 #: CondConv's execution forms (the declaration :class:`~dynaconv.layers.ChoosesForm` reads):
