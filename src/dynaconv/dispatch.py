@@ -283,10 +283,9 @@ class MeasuredChoices:
         """The cached choice for ``key``, or the fastest of ``candidates`` measured now.
 
         Each candidate runs ``warmup`` times (allocation, library set-up, compilation), then
-        once timed. A candidate whose warm-up already took over ``2 * prune`` times the
-        fastest timed call is dropped there (a form far off costs ``warmup`` calls; put the
-        likeliest candidate first), as are those whose timed call is over ``prune`` times the
-        fastest. The rest run ``repeat - 1`` more times, interleaved (so that load from other
+        once timed. Candidates whose timed call is over ``prune`` times the fastest are
+        dropped; those over ``2 * prune`` times the fastest so far at once (a form far off
+        costs ``warmup + 1`` calls; put the likeliest candidate first). The rest run ``repeat - 1`` more times, interleaved (so that load from other
         processes affects them alike), and short ones more, until each has run ``budget_ms``
         in all (at most ``max_rounds`` timed calls: a millisecond form gets a dozen samples, a
         100 ms one two), dropping those that fall over ``prune`` times the fastest. The
@@ -307,9 +306,10 @@ class MeasuredChoices:
                 loose = math.inf
                 for _ in range(warmup):
                     loose = timer(lambda c=candidate: run(c), 1)
-                if best and loose > 2 * prune * min(best.values()):
-                    continue  # far off even allowing for a first call's set-up: one call
-                best[index] = timer(lambda c=candidate: run(c), 1)
+                sample = timer(lambda c=candidate: run(c), 1)
+                if best and min(loose, sample) > 2 * prune * min(best.values()):
+                    continue  # far off, also after its first call's set-up: not sampled again
+                best[index] = sample
             except Exception as error:  # a candidate that cannot run here is not chosen
                 log.warning("%s: candidate %s failed: %s", label or "measure", candidate, error)
         if not best:
