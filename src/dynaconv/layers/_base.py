@@ -463,7 +463,10 @@ class ChoosesForm:
         """The execution form: ``"auto"``, ``"torch"`` or a form's name (canonical)."""
         if self.forms is None:
             raise AttributeError(f"{type(self).__name__} has a single execution form (no impl)")
-        return self.__dict__.get("_impl", "auto")
+        impl = self.__dict__.get("_impl")
+        if impl is None:  # a module pickled before impl was a property kept it as "impl"
+            impl = self.__dict__["_impl"] = self.forms.resolve(self.__dict__.get("impl", "auto"))
+        return impl
 
     @impl.setter
     def impl(self, value: Any) -> None:
