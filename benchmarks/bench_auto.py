@@ -118,10 +118,10 @@ OPTIONS = {
 }
 
 
-def cases(quick: bool) -> Iterator[Case]:
+def cases(quick: bool, issue_shapes: bool = True) -> Iterator[Case]:
     batches = (1, 16) if quick else DEMO_BATCHES
     layers = DEMO_LAYERS[1:3] if quick else DEMO_LAYERS
-    issue = [] if quick else ISSUE_SHAPES
+    issue = ISSUE_SHAPES if issue_shapes and not quick else []
     for cin, cout, size, batch in issue:
         yield Case("condconv", cin, cout, 3, size, batch)
     for cin, cout, kernel, size, stride in layers:
@@ -353,6 +353,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a few small cases (smoke test)")
     parser.add_argument("--only", nargs="+", default=None, help="families to run")
+    parser.add_argument(
+        "--demo-shapes-only", action="store_true", help="skip the large layers of the issue"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown")
     parser.add_argument(
@@ -374,7 +377,7 @@ def main() -> None:
         print(demo_model(args.device, args.reps), flush=True)
         return
     rows = []
-    for case in cases(args.quick):
+    for case in cases(args.quick, issue_shapes=not args.demo_shapes_only):
         if args.only and case.family not in args.only:
             continue
         for train in (True, False):

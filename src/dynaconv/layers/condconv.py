@@ -276,10 +276,12 @@ def _key(layer: CondConv2d, x: Tensor, routing_weights: Tensor | None = None) ->
     )
 
 
-#: The largest batch at which ``impl="auto"`` measures the per-example loop. Its calls run
-#: ``B`` convolutions (and mixes): at the demo's batches 64 and 256 its measuring calls were
-#: most of the first steps' time, and from batch 16 on it ran 1.4-6x the fastest form on the
-#: demo's 3x3 layer (``benchmarks/NOTES.md``). ``impl="loop"`` still runs it at any batch.
+#: The largest batch at which ``impl="auto"`` measures the per-example loop in a training
+#: step. Its steps run ``B`` convolutions forward and backward: at the demo's batch 64 its
+#: measuring steps were most of the first steps' time, and from batch 16 on it trained at
+#: 1.4-6x the fastest form on the demo's 3x3 layer (``benchmarks/NOTES.md``). In inference it
+#: is always measured (one thread, 64->64 3x3 at batch 256: the fastest form, 0.8x the
+#: batch-grouped conv). ``impl="loop"`` runs it anywhere.
 LOOP_MAX_BATCH = 16
 
 #: CondConv's execution forms (the declaration :class:`~dynaconv.layers.ChoosesForm` reads):
@@ -290,7 +292,7 @@ FORMS = Forms(
             _torch_form("loop"),
             batch_dependent=True,
             traceable=False,
-            candidate=lambda layer, call: call.x.shape[0] <= LOOP_MAX_BATCH,
+            candidate=lambda layer, call: not call.train or call.x.shape[0] <= LOOP_MAX_BATCH,
         ),
         "batch_grouped": Form(_torch_form("batch_grouped"), batch_dependent=True, traceable=False),
         "expert_sum": Form(_torch_form("expert_sum")),
