@@ -10,9 +10,9 @@ from torch import nn
 
 import dynaconv
 from conftest import assert_close64, load_fixture
-from dynaconv import CondConv2d, CondConvRouting
+from dynaconv import CondConv2d, CondConvRouting, dispatch
 from dynaconv.compat import layer_from_reference
-from dynaconv.layers.condconv import FORMS, choose_form, condconv2d
+from dynaconv.layers.condconv import FORMS, condconv2d, rule
 
 FIXTURE_NAMES = ["e4_c16_32", "e8_grouped2_stride2"]
 TORCH_FORMS = [f for f in FORMS if f != "triton"]
@@ -222,7 +222,7 @@ def test_digits_demo_lifecycle():
     assert float(dynaconv.aux_loss(model)) == 0.0
     deployed = dynaconv.deploy(model, example_input=x)
     layers = [m for m in deployed.modules() if isinstance(m, CondConv2d)]
-    assert layers and all(m.impl != "auto" and not m.training for m in layers)
+    assert layers and all(not m.training for m in layers)
 
 
 def test_deploy_fixes_the_form_and_stays_dynamic():
@@ -230,9 +230,13 @@ def test_deploy_fixes_the_form_and_stays_dynamic():
     x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
     deployed = layer.deploy()
     assert type(deployed) is CondConv2d and not deployed.training
-    assert deployed.impl == layer.inference_form() == "loop"  # CPU inference, 3x3
-    assert CondConv2d(4, 6, 1).inference_form() == "bmm"
-    assert CondConv2d(4, 4, 3, groups=4).inference_form() == "batch_grouped"
+    assert deployed.impl == "auto"  # the layer's measured choices, shared per shape
+    assert deployed.inference_form(x) == layer.inference_form(x)
+    with dispatch.measuring(False):
+        assert layer.inference_form(x) == "loop"  # the rule: CPU inference, 3x3
+        assert CondConv2d(4, 6, 1).inference_form(x[:, :, :1]) == "bmm"
+        depthwise = CondConv2d(4, 4, 3, groups=4)
+        assert depthwise.inference_form(x) == "batch_grouped"
     layer.eval()
     assert_close64(deployed(x), layer(x))
     exportable = layer.deploy(impl="expert_sum")
@@ -287,17 +291,15 @@ def test_count_macs_includes_mixing():
     )
 
 
-def test_auto_choice():
+def test_rule_without_measuring():
     spec = CondConv2d(16, 16, 3).spec
-    x, w = torch.randn(1, 16, 4, 4), torch.randn(2, 16, 16, 3, 3)
-    assert choose_form(spec, x, w, needs_grad=False) == "loop"  # CPU inference, kxk
-    assert choose_form(spec, x, w, needs_grad=True) == "batch_grouped"
-    assert choose_form(CondConv2d(16, 16, 1).spec, x, w, needs_grad=False) == "bmm"
-    assert choose_form(CondConv2d(16, 16, 1).spec, x, w, needs_grad=True) == "bmm"
-    assert (
-        choose_form(CondConv2d(16, 16, 3, groups=16).spec, x, w, needs_grad=False)
-        == "batch_grouped"
-    )
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert rule(spec, cpu, f32, train=False)[0] == "loop"  # CPU inference, kxk
+    assert rule(spec, cpu, f32, train=True)[0] == "batch_grouped"
+    assert rule(CondConv2d(16, 16, 1).spec, cpu, f32, train=False)[0] == "bmm"
+    assert rule(CondConv2d(16, 16, 1).spec, cpu, f32, train=True)[0] == "bmm"
+    assert rule(CondConv2d(16, 16, 3, groups=16).spec, cpu, f32, train=False)[0] == "batch_grouped"
+    assert set(rule(spec, cpu, f32, train=False)) == set(FORMS) - {"triton"}
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from dynaconv import CondConv2d
 from dynaconv.kernels import triton_available, triton_usable
+from dynaconv.layers import condconv as condconv_layer
 from dynaconv.layers.condconv import condconv2d
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -150,7 +151,7 @@ def test_layer_with_routing_in_the_kernel(premix, bias_per_expert):
     try:
         with torch.no_grad():
             assert layer._routing_in_kernel(x)
-            y = layer._run("triton", premix, x, None)
+            y = condconv_layer._run_triton(layer, x, None, premix=premix)
     finally:
         torch.backends.cudnn.allow_tf32 = True
     expected = _reference_loop_with_bias(layer, x, r)
@@ -214,7 +215,7 @@ def test_gpu_kernel_on_benchmark_shapes(cin, cout, k, size, premix, tf32):
 def test_gpu_auto_picks_triton_and_half_precision():
     layer = CondConv2d(64, 64, 3, padding=1, num_experts=8, device="cuda").eval()
     x = torch.randn(4, 64, 14, 14, device="cuda")
-    assert layer.inference_form() == "triton"
+    assert layer.inference_form(x) == "triton"
     with torch.no_grad():
         expected = _reference(layer, x, layer.routing_weights(x))
         with torch.autocast("cuda", dtype=torch.float16):
@@ -239,7 +240,7 @@ def test_gpu_measured_auto_choice_is_cached_and_exact():
     try:
         with torch.no_grad():
             y = layer(x)
-            assert any(k[0] == "condconv" and k[3] == layer.spec for k in measured_choices)
+            assert any(k[0] == "CondConv2d" and k[1][0] == layer.spec for k in measured_choices)
             again = layer(x)
     finally:
         torch.backends.cudnn.benchmark = benchmark

@@ -196,7 +196,7 @@ def test_triton_kernel_matches_torch_path_cuda(sort, channels):
         layer.gate[k // 2] = 0.0  # an exactly-zero gate (b = 0.5)
     _check_kernel_against_torch(layer, torch.randn(4, channels, 8, 8, device="cuda"))
     layer.impl = "auto"
-    assert layer._use_triton()
+    assert layer._weight_form() == "triton"
 
 
 @pytest.mark.gpu

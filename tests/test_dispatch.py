@@ -1,16 +1,26 @@
-"""dynaconv.dispatch: the impl vocabulary, its aliases, the rules and the measured-choice cache."""
+"""dynaconv.dispatch and the one selection sequence (dynaconv.layers.ChoosesForm): the impl
+vocabulary, its aliases, the families' declared forms, measured choices and their switch."""
 
 from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import io
+import os
+import subprocess
+import sys
+import tokenize
 
 import pytest
 import torch
 from torch import nn
 
+import dynaconv
 from conftest import assert_close64
 from dynaconv import CondConv2d, DynamicGroupConv2d, GroupableConv2d, dispatch
 from dynaconv.dispatch import (
     ALIASES,
-    FAMILY_IMPLS,
     IMPLS,
     MeasuredChoices,
     clear_measured_choices,
@@ -18,20 +28,52 @@ from dynaconv.dispatch import (
     resolve_impl,
     tracing,
 )
-from dynaconv.layers import dgc_deployed
-from dynaconv.layers.condconv import choose_form
+from dynaconv.layers import ChoosesForm, SparseDynamicGroupConv2d, _base
+from dynaconv.layers import dgconv as dgconv_module
+from dynaconv.layers.lgc_deployed import CondensedGroupConv2d
+
+
+@pytest.fixture(autouse=True)
+def _measure_at_the_first_call():
+    """These tests look at measuring itself: from a key's first call on (default: third)."""
+    with dispatch.measuring(True, after=0):
+        yield
+
+
+#: Every class that declares execution forms.
+FORM_CLASSES = [
+    CondConv2d,
+    DynamicGroupConv2d,
+    GroupableConv2d,
+    SparseDynamicGroupConv2d,
+    CondensedGroupConv2d,
+]
 
 
 def test_every_family_name_is_in_the_vocabulary_and_aliases_point_into_it():
-    for names in FAMILY_IMPLS.values():
-        assert "auto" in names and "torch" in names and "triton" in names
+    for cls in FORM_CLASSES:
+        assert issubclass(cls, ChoosesForm)
+        names = cls.forms.impls
+        assert names[:2] == ("auto", "torch") and "triton" in names
         assert set(names) <= set(IMPLS)
+        assert any(cls.forms[name].triton for name in cls.forms)
+        export = [n for n in cls.forms if cls.forms[n].traceable]
+        assert export, f"{cls.__name__} declares no traceable form to export"
     assert set(ALIASES.values()) <= set(IMPLS)
     assert not set(ALIASES) & set(IMPLS)
 
 
+def test_dispatch_never_names_a_family():
+    """The vocabulary and switches are shared; forms and rules are declared by the families
+    (the code names no family; the vocabulary's descriptions say where a name is used)."""
+    source = io.StringIO(inspect.getsource(dispatch))
+    names = {t.string.lower() for t in tokenize.generate_tokens(source.readline) if t.type == 1}
+    for family in ("condconv", "dgconv", "dgc", "lgc", "doconv"):
+        assert not {name for name in names if family in name}
+
+
 def test_resolve_impl_canonicalises_and_refuses_with_the_valid_values():
-    valid = FAMILY_IMPLS["dgc"]
+    valid = DynamicGroupConv2d.forms.impls
     assert resolve_impl("dense", valid) == "masked"
     assert resolve_impl("sparse", valid) == "bmm"
     assert resolve_impl("grouped", valid) == "batch_grouped"
@@ -43,7 +85,7 @@ def test_resolve_impl_canonicalises_and_refuses_with_the_valid_values():
     with pytest.raises(ValueError, match="form must be one of"):
         resolve_impl(None, valid, "form")
     with pytest.raises(ValueError, match="impl must be one of"):  # alias of a name not valid
-        resolve_impl("dense", FAMILY_IMPLS["dgc_deployed"])
+        resolve_impl("dense", SparseDynamicGroupConv2d.forms.impls)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +99,25 @@ def test_resolve_impl_canonicalises_and_refuses_with_the_valid_values():
 def test_layers_refuse_unknown_impl_naming_the_argument(build):
     with pytest.raises(ValueError, match=r"impl must be one of .*'auto'.*'triton'"):
         build("fastest")
+    layer = build("auto")
+    with pytest.raises(ValueError, match=r"impl must be one of .*'auto'.*'triton'"):
+        layer.impl = "fastest"  # refused when set, not at the next call
+    assert layer.impl == "auto"
+
+
+def test_impl_is_canonicalised_once_when_set():
+    layer = CondConv2d(4, 6, 3, impl="grouped")
+    assert layer.impl == "batch_grouped"
+    layer.impl = "sparse"
+    assert layer.impl == "bmm" and layer.__dict__["_impl"] == "bmm"
+    deployed = _dgc_layer(impl="dense").deploy()
+    assert deployed.impl == "auto"  # "masked" is not a deployed form
+    deployed.impl = "grouped"
+    assert deployed.impl == "batch_grouped"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        deployed.impl = "masked"
+    with pytest.raises(AttributeError, match="single execution form"):
+        dynaconv.DOConv2d(4, 4, 3).impl = "torch"
 
 
 def _dgc_layer(**options) -> DynamicGroupConv2d:
@@ -78,7 +139,7 @@ def test_dgc_old_spellings_compute_what_the_canonical_names_do(old, new):
     expected = layer(x)
     layer.impl = old  # assigned directly, as older code does
     assert_close64(layer(x), expected)
-    assert _dgc_layer(impl=old).impl == old  # accepted by the constructor too
+    assert _dgc_layer(impl=old).impl == new  # accepted by the constructor too, canonical
     assert_close64(_dgc_layer(impl=old).eval()(x), expected)
     if old != "dense":  # the deployed module takes the sparse forms only
         deployed = layer.deploy()
@@ -95,8 +156,8 @@ def test_condconv_old_spelling_and_torch_policy():
     for impl in ("loop", "torch", "auto", "grouped"):
         layer.impl = impl
         assert_close64(layer(x), expected)
-    assert layer.deploy(impl="torch").impl in FAMILY_IMPLS["condconv"]
-    assert layer.deploy(impl="torch").impl not in ("auto", "torch", "triton")
+    assert layer.deploy(impl="torch").impl == "torch"
+    assert layer.deploy(impl="grouped").impl == "batch_grouped"
 
 
 def test_dgc_torch_policy_equals_auto():
@@ -117,14 +178,56 @@ def test_dgc_torch_policy_equals_auto():
         ((4, 6, 5), {"stride": 2}),
     ],
 )
-def test_condconv_deploy_fixes_the_form_an_eval_forward_runs(args, kwargs):
-    """``inference_form`` (what ``deploy()`` fixes) and the per-call choice are one rule."""
+@pytest.mark.parametrize("measure", [True, False])
+def test_condconv_deploy_fixes_the_form_an_eval_forward_runs(args, kwargs, measure, monkeypatch):
+    """The deployed copy runs, per input shape, the form the eval-mode layer runs: with or
+    without gradients, measured or by the rule."""
+    torch.manual_seed(0)
     layer = CondConv2d(*args, num_experts=3, **kwargs).eval()
     x = torch.randn(2, args[0], 9, 9)
+    ran = _record_forms(monkeypatch, CondConv2d)
+    with dispatch.measuring(measure):
+        with torch.no_grad():
+            layer(x)
+        layer(x).sum().backward()  # eval mode with gradients: the same form
+        deployed = layer.deploy()
+        with torch.no_grad():
+            y = deployed(x)
+        deployed(x.requires_grad_())
+        assert [module for module, _ in ran] == [layer, layer, deployed, deployed]
+        assert len({form for _, form in ran}) == 1
+        assert layer.inference_form(x) == ran[0][1] == deployed.inference_form(x)
     with torch.no_grad():
-        runs = choose_form(layer.spec, x, layer.weight, needs_grad=False)
-    assert layer.inference_form() == runs
-    assert layer.deploy().impl == runs
+        torch.testing.assert_close(y, layer(x))
+
+
+def _count_runs(monkeypatch, cls: type) -> list[str]:
+    """Every run of one of ``cls``'s forms from now on (measuring included), by name."""
+    ran: list[str] = []
+
+    def counted(name, form):
+        def run(module, *args):
+            ran.append(name)
+            return form.run(module, *args)
+
+        return dataclasses.replace(form, run=run)
+
+    forms = {name: counted(name, form) for name, form in cls.forms.forms.items()}
+    monkeypatch.setattr(cls, "forms", dataclasses.replace(cls.forms, forms=forms))
+    return ran
+
+
+def _record_forms(monkeypatch, cls: type) -> list[tuple[ChoosesForm, str]]:
+    """``(module, form)`` for every forward of a ``cls`` from now on."""
+    ran: list[tuple[ChoosesForm, str]] = []
+    choose = cls.choose_form
+
+    def recording(self, x, *args):
+        ran.append((self, choose(self, x, *args)))
+        return ran[-1][1]
+
+    monkeypatch.setattr(cls, "choose_form", recording)
+    return ran
 
 
 def test_tracing_is_one_answer_for_every_capture():
@@ -151,7 +254,7 @@ def test_tracing_is_one_answer_for_every_capture():
 def test_measured_choices_keep_the_fastest_and_skip_failures():
     cache = MeasuredChoices()
     runs: list[str] = []
-    timings = {"slow": 3.0, "fast": 1.0}
+    timings = {"slow": 3.0, "fast": 1.0, "close": 1.2, "glacial": 10.0}
 
     def run(candidate):
         runs.append(candidate)
@@ -162,36 +265,44 @@ def test_measured_choices_keep_the_fastest_and_skip_failures():
         call()
         return timings[runs[-1]]
 
-    assert cache.choose("k", ["slow", "broken", "fast"], run, timer=timer) == "fast"
-    assert "k" in cache and len(cache) == 1
+    candidates = ["slow", "broken", "close", "fast", "glacial"]
+    assert cache.choose("k", candidates, run, timer=timer, repeat=3, budget_ms=0) == "fast"
+    assert runs.count("glacial") == 2  # over 4x the fastest timed call: not sampled again
+    assert runs.count("slow") == 2  # warm-up and one timed call: pruned (over 2x the fastest)
+    assert runs.count("fast") == runs.count("close") == 4  # warm-up, then 3 interleaved
+    assert "k" in cache
+    runs.clear()  # short calls are sampled until each has run budget_ms (or max_rounds)
+    assert cache.choose("k2", ["close", "fast"], run, timer=timer, budget_ms=5.5) == "fast"
+    assert runs.count("fast") == 1 + 6  # warm-up, then 6 samples of 1.0 ms
+    runs.clear()
+    cache.choose("k3", ["close", "fast"], run, timer=timer, budget_ms=1e9, max_rounds=5)
+    assert runs.count("fast") == 1 + 5
     count = len(runs)
     assert cache.choose("k", ["slow", "fast"], run, timer=timer) == "fast"
     assert len(runs) == count  # looked up, not measured again
     assert cache.choose("other", ["broken"], run, timer=timer, fallback="safe") == "safe"
     assert "other" not in cache  # nothing cached when nothing ran
+    assert len(cache) == 3
     cache.clear()
     assert len(cache) == 0
 
 
 def test_deployed_dgc_measures_once_per_shape_and_stays_exact(monkeypatch):
-    """The measured path of ``impl="auto"`` (CUDA with cudnn.benchmark), forced on CPU."""
     clear_measured_choices()
-    monkeypatch.setattr(dgc_deployed, "measuring", lambda *tensors: True)
     layer = _dgc_layer().eval()
     deployed = layer.deploy()
     x = torch.randn(3, 8, 6, 6, dtype=torch.float64)
     expected = layer(x)
-    ran = []
-    run = deployed._run
-    monkeypatch.setattr(deployed, "_run", lambda impl, *args: ran.append(impl) or run(impl, *args))
+    ran = _count_runs(monkeypatch, SparseDynamicGroupConv2d)
     assert_close64(deployed(x), expected)
     assert {"batch_grouped", "bmm"} <= set(ran)  # both candidates were timed
-    keys = [k for k in measured_choices if k[0] == "dgc_deployed"]
+    keys = [k for k in measured_choices if k[0] == "SparseDynamicGroupConv2d"]
     assert len(keys) == 1 and measured_choices.get(keys[0]) in ("batch_grouped", "bmm")
     ran.clear()
     assert_close64(deployed(x), expected)
     assert ran == [measured_choices.get(keys[0])]  # looked up: one run, no measuring
-    assert len(measured_choices) == 1
+    assert {k[0] for k in measured_choices} == {"SparseDynamicGroupConv2d", "DynamicGroupConv2d"}
+    assert len(measured_choices) == 2  # the layer's eval forward and the deployed module's
     clear_measured_choices()
     assert len(measured_choices) == 0
 
@@ -201,7 +312,7 @@ def test_deployed_dgc_measures_once_per_shape_and_stays_exact(monkeypatch):
     reason="runs the kernel in Triton's interpreter on CPU",
 )
 def test_deployed_lgc_measures_triton_against_torch_once(monkeypatch):
-    """The measured path of ``impl="auto"`` (CUDA with cudnn.benchmark), forced on CPU with
+    """The measured path of ``impl="auto"`` with the Triton form (CUDA), forced on CPU with
     the kernel in the interpreter: both candidates run, the choice is kept, outputs agree."""
     from dynaconv import LearnedGroupConv2d
     from dynaconv.layers import lgc_deployed
@@ -213,18 +324,181 @@ def test_deployed_lgc_measures_triton_against_torch_once(monkeypatch):
     x = torch.randn(2, 16, 3, 4)
     with torch.no_grad():
         expected = deployed.forward_torch(x)
-    monkeypatch.setattr(dispatch, "triton_preferred", lambda *tensors: True)
-    monkeypatch.setattr(lgc_deployed, "measuring", lambda *tensors: True)
-    ran = []
-    run_form = deployed._run_form
-    monkeypatch.setattr(
-        deployed, "_run_form", lambda form, x: ran.append(form) or run_form(form, x)
-    )
+    monkeypatch.setattr(_base, "triton_preferred", lambda *tensors: True)
+    ran = _count_runs(monkeypatch, lgc_deployed.CondensedGroupConv2d)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), expected, rtol=1e-4, atol=1e-4)
         assert {"triton", "torch"} <= set(ran)
-        keys = [k for k in measured_choices if k[0] == "lgc_deployed"]
+        keys = [k for k in measured_choices if k[0] == "CondensedGroupConv2d"]
         assert len(keys) == 1 and measured_choices.get(keys[0]) in ("triton", "torch")
         ran.clear()
         torch.testing.assert_close(deployed(x), expected, rtol=1e-4, atol=1e-4)
     assert ran == [measured_choices.get(keys[0])]  # looked up: one run, no measuring
+
+
+# ------------------------------------------------------------------------------------------
+# measured choices: cached per key, without side effects; the switch and the rule
+
+
+def test_measured_choice_is_cached_per_key(monkeypatch):
+    torch.manual_seed(0)
+    layer = CondConv2d(8, 8, 3, padding=1, num_experts=3)
+    twin = CondConv2d(8, 8, 3, padding=1, num_experts=3)  # same configuration
+    ran = _count_runs(monkeypatch, CondConv2d)
+    x = torch.randn(4, 8, 6, 6)
+    layer(x)
+    assert len(set(ran)) == len(CondConv2d.forms.impls) - 3  # every PyTorch form was timed
+    assert len(measured_choices) == 1
+    for module, training, measured in (
+        (layer, True, False),  # looked up
+        (twin, True, False),  # looked up by the twin too
+        (layer, False, True),  # eval: another key (inference), measured once
+        (twin, False, False),
+    ):
+        ran.clear()
+        module.train(training)(torch.randn(4, 8, 6, 6))
+        assert (len(ran) > 1) == measured
+    assert len(measured_choices) == 2
+    ran.clear()
+    with torch.no_grad():
+        layer(torch.randn(5, 8, 6, 6))  # another shape: measured
+        assert len(ran) > 1
+        ran.clear()
+        layer(torch.randn(5, 8, 6, 6))
+    assert len(ran) == 1 and len(measured_choices) == 3
+    layer.double()(torch.randn(5, 8, 6, 6, dtype=torch.float64))  # another dtype
+    assert len(measured_choices) == 4
+    keys = list(measured_choices)
+    assert all(k[0] == "CondConv2d" for k in keys)
+    assert {(k[2], k[4], k[6]) for k in keys} == {
+        ((4, 8, 6, 6), torch.float32, True),
+        ((4, 8, 6, 6), torch.float32, False),
+        ((5, 8, 6, 6), torch.float32, False),
+        ((5, 8, 6, 6), torch.float64, False),
+    }
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    grads = {
+        f"{n}.grad": p.grad.clone() for n, p in module.named_parameters() if p.grad is not None
+    }
+    return state | grads
+
+
+@pytest.mark.parametrize("family", ["condconv", "dgc"])
+def test_measuring_leaves_outputs_state_and_gradients_untouched(family):
+    """A measured call gives bit for bit what its chosen form gives alone: same output,
+    gradients, buffers, lasso term and random number stream (CondConv's routing dropout)."""
+    torch.manual_seed(0)
+    if family == "condconv":
+        layer = CondConv2d(6, 8, 3, padding=1, num_experts=3, routing_dropout=0.5)
+    else:
+        layer = DynamicGroupConv2d(8, 8, 3, padding=1, heads=2, squeeze_rate=2)
+        with torch.no_grad():
+            layer.fc2_weight.normal_()
+        layer.set_progress(0.5)
+    layer.train()
+    explicit = copy.deepcopy(layer)
+    x = torch.randn(3, layer.in_channels, 7, 7)
+    for step in range(2):  # the second step accumulates into .grad
+        torch.manual_seed(step)
+        x1 = x.clone().requires_grad_()
+        y = layer(x1)
+        (y.square().mean() + layer.aux_loss()).backward()
+        after = torch.get_rng_state()
+        (key,) = [k for k in measured_choices if k[6]]  # the training step's measurement
+        explicit.impl = measured_choices.get(key)
+        torch.manual_seed(step)
+        x2 = x.clone().requires_grad_()
+        y2 = explicit(x2)
+        (y2.square().mean() + explicit.aux_loss()).backward()
+        assert torch.equal(torch.get_rng_state(), after)
+        assert torch.equal(y, y2) and torch.equal(x1.grad, x2.grad)
+        assert torch.equal(layer.aux_loss(), explicit.aux_loss())
+        mine, theirs = _snapshot(layer), _snapshot(explicit)
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            assert torch.equal(mine[name], theirs[name]), name
+    with torch.no_grad():  # inference: measured too, output as the chosen form's
+        layer.eval(), explicit.eval()
+        y = layer(x)
+        (key,) = [k for k in measured_choices if not k[6]]
+        explicit.impl = measured_choices.get(key)
+        assert torch.equal(y, explicit(x))
+
+
+def test_switched_off_auto_runs_the_rule_and_measures_nothing(monkeypatch):
+    torch.manual_seed(0)
+    layer = _dgc_layer().train()
+    x = torch.randn(3, 8, 6, 6, dtype=torch.float64)
+    ran = _count_runs(monkeypatch, DynamicGroupConv2d)
+    rule = DynamicGroupConv2d.forms.rule
+    assert dispatch.measuring_enabled()
+    with dispatch.measuring(False):
+        assert not dispatch.measuring_enabled()
+        layer(x)
+        with torch.no_grad():
+            layer.eval()(x)
+    assert dispatch.measuring_enabled()  # restored
+    call = layer.form_call(x, None)
+    assert ran == [rule(layer, call._replace(train=True))[0], rule(layer, call)[0]]
+    assert ran == ["batch_grouped", "batch_grouped"]  # CPU, 3x3, some channels inactive
+    assert len(measured_choices) == 0
+    dispatch.set_measuring(False)
+    try:
+        layer(x)
+        assert len(measured_choices) == 0
+    finally:
+        dispatch.set_measuring(True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not dispatch.measuring_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    with pytest.raises(ValueError, match="enabled must be a bool"):
+        dispatch.set_measuring("no")
+    with pytest.raises(ValueError, match="after must be"):
+        dispatch.set_measuring(True, after=-1)
+
+
+def test_a_key_is_measured_from_its_third_call_by_default(monkeypatch):
+    layer = CondConv2d(8, 8, 3, padding=1, num_experts=3).eval()
+    ran = _count_runs(monkeypatch, CondConv2d)
+    x = torch.randn(2, 8, 5, 5)
+    rule = CondConv2d.forms.rule(layer, layer.form_call(x))[0]
+    with dispatch.measuring(True, after=2), torch.no_grad():
+        assert dispatch.measure_after() == 2
+        for _ in range(2):
+            layer(x)
+        assert ran == [rule, rule] and len(measured_choices) == 0  # the rule, twice
+        layer(x)  # the third call measures
+        assert len(ran) > 3 and len(measured_choices) == 1
+    assert dispatch.measure_after() == 0  # restored (this file's fixture)
+
+
+def test_the_environment_variable_switches_measuring_off():
+    code = "from dynaconv import dispatch; print(dispatch.measuring_enabled())"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**os.environ, dispatch.MEASURE_ENV: value}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == expected
+
+
+def test_an_unusable_triton_form_is_an_error_never_a_fallback(monkeypatch):
+    monkeypatch.setattr(_base, "triton_unusable_reason", lambda *tensors: "no GPU here")
+    x = torch.randn(2, 8, 5, 5)
+    for layer in (
+        GroupableConv2d(8, 8, 3, padding=1, impl="triton"),
+        CondConv2d(8, 8, 3, impl="triton"),
+        DynamicGroupConv2d(8, 8, 3, impl="triton"),
+    ):
+        with pytest.raises(ValueError, match="impl='triton' cannot run this call: no GPU here"):
+            layer(x)
+        layer.impl = "auto"
+        assert layer.choose_form(x) != "triton"  # auto on CPU never picks a Triton form
+    with pytest.raises(ValueError, match="no GPU"):
+        monkeypatch.setattr(dgconv_module, "triton_unusable_reason", lambda *t: "no GPU")
+        GroupableConv2d(8, 8, 3, impl="triton").weight

@@ -1,14 +1,19 @@
-"""The one place that picks how a layer computes: the ``impl`` vocabulary and its rules.
+"""The vocabulary of execution forms, and the switches every layer's choice of form reads.
 
 Every layer with more than one exact way to compute its output takes ``impl=``. The names mean
-the same in every family (a family accepts the subset it has, :data:`FAMILY_IMPLS`):
+the same in every family; each family declares the forms it has beside its layer (a
+:class:`~dynaconv.layers.Forms`, see CONTRIBUTING.md), and :class:`~dynaconv.layers.DynaConv2d`
+(with the deployed modules) holds the one sequence that picks a form for a call:
 
 =================  ============================================================================
 ``impl``           meaning
 =================  ============================================================================
-``"auto"``         chosen per call by this module's rule for the family (shape, device, dtype,
-                   gradient, tracing); on CUDA with ``torch.backends.cudnn.benchmark`` on,
-                   measured once per configuration where a family has candidates to measure
+``"auto"``         the fastest of the layer's forms, measured once per layer configuration,
+                   input shape, dtype, device and mode (training step or inference) and
+                   cached for the process; the family's rule where measuring is switched off
+                   (:func:`set_measuring`, ``DYNACONV_MEASURE=0``, deterministic algorithms)
+                   or impossible (an empty batch, CUDA graph capture); traced graphs run the
+                   family's export form
 ``"torch"``        as ``"auto"``, restricted to the plain PyTorch forms (never a Triton kernel)
 ``"triton"``       the family's fused Triton kernel (:mod:`dynaconv.kernels`)
 ``"loop"``         a Python loop over the examples, one convolution each (CondConv's paper code)
@@ -24,18 +29,22 @@ the same in every family (a family accepts the subset it has, :data:`FAMILY_IMPL
 ``"taps"``         per-example mixed kernels applied one kernel tap at a time (CondConv)
 =================  ============================================================================
 
-Older spellings are accepted and mean the canonical name (:data:`ALIASES`): ``"grouped"`` is
-``"batch_grouped"``, ``"sparse"`` is ``"bmm"`` (DGC) and ``"dense"`` is ``"masked"`` (DGC).
-:func:`resolve_impl` validates and canonicalises; layers store the canonical name.
+(DGConv and the deployed LGC call their PyTorch form ``"torch"``: with one PyTorch form, the
+policy and the form are the same thing.) Older spellings are accepted and mean the canonical
+name (:data:`ALIASES`): ``"grouped"`` is ``"batch_grouped"``, ``"sparse"`` is ``"bmm"`` and
+``"dense"`` is ``"masked"``. :func:`resolve_impl` validates and canonicalises (layers do it
+once, when ``impl`` is set).
 
 Also here: the single answer to "is this code being traced, compiled or exported"
 (:func:`tracing`), the Triton switches (:func:`triton_available`, :func:`triton_usable`,
-:func:`triton_preferred`, :func:`interpreting`) and the cache of measured choices
-(:class:`MeasuredChoices`, :func:`clear_measured_choices`).
+:func:`triton_preferred`, :func:`interpreting`), the measuring switch (:func:`set_measuring`,
+:func:`measuring`, :func:`measuring_enabled`) and the cache of measured choices
+(:class:`MeasuredChoices`, :data:`measured_choices`, :func:`clear_measured_choices`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -49,31 +58,31 @@ from torch import Tensor
 
 __all__ = [
     "ALIASES",
-    "FAMILY_IMPLS",
     "IMPLS",
+    "MEASURE_ENV",
     "MeasuredChoices",
     "clear_measured_choices",
-    "condconv_export_form",
-    "condconv_form",
     "cuda_timer",
-    "dgc_form",
     "host_timer",
     "interpreting",
+    "measure_after",
     "measured_choices",
     "measuring",
+    "measuring_enabled",
     "resolve_impl",
+    "set_measuring",
     "tracing",
     "triton_available",
     "triton_preferred",
+    "triton_unusable_reason",
     "triton_usable",
-    "uses_triton",
 ]
 
 log = logging.getLogger("dynaconv")
 
 #: The canonical ``impl`` names, with one line each (see the module docstring).
 IMPLS: dict[str, str] = {
-    "auto": "chosen per call by dynaconv.dispatch (measured on CUDA with cudnn.benchmark)",
+    "auto": "the fastest form, measured once per configuration and shape (rule when off)",
     "torch": "as auto, restricted to plain PyTorch forms (never a Triton kernel)",
     "triton": "the family's fused Triton kernel",
     "loop": "a Python loop over the examples, one convolution each",
@@ -86,15 +95,6 @@ IMPLS: dict[str, str] = {
 
 #: Older spellings, accepted wherever their canonical name is.
 ALIASES: dict[str, str] = {"grouped": "batch_grouped", "sparse": "bmm", "dense": "masked"}
-
-#: The canonical names each family accepts.
-FAMILY_IMPLS: dict[str, tuple[str, ...]] = {
-    "condconv": ("auto", "torch", "loop", "batch_grouped", "expert_sum", "bmm", "taps", "triton"),
-    "dgc": ("auto", "torch", "masked", "bmm", "batch_grouped", "triton"),
-    "dgc_deployed": ("auto", "torch", "bmm", "batch_grouped", "triton"),
-    "dgconv": ("auto", "torch", "triton"),
-    "lgc_deployed": ("auto", "torch", "triton"),
-}
 
 
 def resolve_impl(impl: Any, valid: Sequence[str], argument: str = "impl") -> str:
@@ -123,14 +123,39 @@ def tracing() -> bool:
     compiler and the ONNX exporter. Layers then run batch-independent plain-PyTorch forms,
     read no host value of a tensor and keep no Python-side caches.
     """
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
     return (
         torch.compiler.is_compiling()
-        or (is_exporting is not None and is_exporting())
+        or _is_exporting()
         or torch.jit.is_tracing()
         or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
+        or _in_onnx_export()
     )
+
+
+@functools.cache
+def _exporting_check() -> Callable[[], bool]:
+    # looked up once: ``getattr`` on ``torch.compiler`` costs microseconds per call
+    return getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def _is_exporting() -> bool:
+    return _exporting_check()()
+
+
+@functools.cache
+def _onnx_export_flags() -> Callable[[], bool]:
+    """``torch.onnx.is_in_onnx_export`` without its per-call imports (a few microseconds, on
+    every layer call), reading the same flags; the public function where they moved."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:  # pragma: no cover - depends on the torch version
+        return torch.onnx.is_in_onnx_export
+    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+
+
+def _in_onnx_export() -> bool:
+    return _onnx_export_flags()()
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,31 +195,13 @@ def triton_preferred(*tensors: Tensor) -> bool:
     return bool(tensors) and all(t.is_cuda for t in tensors) and triton_usable(*tensors)
 
 
-def uses_triton(
-    impl: str,
-    *tensors: Tensor,
-    supported: bool = True,
-    automatic: bool = True,
-    traceable: bool = False,
-    what: str = "",
-) -> bool:
-    """The rule of the families whose only choice is Triton or PyTorch (DGConv, LGC deployed).
-
-    ``impl`` canonical. ``"torch"``: no. Traced graphs: no, unless the kernel is
-    ``traceable`` (a registered custom op). ``"triton"``: yes, or ``RuntimeError`` when the
-    kernel cannot run here (not ``supported``, or no usable device; ``what`` names the
-    family's own condition). ``"auto"``: when the kernel is supported, ``automatic`` (the
-    family's extra conditions for choosing it by itself) and :func:`triton_preferred`.
-    """
-    if impl == "torch" or (tracing() and not traceable):
-        return False
-    if impl == "triton":
-        if not (supported and triton_usable(*tensors)):
-            raise RuntimeError(
-                f"impl='triton' needs triton, a CUDA tensor (or TRITON_INTERPRET=1 on CPU){what}"
-            )
-        return True
-    return supported and automatic and triton_preferred(*tensors)
+def triton_unusable_reason(*tensors: Tensor) -> str | None:
+    """Why a Triton kernel cannot run on ``tensors`` here, or None when it can."""
+    if triton_usable(*tensors):
+        return None
+    if not triton_available():
+        return "triton is not installed"
+    return "it needs CUDA tensors (or TRITON_INTERPRET=1 with CPU tensors)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,18 +230,18 @@ def host_timer(run: Callable[[], Any], repeat: int) -> float:
 
 
 class MeasuredChoices:
-    """Fastest choices measured once per configuration and kept: a performance cache.
+    """Fastest choices measured once per key and kept: a performance cache.
 
-    Like cuDNN's algorithm search (and switched on by the same flag,
-    ``torch.backends.cudnn.benchmark``, see :func:`measuring`): the first call for a key runs
-    every candidate a few times and keeps the fastest; later calls look it up. Keys must
-    hold everything the timing depends on: the layer's configuration, the input's shape,
-    device, dtype and layout. It is a cache, not model state: nothing is saved with a model,
-    and :meth:`clear` (or :func:`clear_measured_choices` for the shared one) forgets it.
+    Like cuDNN's algorithm search: the first call for a key runs every candidate a few times
+    and keeps the fastest; later calls look it up. Keys must hold everything the timing
+    depends on (the layers build them: the layer's configuration, the input's shape, strides,
+    dtype and device, the mode). It is a cache, not model state: nothing is saved with a
+    model, and :meth:`clear` (or :func:`clear_measured_choices` for the shared one) forgets it.
     """
 
     def __init__(self) -> None:
         self._choices: dict[Hashable, Any] = {}
+        self._seen: dict[Hashable, int] = {}
 
     def __len__(self) -> int:
         return len(self._choices)
@@ -250,6 +257,13 @@ class MeasuredChoices:
 
     def clear(self) -> None:
         self._choices.clear()
+        self._seen.clear()
+
+    def seen(self, key: Hashable) -> int:
+        """How many times ``key`` was asked for before this call (counts this call)."""
+        count = self._seen.get(key, 0)
+        self._seen[key] = count + 1
+        return count
 
     def choose(
         self,
@@ -257,18 +271,28 @@ class MeasuredChoices:
         candidates: Sequence[C],
         run: Callable[[C], Any],
         *,
-        timer: Callable[[Callable[[], Any], int], float] = cuda_timer,
-        warmup: int = 2,
-        repeat: int = 5,
+        timer: Callable[[Callable[[], Any], int], float] = host_timer,
+        warmup: int = 1,
+        repeat: int = 2,
+        prune: float = 2.0,
+        budget_ms: float = 25.0,
+        max_rounds: int = 12,
         label: str = "",
         fallback: Any = None,
     ) -> C:
         """The cached choice for ``key``, or the fastest of ``candidates`` measured now.
 
-        Each candidate runs ``warmup`` times (compilation, autotuning), then ``repeat`` times
-        under ``timer``. A candidate that raises is skipped (logged). Nothing is measured or
-        cached while a CUDA graph is being captured, nor when every candidate fails: then
-        ``fallback`` (default: the first candidate) is returned.
+        Each candidate runs ``warmup`` times (allocation, library set-up, compilation), then
+        once timed. Candidates whose timed call is over ``prune`` times the fastest are
+        dropped; those over ``2 * prune`` times the fastest so far at once (a form far off
+        costs ``warmup + 1`` calls; put the likeliest candidate first). The rest run ``repeat - 1`` more times, interleaved (so that load from other
+        processes affects them alike), and short ones more, until each has run ``budget_ms``
+        in all (at most ``max_rounds`` timed calls: a millisecond form gets a dozen samples, a
+        100 ms one two), dropping those that fall over ``prune`` times the fastest. The
+        choice is the lowest time seen per candidate (the least disturbed sample), measured
+        once per key. A candidate that raises is skipped (logged). Nothing is
+        measured or cached while a CUDA graph is being captured, nor when every candidate
+        fails: then ``fallback`` (default: the first candidate) is returned.
         """
         if key in self._choices:
             return self._choices[key]
@@ -276,20 +300,34 @@ class MeasuredChoices:
             fallback = candidates[0]
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return fallback
-        timings = []
-        for candidate in candidates:
+        best: dict[int, float] = {}
+        for index, candidate in enumerate(candidates):
             try:
+                loose = math.inf
                 for _ in range(warmup):
-                    run(candidate)
-                timings.append(timer(lambda c=candidate: run(c), repeat))
+                    loose = timer(lambda c=candidate: run(c), 1)
+                sample = timer(lambda c=candidate: run(c), 1)
+                if best and min(loose, sample) > 2 * prune * min(best.values()):
+                    continue  # far off, also after its first call's set-up: not sampled again
+                best[index] = sample
             except Exception as error:  # a candidate that cannot run here is not chosen
                 log.warning("%s: candidate %s failed: %s", label or "measure", candidate, error)
-                timings.append(math.inf)
-        best = min(range(len(candidates)), key=timings.__getitem__)
-        if math.isinf(timings[best]):
+        if not best:
             return fallback
-        self._choices[key] = candidates[best]
-        return candidates[best]
+        survivors = [i for i in best if best[i] <= prune * min(best.values())]
+        spent = {i: best[i] for i in survivors}
+        for round_ in range(1, max_rounds):
+            if len(survivors) < 2 or (round_ >= repeat and min(spent.values()) >= budget_ms):
+                break
+            for index in survivors:
+                sample = timer(lambda i=index: run(candidates[i]), 1)
+                best[index] = min(best[index], sample)
+                spent[index] += sample
+            survivors = [i for i in survivors if best[i] <= prune * min(best.values())]
+        chosen = candidates[min(survivors, key=best.__getitem__)]
+        log.debug("%s: measured %s -> %s", label or "measure", key, chosen)
+        self._choices[key] = chosen
+        return chosen
 
 
 #: The shared cache of measured choices of the layers' ``impl="auto"`` (per process).
@@ -301,132 +339,61 @@ def clear_measured_choices() -> None:
     measured_choices.clear()
 
 
-def measuring(*tensors: Tensor) -> bool:
-    """Whether ``impl="auto"`` should measure its candidates for a call on ``tensors``.
+#: The environment variable that switches measuring off (``0``) for the process.
+MEASURE_ENV = "DYNACONV_MEASURE"
 
-    On CUDA with ``torch.backends.cudnn.benchmark`` on (the switch of cuDNN's own search),
-    in eager mode. (During CUDA graph capture :meth:`MeasuredChoices.choose` only looks up.)
+#: Whether ``impl="auto"`` measures, and after how many calls of a key it does.
+_settings = {
+    "enabled": os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "false", "no", "off"),
+    "after": 2,
+}
+
+
+def _check_settings(enabled: Any, after: Any) -> None:
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be a bool, got {enabled!r}")
+    if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
+        raise ValueError(f"after must be None or an int >= 0, got {after!r}")
+
+
+def set_measuring(enabled: bool, *, after: int | None = None) -> None:
+    """Switch measured choices of ``impl="auto"`` on or off for the process.
+
+    On (the default), a call whose key (layer configuration, input shape, dtype, device,
+    mode) has been seen ``after`` times before (default 2) measures the candidates and
+    keeps the fastest; earlier calls of the key run the family's rule, so that a shape met
+    once or twice (a last partial batch, a one-off evaluation) never pays for measuring.
+    Off, every ``"auto"`` layer runs its family's rule: a fixed function of the layer's
+    configuration, the input and the device, so runs are reproducible form for form (what
+    benchmarks that compare runs want). Also off while the environment variable
+    ``DYNACONV_MEASURE=0`` was set at import, and while
+    ``torch.use_deterministic_algorithms(True)`` is on.
     """
-    return (
-        torch.backends.cudnn.benchmark
-        and bool(tensors)
-        and all(t.is_cuda for t in tensors)
-        and not tracing()
-    )
+    _check_settings(enabled, after)
+    _settings["enabled"] = enabled
+    if after is not None:
+        _settings["after"] = after
 
 
-# --------------------------------------------------------------------------------------------
-# CondConv
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def condconv_export_form(spec: Any, weight: Tensor | None = None) -> str:
-    """The form a traced, compiled or exported CondConv runs: ``"bmm"`` for 1x1 kernels,
-    ``"expert_sum"`` for depthwise kxk (``Cin/groups == 1``), ``"taps"`` for other kxk."""
-    if spec.kernel_size == (1, 1):
-        return "bmm"
-    return "expert_sum" if spec.in_channels // spec.groups == 1 else "taps"
+@contextlib.contextmanager
+def measuring(enabled: bool, *, after: int | None = None) -> Iterator[None]:
+    """A context in which measuring is on or off (:func:`set_measuring`), restored after."""
+    _check_settings(enabled, after)
+    before = dict(_settings)
+    set_measuring(enabled, after=after)
+    try:
+        yield
+    finally:
+        _settings.update(before)
 
 
-def condconv_form(
-    spec: Any,
-    device: torch.device,
-    dtype: torch.dtype,
-    needs_grad: bool,
-    allow_triton: bool = True,
-) -> str:
-    """The form CondConv's ``impl="auto"`` runs (``"torch"``: with ``allow_triton=False``).
-
-    * Traced, compiled or exported: :func:`condconv_export_form` (plain batch-independent
-      ops: a dynamic batch exports; the batch-folded forms do not). For depthwise kxk every
-      exact form is a chain of ``kh * kw`` memory-bound passes, which measured 1.3-2.5x
-      slower in onnxruntime than one depthwise conv to ``E * C`` channels
-      (``benchmarks/NOTES.md``), hence ``"expert_sum"`` there.
-    * Depthwise (``groups == Cin``): ``"batch_grouped"``: the folded conv is depthwise too.
-    * On CUDA with Triton, floating inputs, ``Cin/groups >= 16`` and no gradient needed:
-      ``"triton"`` (measured against the PyTorch forms when ``cudnn.benchmark`` is on).
-    * CPU inference with kxk kernels: ``"loop"``: oneDNN runs the per-example convs about as
-      efficiently as one batched conv, 1.1-1.3x faster than the folded grouped conv
-      (``benchmarks/RESULTS.md``); its host overhead is negligible next to CPU conv times.
-    * Otherwise: ``"bmm"`` for 1x1 kernels, ``"batch_grouped"`` for kxk (cuDNN and oneDNN run
-      grouped convs well; unfold + bmm costs memory).
-
-    The same rule serves every call and :meth:`CondConv2d.inference_form` (what ``deploy()``
-    fixes), so a deployed layer runs what the layer ran in eval mode.
-    """
-    device = torch.device(device)
-    if tracing():
-        return condconv_export_form(spec)
-    if spec.groups == spec.in_channels and spec.groups > 1:
-        return "batch_grouped"
-    if (
-        allow_triton
-        and device.type == "cuda"
-        and not needs_grad
-        and spec.in_channels // spec.groups >= 16
-        and dtype in _FLOATS
-        and triton_available()
-        and not interpreting()
-    ):
-        return "triton"
-    if spec.kernel_size == (1, 1):
-        return "bmm"
-    return "loop" if device.type == "cpu" and not needs_grad else "batch_grouped"
+def measuring_enabled() -> bool:
+    """Whether ``impl="auto"`` measures its candidates (else it runs the family's rule):
+    on unless switched off (:func:`set_measuring`, ``DYNACONV_MEASURE=0``) or
+    ``torch.use_deterministic_algorithms(True)`` is on."""
+    return _settings["enabled"] and not torch._C._get_deterministic_algorithms()
 
 
-#: CondConv forms that cannot run on an empty batch (a Python loop, ``B * groups`` conv
-#: groups, a kernel grid over ``B``) or in a traced graph with a dynamic batch.
-CONDCONV_BATCH_DEPENDENT = ("loop", "batch_grouped", "triton")
-
-
-# --------------------------------------------------------------------------------------------
-# DGC
-
-
-def dgc_form(
-    impl: str,
-    needs_grad: bool,
-    training: bool,
-    spec: Any,
-    zero_padding: bool,
-    *tensors: Tensor,
-) -> str:
-    """The form a DGC layer runs in eager mode (traced graphs always run ``"masked"``).
-
-    ``impl`` canonical; ``zero_padding``: whether the layer's padding is symmetric zeros (the
-    Triton training path needs it). An empty batch runs ``"bmm"`` (unless ``"masked"`` is
-    asked for). ``"triton"`` raises ``ValueError`` where it cannot run. ``"auto"``: on CUDA
-    with Triton ``"triton"`` (training with zero padding, and inference; evaluation with a
-    gradient ``"bmm"``); on CPU ``"bmm"`` for 1x1 stride-1 kernels and ``"batch_grouped"``
-    otherwise (the fastest measured, ``benchmarks/RESULTS.md``, training too); elsewhere
-    ``"masked"`` for training and ``"bmm"`` for inference. ``"torch"``: the same without Triton.
-    """
-    compiling = tracing()
-    if impl != "masked" and not compiling and tensors[0].shape[0] == 0:
-        return "bmm"  # an empty batch: no groups to form, no kernel grid to launch
-    if impl == "triton":
-        if not triton_usable(*tensors):
-            raise ValueError(
-                "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 with CPU tensors)"
-            )
-        if needs_grad and not zero_padding:
-            raise ValueError(
-                "impl='triton' trains only with zero padding (padding_mode='zeros', symmetric); "
-                "use 'bmm' or 'masked'"
-            )
-        return impl
-    if impl not in ("auto", "torch"):
-        return impl
-    if impl == "auto" and not compiling and triton_preferred(*tensors):
-        if not needs_grad:
-            return "triton"
-        if not training:
-            return "bmm"
-        return "triton" if zero_padding else "masked"
-    # The batch-grouped form specialises on the batch and k_off: not in traced graphs.
-    if all(t.device.type == "cpu" for t in tensors) and not compiling:
-        return "bmm" if spec.kernel_numel == 1 and spec.stride == (1, 1) else "batch_grouped"
-    if needs_grad and training:
-        return "masked"
-    return "bmm"
+def measure_after() -> int:
+    """How many calls of a key run the rule before the next one measures (:func:`set_measuring`)."""
+    return _settings["after"]

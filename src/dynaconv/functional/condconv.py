@@ -5,7 +5,7 @@ Each form maps ``x`` ``(B, Cin, H, W)``, the expert bank ``weight`` ``(E, Cout, 
 kw)``, the expert biases ``bias`` ``(E, Cout)`` or None and the routing weights ``r``
 ``(B, E)`` to ``y[b] = conv(x[b], sum_e r[b, e] weight[e]) + sum_e r[b, e] bias[e]`` with the
 geometry of ``spec`` (a :class:`~dynaconv.layers.ConvSpec`). The fused Triton form is in
-:mod:`dynaconv.kernels.condconv`; which form runs is :mod:`dynaconv.dispatch`'s choice.
+:mod:`dynaconv.kernels.condconv`; the layer declares the forms (:mod:`dynaconv.layers.condconv`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..dispatch import CONDCONV_BATCH_DEPENDENT, tracing
+from ..dispatch import tracing
 
 if TYPE_CHECKING:
     from ..layers._base import ConvSpec
 
 __all__ = [
+    "BATCH_DEPENDENT",
     "TORCH_FORMS",
     "add_bias",
     "batch_grouped",
@@ -175,6 +176,11 @@ TORCH_FORMS: dict[str, Form] = {
 }
 
 
+#: The forms that cannot run on an empty batch (a Python loop, ``B * groups`` conv groups, a
+#: kernel grid over ``B``) or in a traced graph with a dynamic batch.
+BATCH_DEPENDENT = ("loop", "batch_grouped", "triton")
+
+
 def batch_independent_form(spec: ConvSpec) -> str:
     """The form an empty batch runs: ``"bmm"`` for 1x1 kernels, ``"expert_sum"`` for kxk."""
     return "bmm" if spec.kernel_size == (1, 1) else "expert_sum"
@@ -190,6 +196,6 @@ def condconv2d_torch(
 ) -> Tensor:
     """The PyTorch form ``form`` (a key of :data:`TORCH_FORMS`), or on an empty batch, where
     the batch-dependent forms have nothing to launch, :func:`batch_independent_form`."""
-    if form in CONDCONV_BATCH_DEPENDENT and empty_batch(x):
+    if form in BATCH_DEPENDENT and empty_batch(x):
         form = batch_independent_form(spec)
     return TORCH_FORMS[form](spec, x, weight, bias, r)

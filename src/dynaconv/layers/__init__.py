@@ -8,7 +8,17 @@ imported; the order below is the order of the families in every table (the paper
 from . import doconv, condconv, dgc, dgconv, lgc, resource_constraint
 
 # isort: on
-from ._base import ConversionSkipped, ConvSpec, Deployable, DynaConv2d, MacCount
+from ._base import (
+    ChoosesForm,
+    ConversionSkipped,
+    ConvSpec,
+    Deployable,
+    DynaConv2d,
+    Form,
+    FormCall,
+    Forms,
+    MacCount,
+)
 from .condconv import *  # noqa: F403
 from .dgc import *  # noqa: F403
 from .dgconv import *  # noqa: F403
@@ -18,10 +28,14 @@ from .padding import SameConv2d
 from .resource_constraint import *  # noqa: F403
 
 __all__ = [
+    "ChoosesForm",
     "ConvSpec",
     "ConversionSkipped",
     "Deployable",
     "DynaConv2d",
+    "Form",
+    "FormCall",
+    "Forms",
     "MacCount",
     "SameConv2d",
     *condconv.__all__,

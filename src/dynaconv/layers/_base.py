@@ -35,6 +35,10 @@ Every layer in :mod:`dynaconv.layers` is a drop-in for :class:`torch.nn.Conv2d`:
   ``(dense, active)`` and **count_params(convention="dense")** the parameters, for
   :func:`dynaconv.profile` (see that function for the conventions, ``"dense"`` and
   ``"reference"``).
+* **impl** (families with several exact execution forms): the family declares its forms in a
+  :class:`Forms` (class attribute ``forms``), and :class:`ChoosesForm` (a base of
+  :class:`DynaConv2d`, used by the deployed modules too) is the one place that picks the form
+  of a call; see there.
 """
 
 from __future__ import annotations
@@ -43,23 +47,39 @@ import functools
 import inspect
 import math
 import numbers
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from types import SimpleNamespace
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType, SimpleNamespace
 from typing import Any, ClassVar, Literal, NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dispatch import (
+    IMPLS,
+    cuda_timer,
+    host_timer,
+    measure_after,
+    measured_choices,
+    measuring_enabled,
+    resolve_impl,
+    tracing,
+    triton_preferred,
+    triton_unusable_reason,
+)
 from .padding import SameConv2d, same_padding
 
 __all__ = [
+    "ChoosesForm",
     "ConvSpec",
     "Convention",
     "ConversionSkipped",
     "Deployable",
     "DynaConv2d",
+    "Form",
+    "FormCall",
+    "Forms",
     "MacCount",
     "Shape",
     "conv_output_size",
@@ -328,6 +348,318 @@ def kaiming_uniform_(weight: Tensor, fan_in: int) -> None:
         weight.uniform_(-bound, bound)
 
 
+class FormCall(NamedTuple):
+    """What the choice of a form may depend on besides the module: the call's input and mode.
+
+    ``needs_grad``: autograd will differentiate this call (grad mode on and a parameter, the
+    input or an argument requires grad). ``train``: a training step, ``needs_grad`` in
+    training mode; measured as forward and backward. Otherwise (inference, also an eval-mode
+    forward with gradients) the forward alone is measured, so an eval-mode layer and its
+    deployed copy look up one measurement.
+    """
+
+    x: Tensor
+    needs_grad: bool
+    train: bool
+
+
+@dataclass(frozen=True)
+class Form:
+    """One exact way to compute a family's output, as the family declares it.
+
+    * ``run(module, x, *args) -> Tensor``: the computation (``args``: what the module's forward
+      passes on besides the input, e.g. DGC's saliencies). It must not change the module's
+      state: ``impl="auto"`` runs it a few times to time it.
+    * ``triton``: a Triton kernel. It runs only where :func:`dynaconv.dispatch.triton_usable`
+      says so (an explicit ``impl`` elsewhere is a ``ValueError`` saying why, never a silent
+      fallback); ``"torch"`` never picks it, ``"auto"`` only on CUDA.
+    * ``batch_dependent``: its work depends on the batch size (a Python loop over examples,
+      conv groups per example, a kernel grid over the batch): an empty batch runs another form.
+    * ``traceable``: it may run in a traced, compiled or exported graph (plain ops, no host
+      read of a tensor, nothing specialised on the batch); elsewhere the export form runs there.
+    * ``refuses(module, call) -> str | None``: why the form cannot run this call (None: it
+      can). An explicit ``impl`` raises ``ValueError`` with the reason; ``"auto"`` skips it.
+    * ``candidate(module, call) -> bool``: whether ``"auto"`` measures the form for this call
+      (default: whenever it can run). For forms known to be far off somewhere, whose calls
+      there would make measuring itself costly (CondConv's per-example loop at large batches).
+    """
+
+    run: Callable[..., Tensor]
+    triton: bool = False
+    batch_dependent: bool = False
+    traceable: bool = True
+    refuses: Callable[[Any, FormCall], str | None] | None = None
+    candidate: Callable[[Any, FormCall], bool] | None = None
+
+
+@dataclass(frozen=True)
+class Forms:
+    """A family's execution forms: the declaration :class:`ChoosesForm` reads.
+
+    * ``forms``: ``{name: Form}``, names from the vocabulary :data:`dynaconv.dispatch.IMPLS`
+      (``"torch"`` for a family's only PyTorch form);
+    * ``rule(module, call) -> Sequence[str]``: the forms in order of preference for a call,
+      used only where measuring is switched off or impossible; the first that can run is
+      taken (any form it leaves out comes after, in declaration order);
+    * ``export(module, x) -> str``: the (traceable) form a traced, compiled or exported graph
+      runs;
+    * ``key(module, x, *args) -> Hashable``: the module's configuration as far as the forms'
+      speeds depend on it (default: ``module.spec``), part of the measured choice's key.
+
+    ``impls``: the names ``impl`` accepts (``"auto"``, ``"torch"``, then the forms).
+    """
+
+    forms: Mapping[str, Form]
+    rule: Callable[[Any, FormCall], Sequence[str]]
+    export: Callable[[Any, Tensor], str]
+    key: Callable[..., Hashable] | None = None
+    impls: tuple[str, ...] = field(init=False)
+    #: The candidates per configuration, device, dtype and mode (a cache of
+    #: :meth:`ChoosesForm.form_candidates`, which the per-call choice reads).
+    candidates: dict[Hashable, tuple[str, ...]] = field(
+        init=False, default_factory=dict, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.forms if name not in IMPLS or name == "auto"]
+        if unknown or not self.forms:
+            raise ValueError(
+                f"forms must be named from dynaconv.dispatch.IMPLS (not 'auto'), got {unknown}"
+            )
+        policies = ("auto",) if "torch" in self.forms else ("auto", "torch")
+        object.__setattr__(self, "forms", MappingProxyType(dict(self.forms)))
+        object.__setattr__(self, "impls", (*policies, *self.forms))
+
+    def resolve(self, impl: Any, argument: str = "impl") -> str:
+        """The canonical name of ``impl`` (an alias accepted), or ``ValueError`` listing
+        :attr:`impls`."""
+        return resolve_impl(impl, self.impls, argument)
+
+    def __getitem__(self, name: str) -> Form:
+        return self.forms[name]
+
+    def __iter__(self) -> Iterator[str]:
+        """The forms' names, in declaration order."""
+        return iter(self.forms)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.forms
+
+
+class ChoosesForm:
+    """The one sequence that picks a module's execution form for a call (a mixin).
+
+    Base of :class:`DynaConv2d` and of the deployed modules with several forms; the module's
+    class declares them as ``forms`` (a :class:`Forms`), and its forward calls
+    :meth:`run_form`. For a call on ``x``:
+
+    1. traced, compiled or exported: ``impl`` when it names a traceable form, else the
+       family's export form;
+    2. ``impl`` naming a form: that form (``ValueError`` saying why where it cannot run, e.g. a
+       Triton kernel without CUDA); on an empty batch a batch-dependent form is replaced by
+       another (they all give the same empty output);
+    3. ``"auto"`` (``"torch"``: the same without Triton forms): among the forms that can run
+       the call, the fastest measured (:meth:`measured_form`) while measuring is on
+       (:func:`dynaconv.dispatch.measuring_enabled`), else the family's rule. A key's first
+       calls (:func:`dynaconv.dispatch.measure_after`, 2 by default) run the rule; the next
+       one measures, so shapes met once or twice never pay for measuring.
+
+    ``impl`` is validated and canonicalised once, when set.
+    """
+
+    forms: ClassVar[Forms | None] = None
+
+    @property
+    def impl(self) -> str:
+        """The execution form: ``"auto"``, ``"torch"`` or a form's name (canonical)."""
+        if self.forms is None:
+            raise AttributeError(f"{type(self).__name__} has a single execution form (no impl)")
+        impl = self.__dict__.get("_impl")
+        if impl is None:  # a module pickled before impl was a property kept it as "impl"
+            impl = self.__dict__["_impl"] = self.forms.resolve(self.__dict__.get("impl", "auto"))
+        return impl
+
+    @impl.setter
+    def impl(self, value: Any) -> None:
+        if self.forms is None:
+            raise AttributeError(f"{type(self).__name__} has a single execution form (no impl)")
+        self.__dict__["_impl"] = self.forms.resolve(value)
+
+    def form_call(self, x: Tensor, *args: Any) -> FormCall:
+        """The :class:`FormCall` of a forward on ``x`` (and the forward's ``args``)."""
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad
+            or any(isinstance(a, Tensor) and a.requires_grad for a in args)
+            or any(p.requires_grad for p in self.parameters())  # type: ignore[attr-defined]
+        )
+        return FormCall(x, needs_grad, needs_grad and self.training)  # type: ignore[attr-defined]
+
+    def run_form(self, x: Tensor, *args: Any) -> Tensor:
+        """The module's output on ``x`` computed by the form :meth:`choose_form` picks."""
+        return self.forms[self.choose_form(x, *args)].run(self, x, *args)  # type: ignore[index]
+
+    def choose_form(self, x: Tensor, *args: Any) -> str:
+        """The form a forward on ``x`` runs (the sequence of the class docstring)."""
+        forms = self.forms
+        if forms is None:
+            raise AttributeError(f"{type(self).__name__} has a single execution form (no impl)")
+        impl = self.impl
+        if tracing():
+            form = forms.forms.get(impl)
+            return impl if form is not None and form.traceable else forms.export(self, x)
+        return self._choose(impl, self.form_call(x, *args), args)
+
+    def inference_form(self, x: Tensor, *args: Any) -> str:
+        """The form an inference forward on ``x`` runs (eval mode or no gradient): what the
+        deployed copy of the layer runs on ``x`` too."""
+        with torch.no_grad():
+            return self._choose(self.impl, FormCall(x, False, False), args)
+
+    def _choose(self, impl: str, call: FormCall, args: tuple[Any, ...]) -> str:
+        forms = self.forms
+        assert forms is not None
+        x = call.x
+        empty = x.shape[0] == 0
+        form = forms.forms.get(impl)
+        if form is not None and not (empty and form.batch_dependent):
+            why = self._refusal(form, call)
+            if why is not None:
+                raise ValueError(f"impl={impl!r} cannot run this call: {why}")
+            return impl
+        config = self.spec if forms.key is None else forms.key(self, x, *args)  # type: ignore[attr-defined]
+        known = (
+            type(self),
+            config,
+            x.shape[0],
+            x.device,
+            x.dtype,
+            call.needs_grad,
+            call.train,
+            impl,
+        )
+        candidates = forms.candidates.get(known)
+        if candidates is None:
+            candidates = tuple(self.form_candidates(call, triton=impl == "auto"))
+            forms.candidates[known] = candidates
+        if not candidates:
+            raise ValueError(
+                f"no execution form of {type(self).__name__} can run this call "
+                f"(impl={impl!r}, input {tuple(x.shape)} {x.dtype} on {x.device})"
+            )
+        if len(candidates) > 1 and not empty and measuring_enabled():
+            key = self.form_key(call, candidates, config)
+            chosen = measured_choices.get(key)
+            if chosen is not None:
+                return chosen
+            if measured_choices.seen(key) >= measure_after():
+                return self.measured_form(call, candidates, args)
+        return self.ruled_form(call, candidates)
+
+    def _refusal(self, form: Form, call: FormCall) -> str | None:
+        if form.triton:
+            why = triton_unusable_reason(call.x)
+            if why is not None:
+                return why
+        return None if form.refuses is None else form.refuses(self, call)
+
+    def form_candidates(self, call: FormCall, triton: bool = True) -> list[str]:
+        """The forms ``impl="auto"`` chooses from for ``call`` (``triton=False``: ``"torch"``):
+        those that can run it and are candidates (:class:`Form`); Triton forms only on CUDA;
+        batch-independent ones for an empty batch."""
+        empty = call.x.shape[0] == 0
+        names = []
+        for name, form in self.forms.forms.items():  # type: ignore[union-attr]
+            if form.triton and not (triton and triton_preferred(call.x)):
+                continue
+            if (empty and form.batch_dependent) or self._refusal(form, call) is not None:
+                continue
+            if form.candidate is not None and not form.candidate(self, call):
+                continue
+            names.append(name)
+        return names
+
+    def ruled_form(self, call: FormCall, candidates: Sequence[str]) -> str:
+        """The family's rule's preference among ``candidates`` (the choice without measuring)."""
+        for name in self.forms.rule(self, call):  # type: ignore[union-attr]
+            if name in candidates:
+                return name
+        return candidates[0]
+
+    def form_key(self, call: FormCall, candidates: Sequence[str], config: Hashable) -> Hashable:
+        """The key of the measured choice: the module's class and configuration (``config``,
+        see :class:`Forms`), the input's shape, strides, dtype and device, the mode (training
+        step or inference) and the candidates."""
+        x = call.x
+        return (
+            type(self).__qualname__,
+            config,
+            tuple(x.shape),
+            x.stride(),
+            x.dtype,
+            x.device,
+            call.train,
+            tuple(candidates),
+        )
+
+    def measured_form(
+        self, call: FormCall, candidates: Sequence[str], args: tuple[Any, ...]
+    ) -> str:
+        """The fastest of ``candidates`` for this call, measured once per key
+        (:meth:`form_key`) and kept in :data:`dynaconv.dispatch.measured_choices`.
+
+        Each candidate runs a few times (:meth:`MeasuredChoices.choose`); inference calls time
+        the forward (under the call's grad mode, outputs discarded), training steps the
+        forward and backward on detached copies of the input and arguments, the gradients
+        taken by ``torch.autograd.grad`` (nothing accumulates in ``.grad``). The random
+        number generators are restored afterwards, so measuring changes no result or state.
+        """
+        forms = self.forms
+        assert forms is not None
+        x = call.x
+        config = self.spec if forms.key is None else forms.key(self, x, *args)  # type: ignore[attr-defined]
+        key = self.form_key(call, candidates, config)
+        chosen = measured_choices.get(key)
+        if chosen is not None:
+            return chosen
+        ruled = self.ruled_form(call, candidates)
+        ordered = [ruled, *(name for name in candidates if name != ruled)]  # likeliest first
+        devices = [x.device] if x.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            return measured_choices.choose(
+                key,
+                ordered,
+                self._timed_run(call, args),
+                timer=cuda_timer if x.is_cuda else host_timer,
+                label=type(self).__name__,
+                fallback=ruled,
+            )
+
+    def _timed_run(self, call: FormCall, args: tuple[Any, ...]) -> Callable[[str], None]:
+        forms = self.forms
+        assert forms is not None
+        if not call.train:
+
+            def forward(name: str) -> None:
+                forms.forms[name].run(self, call.x, *args)
+
+            return forward
+
+        def leaf(value: Any) -> Any:
+            if isinstance(value, Tensor) and value.requires_grad:
+                return value.detach().requires_grad_()
+            return value
+
+        x, copies = leaf(call.x), tuple(leaf(a) for a in args)
+        inputs = [t for t in (x, *copies) if isinstance(t, Tensor) and t.requires_grad]
+        inputs += [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+
+        def step(name: str) -> None:
+            out = forms.forms[name].run(self, x, *copies)
+            torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
+
+        return step
+
+
 class _ConstructorSignature:
     """``inspect.signature(cls)`` of a family: ``nn.Conv2d``'s arguments, then the family's
     options (the keyword-only parameters of ``cls._init_family``).
@@ -345,7 +677,7 @@ class _ConstructorSignature:
         return inspect.Signature([*conv, *options])
 
 
-class DynaConv2d(Deployable, nn.Module):
+class DynaConv2d(ChoosesForm, Deployable, nn.Module):
     """Base class of every dynaconv layer; see the module docstring for the contract.
 
     The ``nn.Conv2d`` arguments are taken and validated here (into :attr:`spec`, a
@@ -360,6 +692,10 @@ class DynaConv2d(Deployable, nn.Module):
       returns the constructor's options; ``_copy_conv(self, conv, options)`` then copies
       ``conv``'s weights into the new layer (``options``: the conversion options, defaults
       applied). :meth:`from_conv` does the rest, the same for every family.
+
+    A family with several exact execution forms declares them in the class attribute ``forms``
+    (a :class:`Forms`) and calls :meth:`run_form` from its forward: :class:`ChoosesForm` (a
+    base of this class) holds the one selection sequence and the ``impl`` property.
 
     Class attributes: ``method`` (set by :func:`dynaconv.families.register_family`),
     ``title`` (the family's name in messages) and ``conv_groups``, how :meth:`from_conv` treats a

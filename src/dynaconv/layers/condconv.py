@@ -32,14 +32,16 @@ Execution forms (``impl``, names as in :mod:`dynaconv.dispatch`; the math is in
   with the layer's own routing the kernel also computes the routing itself (one launch);
   other padding modes pad explicitly first. Training through it is exact (its backward
   recomputes the grouped form), but ``"auto"`` trains with the PyTorch forms;
-* ``"auto"`` (default): chosen per call from the shape and device, see
-  :func:`dynaconv.dispatch.condconv_form` (``"torch"``: the same, never ``"triton"``);
-  on CUDA with ``torch.backends.cudnn.benchmark`` on, inference measures the candidates once
-  per input shape and keeps the fastest (like cuDNN's algorithm search).
+* ``"auto"`` (default): the fastest of the forms that can run the call, measured once per
+  layer configuration, input shape, dtype, device and mode (training step or inference) and
+  cached (:class:`~dynaconv.layers.ChoosesForm`); where measuring is off, :func:`rule`
+  (``"torch"``: the same, never ``"triton"``). Traced, compiled and exported graphs run
+  :func:`export_form`.
 
+The forms are declared in :data:`FORMS` (a :class:`~dynaconv.layers.Forms`).
 ``deploy()`` cannot return a static conv (the kernel depends on the input): it returns an
-eval-mode copy whose form is fixed (``impl`` resolved, or the one given), see
-:meth:`CondConv2d.deploy`. ``aux_loss()`` is zero: CondConv has no regulariser.
+eval-mode copy that runs the forms the layer runs in inference, see :meth:`CondConv2d.deploy`.
+``aux_loss()`` is zero: CondConv has no regulariser.
 
 Mixing cost (counted in the active MACs of :func:`dynaconv.profile`): ``B * E * numel(W_e)``.
 """
@@ -55,19 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dispatch import (
-    CONDCONV_BATCH_DEPENDENT,
-    FAMILY_IMPLS,
-    condconv_export_form,
-    condconv_form,
-    measured_choices,
-    measuring,
-    resolve_impl,
-    tracing,
-    triton_available,
-)
+from ..dispatch import interpreting, resolve_impl, tracing, triton_available, triton_usable
 from ..families import register_family
 from ..functional.condconv import (
+    BATCH_DEPENDENT,
     TORCH_FORMS,
     add_bias,
     batch_independent_form,
@@ -79,6 +72,9 @@ from ._base import (
     Convention,
     ConvSpec,
     DynaConv2d,
+    Form,
+    FormCall,
+    Forms,
     MacCount,
     Shape,
     check_input,
@@ -94,9 +90,7 @@ __all__ = ["CondConv2d", "CondConvRouting", "condconv2d"]
 
 log = logging.getLogger("dynaconv")
 
-#: The execution forms of :class:`CondConv2d` (plus ``"auto"`` and ``"torch"``).
-FORMS = ("loop", "batch_grouped", "expert_sum", "bmm", "taps", "triton")
-_IMPLS = FAMILY_IMPLS["condconv"]
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class CondConvRouting(nn.Module):
@@ -143,24 +137,50 @@ def _check_dropout(dropout: float) -> None:
         raise ValueError(f"routing_dropout must be a number in [0, 1), got {dropout!r}")
 
 
-def _check_impl(impl: Any) -> str:
-    return resolve_impl(impl, _IMPLS)
-
-
-def _triton(spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor) -> Tensor:
-    if _kernels is None:
-        raise ValueError("impl='triton' needs triton, which is not installed")
-    return _kernels.condconv_triton(spec, x, weight, bias, r)
-
-
 def export_form(spec: ConvSpec, weight: Tensor | None = None) -> str:
-    """The form a traced, compiled or exported layer runs (see :func:`choose_form`)."""
-    return condconv_export_form(spec)
+    """The form a traced, compiled or exported layer runs: ``"bmm"`` for 1x1 kernels,
+    ``"expert_sum"`` for depthwise kxk (``Cin/groups == 1``), ``"taps"`` for other kxk.
+
+    Plain batch-independent ops: a dynamic batch exports (the batch-folded forms do not). For
+    depthwise kxk every exact form is a chain of ``kh * kw`` memory-bound passes, which
+    measured 1.3-2.5x slower in onnxruntime than one depthwise conv to ``E * C`` channels
+    (``benchmarks/NOTES.md``), hence ``"expert_sum"`` there.
+    """
+    if spec.kernel_size == (1, 1):
+        return "bmm"
+    return "expert_sum" if spec.in_channels // spec.groups == 1 else "taps"
 
 
-def choose_form(spec: ConvSpec, x: Tensor, weight: Tensor, needs_grad: bool) -> str:
-    """The form ``impl="auto"`` runs for this call: :func:`dynaconv.dispatch.condconv_form`."""
-    return condconv_form(spec, x.device, x.dtype, needs_grad)
+def rule(spec: ConvSpec, device: torch.device, dtype: torch.dtype, train: bool) -> list[str]:
+    """CondConv's forms in order of preference where nothing is measured (``impl="auto"``
+    with measuring off, and the functional :func:`condconv2d`); the first that can run wins.
+
+    * Depthwise (``groups == Cin``): ``"batch_grouped"``: the folded conv is depthwise too.
+    * On CUDA with Triton, floating inputs, ``Cin/groups >= 16`` and no training step:
+      ``"triton"``.
+    * 1x1 kernels: ``"bmm"``.
+    * CPU inference with kxk kernels: ``"loop"`` (oneDNN runs the per-example convs about as
+      efficiently as one batched conv); otherwise ``"batch_grouped"`` (cuDNN and oneDNN run
+      grouped convs well; unfold + bmm costs memory).
+
+    A fixed function of the configuration, the device and the mode: measured, the fastest form
+    differs from it by up to an order of magnitude on CPU (``benchmarks/bench_auto.py``).
+    """
+    device = torch.device(device)
+    order = ["batch_grouped"] if spec.groups == spec.in_channels and spec.groups > 1 else []
+    if (
+        device.type == "cuda"
+        and not train
+        and spec.in_channels // spec.groups >= 16
+        and dtype in _FLOATS
+        and triton_available()
+        and not interpreting()
+    ):
+        order.append("triton")
+    if spec.kernel_size == (1, 1):
+        order.append("bmm")
+    order += ["loop", "batch_grouped"] if device.type == "cpu" and not train else ["batch_grouped"]
+    return [*order, "expert_sum", "taps", "bmm"]
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -178,21 +198,117 @@ def condconv2d(
     """Functional CondConv: ``y[b] = conv(x[b], sum_e r[b, e] weight[e]) + sum_e r[b, e] bias[e]``.
 
     ``routing_weights`` must be floating point of shape ``(B, E)`` (``ValueError`` otherwise).
-    ``impl``: one of CondConv's names in :mod:`dynaconv.dispatch` (``"auto"`` by default).
-    An empty batch runs a batch-independent form (``"loop"``, ``"batch_grouped"`` and
+    ``impl``: one of CondConv's names in :mod:`dynaconv.dispatch` (``"auto"`` by default: the
+    first form of :func:`rule` that runs here; nothing is measured: the layer measures). An
+    empty batch runs a batch-independent form (``"loop"``, ``"batch_grouped"`` and
     ``"triton"`` have nothing to launch) and gives an empty output of the right shape.
     """
-    impl = _check_impl(impl)
+    impl = resolve_impl(impl, IMPLS)
     check_routing_weights(routing_weights, x.shape[0], weight.shape[0])
-    if impl in CONDCONV_BATCH_DEPENDENT and empty_batch(x):
+    if impl in BATCH_DEPENDENT and empty_batch(x):
         impl = batch_independent_form(spec)
     if impl in ("auto", "torch"):
-        needs_grad = _needs_grad(x, weight, bias, routing_weights)
-        impl = condconv_form(spec, x.device, x.dtype, needs_grad, allow_triton=impl == "auto")
+        if tracing():
+            impl = export_form(spec)
+        else:
+            train = _needs_grad(x, weight, bias, routing_weights)
+            allowed = [f for f in TORCH_FORMS if not (empty_batch(x) and f in BATCH_DEPENDENT)]
+            if impl == "auto" and not empty_batch(x) and triton_usable(x):
+                allowed.append("triton")
+            impl = next(f for f in rule(spec, x.device, x.dtype, train) if f in allowed)
     if impl == "triton":
-        return _triton(spec, x, weight, bias, routing_weights)
+        return _kernels_module().condconv_triton(spec, x, weight, bias, routing_weights)
     return TORCH_FORMS[impl](spec, x, weight, bias, routing_weights)
 
+
+def _kernels_module() -> Any:
+    if _kernels is None:
+        raise ValueError("impl='triton' needs triton, which is not installed")
+    return _kernels
+
+
+def _torch_form(name: str) -> Any:
+    def run(layer: CondConv2d, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
+        r = layer.routing_weights(x) if routing_weights is None else routing_weights
+        r = r.to(layer.weight.dtype)
+        y = TORCH_FORMS[name](layer.spec, x, layer.weight, layer._expert_bias, r)
+        return layer._add_shared_bias(y)
+
+    run.__name__ = f"run_{name}"
+    return run
+
+
+def _run_triton(
+    layer: CondConv2d,
+    x: Tensor,
+    routing_weights: Tensor | None = None,
+    premix: bool | None = None,
+) -> Tensor:
+    """The fused kernel; in inference with the layer's own routing it computes the routing
+    too. ``premix``: whether the kernel reads kernels mixed beforehand (None: its rule)."""
+    kernels = _kernels_module()
+    bias = layer._expert_bias
+    if routing_weights is None and layer._routing_in_kernel(x):
+        fc = layer.routing.fc
+        y = kernels.condconv_triton(
+            layer.spec, x, layer.weight, bias, None, premix, routing=(fc.weight, fc.bias)
+        )
+    else:
+        r = layer.routing_weights(x) if routing_weights is None else routing_weights
+        y = kernels.condconv_triton(
+            layer.spec, x, layer.weight, bias, r.to(layer.weight.dtype), premix
+        )
+    return layer._add_shared_bias(y)
+
+
+def _triton_refuses(layer: CondConv2d, call: FormCall) -> str | None:
+    return None if _kernels is not None else "triton is not installed"
+
+
+def _key(layer: CondConv2d, x: Tensor, routing_weights: Tensor | None = None) -> tuple[Any, ...]:
+    return (
+        layer.spec,
+        layer.num_experts,
+        layer.bias is not None,
+        layer.bias_per_expert,
+        # the fused kernel computes the layer's own routing in inference
+        routing_weights is None and layer.routing is not None,
+    )
+
+
+#: The largest batch at which ``impl="auto"`` measures the per-example loop in a training
+#: step. Its steps run ``B`` convolutions forward and backward: at the demo's batch 64 its
+#: measuring steps were most of the first steps' time, and from batch 16 on it trained at
+#: 1.4-6x the fastest form on the demo's 3x3 layer (``benchmarks/NOTES.md``). In inference it
+#: is always measured (one thread, 64->64 3x3 at batch 256: the fastest form, 0.8x the
+#: batch-grouped conv). ``impl="loop"`` runs it anywhere.
+LOOP_MAX_BATCH = 16
+
+#: CondConv's execution forms (the declaration :class:`~dynaconv.layers.ChoosesForm` reads):
+#: the PyTorch forms of :mod:`dynaconv.functional.condconv` and the fused kernel.
+FORMS = Forms(
+    forms={
+        "loop": Form(
+            _torch_form("loop"),
+            batch_dependent=True,
+            traceable=False,
+            candidate=lambda layer, call: not call.train or call.x.shape[0] <= LOOP_MAX_BATCH,
+        ),
+        "batch_grouped": Form(_torch_form("batch_grouped"), batch_dependent=True, traceable=False),
+        "expert_sum": Form(_torch_form("expert_sum")),
+        "bmm": Form(_torch_form("bmm")),
+        "taps": Form(_torch_form("taps")),
+        "triton": Form(
+            _run_triton, triton=True, batch_dependent=True, traceable=False, refuses=_triton_refuses
+        ),
+    },
+    rule=lambda layer, call: rule(layer.spec, call.x.device, call.x.dtype, call.train),
+    export=lambda layer, x: export_form(layer.spec),
+    key=_key,
+)
+
+#: The canonical ``impl`` names of CondConv.
+IMPLS = FORMS.impls
 
 # ---------------------------------------------------------------------------------------------
 
@@ -223,6 +339,7 @@ class CondConv2d(DynaConv2d):
     """
 
     title = "CondConv"
+    forms = FORMS
 
     def _init_family(
         self,
@@ -244,7 +361,7 @@ class CondConv2d(DynaConv2d):
         if not isinstance(bias_per_expert, bool):
             raise ValueError(f"bias_per_expert must be a bool, got {bias_per_expert!r}")
         self.bias_per_expert = bias_per_expert
-        self.impl = _check_impl(impl)
+        self.impl = impl
         self.num_experts = num_experts
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
@@ -293,123 +410,41 @@ class CondConv2d(DynaConv2d):
         check_input(x, self.spec.in_channels, type(self).__name__)
         if routing_weights is not None:
             check_routing_weights(routing_weights, x.shape[0], self.num_experts)
-        if empty_batch(x):  # nothing to launch or measure; every form gives the same
-            form, premix = batch_independent_form(self.spec), None
-        else:
-            form, premix = self._resolve(x, routing_weights)
-        return self._run(form, premix, x, routing_weights)
+        return self.run_form(x, routing_weights)
 
-    def _needs_grad(self, x: Tensor, routing_weights: Tensor | None) -> bool:
-        return _needs_grad(x, routing_weights, *self.parameters())
+    @property
+    def _expert_bias(self) -> Tensor | None:
+        """The per-expert biases the forms mix (None with a single unmixed bias)."""
+        return self.bias if self.bias_per_expert else None
 
-    def _resolve(self, x: Tensor, routing_weights: Tensor | None) -> tuple[str, bool | None]:
-        """The form to run (and, for ``"triton"``, whether to premix; None: its heuristic).
-
-        Traced, compiled or exported, the batch-dependent forms (``"loop"``,
-        ``"batch_grouped"``) and the opaque kernel (``"triton"``) are replaced by
-        :func:`export_form` (all forms are exact), so a deployed layer exports too.
-        """
-        impl = _check_impl(self.impl)
-        if impl not in ("auto", "torch"):
-            if impl in CONDCONV_BATCH_DEPENDENT and tracing():
-                return condconv_export_form(self.spec), None
-            return impl, None
-        needs_grad = self._needs_grad(x, routing_weights)
-        form = condconv_form(self.spec, x.device, x.dtype, needs_grad, impl == "auto")
-        if form == "triton" and measuring(x):
-            return self._measured_form(x, routing_weights)
-        return form, None
-
-    def _run(
-        self, form: str, premix: bool | None, x: Tensor, routing_weights: Tensor | None
-    ) -> Tensor:
-        bias = self.bias if self.bias_per_expert else None
-        if routing_weights is None and form == "triton" and self._routing_in_kernel(x):
-            fc = self.routing.fc
-            y = self._kernels().condconv_triton(
-                self.spec, x, self.weight, bias, None, premix, routing=(fc.weight, fc.bias)
-            )
-        else:
-            r = self.routing_weights(x) if routing_weights is None else routing_weights
-            r = r.to(self.weight.dtype)
-            if form == "triton":
-                y = self._kernels().condconv_triton(self.spec, x, self.weight, bias, r, premix)
-            else:
-                y = condconv2d(self.spec, x, self.weight, bias, r, form)
+    def _add_shared_bias(self, y: Tensor) -> Tensor:
         if self.bias is not None and not self.bias_per_expert:
-            y = add_bias(y, self.bias[None])
+            return add_bias(y, self.bias[None])
         return y
-
-    @staticmethod
-    def _kernels() -> Any:
-        if _kernels is None:
-            raise ValueError("impl='triton' needs triton, which is not installed")
-        return _kernels
 
     def _routing_in_kernel(self, x: Tensor) -> bool:
         """Whether the fused kernel may compute the routing itself (no dropout, no gradient)."""
         return (
             self.routing is not None
             and (self.routing.dropout == 0 or not self.training)
-            and not self._needs_grad(x, None)
+            and not _needs_grad(x, *self.parameters())
         )
-
-    def _measured_form(self, x: Tensor, routing_weights: Tensor | None) -> tuple[str, bool | None]:
-        """The fastest inference form for this shape, measured once per shape and cached.
-
-        Used by ``impl="auto"`` on CUDA when ``torch.backends.cudnn.benchmark`` is on (the
-        same switch as cuDNN's own algorithm search, see :func:`dynaconv.dispatch.measuring`).
-        Candidates: the fused kernel mixing in registers and premixed, the batch-folded
-        grouped conv, and ``"bmm"`` (1x1) or ``"expert_sum"`` (kxk). Kept in
-        :data:`dynaconv.dispatch.measured_choices` (a performance cache, not model state).
-        """
-        key = (
-            "condconv",
-            x.device,
-            x.dtype,
-            self.spec,
-            tuple(x.shape),
-            x.is_contiguous(),
-            self.num_experts,
-            self.bias is not None,
-            routing_weights is None and self._routing_in_kernel(x),
-        )
-        other = batch_independent_form(self.spec)
-        candidates = [("triton", False), ("triton", True), ("batch_grouped", None), (other, None)]
-        return measured_choices.choose(
-            key,
-            candidates,
-            lambda c: self._run(c[0], c[1], x, routing_weights),
-            label="CondConv2d",
-            fallback=("triton", None),
-        )
-
-    def inference_form(self, device: torch.device | str | None = None) -> str:
-        """The form :meth:`deploy` fixes: ``impl`` if it names a form, else the choice of
-        :func:`dynaconv.dispatch.condconv_form` for an eval forward without gradient on
-        ``device`` (default: the weights'): the rule every such forward runs, so a deployed
-        layer computes as the layer did in eval mode (``"torch"``: without Triton)."""
-        impl = _check_impl(self.impl)
-        if impl not in ("auto", "torch"):
-            return impl
-        device = torch.device(device) if device is not None else self.weight.device
-        return condconv_form(self.spec, device, self.weight.dtype, False, impl == "auto")
 
     def deploy(self, impl: str | None = None) -> CondConv2d:
-        """An eval-mode copy with its execution form fixed (the layer stays dynamic).
+        """An eval-mode copy that runs the forms the layer runs in inference (it stays dynamic).
 
         CondConv has no static equivalent: the kernel depends on the input. The copy keeps the
-        weights and routing; its ``impl`` is ``impl`` if given, else :meth:`inference_form`
-        (so it no longer re-decides per call). When traced, compiled or exported the layer
-        runs :func:`export_form` (``"bmm"`` for 1x1, ``"taps"`` for kxk, ``"expert_sum"`` for
-        depthwise kxk) instead of a batch-dependent or Triton form, so a deployed model still
-        exports with a dynamic batch.
+        weights, routing and ``impl`` (or takes ``impl`` if given). With ``impl="auto"`` it
+        looks up the very measurements of the layer's inference forwards (same configuration,
+        same key), so for every input shape the deployed layer runs the form the layer ran in
+        eval mode, with or without gradients (:meth:`inference_form` tells which). When traced,
+        compiled or exported it runs :func:`export_form` (``"bmm"`` for 1x1, ``"taps"`` for
+        kxk, ``"expert_sum"`` for depthwise kxk) instead of a batch-dependent or Triton form, so
+        a deployed model still exports with a dynamic batch.
         """
-        form = self.inference_form() if impl is None else _check_impl(impl)
+        form = self.impl if impl is None else FORMS.resolve(impl)
         deployed = copy.deepcopy(self).eval()
         deployed.impl = form
-        if form in ("auto", "torch"):
-            deployed.impl = deployed.inference_form()
         return deployed
 
     @classmethod

@@ -80,13 +80,17 @@ Execution paths (``impl``, names as in :mod:`dynaconv.dispatch`; the math is in
   (:mod:`dynaconv.kernels.dgc`). When a gradient is needed, the same kernel is the forward of
   an autograd function whose backward runs cuDNN convolutions head by head over batch
   chunks (dense-cost gradients, transient memory a quarter of ``x``); zero padding only;
-* ``"auto"``: :func:`dynaconv.dispatch.dgc_form`: on CUDA, ``"triton"`` (training with zero
-  padding, and inference); on CPU, ``"bmm"`` for 1x1 stride-1 kernels and ``"batch_grouped"``
-  otherwise (training and inference); on CUDA without Triton, ``"masked"`` for training and
+* ``"auto"``: the fastest of the forms that can run the call, measured once per layer
+  configuration (``k_off`` included), input shape, dtype, device and mode (training step or
+  inference), cached (:class:`~dynaconv.layers.ChoosesForm`; the forms: :data:`FORMS`).
+  Where measuring is off, :func:`rule`: on CUDA, ``"triton"`` (training with zero padding, and
+  inference); on CPU, ``"masked"`` while no channel is inactive (``k_off = 0``: the sparse forms
+  would compute every channel and gather too), then ``"bmm"`` for 1x1 stride-1 kernels and
+  ``"batch_grouped"`` otherwise; on CUDA without Triton, ``"masked"`` for training and
   ``"bmm"`` for inference. ``"torch"``: the same without Triton. While being traced the layer
   runs ``"masked"`` whatever ``impl`` says (see "Schedule state": nothing recompiles as
   ``k_off`` grows); export :meth:`DynamicGroupConv2d.deploy`'s module for the sparse form. An
-  empty batch runs ``"bmm"`` (unless ``"masked"`` is asked for).
+  empty batch runs a batch-independent form.
 
 The lasso term is kept as a plain attribute set by each training-mode forward (not state: not
 saved, dropped by copies), so ``aux_loss()`` belongs to the forward just run on that replica:
@@ -111,12 +115,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..dispatch import (
-    FAMILY_IMPLS,
-    dgc_form,
-    resolve_impl,
-    tracing,
-)
+from ..dispatch import tracing, triton_preferred
 from ..families import register_family
 from ..functional.dgc import (
     dense_masked_conv,
@@ -134,6 +133,9 @@ from ._base import (
     Convention,
     ConversionSkipped,
     DynaConv2d,
+    Form,
+    FormCall,
+    Forms,
     MacCount,
     Shape,
     check_input,
@@ -149,8 +151,6 @@ __all__ = ["DynamicGroupConv2d", "SparseDynamicGroupConv2d", "reference_squeeze_
 Impl = Literal[
     "auto", "torch", "masked", "bmm", "batch_grouped", "triton", "dense", "sparse", "grouped"
 ]
-_IMPLS = FAMILY_IMPLS["dgc"]
-_DEPLOYED_IMPLS = FAMILY_IMPLS["dgc_deployed"]
 
 #: Half-width of the spread of the neutral initialisation's saliencies around 1.
 NEUTRAL_SPREAD = 1e-3
@@ -185,7 +185,7 @@ def _check_options(
     in_channels: int, heads: Any, squeeze_rate: Any, gate_factor: Any, impl: Any
 ) -> None:
     _check_option_types(heads, squeeze_rate, gate_factor)
-    resolve_impl(impl, _IMPLS)
+    FORMS.resolve(impl)
     if in_channels - round(in_channels * (1 - gate_factor)) < 1:
         raise ValueError(
             f"gate_factor={gate_factor} keeps no channel of in_channels={in_channels}: "
@@ -208,6 +208,78 @@ def _check_option_types(heads: Any, squeeze_rate: Any, gate_factor: Any) -> None
         raise ValueError(
             f"gate_factor (the kept fraction of input channels) must be in (0, 1], got {gate_factor!r}"
         )
+
+
+def _run_masked(layer: DynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
+    gated = gate_dense(g, layer.inactive_channels)  # k_off as a tensor: traces
+    return dense_masked_conv(x, layer.weight, gated, layer.spec, layer.heads)
+
+
+def _run_bmm(layer: DynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
+    index, scale = select_kept(g, layer._inactive)
+    return gathered_conv(x, layer.weight, index, scale, layer.spec, layer.heads)
+
+
+def _run_batch_grouped(layer: DynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
+    index, scale = select_kept(g, layer._inactive)
+    return grouped_gathered_conv(x, layer.weight, index, scale, layer.spec, layer.heads)
+
+
+def _run_triton(layer: DynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
+    inactive = layer._inactive
+    if torch.is_grad_enabled() and (
+        x.requires_grad or g.requires_grad or layer.weight.requires_grad
+    ):
+        gated = gate_dense(g, layer.inactive_channels)
+        index = select_kept(g, inactive)[0]
+        return GatedHeadsConv.apply(
+            x, gated, layer.weight, index, layer.spec, layer.heads, True, layer.backward_chunks
+        )
+    kernel_weight = triton_kernel_layout(layer.weight, layer.heads)
+    return sparse_conv_triton(x, kernel_weight, g, inactive, layer.spec, layer.heads)
+
+
+def _triton_refuses(layer: DynamicGroupConv2d, call: FormCall) -> str | None:
+    if call.needs_grad and zero_padding(layer.spec) is None:
+        return (
+            "impl='triton' trains only with zero padding (padding_mode='zeros', symmetric); "
+            "use 'bmm' or 'masked'"
+        )
+    return None
+
+
+def rule(layer: DynamicGroupConv2d, call: FormCall) -> list[str]:
+    """DGC's forms in order of preference where nothing is measured (module docstring)."""
+    x = call.x
+    if triton_preferred(x):
+        return ["triton", "masked"] if call.train else ["triton", "bmm"]
+    if x.device.type == "cpu":
+        pointwise = layer.spec.kernel_numel == 1 and layer.spec.stride == (1, 1)
+        first = ["masked"] if layer._inactive == 0 else []
+        return [*first, "bmm" if pointwise else "batch_grouped", "bmm", "masked"]
+    return ["masked", "bmm"] if call.train else ["bmm", "masked"]
+
+
+#: DGC's execution forms (the declaration :class:`~dynaconv.layers.ChoosesForm` reads). The
+#: gathered forms read ``k_off`` from the buffer as a host int, so traced graphs run
+#: ``"masked"`` (the export form), which takes it as a tensor.
+FORMS = Forms(
+    forms={
+        "masked": Form(_run_masked),
+        "bmm": Form(_run_bmm, traceable=False),
+        "batch_grouped": Form(_run_batch_grouped, batch_dependent=True, traceable=False),
+        "triton": Form(
+            _run_triton,
+            triton=True,
+            batch_dependent=True,
+            traceable=False,
+            refuses=_triton_refuses,
+        ),
+    },
+    rule=rule,
+    export=lambda layer, x: "masked",
+    key=lambda layer, x, *args: (layer.spec, layer.heads, layer.hidden, layer._inactive),
+)
 
 
 @register_family(
@@ -241,6 +313,7 @@ class DynamicGroupConv2d(DynaConv2d):
 
     title = "DGC"
     conv_groups = "one"
+    forms = FORMS
 
     def _init_family(
         self,
@@ -366,47 +439,10 @@ class DynamicGroupConv2d(DynaConv2d):
             # The lasso term of this forward, read by aux_loss(): a plain attribute (not
             # schedule state), so every DDP rank / compiled graph uses its own forward's value.
             self._last_lasso = lasso(g)
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
-        )
-        if tracing():
-            # Traced graphs take k_off as the buffer tensor: nothing specialises on its value.
-            impl = "masked"
-        else:
-            impl = dgc_form(
-                resolve_impl(self.impl, _IMPLS),
-                needs_grad,
-                self.training,
-                self.spec,
-                zero_padding(self.spec) is not None,
-                x,
-            )
-        if impl == "masked":
-            out = dense_masked_conv(
-                x, self.weight, gate_dense(g, self.inactive_channels), self.spec, self.heads
-            )
-        else:
-            out = self._sparse_forward(x, g, impl, needs_grad)
+        out = self.run_form(x, g)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         return out
-
-    def _sparse_forward(self, x: Tensor, g: Tensor, impl: str, needs_grad: bool) -> Tensor:
-        """The gathered forms (eager only): ``k_off`` is read from the buffer as a host int."""
-        inactive = self._inactive
-        if impl == "triton" and needs_grad:
-            gated = gate_dense(g, self.inactive_channels)
-            index = select_kept(g, inactive)[0]
-            return GatedHeadsConv.apply(
-                x, gated, self.weight, index, self.spec, self.heads, True, self.backward_chunks
-            )
-        if impl == "triton":
-            kernel_weight = triton_kernel_layout(self.weight, self.heads)
-            return sparse_conv_triton(x, kernel_weight, g, inactive, self.spec, self.heads)
-        index, scale = select_kept(g, inactive)
-        if impl == "batch_grouped":
-            return grouped_gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
-        return gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
 
     def __getstate__(self) -> dict[str, Any]:
         # The last lasso term is part of an autograd graph: copies and pickles drop it.

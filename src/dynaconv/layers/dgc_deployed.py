@@ -3,7 +3,7 @@
 Su et al., "Dynamic Group Convolution for Accelerating Convolutional Neural Networks",
 ECCV 2020. :meth:`dynaconv.layers.dgc.DynamicGroupConv2d.deploy` returns a
 :class:`SparseDynamicGroupConv2d` with the layer's weights, saliency generators and current
-kept count (the math: :mod:`dynaconv.functional.dgc`; the form: :mod:`dynaconv.dispatch`).
+kept count (the math: :mod:`dynaconv.functional.dgc`; its execution forms: :data:`FORMS`).
 """
 
 from __future__ import annotations
@@ -12,17 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor, nn
 
-from ..dispatch import (
-    FAMILY_IMPLS,
-    cuda_timer,
-    dgc_form,
-    host_timer,
-    measured_choices,
-    measuring,
-    resolve_impl,
-    tracing,
-    triton_preferred,
-)
+from ..dispatch import tracing, triton_preferred
 from ..functional.dgc import (
     gathered_conv,
     grouped_gathered_conv,
@@ -30,10 +20,20 @@ from ..functional.dgc import (
     select_kept,
     transposed_head_kernels,
     triton_kernel_layout,
-    zero_padding,
 )
 from ..kernels.dgc import sparse_conv_triton
-from ._base import Convention, ConvSpec, MacCount, Shape, check_input, check_output_size
+from ._base import (
+    ChoosesForm,
+    Convention,
+    ConvSpec,
+    Form,
+    FormCall,
+    Forms,
+    MacCount,
+    Shape,
+    check_input,
+    check_output_size,
+)
 
 if TYPE_CHECKING:
     from .dgc import DynamicGroupConv2d
@@ -42,23 +42,71 @@ __all__ = ["SparseDynamicGroupConv2d"]
 
 SaliencyMode = Literal["reference", "neutral"]
 _SALIENCY_MODES = ("reference", "neutral")
-_IMPLS = FAMILY_IMPLS["dgc"]
-_DEPLOYED_IMPLS = FAMILY_IMPLS["dgc_deployed"]
 
 
-class SparseDynamicGroupConv2d(nn.Module):
+def _inactive(module: SparseDynamicGroupConv2d) -> int:
+    return module.spec.in_channels - module.kept
+
+
+def _run_bmm(module: SparseDynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
+    index, scale = select_kept(g, _inactive(module))
+    return gathered_conv(x, module.weight, index, scale, module.spec, module.heads)
+
+
+def _run_batch_grouped(module: SparseDynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
+    index, scale = select_kept(g, _inactive(module))
+    transposed = module.layouts()[1]
+    return grouped_gathered_conv(
+        x, module.weight, index, scale, module.spec, module.heads, transposed
+    )
+
+
+def _run_triton(module: SparseDynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
+    kernel_weight = module.layouts()[0]
+    return sparse_conv_triton(x, kernel_weight, g, _inactive(module), module.spec, module.heads)
+
+
+def _rule(module: SparseDynamicGroupConv2d, call: FormCall) -> list[str]:
+    """Without measuring: the Triton kernel on CUDA; on CPU ``"bmm"`` for 1x1 stride-1
+    kernels and the batch-grouped conv otherwise; ``"bmm"`` elsewhere."""
+    if triton_preferred(call.x):
+        return ["triton", "bmm"]
+    if call.x.device.type == "cpu":
+        pointwise = module.spec.kernel_numel == 1 and module.spec.stride == (1, 1)
+        return ["bmm"] if pointwise else ["batch_grouped", "bmm"]
+    return ["bmm"]
+
+
+#: The deployed DGC layer's execution forms (the declaration
+#: :class:`~dynaconv.layers.ChoosesForm` reads). ``kept`` is fixed structure, so the gathered
+#: ``"bmm"`` form traces and exports.
+FORMS = Forms(
+    forms={
+        "bmm": Form(_run_bmm),
+        "batch_grouped": Form(_run_batch_grouped, batch_dependent=True, traceable=False),
+        "triton": Form(_run_triton, triton=True, batch_dependent=True, traceable=False),
+    },
+    rule=_rule,
+    export=lambda module, x: "bmm",
+    key=lambda module, x, *args: (module.spec, module.heads, module.kept, module.fc1_weight.shape),
+)
+
+
+class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
     """The deployed DGC layer: computes only the kept channels of each example and head.
 
     Same numbers as :class:`DynamicGroupConv2d` in eval mode, at ``K/Cin`` of the conv MACs
     (``K = Cin - k_off``). ``impl``: ``"auto"``, ``"torch"``, ``"bmm"``, ``"batch_grouped"`` or
     ``"triton"`` (or an older spelling), chosen as in :class:`DynamicGroupConv2d`'s inference
-    (module docstring); on CUDA with ``cudnn.benchmark`` on, ``"auto"`` measures the forms
-    once per input shape.
+    (module docstring); ``"auto"`` measures the forms that can run once per input shape
+    (:class:`~dynaconv.layers.ChoosesForm`; :data:`FORMS`).
 
     ``kept`` (``K``) is fixed structure, like ``nn.Conv2d``'s ``groups``: a plain int, not
     state (not in the state dict), read by every path, traced ones included (their shapes
     depend on it). It is the layer's count when :meth:`DynamicGroupConv2d.deploy` ran.
     """
+
+    forms = FORMS
 
     def __init__(
         self,
@@ -78,7 +126,6 @@ class SparseDynamicGroupConv2d(nn.Module):
             raise ValueError(
                 f"saliency_mode must be one of {_SALIENCY_MODES}, got {saliency_mode!r}"
             )
-        impl = resolve_impl(impl, _DEPLOYED_IMPLS)
         if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= spec.in_channels:
             raise ValueError(
                 f"kept must be an int in [1, in_channels={spec.in_channels}], got {kept!r}"
@@ -114,8 +161,7 @@ class SparseDynamicGroupConv2d(nn.Module):
 
     @classmethod
     def from_layer(cls, layer: DynamicGroupConv2d) -> SparseDynamicGroupConv2d:
-        impl = resolve_impl(layer.impl, _IMPLS)
-        impl = impl if impl in _DEPLOYED_IMPLS else "auto"
+        impl = layer.impl if layer.impl in FORMS.impls else "auto"
         return cls(
             layer.spec,
             layer.heads,
@@ -144,50 +190,10 @@ class SparseDynamicGroupConv2d(nn.Module):
         g = saliency(
             x, self.fc1_weight, self.fc2_weight, self.fc2_bias, self.saliency_mode == "neutral"
         )
-        inactive = self.spec.in_channels - self.kept
-        impl = resolve_impl(self.impl, _DEPLOYED_IMPLS)
-        if impl == "auto" and x.shape[0] > 0 and measuring(x):
-            impl = self._measured_form(x, g, inactive)
-        else:
-            impl = dgc_form(impl, False, False, self.spec, zero_padding(self.spec) is not None, x)
-        out = self._run(impl, x, g, inactive)
+        out = self.run_form(x, g)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         return out
-
-    def _run(self, impl: str, x: Tensor, g: Tensor, inactive: int) -> Tensor:
-        if impl == "triton":
-            return sparse_conv_triton(x, self.layouts()[0], g, inactive, self.spec, self.heads)
-        index, scale = select_kept(g, inactive)
-        if impl == "batch_grouped":
-            return grouped_gathered_conv(
-                x, self.weight, index, scale, self.spec, self.heads, self.layouts()[1]
-            )
-        return gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
-
-    def _measured_form(self, x: Tensor, g: Tensor, inactive: int) -> str:
-        """The fastest form for this input shape, measured once (``impl="auto"`` on CUDA with
-        ``cudnn.benchmark`` on, see :func:`dynaconv.dispatch.measuring`): the Triton kernel
-        (where it runs), the batch-grouped conv and ``"bmm"``. Kept in
-        :data:`dynaconv.dispatch.measured_choices`."""
-        key = (
-            "dgc_deployed",
-            x.device,
-            x.dtype,
-            self.spec,
-            self.heads,
-            self.kept,
-            tuple(x.shape),
-            x.is_contiguous(),
-        )
-        candidates = [*(["triton"] if triton_preferred(x) else []), "batch_grouped", "bmm"]
-        return measured_choices.choose(
-            key,
-            candidates,
-            lambda impl: self._run(impl, x, g, inactive),
-            timer=cuda_timer if x.is_cuda else host_timer,
-            label="SparseDynamicGroupConv2d",
-        )
 
     def count_macs(
         self, input_shape: Shape, output_shape: Shape, convention: Convention = "dense"

@@ -74,17 +74,26 @@ exceeding the budget (its gradient raises the cost), so the exponent's sign is f
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..dispatch import FAMILY_IMPLS, resolve_impl, uses_triton
+from ..dispatch import tracing, triton_preferred, triton_unusable_reason
 from ..families import register_family
 from ..kernels import dgconv as dgconv_kernels
-from ._base import Convention, ConversionSkipped, DynaConv2d, MacCount, Shape, check_input
+from ._base import (
+    Convention,
+    ConversionSkipped,
+    DynaConv2d,
+    Form,
+    FormCall,
+    Forms,
+    MacCount,
+    Shape,
+    check_input,
+)
 from .dgconv_deployed import PermutedGroupConv2d
 
 __all__ = [
@@ -94,10 +103,8 @@ __all__ = [
     "connectivity_mask",
 ]
 
-log = logging.getLogger("dynaconv")
 
 Impl = Literal["auto", "torch", "triton"]
-_IMPLS = FAMILY_IMPLS["dgconv"]
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GATE_INIT = 1e-8
 #: Default gate magnitude of a layer converted from a conv (module docstring).
@@ -174,14 +181,43 @@ def _deploy_order(b_kron: Tensor) -> Tensor:
     return torch.argsort(new_code)
 
 
+def _run(form: str) -> Any:
+    def run(layer: GroupableConv2d, x: Tensor) -> Tensor:
+        return layer.spec.conv2d(x, layer.masked_weight(form), layer.bias)
+
+    run.__name__ = f"run_{form}"
+    return run
+
+
+def _rule(layer: GroupableConv2d, call: FormCall) -> list[str]:
+    """Without measuring: the fused kernel on CUDA for the float dtypes it is tuned for."""
+    fused = triton_preferred(call.x) and layer.dense_weight.dtype in _TRITON_DTYPES
+    return ["triton", "torch"] if fused else ["torch"]
+
+
+#: DGConv's execution forms (the declaration :class:`~dynaconv.layers.ChoosesForm` reads):
+#: the masked kernel built in PyTorch (``"torch"``) or by the fused kernel (``"triton"``,
+#: :mod:`dynaconv.kernels.dgconv`), then the conv.
+FORMS = Forms(
+    forms={
+        "torch": Form(_run("torch")),
+        "triton": Form(_run("triton"), triton=True, traceable=False),
+    },
+    rule=_rule,
+    export=lambda layer, x: "torch",
+    key=lambda layer, x, *args: (layer.spec, layer.sort),
+)
+
+
 @register_family("dgconv", structure_plot="groups")
 class GroupableConv2d(DynaConv2d):
     """Groupable convolution (drop-in for a square ``nn.Conv2d`` with ``C = 2^K`` channels).
 
     Args: those of ``nn.Conv2d`` (``in_channels == out_channels == 2^K``, ``groups=1``), plus
     ``sort``: order the Kronecker factors identity-first (contiguous groups, no permutation at
-    deployment); ``impl``: ``"auto"`` (the fused Triton kernel on CUDA, PyTorch otherwise and
-    under ``torch.compile``), ``"torch"`` or ``"triton"``.
+    deployment); ``impl``: ``"auto"`` (the faster of the fused Triton kernel and PyTorch on
+    CUDA, measured; PyTorch on CPU and under ``torch.compile``), ``"torch"`` or ``"triton"``
+    (:data:`FORMS`).
 
     Parameters: ``gate`` ``(K,)`` (initialised to ``+-1e-8`` with random signs), ``dense_weight``
     ``(C, C, kh, kw)`` and ``bias``. ``.weight`` is the masked kernel.
@@ -189,6 +225,7 @@ class GroupableConv2d(DynaConv2d):
 
     title = "DGConv"
     conv_groups = "learn"
+    forms = FORMS
 
     #: The gates' signs are the learned groups: an EMA copies them instead of averaging.
     structural_parameters: ClassVar[tuple[str, ...]] = ("gate",)
@@ -211,8 +248,6 @@ class GroupableConv2d(DynaConv2d):
         self.num_gates = _channel_bits(in_channels, out_channels)
         if not isinstance(sort, bool):
             raise ValueError(f"sort must be a bool, got {sort!r}")
-        if impl not in _IMPLS:
-            raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
         self.sort = sort
         self.impl = impl
         factory = {"device": device, "dtype": dtype}
@@ -223,7 +258,6 @@ class GroupableConv2d(DynaConv2d):
             torch.empty(out_channels, in_channels, *self.spec.kernel_size, **factory)
         )
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        self._triton_failed = False  # impl="auto" falls back to PyTorch if the kernel fails
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -271,31 +305,27 @@ class GroupableConv2d(DynaConv2d):
         """Groups of the learned structure: ``2^(number of gates with b = 0)``."""
         return 2 ** int((self.gate.detach() < 0).sum())
 
-    def _use_triton(self) -> bool:
-        """Whether the mask is applied by the fused kernel: :func:`dynaconv.dispatch.uses_triton`
-        (``"auto"``: CUDA, a float dtype the kernel takes, and no earlier failure)."""
-        w = self.dense_weight
-        return uses_triton(
-            resolve_impl(self.impl, _IMPLS),
-            w,
-            self.gate,
-            automatic=not self._triton_failed and w.dtype in _TRITON_DTYPES,
-        )
+    def _weight_form(self) -> str:
+        """The form of :meth:`masked_weight` outside a forward (``.weight``, ``deploy``):
+        ``impl`` when it names one, else the rule's choice for the weights' device."""
+        impl = self.impl
+        if impl in FORMS.forms and not (tracing() and not FORMS[impl].traceable):
+            return impl
+        if impl == "auto" and not tracing():
+            call = FormCall(self.dense_weight, False, False)
+            return self.ruled_form(call, self.form_candidates(call))
+        return "torch"
 
-    def masked_weight(self) -> Tensor:
-        """``dense_weight * U``: the effective kernel (differentiable)."""
-        if self._use_triton():
-            try:
-                return dgconv_kernels.masked_weight(self.dense_weight, self.gate, self.sort)
-            except Exception as error:  # a Triton build that cannot compile the kernel
-                if self.impl == "triton":
-                    raise
-                log.warning(
-                    "DGConv Triton kernel failed (%s: %s); using the PyTorch path",
-                    type(error).__name__,
-                    error,
-                )
-                self._triton_failed = True
+    def masked_weight(self, form: str | None = None) -> Tensor:
+        """``dense_weight * U``: the effective kernel (differentiable), built by ``form``
+        (``"torch"`` or ``"triton"``; default: see :meth:`_weight_form`). ``"triton"`` where
+        the kernel cannot run is a ``ValueError`` saying why (no silent fallback)."""
+        form = self._weight_form() if form is None else form
+        if form == "triton":
+            why = triton_unusable_reason(self.dense_weight, self.gate)
+            if why is not None:
+                raise ValueError(f"impl='triton' cannot run here: {why}")
+            return dgconv_kernels.masked_weight(self.dense_weight, self.gate, self.sort)
         return self.dense_weight * self.mask()[:, :, None, None].to(self.dense_weight.dtype)
 
     @property
@@ -305,7 +335,7 @@ class GroupableConv2d(DynaConv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
-        return self.spec.conv2d(x, self.masked_weight(), self.bias)
+        return self.run_form(x)
 
     def active_connections(self) -> Tensor:
         """The reference regulariser ``2^(K + sum b)``: the number of active connections of

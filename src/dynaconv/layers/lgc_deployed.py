@@ -4,9 +4,9 @@ Huang, Liu, van der Maaten and Weinberger, "CondenseNet: An Efficient DenseNet u
 Group Convolutions", CVPR 2018. :meth:`dynaconv.layers.lgc.LearnedGroupConv2d.deploy` returns
 a :class:`CondensedGroupConv2d` (the training layer's condensed connectivity as an input
 gather and a grouped convolution, optionally with the BN-ReLU around it folded in), which runs
-in plain PyTorch or through the fused kernel of :mod:`dynaconv.kernels.lgc` (the choice:
-:func:`dynaconv.dispatch.uses_triton`; on CUDA with ``cudnn.benchmark`` on, ``impl="auto"``
-measures both once per input shape).
+in plain PyTorch or through the fused kernel of :mod:`dynaconv.kernels.lgc` (the forms:
+:data:`FORMS`; ``impl="auto"`` measures both on CUDA once per input shape, see
+:class:`~dynaconv.layers.ChoosesForm`).
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..dispatch import (
-    FAMILY_IMPLS,
-    cuda_timer,
-    host_timer,
-    measured_choices,
-    measuring,
-    resolve_impl,
-    tracing,
-    uses_triton,
-)
+from ..dispatch import tracing, triton_preferred
 from ..kernels import lgc as lgc_kernels
-from ._base import Convention, ConvSpec, MacCount, Shape, check_input
+from ._base import (
+    ChoosesForm,
+    Convention,
+    ConvSpec,
+    Form,
+    FormCall,
+    Forms,
+    MacCount,
+    Shape,
+    check_input,
+)
 
 if TYPE_CHECKING:
     from .lgc import LearnedGroupConv2d
@@ -37,7 +38,51 @@ if TYPE_CHECKING:
 __all__ = ["CondensedGroupConv2d", "GatherWorkspace", "check_gather_index", "fold_batchnorm"]
 
 Impl = Literal["auto", "torch", "triton"]
-_IMPLS = FAMILY_IMPLS["lgc_deployed"]
+
+
+def _triton_refuses(module: CondensedGroupConv2d, call: FormCall) -> str | None:
+    if lgc_kernels.supports(module, call.x):
+        return None
+    return "the fused kernel needs a 1x1, stride-1, unpadded kernel"
+
+
+def _fused(module: CondensedGroupConv2d, x: Tensor) -> bool:
+    return triton_preferred(x) and _triton_refuses(module, FormCall(x, False, False)) is None
+
+
+def _key(module: CondensedGroupConv2d, x: Tensor, *args: Any) -> tuple[Any, ...]:
+    return (
+        module.spec,
+        module.weight.dtype,
+        module.in_channels,
+        module.index.numel(),
+        module.learned_groups,
+        module.interleave,
+        module.bias is not None,
+        module.in_scale is not None,
+        module.in_relu,
+        module.out_scale is not None,
+        module.out_relu,
+    )
+
+
+#: The deployed LGC's execution forms (the declaration :class:`~dynaconv.layers.ChoosesForm`
+#: reads): the PyTorch path and the fused kernel, a custom op that compiled and exported graphs
+#: keep (on CUDA, where it applies, it is also the export form).
+FORMS = Forms(
+    forms={
+        "torch": Form(lambda module, x: module.forward_torch(x)),
+        "triton": Form(
+            lambda module, x: lgc_kernels.condensed_conv(module, x),
+            triton=True,
+            batch_dependent=True,
+            refuses=_triton_refuses,
+        ),
+    },
+    rule=lambda module, call: ["triton", "torch"],
+    export=lambda module, x: "triton" if _fused(module, x) else "torch",
+    key=_key,
+)
 
 
 def check_gather_index(index: Tensor, in_channels: int, key: str = "index") -> None:
@@ -95,7 +140,7 @@ class GatherWorkspace:
         self._buffers.clear()
 
 
-class CondensedGroupConv2d(nn.Module):
+class CondensedGroupConv2d(ChoosesForm, nn.Module):
     """The deployed LGC ("index layer"), optionally with the BN-ReLU around it folded in.
 
     ``y = post(order(conv_G(pre(x[:, index]))))`` where
@@ -112,8 +157,11 @@ class CondensedGroupConv2d(nn.Module):
 
     ``impl``: ``"torch"`` (index_select, grouped conv), ``"triton"`` (one fused kernel reading
     ``x`` through the index, 1x1 stride-1 unpadded kernels only) or ``"auto"`` (Triton on CUDA
-    when it applies). Inference only: the folded BNs use their running statistics.
+    when it applies, measured against PyTorch, :data:`FORMS`). Inference only: the folded BNs
+    use their running statistics.
     """
+
+    forms = FORMS
 
     def __init__(
         self,
@@ -134,7 +182,7 @@ class CondensedGroupConv2d(nn.Module):
         impl: Impl = "auto",
     ) -> None:
         super().__init__()
-        impl = resolve_impl(impl, _IMPLS)
+        impl = FORMS.resolve(impl)
         groups = _positive_int(learned_groups, "learned_groups")
         cout, per_group = weight.shape[:2]
         if cout % groups or index.numel() != groups * per_group:
@@ -309,18 +357,8 @@ class CondensedGroupConv2d(nn.Module):
     # ---------------------------------------------------------------------------------------
 
     def _use_triton(self, x: Tensor) -> bool:
-        """Whether this call runs the fused kernel: :func:`dynaconv.dispatch.uses_triton` (the
-        kernel is a custom op, so compiled and exported graphs keep it)."""
-        impl = resolve_impl(self.impl, _IMPLS)
-        if impl == "torch":
-            return False
-        return uses_triton(
-            impl,
-            x,
-            supported=lgc_kernels.supports(self, x),
-            traceable=True,
-            what=" and a 1x1, stride-1, unpadded kernel",
-        )
+        """Whether a forward on ``x`` runs the fused kernel."""
+        return self.choose_form(x) == "triton"
 
     def forward(self, x: Tensor, *, prefix: bool = False) -> Tensor:
         """The layer on ``x`` ``(B, in_channels, H, W)``.
@@ -336,46 +374,7 @@ class CondensedGroupConv2d(nn.Module):
                 x = x[:, : self.in_channels]
         else:
             check_input(x, self.in_channels, type(self).__name__)
-        return self._run(x)
-
-    def _run(self, x: Tensor) -> Tensor:
-        if x.shape[0] > 0 and self._use_triton(x):  # an empty batch has no work to launch
-            if resolve_impl(self.impl, _IMPLS) == "auto" and measuring(x):
-                return self._run_form(self._measured_form(x), x)
-            return lgc_kernels.condensed_conv(self, x)
-        return self.forward_torch(x)
-
-    def _run_form(self, form: str, x: Tensor) -> Tensor:
-        return lgc_kernels.condensed_conv(self, x) if form == "triton" else self.forward_torch(x)
-
-    def _measured_form(self, x: Tensor) -> str:
-        """``"triton"`` or ``"torch"``, whichever ran this input shape faster, measured once
-        (``impl="auto"`` on CUDA with ``cudnn.benchmark`` on, see
-        :func:`dynaconv.dispatch.measuring`); kept in :data:`dynaconv.dispatch.measured_choices`."""
-        key = (
-            "lgc_deployed",
-            x.device,
-            x.dtype,
-            tuple(x.shape),
-            tuple(x.stride()),
-            self.spec,
-            self.in_channels,
-            self.index.numel(),
-            self.learned_groups,
-            self.interleave,
-            self.bias is not None,
-            self.in_scale is not None,
-            self.in_relu,
-            self.out_scale is not None,
-            self.out_relu,
-        )
-        return measured_choices.choose(
-            key,
-            ["triton", "torch"],
-            lambda form: self._run_form(form, x),
-            timer=cuda_timer if x.is_cuda else host_timer,
-            label="CondensedGroupConv2d",
-        )
+        return self.run_form(x)
 
     def forward_torch(self, x: Tensor) -> Tensor:
         """The plain PyTorch path: index_select, folded BN-ReLU, grouped conv, reorder.
