@@ -14,6 +14,7 @@ import dynaconv
 from conftest import assert_close64, load_fixture
 from dynaconv import DynamicGroupConv2d
 from dynaconv.compat import layer_from_reference, model_from_reference
+from dynaconv.functional.dgc import gathered_conv, head_grouped_conv, kernel_rows
 from dynaconv.kernels.dgc import GatedHeadsConv
 from dynaconv.layers.dgc import (
     SparseDynamicGroupConv2d,
@@ -263,9 +264,22 @@ layer_configs = st.fixed_dictionaries(
         "progress": st.sampled_from([0.0, 0.3, 0.5, 1.0]),
         "ties": st.booleans(),
         "batch": st.integers(1, 3),
+        # examples repeated at the end of the batch: they keep the same channels as the
+        # first ones (the head-grouped form shares their kernels)
+        "repeats": st.integers(0, 2),
         "seed": st.integers(0, 2**16),
     }
 )
+
+
+def _batch(cfg, height: int, width: int, requires_grad: bool = False) -> torch.Tensor:
+    x = torch.rand(cfg["batch"], cfg["cin"], height, width, dtype=torch.float64)
+    x = torch.cat([x, x[: cfg.get("repeats", 0)]])
+    return x.requires_grad_(requires_grad)
+
+
+SPARSE_FORMS = ["sparse", "grouped", "head_grouped"]
+DEPLOYED_FORMS = ["auto", "torch", "masked", "bmm", "batch_grouped", "head_grouped"]
 
 
 def _outputs(layer, x, impls):
@@ -279,17 +293,55 @@ def _outputs(layer, x, impls):
 @given(cfg=layer_configs)
 def test_dense_equals_sparse_float64(cfg):
     layer = _random_layer(cfg)
-    x = torch.rand(cfg["batch"], cfg["cin"], 6, 5, dtype=torch.float64)
+    x = _batch(cfg, 6, 5)
     for mode in ("eval", "train"):
         layer.train(mode == "train")
-        outs = _outputs(layer, x, ["dense", "sparse", "grouped"])
-        assert_close64(outs["sparse"], outs["dense"], rtol=1e-12, atol=1e-13)
-        assert_close64(outs["grouped"], outs["dense"], rtol=1e-12, atol=1e-13)
+        outs = _outputs(layer, x, ["dense", *SPARSE_FORMS])
+        for impl in SPARSE_FORMS:
+            assert_close64(outs[impl], outs["dense"], rtol=1e-12, atol=1e-13)
+    with torch.no_grad():  # the measured inference forms of the layer itself
+        for impl in ("auto", "torch"):
+            layer.impl = impl
+            assert_close64(layer(x), outs["dense"], rtol=1e-12, atol=1e-13)
     deployed = layer.eval().deploy()
     with torch.no_grad():
-        for impl in ("auto", "sparse", "grouped"):
+        for impl in DEPLOYED_FORMS:
             deployed.impl = impl
             assert_close64(deployed(x), outs["dense"], rtol=1e-12, atol=1e-13)
+
+
+@given(cfg=layer_configs, share=st.booleans())
+def test_inference_forms_equal_the_masked_reference_float64(cfg, share):
+    """Every standalone inference form against the masked reference, with examples that keep
+    the same channels (``share``: input-independent saliencies; repeated examples) or not;
+    and the head-grouped form with shared kept sets but per-example scales."""
+    from dynaconv.layers.dgc_deployed import inference_candidates, run_inference_form
+
+    layer = _random_layer(cfg).eval()
+    if share:  # saliency = relu(fc2 bias): the same kept set for every example
+        with torch.no_grad():
+            layer.fc2_weight.zero_()
+    x = _batch(cfg, 7, 6)
+    with torch.no_grad():
+        g = layer.saliency(x)
+        inactive = int(layer.inactive_channels)
+        expected = dynaconv.functional.dgc.dense_masked_conv(
+            x, layer.weight, gate_dense(g, layer.inactive_channels), layer.spec, layer.heads
+        )
+        forms = {*inference_candidates(x, layer.spec), "bmm", "batch_grouped", "head_grouped"}
+        for form in sorted(forms):
+            out = run_inference_form(form, x, g, inactive, layer.weight, layer.spec, layer.heads)
+            assert_close64(out, expected, rtol=1e-12, atol=1e-13)
+        index, _ = select_kept(g, inactive)
+        index = index[:1].expand_as(index)  # one kept set per head for all examples
+        scale = torch.rand(index.shape, dtype=torch.float64) + 0.5
+        rows = kernel_rows(layer.weight, layer.heads, layer.spec)
+        assert_close64(
+            head_grouped_conv(x, rows, index, scale, layer.spec, layer.heads),
+            gathered_conv(x, layer.weight, index, scale, layer.spec, layer.heads),
+            rtol=1e-12,
+            atol=1e-13,
+        )
 
 
 def test_ties_zero_more_channels_in_both_paths():
@@ -306,7 +358,7 @@ def test_ties_zero_more_channels_in_both_paths():
         x * torch.tensor([0, 0, 0, 0, 3.0, 4, 5, 6], dtype=torch.float64).reshape(1, 8, 1, 1),
         layer.weight,
     )
-    outs = _outputs(layer.eval(), x, ["dense", "sparse", "grouped"])
+    outs = _outputs(layer.eval(), x, ["dense", *SPARSE_FORMS])
     for out in outs.values():
         assert_close64(out, expected, rtol=1e-12, atol=1e-13)
 
@@ -314,9 +366,9 @@ def test_ties_zero_more_channels_in_both_paths():
 @given(cfg=layer_configs)
 def test_sparse_training_gradients_equal_dense(cfg):
     layer = _random_layer(cfg).train()
-    x = torch.rand(cfg["batch"], cfg["cin"], 5, 5, dtype=torch.float64, requires_grad=True)
+    x = _batch(cfg, 5, 5, requires_grad=True)
     grads = {}
-    for impl in ("dense", "sparse", "grouped"):
+    for impl in ("dense", *SPARSE_FORMS):
         layer.impl = impl
         layer.zero_grad()
         x.grad = None
@@ -324,7 +376,7 @@ def test_sparse_training_gradients_equal_dense(cfg):
         loss = (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum()
         (loss + layer.aux_loss()).backward()
         grads[impl] = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
-    for impl in ("sparse", "grouped"):
+    for impl in SPARSE_FORMS:
         for dense, other in zip(grads["dense"], grads[impl]):
             assert_close64(other, dense, rtol=1e-10, atol=1e-12)
 

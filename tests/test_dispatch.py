@@ -18,6 +18,7 @@ from dynaconv.dispatch import (
     resolve_impl,
     tracing,
 )
+from dynaconv.functional.dgc import dense_masked_conv, gate_dense
 from dynaconv.layers import dgc_deployed
 from dynaconv.layers.condconv import choose_form
 
@@ -43,7 +44,7 @@ def test_resolve_impl_canonicalises_and_refuses_with_the_valid_values():
     with pytest.raises(ValueError, match="form must be one of"):
         resolve_impl(None, valid, "form")
     with pytest.raises(ValueError, match="impl must be one of"):  # alias of a name not valid
-        resolve_impl("dense", FAMILY_IMPLS["dgc_deployed"])
+        resolve_impl("grouped", FAMILY_IMPLS["dgconv"])
 
 
 @pytest.mark.parametrize(
@@ -174,26 +175,63 @@ def test_measured_choices_keep_the_fastest_and_skip_failures():
 
 
 def test_deployed_dgc_measures_once_per_shape_and_stays_exact(monkeypatch):
-    """The measured path of ``impl="auto"`` (CUDA with cudnn.benchmark), forced on CPU."""
+    """``impl="auto"`` inference measures every candidate once per shape (on the CPU always),
+    keeps the fastest and then only looks it up; the layer's and the module's choices are
+    kept apart (their forms cost differently)."""
     clear_measured_choices()
-    monkeypatch.setattr(dgc_deployed, "measuring", lambda *tensors: True)
     layer = _dgc_layer().eval()
     deployed = layer.deploy()
     x = torch.randn(3, 8, 6, 6, dtype=torch.float64)
-    expected = layer(x)
+    with torch.no_grad():
+        expected = dense_masked_conv(
+            x,
+            layer.weight,
+            gate_dense(layer.saliency(x), layer.inactive_channels),
+            layer.spec,
+            layer.heads,
+        ) + layer.bias.reshape(1, -1, 1, 1)
     ran = []
     run = deployed._run
     monkeypatch.setattr(deployed, "_run", lambda impl, *args: ran.append(impl) or run(impl, *args))
     assert_close64(deployed(x), expected)
-    assert {"batch_grouped", "bmm"} <= set(ran)  # both candidates were timed
-    keys = [k for k in measured_choices if k[0] == "dgc_deployed"]
-    assert len(keys) == 1 and measured_choices.get(keys[0]) in ("batch_grouped", "bmm")
+    candidates = dgc_deployed.inference_candidates(x, deployed.spec)
+    assert {"head_grouped", "batch_grouped", "masked"} <= set(candidates)
+    assert set(candidates) <= set(ran)  # every candidate was timed
+    keys = [k for k in measured_choices if k[0] == "dgc_inference"]
+    assert len(keys) == 1 and measured_choices.get(keys[0]) in candidates
     ran.clear()
     assert_close64(deployed(x), expected)
     assert ran == [measured_choices.get(keys[0])]  # looked up: one run, no measuring
-    assert len(measured_choices) == 1
+    assert_close64(deployed(x[:1]), expected[:1])  # another shape: measured anew
+    with torch.no_grad():
+        assert_close64(layer(x), expected)  # the layer's eval forward: its own key
+    assert len(measured_choices) == 3
     clear_measured_choices()
     assert len(measured_choices) == 0
+
+
+def test_dgc_auto_inference_runs_what_was_measured_fastest(monkeypatch):
+    """Whatever the timings, ``auto`` runs the candidate measured fastest."""
+    layer = _dgc_layer().eval()
+    deployed = layer.deploy()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    run = deployed._run
+    ran: list[str] = []
+    monkeypatch.setattr(deployed, "_run", lambda impl, *args: ran.append(impl) or run(impl, *args))
+    for fastest in ("masked", "head_grouped", "batch_grouped"):
+        clear_measured_choices()
+        ran.clear()
+
+        def timer(call, repeat, fastest=fastest):
+            call()
+            return 1.0 if ran[-1] == fastest else 2.0
+
+        monkeypatch.setattr(dgc_deployed, "median_host_timer", timer)
+        deployed(x)
+        ran.clear()
+        deployed(x)
+        assert ran == [fastest]
+    clear_measured_choices()
 
 
 @pytest.mark.skipif(

@@ -123,6 +123,8 @@ from ..functional.dgc import (
     gate_dense,
     gathered_conv,
     grouped_gathered_conv,
+    head_grouped_conv,
+    kernel_rows,
     lasso,
     saliency,
     select_kept,
@@ -140,7 +142,14 @@ from ._base import (
     check_progress,
     kaiming_uniform_,
 )
-from .dgc_deployed import _SALIENCY_MODES, SaliencyMode, SparseDynamicGroupConv2d
+from .dgc_deployed import (
+    _SALIENCY_MODES,
+    SaliencyMode,
+    SparseDynamicGroupConv2d,
+    automatic_inference,
+    choose_inference_form,
+    run_inference_form,
+)
 
 __all__ = ["DynamicGroupConv2d", "SparseDynamicGroupConv2d", "reference_squeeze_rate"]
 
@@ -363,6 +372,9 @@ class DynamicGroupConv2d(DynaConv2d):
         if tracing():
             # Traced graphs take k_off as the buffer tensor: nothing specialises on its value.
             impl = "masked"
+        elif not needs_grad and self.impl in ("auto", "torch") and automatic_inference(x):
+            out = self._measured_inference(x, g, allow_triton=self.impl == "auto")
+            return out if self.bias is None else out + self.bias.reshape(1, -1, 1, 1)
         else:
             impl = dgc_form(
                 resolve_impl(self.impl, _IMPLS),
@@ -382,6 +394,25 @@ class DynamicGroupConv2d(DynaConv2d):
             out = out + self.bias.reshape(1, -1, 1, 1)
         return out
 
+    def _measured_inference(self, x: Tensor, g: Tensor, allow_triton: bool) -> Tensor:
+        """``impl="auto"``/``"torch"`` without a gradient: the fastest exact form for this
+        shape, measured once (:func:`~dynaconv.layers.dgc_deployed.choose_inference_form`)."""
+        inactive, spec, heads = self._inactive, self.spec, self.heads
+
+        def run(form: str) -> Tensor:
+            return run_inference_form(form, x, g, inactive, self.weight, spec, heads)
+
+        form = choose_inference_form(
+            x,
+            spec,
+            heads,
+            spec.in_channels - inactive,
+            run,
+            allow_triton=allow_triton,
+            label=type(self).__name__,
+        )
+        return run(form)
+
     def _sparse_forward(self, x: Tensor, g: Tensor, impl: str, needs_grad: bool) -> Tensor:
         """The gathered forms (eager only): ``k_off`` is read from the buffer as a host int."""
         inactive = self._inactive
@@ -397,6 +428,9 @@ class DynamicGroupConv2d(DynaConv2d):
         index, scale = select_kept(g, inactive)
         if impl == "batch_grouped":
             return grouped_gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
+        if impl == "head_grouped":
+            rows = kernel_rows(self.weight, self.heads, self.spec)
+            return head_grouped_conv(x, rows, index, scale, self.spec, self.heads)
         return gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
 
     def __getstate__(self) -> dict[str, Any]:

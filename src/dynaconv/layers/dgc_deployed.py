@@ -8,6 +8,9 @@ kept count (the math: :mod:`dynaconv.functional.dgc`; the form: :mod:`dynaconv.d
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor, nn
@@ -16,7 +19,6 @@ from ..dispatch import (
     FAMILY_IMPLS,
     cuda_timer,
     dgc_form,
-    host_timer,
     measured_choices,
     measuring,
     resolve_impl,
@@ -24,11 +26,15 @@ from ..dispatch import (
     triton_preferred,
 )
 from ..functional.dgc import (
+    dense_masked_conv,
+    gate_from_kept,
     gathered_conv,
     grouped_gathered_conv,
+    head_grouped_conv,
+    head_kernels,
+    kernel_rows,
     saliency,
     select_kept,
-    transposed_head_kernels,
     triton_kernel_layout,
     zero_padding,
 )
@@ -38,22 +44,171 @@ from ._base import Convention, ConvSpec, MacCount, Shape, check_input
 if TYPE_CHECKING:
     from .dgc import DynamicGroupConv2d
 
-__all__ = ["SparseDynamicGroupConv2d"]
+__all__ = [
+    "SparseDynamicGroupConv2d",
+    "choose_inference_form",
+    "inference_candidates",
+    "run_inference_form",
+    "traced_inference_form",
+]
 
 SaliencyMode = Literal["reference", "neutral"]
 _SALIENCY_MODES = ("reference", "neutral")
 _IMPLS = FAMILY_IMPLS["dgc"]
 _DEPLOYED_IMPLS = FAMILY_IMPLS["dgc_deployed"]
 
+#: The weight layouts the forms read (:func:`weight_layout`).
+Layout = Literal["rows", "head_kernels", "triton"]
+
+
+def weight_layout(weight: Tensor, heads: int, spec: ConvSpec, layout: Layout) -> Tensor:
+    """``weight`` ``(Cout, Cin, kh, kw)`` laid out for a form: ``"rows"``
+    (:func:`~dynaconv.functional.dgc.kernel_rows`: ``"head_grouped"``, ``"batch_grouped"``),
+    ``"head_kernels"`` (head-major, contiguous: ``"masked"``) or ``"triton"``."""
+    if layout == "rows":
+        return kernel_rows(weight, heads, spec)
+    if layout == "head_kernels":
+        return head_kernels(weight, heads).contiguous()
+    return triton_kernel_layout(weight, heads)
+
+
+def run_inference_form(
+    form: str,
+    x: Tensor,
+    g: Tensor,
+    inactive: int,
+    weight: Tensor,
+    spec: ConvSpec,
+    heads: int,
+    layout: Callable[[Layout], Tensor] | None = None,
+) -> Tensor:
+    """One exact inference form of the gated convolution (no bias), ``form`` canonical.
+
+    ``g`` ``(B, h, Cin)`` the saliencies, ``inactive`` = ``k_off``; ``layout(name)`` returns
+    :func:`weight_layout` of ``weight`` (a deployed module caches them; by default they are
+    derived on each call). Every form computes the same numbers as the masked reference.
+    """
+    if layout is None:
+
+        def layout(name: Layout) -> Tensor:
+            return weight_layout(weight, heads, spec, name)
+
+    if form == "triton":
+        return sparse_conv_triton(x, layout("triton"), g, inactive, spec, heads)
+    index, scale = select_kept(g, inactive)
+    if form == "masked":
+        gated = gate_from_kept(g, index, scale)
+        return dense_masked_conv(x, weight, gated, spec, heads, layout("head_kernels"))
+    if form == "head_grouped":
+        return head_grouped_conv(x, layout("rows"), index, scale, spec, heads)
+    if form == "batch_grouped":
+        return grouped_gathered_conv(x, weight, index, scale, spec, heads, layout("rows"))
+    return gathered_conv(x, weight, index, scale, spec, heads)
+
+
+def inference_candidates(x: Tensor, spec: ConvSpec, allow_triton: bool = True) -> list[str]:
+    """The exact forms ``impl="auto"`` measures for an inference call (``"torch"``: without
+    ``allow_triton``), fastest-expected first:
+
+    * ``"head_grouped"``: the kept kernels gathered once per set of examples keeping the same
+      channels, one ``h``-group conv per set; at batch 1 the kept MACs plus one gather of the
+      kept kernels (the limit, ``benchmarks/NOTES.md``);
+    * ``"batch_grouped"``: one ``B*h``-group conv, the kept kernels copied per example: the
+      kept MACs, fastest on large maps at batch > 1;
+    * ``"masked"``: the paper's dense form (all MACs, no kernel copy): fastest on small maps
+      at batch > 1, where copying a kernel per example costs more than the saved MACs;
+    * ``"bmm"`` (1x1 kernels only: with larger kernels its unfold copies the input
+      ``kh*kw`` times and it has never measured fastest on the CPU);
+    * ``"triton"`` where :func:`~dynaconv.dispatch.triton_preferred` (CUDA).
+    """
+    candidates = ["head_grouped", "batch_grouped", "masked"]
+    if spec.kernel_size == (1, 1):
+        candidates.append("bmm")
+    if allow_triton and triton_preferred(x):
+        candidates.insert(0, "triton")
+    return candidates
+
+
+def median_host_timer(run: Callable[[], Any], repeat: int) -> float:
+    """``repeat`` times the median of single timed calls of ``run`` (ms, host clock): on a
+    shared CPU a burst of other work lands on a few samples, not on the median."""
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * repeat * 1e3
+
+
+def choose_inference_form(
+    x: Tensor,
+    spec: ConvSpec,
+    heads: int,
+    kept: int,
+    run: Callable[[str], Any],
+    *,
+    allow_triton: bool = True,
+    label: str = "DGC",
+) -> str:
+    """The fastest of :func:`inference_candidates` for this layer and input shape, measured
+    once (``run(form)`` runs one) and kept in :data:`dynaconv.dispatch.measured_choices`.
+
+    ``impl="auto"`` (and ``"torch"``) inference in eager mode: always on the CPU, on CUDA
+    where :func:`~dynaconv.dispatch.measuring` (``cudnn.benchmark``). The key holds the layer's
+    geometry, heads, kept count and the input's shape, dtype, device and contiguity. Which
+    channels the examples keep is not in the key: ``"head_grouped"``'s cost depends on how
+    many examples share their kept sets, measured on the first batch of a shape. ``label``
+    (in the key too) tells apart callers whose forms cost differently (the training layer
+    derives its weight layouts per call, the deployed module caches them).
+    """
+    key = (
+        "dgc_inference",
+        label,
+        x.device,
+        x.dtype,
+        spec,
+        heads,
+        kept,
+        tuple(x.shape),
+        x.is_contiguous(),
+        allow_triton,
+    )
+    return measured_choices.choose(
+        key,
+        inference_candidates(x, spec, allow_triton),
+        run,
+        timer=cuda_timer if x.is_cuda else median_host_timer,
+        warmup=2,
+        repeat=9,
+        label=label,
+    )
+
+
+def traced_inference_form(x: Tensor) -> str:
+    """The form a traced, compiled or exported inference graph runs for ``impl="auto"``:
+    ``"head_grouped"`` for a static batch of 1 (one gather and one ``h``-group conv: in
+    onnxruntime a Gather and a grouped ConvTranspose/Conv node), ``"masked"`` otherwise
+    (batch-independent plain ops, a dynamic batch included)."""
+    batch = x.shape[0]
+    return "head_grouped" if isinstance(batch, int) and batch == 1 else "masked"
+
+
+def automatic_inference(x: Tensor) -> bool:
+    """Whether an ``"auto"``/``"torch"`` inference call measures its form (eager, non-empty
+    batch, on the CPU or where :func:`~dynaconv.dispatch.measuring`)."""
+    return not tracing() and x.shape[0] > 0 and (x.device.type == "cpu" or measuring(x))
+
 
 class SparseDynamicGroupConv2d(nn.Module):
     """The deployed DGC layer: computes only the kept channels of each example and head.
 
     Same numbers as :class:`DynamicGroupConv2d` in eval mode, at ``K/Cin`` of the conv MACs
-    (``K = Cin - k_off``). ``impl``: ``"auto"``, ``"torch"``, ``"bmm"``, ``"batch_grouped"`` or
-    ``"triton"`` (or an older spelling), chosen as in :class:`DynamicGroupConv2d`'s inference
-    (module docstring); on CUDA with ``cudnn.benchmark`` on, ``"auto"`` measures the forms
-    once per input shape.
+    (``K = Cin - k_off``). ``impl``: ``"auto"``, ``"torch"``, ``"head_grouped"``,
+    ``"batch_grouped"``, ``"masked"``, ``"bmm"`` or ``"triton"`` (or an older spelling).
+    ``"auto"`` measures the candidates of :func:`inference_candidates` once per input shape
+    and runs the fastest (:func:`choose_inference_form`; on CUDA only with ``cudnn.benchmark``
+    on, else :func:`~dynaconv.dispatch.dgc_form`); traced, compiled or exported it runs
+    :func:`traced_inference_form`. ``"torch"``: the same without Triton.
 
     ``kept`` (``K``) is fixed structure, like ``nn.Conv2d``'s ``groups``: a plain int, not
     state (not in the state dict), read by every path, traced ones included (their shapes
@@ -93,29 +248,34 @@ class SparseDynamicGroupConv2d(nn.Module):
         self.fc1_weight = nn.Parameter(fc1_weight.detach().clone(), requires_grad=False)
         self.fc2_weight = nn.Parameter(fc2_weight.detach().clone(), requires_grad=False)
         self.fc2_bias = nn.Parameter(fc2_bias.detach().clone(), requires_grad=False)
-        self._layouts: tuple[tuple[Any, ...], Tensor, Tensor] | None = None
+        self._layouts: dict[Layout, tuple[tuple[Any, ...], Tensor]] = {}
 
-    def layouts(self) -> tuple[Tensor, Tensor]:
-        """``weight`` in the layouts the Triton and grouped forms read: ``(kernel_weight,
-        transposed_weight)``. Derived from ``weight`` and cached (not state) while ``weight`` is
-        the same tensor, unchanged in place; so loading, ``functional_call`` and in-place writes
-        are followed. Traced graphs derive them in the graph."""
+    def layout(self, name: Layout) -> Tensor:
+        """``weight`` in the layout a form reads (:func:`weight_layout`). Derived from
+        ``weight`` on first use and cached (not state) while ``weight`` is the same tensor,
+        unchanged in place; so loading, ``functional_call`` and in-place writes are followed.
+        Traced graphs derive it in the graph (a constant there)."""
         weight = self.weight.detach()
         if tracing():
-            return triton_kernel_layout(weight, self.heads), transposed_head_kernels(
-                weight, self.heads
-            )
+            return weight_layout(weight, self.heads, self.spec, name)
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
-        if self._layouts is None or self._layouts[0] != key:
-            kernel = triton_kernel_layout(weight, self.heads)
-            transposed = transposed_head_kernels(weight, self.heads).contiguous()
-            self._layouts = (key, kernel, transposed)
-        return self._layouts[1], self._layouts[2]
+        cached = self._layouts.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, weight_layout(weight, self.heads, self.spec, name))
+            self._layouts[name] = cached
+        return cached[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_layouts"] = {}  # a cache: copies and pickles derive their own
+        return state
 
     @classmethod
     def from_layer(cls, layer: DynamicGroupConv2d) -> SparseDynamicGroupConv2d:
         impl = resolve_impl(layer.impl, _IMPLS)
-        impl = impl if impl in _DEPLOYED_IMPLS else "auto"
+        # The training layer's masked form computes every channel: deploying keeps the
+        # layer's explicit sparse form, or measures ("auto") otherwise.
+        impl = impl if impl in _DEPLOYED_IMPLS and impl != "masked" else "auto"
         return cls(
             layer.spec,
             layer.heads,
@@ -143,48 +303,46 @@ class SparseDynamicGroupConv2d(nn.Module):
             x, self.fc1_weight, self.fc2_weight, self.fc2_bias, self.saliency_mode == "neutral"
         )
         inactive = self.spec.in_channels - self.kept
-        impl = resolve_impl(self.impl, _DEPLOYED_IMPLS)
-        if impl == "auto" and x.shape[0] > 0 and measuring(x):
-            impl = self._measured_form(x, g, inactive)
-        else:
-            impl = dgc_form(impl, False, False, self.spec, zero_padding(self.spec) is not None, x)
-        out = self._run(impl, x, g, inactive)
+        out = self._run(self._form(x, g, inactive), x, g, inactive)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         return out
 
-    def _run(self, impl: str, x: Tensor, g: Tensor, inactive: int) -> Tensor:
-        if impl == "triton":
-            return sparse_conv_triton(x, self.layouts()[0], g, inactive, self.spec, self.heads)
-        index, scale = select_kept(g, inactive)
-        if impl == "batch_grouped":
-            return grouped_gathered_conv(
-                x, self.weight, index, scale, self.spec, self.heads, self.layouts()[1]
-            )
-        return gathered_conv(x, self.weight, index, scale, self.spec, self.heads)
-
-    def _measured_form(self, x: Tensor, g: Tensor, inactive: int) -> str:
-        """The fastest form for this input shape, measured once (``impl="auto"`` on CUDA with
-        ``cudnn.benchmark`` on, see :func:`dynaconv.dispatch.measuring`): the Triton kernel
-        (where it runs), the batch-grouped conv and ``"bmm"``. Kept in
-        :data:`dynaconv.dispatch.measured_choices`."""
-        key = (
-            "dgc_deployed",
-            x.device,
-            x.dtype,
-            self.spec,
-            self.heads,
-            self.kept,
-            tuple(x.shape),
-            x.is_contiguous(),
+    def form(self, x: Tensor) -> str:
+        """The form a call on ``x`` runs (measured now if it has not been; see the class
+        docstring). An empty batch runs ``"bmm"`` (or ``"masked"`` when asked for); traced,
+        ``"head_grouped"`` runs only at a static batch of 1, else ``"masked"``."""
+        g = saliency(
+            x, self.fc1_weight, self.fc2_weight, self.fc2_bias, self.saliency_mode == "neutral"
         )
-        candidates = [*(["triton"] if triton_preferred(x) else []), "batch_grouped", "bmm"]
-        return measured_choices.choose(
-            key,
-            candidates,
-            lambda impl: self._run(impl, x, g, inactive),
-            timer=cuda_timer if x.is_cuda else host_timer,
-            label="SparseDynamicGroupConv2d",
+        return self._form(x, g, self.spec.in_channels - self.kept)
+
+    def _form(self, x: Tensor, g: Tensor, inactive: int) -> str:
+        impl = resolve_impl(self.impl, _DEPLOYED_IMPLS)
+        if impl in ("auto", "torch"):
+            if tracing():
+                return traced_inference_form(x)
+            if automatic_inference(x):
+                return choose_inference_form(
+                    x,
+                    self.spec,
+                    self.heads,
+                    self.kept,
+                    lambda form: self._run(form, x, g, inactive),
+                    allow_triton=impl == "auto",
+                    label=type(self).__name__,
+                )
+        elif tracing() and impl == "head_grouped" and traced_inference_form(x) != impl:
+            return "masked"  # the set count is data-dependent beyond a static batch of 1
+        if x.shape[0] == 0 and impl != "masked":
+            return "bmm"
+        if impl in ("auto", "torch"):
+            return dgc_form(impl, False, False, self.spec, zero_padding(self.spec) is not None, x)
+        return impl
+
+    def _run(self, impl: str, x: Tensor, g: Tensor, inactive: int) -> Tensor:
+        return run_inference_form(
+            impl, x, g, inactive, self.weight, self.spec, self.heads, self.layout
         )
 
     def count_macs(
