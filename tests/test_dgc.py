@@ -502,6 +502,76 @@ def test_export_of_auto_deployed_layer_keeps_a_dynamic_batch():
         torch.testing.assert_close(program.module()(x2), layer(x2), rtol=1e-5, atol=1e-6)
 
 
+def _onnxruntime_output(model: nn.Module, x: torch.Tensor, path, dynamic: bool = False):
+    """Export ``model`` with ``torch.onnx.export(dynamo=True)`` (static shapes unless
+    ``dynamic``), load the file in onnxruntime and run it on ``x``."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    shapes = ({0: torch.export.Dim("batch", min=1, max=64)},) if dynamic else None
+    torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=shapes, verbose=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return torch.from_numpy(y)
+
+
+@pytest.mark.parametrize("impl,batch", [("bmm", 1), ("auto", 2)])
+def test_deployed_1x1_layer_on_a_1x1_map_exports_a_graph_onnxruntime_runs(tmp_path, impl, batch):
+    """Issue: a 4->96 1x1 layer keeping one channel, on a 1x1 input, exported at a static
+    shape, gave a MatMul that onnxruntime refused (onnxscript's optimiser dropped a reshape of
+    the gathered columns)."""
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(4, 96, 1, heads=4, gate_factor=0.25).eval()
+    layer.set_progress(1.0)
+    deployed = layer.deploy().eval()
+    deployed.impl = impl
+    x = torch.randn(batch, 4, 1, 1)
+    with torch.no_grad():
+        expected = layer(x)
+    actual = _onnxruntime_output(deployed, x, tmp_path / "layer.onnx")
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_deployed_network_exports_at_batch_one_to_gathers_and_grouped_convs(tmp_path):
+    """A deployed DGC network exported at a static batch of 1 runs the head-grouped form (a
+    kernel-row gather and one grouped (transposed) conv per layer: stride 1, stride 2, 1x1
+    stride 2), equal to eager in onnxruntime."""
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    network = nn.Sequential(
+        DynamicGroupConv2d(8, 16, 3, padding=1, heads=4, gate_factor=0.5),
+        nn.ReLU(),
+        DynamicGroupConv2d(16, 16, 3, stride=2, padding=1, heads=4, gate_factor=0.5),
+        nn.ReLU(),
+        DynamicGroupConv2d(16, 8, 1, stride=2, heads=2, gate_factor=0.5),
+    ).eval()
+    dynaconv.set_progress(network, 1.0)
+    deployed = dynaconv.deploy(network)
+    x = torch.randn(1, 8, 11, 10)
+    with torch.no_grad():
+        expected = network(x)
+    actual = _onnxruntime_output(deployed, x, tmp_path / "b1.onnx")
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "b1.onnx")).graph.node}
+    assert {"Gather", "ConvTranspose", "Conv"} <= ops
+
+
+@pytest.mark.slow
+def test_deployed_network_exports_with_a_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    network = nn.Sequential(
+        DynamicGroupConv2d(8, 16, 3, padding=1, heads=4, gate_factor=0.5),
+        nn.ReLU(),
+        DynamicGroupConv2d(16, 8, 1, stride=2, heads=2, gate_factor=0.5),
+    ).eval()
+    dynaconv.set_progress(network, 1.0)
+    deployed = dynaconv.deploy(network)
+    x = torch.randn(3, 8, 11, 10)
+    with torch.no_grad():
+        expected = network(x)
+    actual = _onnxruntime_output(deployed, x, tmp_path / "dynamic.onnx", dynamic=True)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_state_dict_round_trip():
     torch.manual_seed(1)
     layer = DynamicGroupConv2d(12, 8, 3, padding=1, heads=2, squeeze_rate=4).eval()

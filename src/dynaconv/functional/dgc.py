@@ -75,9 +75,10 @@ def saliency(
 
 
 def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
-    if x.device.type in ("cpu", "cuda"):
-        return torch.autocast(device_type=x.device.type, enabled=False)
-    return contextlib.nullcontext()
+    kind = x.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.autocast(device_type=kind, enabled=False)
+    return contextlib.nullcontext()  # entering autocast costs host time on every call
 
 
 def lasso(g: Tensor) -> Tensor:
@@ -349,10 +350,14 @@ def head_grouped_conv(
     batch, cin, height, width = x.shape
     keep = index.shape[-1]
     head_offsets = torch.arange(heads, device=x.device).reshape(heads, 1) * cin
+
+    def gather_kernels(selected: Tensor) -> Tensor:
+        return rows.index_select(0, (selected.reshape(heads, keep) + head_offsets).reshape(-1))
+
     if batch == 1:
         channels = index[0].reshape(-1)
         picked = x.reshape(cin, height * width).index_select(0, channels)
-        kernels = rows.index_select(0, (index[0] + head_offsets).reshape(-1))
+        kernels = gather_kernels(index[0])
         if height * width <= kernels[0].numel():
             picked = picked * scale[0].reshape(-1, 1).to(picked.dtype)
         else:
@@ -368,7 +373,7 @@ def head_grouped_conv(
         picked = x.reshape(batch * cin, height * width).index_select(0, flat)
         picked = picked * scale.index_select(0, members).reshape(-1, 1).to(picked.dtype)
         picked = picked.reshape(members.shape[0], heads * keep, height, width)
-        kernels = rows.index_select(0, (channels.reshape(heads, keep) + head_offsets).reshape(-1))
+        kernels = gather_kernels(channels)
         parts.append(_conv_gathered(picked, kernels, heads, spec, padding, stride))
         members_of.append(members)
     order = torch.cat(members_of).argsort()

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from ..dispatch import (
@@ -130,13 +131,16 @@ def inference_candidates(x: Tensor, spec: ConvSpec, allow_triton: bool = True) -
 
 
 def median_host_timer(run: Callable[[], Any], repeat: int) -> float:
-    """``repeat`` times the median of single timed calls of ``run`` (ms, host clock): on a
-    shared CPU a burst of other work lands on a few samples, not on the median."""
+    """``repeat`` times the median of single timed calls of ``run`` (ms): on a shared CPU a
+    burst of other work lands on a few samples, not on the median. With one torch thread
+    every op runs on this thread, so its CPU time is the call's work (time the core spends
+    on other processes is not counted); with more, the wall clock."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     samples = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         run()
-        samples.append(time.perf_counter() - start)
+        samples.append(clock() - start)
     return statistics.median(samples) * repeat * 1e3
 
 
