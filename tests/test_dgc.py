@@ -24,6 +24,7 @@ from dynaconv.layers.dgc import (
     reference_squeeze_rate,
     select_kept,
 )
+from dynaconv.layers.dgc_deployed import traced_inference_form
 from dynaconv.models import DigitsCNN, dydensenet86, dyresnet18
 
 
@@ -534,7 +535,7 @@ def test_deployed_1x1_layer_on_a_1x1_map_exports_a_graph_onnxruntime_runs(tmp_pa
 def test_deployed_network_exports_at_batch_one_to_gathers_and_grouped_convs(tmp_path):
     """A deployed DGC network exported at a static batch of 1 runs the head-grouped form (a
     kernel-row gather and one grouped (transposed) conv per layer: stride 1, stride 2, 1x1
-    stride 2), equal to eager in onnxruntime."""
+    stride 2) on maps large enough, equal to eager in onnxruntime."""
     onnx = pytest.importorskip("onnx")
     torch.manual_seed(0)
     network = nn.Sequential(
@@ -546,13 +547,28 @@ def test_deployed_network_exports_at_batch_one_to_gathers_and_grouped_convs(tmp_
     ).eval()
     dynaconv.set_progress(network, 1.0)
     deployed = dynaconv.deploy(network)
-    x = torch.randn(1, 8, 11, 10)
+    x = torch.randn(1, 8, 32, 32)
+    assert [traced_inference_form(x, layer.spec) for layer in deployed[::2]] == ["head_grouped"] * 3
     with torch.no_grad():
         expected = network(x)
     actual = _onnxruntime_output(deployed, x, tmp_path / "b1.onnx")
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     ops = {node.op_type for node in onnx.load(str(tmp_path / "b1.onnx")).graph.node}
     assert {"Gather", "ConvTranspose", "Conv"} <= ops
+
+
+def test_traced_form_rule_gathers_where_it_pays_and_masks_elsewhere():
+    """Batch 1: gathered kernels on maps large enough (stride 1 from 8x8 outputs, strided
+    kxk from 16x16, 1x1 always), the masked form on smaller maps and at any other batch."""
+
+    def form(cin, kernel, stride, size, batch=1):
+        layer = DynamicGroupConv2d(cin, cin, kernel, stride, kernel // 2, heads=4)
+        return traced_inference_form(torch.empty(batch, cin, size, size), layer.spec)
+
+    assert form(8, 3, 1, 8) == "head_grouped" and form(8, 3, 1, 4) == "masked"
+    assert form(8, 3, 2, 32) == "head_grouped" and form(8, 3, 2, 16) == "masked"
+    assert form(8, 1, 2, 4) == "head_grouped"
+    assert form(8, 3, 1, 32, batch=2) == "masked"
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from ..functional.dgc import (
     head_grouped_conv,
     head_kernels,
     kernel_rows,
+    runs_transposed,
     saliency,
     select_kept,
     triton_kernel_layout,
@@ -183,18 +184,44 @@ def choose_inference_form(
         run,
         timer=cuda_timer if x.is_cuda else median_host_timer,
         warmup=2,
-        repeat=9,
+        repeat=15,
         label=label,
     )
 
 
-def traced_inference_form(x: Tensor) -> str:
-    """The form a traced, compiled or exported inference graph runs for ``impl="auto"``:
-    ``"head_grouped"`` for a static batch of 1 (one gather and one ``h``-group conv: in
-    onnxruntime a Gather and a grouped ConvTranspose/Conv node), ``"masked"`` otherwise
-    (batch-independent plain ops, a dynamic batch included)."""
-    batch = x.shape[0]
-    return "head_grouped" if isinstance(batch, int) and batch == 1 else "masked"
+#: Output positions from which a traced batch-1 graph gathers the kept kernels (else it runs
+#: the masked form): transposed (stride-1 kxk, 1x1) and plain (strided kxk, whose gathered
+#: kernels need one more reordering copy) convolutions. Measured in onnxruntime
+#: (``benchmarks/NOTES.md``): the gathered form is 0.80-0.86x of the dense conv on 8x8 to
+#: 32x32 maps at stride 1, 1.54x on 4x4 (masked 1.30x); strided, 1.22x at 16x16 output
+#: (masked 1.35x), 1.41x / 3.42x at 8x8 / 4x4 (masked 1.26x / 1.35x).
+TRACED_GATHER_MIN_POSITIONS = {"transposed": 64, "plain": 256}
+
+
+def traced_inference_form(x: Tensor, spec: ConvSpec) -> str:
+    """The form a traced, compiled or exported inference graph runs for ``impl="auto"``.
+
+    A static batch of 1: ``"head_grouped"`` (a Gather of the kept kernel rows and one
+    ``h``-group ConvTranspose/Conv node) where the output map has at least
+    :data:`TRACED_GATHER_MIN_POSITIONS` positions or the kernel is 1x1, else ``"masked"``
+    (constant weights, which onnxruntime pre-packs: faster where gathering the kept kernels
+    costs more than the MACs it saves). Other batches, a dynamic one included:
+    ``"masked"`` (batch-independent plain ops).
+    """
+    batch, height, width = x.shape[0], x.shape[2], x.shape[3]
+    if not (isinstance(batch, int) and batch == 1):
+        return "masked"
+    if spec.kernel_size == (1, 1) or not (isinstance(height, int) and isinstance(width, int)):
+        return "head_grouped"
+    out_height, out_width = spec.output_size(height, width)
+    kind = "transposed" if runs_transposed(spec) else "plain"
+    return (
+        "head_grouped" if out_height * out_width >= TRACED_GATHER_MIN_POSITIONS[kind] else "masked"
+    )
+
+
+def _static_batch_of_one(x: Tensor) -> bool:
+    return isinstance(x.shape[0], int) and x.shape[0] == 1
 
 
 def automatic_inference(x: Tensor) -> bool:
@@ -325,7 +352,7 @@ class SparseDynamicGroupConv2d(nn.Module):
         impl = resolve_impl(self.impl, _DEPLOYED_IMPLS)
         if impl in ("auto", "torch"):
             if tracing():
-                return traced_inference_form(x)
+                return traced_inference_form(x, self.spec)
             if automatic_inference(x):
                 return choose_inference_form(
                     x,
@@ -336,7 +363,7 @@ class SparseDynamicGroupConv2d(nn.Module):
                     allow_triton=impl == "auto",
                     label=type(self).__name__,
                 )
-        elif tracing() and impl == "head_grouped" and traced_inference_form(x) != impl:
+        elif tracing() and impl == "head_grouped" and not _static_batch_of_one(x):
             return "masked"  # the set count is data-dependent beyond a static batch of 1
         if x.shape[0] == 0 and impl != "masked":
             return "bmm"
