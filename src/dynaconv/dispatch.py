@@ -396,7 +396,11 @@ def dgc_form(
     zero_padding: bool,
     *tensors: Tensor,
 ) -> str:
-    """The form a DGC layer runs in eager mode (traced graphs always run ``"masked"``).
+    """The form a DGC layer runs in eager mode by rule (traced graphs always run ``"masked"``).
+
+    Inference calls of ``"auto"``/``"torch"`` on the CPU (on CUDA with ``cudnn.benchmark``)
+    do not use this rule: they measure their forms
+    (:func:`dynaconv.layers.dgc_deployed.choose_inference_form`).
 
     ``impl`` canonical; ``zero_padding``: whether the layer's padding is symmetric zeros (the
     Triton training path needs it). An empty batch runs ``"bmm"`` (unless ``"masked"`` is

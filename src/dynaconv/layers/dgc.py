@@ -76,13 +76,22 @@ Execution paths (``impl``, names as in :mod:`dynaconv.dispatch`; the math is in
   convolution for stride 1, so that the gathered kernels need no reordering); on CPU the
   fastest form for kernels larger than 1x1; not exportable with a dynamic batch (the number
   of groups depends on it);
+* ``"head_grouped"``: the same sparse computation with the kept kernels gathered once per set
+  of examples that keep the same channels, one ``h``-group convolution per set; at batch 1
+  (one set) the kept MACs plus one gather of the kept input channels and kernels, the form
+  closest to the limit (``nn.Conv2d(h*K, Cout, groups=h)``);
 * ``"triton"``: the sparse computation as one fused implicit-GEMM kernel
   (:mod:`dynaconv.kernels.dgc`). When a gradient is needed, the same kernel is the forward of
   an autograd function whose backward runs cuDNN convolutions head by head over batch
   chunks (dense-cost gradients, transient memory a quarter of ``x``); zero padding only;
-* ``"auto"``: :func:`dynaconv.dispatch.dgc_form`: on CUDA, ``"triton"`` (training with zero
+* ``"auto"``: inference without a gradient (eval mode, ``torch.no_grad``) on the CPU (on CUDA
+  with ``cudnn.benchmark`` on) measures the exact forms of
+  :func:`~dynaconv.layers.dgc_deployed.inference_candidates` (``"head_grouped"``,
+  ``"batch_grouped"``, ``"masked"``, ``"bmm"`` for 1x1, ``"triton"`` on CUDA) once per input
+  shape and runs the fastest (:func:`~dynaconv.layers.dgc_deployed.choose_inference_form`).
+  Otherwise :func:`dynaconv.dispatch.dgc_form`: on CUDA, ``"triton"`` (training with zero
   padding, and inference); on CPU, ``"bmm"`` for 1x1 stride-1 kernels and ``"batch_grouped"``
-  otherwise (training and inference); on CUDA without Triton, ``"masked"`` for training and
+  otherwise (training); on CUDA without Triton, ``"masked"`` for training and
   ``"bmm"`` for inference. ``"torch"``: the same without Triton. While being traced the layer
   runs ``"masked"`` whatever ``impl`` says (see "Schedule state": nothing recompiles as
   ``k_off`` grows); export :meth:`DynamicGroupConv2d.deploy`'s module for the sparse form. An
@@ -226,9 +235,9 @@ class DynamicGroupConv2d(DynaConv2d):
         heads: number of heads (``out_channels`` must be divisible by it), default 4.
         squeeze_rate: hidden width of the saliency generators is ``max(1, Cin // squeeze_rate)``.
         gate_factor: kept fraction of the input channels at the end of the schedule (0.25).
-        impl: ``"auto"``, ``"torch"``, ``"masked"``, ``"bmm"``, ``"batch_grouped"`` or
-            ``"triton"`` (older spellings ``"dense"``, ``"sparse"``, ``"grouped"``; see the
-            module docstring).
+        impl: ``"auto"``, ``"torch"``, ``"masked"``, ``"bmm"``, ``"batch_grouped"``,
+            ``"head_grouped"`` or ``"triton"`` (older spellings ``"dense"``, ``"sparse"``,
+            ``"grouped"``; see the module docstring).
         saliency_mode: ``"reference"`` (the paper's saliency generator and initialisation) or
             ``"neutral"`` (the descriptor normalised to unit RMS, every saliency starting at
             ``1 +- 1e-3``; what ``from_conv`` uses, see the module docstring).
