@@ -3,7 +3,14 @@
 Su et al., "Dynamic Group Convolution for Accelerating Convolutional Neural Networks",
 ECCV 2020. :meth:`dynaconv.layers.dgc.DynamicGroupConv2d.deploy` returns a
 :class:`SparseDynamicGroupConv2d` with the layer's weights, saliency generators and current
-kept count (the math: :mod:`dynaconv.functional.dgc`; the form: :mod:`dynaconv.dispatch`).
+kept count (the math: :mod:`dynaconv.functional.dgc`).
+
+Also here, for the layer and this module alike, how an inference call picks its exact form:
+:func:`run_inference_form` (one form, by name), :func:`inference_candidates` (the forms
+``impl="auto"`` measures), :func:`choose_inference_form` (the measured choice, kept in
+:data:`dynaconv.dispatch.measured_choices`) and :func:`traced_inference_form` (what a traced,
+compiled or exported graph runs), with the weight layouts the forms read
+(:func:`weight_layout`, cached per module by :meth:`SparseDynamicGroupConv2d.layout`).
 """
 
 from __future__ import annotations
