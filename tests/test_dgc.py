@@ -14,6 +14,7 @@ import dynaconv
 from conftest import assert_close64, load_fixture
 from dynaconv import DynamicGroupConv2d
 from dynaconv.compat import layer_from_reference, model_from_reference
+from dynaconv.functional.dgc import gathered_conv, head_grouped_conv, kernel_rows
 from dynaconv.kernels.dgc import GatedHeadsConv
 from dynaconv.layers.dgc import (
     SparseDynamicGroupConv2d,
@@ -23,6 +24,7 @@ from dynaconv.layers.dgc import (
     reference_squeeze_rate,
     select_kept,
 )
+from dynaconv.layers.dgc_deployed import traced_inference_form
 from dynaconv.models import DigitsCNN, dydensenet86, dyresnet18
 
 
@@ -266,9 +268,22 @@ layer_configs = st.fixed_dictionaries(
         "progress": st.sampled_from([0.0, 0.3, 0.5, 1.0]),
         "ties": st.booleans(),
         "batch": st.integers(1, 3),
+        # examples repeated at the end of the batch: they keep the same channels as the
+        # first ones (the head-grouped form shares their kernels)
+        "repeats": st.integers(0, 2),
         "seed": st.integers(0, 2**16),
     }
 )
+
+
+def _batch(cfg, height: int, width: int, requires_grad: bool = False) -> torch.Tensor:
+    x = torch.rand(cfg["batch"], cfg["cin"], height, width, dtype=torch.float64)
+    x = torch.cat([x, x[: cfg.get("repeats", 0)]])
+    return x.requires_grad_(requires_grad)
+
+
+SPARSE_FORMS = ["sparse", "grouped", "head_grouped"]
+DEPLOYED_FORMS = ["auto", "torch", "masked", "bmm", "batch_grouped", "head_grouped"]
 
 
 def _outputs(layer, x, impls):
@@ -282,17 +297,55 @@ def _outputs(layer, x, impls):
 @given(cfg=layer_configs)
 def test_dense_equals_sparse_float64(cfg):
     layer = _random_layer(cfg)
-    x = torch.rand(cfg["batch"], cfg["cin"], 6, 5, dtype=torch.float64)
+    x = _batch(cfg, 6, 5)
     for mode in ("eval", "train"):
         layer.train(mode == "train")
-        outs = _outputs(layer, x, ["dense", "sparse", "grouped"])
-        assert_close64(outs["sparse"], outs["dense"], rtol=1e-12, atol=1e-13)
-        assert_close64(outs["grouped"], outs["dense"], rtol=1e-12, atol=1e-13)
+        outs = _outputs(layer, x, ["dense", *SPARSE_FORMS])
+        for impl in SPARSE_FORMS:
+            assert_close64(outs[impl], outs["dense"], rtol=1e-12, atol=1e-13)
+    with torch.no_grad():  # the measured inference forms of the layer itself
+        for impl in ("auto", "torch"):
+            layer.impl = impl
+            assert_close64(layer(x), outs["dense"], rtol=1e-12, atol=1e-13)
     deployed = layer.eval().deploy()
     with torch.no_grad():
-        for impl in ("auto", "sparse", "grouped"):
+        for impl in DEPLOYED_FORMS:
             deployed.impl = impl
             assert_close64(deployed(x), outs["dense"], rtol=1e-12, atol=1e-13)
+
+
+@given(cfg=layer_configs, share=st.booleans())
+def test_inference_forms_equal_the_masked_reference_float64(cfg, share):
+    """Every standalone inference form against the masked reference, with examples that keep
+    the same channels (``share``: input-independent saliencies; repeated examples) or not;
+    and the head-grouped form with shared kept sets but per-example scales."""
+    from dynaconv.layers.dgc_deployed import inference_candidates, run_inference_form
+
+    layer = _random_layer(cfg).eval()
+    if share:  # saliency = relu(fc2 bias): the same kept set for every example
+        with torch.no_grad():
+            layer.fc2_weight.zero_()
+    x = _batch(cfg, 7, 6)
+    with torch.no_grad():
+        g = layer.saliency(x)
+        inactive = int(layer.inactive_channels)
+        expected = dynaconv.functional.dgc.dense_masked_conv(
+            x, layer.weight, gate_dense(g, layer.inactive_channels), layer.spec, layer.heads
+        )
+        forms = {*inference_candidates(x, layer.spec), "bmm", "batch_grouped", "head_grouped"}
+        for form in sorted(forms):
+            out = run_inference_form(form, x, g, inactive, layer.weight, layer.spec, layer.heads)
+            assert_close64(out, expected, rtol=1e-12, atol=1e-13)
+        index, _ = select_kept(g, inactive)
+        index = index[:1].expand_as(index)  # one kept set per head for all examples
+        scale = torch.rand(index.shape, dtype=torch.float64) + 0.5
+        rows = kernel_rows(layer.weight, layer.heads, layer.spec)
+        assert_close64(
+            head_grouped_conv(x, rows, index, scale, layer.spec, layer.heads),
+            gathered_conv(x, layer.weight, index, scale, layer.spec, layer.heads),
+            rtol=1e-12,
+            atol=1e-13,
+        )
 
 
 def test_ties_zero_more_channels_in_both_paths():
@@ -309,7 +362,7 @@ def test_ties_zero_more_channels_in_both_paths():
         x * torch.tensor([0, 0, 0, 0, 3.0, 4, 5, 6], dtype=torch.float64).reshape(1, 8, 1, 1),
         layer.weight,
     )
-    outs = _outputs(layer.eval(), x, ["dense", "sparse", "grouped"])
+    outs = _outputs(layer.eval(), x, ["dense", *SPARSE_FORMS])
     for out in outs.values():
         assert_close64(out, expected, rtol=1e-12, atol=1e-13)
 
@@ -317,9 +370,9 @@ def test_ties_zero_more_channels_in_both_paths():
 @given(cfg=layer_configs)
 def test_sparse_training_gradients_equal_dense(cfg):
     layer = _random_layer(cfg).train()
-    x = torch.rand(cfg["batch"], cfg["cin"], 5, 5, dtype=torch.float64, requires_grad=True)
+    x = _batch(cfg, 5, 5, requires_grad=True)
     grads = {}
-    for impl in ("dense", "sparse", "grouped"):
+    for impl in ("dense", *SPARSE_FORMS):
         layer.impl = impl
         layer.zero_grad()
         x.grad = None
@@ -327,7 +380,7 @@ def test_sparse_training_gradients_equal_dense(cfg):
         loss = (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum()
         (loss + layer.aux_loss()).backward()
         grads[impl] = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
-    for impl in ("sparse", "grouped"):
+    for impl in SPARSE_FORMS:
         for dense, other in zip(grads["dense"], grads[impl]):
             assert_close64(other, dense, rtol=1e-10, atol=1e-12)
 
@@ -451,6 +504,91 @@ def test_export_of_auto_deployed_layer_keeps_a_dynamic_batch():
     x2 = torch.randn(5, 16, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x2), layer(x2), rtol=1e-5, atol=1e-6)
+
+
+def _onnxruntime_output(model: nn.Module, x: torch.Tensor, path, dynamic: bool = False):
+    """Export ``model`` with ``torch.onnx.export(dynamo=True)`` (static shapes unless
+    ``dynamic``), load the file in onnxruntime and run it on ``x``."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    shapes = ({0: torch.export.Dim("batch", min=1, max=64)},) if dynamic else None
+    torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=shapes, verbose=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return torch.from_numpy(y)
+
+
+@pytest.mark.parametrize("impl,batch", [("bmm", 1), ("auto", 2)])
+def test_deployed_1x1_layer_on_a_1x1_map_exports_a_graph_onnxruntime_runs(tmp_path, impl, batch):
+    """Issue: a 4->96 1x1 layer keeping one channel, on a 1x1 input, exported at a static
+    shape, gave a MatMul that onnxruntime refused (onnxscript's optimiser dropped a reshape of
+    the gathered columns)."""
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(4, 96, 1, heads=4, gate_factor=0.25).eval()
+    layer.set_progress(1.0)
+    deployed = layer.deploy().eval()
+    deployed.impl = impl
+    x = torch.randn(batch, 4, 1, 1)
+    with torch.no_grad():
+        expected = layer(x)
+    actual = _onnxruntime_output(deployed, x, tmp_path / "layer.onnx")
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_deployed_network_exports_at_batch_one_to_gathers_and_grouped_convs(tmp_path):
+    """A deployed DGC network exported at a static batch of 1 runs the head-grouped form (a
+    kernel-row gather and one grouped (transposed) conv per layer: stride 1, stride 2, 1x1
+    stride 2) on maps large enough, equal to eager in onnxruntime."""
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    network = nn.Sequential(
+        DynamicGroupConv2d(8, 16, 3, padding=1, heads=4, gate_factor=0.5),
+        nn.ReLU(),
+        DynamicGroupConv2d(16, 16, 3, stride=2, padding=1, heads=4, gate_factor=0.5),
+        nn.ReLU(),
+        DynamicGroupConv2d(16, 8, 1, stride=2, heads=2, gate_factor=0.5),
+    ).eval()
+    dynaconv.set_progress(network, 1.0)
+    deployed = dynaconv.deploy(network)
+    x = torch.randn(1, 8, 32, 32)
+    assert [traced_inference_form(x, layer.spec) for layer in deployed[::2]] == ["head_grouped"] * 3
+    with torch.no_grad():
+        expected = network(x)
+    actual = _onnxruntime_output(deployed, x, tmp_path / "b1.onnx")
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "b1.onnx")).graph.node}
+    assert {"Gather", "ConvTranspose", "Conv"} <= ops
+
+
+def test_traced_form_rule_gathers_where_it_pays_and_masks_elsewhere():
+    """Batch 1: gathered kernels on maps large enough (stride 1 from 8x8 outputs, strided
+    kxk from 16x16, 1x1 always), the masked form on smaller maps and at any other batch."""
+
+    def form(cin, kernel, stride, size, batch=1):
+        layer = DynamicGroupConv2d(cin, cin, kernel, stride, kernel // 2, heads=4)
+        return traced_inference_form(torch.empty(batch, cin, size, size), layer.spec)
+
+    assert form(8, 3, 1, 8) == "head_grouped" and form(8, 3, 1, 4) == "masked"
+    assert form(8, 3, 2, 32) == "head_grouped" and form(8, 3, 2, 16) == "masked"
+    assert form(8, 1, 2, 4) == "head_grouped"
+    assert form(8, 3, 1, 32, batch=2) == "masked"
+
+
+@pytest.mark.slow
+def test_deployed_network_exports_with_a_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    network = nn.Sequential(
+        DynamicGroupConv2d(8, 16, 3, padding=1, heads=4, gate_factor=0.5),
+        nn.ReLU(),
+        DynamicGroupConv2d(16, 8, 1, stride=2, heads=2, gate_factor=0.5),
+    ).eval()
+    dynaconv.set_progress(network, 1.0)
+    deployed = dynaconv.deploy(network)
+    x = torch.randn(3, 8, 11, 10)
+    with torch.no_grad():
+        expected = network(x)
+    actual = _onnxruntime_output(deployed, x, tmp_path / "dynamic.onnx", dynamic=True)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_state_dict_round_trip():

@@ -85,7 +85,7 @@ def test_resolve_impl_canonicalises_and_refuses_with_the_valid_values():
     with pytest.raises(ValueError, match="form must be one of"):
         resolve_impl(None, valid, "form")
     with pytest.raises(ValueError, match="impl must be one of"):  # alias of a name not valid
-        resolve_impl("dense", SparseDynamicGroupConv2d.forms.impls)
+        resolve_impl("grouped", GroupableConv2d.forms.impls)
 
 
 @pytest.mark.parametrize(
@@ -111,11 +111,13 @@ def test_impl_is_canonicalised_once_when_set():
     layer.impl = "sparse"
     assert layer.impl == "bmm" and layer.__dict__["_impl"] == "bmm"
     deployed = _dgc_layer(impl="dense").deploy()
-    assert deployed.impl == "auto"  # "masked" is not a deployed form
+    assert deployed.impl == "auto"  # deploying a masked layer measures the sparse forms
     deployed.impl = "grouped"
     assert deployed.impl == "batch_grouped"
+    deployed.impl = "dense"
+    assert deployed.impl == "masked"
     with pytest.raises(ValueError, match="impl must be one of"):
-        deployed.impl = "masked"
+        deployed.impl = "loop"
     with pytest.raises(AttributeError, match="single execution form"):
         dynaconv.DOConv2d(4, 4, 3).impl = "torch"
 
@@ -295,9 +297,10 @@ def test_deployed_dgc_measures_once_per_shape_and_stays_exact(monkeypatch):
     expected = layer(x)
     ran = _count_runs(monkeypatch, SparseDynamicGroupConv2d)
     assert_close64(deployed(x), expected)
-    assert {"batch_grouped", "bmm"} <= set(ran)  # both candidates were timed
+    candidates = {"head_grouped", "batch_grouped", "masked"}  # bmm: 1x1 kernels only
+    assert set(ran) == candidates  # every candidate was timed
     keys = [k for k in measured_choices if k[0] == "SparseDynamicGroupConv2d"]
-    assert len(keys) == 1 and measured_choices.get(keys[0]) in ("batch_grouped", "bmm")
+    assert len(keys) == 1 and measured_choices.get(keys[0]) in candidates
     ran.clear()
     assert_close64(deployed(x), expected)
     assert ran == [measured_choices.get(keys[0])]  # looked up: one run, no measuring
@@ -305,6 +308,28 @@ def test_deployed_dgc_measures_once_per_shape_and_stays_exact(monkeypatch):
     assert len(measured_choices) == 2  # the layer's eval forward and the deployed module's
     clear_measured_choices()
     assert len(measured_choices) == 0
+
+
+def test_dgc_auto_inference_runs_what_was_measured_fastest(monkeypatch):
+    """Whatever the timings, ``auto`` runs the candidate measured fastest."""
+    layer = _dgc_layer().eval()
+    deployed = layer.deploy()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    ran = _count_runs(monkeypatch, SparseDynamicGroupConv2d)
+    for fastest in ("masked", "head_grouped", "batch_grouped"):
+        clear_measured_choices()
+        ran.clear()
+
+        def timer(call, repeat, fastest=fastest):
+            call()
+            return 1.0 if ran[-1] == fastest else 2.0
+
+        monkeypatch.setattr(_base, "host_timer", timer)
+        deployed(x)
+        ran.clear()
+        deployed(x)
+        assert ran == [fastest]
+    clear_measured_choices()
 
 
 @pytest.mark.skipif(

@@ -24,6 +24,9 @@ the same in every family; each family declares the forms it has beside its layer
                    example; batch-independent plain ops, so it exports (CondConv, DGC)
 ``"masked"``       the paper's masked dense form: every channel computed, the gates multiplied
                    in, no MACs saved (DGC)
+``"head_grouped"``  one convolution per set of examples that keep the same channels, its
+                   groups the heads (batch 1: one ``h``-group conv over the kept channels;
+                   DGC)
 ``"expert_sum"``   one convolution with all experts' kernels, then the routing-weighted sum
                    (CondConv)
 ``"taps"``         per-example mixed kernels applied one kernel tap at a time (CondConv)
@@ -89,6 +92,7 @@ IMPLS: dict[str, str] = {
     "batch_grouped": "one convolution whose groups are the examples (x groups or heads)",
     "bmm": "unfolded or gathered input columns, batched matrix products; exportable",
     "masked": "the paper's masked dense form (every channel computed, gates multiplied in)",
+    "head_grouped": "one head-grouped conv per set of examples keeping the same channels",
     "expert_sum": "one convolution with all experts' kernels, then the weighted sum",
     "taps": "per-example mixed kernels applied one kernel tap at a time",
 }

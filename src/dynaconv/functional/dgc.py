@@ -23,11 +23,15 @@ if TYPE_CHECKING:
 __all__ = [
     "dense_masked_conv",
     "gate_dense",
+    "gate_from_kept",
     "gathered_conv",
     "grouped_gathered_conv",
+    "head_grouped_conv",
     "head_kernels",
     "interleave",
+    "kernel_rows",
     "lasso",
+    "runs_transposed",
     "saliency",
     "select_kept",
     "top_candidates",
@@ -71,9 +75,10 @@ def saliency(
 
 
 def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
-    if x.device.type in ("cpu", "cuda"):
-        return torch.autocast(device_type=x.device.type, enabled=False)
-    return contextlib.nullcontext()
+    kind = x.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.autocast(device_type=kind, enabled=False)
+    return contextlib.nullcontext()  # entering autocast costs host time on every call
 
 
 def lasso(g: Tensor) -> Tensor:
@@ -115,6 +120,12 @@ def select_kept(g: Tensor, inactive: int) -> tuple[Tensor, Tensor]:
     return index, scale
 
 
+def gate_from_kept(g: Tensor, index: Tensor, scale: Tensor) -> Tensor:
+    """:func:`gate_dense`'s result from :func:`select_kept`'s: ``scale`` at ``index``, 0
+    elsewhere (equal, ties included: both zero the candidates tied with the threshold)."""
+    return scale.new_zeros(g.shape).scatter(-1, index, scale)
+
+
 def head_kernels(weight: Tensor, heads: int) -> Tensor:
     """``weight`` ``(Cout, Cin, kh, kw)`` regrouped head-major: head ``i``'s rows first."""
     cout = weight.shape[0]
@@ -129,14 +140,24 @@ def interleave(out: Tensor, heads: int) -> Tensor:
 
 
 def dense_masked_conv(
-    x: Tensor, weight: Tensor, gated: Tensor, spec: ConvSpec, heads: int
+    x: Tensor,
+    weight: Tensor,
+    gated: Tensor,
+    spec: ConvSpec,
+    heads: int,
+    kernels: Tensor | None = None,
 ) -> Tensor:
-    """The reference form: each head convolves its gated copy of ``x`` (grouped conv)."""
+    """The reference form (``"masked"``): each head convolves its gated copy of ``x``, all in
+    one ``h``-group convolution of ``h`` copies of ``x`` with :func:`head_kernels`
+    (``kernels``, computed from ``weight`` when not given). The dense MACs, but no per-example
+    kernel copy: on small maps the fastest exact form at batch > 1."""
     batch, cin, height, width = x.shape
     # The saliencies are float32 (or float64); the convolution runs in x's dtype.
     scale = gated.to(x.dtype)[..., None, None]
     copies = (x.unsqueeze(1) * scale).reshape(batch, heads * cin, height, width)
-    out = spec.conv2d(copies, head_kernels(weight, heads), None, groups=heads)
+    if kernels is None:
+        kernels = head_kernels(weight, heads)
+    out = spec.conv2d(copies, kernels, None, groups=heads)
     return interleave(out, heads)
 
 
@@ -162,7 +183,10 @@ def gathered_conv(
         columns = F.unfold(padded, spec.kernel_size, spec.dilation, 0, spec.stride)
         columns = columns.reshape(batch, cin, taps, positions)
     rows = (index + torch.arange(batch, device=x.device).reshape(batch, 1, 1) * cin).reshape(-1)
-    picked = columns.reshape(batch * cin, taps * positions).index_select(0, rows)
+    # Gathered as 3-D rows and reshaped (not gathered 2-D then reshaped to 3-D): with
+    # ``K * taps == positions == 1`` onnxscript's optimiser dropped the 2-D -> 3-D reshape and
+    # left an invalid MatMul in the exported graph.
+    picked = columns.reshape(batch * cin, taps, positions).index_select(0, rows)
     picked = picked.reshape(batch * heads, keep * taps, positions)
     per_head = weight.reshape(cout // heads, heads, cin, taps).permute(1, 2, 0, 3)  # h,Cin,Co/h,T
     head_rows = index + torch.arange(heads, device=x.device).reshape(1, heads, 1) * cin
@@ -192,6 +216,70 @@ def transposed_head_kernels(weight: Tensor, heads: int, flipped: bool = True) ->
     return per_head.permute(1, 2, 0, 3, 4).reshape(heads * cin, cout // heads, kh, kw)
 
 
+def _strided_input(x: Tensor, spec: ConvSpec) -> tuple[Tensor, tuple[int, int], tuple[int, int]]:
+    """``(x, padding, stride)`` for the gathered forms' convolution of ``x``.
+
+    Padding other than symmetric zeros is applied here (the conv then pads nothing). A 1x1
+    kernel is a per-position product, so a strided one is the stride-1 one on the subsampled
+    input: it is subsampled here and runs at stride 1 (as a transposed conv, see
+    :func:`runs_transposed`).
+    """
+    padding = zero_padding(spec)
+    if padding is None:
+        x, padding = spec.pad_input(x), (0, 0)
+    stride = spec.stride
+    if spec.kernel_size == (1, 1):
+        if padding != (0, 0):
+            x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+            padding = (0, 0)
+        if stride != (1, 1):
+            x, stride = x[:, :, :: stride[0], :: stride[1]], (1, 1)
+    return x, padding, stride
+
+
+def _transposed_padding(spec: ConvSpec, padding: tuple[int, int]) -> tuple[int, ...]:
+    return tuple(d * (k - 1) - p for d, k, p in zip(spec.dilation, spec.kernel_size, padding))
+
+
+def runs_transposed(spec: ConvSpec) -> bool:
+    """Whether the gathered forms run ``spec`` as a transposed convolution (stride 1, or a 1x1
+    kernel, with padding within the kernel's reach): they then read the flipped kernel rows of
+    :func:`kernel_rows`, gathered as they are; otherwise a plain grouped conv over the same
+    rows, unflipped and reordered after the gather."""
+    if spec.stride != (1, 1) and spec.kernel_size != (1, 1):
+        return False
+    padding = zero_padding(spec)
+    padding = (0, 0) if padding is None or spec.kernel_size == (1, 1) else padding
+    return min(_transposed_padding(spec, padding)) >= 0
+
+
+def kernel_rows(weight: Tensor, heads: int, spec: ConvSpec) -> Tensor:
+    """The kernel layout the gathered forms read: :func:`transposed_head_kernels`, flipped when
+    :func:`runs_transposed`, contiguous (each kept ``(head, channel)`` is one contiguous row of
+    ``Cout/h * kh * kw`` values, so a gather is a copy of whole rows)."""
+    return transposed_head_kernels(weight, heads, flipped=runs_transposed(spec)).contiguous()
+
+
+def _conv_gathered(
+    picked: Tensor,
+    kernels: Tensor,
+    groups: int,
+    spec: ConvSpec,
+    padding: tuple[int, int],
+    stride: tuple[int, int],
+) -> Tensor:
+    """One ``groups``-group convolution of ``picked`` ``(N, groups*K, H, W)`` with gathered
+    rows ``kernels`` ``(groups*K, Cout_g, kh, kw)`` of :func:`kernel_rows`."""
+    if runs_transposed(spec):
+        padding = _transposed_padding(spec, padding)
+        return F.conv_transpose2d(picked, kernels, None, 1, padding, 0, groups, spec.dilation)
+    rows, cout_g, kh, kw = kernels.shape
+    keep = rows // groups
+    kernels = kernels.reshape(groups, keep, cout_g, kh, kw).transpose(1, 2)
+    kernels = kernels.reshape(groups * cout_g, keep, kh, kw)
+    return F.conv2d(picked, kernels, None, stride, padding, spec.dilation, groups)
+
+
 def grouped_gathered_conv(
     x: Tensor,
     weight: Tensor,
@@ -199,49 +287,97 @@ def grouped_gathered_conv(
     scale: Tensor,
     spec: ConvSpec,
     heads: int,
-    transposed: Tensor | None = None,
+    rows: Tensor | None = None,
 ) -> Tensor:
-    """The sparse form as one grouped convolution with a group per example and head.
+    """The sparse form as one grouped convolution with a group per example and head
+    (``"batch_grouped"``).
 
     Same inputs and numbers as :func:`gathered_conv` (``K/Cin`` of the dense MACs), but the
     kept channels go to one ``B*h``-group convolution instead of an unfolded matmul, which is
     several times faster where the convolution library is (CPU). The kernels are gathered per
-    example and head as rows of :func:`transposed_head_kernels` (``transposed``, computed from
-    ``weight`` when not given): for stride 1 they feed a transposed convolution as they are;
-    otherwise they are reordered for a plain grouped conv. The saliency scale multiplies
-    whichever of the gathered input and kernels is smaller. Differentiable; ``groups`` depends
-    on the batch, so ``torch.export`` specialises it (use :func:`gathered_conv` to export).
+    example and head as rows of :func:`kernel_rows` (``rows``, computed from ``weight`` when
+    not given): for stride 1 (and 1x1 kernels, subsampled first) they feed a transposed
+    convolution as they are; otherwise they are reordered for a plain grouped conv. The
+    saliency scale multiplies whichever of the gathered input and kernels is smaller. Cost
+    beyond the kept MACs: one copy of the kept kernels per example (``B * K * Cout * kh * kw``
+    values), which dominates on small maps. Differentiable; ``groups`` depends on the batch,
+    so ``torch.export`` specialises it (use :func:`gathered_conv` to export).
     """
-    padding = zero_padding(spec)
-    if padding is None:
-        x, padding = spec.pad_input(x), (0, 0)
+    x, padding, stride = _strided_input(x, spec)
     batch, cin, height, width = x.shape
     cout, _, kh, kw = weight.shape
     keep = index.shape[-1]
     groups = batch * heads
-    rows = (index + torch.arange(batch, device=x.device).reshape(batch, 1, 1) * cin).reshape(-1)
-    picked = x.reshape(batch * cin, height * width).index_select(0, rows)
+    channels = (index + torch.arange(batch, device=x.device).reshape(batch, 1, 1) * cin).reshape(-1)
+    picked = x.reshape(batch * cin, height * width).index_select(0, channels)
     scale_input = height * width <= (cout // heads) * kh * kw
     if scale_input:
         picked = picked * scale.reshape(-1, 1).to(picked.dtype)
     picked = picked.reshape(1, groups * keep, height, width)
-
-    dilation = spec.dilation
-    transposed_padding = tuple(d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding))
-    as_transposed = spec.stride == (1, 1) and min(transposed_padding) >= 0
-    if transposed is None or not as_transposed:
-        transposed = transposed_head_kernels(weight, heads, flipped=as_transposed)
+    if rows is None:
+        rows = kernel_rows(weight, heads, spec)
     head_rows = index + torch.arange(heads, device=x.device).reshape(1, heads, 1) * cin
-    kernels = transposed.index_select(0, head_rows.reshape(-1))  # (B*h*K, Cout/h, kh, kw)
+    kernels = rows.index_select(0, head_rows.reshape(-1))  # (B*h*K, Cout/h, kh, kw)
     if not scale_input:
         kernels = kernels * scale.reshape(-1, 1, 1, 1).to(kernels.dtype)
-    if as_transposed:
-        out = F.conv_transpose2d(picked, kernels, None, 1, transposed_padding, 0, groups, dilation)
-    else:
-        kernels = kernels.reshape(groups, keep, cout // heads, kh, kw).transpose(1, 2)
-        kernels = kernels.reshape(groups * (cout // heads), keep, kh, kw)
-        out = F.conv2d(picked, kernels, None, spec.stride, padding, dilation, groups)
+    out = _conv_gathered(picked, kernels, groups, spec, padding, stride)
     return interleave(out.reshape(batch, cout, *out.shape[2:]), heads)
+
+
+def head_grouped_conv(
+    x: Tensor,
+    rows: Tensor,
+    index: Tensor,
+    scale: Tensor,
+    spec: ConvSpec,
+    heads: int,
+) -> Tensor:
+    """The sparse form with the kept kernels gathered once per set of examples that keep the
+    same channels (``"head_grouped"``).
+
+    At batch 1 the selection is one static choice per head, so the layer is one ``h``-group
+    convolution over the ``h*K`` gathered input channels with the kept kernel rows of
+    :func:`kernel_rows` (``rows``): the kept MACs (the work of ``nn.Conv2d(h*K, Cout,
+    groups=h)``) plus one gather of the kept input channels, one of the kept kernels and the
+    output interleave. At larger batches, examples whose kept channels agree in every head
+    (e.g. a converted layer whose saliencies do not yet depend on the input) share one
+    gather of the kernels and one convolution; the saliency scale is then applied to the
+    gathered input (it differs per example). With ``n`` distinct sets it runs ``n``
+    convolutions (a loop on the host: the number of sets is data-dependent, so eager only
+    unless the batch is 1). Same numbers as :func:`gathered_conv`; differentiable.
+    """
+    x, padding, stride = _strided_input(x, spec)
+    batch, cin, height, width = x.shape
+    keep = index.shape[-1]
+    head_offsets = torch.arange(heads, device=x.device).reshape(heads, 1) * cin
+
+    def gather_kernels(selected: Tensor) -> Tensor:
+        return rows.index_select(0, (selected.reshape(heads, keep) + head_offsets).reshape(-1))
+
+    if batch == 1:
+        channels = index[0].reshape(-1)
+        picked = x.reshape(cin, height * width).index_select(0, channels)
+        kernels = gather_kernels(index[0])
+        if height * width <= kernels[0].numel():
+            picked = picked * scale[0].reshape(-1, 1).to(picked.dtype)
+        else:
+            kernels = kernels * scale[0].reshape(-1, 1, 1, 1).to(kernels.dtype)
+        picked = picked.reshape(1, heads * keep, height, width)
+        return interleave(_conv_gathered(picked, kernels, heads, spec, padding, stride), heads)
+    sets, which = torch.unique(index.reshape(batch, heads * keep), dim=0, return_inverse=True)
+    parts, members_of = [], []
+    for number in range(sets.shape[0]):
+        members = (which == number).nonzero().reshape(-1)
+        channels = sets[number]
+        flat = (members.reshape(-1, 1) * cin + channels.reshape(1, -1)).reshape(-1)
+        picked = x.reshape(batch * cin, height * width).index_select(0, flat)
+        picked = picked * scale.index_select(0, members).reshape(-1, 1).to(picked.dtype)
+        picked = picked.reshape(members.shape[0], heads * keep, height, width)
+        kernels = gather_kernels(channels)
+        parts.append(_conv_gathered(picked, kernels, heads, spec, padding, stride))
+        members_of.append(members)
+    order = torch.cat(members_of).argsort()
+    return interleave(torch.cat(parts).index_select(0, order), heads)
 
 
 def triton_kernel_layout(weight: Tensor, heads: int) -> Tensor:

@@ -76,6 +76,10 @@ Execution paths (``impl``, names as in :mod:`dynaconv.dispatch`; the math is in
   convolution for stride 1, so that the gathered kernels need no reordering); on CPU the
   fastest form for kernels larger than 1x1; not exportable with a dynamic batch (the number
   of groups depends on it);
+* ``"head_grouped"``: the same sparse computation with the kept kernels gathered once per set
+  of examples that keep the same channels, one ``h``-group convolution per set; at batch 1
+  (one set) the kept MACs plus one gather of the kept input channels and kernels, the form
+  closest to the limit (``nn.Conv2d(h*K, Cout, groups=h)``);
 * ``"triton"``: the sparse computation as one fused implicit-GEMM kernel
   (:mod:`dynaconv.kernels.dgc`). When a gradient is needed, the same kernel is the forward of
   an autograd function whose backward runs cuDNN convolutions head by head over batch
@@ -122,6 +126,8 @@ from ..functional.dgc import (
     gate_dense,
     gathered_conv,
     grouped_gathered_conv,
+    head_grouped_conv,
+    kernel_rows,
     lasso,
     saliency,
     select_kept,
@@ -143,13 +149,26 @@ from ._base import (
     check_progress,
     kaiming_uniform_,
 )
-from .dgc_deployed import _SALIENCY_MODES, SaliencyMode, SparseDynamicGroupConv2d
+from .dgc_deployed import (
+    _SALIENCY_MODES,
+    SaliencyMode,
+    SparseDynamicGroupConv2d,
+)
 
 __all__ = ["DynamicGroupConv2d", "SparseDynamicGroupConv2d", "reference_squeeze_rate"]
 
 #: ``impl`` names (canonical, then the older spellings, see :mod:`dynaconv.dispatch`).
 Impl = Literal[
-    "auto", "torch", "masked", "bmm", "batch_grouped", "triton", "dense", "sparse", "grouped"
+    "auto",
+    "torch",
+    "masked",
+    "bmm",
+    "batch_grouped",
+    "head_grouped",
+    "triton",
+    "dense",
+    "sparse",
+    "grouped",
 ]
 
 #: Half-width of the spread of the neutral initialisation's saliencies around 1.
@@ -225,6 +244,12 @@ def _run_batch_grouped(layer: DynamicGroupConv2d, x: Tensor, g: Tensor) -> Tenso
     return grouped_gathered_conv(x, layer.weight, index, scale, layer.spec, layer.heads)
 
 
+def _run_head_grouped(layer: DynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
+    index, scale = select_kept(g, layer._inactive)
+    rows = kernel_rows(layer.weight, layer.heads, layer.spec)
+    return head_grouped_conv(x, rows, index, scale, layer.spec, layer.heads)
+
+
 def _run_triton(layer: DynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
     inactive = layer._inactive
     if torch.is_grad_enabled() and (
@@ -256,6 +281,8 @@ def rule(layer: DynamicGroupConv2d, call: FormCall) -> list[str]:
     if x.device.type == "cpu":
         pointwise = layer.spec.kernel_numel == 1 and layer.spec.stride == (1, 1)
         first = ["masked"] if layer._inactive == 0 else []
+        if not call.train and x.shape[0] == 1:
+            first.append("head_grouped")  # one static choice per head: the kept MACs
         return [*first, "bmm" if pointwise else "batch_grouped", "bmm", "masked"]
     return ["masked", "bmm"] if call.train else ["bmm", "masked"]
 
@@ -268,6 +295,8 @@ FORMS = Forms(
         "masked": Form(_run_masked),
         "bmm": Form(_run_bmm, traceable=False),
         "batch_grouped": Form(_run_batch_grouped, batch_dependent=True, traceable=False),
+        # One h-group conv per set of examples keeping the same channels (a host loop).
+        "head_grouped": Form(_run_head_grouped, batch_dependent=True, traceable=False),
         "triton": Form(
             _run_triton,
             triton=True,
@@ -296,9 +325,9 @@ class DynamicGroupConv2d(DynaConv2d):
         heads: number of heads (``out_channels`` must be divisible by it), default 4.
         squeeze_rate: hidden width of the saliency generators is ``max(1, Cin // squeeze_rate)``.
         gate_factor: kept fraction of the input channels at the end of the schedule (0.25).
-        impl: ``"auto"``, ``"torch"``, ``"masked"``, ``"bmm"``, ``"batch_grouped"`` or
-            ``"triton"`` (older spellings ``"dense"``, ``"sparse"``, ``"grouped"``; see the
-            module docstring).
+        impl: ``"auto"``, ``"torch"``, ``"masked"``, ``"bmm"``, ``"batch_grouped"``,
+            ``"head_grouped"`` or ``"triton"`` (older spellings ``"dense"``, ``"sparse"``,
+            ``"grouped"``; see the module docstring).
         saliency_mode: ``"reference"`` (the paper's saliency generator and initialisation) or
             ``"neutral"`` (the descriptor normalised to unit RMS, every saliency starting at
             ``1 +- 1e-3``; what ``from_conv`` uses, see the module docstring).
