@@ -374,12 +374,12 @@ class CondensedDenseBlock(nn.Module):
     def _forward_folded(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
         out = x.new_empty(batch, self.out_channels, height, width)
-        out[:, :channels] = x
+        out.narrow(1, 0, channels).copy_(x)
         for layer in self.children():
             hidden = folded_pointwise(layer.folded(), out, self.workspace)
             conv = layer.conv_2
             new = conv._conv_forward(hidden, conv.weight, conv.bias)
-            out[:, channels : channels + new.shape[1]] = new
+            out.narrow(1, channels, new.shape[1]).copy_(new)
             channels += new.shape[1]
         return out
 
