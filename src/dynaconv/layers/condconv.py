@@ -73,6 +73,7 @@ from ..functional.condconv import (
     batch_independent_form,
     check_routing_weights,
     empty_batch,
+    fixed_batch_graph,
     mix,
 )
 from ._base import (
@@ -307,8 +308,17 @@ class CondConv2d(DynaConv2d):
 
         Traced, compiled or exported, the batch-dependent forms (``"loop"``,
         ``"batch_grouped"``) and the opaque kernel (``"triton"``) are replaced by
-        :func:`export_form` (all forms are exact), so a deployed layer exports too.
+        :func:`export_form` (all forms are exact), so a deployed layer exports too. With a
+        constant batch (:func:`~dynaconv.functional.condconv.fixed_batch_graph`, e.g.
+        ``torch.export`` without a dynamic batch) kxk layers run ``"batch_grouped"``: the
+        kernel mixing (one matrix product) and one convolution, with the conv's MACs
+        (``"taps"`` and ``"expert_sum"`` are the dynamic batch's forms); 1x1 layers keep
+        ``"bmm"``, at batch 1 the same product as a conv, and onnxruntime runs a MatMul of two
+        computed operands faster than a Conv whose kernel is not a constant
+        (``benchmarks/NOTES.md``).
         """
+        if tracing() and self.spec.kernel_size != (1, 1) and fixed_batch_graph(x):
+            return "batch_grouped", None
         impl = _check_impl(self.impl)
         if impl not in ("auto", "torch"):
             if impl in CONDCONV_BATCH_DEPENDENT and tracing():

@@ -206,6 +206,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         args.weights,
         deploy=not args.no_deploy,
         opset=args.opset,
+        fixed_batch=args.batch,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -270,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--no-deploy", action="store_true", help="export the training form")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    export.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="export for this batch size only (e.g. 1 for edge deployment: CondConv kxk layers "
+        "become the kernel mixing and one convolution); default: a dynamic batch",
+    )
 
     profile = sub.add_parser("profile", help="parameters and MACs of a checkpoint or a config")
     profile.add_argument("checkpoint", nargs="?", help="checkpoint (omit to profile a config)")

@@ -324,22 +324,38 @@ def export_checkpoint(
     weights: str = "ema",
     deploy: bool = True,
     opset: int = 18,
+    fixed_batch: int | None = None,
 ) -> dict[str, Any]:
     """Write ``model.pt2`` (torch.export) and ``model.onnx``; check both against PyTorch.
 
-    The ONNX model has a dynamic batch dimension; onnxruntime runs it on a batch of a size
-    other than the one exported and must match PyTorch to 1e-4 (relative to the largest logit).
+    By default both have a dynamic batch dimension; onnxruntime runs the ONNX model on a
+    batch of a size other than the one exported and must match PyTorch to 1e-4 (relative to
+    the largest logit). ``fixed_batch=N`` exports for batches of exactly ``N`` (the edge case,
+    ``N = 1``): layers whose best graph depends on the batch size use it (a CondConv kxk layer
+    becomes the kernel mixing and one convolution, see
+    :func:`dynaconv.functional.condconv.fixed_batch_graph`); the check runs another batch of
+    ``N``.
     """
     if not MIN_OPSET <= opset <= _max_opset():
         raise ConfigError(f"--opset must be in [{MIN_OPSET}, {_max_opset()}], got {opset}")
+    if fixed_batch is not None and (
+        isinstance(fixed_batch, bool) or not isinstance(fixed_batch, int) or fixed_batch < 1
+    ):
+        raise ConfigError(f"--batch must be a positive integer, got {fixed_batch!r}")
     model, config = load_trained(path, weights, overrides)
     out = prepare_output_folder(out)
     if deploy:
         model = dynaconv.deploy(model, example_input=_example_batch(config, 4))
-    example = _example_batch(config, 4)
-    check = _example_batch(config, 7)[:3]
-    batch_dim = _batch_dim()
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim},))
+    if fixed_batch is None:
+        example = _example_batch(config, 4)
+        check = _example_batch(config, 7)[:3]
+        dynamic_shapes: Any = ({0: _batch_dim()},)
+    else:
+        pair = _example_batch(config, 2 * fixed_batch)
+        example = pair[:fixed_batch]
+        check = pair[fixed_batch:] if len(pair) == 2 * fixed_batch else example
+        dynamic_shapes = None
+    program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
     torch.export.save(program, str(out / "model.pt2"))
     with torch.no_grad():
         expected = model(check)
@@ -356,7 +372,7 @@ def export_checkpoint(
         str(onnx_path),
         input_names=["images"],
         output_names=["logits"],
-        dynamic_shapes=({0: batch_dim},),
+        dynamic_shapes=dynamic_shapes,
         opset_version=opset,
         dynamo=True,
         external_data=False,
@@ -371,6 +387,7 @@ def export_checkpoint(
         "pt2": str(out / "model.pt2"),
         "onnx": str(onnx_path),
         "deployed": deploy,
+        "batch": "dynamic" if fixed_batch is None else fixed_batch,
         "max_rel_error_pt2": pt2_error,
         "max_rel_error_onnxruntime": onnx_error,
     }
