@@ -564,9 +564,9 @@ class FoldedPointwise(NamedTuple):
     * ``low``, ``high`` ``(G * K, 1, 1)`` or None: the folded BN-ReLU before the conv as a
       clamp (``relu(s v + t) = s max(v, -t/s) + t`` for ``s > 0``, ``min`` for ``s < 0``;
       ``high`` is None when every scale is positive, both None without a ReLU there);
-    * ``weight`` ``(G, N, K)``, ``bias`` ``(G, N, 1)``: the conv with the BN before it (its
-      scale, and its shift as a bias) and the affine after it (``s' (W v + b) + t'``) folded
-      in, rows in group-major order ``g * N + n``;
+    * ``weight`` ``(G * N, K, 1, 1)``, ``bias`` ``(G * N,)``: the grouped conv with the BN
+      before it (its scale, and its shift as a bias) and the affine after it
+      (``s' (W v + b) + t'``) folded in, rows in group-major order ``g * N + n``;
     * ``relu``: the ReLU after the layer; ``interleave``: the output channel of row
       ``g * N + n`` is ``n * G + g`` (else ``g * N + n``).
     """
@@ -581,11 +581,11 @@ class FoldedPointwise(NamedTuple):
 
     @property
     def groups(self) -> int:
-        return self.weight.shape[0]
+        return self.index.numel() // self.weight.shape[1]
 
     @property
     def out_channels(self) -> int:
-        return self.weight.shape[0] * self.weight.shape[1]
+        return self.weight.shape[0]
 
 
 def fold_pointwise(layer: CondensedGroupConv2d) -> FoldedPointwise:
@@ -624,8 +624,8 @@ def fold_pointwise(layer: CondensedGroupConv2d) -> FoldedPointwise:
             layer.index.clone(),
             low,
             high,
-            weight.contiguous(),
-            bias.contiguous(),
+            weight.reshape(cout, -1, 1, 1).contiguous(),
+            bias.reshape(cout).contiguous(),
             bool(layer.out_relu),
             bool(layer.interleave and groups > 1),
         )
@@ -649,8 +649,9 @@ def folded_pointwise(
     of at least :data:`WORKSPACE_MIN_NUMEL` elements).
     """
     batch, _, height, width = x.shape
-    groups, rows, per_group = folded.weight.shape
-    cout = groups * rows
+    cout, per_group = folded.weight.shape[:2]
+    groups = folded.index.numel() // per_group
+    rows = cout // groups
     traced = tracing()
     shape = (batch, folded.index.numel(), height, width)
     if (
@@ -662,23 +663,22 @@ def folded_pointwise(
         gathered = torch.index_select(x, 1, folded.index, out=workspace.get(shape, x))
     else:
         gathered = x.index_select(1, folded.index)
-    if folded.low is not None:
+    if folded.low is not None and traced:  # Max and Min nodes (XNNPACK runs them too)
+        gathered = torch.maximum(gathered, folded.low)
+        if folded.high is not None:
+            gathered = torch.minimum(gathered, folded.high)
+    elif folded.low is not None:
         if folded.high is None:
-            gathered = (
-                gathered.clamp_min_(folded.low) if not traced else gathered.clamp_min(folded.low)
-            )
+            gathered = gathered.clamp_min_(folded.low)
         else:
-            gathered = gathered.clamp(folded.low, folded.high)
+            gathered = gathered.clamp_(folded.low, folded.high)
     if batch == 1 and not traced:
-        y = torch.baddbmm(folded.bias, folded.weight, gathered.view(groups, per_group, -1))
+        weight = folded.weight.view(groups, rows, per_group)
+        bias = folded.bias.view(groups, rows, 1)
+        y = torch.baddbmm(bias, weight, gathered.view(groups, per_group, -1))
         y = y.view(1, groups, rows, height, width)
-    else:
-        y = F.conv2d(
-            gathered,
-            folded.weight.view(cout, per_group, 1, 1),
-            folded.bias.view(cout),
-            groups=groups,
-        )
+    else:  # the kernel as stored: a traced conv reads the module's buffer itself
+        y = F.conv2d(gathered, folded.weight, folded.bias, groups=groups)
         y = y.view(-1, groups, rows, height, width)
     if not folded.interleave:
         y = y.view(-1, cout, height, width)

@@ -271,10 +271,25 @@ class CondensedDenseLayer(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
     def refresh(self) -> None:
-        """Re-derive the folded form (:meth:`folded`) from the index layer's tensors."""
-        if self._pointwise:
-            self._folded = fold_pointwise(self.conv_1)
-            self._folded_key = self._folded_source()
+        """Re-derive the folded form (:meth:`folded`) from the index layer's tensors.
+
+        Its tensors are kept as non-persistent buffers, so that traced graphs see them as the
+        module's state (``torch.export`` lifts them as buffers; a backend such as XNNPACK
+        takes a conv only with a static kernel), not in the state dict."""
+        if not self._pointwise:
+            return
+        folded = fold_pointwise(self.conv_1)
+        for field, value in zip(FoldedPointwise._fields, folded):
+            if isinstance(value, Tensor) or value is None:
+                self.register_buffer(f"_folded_{field}", value, persistent=False)
+        self._folded = folded._replace(
+            **{
+                field: getattr(self, f"_folded_{field}")
+                for field, value in zip(FoldedPointwise._fields, folded)
+                if isinstance(value, Tensor)
+            }
+        )
+        self._folded_key = self._folded_source()
 
     def _apply(self, fn: Any, recurse: bool = True) -> CondensedDenseLayer:
         super()._apply(fn, recurse)  # moved or cast: derive the folded form anew
