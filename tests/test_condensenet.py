@@ -379,3 +379,31 @@ def test_deployed_condensenet86_on_gpu(fixture, condensed):
     assert float((compiled(x.float()).double() - expected).abs().max()) < 1e-2 * float(
         expected.abs().max()
     )
+
+
+def test_executorch_program_of_the_deployed_condensenet(tmp_path):
+    """In ExecuTorch with XNNPACK every conv of the folded form is delegated (a kernel read
+    through a view or a lifted constant would fall back to the portable conv, ~30x slower);
+    only the channel gathers run outside XNNPACK."""
+    pytest.importorskip("executorch")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from dynaconv.train.commands import run_pte, write_pte
+
+    model = _small().float()
+    dynaconv.set_progress(model, 1.0)
+    deployed = deploy_condensenet(model)
+    x = torch.randn(1, 3, 16, 16)
+    lowered = to_edge_transform_and_lower(
+        torch.export.export(deployed, (x,)), partitioner=[XnnpackPartitioner()]
+    )
+    outside = {
+        str(node.target).split(":")[0]
+        for node in lowered.exported_program().graph.nodes
+        if node.op == "call_function" and "delegate" not in str(node.target)
+    }
+    assert not any("convolution" in op for op in outside), outside
+    path = write_pte(deployed, x, tmp_path / "condensenet.pte")
+    with torch.no_grad():
+        torch.testing.assert_close(run_pte(path, x), deployed(x), rtol=1e-4, atol=1e-5)

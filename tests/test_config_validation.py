@@ -561,3 +561,12 @@ def test_export_for_a_fixed_batch(run, tmp_path, capsys):
     assert main(["export", str(run / "best.pt"), "--out", str(out), "--batch", "1"]) == 0
     summary = json.loads((out / "export.json").read_text())
     assert summary["batch"] == 1 and summary["max_rel_error_onnxruntime"] < 1e-4
+
+
+def test_export_to_executorch(run, tmp_path):
+    pytest.importorskip("executorch")
+    out = tmp_path / "pte"
+    assert main(["export", str(run / "best.pt"), "--out", str(out), "--format", "pte"]) == 0
+    summary = json.loads((out / "export.json").read_text())
+    assert (out / "model.pte").is_file() and summary["batch"] == 1
+    assert summary["max_rel_error_executorch"] < 1e-4

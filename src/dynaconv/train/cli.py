@@ -207,6 +207,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         deploy=not args.no_deploy,
         opset=args.opset,
         fixed_batch=args.batch,
+        format=args.format,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -276,7 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="export for this batch size only (e.g. 1 for edge deployment: CondConv kxk layers "
-        "become the kernel mixing and one convolution); default: a dynamic batch",
+        "become the kernel mixing and one convolution); default: a dynamic batch (pte: 1)",
+    )
+    export.add_argument(
+        "--format",
+        choices=("onnx", "pte"),
+        default="onnx",
+        help="onnx (default; checked in onnxruntime) or pte (ExecuTorch with XNNPACK, the "
+        "mobile CPU runtime; needs the edge extra)",
     )
 
     profile = sub.add_parser("profile", help="parameters and MACs of a checkpoint or a config")

@@ -55,6 +55,8 @@ __all__ = [
     "load_deployed",
     "load_trained",
     "profile_checkpoint",
+    "run_pte",
+    "write_pte",
 ]
 
 #: What a checkpoint must hold to rebuild its model.
@@ -325,8 +327,14 @@ def export_checkpoint(
     deploy: bool = True,
     opset: int = 18,
     fixed_batch: int | None = None,
+    format: str = "onnx",
 ) -> dict[str, Any]:
     """Write ``model.pt2`` (torch.export) and ``model.onnx``; check both against PyTorch.
+
+    ``format="pte"``: ``model.pte`` (an ExecuTorch program, convolutions and matrix products
+    delegated to XNNPACK: the mobile CPU runtime, :func:`write_pte`) instead of
+    ``model.onnx``, for a fixed batch (``fixed_batch``, default 1), checked in ExecuTorch's
+    runtime.
 
     By default both have a dynamic batch dimension; onnxruntime runs the ONNX model on a
     batch of a size other than the one exported and must match PyTorch to 1e-4 (relative to
@@ -338,6 +346,11 @@ def export_checkpoint(
     """
     if not MIN_OPSET <= opset <= _max_opset():
         raise ConfigError(f"--opset must be in [{MIN_OPSET}, {_max_opset()}], got {opset}")
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
+    if format == "pte":
+        _executorch()  # missing: say so before any work
+        fixed_batch = 1 if fixed_batch is None else fixed_batch
     if fixed_batch is not None and (
         isinstance(fixed_batch, bool) or not isinstance(fixed_batch, int) or fixed_batch < 1
     ):
@@ -365,6 +378,20 @@ def export_checkpoint(
             torch.export.load(str(out / "model.pt2")).module()(check),
             "model.pt2",
         )
+    if format == "pte":
+        pte_path = write_pte(model, example, out / "model.pte")
+        pte_error = verify_outputs(expected, run_pte(pte_path, check), "model.pte (ExecuTorch)")
+        summary = {
+            "pt2": str(out / "model.pt2"),
+            "pte": str(pte_path),
+            "deployed": deploy,
+            "batch": fixed_batch,
+            "max_rel_error_pt2": pt2_error,
+            "max_rel_error_executorch": pte_error,
+        }
+        (out / "config.yaml").write_text(dump_config(config))
+        (out / "export.json").write_text(json.dumps(summary, indent=2))
+        return summary
     onnx_path = out / "model.onnx"
     torch.onnx.export(
         model,
@@ -393,6 +420,48 @@ def export_checkpoint(
     }
     (out / "export.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+#: What ``export`` writes besides ``model.pt2``.
+EXPORT_FORMATS = ("onnx", "pte")
+
+
+def _executorch() -> Any:
+    """ExecuTorch's lowering entry points, or :class:`ConfigError` saying how to get them."""
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+            XnnpackPartitioner,
+        )
+        from executorch.exir import to_edge_transform_and_lower
+    except ImportError as error:
+        raise ConfigError(
+            f"--format pte needs ExecuTorch (pip install 'dynaconv[edge]'): {error}"
+        ) from None
+    return to_edge_transform_and_lower, XnnpackPartitioner
+
+
+def write_pte(model: nn.Module, example: Tensor, path: str | Path) -> Path:
+    """Write ``model`` as an ExecuTorch program for inputs of ``example``'s shape.
+
+    ``torch.export`` (fixed shapes: the batch of ``example``), then ExecuTorch's edge dialect
+    with the XNNPACK partitioner: convolutions, matrix products and most elementwise ops run
+    in XNNPACK, the rest (e.g. a deployed CondenseNet's channel gathers) in ExecuTorch's
+    portable kernels. Needs the ``edge`` extra (executorch).
+    """
+    lower, partitioner = _executorch()
+    program = torch.export.export(model.eval(), (example,))
+    lowered = lower(program, partitioner=[partitioner()]).to_executorch()
+    path = Path(path)
+    path.write_bytes(lowered.buffer)
+    return path
+
+
+def run_pte(path: str | Path, x: Tensor) -> Tensor:
+    """The output of the ExecuTorch program at ``path`` on ``x`` (its ``forward``)."""
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    return method.execute([x])[0]
 
 
 #: The oldest opset the (dynamo) ONNX exporter writes directly.
