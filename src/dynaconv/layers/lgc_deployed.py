@@ -637,7 +637,11 @@ WORKSPACE_MIN_NUMEL = 1 << 18
 
 
 def folded_pointwise(
-    folded: FoldedPointwise, x: Tensor, workspace: GatherWorkspace | None = None
+    folded: FoldedPointwise,
+    x: Tensor,
+    workspace: GatherWorkspace | None = None,
+    *,
+    traced: bool | None = None,
 ) -> Tensor:
     """The layer on ``x`` ``(B, C, H, W)`` (``C`` at least every index + 1; only the indexed
     channels are read): ``(B, G * N, H, W)``.
@@ -646,49 +650,64 @@ def folded_pointwise(
     convs are slower at these sizes) and the ReLU writes the interleaved order as it goes;
     otherwise (a batch, or traced: the exported graph's Gather, Max, Conv, Relu, Transpose)
     a grouped 1x1 convolution. ``workspace``: a buffer to gather into (eager, CPU, for gathers
-    of at least :data:`WORKSPACE_MIN_NUMEL` elements).
+    of at least :data:`WORKSPACE_MIN_NUMEL` elements). ``traced``: whether this runs inside a
+    graph capture (:func:`dynaconv.dispatch.tracing`, asked when not given; a caller running
+    many layers asks once).
     """
+    if traced is None:
+        traced = tracing()
+    if traced:
+        return _folded_pointwise_traced(folded, x)
     batch, _, height, width = x.shape
+    index, weight = folded.index, folded.weight
+    cout, per_group = weight.shape[:2]
+    groups = index.numel() // per_group
+    rows = cout // groups
+    if workspace is not None and batch * index.numel() * height * width >= WORKSPACE_MIN_NUMEL:
+        shape = (batch, index.numel(), height, width)
+        gathered = torch.index_select(x, 1, index, out=workspace.get(shape, x))
+    else:
+        gathered = x.index_select(1, index)
+    if folded.low is not None:
+        if folded.high is None:
+            gathered.clamp_min_(folded.low)
+        else:
+            gathered.clamp_(folded.low, folded.high)
+    if batch == 1:
+        y = torch.baddbmm(
+            folded.bias.view(groups, rows, 1),
+            weight.view(groups, rows, per_group),
+            gathered.view(groups, per_group, -1),
+        )
+    else:
+        y = F.conv2d(gathered, weight, folded.bias, groups=groups)
+    if not folded.interleave:
+        y = y.view(batch, cout, height, width)
+        return y.relu_() if folded.relu else y
+    y = y.view(batch, groups, rows, height, width).transpose(1, 2)
+    out = torch.empty(batch, rows, groups, height, width, dtype=y.dtype, device=y.device)
+    if folded.relu:  # one pass: the ReLU writes channel n * G + g
+        torch.clamp_min(y, 0, out=out)
+    else:
+        out.copy_(y)
+    return out.view(batch, cout, height, width)
+
+
+def _folded_pointwise_traced(folded: FoldedPointwise, x: Tensor) -> Tensor:
+    """:func:`folded_pointwise` as graph nodes: Gather, Max (and Min), a grouped Conv reading
+    the stored kernel itself (XNNPACK delegates only a conv with a static kernel), Relu, and
+    for the interleaved order a Transpose."""
+    _, _, height, width = x.shape
     cout, per_group = folded.weight.shape[:2]
     groups = folded.index.numel() // per_group
-    rows = cout // groups
-    traced = tracing()
-    shape = (batch, folded.index.numel(), height, width)
-    if (
-        workspace is not None
-        and not traced
-        and x.device.type == "cpu"
-        and math.prod(shape) >= WORKSPACE_MIN_NUMEL
-    ):
-        gathered = torch.index_select(x, 1, folded.index, out=workspace.get(shape, x))
-    else:
-        gathered = x.index_select(1, folded.index)
-    if folded.low is not None and traced:  # Max and Min nodes (XNNPACK runs them too)
+    gathered = x.index_select(1, folded.index)
+    if folded.low is not None:
         gathered = torch.maximum(gathered, folded.low)
         if folded.high is not None:
             gathered = torch.minimum(gathered, folded.high)
-    elif folded.low is not None:
-        if folded.high is None:
-            gathered = gathered.clamp_min_(folded.low)
-        else:
-            gathered = gathered.clamp_(folded.low, folded.high)
-    if batch == 1 and not traced:
-        weight = folded.weight.view(groups, rows, per_group)
-        bias = folded.bias.view(groups, rows, 1)
-        y = torch.baddbmm(bias, weight, gathered.view(groups, per_group, -1))
-        y = y.view(1, groups, rows, height, width)
-    else:  # the kernel as stored: a traced conv reads the module's buffer itself
-        y = F.conv2d(gathered, folded.weight, folded.bias, groups=groups)
-        y = y.view(-1, groups, rows, height, width)
+    y = F.conv2d(gathered, folded.weight, folded.bias, groups=groups)
+    y = y.relu() if folded.relu else y
     if not folded.interleave:
-        y = y.view(-1, cout, height, width)
-        return y.relu_() if folded.relu else y
-    if traced:  # Transpose (and Relu) nodes
-        y = y.relu() if folded.relu else y
-        return y.transpose(1, 2).reshape(-1, cout, height, width)
-    out = torch.empty(batch, rows, groups, height, width, dtype=y.dtype, device=y.device)
-    if folded.relu:  # one pass: the ReLU writes channel n * G + g
-        torch.clamp_min(y.transpose(1, 2), 0, out=out)
-    else:
-        out.copy_(y.transpose(1, 2))
-    return out.view(batch, cout, height, width)
+        return y
+    y = y.view(-1, groups, cout // groups, height, width).transpose(1, 2)
+    return y.reshape(-1, cout, height, width)

@@ -320,12 +320,13 @@ class CondensedDenseLayer(nn.Module):
         index layer not forced onto the Triton kernel, and no forward hooks on the layer or its
         convs (the folded form calls neither, so hooks, e.g. :func:`dynaconv.profile`'s, would
         not see them)."""
+        conv_1, conv_2 = self._modules["conv_1"], self._modules["conv_2"]
         return (
             self._pointwise
-            and self.conv_1.impl != "triton"
+            and conv_1.impl != "triton"
             and not (self._forward_hooks or self._forward_pre_hooks)
-            and not (self.conv_1._forward_hooks or self.conv_1._forward_pre_hooks)
-            and not (self.conv_2._forward_hooks or self.conv_2._forward_pre_hooks)
+            and not (conv_1._forward_hooks or conv_1._forward_pre_hooks)
+            and not (conv_2._forward_hooks or conv_2._forward_pre_hooks)
         )
 
     def folded(self) -> FoldedPointwise:
@@ -337,13 +338,20 @@ class CondensedDenseLayer(nn.Module):
             self.refresh()
         return self._folded
 
+    def _eager_folded(self) -> FoldedPointwise:
+        # folded() for a caller that knows it runs eagerly (one check fewer per layer)
+        if self._folded_key != self._folded_source():
+            self.refresh()
+        return self._folded  # type: ignore[return-value]
+
     def _folded_source(self) -> tuple[Any, ...]:
         # Identity and in-place version of every tensor the form comes from (read from the
         # module's own dicts: this runs on every eager forward).
-        conv = self.conv_1
-        tensors = (conv._buffers["index"], *conv._parameters.values())
-        versions = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
-        return (conv.in_relu, conv.out_relu, conv.interleave, versions)
+        conv = self._modules["conv_1"]
+        key = [conv.in_relu, conv.out_relu, conv.interleave]
+        for t in (conv._buffers["index"], *conv._parameters.values()):
+            key += (None, None) if t is None else (t.data_ptr(), t._version)
+        return tuple(key)
 
     def forward(self, x: Tensor, *, prefix: bool = False) -> Tensor:
         """New features from ``x`` (with ``prefix``: from the first input channels of ``x``)."""
@@ -371,10 +379,11 @@ class CondensedDenseBlock(nn.Module):
         self.workspace = GatherWorkspace()
 
     def forward(self, x: Tensor) -> Tensor:
+        layers = self._modules.values()
         if (
             x.device.type == "cpu"
             and not (_global_forward_hooks or _global_forward_pre_hooks)
-            and all(layer.foldable() for layer in self.children())
+            and all(layer.foldable() for layer in layers)
         ):
             return self._forward_traced(x) if tracing() else self._forward_folded(x)
         batch, channels, height, width = x.shape
@@ -390,9 +399,10 @@ class CondensedDenseBlock(nn.Module):
         batch, channels, height, width = x.shape
         out = x.new_empty(batch, self.out_channels, height, width)
         out.narrow(1, 0, channels).copy_(x)
-        for layer in self.children():
-            hidden = folded_pointwise(layer.folded(), out, self.workspace)
-            conv = layer.conv_2
+        workspace = self.workspace
+        for layer in self._modules.values():
+            hidden = folded_pointwise(layer._eager_folded(), out, workspace, traced=False)
+            conv = layer._modules["conv_2"]
             new = conv._conv_forward(hidden, conv.weight, conv.bias)
             out.narrow(1, channels, new.shape[1]).copy_(new)
             channels += new.shape[1]
@@ -400,8 +410,8 @@ class CondensedDenseBlock(nn.Module):
 
     def _forward_traced(self, x: Tensor) -> Tensor:
         features = x
-        for layer in self.children():
-            hidden = folded_pointwise(layer.folded(), features)
+        for layer in self._modules.values():
+            hidden = folded_pointwise(layer.folded(), features, traced=True)
             features = torch.cat([features, layer.conv_2(hidden)], 1)
         return features
 
