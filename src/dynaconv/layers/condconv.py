@@ -413,7 +413,8 @@ class CondConv2d(DynaConv2d):
         (so it no longer re-decides per call). When traced, compiled or exported the layer
         runs :func:`export_form` (``"bmm"`` for 1x1, ``"taps"`` for kxk, ``"expert_sum"`` for
         depthwise kxk) instead of a batch-dependent or Triton form, so a deployed model still
-        exports with a dynamic batch.
+        exports with a dynamic batch; exported for a fixed batch (``dynaconv export --batch
+        1``), kxk layers run ``"batch_grouped"``: the kernel mixing and one conv.
         """
         form = self.inference_form() if impl is None else _check_impl(impl)
         deployed = copy.deepcopy(self).eval()

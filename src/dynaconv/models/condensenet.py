@@ -24,6 +24,12 @@ permutation stays inside the 3x3 conv's groups (``group_3x3 = 1``), else it is d
 kernel's output addressing (free) or by a reshape on the PyTorch path. Dense blocks write
 every layer's new features into one preallocated buffer instead of concatenating (the
 growing ``torch.cat`` copies are gone; layers read a channel prefix of the buffer in place).
+On the CPU each dense layer runs its folded form
+(:class:`~dynaconv.layers.lgc_deployed.FoldedPointwise`: both BatchNorms in the 1x1 kernel and
+bias, one gather, one clamp, one matrix product, one ReLU pass writing the shuffled order, then
+the 3x3 conv); traced or exported, the block concatenates instead (graphs have no in-place
+writes), so an ONNX or ExecuTorch graph holds per layer a Gather, a Max, two Convs, a
+Transpose where the shuffle is kept, and a Concat.
 ``prune_classifier=True`` reproduces the reference's lossy conversion, which keeps the half
 of the classifier's input features with the largest column L1 norm.
 """
