@@ -283,6 +283,10 @@ def test_folded_gather_workspace_path(monkeypatch):
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     assert_close64(deployed(x), model(x))
     assert_close64(deployed(x[:1]), model(x[:1]))  # the buffer is reused at another size
+    x.requires_grad_(True)  # a gradient through the deployed model: no shared buffer then
+    deployed(x).sum().backward()
+    expected = torch.autograd.grad(model(x).sum(), x)[0]
+    assert_close64(x.grad, expected)
 
 
 def test_folded_form_follows_loaded_and_edited_weights():

@@ -652,11 +652,12 @@ def folded_pointwise(
     a grouped 1x1 convolution. ``workspace``: a buffer to gather into (eager, CPU, for gathers
     of at least :data:`WORKSPACE_MIN_NUMEL` elements). ``traced``: whether this runs inside a
     graph capture (:func:`dynaconv.dispatch.tracing`, asked when not given; a caller running
-    many layers asks once).
+    many layers asks once). An input that needs a gradient takes the traced form's
+    out-of-place ops.
     """
     if traced is None:
         traced = tracing()
-    if traced:
+    if traced or (x.requires_grad and torch.is_grad_enabled()):  # out= records no gradient
         return _folded_pointwise_traced(folded, x)
     batch, _, height, width = x.shape
     index, weight = folded.index, folded.weight
