@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 import dynaconv
 from bench_deploy_cpu import CASES, calibrate_batchnorm, prepare
-from evidence_common import machine_line, markdown_table, positive_int
+from evidence_common import machine_line, markdown_table, positive_int, write_json
 from harness import measure_interleaved
 
 CPU = torch.device("cpu")
@@ -235,6 +235,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--device", default="cpu", help="only cpu is measured (run_all.py)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 64px CondConv, batch 1, 3 samples"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 16])
     parser.add_argument("--image-size", type=positive_int, default=128)
@@ -245,6 +250,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-executorch", dest="executorch", action="store_false", help="skip ExecuTorch rows"
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.condconv_size, args.batches, args.reps, args.warmup = 64, [1], 3, 1
+        args.executorch, args.only = False, [name for name in args.only if name != "executorch"]
     if args.executorch:
         try:
             import executorch  # noqa: F401
@@ -256,6 +264,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.device != "cpu":
+        print(f"## Edge deployment\n\nskipped: this benchmark measures the CPU ({args.device})")
+        return 0
     torch.set_num_threads(1)
     import onnxruntime
 
@@ -286,6 +297,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{machine_line(versions)}; median of {args.reps} interleaved samples")
     print(f"command: `{command}`\n")
     print(markdown_table(("table", "variant", "median ms", "ratio"), rows))
+    if args.json is not None:
+        keys = ("table", "variant", "median_ms", "ratio")
+        write_json(
+            args.json,
+            {"machine": machine_line(versions), "command": command,
+             "rows": [dict(zip(keys, row)) for row in rows]},
+        )  # fmt: skip
     return 0
 
 
