@@ -124,3 +124,48 @@ def test_compiled_layer_matches_eager():
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# a fixed batch (the edge case): the kernel mixing and one convolution
+
+
+def _conv_ops(program) -> list[str]:
+    ops = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    return [op for op in ops if "convolution" in op or "conv2d" in op]
+
+
+@pytest.mark.parametrize("groups", [1, 2, 16])  # 16: depthwise
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fixed_batch_export_mixes_kernels_then_runs_one_conv(groups, batch):
+    torch.manual_seed(0)
+    layer = CondConv2d(16, 16, 3, padding=1, groups=groups, num_experts=4, dtype=torch.float64)
+    layer = layer.eval()
+    x = torch.randn(batch, 16, 7, 6, dtype=torch.float64)
+    program = torch.export.export(layer, (x,))  # no dynamic batch: fixed at `batch`
+    assert len(_conv_ops(program)) == 1
+    pair = torch.randn(2, 16, 7, 6, dtype=torch.float64)  # batch 1 would specialise the Dim
+    dynamic = torch.export.export(layer, (pair,), dynamic_shapes=({0: Dim("batch", max=64)},))
+    assert len(_conv_ops(dynamic)) == (1 if groups == 16 else 0)  # expert_sum / taps
+    xb = torch.randn(batch, 16, 7, 6, dtype=torch.float64)
+    layer.impl = "loop"  # the reference form
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(xb), layer(xb), rtol=1e-10, atol=1e-12)
+
+
+def test_fixed_batch_onnx_export_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    model = nn.Sequential(
+        _layer(16, 24, 3), nn.ReLU(), _layer(24, 24, 5, groups=24), _layer(24, 8, 1)
+    ).eval()
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(model, (torch.randn(1, 16, 12, 11),), str(path), dynamo=True, verbose=False)
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("Conv") == 2  # the two kxk layers; the 1x1 layer is one MatMul
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 16, 12, 11)
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-4, atol=1e-5)

@@ -13,10 +13,12 @@ import dynaconv
 from conftest import assert_close64, load_fixture
 from dynaconv import LearnedGroupConv2d
 from dynaconv.compat import model_from_reference
+from dynaconv.layers import lgc_deployed
 from dynaconv.layers.lgc import CondensedGroupConv2d
 from dynaconv.models import create_model
 from dynaconv.models.condensenet import (
     CondensedDenseBlock,
+    CondensedDenseLayer,
     CondenseNet,
     PrunedLinear,
     condensenet_light,
@@ -252,6 +254,97 @@ def test_torch_export_of_the_deployed_model():
     assert_close64(exported.module()(x), deployed(x))
 
 
+def _module_path(deployed: nn.Module) -> nn.Module:
+    """``deployed`` with a forward hook on every dense layer: the blocks then run the layers'
+    own forwards (the index layer's module path), not the folded form."""
+    reference = copy.deepcopy(deployed)
+    for module in reference.modules():
+        if isinstance(module, CondensedDenseLayer):
+            module.register_forward_hook(lambda *args: None)
+    return reference
+
+
+@pytest.mark.parametrize("group_3x3", [1, 4])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_folded_dense_blocks_equal_the_layers_own_path(group_3x3, batch):
+    model = _small(group_3x3=group_3x3)
+    dynaconv.set_progress(model, 1.0)
+    deployed = deploy_condensenet(model)
+    x = torch.randn(batch, 3, 16, 16, dtype=torch.float64)
+    assert_close64(deployed(x), _module_path(deployed)(x))
+    assert_close64(deployed(x), model(x))
+
+
+def test_folded_gather_workspace_path(monkeypatch):
+    monkeypatch.setattr(lgc_deployed, "WORKSPACE_MIN_NUMEL", 0)
+    model = _small()
+    dynaconv.set_progress(model, 1.0)
+    deployed = deploy_condensenet(model)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    assert_close64(deployed(x), model(x))
+    assert_close64(deployed(x[:1]), model(x[:1]))  # the buffer is reused at another size
+    x.requires_grad_(True)  # a gradient through the deployed model: no shared buffer then
+    deployed(x).sum().backward()
+    expected = torch.autograd.grad(model(x).sum(), x)[0]
+    assert_close64(x.grad, expected)
+
+
+def test_folded_form_follows_loaded_and_edited_weights():
+    first, second = _small(), _small()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    for model in (first, second):
+        dynaconv.set_progress(model, 1.0)
+    deployed, target = deploy_condensenet(first), deploy_condensenet(second)
+    deployed.load_state_dict(target.state_dict())
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    # traced straight after loading (no eager forward to notice the change)
+    exported = torch.export.export(deployed, (x,))
+    assert_close64(exported.module()(x), second(x))
+    assert_close64(deployed(x), second(x))
+    conv = deployed.features.denseblock_1.denselayer_1.conv_1
+    with torch.no_grad():
+        conv.weight.mul_(2.0)  # written in place: the next eager forward re-folds
+    assert_close64(deployed(x), _module_path(deployed)(x))
+    assert_close64(
+        deployed.float()(x.float()), _module_path(deployed)(x.float()), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_onnx_graph_of_the_deployed_condensenet(tmp_path):
+    """Per dense layer the exported graph holds one Gather, one Max (the folded BN-ReLU), the
+    two convs and the concatenation; no scatter (in-place buffer writes), no BatchNorm."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    model = _small().float()
+    dynaconv.set_progress(model, 1.0)
+    deployed = deploy_condensenet(model)
+    path = tmp_path / "condensenet.onnx"
+    torch.onnx.export(
+        deployed,
+        (torch.randn(2, 3, 16, 16),),
+        str(path),
+        dynamo=True,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,
+    )
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    layers = 4
+    assert ops.count("Gather") == layers and ops.count("Max") == layers
+    assert ops.count("Conv") == 1 + 2 * layers and ops.count("Concat") == layers
+    assert ops.count("BatchNormalization") == 1  # the head's (before pooling)
+    assert "ScatterND" not in ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 16, 16)
+        (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(y), deployed(x), rtol=1e-4, atol=1e-5)
+
+
 def test_builders():
     counts = {50: 8, 74: 12, 86: 14, 98: 16, 110: 18, 122: 20}
     for depth, per_block in counts.items():
@@ -290,3 +383,31 @@ def test_deployed_condensenet86_on_gpu(fixture, condensed):
     assert float((compiled(x.float()).double() - expected).abs().max()) < 1e-2 * float(
         expected.abs().max()
     )
+
+
+def test_executorch_program_of_the_deployed_condensenet(tmp_path):
+    """In ExecuTorch with XNNPACK every conv of the folded form is delegated (a kernel read
+    through a view or a lifted constant would fall back to the portable conv, ~30x slower);
+    only the channel gathers run outside XNNPACK."""
+    pytest.importorskip("executorch")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from dynaconv.train.commands import run_pte, write_pte
+
+    model = _small().float()
+    dynaconv.set_progress(model, 1.0)
+    deployed = deploy_condensenet(model)
+    x = torch.randn(1, 3, 16, 16)
+    lowered = to_edge_transform_and_lower(
+        torch.export.export(deployed, (x,)), partitioner=[XnnpackPartitioner()]
+    )
+    outside = {
+        str(node.target).split(":")[0]
+        for node in lowered.exported_program().graph.nodes
+        if node.op == "call_function" and "delegate" not in str(node.target)
+    }
+    assert not any("convolution" in op for op in outside), outside
+    path = write_pte(deployed, x, tmp_path / "condensenet.pte")
+    with torch.no_grad():
+        torch.testing.assert_close(run_pte(path, x), deployed(x), rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ file, exit status 2, no traceback, and nothing done before the error."""
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import struct
 from pathlib import Path
@@ -508,6 +509,7 @@ def test_bad_arguments_of_the_commands(run, tmp_path, capsys):
     _refused(["deploy", best, "--out", str(blocker)], capsys, "--out", "file")
     _refused(["export", best, "--out", str(blocker / "sub")], capsys, "--out")
     _refused(["export", best, "--out", str(tmp_path / "x"), "--opset", "5"], capsys, "--opset")
+    _refused(["export", best, "--out", str(tmp_path / "x"), "--batch", "0"], capsys, "--batch")
     _refused(["eval", best, "--set", "data.eval_batch_size=0"], capsys, "data.eval_batch_size")
     _refused(["eval", best, "--set", "nope.key=1"], capsys, "nope")
     _refused(["eval", "--unsafe-load-pt2", best], capsys, ".pt2")
@@ -555,3 +557,19 @@ def test_legacy_dgc_conversions_keep_the_saliency_they_were_trained_with(options
     assert (current["model"]["convert"]["options"] or {}) == options  # nothing migrated
     modes = {m.saliency_mode for m in build_model(current).modules() if hasattr(m, "heads")}
     assert modes == {options.get("saliency_mode", "neutral")}
+
+
+def test_export_for_a_fixed_batch(run, tmp_path, capsys):
+    out = tmp_path / "edge"
+    assert main(["export", str(run / "best.pt"), "--out", str(out), "--batch", "1"]) == 0
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["batch"] == 1 and summary["max_rel_error_onnxruntime"] < 1e-4
+
+
+def test_export_to_executorch(run, tmp_path):
+    pytest.importorskip("executorch")
+    out = tmp_path / "pte"
+    assert main(["export", str(run / "best.pt"), "--out", str(out), "--format", "pte"]) == 0
+    summary = json.loads((out / "export.json").read_text())
+    assert (out / "model.pte").is_file() and summary["batch"] == 1
+    assert summary["max_rel_error_executorch"] < 1e-4

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynaconv
-from dynaconv.train import commands
+from dynaconv.train import commands, extras
 from dynaconv.train.cli import build_parser, main
 from dynaconv.train.config import resolve_config
 from dynaconv.train.engine import Trainer
@@ -259,6 +259,26 @@ def test_export_without_the_export_extra_writes_nothing(checkpoint, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_pte_export_without_the_edge_extra_writes_nothing(checkpoint, tmp_path):
+    """``--format pte`` needs the ``edge`` extra (ExecuTorch), not the ``export`` extra."""
+    result = _python(
+        f"""
+        import sys
+        sys.modules["executorch"] = None  # as if "dynaconv[edge]" were not installed
+        sys.modules["onnxscript"] = None  # the ONNX extra is not what pte needs
+        from dynaconv.train.cli import main
+        out = {str(tmp_path / "out")!r}
+        sys.exit(main(["export", {str(checkpoint)!r}, "--out", out, "--format", "pte"]))
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert 'pip install "dynaconv[edge]"' in line and "executorch" in line
+    assert "onnxscript" not in line
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # 5. export checks the file it writes
 
@@ -310,6 +330,75 @@ def test_export_reports_an_exporter_failure_in_one_line(checkpoint, tmp_path, ca
     assert main(["export", str(checkpoint), "--out", str(out)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "torch.onnx.export failed" in line
+    assert not any(out.iterdir())
+
+
+class _FakeExecuTorch:
+    """ExecuTorch's lowering and runtime replaced (``write_pte``/``run_pte``), to check what
+    ``export --format pte`` does around them where executorch is not installed: the program
+    runs the exported model itself, scaled by ``factor`` (1: a faithful runtime)."""
+
+    def __init__(self, monkeypatch, factor: float = 1.0, loads: bool = True) -> None:
+        self.model: nn.Module | None = None
+        self.factor, self.loads, self.written = factor, loads, []
+        real_importable = extras._importable
+        monkeypatch.setattr(
+            extras, "_importable", lambda name: name == "executorch" or real_importable(name)
+        )
+        monkeypatch.setattr(commands, "write_pte", self.write)
+        monkeypatch.setattr(commands, "run_pte", self.run)
+
+    def write(self, model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+        self.model = model
+        self.written.append((Path(path), tuple(example.shape)))
+        Path(path).write_bytes(b"a fake ExecuTorch program")
+        return Path(path)
+
+    def run(self, path: Path, x: torch.Tensor) -> torch.Tensor:
+        if not self.loads:
+            raise RuntimeError("InvalidProgram\nmore lines")
+        with torch.no_grad():
+            return self.model(x) * self.factor
+
+
+def test_pte_export_stages_its_files_and_prints_only_json(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    fake = _FakeExecuTorch(monkeypatch)
+    out = tmp_path / "mobile"
+    assert main(["export", str(checkpoint), "--out", str(out), "--format", "pte"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["batch"] == 1 and summary["max_rel_error_executorch"] < 1e-4
+    assert "onnx" not in summary and summary["pte"] == str(out / "model.pte")
+    ((written, shape),) = fake.written
+    assert written.parent != out and shape[0] == 1  # staged, for the fixed batch of 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.yaml",
+        "export.json",
+        "model.pt2",
+        "model.pte",
+    ]
+    # a second export into the same folder needs --overwrite (trust: nothing replaced silently)
+    assert main(["export", str(checkpoint), "--out", str(out), "--format", "pte"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_pte_export_refuses_a_program_whose_outputs_differ(checkpoint, tmp_path, monkeypatch):
+    _FakeExecuTorch(monkeypatch, factor=1.01)
+    out = tmp_path / "mobile"
+    assert main(["export", str(checkpoint), "--out", str(out), "--format", "pte"]) == 4
+    assert not any(out.iterdir()), "no model file may be left as if it were good"
+
+
+def test_pte_export_refuses_a_program_the_runtime_cannot_load(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    _FakeExecuTorch(monkeypatch, loads=False)
+    out = tmp_path / "mobile"
+    assert main(["export", str(checkpoint), "--out", str(out), "--format", "pte"]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert "ExecuTorch" in line and "does not load or run" in line and captured.out == ""
     assert not any(out.iterdir())
 
 

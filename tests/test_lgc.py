@@ -18,6 +18,7 @@ from dynaconv.compat import layer_from_reference
 from dynaconv.kernels import lgc as lgc_kernels
 from dynaconv.kernels import triton_available
 from dynaconv.layers.lgc import CondensedGroupConv2d, condensation_stage, fold_batchnorm
+from dynaconv.layers.lgc_deployed import GatherWorkspace, fold_pointwise, folded_pointwise
 from dynaconv.models import DigitsCNN
 
 FIXTURE = ("condensenet", "condensenet86_cifar10.pt")
@@ -241,6 +242,55 @@ def test_folded_bn_relu_around_the_index_layer_is_exact(case, interleave, post_r
         fused.set_output_post(scale[channel_at], shift[channel_at], post_relu, interleave=False)
         assert_close64(fused(x), expected[:, channel_at])
         assert order is None
+
+
+@given(
+    deploy_cases,
+    st.booleans(),
+    st.sampled_from(["none", "affine", "relu"]),
+    st.sampled_from(["mixed", "positive", "zero"]),
+    st.sampled_from([1, 3]),
+)
+def test_folded_pointwise_form_equals_the_index_layer(case, interleave, post, signs, batch):
+    """fold_pointwise / folded_pointwise (every affine in the kernel, one clamp) against the
+    index layer's own PyTorch path, float64, eager and traced (torch.export)."""
+    layer = _case_layer(case | {"kernel": 1, "stride": 1})
+    if case["bias"]:
+        with torch.no_grad():
+            layer.bias.normal_()
+    pre = _random_bn(layer.in_channels, 1)
+    with torch.no_grad():
+        if signs == "positive":
+            pre.weight.abs_().add_(0.1)
+        elif signs == "zero":
+            pre.weight[::2] = 0.0
+    fused = CondensedGroupConv2d.from_learned(layer, pre_norm=pre, pre_relu=signs != "zero")
+    cout = layer.out_channels
+    if post != "none":
+        generator = torch.Generator().manual_seed(case["seed"])
+        scale = torch.randn(cout, generator=generator, dtype=torch.float64)
+        shift = torch.randn(cout, generator=generator, dtype=torch.float64)
+        fused.set_output_post(scale, shift, post == "relu", interleave=interleave)
+    else:
+        fused.interleave = interleave
+    folded = fold_pointwise(fused)
+    x = torch.randn(batch, layer.in_channels + 3, 4, 5, dtype=torch.float64)  # extra channels
+    expected = fused.forward_torch(x[:, : layer.in_channels])
+    assert_close64(folded_pointwise(folded, x), expected)
+    assert_close64(folded_pointwise(folded, x, GatherWorkspace()), expected)
+
+    class Wrapper(nn.Module):
+        def forward(self, v):
+            return folded_pointwise(folded, v)
+
+    exported = torch.export.export(Wrapper(), (x,))
+    assert_close64(exported.module()(x), expected)
+
+
+def test_fold_pointwise_refuses_a_kxk_layer():
+    deployed = CondensedGroupConv2d.from_learned(_layer(8, 4, kernel=3))
+    with pytest.raises(ValueError, match="1x1"):
+        fold_pointwise(deployed)
 
 
 def test_identity_gather_skips_the_copy():

@@ -16,6 +16,8 @@ checkout), offline, as a new user would run them, with exactly these documented 
 * ``NAME`` in ``runs/NAME/...`` is the run folder that the README's second ``train`` command
   created (its default name, ``resnet18-doconv-<time>``).
 * :data:`EXCLUDED`: the lines not run here, each with the reason.
+* :data:`NEEDS_EXTRA`: lines that need an optional extra; without it they must fail as a
+  missing extra is documented to (exit status 2, one line naming the extra).
 
 A README block or line that none of these accounts for fails the test, so new examples are
 executed too.
@@ -44,6 +46,7 @@ from torch import nn
 import dynaconv
 from conftest import load_fixture
 from dynaconv.train.cli import build_parser, main
+from dynaconv.train.extras import missing_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -53,6 +56,13 @@ EXCLUDED: dict[str, str] = {
     "make demo": "creates the project's virtual environment; it runs `python -m dynaconv demo`, "
     "executed by tests/test_demo.py",
     "make test": "runs this test suite (and lint) itself",
+}
+
+#: README command lines that need an optional extra beyond the test extras -> that extra.
+#: Where the extra is installed the line runs like any other; where it is not, the line must
+#: fail exactly as documented for a missing extra: exit status 2 and one line naming it.
+NEEDS_EXTRA: dict[str, str] = {
+    "dynaconv export runs/NAME/best.pt --out mobile/ --format pte": "edge",
 }
 
 #: Exact README text -> what runs instead (offline, small data of the same layout).
@@ -90,7 +100,7 @@ def _substitute(text: str, tmp: Path) -> str:
 
 def test_every_substitution_and_exclusion_is_in_the_readme():
     text = README.read_text()
-    for old in [*SUBSTITUTIONS, *EXCLUDED]:
+    for old in [*SUBSTITUTIONS, *EXCLUDED, *NEEDS_EXTRA]:
         assert old in text, f"README.md no longer contains {old!r}: update tests/test_readme.py"
 
 
@@ -287,14 +297,20 @@ def test_readme_command_lines_run(datasets, capsys):
         capsys.readouterr()
         code = main(argv[1:])
         out, err = capsys.readouterr()
-        assert code == 0, f"{line!r} exited with {code}: {err.strip()[-2000:]}"
         ran.append(line)
+        if line in NEEDS_EXTRA and missing_modules(NEEDS_EXTRA[line]):
+            assert code == 2 and not out, f"{line!r} without its extra: {code}, {out!r}"
+            assert len(err.strip().splitlines()) == 1, err
+            assert f"dynaconv[{NEEDS_EXTRA[line]}]" in err, err
+            continue
+        assert code == 0, f"{line!r} exited with {code}: {err.strip()[-2000:]}"
         if "--model resnet18" in line:  # the run that NAME stands for
             (folder,) = runs.glob("resnet18-doconv-*")
             run_name = folder.name
         if argv[1] == "export":
             summary = json.loads(out)  # stdout is the JSON summary, nothing else
-            assert summary["max_rel_error_onnxruntime"] < 1e-4
+            runtime = "executorch" if "--format pte" in line else "onnxruntime"
+            assert summary[f"max_rel_error_{runtime}"] < 1e-4
         if argv[1] == "profile":
             assert "MACs" in out
     assert (datasets / "deployed" / "deployed.safetensors").is_file()

@@ -32,6 +32,7 @@ __all__ = [
     "check_routing_weights",
     "condconv2d_torch",
     "expert_sum",
+    "fixed_batch_graph",
     "loop",
     "mix",
     "mixed_bias",
@@ -184,6 +185,17 @@ BATCH_DEPENDENT = ("loop", "batch_grouped", "triton")
 def batch_independent_form(spec: ConvSpec) -> str:
     """The form an empty batch runs: ``"bmm"`` for 1x1 kernels, ``"expert_sum"`` for kxk."""
     return "bmm" if spec.kernel_size == (1, 1) else "expert_sum"
+
+
+def fixed_batch_graph(x: Tensor) -> bool:
+    """Whether ``x`` is traced by ``torch.export`` or ``torch.compile`` with a constant batch
+    size (no dynamic batch dimension): the graph then serves that batch only, and
+    :func:`batch_grouped` exports as the kernel mixing (one matrix product) and one
+    convolution (at batch 1, the layer's own conv with the mixed kernel; the edge case).
+    TorchScript tracing records sizes as constants even for a batch meant to be dynamic, so it
+    never counts as fixed."""
+    graph = torch.compiler.is_exporting() or torch.compiler.is_compiling()
+    return graph and isinstance(x.shape[0], int)
 
 
 def empty_batch(x: Tensor) -> bool:

@@ -36,7 +36,8 @@ Execution forms (``impl``, names as in :mod:`dynaconv.dispatch`; the math is in
   layer configuration, input shape, dtype, device and mode (training step or inference) and
   cached (:class:`~dynaconv.layers.ChoosesForm`); where measuring is off, :func:`rule`
   (``"torch"``: the same, never ``"triton"``). Traced, compiled and exported graphs run
-  :func:`export_form`.
+  :func:`traced_form` (:func:`export_form`; with a constant batch, kxk layers run the kernel
+  mixing and one conv).
 
 The forms are declared in :data:`FORMS` (a :class:`~dynaconv.layers.Forms`).
 ``deploy()`` cannot return a static conv (the kernel depends on the input): it returns an
@@ -66,6 +67,7 @@ from ..functional.condconv import (
     batch_independent_form,
     check_routing_weights,
     empty_batch,
+    fixed_batch_graph,
     mix,
 )
 from ._base import (
@@ -149,6 +151,24 @@ def export_form(spec: ConvSpec, weight: Tensor | None = None) -> str:
     if spec.kernel_size == (1, 1):
         return "bmm"
     return "expert_sum" if spec.in_channels // spec.groups == 1 else "taps"
+
+
+def traced_form(spec: ConvSpec, x: Tensor) -> str:
+    """The form a traced, compiled or exported layer runs on ``x`` (unless ``impl`` names a
+    traceable form): :func:`export_form`, except with a constant batch.
+
+    With a constant batch (:func:`~dynaconv.functional.condconv.fixed_batch_graph`, e.g.
+    ``torch.export`` without a dynamic batch, ``dynaconv export --batch N``) kxk layers run
+    ``"batch_grouped"``: the kernel mixing (one matrix product) and one convolution, with the
+    conv's MACs (``"taps"`` and ``"expert_sum"`` are the dynamic batch's forms). The graph then
+    serves that batch only, so the batch-folded form is exact there. 1x1 layers keep
+    ``"bmm"``: at batch 1 the same product as a conv, and onnxruntime runs a MatMul of two
+    computed operands faster than a Conv whose kernel is not a constant
+    (``benchmarks/NOTES.md``). The dynamic-batch export is unchanged.
+    """
+    if spec.kernel_size != (1, 1) and fixed_batch_graph(x):
+        return "batch_grouped"
+    return export_form(spec)
 
 
 def rule(spec: ConvSpec, device: torch.device, dtype: torch.dtype, train: bool) -> list[str]:
@@ -303,7 +323,7 @@ FORMS = Forms(
         ),
     },
     rule=lambda layer, call: rule(layer.spec, call.x.device, call.x.dtype, call.train),
-    export=lambda layer, x: export_form(layer.spec),
+    export=lambda layer, x: traced_form(layer.spec, x),
     key=_key,
 )
 
@@ -440,7 +460,9 @@ class CondConv2d(DynaConv2d):
         eval mode, with or without gradients (:meth:`inference_form` tells which). When traced,
         compiled or exported it runs :func:`export_form` (``"bmm"`` for 1x1, ``"taps"`` for
         kxk, ``"expert_sum"`` for depthwise kxk) instead of a batch-dependent or Triton form, so
-        a deployed model still exports with a dynamic batch.
+        a deployed model still exports with a dynamic batch; exported for a fixed batch
+        (``dynaconv export --batch 1``), kxk layers run ``"batch_grouped"``: the kernel mixing
+        and one conv (:func:`traced_form`).
         """
         form = self.impl if impl is None else FORMS.resolve(impl)
         deployed = copy.deepcopy(self).eval()

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dispatch import tracing, triton_preferred
@@ -35,7 +36,15 @@ from ._base import (
 if TYPE_CHECKING:
     from .lgc import LearnedGroupConv2d
 
-__all__ = ["CondensedGroupConv2d", "GatherWorkspace", "check_gather_index", "fold_batchnorm"]
+__all__ = [
+    "CondensedGroupConv2d",
+    "FoldedPointwise",
+    "GatherWorkspace",
+    "check_gather_index",
+    "fold_batchnorm",
+    "fold_pointwise",
+    "folded_pointwise",
+]
 
 Impl = Literal["auto", "torch", "triton"]
 
@@ -538,3 +547,167 @@ class CondensedGroupConv2d(ChoosesForm, nn.Module):
             parts.append("post=BN" + ("-ReLU" if self.out_relu else ""))
         parts.append(f"impl={self.impl!r}")
         return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------
+# the fully folded 1x1 index layer: one gather, one clamp, one matrix product, one ReLU
+
+
+class FoldedPointwise(NamedTuple):
+    """A 1x1 stride-1 index layer with every affine folded into its kernel and bias.
+
+    ``y = order(relu?(W_g @ clamp(x[:, index_g], low_g, high_g) + b_g))`` per learned group
+    ``g``, where
+
+    * ``index`` ``(G * K,)``: the gathered input channels, group by group;
+    * ``low``, ``high`` ``(G * K, 1, 1)`` or None: the folded BN-ReLU before the conv as a
+      clamp (``relu(s v + t) = s max(v, -t/s) + t`` for ``s > 0``, ``min`` for ``s < 0``;
+      ``high`` is None when every scale is positive, both None without a ReLU there);
+    * ``weight`` ``(G * N, K, 1, 1)``, ``bias`` ``(G * N,)``: the grouped conv with the BN
+      before it (its scale, and its shift as a bias) and the affine after it
+      (``s' (W v + b) + t'``) folded in, rows in group-major order ``g * N + n``;
+    * ``relu``: the ReLU after the layer; ``interleave``: the output channel of row
+      ``g * N + n`` is ``n * G + g`` (else ``g * N + n``).
+    """
+
+    index: Tensor
+    low: Tensor | None
+    high: Tensor | None
+    weight: Tensor
+    bias: Tensor
+    relu: bool
+    interleave: bool
+
+    @property
+    def groups(self) -> int:
+        return self.index.numel() // self.weight.shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+
+def fold_pointwise(layer: CondensedGroupConv2d) -> FoldedPointwise:
+    """The :class:`FoldedPointwise` form of a 1x1, stride-1, unpadded index layer (exact up to
+    rounding; ``ValueError`` for another kernel)."""
+    if not layer._pointwise():
+        raise ValueError("fold_pointwise needs a 1x1, stride-1, unpadded index layer")
+    with torch.no_grad():
+        groups, cout = layer.learned_groups, layer.out_channels
+        weight = layer.weight.reshape(groups, cout // groups, -1)
+        bias = torch.zeros(cout, dtype=weight.dtype, device=weight.device)
+        if layer.bias is not None:
+            bias = layer.bias.detach().clone()
+        bias = bias.view(groups, -1, 1)
+        low = high = None
+        if layer.in_scale is not None:
+            scale, shift = layer.in_scale, layer.in_shift
+            if layer.in_relu:
+                threshold = torch.where(scale != 0, -shift / scale, torch.zeros_like(shift))
+                inf = torch.full_like(shift, math.inf)
+                low = torch.where(scale > 0, threshold, -inf)[:, None, None]
+                if scale.device.type == "meta" or not bool((scale > 0).all()):
+                    high = torch.where(scale < 0, threshold, inf)[:, None, None]
+                shift = torch.where(scale == 0, shift.clamp(min=0), shift)
+            bias = bias + torch.matmul(weight, shift.view(groups, -1, 1))
+            weight = weight * scale.view(groups, 1, -1)
+        if layer.out_scale is not None:  # given per output channel: take it to row order
+            row_of_channel = layer.output_source()
+            scale = torch.empty_like(layer.out_scale)
+            shift = torch.empty_like(layer.out_shift)
+            scale[row_of_channel] = layer.out_scale
+            shift[row_of_channel] = layer.out_shift
+            weight = weight * scale.view(groups, -1, 1)
+            bias = bias * scale.view(groups, -1, 1) + shift.view(groups, -1, 1)
+        return FoldedPointwise(
+            layer.index.clone(),
+            low,
+            high,
+            weight.reshape(cout, -1, 1, 1).contiguous(),
+            bias.reshape(cout).contiguous(),
+            bool(layer.out_relu),
+            bool(layer.interleave and groups > 1),
+        )
+
+
+#: Gathers of fewer elements allocate a fresh tensor: the allocator serves small blocks from
+#: its cache faster than the workspace's bookkeeping (measured at batch 1, CondenseNet-86).
+WORKSPACE_MIN_NUMEL = 1 << 18
+
+
+def folded_pointwise(
+    folded: FoldedPointwise,
+    x: Tensor,
+    workspace: GatherWorkspace | None = None,
+    *,
+    traced: bool | None = None,
+) -> Tensor:
+    """The layer on ``x`` ``(B, C, H, W)`` (``C`` at least every index + 1; only the indexed
+    channels are read): ``(B, G * N, H, W)``.
+
+    Eager on one example, the conv is one batched matrix product over the groups (CPU grouped
+    convs are slower at these sizes) and the ReLU writes the interleaved order as it goes;
+    otherwise (a batch, or traced: the exported graph's Gather, Max, Conv, Relu, Transpose)
+    a grouped 1x1 convolution. ``workspace``: a buffer to gather into (eager, CPU, for gathers
+    of at least :data:`WORKSPACE_MIN_NUMEL` elements). ``traced``: whether this runs inside a
+    graph capture (:func:`dynaconv.dispatch.tracing`, asked when not given; a caller running
+    many layers asks once). An input that needs a gradient takes the traced form's
+    out-of-place ops.
+    """
+    if traced is None:
+        traced = tracing()
+    if traced or (x.requires_grad and torch.is_grad_enabled()):  # out= records no gradient
+        return _folded_pointwise_traced(folded, x)
+    batch, _, height, width = x.shape
+    index, weight = folded.index, folded.weight
+    cout, per_group = weight.shape[:2]
+    groups = index.numel() // per_group
+    rows = cout // groups
+    if workspace is not None and batch * index.numel() * height * width >= WORKSPACE_MIN_NUMEL:
+        shape = (batch, index.numel(), height, width)
+        gathered = torch.index_select(x, 1, index, out=workspace.get(shape, x))
+    else:
+        gathered = x.index_select(1, index)
+    if folded.low is not None:
+        if folded.high is None:
+            gathered.clamp_min_(folded.low)
+        else:
+            gathered.clamp_(folded.low, folded.high)
+    if batch == 1:
+        y = torch.baddbmm(
+            folded.bias.view(groups, rows, 1),
+            weight.view(groups, rows, per_group),
+            gathered.view(groups, per_group, -1),
+        )
+    else:
+        y = F.conv2d(gathered, weight, folded.bias, groups=groups)
+    if not folded.interleave:
+        y = y.view(batch, cout, height, width)
+        return y.relu_() if folded.relu else y
+    y = y.view(batch, groups, rows, height, width).transpose(1, 2)
+    out = torch.empty(batch, rows, groups, height, width, dtype=y.dtype, device=y.device)
+    if folded.relu:  # one pass: the ReLU writes channel n * G + g
+        torch.clamp_min(y, 0, out=out)
+    else:
+        out.copy_(y)
+    return out.view(batch, cout, height, width)
+
+
+def _folded_pointwise_traced(folded: FoldedPointwise, x: Tensor) -> Tensor:
+    """:func:`folded_pointwise` as graph nodes: Gather, Max (and Min), a grouped Conv reading
+    the stored kernel itself (XNNPACK delegates only a conv with a static kernel), Relu, and
+    for the interleaved order a Transpose."""
+    _, _, height, width = x.shape
+    cout, per_group = folded.weight.shape[:2]
+    groups = folded.index.numel() // per_group
+    gathered = x.index_select(1, folded.index)
+    if folded.low is not None:
+        gathered = torch.maximum(gathered, folded.low)
+        if folded.high is not None:
+            gathered = torch.minimum(gathered, folded.high)
+    y = F.conv2d(gathered, folded.weight, folded.bias, groups=groups)
+    y = y.relu() if folded.relu else y
+    if not folded.interleave:
+        return y
+    y = y.view(-1, groups, cout // groups, height, width).transpose(1, 2)
+    return y.reshape(-1, cout, height, width)

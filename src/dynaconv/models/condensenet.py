@@ -24,6 +24,12 @@ permutation stays inside the 3x3 conv's groups (``group_3x3 = 1``), else it is d
 kernel's output addressing (free) or by a reshape on the PyTorch path. Dense blocks write
 every layer's new features into one preallocated buffer instead of concatenating (the
 growing ``torch.cat`` copies are gone; layers read a channel prefix of the buffer in place).
+On the CPU each dense layer runs its folded form
+(:class:`~dynaconv.layers.lgc_deployed.FoldedPointwise`: both BatchNorms in the 1x1 kernel and
+bias, one gather, one clamp, one matrix product, one ReLU pass writing the shuffled order, then
+the 3x3 conv); traced or exported, the block concatenates instead (graphs have no in-place
+writes), so an ONNX or ExecuTorch graph holds per layer a Gather, a Max, two Convs, a
+Transpose where the shuffle is kept, and a Concat.
 ``prune_classifier=True`` reproduces the reference's lossy conversion, which keeps the half
 of the classifier's input features with the largest column L1 norm.
 """
@@ -38,7 +44,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from ..dispatch import tracing
 from ..layers._base import Deployable
 from ..layers.lgc import (
     CondensedGroupConv2d,
@@ -46,6 +54,7 @@ from ..layers.lgc import (
     LearnedGroupConv2d,
     fold_batchnorm,
 )
+from ..layers.lgc_deployed import FoldedPointwise, fold_pointwise, folded_pointwise
 from ._blocks import DenseLayer, average_pool_transition, dense_features, init_dense_weights
 from ._registry import register_model
 
@@ -251,13 +260,47 @@ class CondenseNet(Deployable, nn.Module):
 class CondensedDenseLayer(nn.Module):
     """A deployed :class:`CondenseLayer`: fused index layer (BN-ReLU around it) and the 3x3 conv.
 
-    ``forward`` returns only the new features (the block places them in its buffer).
+    ``forward`` returns only the new features (the block places them in its buffer). On the
+    CPU the block runs the index layer's :class:`~dynaconv.layers.lgc.FoldedPointwise` form
+    (:meth:`folded`): every BatchNorm in its kernel and bias, one gather, one clamp, one matrix
+    product, the ReLU writing the 3x3 conv's input order.
     """
 
     def __init__(self, conv_1: CondensedGroupConv2d, conv_2: nn.Conv2d) -> None:
         super().__init__()
         self.conv_1 = conv_1
         self.conv_2 = conv_2
+        self._pointwise = conv_1._pointwise()  # its geometry is fixed
+        self._folded: FoldedPointwise | None = None
+        self._folded_key: tuple[Any, ...] | None = None
+        self.refresh()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
+
+    def refresh(self) -> None:
+        """Re-derive the folded form (:meth:`folded`) from the index layer's tensors.
+
+        Its tensors are kept as non-persistent buffers, so that traced graphs see them as the
+        module's state (``torch.export`` lifts them as buffers; a backend such as XNNPACK
+        takes a conv only with a static kernel), not in the state dict."""
+        if not self._pointwise:
+            return
+        folded = fold_pointwise(self.conv_1)
+        for field, value in zip(FoldedPointwise._fields, folded):
+            if isinstance(value, Tensor) or value is None:
+                self.register_buffer(f"_folded_{field}", value, persistent=False)
+        self._folded = folded._replace(
+            **{
+                field: getattr(self, f"_folded_{field}")
+                for field, value in zip(FoldedPointwise._fields, folded)
+                if isinstance(value, Tensor)
+            }
+        )
+        self._folded_key = self._folded_source()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CondensedDenseLayer:
+        super()._apply(fn, recurse)  # moved or cast: derive the folded form anew
+        self.refresh()
+        return self
 
     @classmethod
     def from_layer(
@@ -278,13 +321,58 @@ class CondensedDenseLayer(nn.Module):
         conv_1.channels_last_output = conv_2.groups > 1
         return cls(conv_1, conv_2)
 
+    def foldable(self) -> bool:
+        """Whether the block may run this layer as its folded form: a 1x1, stride-1, unpadded
+        index layer not forced onto the Triton kernel, and no forward hooks on the layer or its
+        convs (the folded form calls neither, so hooks, e.g. :func:`dynaconv.profile`'s, would
+        not see them)."""
+        conv_1, conv_2 = self._modules["conv_1"], self._modules["conv_2"]
+        return (
+            self._pointwise
+            and conv_1.impl != "triton"
+            and not (self._forward_hooks or self._forward_pre_hooks)
+            and not (conv_1._forward_hooks or conv_1._forward_pre_hooks)
+            and not (conv_2._forward_hooks or conv_2._forward_pre_hooks)
+        )
+
+    def folded(self) -> FoldedPointwise:
+        """The index layer's folded form, derived when the layer is built, loaded, moved or
+        cast, and by eager forwards whenever one of its tensors was replaced or written in
+        place (see :meth:`CondensedGroupConv2d.refresh`). Traced graphs use it as last derived:
+        after an edit through ``.data`` call :meth:`refresh`."""
+        if self._folded is None or (not tracing() and self._folded_key != self._folded_source()):
+            self.refresh()
+        return self._folded
+
+    def _eager_folded(self) -> FoldedPointwise:
+        # folded() for a caller that knows it runs eagerly (one check fewer per layer)
+        if self._folded_key != self._folded_source():
+            self.refresh()
+        return self._folded  # type: ignore[return-value]
+
+    def _folded_source(self) -> tuple[Any, ...]:
+        # Identity and in-place version of every tensor the form comes from (read from the
+        # module's own dicts: this runs on every eager forward).
+        conv = self._modules["conv_1"]
+        key = [conv.in_relu, conv.out_relu, conv.interleave]
+        for t in (conv._buffers["index"], *conv._parameters.values()):
+            key += (None, None) if t is None else (t.data_ptr(), t._version)
+        return tuple(key)
+
     def forward(self, x: Tensor, *, prefix: bool = False) -> Tensor:
         """New features from ``x`` (with ``prefix``: from the first input channels of ``x``)."""
         return self.conv_2(self.conv_1(x, prefix=prefix))
 
 
 class CondensedDenseBlock(nn.Module):
-    """Deployed dense block: new features written into one preallocated buffer."""
+    """Deployed dense block: new features written into one preallocated buffer.
+
+    On the CPU (eager or traced) each layer runs as ``conv_2(folded_pointwise(features))``
+    (:meth:`CondensedDenseLayer.folded`): per layer a gather, a clamp, one matrix product and a
+    ReLU, then the 3x3 conv; eager, the new features go into a buffer allocated once per block
+    (the layers gather from it in place), traced, into a concatenation (ONNX has no in-place
+    writes). Elsewhere the layers run their own forward (on CUDA: the fused Triton kernel).
+    """
 
     def __init__(self, in_channels: int, layers: Sequence[CondensedDenseLayer]) -> None:
         super().__init__()
@@ -294,8 +382,16 @@ class CondensedDenseBlock(nn.Module):
         self.out_channels = in_channels + sum(
             layer.conv_2.out_channels for layer in self.children()
         )
+        self.workspace = GatherWorkspace()
 
     def forward(self, x: Tensor) -> Tensor:
+        layers = self._modules.values()
+        if (
+            x.device.type == "cpu"
+            and not (_global_forward_hooks or _global_forward_pre_hooks)
+            and all(layer.foldable() for layer in layers)
+        ):
+            return self._forward_traced(x) if tracing() else self._forward_folded(x)
         batch, channels, height, width = x.shape
         out = x.new_empty(batch, self.out_channels, height, width)
         out[:, :channels] = x
@@ -304,6 +400,26 @@ class CondensedDenseBlock(nn.Module):
             out[:, channels : channels + new.shape[1]] = new
             channels += new.shape[1]
         return out
+
+    def _forward_folded(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        out = x.new_empty(batch, self.out_channels, height, width)
+        out.narrow(1, 0, channels).copy_(x)
+        workspace = self.workspace
+        for layer in self._modules.values():
+            hidden = folded_pointwise(layer._eager_folded(), out, workspace, traced=False)
+            conv = layer._modules["conv_2"]
+            new = conv._conv_forward(hidden, conv.weight, conv.bias)
+            out.narrow(1, channels, new.shape[1]).copy_(new)
+            channels += new.shape[1]
+        return out
+
+    def _forward_traced(self, x: Tensor) -> Tensor:
+        features = x
+        for layer in self._modules.values():
+            hidden = folded_pointwise(layer.folded(), features, traced=True)
+            features = torch.cat([features, layer.conv_2(hidden)], 1)
+        return features
 
 
 class PrunedLinear(nn.Module):
@@ -421,7 +537,7 @@ def deploy_condensenet(
     deployed.requires_grad_(False)
     shared = GatherWorkspace()  # the index layers run one after another: one CPU buffer
     for module in deployed.modules():
-        if isinstance(module, CondensedGroupConv2d):
+        if isinstance(module, CondensedGroupConv2d | CondensedDenseBlock):
             module.workspace = shared
     return deployed.eval()
 

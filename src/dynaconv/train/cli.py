@@ -258,6 +258,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         deploy=not args.no_deploy,
         opset=args.opset,
         overwrite=args.overwrite,
+        fixed_batch=args.batch,
+        format=args.format,
     )
     from .checkpoint import json_text
 
@@ -366,6 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     export.add_argument("--no-deploy", action="store_true", help="export the training form")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    export.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="export for this batch size only (e.g. 1 for edge deployment: CondConv kxk layers "
+        "become the kernel mixing and one convolution); default: a dynamic batch (pte: 1)",
+    )
+    export.add_argument(
+        "--format",
+        choices=("onnx", "pte"),
+        default="onnx",
+        help="onnx (default; checked in onnxruntime) or pte (ExecuTorch with XNNPACK, the "
+        "mobile CPU runtime; needs the edge extra)",
+    )
 
     profile_text = "parameters and MACs of a checkpoint or of a configured (untrained) model"
     profile = sub.add_parser("profile", help=profile_text, description=profile_text)
@@ -419,11 +435,19 @@ COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _command_extras(args: argparse.Namespace) -> tuple[str, ...]:
+    """The extras of ``args.command`` (:data:`COMMAND_EXTRAS`); ``export --format pte`` needs
+    the ``edge`` extra (ExecuTorch) instead of the ``export`` extra (ONNX)."""
+    if args.command == "export" and args.format == "pte":
+        return ("train", "edge")
+    return COMMAND_EXTRAS[args.command]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        require_extras(*COMMAND_EXTRAS[args.command], what=f"dynaconv {args.command}")
+        require_extras(*_command_extras(args), what=f"dynaconv {args.command}")
     except MissingExtraError as error:  # before any file is read or written
         print(f"dynaconv {args.command}: error: {error}", file=sys.stderr)
         return EXIT_ERROR

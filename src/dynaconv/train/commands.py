@@ -70,6 +70,8 @@ __all__ = [
     "load_deployed",
     "load_trained",
     "profile_checkpoint",
+    "run_pte",
+    "write_pte",
 ]
 
 #: What a checkpoint must hold to rebuild its model.
@@ -236,7 +238,9 @@ def _batch_dim() -> Any:
 
 #: The files ``deploy`` and ``export`` write into their ``--out`` folder.
 DEPLOY_FILES = ("config.yaml", "weights.safetensors", "deployed.safetensors", "deployed.pt2")
-EXPORT_FILES = ("model.pt2", "model.onnx", "config.yaml", "export.json")
+EXPORT_FILES = {
+    fmt: ("model.pt2", f"model.{fmt}", "config.yaml", "export.json") for fmt in ("onnx", "pte")
+}
 
 
 def prepare_output_folder(
@@ -374,61 +378,122 @@ def export_checkpoint(
     deploy: bool = True,
     opset: int = 18,
     overwrite: bool = False,
+    fixed_batch: int | None = None,
+    format: str = "onnx",
 ) -> dict[str, Any]:
     """Write ``model.pt2`` (torch.export) and ``model.onnx``; check both against PyTorch.
 
-    The ONNX model has a dynamic batch dimension; onnxruntime must load it and run it on a
-    batch of a size other than the one exported, and match PyTorch to 1e-4 (relative to the
-    largest logit). Both files are written into a temporary folder inside ``out`` and moved
-    there only once both checks pass: a failed export leaves no file that looks good.
-    Raises :class:`ExportError` when the exporter fails or onnxruntime cannot load or run the
+    By default both have a dynamic batch dimension; onnxruntime must load the ONNX model and
+    run it on a batch of a size other than the one exported, and match PyTorch to 1e-4
+    (relative to the largest logit). ``fixed_batch=N`` exports for batches of exactly ``N``
+    (the edge case, ``N = 1``): layers whose best graph depends on the batch size use it (a
+    CondConv kxk layer becomes the kernel mixing and one convolution, see
+    :func:`dynaconv.functional.condconv.fixed_batch_graph`); the check runs another batch of
+    ``N``.
+
+    ``format="pte"``: ``model.pte`` (an ExecuTorch program, convolutions and matrix products
+    delegated to XNNPACK: the mobile CPU runtime, :func:`write_pte`) instead of
+    ``model.onnx``, for a fixed batch (``fixed_batch``, default 1), loaded and run in
+    ExecuTorch's runtime and checked the same way. It needs the ``edge`` extra; ``"onnx"``
+    the ``export`` extra (:class:`~dynaconv.train.extras.MissingExtraError` otherwise, before
+    any file is written).
+
+    The model files are written into a temporary folder inside ``out`` and moved there only
+    once every check passes: a failed export leaves no file that looks good.
+    Raises :class:`ExportError` when the exporter fails or the runtime cannot load or run the
     file, :class:`~dynaconv.DeployVerificationError` when an output differs.
     The exporter's progress messages go to stderr, not stdout.
     """
-    require_extras("export", what="exporting to ONNX")  # before any file is written
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
+    # before any file is written
+    require_extras(FORMAT_EXTRAS[format], what=f"exporting to {format}")
     if not MIN_OPSET <= opset <= _max_opset():
         raise ConfigError(f"--opset must be in [{MIN_OPSET}, {_max_opset()}], got {opset}")
+    if format == "pte":
+        fixed_batch = 1 if fixed_batch is None else fixed_batch
+    if fixed_batch is not None and (
+        isinstance(fixed_batch, bool) or not isinstance(fixed_batch, int) or fixed_batch < 1
+    ):
+        raise ConfigError(f"--batch must be a positive integer, got {fixed_batch!r}")
     model, config = load_trained(path, weights, overrides)
-    out = prepare_output_folder(out, EXPORT_FILES, overwrite)
+    out = prepare_output_folder(out, EXPORT_FILES[format], overwrite)
     if deploy:
         model = dynaconv.deploy(model, example_input=_example_batch(config, 4))
-    example = _example_batch(config, 4)
-    check = _example_batch(config, 7)[:3]
+    example, check, dynamic_shapes = _export_batches(config, fixed_batch)
     with torch.no_grad():
         expected = model(check)
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as staging:
-        pt2_path, onnx_path = Path(staging) / "model.pt2", Path(staging) / "model.onnx"
-        pt2_error = _export_pt2(model, example, check, expected, pt2_path)
-        _export_onnx(model, example, onnx_path, opset)
-        onnx_error = verify_outputs(
-            expected, torch.from_numpy(_run_onnx(onnx_path, check)), "ONNX model (onnxruntime)"
-        )
-        for staged in (pt2_path, onnx_path):
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as folder:
+        staging = Path(folder)
+        pt2_path = staging / "model.pt2"
+        pt2_error = _export_pt2(model, example, check, expected, pt2_path, dynamic_shapes)
+        if format == "pte":
+            model_path = staging / "model.pte"
+            runtime_error = verify_outputs(
+                expected, _lower_and_run_pte(model, example, model_path, check), _PTE_CHECK
+            )
+        else:
+            model_path = staging / "model.onnx"
+            _export_onnx(model, example, model_path, opset, dynamic_shapes)
+            runtime_error = verify_outputs(
+                expected, torch.from_numpy(_run_onnx(model_path, check)), _ONNX_CHECK
+            )
+        for staged in (pt2_path, model_path):
             os.replace(staged, out / staged.name)
     atomic_write_text(dump_config(config), out / "config.yaml")
-    summary = {
-        "pt2": str(out / "model.pt2"),
-        "onnx": str(out / "model.onnx"),
-        "deployed": deploy,
-        "max_rel_error_pt2": pt2_error,
-        "max_rel_error_onnxruntime": onnx_error,
-    }
+    summary: dict[str, Any] = {"pt2": str(out / "model.pt2"), format: str(out / model_path.name)}
+    summary.update(
+        deployed=deploy,
+        batch="dynamic" if fixed_batch is None else fixed_batch,
+        max_rel_error_pt2=pt2_error,
+    )
+    summary[RUNTIME_ERROR_KEY[format]] = runtime_error
     atomic_write_text(json_text(summary), out / "export.json")
     return summary
 
 
+#: The formats ``export`` writes besides ``model.pt2``, and the extra each needs.
+EXPORT_FORMATS = ("onnx", "pte")
+FORMAT_EXTRAS = {"onnx": "export", "pte": "edge"}
+#: The summary's key of the runtime check's error, per format.
+RUNTIME_ERROR_KEY = {"onnx": "max_rel_error_onnxruntime", "pte": "max_rel_error_executorch"}
+_ONNX_CHECK = "ONNX model (onnxruntime)"
+_PTE_CHECK = "model.pte (ExecuTorch)"
+
+
+def _export_batches(config: dict[str, Any], fixed_batch: int | None) -> tuple[Tensor, Tensor, Any]:
+    """The example batch to export with, another batch to check on, and the dynamic shapes.
+
+    Dynamic batch (``fixed_batch=None``): export at 4, check at 3. Fixed batch ``N``: export
+    and check at ``N`` (two different batches)."""
+    if fixed_batch is None:
+        return _example_batch(config, 4), _example_batch(config, 7)[:3], ({0: _batch_dim()},)
+    pair = _example_batch(config, 2 * fixed_batch)
+    example = pair[:fixed_batch]
+    check = pair[fixed_batch:] if len(pair) == 2 * fixed_batch else example
+    return example, check, None
+
+
 def _export_pt2(
-    model: nn.Module, example: Tensor, check: Tensor, expected: Tensor, path: Path
+    model: nn.Module,
+    example: Tensor,
+    check: Tensor,
+    expected: Tensor,
+    path: Path,
+    dynamic_shapes: Any,
 ) -> float:
-    """``torch.export`` with a dynamic batch, saved to ``path``, reloaded and checked."""
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
+    """``torch.export`` (dynamic batch unless ``dynamic_shapes`` is None), saved to ``path``,
+    reloaded and checked."""
+    program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
     torch.export.save(program, str(path))
     with torch.no_grad():  # the file just written
         return verify_outputs(expected, torch.export.load(str(path)).module()(check), "model.pt2")
 
 
-def _export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
-    """``torch.onnx.export`` (dynamo, dynamic batch) to ``path``; its messages to stderr."""
+def _export_onnx(
+    model: nn.Module, example: Tensor, path: Path, opset: int, dynamic_shapes: Any
+) -> None:
+    """``torch.onnx.export`` (dynamo) to ``path``; its messages to stderr."""
     try:
         with contextlib.redirect_stdout(sys.stderr):
             torch.onnx.export(
@@ -437,7 +502,7 @@ def _export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int) -> N
                 str(path),
                 input_names=["images"],
                 output_names=["logits"],
-                dynamic_shapes=({0: _batch_dim()},),
+                dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
                 dynamo=True,
                 external_data=False,
@@ -460,9 +525,60 @@ def _run_onnx(path: Path, batch: Tensor) -> Any:
         ) from error
 
 
+def _lower_and_run_pte(model: nn.Module, example: Tensor, path: Path, batch: Tensor) -> Tensor:
+    """:func:`write_pte` to ``path``, then the program's output on ``batch`` (:func:`run_pte`);
+    :class:`ExportError` when lowering fails or ExecuTorch cannot load or run the file."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            write_pte(model, example, path)
+    except Exception as error:  # ExecuTorch's lowering raises many types
+        raise ExportError(f"ExecuTorch lowering failed: {_first_line(error)}") from error
+    try:
+        return run_pte(path, batch)
+    except Exception as error:
+        raise ExportError(
+            "the ExecuTorch program does not load or run in ExecuTorch's runtime "
+            f"({_first_line(error)}); no model file was kept"
+        ) from error
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _executorch() -> Any:
+    """ExecuTorch's lowering entry points, or :class:`MissingExtraError` saying how to get them."""
+    require_extras("edge", what="writing an ExecuTorch program (.pte)")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    return to_edge_transform_and_lower, XnnpackPartitioner
+
+
+def write_pte(model: nn.Module, example: Tensor, path: str | Path) -> Path:
+    """Write ``model`` as an ExecuTorch program for inputs of ``example``'s shape.
+
+    ``torch.export`` (fixed shapes: the batch of ``example``), then ExecuTorch's edge dialect
+    with the XNNPACK partitioner: convolutions, matrix products and most elementwise ops run
+    in XNNPACK, the rest (e.g. a deployed CondenseNet's channel gathers) in ExecuTorch's
+    portable kernels. Needs the ``edge`` extra (executorch). The file is written atomically.
+    """
+    lower, partitioner = _executorch()
+    program = torch.export.export(model.eval(), (example,))
+    lowered = lower(program, partitioner=[partitioner()]).to_executorch()
+    path = Path(path)
+    atomic_write_file(path, lambda tmp: Path(tmp).write_bytes(lowered.buffer))
+    return path
+
+
+def run_pte(path: str | Path, x: Tensor) -> Tensor:
+    """The output of the ExecuTorch program at ``path`` on ``x`` (its ``forward``)."""
+    require_extras("edge", what="running an ExecuTorch program (.pte)")
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    return method.execute([x])[0]
 
 
 #: The oldest opset the (dynamo) ONNX exporter writes directly.

@@ -1,9 +1,10 @@
 """The optional dependency groups ("extras") of the training system and the command line.
 
 ``pip install dynaconv`` installs the library only; the command line needs the ``train`` extra
-(``pip install "dynaconv[train]"``) and ``dynaconv export`` also the ``export`` extra. Each
-command checks its extras first (:func:`require_extras`), before it reads or writes any file,
-so a missing one is one line naming what to install instead of a traceback half-way through.
+(``pip install "dynaconv[train]"``) and ``dynaconv export`` also the ``export`` extra
+(``--format pte``: the ``edge`` extra instead). Each command checks its extras first
+(:func:`require_extras`), before it reads or writes any file, so a missing one is one line
+naming what to install instead of a traceback half-way through.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = ["EXTRAS", "MissingExtraError", "missing_modules", "require_extras", "
 EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("yaml", "tqdm", "safetensors", "tensorboard", "matplotlib", "sklearn"),
     "export": ("onnx", "onnxruntime", "onnxscript"),
+    "edge": ("executorch",),
 }
 
 

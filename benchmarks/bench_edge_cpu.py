@@ -1,0 +1,311 @@
+"""Edge deployment on one CPU thread: CondenseNet and CondConv in eager PyTorch, onnxruntime and
+ExecuTorch (XNNPACK), against their dense twins and peers.
+
+Sections (``--only`` picks some):
+
+* ``condensenet``: CondenseNet-86 (CIFAR, 32px, random weights condensed to the end, BatchNorm
+  statistics from a random batch, as ``bench_deploy_cpu.py``), deployed, against its twin with
+  plain convs (``plain_counterpart``), at each ``--batches``: eager (also the previous
+  deployed form, layer by layer, which the blocks still run when a layer carries a forward
+  hook) and onnxruntime (dynamic-batch export), and in ExecuTorch at batch 1;
+* ``condconv``: EfficientNet-B0-CondConv8 (``--condconv-size``, default 224px), batch 1: in
+  onnxruntime exported for a fixed batch of 1 (``dynaconv export --batch 1``: kxk layers are
+  the kernel mixing and one Conv) and with a dynamic batch, against timm's EfficientNet-B0
+  exported the same way; in eager PyTorch against timm's EfficientNet-B0 and timm's own
+  CondConv model (``efficientnet_cc_b0_8e``);
+* ``executorch``: ResNet-18 + LGC and G-ResNeXt-50 (``--image-size``, default 128px), deployed
+  against their dense twins in ExecuTorch (XNNPACK, one thread), batch 1.
+
+Every table times its variants interleaved (``harness.measure_interleaved``: median of
+``--reps`` samples after warm-up) and times one model twice (``noise`` rows: the same model
+under two names; its ratio is the run's noise). Ratios within one table only. The header prints
+the machine line.
+
+    python benchmarks/bench_edge_cpu.py
+    python benchmarks/bench_edge_cpu.py --only condensenet --batches 1 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import dynaconv
+from bench_deploy_cpu import CASES, calibrate_batchnorm, prepare
+from evidence_common import machine_line, markdown_table, positive_int, write_json
+from harness import measure_interleaved
+
+CPU = torch.device("cpu")
+SECTIONS = ("condensenet", "condconv", "executorch")
+
+Timed = dict[str, Callable[[], object]]
+
+
+def eager(model: nn.Module, x: Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def layer_by_layer(deployed: nn.Module) -> nn.Module:
+    """A copy of a deployed CondenseNet whose blocks run each layer's own forward (the form
+    before the folded one): a forward hook on a dense layer turns the folded form off."""
+    from dynaconv.models.condensenet import CondensedDenseLayer
+
+    previous = copy.deepcopy(deployed)
+    for module in previous.modules():
+        if isinstance(module, CondensedDenseLayer):
+            module.register_forward_hook(lambda *args: None)
+    return previous
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    scale = float(expected.abs().max().clamp_min(1e-12))
+    return float((actual - expected).abs().max()) / scale
+
+
+def onnx_runner(
+    model: nn.Module, x: Tensor, folder: Path, name: str, *, dynamic: bool, check: Tensor
+) -> Callable[[Tensor], Callable[[], object]]:
+    """Export ``model`` (dynamic or fixed batch), check it in onnxruntime (1e-4 relative, on
+    ``check``), and return a maker of timed calls."""
+    import onnxruntime
+
+    path = folder / f"{name}.onnx"
+    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+    torch.onnx.export(
+        model, (x,), str(path), dynamo=True, external_data=False, verbose=False,
+        dynamic_shapes=shapes,
+    )  # fmt: skip
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name_in = session.get_inputs()[0].name
+    (actual,) = session.run(None, {name_in: check.numpy()})
+    with torch.inference_mode():
+        error = relative_error(torch.from_numpy(actual), model(check))
+    if not error <= 1e-4:
+        raise RuntimeError(f"{name}: onnxruntime differs from eager (max rel. error {error:.2g})")
+
+    def runner(batch: Tensor) -> Callable[[], object]:
+        feed = {name_in: batch.numpy()}
+        return lambda: session.run(None, feed)
+
+    return runner
+
+
+def pte_runner(model: nn.Module, x: Tensor, folder: Path, name: str) -> Callable[[], object]:
+    """``model`` as an ExecuTorch program (XNNPACK), checked against eager on ``x``."""
+    from executorch.runtime import Runtime
+
+    from dynaconv.train.commands import write_pte
+
+    path = write_pte(model, x, folder / f"{name}.pte")
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    with torch.inference_mode():
+        error = relative_error(method.execute([x])[0], model(x))
+    if not error <= 1e-4:
+        raise RuntimeError(f"{name}: ExecuTorch differs from eager (max rel. error {error:.2g})")
+    return lambda: method.execute([x])
+
+
+def timed_rows(title: str, fns: Timed, base: str, args: argparse.Namespace) -> list[list[str]]:
+    """Interleaved medians of ``fns``; one row each: ms and ratio to ``base``."""
+    ms = measure_interleaved(fns, CPU, args.warmup, args.reps)
+    return [[title, name, f"{value:.2f}", f"{value / ms[base]:.2f}x"] for name, value in ms.items()]
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+
+
+def condensenet_section(args: argparse.Namespace, folder: Path) -> list[list[str]]:
+    network = argparse.Namespace(image_size=32, dgconv_groups=2, gresnext_groups=32)
+    models = prepare(CASES["condensenet86"], 32, network, torch.Generator().manual_seed(0))
+    previous = layer_by_layer(models.deployed)
+    rows = []
+    check = models.batch(3, offset=2)
+    onnx = {
+        label: onnx_runner(model, models.example, folder, label, dynamic=True, check=check)
+        for label, model in (("dense", models.dense), ("deployed", models.deployed))
+    }
+    for batch in args.batches:
+        x = models.batch(batch)
+        fns: Timed = {
+            "dense twin": eager(models.dense, x),
+            "deployed": eager(models.deployed, x),
+            "deployed, layer by layer (previous form)": eager(previous, x),
+            "noise: dense twin again": eager(models.dense, x),
+        }
+        rows += timed_rows(f"CondenseNet-86 eager, batch {batch}", fns, "dense twin", args)
+        fns = {
+            "dense twin": onnx["dense"](x),
+            "deployed": onnx["deployed"](x),
+            "noise: dense twin again": onnx["dense"](x),
+        }
+        rows += timed_rows(f"CondenseNet-86 onnxruntime, batch {batch}", fns, "dense twin", args)
+    if args.executorch:
+        x = models.batch(1)
+        dense = pte_runner(models.dense, x, folder, "condensenet_dense")
+        fns = {
+            "dense twin": dense,
+            "deployed": pte_runner(models.deployed, x, folder, "condensenet_deployed"),
+            "noise: dense twin again": dense,
+        }
+        rows += timed_rows("CondenseNet-86 ExecuTorch (XNNPACK), batch 1", fns, "dense twin", args)
+    return rows
+
+
+def condconv_section(args: argparse.Namespace, folder: Path) -> list[list[str]]:
+    import timm
+
+    size = args.condconv_size
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    network = dynaconv.models.efficientnet_b0_condconv8().eval()
+    calibrate_batchnorm(network, images)
+    deployed = dynaconv.deploy(network, example_input=images[:2])
+    plain = timm.create_model("efficientnet_b0").eval()
+    peer = timm.create_model("efficientnet_cc_b0_8e").eval()
+    for model in (plain, peer):
+        calibrate_batchnorm(model, images)
+    x, pair, check = images[:1], images[:2], images[1:2]
+    fixed = {
+        "timm EfficientNet-B0 (fixed batch 1)": onnx_runner(
+            plain, x, folder, "timm", dynamic=False, check=check
+        ),
+        "EfficientNet-B0-CondConv8, fixed batch 1": onnx_runner(
+            deployed, x, folder, "condconv_fixed", dynamic=False, check=check
+        ),
+        "EfficientNet-B0-CondConv8, dynamic batch": onnx_runner(
+            deployed, pair, folder, "condconv_dynamic", dynamic=True, check=check
+        ),
+    }
+    fns: Timed = {name: make(x) for name, make in fixed.items()}
+    fns["noise: timm EfficientNet-B0 again"] = fixed["timm EfficientNet-B0 (fixed batch 1)"](x)
+    base = "timm EfficientNet-B0 (fixed batch 1)"
+    rows = timed_rows(f"EfficientNet-B0-CondConv8 onnxruntime, {size}px, batch 1", fns, base, args)
+    fns = {
+        "timm EfficientNet-B0": eager(plain, x),
+        "timm EfficientNet-B0-CondConv8 (efficientnet_cc_b0_8e)": eager(peer, x),
+        "EfficientNet-B0-CondConv8, deployed": eager(deployed, x),
+        "noise: timm EfficientNet-B0 again": eager(plain, x),
+    }
+    rows += timed_rows(
+        f"EfficientNet-B0-CondConv8 eager, {size}px, batch 1", fns, "timm EfficientNet-B0", args
+    )
+    return rows
+
+
+def executorch_section(args: argparse.Namespace, folder: Path) -> list[list[str]]:
+    rows = []
+    network = argparse.Namespace(image_size=args.image_size, dgconv_groups=2, gresnext_groups=32)
+    for name in ("resnet18-lgc", "g-resnext50"):
+        case = CASES[name]
+        size = case.input_size(network)
+        models = prepare(case, size, network, torch.Generator().manual_seed(0))
+        x = models.batch(1)
+        dense = pte_runner(models.dense, x, folder, f"{name}_dense")
+        fns: Timed = {
+            "dense twin": dense,
+            "deployed": pte_runner(models.deployed, x, folder, f"{name}_deployed"),
+            "noise: dense twin again": dense,
+        }
+        title = f"{name} ExecuTorch (XNNPACK), {size}px, batch 1"
+        rows += timed_rows(title, fns, "dense twin", args)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", help="only cpu is measured (run_all.py)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 64px CondConv, batch 1, 3 samples"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 16])
+    parser.add_argument("--image-size", type=positive_int, default=128)
+    parser.add_argument("--condconv-size", type=positive_int, default=224)
+    parser.add_argument("--reps", type=positive_int, default=21)
+    parser.add_argument("--warmup", type=positive_int, default=3)
+    parser.add_argument(
+        "--no-executorch", dest="executorch", action="store_false", help="skip ExecuTorch rows"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.condconv_size, args.batches, args.reps, args.warmup = 64, [1], 3, 1
+        args.executorch, args.only = False, [name for name in args.only if name != "executorch"]
+    if args.executorch:
+        try:
+            import executorch  # noqa: F401
+        except ImportError:
+            print("executorch is not installed: its rows are skipped")
+            args.executorch = False
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device != "cpu":
+        print(f"## Edge deployment\n\nskipped: this benchmark measures the CPU ({args.device})")
+        return 0
+    torch.set_num_threads(1)
+    import onnxruntime
+
+    versions: dict[str, Any] = {"onnxruntime": onnxruntime.__version__, "ORT threads": 1}
+    if args.executorch:
+        import executorch.extension.pybindings.portable_lib as executorch_runtime
+
+        executorch_runtime._unsafe_reset_threadpool(1)  # XNNPACK's threads: one
+        versions["ExecuTorch threads"] = executorch_runtime._threadpool_get_thread_count()
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/bench_edge_cpu.py" + "".join(f" {w}" for w in words)
+    print(f"{machine_line(versions)}\ncommand: `{command}`", flush=True)
+    sections = {
+        "condensenet": condensenet_section,
+        "condconv": condconv_section,
+        "executorch": executorch_section,
+    }
+    rows: list[list[str]] = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.only:
+            if name == "executorch" and not args.executorch:
+                continue
+            started = time.perf_counter()
+            section = sections[name](args, Path(folder))
+            rows += section
+            print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
+            print(markdown_table(("table", "variant", "median ms", "ratio"), section), flush=True)
+    print(f"\n{machine_line(versions)}; median of {args.reps} interleaved samples")
+    print(f"command: `{command}`\n")
+    print(markdown_table(("table", "variant", "median ms", "ratio"), rows))
+    if args.json is not None:
+        keys = ("table", "variant", "median_ms", "ratio")
+        write_json(
+            args.json,
+            {"machine": machine_line(versions), "command": command,
+             "rows": [dict(zip(keys, row)) for row in rows]},
+        )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
