@@ -527,3 +527,17 @@ def test_an_unusable_triton_form_is_an_error_never_a_fallback(monkeypatch):
     with pytest.raises(ValueError, match="no GPU"):
         monkeypatch.setattr(dgconv_module, "triton_unusable_reason", lambda *t: "no GPU")
         GroupableConv2d(8, 8, 3, impl="triton").weight
+
+
+def test_dgc_schedule_steps_share_measurements_within_an_eighth_of_the_channels():
+    """k_off changes nearly every step of the schedule's ramp: keyed on it exactly, every step
+    would measure anew. Counts within one eighth of the channels share one measurement; no
+    inactive channel (the masked form's case) is a key of its own."""
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(64, 64, 3, padding=1, heads=4).train()
+    x = torch.randn(2, 64, 5, 5)
+    for count in (0, 1, 7, 8, 9, 40):
+        layer.set_inactive_channels(count)
+        layer(x)
+    buckets = sorted(k[1][3] for k in measured_choices)
+    assert buckets == [0, 1, 2, 6]  # {0}, {1, 7}, {8, 9}, {40}
