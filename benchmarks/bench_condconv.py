@@ -202,9 +202,7 @@ def main() -> None:
         fns["auto"] = forward_fn(layer, x)
         # Interleaved with the static conv's samples, so that drift does not skew the ratios.
         fwd = measure_interleaved(fns, device, args.warmup, args.reps)
-        with torch.no_grad():
-            form, premix = layer._resolve(x, None)
-        picked = form if premix is None else f"{form} {'premix' if premix else 'mix'}"
+        picked = layer.inference_form(x)
         for name in fns:
             if name != "static":
                 auto = name == "auto"
