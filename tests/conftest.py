@@ -68,10 +68,17 @@ def assert_close64(
 
 @pytest.fixture(autouse=True)
 def _fresh_measured_choices():
-    """Measured ``impl="auto"`` choices are a per-process cache: none leaks between tests."""
-    from dynaconv.dispatch import clear_measured_choices
+    """Measured ``impl="auto"`` choices are a per-process cache: none leaks between tests.
 
-    yield
+    Tests run ``auto`` by each family's rule (measuring off, the deterministic mode): which
+    form a measurement picks depends on the machine's load, and two equal models compared
+    bitwise must run the same form. The tests of measuring itself switch it on
+    (``tests/test_dispatch.py``, and where a test says ``dispatch.measuring(True)``).
+    """
+    from dynaconv.dispatch import clear_measured_choices, measuring
+
+    with measuring(False):
+        yield
     clear_measured_choices()
 
 

@@ -229,6 +229,7 @@ def test_gpu_auto_picks_triton_and_half_precision():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 def test_gpu_measured_auto_choice_is_cached_and_exact():
+    from dynaconv import dispatch
     from dynaconv.dispatch import clear_measured_choices, measured_choices
 
     clear_measured_choices()
@@ -238,7 +239,7 @@ def test_gpu_measured_auto_choice_is_cached_and_exact():
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = False
     try:
-        with torch.no_grad():
+        with torch.no_grad(), dispatch.measuring(True, after=0):
             y = layer(x)
             assert any(k[0] == "CondConv2d" and k[1][0] == layer.spec for k in measured_choices)
             again = layer(x)

@@ -311,7 +311,9 @@ def test_saved_models_rebuild_the_same_trained_and_deployed_networks(tmp_path, n
     loaded_name, seed, trained, redeployed = accuracy.load_saved(path, example)
     assert (loaded_name, seed) == (name, 3)
     x = torch.randn(5, 1, 28, 28, generator=generator)
-    with torch.no_grad():
+    # Bitwise equality needs both copies to run the same form: measured choices of
+    # impl="auto" may differ between calls (a key's third call measures), the rule does not.
+    with torch.no_grad(), dynaconv.dispatch.measuring(False):
         assert torch.equal(trained(x), model(x))
         assert torch.equal(redeployed(x), deployed(x))
     assert type(redeployed) is type(deployed)
