@@ -82,6 +82,21 @@ def _fresh_measured_choices():
     clear_measured_choices()
 
 
+#: ``--set`` overrides that make a recipe's training run tiny (seconds on a CPU).
+TINY_RUN = (
+    "--set",
+    "model.kwargs.width=4",
+    "--set",
+    "data.train_subset=64",
+    "--set",
+    "data.val_subset=32",
+    "--set",
+    "train.plots=false",
+    "--set",
+    "train.tensorboard=false",
+)
+
+
 CHECKOUT = Path(__file__).resolve().parents[1]
 #: Folders a test run may create or change in the checkout: caches of the tools themselves.
 _CACHES = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache"}

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from conftest import TINY_RUN
 from dynaconv.train.checkpoint import atomic_save, load_checkpoint
 from dynaconv.train.cli import main
 from dynaconv.train.config import DEFAULTS, RULES, ConfigError, resolve_config
@@ -58,16 +59,7 @@ def run(tmp_path_factory) -> Path:
         "0.5",
         "--out",
         str(out),
-        "--set",
-        "model.kwargs.width=4",
-        "--set",
-        "data.train_subset=64",
-        "--set",
-        "data.val_subset=32",
-        "--set",
-        "train.plots=false",
-        "--set",
-        "train.tensorboard=false",
+        *TINY_RUN,
     ]
     assert main(argv) == 0
     return out
@@ -239,16 +231,7 @@ def test_eval_every_epochs_evaluates_every_n_and_the_last(tmp_path, capsys):
         str(out),
         "--set",
         "train.eval_every_epochs=2",
-        "--set",
-        "model.kwargs.width=4",
-        "--set",
-        "data.train_subset=64",
-        "--set",
-        "data.val_subset=32",
-        "--set",
-        "train.plots=false",
-        "--set",
-        "train.tensorboard=false",
+        *TINY_RUN,
     ]
     assert main(argv) == 0
     capsys.readouterr()

@@ -22,6 +22,7 @@ import torchvision
 import yaml
 from safetensors.torch import load_file, save_file
 
+from conftest import TINY_RUN
 from dynaconv.train.checkpoint import atomic_save, load_checkpoint
 from dynaconv.train.cli import main
 from dynaconv.train.config import YAML_LIMITS, ConfigError, parse_yaml, resolve_config
@@ -71,16 +72,7 @@ def run(tmp_path_factory) -> Path:
                 "2",
                 "--out",
                 str(out),
-                "--set",
-                "model.kwargs.width=4",
-                "--set",
-                "data.train_subset=64",
-                "--set",
-                "data.val_subset=32",
-                "--set",
-                "train.plots=false",
-                "--set",
-                "train.tensorboard=false",
+                *TINY_RUN,
             ]
         )
         == 0

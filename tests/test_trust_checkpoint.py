@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from conftest import TINY_RUN
 from dynaconv.train.checkpoint import FORMAT, VERSION
 from dynaconv.train.cli import main
 from dynaconv.train.config import ConfigError, config_from_text, resolve_config
@@ -77,16 +78,7 @@ def run(tmp_path_factory) -> Path:
             "2",
             "--out",
             str(out),
-            "--set",
-            "model.kwargs.width=4",
-            "--set",
-            "data.train_subset=64",
-            "--set",
-            "data.val_subset=32",
-            "--set",
-            "train.plots=false",
-            "--set",
-            "train.tensorboard=false",
+            *TINY_RUN,
         ]
     )
     assert code == 0

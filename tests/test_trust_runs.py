@@ -30,6 +30,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import dynaconv
+from conftest import TINY_RUN
 from dynaconv.layers import DynamicGroupConv2d
 from dynaconv.train import engine
 from dynaconv.train.checkpoint import atomic_save, load_checkpoint
@@ -40,16 +41,7 @@ from dynaconv.train.factory import learning_rate
 from dynaconv.train.runfolder import LOCK_NAME, RunLock
 
 SMALL = [
-    "--set",
-    "model.kwargs.width=4",
-    "--set",
-    "data.train_subset=64",
-    "--set",
-    "data.val_subset=32",
-    "--set",
-    "train.plots=false",
-    "--set",
-    "train.tensorboard=false",
+    *TINY_RUN,
     "--set",
     "train.progress_bar=none",
 ]
