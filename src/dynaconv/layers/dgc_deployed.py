@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SparseDynamicGroupConv2d",
-    "inference_candidates",
     "run_inference_form",
     "traced_inference_form",
 ]
@@ -103,29 +102,6 @@ def run_inference_form(
     if form == "batch_grouped":
         return grouped_gathered_conv(x, weight, index, scale, spec, heads, layout("rows"))
     return gathered_conv(x, weight, index, scale, spec, heads)
-
-
-def inference_candidates(x: Tensor, spec: ConvSpec, allow_triton: bool = True) -> list[str]:
-    """The exact forms ``impl="auto"`` measures for an inference call (``"torch"``: without
-    ``allow_triton``), fastest-expected first:
-
-    * ``"head_grouped"``: the kept kernels gathered once per set of examples keeping the same
-      channels, one ``h``-group conv per set; at batch 1 the kept MACs plus one gather of the
-      kept kernels (the limit, ``benchmarks/NOTES.md``);
-    * ``"batch_grouped"``: one ``B*h``-group conv, the kept kernels copied per example: the
-      kept MACs, fastest on large maps at batch > 1;
-    * ``"masked"``: the paper's dense form (all MACs, no kernel copy): fastest on small maps
-      at batch > 1, where copying a kernel per example costs more than the saved MACs;
-    * ``"bmm"`` (1x1 kernels only: with larger kernels its unfold copies the input
-      ``kh*kw`` times and it has never measured fastest on the CPU);
-    * ``"triton"`` where :func:`~dynaconv.dispatch.triton_preferred` (CUDA).
-    """
-    candidates = ["head_grouped", "batch_grouped", "masked"]
-    if spec.kernel_size == (1, 1):
-        candidates.append("bmm")
-    if allow_triton and triton_preferred(x):
-        candidates.insert(0, "triton")
-    return candidates
 
 
 #: Output positions from which a traced batch-1 graph gathers the kept kernels (else it runs
@@ -194,9 +170,12 @@ def _pointwise_only(module: SparseDynamicGroupConv2d, call: FormCall) -> bool:
 
 
 #: The deployed DGC layer's execution forms (the declaration
-#: :class:`~dynaconv.layers.ChoosesForm` reads); :func:`inference_candidates` says which is
-#: fastest where. ``kept`` is fixed structure, so the gathered ``"bmm"`` and ``"masked"`` forms
-#: trace and export; a traced graph runs :func:`traced_inference_form` (``"head_grouped"`` at
+#: :class:`~dynaconv.layers.ChoosesForm` reads). Where each is fastest on the CPU:
+#: ``"head_grouped"`` at batch 1 (the kept MACs plus one gather of the kept kernels, the limit);
+#: ``"batch_grouped"`` on large maps at batch > 1; ``"masked"`` on small maps at batch > 1,
+#: where copying a kernel per example costs more than the saved MACs; ``"bmm"`` measured for
+#: 1x1 kernels only (with larger kernels its unfold copies the input ``kh*kw`` times).
+#: ``kept`` is fixed structure, so the gathered ``"bmm"`` and ``"masked"`` forms trace and export; a traced graph runs :func:`traced_inference_form` (``"head_grouped"`` at
 #: a static batch of 1, where the set of kept channels is one per head).
 FORMS = Forms(
     forms={
