@@ -22,7 +22,7 @@ import dynaconv
 from dynaconv.demo import DEMO_METHODS
 from dynaconv.layers import CondConv2d, ConvSpec, DynamicGroupConv2d, SameConv2d
 from dynaconv.layers.dgc import gate_dense
-from dynaconv.layers.padding import same_padding
+from dynaconv.padding import same_padding
 
 
 def tf_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:

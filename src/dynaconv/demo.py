@@ -38,6 +38,7 @@ from .lifecycle import (
     set_progress,
 )
 from .profiling import profile
+from .spec import check_int
 
 __all__ = [
     "AUX_LOSS_WEIGHTS",
@@ -259,8 +260,7 @@ def _check_arguments(
     unknown = [m for m in methods if m != PLAIN and m not in DEMO_METHODS]
     if unknown:
         raise ValueError(f"methods must be among {[PLAIN, *DEMO_METHODS]}, got {unknown}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_int(steps, "steps")
     if out_dir is None:
         return methods, None
     out_dir = Path(out_dir)

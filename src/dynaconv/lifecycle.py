@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from .families import FamilyView, get_family
 from .layers._base import ConversionSkipped, Deployable, DynaConv2d, check_progress
+from .spec import is_int
 
 __all__ = [
     "METHODS",
@@ -340,7 +341,7 @@ def deploy(
 
 def _random_input(model: nn.Module, shape: Sequence[int]) -> Tensor:
     shape = tuple(shape)
-    if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in shape):
+    if not shape or not all(is_int(s) and s > 0 for s in shape):
         raise ValueError(f"input_shape must be a tuple of positive ints, got {shape!r}")
     ref = next(model.parameters(), None)
     device = ref.device if ref is not None else None

@@ -19,13 +19,14 @@ or width the amount stays symbolic (no guard on the input size).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SameConv2d", "pad_same", "same_padding"]
+__all__ = ["ClassSignature", "SameConv2d", "pad_same", "same_padding"]
 
 
 def same_padding(size: Any, kernel: int, stride: int, dilation: int) -> tuple[Any, Any]:
@@ -55,16 +56,19 @@ def pad_same(
 
 
 class ClassSignature:
-    """A class's ``__signature__`` (what ``inspect.signature(cls)`` shows) that its instances
-    do not inherit (theirs stays their ``__call__``'s)."""
+    """A class's ``__signature__`` (what ``inspect.signature(cls)`` shows), computed by
+    ``build(cls)`` for the class and each subclass, and not inherited by instances (theirs
+    stays their ``__call__``'s). ``build`` raises ``AttributeError`` where a class should show
+    its own ``__init__``'s signature instead. The one such descriptor of dynaconv (the layers'
+    is built from :data:`dynaconv.spec.LAYER_ARGUMENTS`)."""
 
-    def __init__(self, signature: inspect.Signature) -> None:
-        self.signature = signature
+    def __init__(self, build: Callable[[type], inspect.Signature]) -> None:
+        self.build = build
 
     def __get__(self, instance: Any, owner: type) -> inspect.Signature:
         if instance is not None:
             raise AttributeError("__signature__")
-        return self.signature
+        return self.build(owner)
 
 
 def drop_parameter(signature: inspect.Signature, name: str) -> inspect.Signature:
@@ -86,7 +90,7 @@ class SameConv2d(nn.Conv2d):
     ``nn.Conv2d``'s; ``padding`` reads ``"same"``.
     """
 
-    __signature__ = ClassSignature(_SAME_ARGUMENTS)
+    __signature__ = ClassSignature(lambda cls: _SAME_ARGUMENTS)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         arguments = _SAME_ARGUMENTS.bind(*args, **kwargs).arguments

@@ -65,6 +65,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .layers._base import Convention, DynaConv2d, MacCount
 from .lifecycle import deploy, eval_mode
+from .spec import is_int
 
 __all__ = ["Convention", "LayerProfile", "MacCount", "Profile", "profile"]
 
@@ -357,7 +358,7 @@ def profile(
         isinstance(input_shape, str)
         or not isinstance(input_shape, Sequence)
         or len(input_shape) < 2
-        or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in input_shape)
+        or not all(is_int(s) and s > 0 for s in input_shape)
     ):
         raise ValueError(
             f"input_shape must be a sequence of at least two positive ints (batch first), "

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..dispatch import tracing
 
 if TYPE_CHECKING:
-    from ..layers._base import ConvSpec
+    from ..spec import ConvSpec
 
 __all__ = [
     "BATCH_DEPENDENT",

@@ -34,7 +34,7 @@ from ..functional.dgc import top_candidates, triton_kernel_layout, zero_padding
 from . import autotune_configs
 
 if TYPE_CHECKING:
-    from ..layers._base import ConvSpec
+    from ..spec import ConvSpec
 
 __all__ = ["GatedHeadsConv", "gathered_conv_triton", "sparse_conv_triton"]
 

@@ -8,10 +8,11 @@ imported; the order below is the order of the families in every table (the paper
 from . import doconv, condconv, dgc, dgconv, lgc, resource_constraint
 
 # isort: on
+from ..padding import SameConv2d
+from ..spec import ConvSpec
 from ._base import (
     ChoosesForm,
     ConversionSkipped,
-    ConvSpec,
     Deployable,
     DynaConv2d,
     Form,
@@ -24,7 +25,6 @@ from .dgc import *  # noqa: F403
 from .dgconv import *  # noqa: F403
 from .doconv import *  # noqa: F403
 from .lgc import *  # noqa: F403
-from .padding import SameConv2d
 from .resource_constraint import *  # noqa: F403
 
 __all__ = [

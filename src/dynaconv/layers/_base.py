@@ -5,13 +5,13 @@ Every layer in :mod:`dynaconv.layers` is a drop-in for :class:`torch.nn.Conv2d`:
 * **Constructor.** ``(in_channels, out_channels, kernel_size, stride=1, padding=0,
   dilation=1, groups=1, bias=True, padding_mode="zeros", device=None, dtype=None)`` exactly as
   ``nn.Conv2d`` (``padding`` may be ``"same"`` or ``"valid"``), followed by the method's own
-  keyword options. The signature is written once, in :class:`DynaConv2d`; a family adds its
+  keyword options. The signature is written once, in :class:`dynaconv.spec.ConvSpec`; a family adds its
   options through the ``_init_family`` hook (see the class). An invalid combination raises
   :class:`ValueError` naming the argument and the rule; nothing is silently degenerate.
   ``padding="same"`` is also accepted at stride > 1,
   where ``nn.Conv2d`` refuses it: it then means TensorFlow's SAME padding (output
   ``ceil(n / stride)``, asymmetric padding computed from the input size, see
-  :mod:`dynaconv.layers.padding`).
+  :mod:`dynaconv.padding`).
 * **forward(x)** takes ``(B, Cin, H, W)`` and returns one tensor ``(B, Cout, H', W')`` with
   ``H'``/``W'`` as ``nn.Conv2d`` computes them.
 * **.weight** is the effective kernel ``(Cout, Cin/groups, kh, kw)`` where the method has one
@@ -43,17 +43,15 @@ Every layer in :mod:`dynaconv.layers` is a drop-in for :class:`torch.nn.Conv2d`:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import numbers
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from types import MappingProxyType, SimpleNamespace
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal, NamedTuple, Self
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dispatch import (
@@ -68,11 +66,10 @@ from ..dispatch import (
     triton_preferred,
     triton_unusable_reason,
 )
-from .padding import SameConv2d, same_padding
+from ..spec import LAYER_ARGUMENTS, ClassSignature, ConvSpec
 
 __all__ = [
     "ChoosesForm",
-    "ConvSpec",
     "Convention",
     "ConversionSkipped",
     "Deployable",
@@ -82,15 +79,12 @@ __all__ = [
     "Forms",
     "MacCount",
     "Shape",
-    "conv_output_size",
 ]
 
-PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 #: The counting conventions of :func:`dynaconv.profile`.
 Convention = Literal["dense", "reference"]
 #: A tensor shape, as ``count_macs`` receives it.
 Shape = Sequence[int]
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 class MacCount(NamedTuple):
@@ -118,226 +112,6 @@ class Deployable:
 
     def deploy(self) -> nn.Module:  # pragma: no cover - interface
         raise NotImplementedError
-
-
-def _pair(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        pair = (value, value)
-    elif isinstance(value, Sequence) and len(value) == 2:
-        pair = tuple(value)
-    else:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
-def _positive(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """Validated ``nn.Conv2d`` arguments, shared by every family.
-
-    ``padding`` is either a pair of ints or the string ``"same"``; ``"valid"`` is normalised
-    to ``(0, 0)``. ``"same"`` at stride 1 is ``nn.Conv2d``'s; at stride > 1 it is TensorFlow's
-    SAME (:mod:`dynaconv.layers.padding`), whose amount depends on the input size
-    (:attr:`dynamic_padding`): :meth:`explicit_padding` then needs that size.
-    """
-
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] | str = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-    bias: bool = True
-    padding_mode: str = "zeros"
-
-    @classmethod
-    def create(cls, *args: Any, **kwargs: Any) -> ConvSpec:
-        """Validate ``nn.Conv2d``'s arguments (``in_channels, out_channels, kernel_size,
-        stride=1, padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros"``, as
-        :class:`DynaConv2d` takes them, without ``device`` and ``dtype``)."""
-        bound = conv_arguments().bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = SimpleNamespace(**bound.arguments)
-        _positive(a.in_channels, "in_channels")
-        _positive(a.out_channels, "out_channels")
-        _positive(a.groups, "groups")
-        kernel = _pair(a.kernel_size, "kernel_size")
-        strides = _pair(a.stride, "stride")
-        dilations = _pair(a.dilation, "dilation")
-        for name, pair in (("kernel_size", kernel), ("stride", strides), ("dilation", dilations)):
-            if min(pair) <= 0:
-                raise ValueError(f"{name} must be positive, got {pair}")
-        if a.in_channels % a.groups:
-            raise ValueError(
-                f"in_channels ({a.in_channels}) must be divisible by groups ({a.groups})"
-            )
-        if a.out_channels % a.groups:
-            raise ValueError(
-                f"out_channels ({a.out_channels}) must be divisible by groups ({a.groups})"
-            )
-        if a.padding_mode not in _PADDING_MODES:
-            raise ValueError(
-                f"padding_mode must be one of {_PADDING_MODES}, got {a.padding_mode!r}"
-            )
-        if isinstance(a.padding, str):
-            if a.padding == "valid":
-                pad: tuple[int, int] | str = (0, 0)
-            elif a.padding == "same":
-                pad = "same"
-            else:
-                raise ValueError(
-                    f"padding must be an int, a pair, 'same' or 'valid', got {a.padding!r}"
-                )
-        else:
-            pad = _pair(a.padding, "padding")
-            if min(pad) < 0:
-                raise ValueError(f"padding must be non-negative, got {pad}")
-        if not isinstance(a.bias, bool):
-            raise ValueError(f"bias must be a bool, got {a.bias!r}")
-        normalised = {
-            "kernel_size": kernel,
-            "stride": strides,
-            "padding": pad,
-            "dilation": dilations,
-        }
-        return cls(**{**bound.arguments, **normalised})
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> ConvSpec:
-        arguments = {name: getattr(conv, name) for name in conv_arguments().parameters}
-        return cls.create(**{**arguments, "bias": conv.bias is not None})
-
-    def conv_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments that build the equivalent ``nn.Conv2d``."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def with_channels(self, in_channels: int, out_channels: int, groups: int = 1) -> ConvSpec:
-        """The same geometry with other channel counts (used for gathered or split convs)."""
-        changed = {"in_channels": in_channels, "out_channels": out_channels, "groups": groups}
-        return ConvSpec.create(**{**self.conv_kwargs(), **changed})
-
-    @property
-    def kernel_numel(self) -> int:
-        return self.kernel_size[0] * self.kernel_size[1]
-
-    @property
-    def dynamic_padding(self) -> bool:
-        """Whether the padding depends on the input size (``"same"`` at stride > 1)."""
-        return self.padding == "same" and self.stride != (1, 1)
-
-    @property
-    def pads_explicitly(self) -> bool:
-        """Whether the input is padded by :meth:`pad_input` before a conv with padding 0
-        (other padding modes than zeros, and TensorFlow's SAME), not by the conv itself."""
-        return self.padding_mode != "zeros" or self.dynamic_padding
-
-    def explicit_padding(
-        self, height: int | None = None, width: int | None = None
-    ) -> tuple[int, int, int, int]:
-        """``(left, right, top, bottom)`` padding, resolving ``"same"`` (see the class).
-
-        ``height`` and ``width`` (of the input) are needed when :attr:`dynamic_padding`.
-        """
-        if self.padding == "same":
-            if self.dynamic_padding and (height is None or width is None):
-                raise ValueError(
-                    "padding='same' with stride > 1 depends on the input size: pass height "
-                    "and width to explicit_padding"
-                )
-            top, bottom = same_padding(
-                height, self.kernel_size[0], self.stride[0], self.dilation[0]
-            )
-            left, right = same_padding(width, self.kernel_size[1], self.stride[1], self.dilation[1])
-            return (left, right, top, bottom)
-        ph, pw = self.padding  # type: ignore[misc]
-        return (pw, pw, ph, ph)
-
-    def pad_input(self, x: Tensor) -> Tensor:
-        """Apply the padding explicitly (all modes); the conv then runs with padding 0."""
-        pads = self.explicit_padding(x.shape[-2], x.shape[-1])
-        if not self.dynamic_padding and not any(pads):
-            return x
-        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-        return F.pad(x, pads, mode=mode)
-
-    def conv2d(
-        self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int | None = None
-    ) -> Tensor:
-        """``nn.Conv2d``'s forward with this geometry and the given kernel."""
-        groups = self.groups if groups is None else groups
-        if self.pads_explicitly:
-            return F.conv2d(self.pad_input(x), weight, bias, self.stride, 0, self.dilation, groups)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
-
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        left, right, top, bottom = self.explicit_padding(height, width)
-        return (
-            conv_output_size(
-                height, self.kernel_size[0], self.stride[0], top + bottom, self.dilation[0]
-            ),
-            conv_output_size(
-                width, self.kernel_size[1], self.stride[1], left + right, self.dilation[1]
-            ),
-        )
-
-    def dense_macs(self, output_shape: Sequence[int]) -> int:
-        """Multiply-accumulates of the dense conv producing ``output_shape`` ``(B, Cout, H, W)``."""
-        batch, _, height, width = output_shape
-        return (
-            batch
-            * self.out_channels
-            * (self.in_channels // self.groups)
-            * self.kernel_numel
-            * height
-            * width
-        )
-
-    def make_conv(
-        self, device: Any = None, dtype: Any = None, groups: int | None = None
-    ) -> nn.Conv2d:
-        """The equivalent ``nn.Conv2d`` (a :class:`SameConv2d` for TensorFlow's SAME)."""
-        kwargs = self.conv_kwargs()
-        if groups is not None:
-            kwargs["groups"] = groups
-        if self.dynamic_padding:
-            del kwargs["padding"]
-            return SameConv2d(**kwargs, device=device, dtype=dtype)
-        return nn.Conv2d(**kwargs, device=device, dtype=dtype)
-
-
-def conv_output_size(size: int, kernel: int, stride: int, total_padding: int, dilation: int) -> int:
-    return (size + total_padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def check_input(x: Tensor, in_channels: int, layer: str) -> None:
-    """The clear error for a wrong input, instead of a shape error from deep inside torch."""
-    if x.dim() != 4:
-        raise ValueError(f"{layer} expects input of shape (B, C, H, W), got {tuple(x.shape)}")
-    if x.shape[1] != in_channels:
-        raise ValueError(
-            f"{layer} expects {in_channels} input channels, got input of shape {tuple(x.shape)}"
-        )
-
-
-def check_output_size(x: Tensor, spec: ConvSpec, layer: str) -> None:
-    """``ValueError`` when ``x`` is too small for the kernel (the output would be empty),
-    instead of an empty result or a backend's message."""
-    height, width = spec.output_size(x.shape[-2], x.shape[-1])
-    if height < 1 or width < 1:
-        raise ValueError(
-            f"{layer}: an input of {x.shape[-2]}x{x.shape[-1]} pixels is smaller than the "
-            f"kernel {spec.kernel_size} with padding {spec.padding}, dilation {spec.dilation}"
-        )
 
 
 def kaiming_uniform_(weight: Tensor, fan_in: int) -> None:
@@ -660,21 +434,15 @@ class ChoosesForm:
         return step
 
 
-class _ConstructorSignature:
-    """``inspect.signature(cls)`` of a family: ``nn.Conv2d``'s arguments, then the family's
-    options (the keyword-only parameters of ``cls._init_family``).
-
-    Only on the class (an instance's signature is its ``__call__``'s), and only where the
-    class keeps :class:`DynaConv2d`'s ``__init__`` (a class with its own has that one's).
-    """
-
-    def __get__(self, instance: Any, owner: type) -> inspect.Signature:
-        if instance is not None or owner.__init__ is not DynaConv2d.__init__:
-            raise AttributeError("__signature__")
-        conv = list(inspect.signature(DynaConv2d.__init__).parameters.values())[1:-1]
-        hook = inspect.signature(owner._init_family).parameters.values()  # type: ignore[attr-defined]
-        options = [p for p in hook if p.kind is p.KEYWORD_ONLY]
-        return inspect.Signature([*conv, *options])
+def _family_signature(owner: type) -> inspect.Signature:
+    """``inspect.signature`` of a family's class: ``nn.Conv2d``'s arguments
+    (:data:`dynaconv.spec.LAYER_ARGUMENTS`), then the family's options (the keyword-only
+    parameters of ``cls._init_family``); a class with its own ``__init__`` shows that one's."""
+    if owner.__init__ is not DynaConv2d.__init__:  # type: ignore[misc]
+        raise AttributeError("__signature__")
+    hook = inspect.signature(owner._init_family).parameters.values()  # type: ignore[attr-defined]
+    options = [p for p in hook if p.kind is p.KEYWORD_ONLY]
+    return inspect.Signature([*LAYER_ARGUMENTS.parameters.values(), *options])
 
 
 class DynaConv2d(ChoosesForm, Deployable, nn.Module):
@@ -707,36 +475,17 @@ class DynaConv2d(ChoosesForm, Deployable, nn.Module):
     method: ClassVar[str] = ""
     title: ClassVar[str] = ""
     conv_groups: ClassVar[Literal["keep", "one", "learn"]] = "keep"
-    __signature__ = _ConstructorSignature()
+    __signature__ = ClassSignature(_family_signature)
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
-        **options: Any,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """``nn.Conv2d``'s arguments (:data:`dynaconv.spec.LAYER_ARGUMENTS`), then the family's
+        keyword options (see the class)."""
         super().__init__()
-        self.spec = ConvSpec.create(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-        )
-        self._init_family(device, dtype, **options)
+        conv = {name: kwargs.pop(name) for name in LAYER_ARGUMENTS.parameters if name in kwargs}
+        arguments = LAYER_ARGUMENTS.bind(*args, **conv).arguments
+        device, dtype = arguments.pop("device", None), arguments.pop("dtype", None)
+        self.spec = ConvSpec.create(**arguments)
+        self._init_family(device, dtype, **kwargs)
 
     def _init_family(self, device: Any, dtype: Any) -> None:
         """The family's parameters and buffers (see the class); none by default."""
@@ -882,11 +631,3 @@ def check_progress(progress: float) -> float:
     ):
         raise ValueError(f"progress must be a number in [0, 1], got {progress!r}")
     return float(progress)
-
-
-@functools.cache
-def conv_arguments() -> inspect.Signature:
-    """``nn.Conv2d``'s arguments without ``device`` and ``dtype``, read from
-    :class:`DynaConv2d`'s constructor, the one place they are written."""
-    parameters = list(inspect.signature(DynaConv2d.__init__).parameters.values())
-    return inspect.Signature(parameters[1:10])

@@ -70,18 +70,8 @@ from ..functional.condconv import (
     fixed_batch_graph,
     mix,
 )
-from ._base import (
-    Convention,
-    ConvSpec,
-    DynaConv2d,
-    Form,
-    FormCall,
-    Forms,
-    MacCount,
-    Shape,
-    check_input,
-    kaiming_uniform_,
-)
+from ..spec import ConvSpec, check_input
+from ._base import Convention, DynaConv2d, Form, FormCall, Forms, MacCount, Shape, kaiming_uniform_
 
 if triton_available():  # the fused kernel (triton ships with PyTorch's CUDA builds)
     from ..kernels import condconv as _kernels

@@ -135,6 +135,7 @@ from ..functional.dgc import (
     zero_padding,
 )
 from ..kernels.dgc import GatedHeadsConv, sparse_conv_triton
+from ..spec import check_input, check_output_size
 from ._base import (
     Convention,
     ConversionSkipped,
@@ -144,8 +145,6 @@ from ._base import (
     Forms,
     MacCount,
     Shape,
-    check_input,
-    check_output_size,
     check_progress,
     kaiming_uniform_,
 )

@@ -30,18 +30,8 @@ from ..functional.dgc import (
     triton_kernel_layout,
 )
 from ..kernels.dgc import sparse_conv_triton
-from ._base import (
-    ChoosesForm,
-    Convention,
-    ConvSpec,
-    Form,
-    FormCall,
-    Forms,
-    MacCount,
-    Shape,
-    check_input,
-    check_output_size,
-)
+from ..spec import ConvSpec, check_input, check_output_size
+from ._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
 
 if TYPE_CHECKING:
     from .dgc import DynamicGroupConv2d

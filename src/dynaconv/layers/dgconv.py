@@ -83,6 +83,7 @@ from torch import Tensor, nn
 from ..dispatch import tracing, triton_preferred, triton_unusable_reason
 from ..families import register_family
 from ..kernels import dgconv as dgconv_kernels
+from ..spec import check_input, check_number
 from ._base import (
     Convention,
     ConversionSkipped,
@@ -92,7 +93,6 @@ from ._base import (
     Forms,
     MacCount,
     Shape,
-    check_input,
 )
 from .dgconv_deployed import PermutedGroupConv2d
 
@@ -402,12 +402,7 @@ class GroupableConv2d(DynaConv2d):
             _channel_bits(conv.in_channels, conv.out_channels)
         except ValueError as why:
             raise ConversionSkipped(str(why)) from None
-        if (
-            isinstance(gate_init, bool)
-            or not isinstance(gate_init, int | float)
-            or not 0 < gate_init < math.inf
-        ):
-            raise ValueError(f"gate_init must be a positive finite number, got {gate_init!r}")
+        check_number(gate_init, "gate_init", lambda g: 0 < g < math.inf, "a positive finite number")
         return {"sort": sort, "impl": impl}
 
     def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:

@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from ..families import register_family
-from ._base import DynaConv2d, check_input, kaiming_uniform_
+from ..spec import check_input, check_int
+from ._base import DynaConv2d, kaiming_uniform_
 
 __all__ = ["DOConv2d"]
 
@@ -81,11 +82,11 @@ class DOConv2d(DynaConv2d):
             d_mul = 1
         else:
             d_mul = kernel_numel if D_mul is None else D_mul
-            if isinstance(d_mul, bool) or not isinstance(d_mul, int) or d_mul < kernel_numel:
-                raise ValueError(
-                    f"D_mul must be an int >= kernel_size[0] * kernel_size[1] = {kernel_numel}, got {D_mul!r}"
-                    " (a smaller D_mul would make the kernel all zeros)"
-                )
+            rule = (
+                f"an int >= kernel_size[0] * kernel_size[1] = {kernel_numel}"
+                " (a smaller D_mul would make the kernel all zeros)"
+            )
+            check_int(d_mul, "D_mul", kernel_numel, rule)
         self.D_mul = d_mul
         cin_per_group = in_channels // groups
         self.W = nn.Parameter(torch.empty(out_channels, cin_per_group, d_mul, **factory))

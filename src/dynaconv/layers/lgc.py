@@ -47,15 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..families import register_family
-from ._base import (
-    Convention,
-    ConversionSkipped,
-    DynaConv2d,
-    MacCount,
-    Shape,
-    check_input,
-    check_progress,
-)
+from ..spec import check_input, check_number
+from ._base import Convention, ConversionSkipped, DynaConv2d, MacCount, Shape, check_progress
 from .lgc_deployed import (  # the deployed layer; re-exported here
     CondensedGroupConv2d,
     GatherWorkspace,
@@ -210,11 +203,7 @@ class LearnedGroupConv2d(DynaConv2d):
                 f"in_channels ({in_channels}) must be divisible by condense_factor "
                 f"({self.condense_factor})"
             )
-        if isinstance(dropout, bool) or not isinstance(dropout, int | float):
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.dropout = float(dropout)
+        self.dropout = check_number(dropout, "dropout", lambda d: 0 <= d < 1, "a number in [0, 1)")
         factory = {"device": device, "dtype": dtype}
         self.dense_weight = nn.Parameter(
             torch.empty(out_channels, in_channels, *self.spec.kernel_size, **factory)

@@ -21,17 +21,8 @@ from torch import Tensor, nn
 
 from ..dispatch import tracing, triton_preferred
 from ..kernels import lgc as lgc_kernels
-from ._base import (
-    ChoosesForm,
-    Convention,
-    ConvSpec,
-    Form,
-    FormCall,
-    Forms,
-    MacCount,
-    Shape,
-    check_input,
-)
+from ..spec import ConvSpec, check_input
+from ._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
 
 if TYPE_CHECKING:
     from .lgc import LearnedGroupConv2d

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..spec import check_number
 from .dgconv import GATE_INIT, GroupableConv2d
 
 __all__ = [
@@ -130,12 +131,10 @@ class ResourceConstraint:
         exponent: float = 0.02,
         two_sided: bool = False,
     ) -> None:
-        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
-            raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
+        check_number(budget, "budget", lambda b: 0 < b <= 1, "a fraction in (0, 1]")
         if budget_type not in ("params", "macs"):
             raise ValueError(f"budget_type must be 'params' or 'macs', got {budget_type!r}")
-        if isinstance(exponent, bool) or not isinstance(exponent, int | float) or exponent <= 0:
-            raise ValueError(f"exponent must be a positive number, got {exponent!r}")
+        check_number(exponent, "exponent", lambda e: e > 0, "a positive number")
         if not isinstance(two_sided, bool):
             raise ValueError(f"two_sided must be a bool, got {two_sided!r}")
         self.layers = [m for m in model.modules() if isinstance(m, GroupableConv2d)]

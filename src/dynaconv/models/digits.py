@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..spec import check_int
 from ._registry import register_model
 
 __all__ = ["DigitsCNN", "digits_cnn"]
@@ -18,9 +19,8 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, width: int = 64) -> None:
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r:.60}")
+        check_int(num_classes, "num_classes")
+        check_int(width, "width")
 
         def block(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
             return [

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..layers.dgc import DynamicGroupConv2d, reference_squeeze_rate
+from ..spec import check_int
 from ._blocks import DenseLayer, dense_features, init_dense_weights
 from ._registry import register_model
 
@@ -78,8 +79,7 @@ class DyDenseNet(nn.Module):
             )
         if data not in ("cifar10", "cifar100", "imagenet"):
             raise ValueError(f"data must be 'cifar10', 'cifar100' or 'imagenet', got {data!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_int(num_classes, "num_classes")
         stride = 2 if data == "imagenet" else 1
 
         def dense_layer(in_channels: int, rate: int) -> DyDenseLayer:

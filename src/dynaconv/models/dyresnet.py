@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..layers.dgc import DynamicGroupConv2d, reference_squeeze_rate
+from ..spec import check_int
 from ._registry import register_model
 
 __all__ = ["DyBasicBlock", "DyResNet", "dyresnet18"]
@@ -79,8 +80,7 @@ class DyResNet(nn.Module):
         reference_squeeze: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_int(num_classes, "num_classes")
         options = {"heads": heads, "squeeze_rate": squeeze_rate, "gate_factor": gate_factor}
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
 from ..layers.condconv import CondConv2d, CondConvRouting
-from ..layers.padding import SameConv2d
+from ..padding import SameConv2d
+from ..spec import check_int, check_number
 from ._registry import register_model
 
 __all__ = [
@@ -189,10 +190,8 @@ class EfficientNetCondConv(nn.Module):
         padding: str = "symmetric",
     ) -> None:
         super().__init__()
-        if num_experts is not None and (
-            isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1
-        ):
-            raise ValueError(f"num_experts must be a positive int or None, got {num_experts!r}")
+        if num_experts is not None:
+            check_int(num_experts, "num_experts", rule="a positive int or None")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if not 0 <= stochastic_depth_prob < 1:
@@ -201,8 +200,7 @@ class EfficientNetCondConv(nn.Module):
             )
         if not depth_multiplier > 0:
             raise ValueError(f"depth_multiplier must be positive, got {depth_multiplier!r}")
-        if isinstance(bn_eps, bool) or not isinstance(bn_eps, int | float) or not bn_eps > 0:
-            raise ValueError(f"bn_eps must be a positive number, got {bn_eps!r}")
+        check_number(bn_eps, "bn_eps", lambda eps: eps > 0, "a positive number")
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         self.stem = nn.Sequential(
