@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dynaconv
-from dynaconv.layers.resource_constraint import closest_gate_counts
+from dynaconv.layers.dgconv.resource_constraint import closest_gate_counts
 from evidence_common import (
     DEFAULT_FASHION_DIR,
     DEFAULT_PLOT_DIR,

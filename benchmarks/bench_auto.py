@@ -230,7 +230,7 @@ def _dgc_choice(module: nn.Module, x: torch.Tensor, train: bool) -> str:
     if hasattr(module, "saliency"):
         g = module.saliency(x)
     else:
-        from dynaconv.functional.dgc import saliency
+        from dynaconv.layers.dgc.functional import saliency
 
         g = saliency(x, module.fc1_weight, module.fc2_weight, module.fc2_bias, False)
     return module.choose_form(x, g)

@@ -39,7 +39,7 @@ from torch import nn
 
 from dynaconv import CondConv2d
 from dynaconv.kernels import triton_usable
-from dynaconv.layers.condconv import export_form
+from dynaconv.layers.condconv.layer import export_form
 from harness import (
     Row,
     common_args,

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 import dynaconv
 from bench_deploy_cpu import calibrate_batchnorm, plain_counterpart
-from dynaconv.layers.dgc import DynamicGroupConv2d
+from dynaconv.layers.dgc.layer import DynamicGroupConv2d
 from evidence_common import machine_line, markdown_table, positive_int, write_json
 from harness import measure_interleaved
 

@@ -25,7 +25,7 @@ import argparse
 import torch
 from torch import nn
 
-from dynaconv.layers.dgconv import GroupableConv2d
+from dynaconv.layers.dgconv.layer import GroupableConv2d
 from dynaconv.models.surgery import fold_bottleneck
 from harness import Row, Timing, common_args, device_ms, forward_fn, measure, report, train_step_fn
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import dynaconv
-from dynaconv.layers.lgc import CondensedGroupConv2d, LearnedGroupConv2d
+from dynaconv.layers.lgc.layer import CondensedGroupConv2d, LearnedGroupConv2d
 from dynaconv.models import create_model
 from dynaconv.models.condensenet import deploy_condensenet
 from harness import Row, common_args, forward_fn, measure, report

@@ -17,7 +17,7 @@ from torch import nn
 import dynaconv
 from conftest import load_fixture
 from dynaconv import DOConv2d, compat
-from dynaconv.layers.lgc import CondensedGroupConv2d
+from dynaconv.layers.lgc.layer import CondensedGroupConv2d
 from dynaconv.models.condensenet import CondenseNet, deploy_condensenet
 
 unpickled_log: list[str] = []

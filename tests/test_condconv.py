@@ -12,7 +12,7 @@ import dynaconv
 from conftest import assert_close64, load_fixture
 from dynaconv import CondConv2d, CondConvRouting, dispatch
 from dynaconv.compat import layer_from_reference
-from dynaconv.layers.condconv import FORMS, condconv2d, rule
+from dynaconv.layers.condconv.layer import FORMS, condconv2d, rule
 
 FIXTURE_NAMES = ["e4_c16_32", "e8_grouped2_stride2"]
 TORCH_FORMS = [f for f in FORMS if f != "triton"]

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dynaconv
 from dynaconv.layers import CondConv2d
-from dynaconv.layers.condconv import export_form
+from dynaconv.layers.condconv.layer import export_form
 
 
 def test_export_form_rules():

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from dynaconv import CondConv2d
 from dynaconv.kernels import triton_available, triton_usable
 from dynaconv.layers import condconv as condconv_layer
-from dynaconv.layers.condconv import condconv2d
+from dynaconv.layers.condconv.layer import condconv2d
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -29,7 +29,7 @@ def _reference(layer: CondConv2d, x: torch.Tensor, r: torch.Tensor) -> torch.Ten
 
 
 def _triton(layer, x, r, premix):
-    from dynaconv.kernels.condconv import condconv_triton
+    from dynaconv.layers.condconv.kernels import condconv_triton
 
     return condconv_triton(layer.spec, x, layer.weight, layer.bias, r, premix=premix)
 
@@ -92,7 +92,7 @@ def test_kernel_matches_reference(cfg):
 )
 def test_kernel_block_variants(blocks, premix):
     """Other tile shapes and the unrolled expert loop (the autotuned configurations' code)."""
-    from dynaconv.kernels.condconv import _launch
+    from dynaconv.layers.condconv.kernels import _launch
 
     torch.manual_seed(3)
     layer = CondConv2d(

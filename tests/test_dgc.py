@@ -14,9 +14,10 @@ import dynaconv
 from conftest import assert_close64, load_fixture
 from dynaconv import DynamicGroupConv2d
 from dynaconv.compat import layer_from_reference, model_from_reference
-from dynaconv.functional.dgc import gathered_conv, head_grouped_conv, kernel_rows
-from dynaconv.kernels.dgc import GatedHeadsConv
-from dynaconv.layers.dgc import (
+from dynaconv.layers.dgc.deployed import traced_inference_form
+from dynaconv.layers.dgc.functional import gathered_conv, head_grouped_conv, kernel_rows
+from dynaconv.layers.dgc.kernels import GatedHeadsConv
+from dynaconv.layers.dgc.layer import (
     SparseDynamicGroupConv2d,
     gate_dense,
     inactive_channels_at,
@@ -24,7 +25,6 @@ from dynaconv.layers.dgc import (
     reference_squeeze_rate,
     select_kept,
 )
-from dynaconv.layers.dgc_deployed import traced_inference_form
 from dynaconv.models import DigitsCNN, dydensenet86, dyresnet18
 
 
@@ -319,7 +319,7 @@ def test_inference_forms_equal_the_masked_reference_float64(cfg, share):
     """Every standalone inference form against the masked reference, with examples that keep
     the same channels (``share``: input-independent saliencies; repeated examples) or not;
     and the head-grouped form with shared kept sets but per-example scales."""
-    from dynaconv.layers.dgc_deployed import FORMS, run_inference_form
+    from dynaconv.layers.dgc.deployed import FORMS, run_inference_form
 
     layer = _random_layer(cfg).eval()
     if share:  # saliency = relu(fc2 bias): the same kept set for every example
@@ -329,7 +329,7 @@ def test_inference_forms_equal_the_masked_reference_float64(cfg, share):
     with torch.no_grad():
         g = layer.saliency(x)
         inactive = int(layer.inactive_channels)
-        expected = dynaconv.functional.dgc.dense_masked_conv(
+        expected = dynaconv.layers.dgc.functional.dense_masked_conv(
             x, layer.weight, gate_dense(g, layer.inactive_channels), layer.spec, layer.heads
         )
         forms = set(FORMS) - {"triton"}  # every PyTorch form of the deployed module

@@ -16,8 +16,8 @@ from conftest import assert_close64, load_fixture
 from dynaconv import GroupableConv2d, PermutedGroupConv2d
 from dynaconv.compat import layer_from_reference, model_from_reference
 from dynaconv.layers import resource_constraint
-from dynaconv.layers.dgconv import binarise_gates, connectivity_mask, kronecker_order
-from dynaconv.layers.resource_constraint import ResourceConstraint, resource_constrained_loss
+from dynaconv.layers.dgconv.layer import binarise_gates, connectivity_mask, kronecker_order
+from dynaconv.layers.dgconv.resource_constraint import ResourceConstraint, resource_constrained_loss
 from dynaconv.models import GResNeXt, g_resnext50, g_resnext101
 
 FIXTURES = ["c16_gates1010", "c32_gates00110_sort"]

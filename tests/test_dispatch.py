@@ -30,7 +30,7 @@ from dynaconv.dispatch import (
 )
 from dynaconv.layers import ChoosesForm, SparseDynamicGroupConv2d, _base
 from dynaconv.layers import dgconv as dgconv_module
-from dynaconv.layers.lgc_deployed import CondensedGroupConv2d
+from dynaconv.layers.lgc.deployed import CondensedGroupConv2d
 
 
 @pytest.fixture(autouse=True)

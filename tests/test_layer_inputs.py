@@ -16,8 +16,8 @@ from torch import nn
 from torch.func import functional_call
 
 from dynaconv import CondConv2d, DOConv2d, GroupableConv2d, LearnedGroupConv2d
-from dynaconv.layers.condconv import FORMS, condconv2d
-from dynaconv.layers.lgc import CondensedGroupConv2d
+from dynaconv.layers.condconv.layer import FORMS, condconv2d
+from dynaconv.layers.lgc.layer import CondensedGroupConv2d
 
 # ------------------------------------------------------------------------------ DGConv dtypes
 

@@ -17,8 +17,8 @@ from dynaconv import LearnedGroupConv2d, MacCount
 from dynaconv.compat import layer_from_reference
 from dynaconv.kernels import lgc as lgc_kernels
 from dynaconv.kernels import triton_available
-from dynaconv.layers.lgc import CondensedGroupConv2d, condensation_stage, fold_batchnorm
-from dynaconv.layers.lgc_deployed import GatherWorkspace, fold_pointwise, folded_pointwise
+from dynaconv.layers.lgc.deployed import GatherWorkspace, fold_pointwise, folded_pointwise
+from dynaconv.layers.lgc.layer import CondensedGroupConv2d, condensation_stage, fold_batchnorm
 from dynaconv.models import DigitsCNN
 
 FIXTURE = ("condensenet", "condensenet86_cifar10.pt")

@@ -21,7 +21,7 @@ from torch.export import Dim
 import dynaconv
 from dynaconv.demo import DEMO_METHODS
 from dynaconv.layers import CondConv2d, ConvSpec, DynamicGroupConv2d, SameConv2d
-from dynaconv.layers.dgc import gate_dense
+from dynaconv.layers.dgc.layer import gate_dense
 from dynaconv.padding import same_padding
 
 

@@ -37,11 +37,11 @@ from torch.func import functional_call
 
 import dynaconv
 from conftest import assert_close64
-from dynaconv.layers.condconv import CondConv2d
-from dynaconv.layers.dgc import DynamicGroupConv2d, inactive_channels_at
-from dynaconv.layers.dgconv import GroupableConv2d, PermutedGroupConv2d
-from dynaconv.layers.doconv import DOConv2d
-from dynaconv.layers.lgc import CondensedGroupConv2d, LearnedGroupConv2d
+from dynaconv.layers.condconv.layer import CondConv2d
+from dynaconv.layers.dgc.layer import DynamicGroupConv2d, inactive_channels_at
+from dynaconv.layers.dgconv.layer import GroupableConv2d, PermutedGroupConv2d
+from dynaconv.layers.doconv.layer import DOConv2d
+from dynaconv.layers.lgc.layer import CondensedGroupConv2d, LearnedGroupConv2d
 from dynaconv.spec import ConvSpec
 from dynaconv.train.ema import ModelEMA
 

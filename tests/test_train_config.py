@@ -328,8 +328,8 @@ def test_idx_files_read_and_malformed_ones_rejected(tmp_path):
 
 def test_resource_objective_is_the_dgconv_resource_constraint():
     """``loss.resource`` builds ``ResourceConstraint`` itself (no helper name is resolved)."""
-    from dynaconv.layers.dgconv import GroupableConv2d
-    from dynaconv.layers.resource_constraint import ResourceConstraint
+    from dynaconv.layers.dgconv.layer import GroupableConv2d
+    from dynaconv.layers.dgconv.resource_constraint import ResourceConstraint
     from dynaconv.train.engine import resource_objective
 
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dynaconv.layers.doconv import DOConv2d
+from dynaconv.layers.doconv.layer import DOConv2d
 from dynaconv.train.checkpoint import load_checkpoint
 from dynaconv.train.cli import main
 from dynaconv.train.commands import load_deployed, load_trained

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from ..dispatch import interpreting, triton_available, triton_preferred, triton_usable
+from .dispatch import interpreting, triton_available, triton_preferred, triton_usable
 
 __all__ = [
     "autotune_configs",

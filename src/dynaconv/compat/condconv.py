@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..layers.condconv import CondConv2d
+from ..layers.condconv.layer import CondConv2d
 from ._keys import check_state_keys
 from ._registry import register_reference_layer
 

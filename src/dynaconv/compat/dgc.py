@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layers.dgc import DynamicGroupConv2d, reference_squeeze_rate
+from ..layers.dgc.layer import DynamicGroupConv2d, reference_squeeze_rate
 from ..models.dydensenet import DyDenseNet
 from ..models.dyresnet import DyResNet
 from ._registry import register_reference_layer, register_reference_model

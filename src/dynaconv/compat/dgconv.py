@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layers.dgconv import GroupableConv2d
+from ..layers.dgconv.layer import GroupableConv2d
 from ._keys import check_state_keys
 from ._registry import register_reference_layer, register_reference_model
 

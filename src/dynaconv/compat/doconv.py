@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..layers.doconv import DOConv2d
+from ..layers.doconv.layer import DOConv2d
 from ._keys import check_state_keys
 from ._registry import register_reference_layer
 

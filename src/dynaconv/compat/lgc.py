@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layers.lgc import (
+from ..layers.lgc.layer import (
     CondensedGroupConv2d,
     LearnedGroupConv2d,
     check_condensation_state,

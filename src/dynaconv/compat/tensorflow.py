@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..layers.condconv import CondConv2d, CondConvRouting
+from ..layers.condconv.layer import CondConv2d, CondConvRouting
 
 __all__ = ["condconv_from_tensorflow", "routing_from_tensorflow"]
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..layers.condconv import CondConv2d
+from ..layers.condconv.layer import CondConv2d
 from ..models import create_model
 from ..models.efficientnet_condconv import EfficientNetCondConv
 

@@ -1,11 +1,17 @@
-"""dynaconv's layers: one module per method family, all following the contract in ``_base``.
+"""dynaconv's layers: one package per method family, all following the contract in ``_base``.
 
-Each family module registers its layer class (:func:`dynaconv.families.register_family`) when
-imported; the order below is the order of the families in every table (the papers' order).
+A family is one folder, ``dynaconv/layers/<family>/``: its layer (``layer.py``, which
+registers the family with :func:`dynaconv.families.register_family`), and where it has them its
+deployed module (``deployed.py``), tensor math (``functional.py``) and Triton kernels
+(``kernels.py``). What every family shares sits below them: the contract
+(:mod:`dynaconv.layers._base`), ``nn.Conv2d``'s arguments and the validators
+(:mod:`dynaconv.spec`), the execution-form vocabulary and switches (:mod:`dynaconv.dispatch`).
+The import line below is the order of the families in every table (the papers' order); adding
+a family is adding a folder and its name here.
 """
 
 # isort: off
-from . import doconv, condconv, dgc, dgconv, lgc, resource_constraint
+from . import doconv, condconv, dgc, dgconv, lgc
 
 # isort: on
 from ..padding import SameConv2d
@@ -25,7 +31,6 @@ from .dgc import *  # noqa: F403
 from .dgconv import *  # noqa: F403
 from .doconv import *  # noqa: F403
 from .lgc import *  # noqa: F403
-from .resource_constraint import *  # noqa: F403
 
 __all__ = [
     "ChoosesForm",
@@ -43,5 +48,4 @@ __all__ = [
     *dgconv.__all__,
     *doconv.__all__,
     *lgc.__all__,
-    *resource_constraint.__all__,
 ]

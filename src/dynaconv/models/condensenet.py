@@ -48,13 +48,13 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from ..dispatch import tracing
 from ..layers._base import Deployable
-from ..layers.lgc import (
+from ..layers.lgc.deployed import FoldedPointwise, fold_pointwise, folded_pointwise
+from ..layers.lgc.layer import (
     CondensedGroupConv2d,
     GatherWorkspace,
     LearnedGroupConv2d,
     fold_batchnorm,
 )
-from ..layers.lgc_deployed import FoldedPointwise, fold_pointwise, folded_pointwise
 from ._blocks import DenseLayer, average_pool_transition, dense_features, init_dense_weights
 from ._registry import register_model
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ..layers.dgc import DynamicGroupConv2d, reference_squeeze_rate
+from ..layers.dgc.layer import DynamicGroupConv2d, reference_squeeze_rate
 from ..spec import check_int
 from ._blocks import DenseLayer, dense_features, init_dense_weights
 from ._registry import register_model

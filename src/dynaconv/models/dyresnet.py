@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..layers.dgc import DynamicGroupConv2d, reference_squeeze_rate
+from ..layers.dgc.layer import DynamicGroupConv2d, reference_squeeze_rate
 from ..spec import check_int
 from ._registry import register_model
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
-from ..layers.condconv import CondConv2d, CondConvRouting
+from ..layers.condconv.layer import CondConv2d, CondConvRouting
 from ..padding import SameConv2d
 from ..spec import check_int, check_number
 from ._registry import register_model

@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from ..layers._base import Deployable
-from ..layers.dgconv import GroupableConv2d, Impl
+from ..layers.dgconv.layer import GroupableConv2d, Impl
 from ..lifecycle import dynaconv_layers
 from ._registry import register_model
 from .surgery import fold_bottleneck

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from ..layers.dgconv import GroupableConv2d
+    from ..layers.dgconv.layer import GroupableConv2d
 
 __all__ = ["fold_bottleneck"]
 

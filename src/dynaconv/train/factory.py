@@ -246,8 +246,8 @@ def resource_objective(
     cost (parameters or MACs, ``budget_type``) exceeds ``budget`` x its dense value, else
     ``loss``. A model without DGConv layers is a :class:`ConfigError`.
     """
-    from dynaconv.layers.dgconv import GroupableConv2d
-    from dynaconv.layers.resource_constraint import ResourceConstraint
+    from dynaconv.layers.dgconv.layer import GroupableConv2d
+    from dynaconv.layers.dgconv.resource_constraint import ResourceConstraint
 
     if not any(isinstance(m, GroupableConv2d) for m in model.modules()):
         raise ConfigError("loss.resource.enabled needs DGConv layers in the model")

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..dispatch import tracing
+from ...dispatch import tracing
 
 if TYPE_CHECKING:
-    from ..spec import ConvSpec
+    from ...spec import ConvSpec
 
 __all__ = [
     "BATCH_DEPENDENT",

@@ -33,9 +33,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..dispatch import interpreting
-from ..functional.condconv import condconv2d_torch, mix
-from . import autotune_configs
+from ...dispatch import interpreting
+from ...kernels import autotune_configs
+from .functional import condconv2d_torch, mix
 
 __all__ = ["condconv_triton", "premix_default"]
 

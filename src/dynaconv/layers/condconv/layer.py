@@ -58,9 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dispatch import interpreting, resolve_impl, tracing, triton_available, triton_usable
-from ..families import register_family
-from ..functional.condconv import (
+from ...dispatch import interpreting, resolve_impl, tracing, triton_available, triton_usable
+from ...families import register_family
+from ...spec import ConvSpec, check_input
+from .._base import Convention, DynaConv2d, Form, FormCall, Forms, MacCount, Shape, kaiming_uniform_
+from .functional import (
     BATCH_DEPENDENT,
     TORCH_FORMS,
     add_bias,
@@ -70,11 +72,9 @@ from ..functional.condconv import (
     fixed_batch_graph,
     mix,
 )
-from ..spec import ConvSpec, check_input
-from ._base import Convention, DynaConv2d, Form, FormCall, Forms, MacCount, Shape, kaiming_uniform_
 
 if triton_available():  # the fused kernel (triton ships with PyTorch's CUDA builds)
-    from ..kernels import condconv as _kernels
+    from . import kernels as _kernels
 else:  # pragma: no cover - depends on the installation
     _kernels = None
 

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor, nn
 
-from ..dispatch import tracing, triton_preferred
-from ..functional.dgc import (
+from ...dispatch import tracing, triton_preferred
+from ...spec import ConvSpec, check_input, check_output_size
+from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
+from .functional import (
     dense_masked_conv,
     gate_from_kept,
     gathered_conv,
@@ -29,12 +31,10 @@ from ..functional.dgc import (
     select_kept,
     triton_kernel_layout,
 )
-from ..kernels.dgc import sparse_conv_triton
-from ..spec import ConvSpec, check_input, check_output_size
-from ._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
+from .kernels import sparse_conv_triton
 
 if TYPE_CHECKING:
-    from .dgc import DynamicGroupConv2d
+    from .layer import DynamicGroupConv2d
 
 __all__ = [
     "SparseDynamicGroupConv2d",

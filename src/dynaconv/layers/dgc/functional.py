@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from ..spec import ConvSpec
+    from ...spec import ConvSpec
 
 __all__ = [
     "dense_masked_conv",

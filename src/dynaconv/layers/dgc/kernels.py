@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..dispatch import interpreting
-from ..functional.dgc import top_candidates, triton_kernel_layout, zero_padding
-from . import autotune_configs
+from ...dispatch import interpreting
+from ...kernels import autotune_configs
+from .functional import top_candidates, triton_kernel_layout, zero_padding
 
 if TYPE_CHECKING:
-    from ..spec import ConvSpec
+    from ...spec import ConvSpec
 
 __all__ = ["GatedHeadsConv", "gathered_conv_triton", "sparse_conv_triton"]
 

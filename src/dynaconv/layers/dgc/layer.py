@@ -119,9 +119,27 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..dispatch import tracing, triton_preferred
-from ..families import register_family
-from ..functional.dgc import (
+from ...dispatch import tracing, triton_preferred
+from ...families import register_family
+from ...spec import check_input, check_output_size
+from .._base import (
+    Convention,
+    ConversionSkipped,
+    DynaConv2d,
+    Form,
+    FormCall,
+    Forms,
+    MacCount,
+    Shape,
+    check_progress,
+    kaiming_uniform_,
+)
+from .deployed import (
+    _SALIENCY_MODES,
+    SaliencyMode,
+    SparseDynamicGroupConv2d,
+)
+from .functional import (
     dense_masked_conv,
     gate_dense,
     gathered_conv,
@@ -134,25 +152,7 @@ from ..functional.dgc import (
     triton_kernel_layout,
     zero_padding,
 )
-from ..kernels.dgc import GatedHeadsConv, sparse_conv_triton
-from ..spec import check_input, check_output_size
-from ._base import (
-    Convention,
-    ConversionSkipped,
-    DynaConv2d,
-    Form,
-    FormCall,
-    Forms,
-    MacCount,
-    Shape,
-    check_progress,
-    kaiming_uniform_,
-)
-from .dgc_deployed import (
-    _SALIENCY_MODES,
-    SaliencyMode,
-    SparseDynamicGroupConv2d,
-)
+from .kernels import GatedHeadsConv, sparse_conv_triton
 
 __all__ = ["DynamicGroupConv2d", "SparseDynamicGroupConv2d", "reference_squeeze_rate"]
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..dispatch import triton_available
+from ...dispatch import triton_available
 
 if triton_available():
     import triton

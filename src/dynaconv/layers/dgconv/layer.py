@@ -44,7 +44,7 @@ apply DGConv to the convs that qualify; the others are skipped with this reason.
 Deployment: sorting the channels by their bits at the zero-gate positions, then by the other
 bits, makes ``U`` block-diagonal, so the layer is a real grouped conv with ``2^(#zeros)`` groups
 between an input gather and an output permutation
-(:class:`~dynaconv.layers.dgconv_deployed.PermutedGroupConv2d`; a plain ``nn.Conv2d`` when the
+(:class:`~dynaconv.layers.dgconv.deployed.PermutedGroupConv2d`; a plain ``nn.Conv2d`` when the
 permutation is the identity, e.g. with ``sort=True``).
 :func:`dynaconv.models.surgery.fold_bottleneck` folds the permutation into the neighbouring 1x1
 convs and BatchNorms instead, which :class:`dynaconv.models.GResNeXt` does for every bottleneck
@@ -64,7 +64,7 @@ group per layer to 2-128 groups after one SGD step of learning rate 0.01).
 ``gate_init=1e-8`` restores the paper's value.
 
 Resource-constrained training (the authors' objective,
-:mod:`dynaconv.layers.resource_constraint`): :class:`ResourceConstraint` and
+:mod:`dynaconv.layers.dgconv.resource_constraint`): :class:`ResourceConstraint` and
 :func:`resource_constrained_loss` scale the task loss by ``(cost / budget) ^ 0.02`` while the
 cost of the DGConv layers is above the budget, the budget being a fraction of their dense
 parameters or MACs. The authors' sketch writes the factor as ``(budget / cost) ^ 0.02``, a
@@ -80,11 +80,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from ..dispatch import tracing, triton_preferred, triton_unusable_reason
-from ..families import register_family
-from ..kernels import dgconv as dgconv_kernels
-from ..spec import check_input, check_number
-from ._base import (
+from ...dispatch import tracing, triton_preferred, triton_unusable_reason
+from ...families import register_family
+from ...spec import check_input, check_number
+from .._base import (
     Convention,
     ConversionSkipped,
     DynaConv2d,
@@ -94,7 +93,8 @@ from ._base import (
     MacCount,
     Shape,
 )
-from .dgconv_deployed import PermutedGroupConv2d
+from . import kernels as dgconv_kernels
+from .deployed import PermutedGroupConv2d
 
 __all__ = [
     "GroupableConv2d",
@@ -197,7 +197,7 @@ def _rule(layer: GroupableConv2d, call: FormCall) -> list[str]:
 
 #: DGConv's execution forms (the declaration :class:`~dynaconv.layers.ChoosesForm` reads):
 #: the masked kernel built in PyTorch (``"torch"``) or by the fused kernel (``"triton"``,
-#: :mod:`dynaconv.kernels.dgconv`), then the conv.
+#: :mod:`dynaconv.layers.dgconv.kernels`), then the conv.
 FORMS = Forms(
     forms={
         "torch": Form(_run("torch")),

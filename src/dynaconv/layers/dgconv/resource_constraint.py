@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..spec import check_number
-from .dgconv import GATE_INIT, GroupableConv2d
+from ...spec import check_number
+from .layer import GATE_INIT, GroupableConv2d
 
 __all__ = [
     "BudgetReport",

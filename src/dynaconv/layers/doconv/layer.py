@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..families import register_family
-from ..spec import check_input, check_int
-from ._base import DynaConv2d, kaiming_uniform_
+from ...families import register_family
+from ...spec import check_input, check_int
+from .._base import DynaConv2d, kaiming_uniform_
 
 __all__ = ["DOConv2d"]
 

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dispatch import tracing, triton_preferred
-from ..kernels import lgc as lgc_kernels
-from ..spec import ConvSpec, check_input
-from ._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
+from ...dispatch import tracing, triton_preferred
+from ...spec import ConvSpec, check_input
+from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
+from . import kernels as lgc_kernels
 
 if TYPE_CHECKING:
-    from .lgc import LearnedGroupConv2d
+    from .layer import LearnedGroupConv2d
 
 __all__ = [
     "CondensedGroupConv2d",

@@ -24,8 +24,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..dispatch import interpreting, triton_available, triton_usable
-from . import autotune_configs
+from ...dispatch import interpreting, triton_available, triton_usable
+from ...kernels import autotune_configs
 
 __all__ = ["condensed_conv", "condensed_conv1x1", "supports"]
 

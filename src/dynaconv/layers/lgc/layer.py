@@ -28,7 +28,7 @@ are pruned during training into ``G = learned_groups`` groups:
   also holds the BN-ReLU before it (here BN-ReLU belong to the network).
 
 :meth:`LearnedGroupConv2d.deploy` returns a :class:`CondensedGroupConv2d`
-(:mod:`dynaconv.layers.lgc_deployed`), the exact "index layer": gather the ``G * K`` kept inputs (``K`` per group), a grouped convolution with ``G``
+(:mod:`dynaconv.layers.lgc.deployed`), the exact "index layer": gather the ``G * K`` kept inputs (``K`` per group), a grouped convolution with ``G``
 groups, then the outputs put back in interleaved order. It can also fold the BN-ReLU before
 it (on the gathered channels) and the BN-ReLU after it (CondenseNet's next layer) into
 per-channel scales and shifts, and runs on CUDA as one fused Triton kernel that reads the
@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..families import register_family
-from ..spec import check_input, check_number
-from ._base import Convention, ConversionSkipped, DynaConv2d, MacCount, Shape, check_progress
-from .lgc_deployed import (  # the deployed layer; re-exported here
+from ...families import register_family
+from ...spec import check_input, check_number
+from .._base import Convention, ConversionSkipped, DynaConv2d, MacCount, Shape, check_progress
+from .deployed import (  # the deployed layer; re-exported here
     CondensedGroupConv2d,
     GatherWorkspace,
     _positive_int,
