@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dynaconv import CondConv2d
 from dynaconv.kernels import triton_available, triton_usable
-from dynaconv.layers import condconv as condconv_layer
+from dynaconv.layers.condconv import layer as condconv_layer
 from dynaconv.layers.condconv.layer import condconv2d
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")

@@ -13,7 +13,7 @@ import dynaconv
 from conftest import assert_close64, load_fixture
 from dynaconv import LearnedGroupConv2d
 from dynaconv.compat import model_from_reference
-from dynaconv.layers import lgc_deployed
+from dynaconv.layers.lgc import deployed as lgc_deployed
 from dynaconv.layers.lgc.layer import CondensedGroupConv2d
 from dynaconv.models import create_model
 from dynaconv.models.condensenet import (

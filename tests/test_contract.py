@@ -1,8 +1,8 @@
 """The layer contract, checked generically for every family in ``dynaconv.METHODS``.
 
 Each family's layer is built with ``from_conv`` from a random float64 ``nn.Conv2d``
-(16 -> 16 channels, 3x3 with padding 1, or 1x1 if the family skips the 3x3), with the demo's
-options, perturbed parameters, brought to the end of its schedule (``set_progress(1.0)``),
+(16 -> 16 channels, 3x3 with padding 1, or 1x1 if the family skips the 3x3), with its
+``example_options``, perturbed parameters, brought to the end of its schedule (``set_progress(1.0)``),
 given BatchNorm statistics where it has any, and put in eval mode. Families whose layer
 is not implemented yet are skipped.
 """
@@ -17,15 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import dynaconv
-from dynaconv.demo import DEMO_METHODS
 from dynaconv.layers import ConversionSkipped, DynaConv2d
-
-#: Families whose layer has one static kernel exposed as ``.weight``.
-STATIC_KERNEL = {"doconv", "dgconv", "lgc"}
-
-#: Families without a static equivalent: ``deploy()`` returns an eval-mode layer of the
-#: family with its execution form fixed (CondConv's kernel depends on the input).
-DEPLOYS_TO_ITSELF = {"condconv"}
 
 CHANNELS = 16
 
@@ -46,7 +38,7 @@ def build_layer(method: str, seed: int = 0) -> tuple[DynaConv2d, nn.Conv2d]:
     torch.manual_seed(seed)
     for conv in _candidate_convs():
         try:
-            layer = cls.from_conv(conv, **DEMO_METHODS.get(method, {}))
+            layer = cls.from_conv(conv, **cls.example_options)
         except NotImplementedError:
             pytest.skip("not implemented yet")
         except ConversionSkipped:
@@ -101,7 +93,7 @@ def test_identity(built):
 
 
 def test_constructor_takes_conv2d_arguments(built):
-    method, layer, conv = built
+    _, layer, conv = built
     cls = type(layer)
     positional = (
         conv.in_channels,
@@ -114,7 +106,7 @@ def test_constructor_takes_conv2d_arguments(built):
         False,
         "zeros",
     )
-    fresh = cls(*positional, device="cpu", dtype=torch.float64, **DEMO_METHODS.get(method, {}))
+    fresh = cls(*positional, device="cpu", dtype=torch.float64, **cls.example_options)
     x = _x()
     assert fresh(x).shape == conv(x).shape
     assert all(p.dtype == torch.float64 for p in fresh.parameters())
@@ -133,7 +125,7 @@ def test_deploy_is_exact(built, layer):
     x = _x()
     deployed = layer.deploy()
     assert deployed is not layer
-    if built[0] not in DEPLOYS_TO_ITSELF:
+    if not type(layer).deploys_to_itself:
         assert not any(isinstance(m, DynaConv2d) for m in deployed.modules())
     with torch.no_grad():
         torch.testing.assert_close(deployed.eval()(x), layer(x), rtol=1e-9, atol=1e-11)
@@ -240,7 +232,7 @@ def test_count_macs_dense_is_the_conv_and_its_own_layers(built, layer):
 
 def test_weight_is_the_static_kernel(built, layer):
     method, _, conv = built
-    if method not in STATIC_KERNEL:
+    if not type(layer).static_kernel:
         pytest.skip(f"{method} has no single static kernel")
     weight = layer.weight
     assert isinstance(weight, Tensor)

@@ -1,96 +1,71 @@
-"""CONTRIBUTING.md's "Adding a family", tested: a toy family registered, converted to,
-deployed, profiled and configured like the five built-in ones, then unregistered.
+"""CONTRIBUTING.md's "Adding a family", tested: the toy family's folder, written from the page,
+imported as a package (which registers it), converted to, deployed, profiled and configured
+like the five built-in ones, then unregistered.
 
-The toy layer below is the one CONTRIBUTING.md shows (a test checks that the two agree). It is
-registered by a fixture, not at import, so that the generic tests parametrised over
-``dynaconv.METHODS`` at collection never see it.
+The family is imported by a fixture, not at collection, so that the generic tests parametrised
+over ``dynaconv.METHODS`` at collection never see it.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
-import math
 import re
+import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import dynaconv
 from dynaconv import demo
-from dynaconv.families import FAMILIES, register_family, unregister_family
+from dynaconv.families import FAMILIES, unregister_family
 from dynaconv.layers import DynaConv2d
 from dynaconv.models import DigitsCNN
 from dynaconv.train.config import ConfigError
 from dynaconv.train.names import check_convert_options
-from dynaconv.train.plots import plot_binary_structure, structure_plotter
 
 NAME = "gainconv"
-REGISTRATION = f'@register_family("{NAME}", demo_options={{"init_gain": 2.0}})'
+CONTRIBUTING = Path(__file__).parents[1] / "CONTRIBUTING.md"
 
 
-class GainConv2d(DynaConv2d):
-    """A conv whose kernel is ``gain[o] * direction[o]`` for each output channel ``o``: a
-    trivially re-parameterised ``nn.Conv2d`` (weight normalisation without the norm).
-
-    Args: those of ``nn.Conv2d``, plus ``init_gain``: the gains' initial value (finite, not 0).
-    """
-
-    title = "GainConv"
-
-    def _init_family(self, device: Any, dtype: Any, *, init_gain: float = 1.0) -> None:
-        if not isinstance(init_gain, int | float) or not math.isfinite(init_gain) or not init_gain:
-            raise ValueError(f"init_gain must be a finite non-zero number, got {init_gain!r}")
-        s = self.spec
-        factory = {"device": device, "dtype": dtype}
-        shape = (s.out_channels, s.in_channels // s.groups, *s.kernel_size)
-        self.direction = nn.Parameter(torch.empty(shape, **factory))
-        nn.init.kaiming_uniform_(self.direction, a=math.sqrt(5))
-        self.gain = nn.Parameter(torch.full((s.out_channels,), float(init_gain), **factory))
-        self.bias = nn.Parameter(torch.zeros(s.out_channels, **factory)) if s.bias else None
-
-    @property
-    def weight(self) -> Tensor:
-        return self.gain[:, None, None, None] * self.direction
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.spec.conv2d(x, self.weight, self.bias)
-
-    def deploy(self) -> nn.Conv2d:
-        conv = self.spec.make_conv(device=self.gain.device, dtype=self.gain.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.weight)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
-
-    @classmethod
-    def _conversion(cls, conv: nn.Conv2d, *, init_gain: float = 1.0) -> dict[str, Any]:
-        return {"init_gain": init_gain}
-
-    def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:
-        self.direction.copy_(conv.weight / self.gain[:, None, None, None])
-        if conv.bias is not None:
-            self.bias.copy_(conv.bias)
+def _family_files() -> dict[str, str]:
+    """The page's code blocks that start with ``# gainconv/<file>``: file -> text."""
+    blocks = re.findall(r"```python\n(.*?)```", CONTRIBUTING.read_text(), flags=re.S)
+    files = {}
+    for block in blocks:
+        first, _, rest = block.partition("\n")
+        if first.startswith(f"# {NAME}/"):
+            files[first[2:].strip()] = rest
+    return files
 
 
 @contextmanager
-def registered() -> Iterator[type[GainConv2d]]:
-    """The toy family registered for the duration (the decorator of CONTRIBUTING.md, applied
-    here rather than at import)."""
-    register_family(NAME, demo_options={"init_gain": 2.0})(GainConv2d)
-    try:
-        yield GainConv2d
-    finally:
-        unregister_family(NAME)
+def registered() -> Iterator[type[DynaConv2d]]:
+    """The page's folder written to a temporary directory and imported for the duration."""
+    with tempfile.TemporaryDirectory() as root:
+        for relative, text in _family_files().items():
+            path = Path(root) / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        sys.path.insert(0, root)
+        try:
+            package = importlib.import_module(NAME)
+            yield package.GainConv2d
+        finally:
+            sys.path.remove(root)
+            for module in [m for m in sys.modules if m == NAME or m.startswith(f"{NAME}.")]:
+                del sys.modules[module]
+            if NAME in FAMILIES:
+                unregister_family(NAME)
 
 
 @pytest.fixture
-def family() -> Iterator[type[GainConv2d]]:
+def family() -> Iterator[type[DynaConv2d]]:
     with registered() as cls:
         yield cls
 
@@ -112,7 +87,11 @@ def test_the_family_is_registered_like_the_built_in_ones(family):
     assert list(dynaconv.METHODS)[-1] == NAME
     assert dict(demo.DEMO_METHODS[NAME]) == {"init_gain": 2.0}
     assert demo.AUX_LOSS_WEIGHTS[NAME] == 0.0
-    assert structure_plotter(NAME) is plot_binary_structure
+    assert family.static_kernel and not family.deploys_to_itself
+    layer = family(4, 4, 3, init_gain=3.0)
+    torch.testing.assert_close(
+        layer.structure_maps({})["gain per output channel"], 3.0 * torch.ones(4)
+    )
     # nn.Conv2d's arguments, then the family's option; from_conv's options.
     parameters = list(inspect.signature(family).parameters)
     assert parameters[:3] == ["in_channels", "out_channels", "kernel_size"]
@@ -160,10 +139,8 @@ def test_unregistered_after_use():
         dynaconv.convert(nn.Conv2d(2, 2, 3), NAME)
 
 
-def test_contributing_shows_this_family():
-    """CONTRIBUTING.md's example is this file's layer, registered with the same decorator."""
-    text = (Path(__file__).parents[1] / "CONTRIBUTING.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    shown = next(block for block in blocks if "class GainConv2d" in block)
-    expected = REGISTRATION + "\n" + inspect.getsource(GainConv2d)
-    assert expected in shown
+def test_the_page_shows_a_whole_folder():
+    assert sorted(_family_files()) == [f"{NAME}/__init__.py", f"{NAME}/layer.py"]
+    with registered() as cls:
+        assert cls.__module__ == f"{NAME}.layer"
+        assert "class GainConv2d" in inspect.getsource(cls)

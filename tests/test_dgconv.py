@@ -15,7 +15,7 @@ import dynaconv
 from conftest import assert_close64, load_fixture
 from dynaconv import GroupableConv2d, PermutedGroupConv2d
 from dynaconv.compat import layer_from_reference, model_from_reference
-from dynaconv.layers import resource_constraint
+from dynaconv.layers.dgconv import resource_constraint
 from dynaconv.layers.dgconv.layer import binarise_gates, connectivity_mask, kronecker_order
 from dynaconv.layers.dgconv.resource_constraint import ResourceConstraint, resource_constrained_loss
 from dynaconv.models import GResNeXt, g_resnext50, g_resnext101

@@ -29,7 +29,7 @@ from dynaconv.dispatch import (
     tracing,
 )
 from dynaconv.layers import ChoosesForm, SparseDynamicGroupConv2d, _base
-from dynaconv.layers import dgconv as dgconv_module
+from dynaconv.layers.dgconv import layer as dgconv_module
 from dynaconv.layers.lgc.deployed import CondensedGroupConv2d
 
 
@@ -340,7 +340,7 @@ def test_deployed_lgc_measures_triton_against_torch_once(monkeypatch):
     """The measured path of ``impl="auto"`` with the Triton form (CUDA), forced on CPU with
     the kernel in the interpreter: both candidates run, the choice is kept, outputs agree."""
     from dynaconv import LearnedGroupConv2d
-    from dynaconv.layers import lgc_deployed
+    from dynaconv.layers.lgc import deployed as lgc_deployed
 
     torch.manual_seed(0)
     layer = LearnedGroupConv2d(16, 8, 1, learned_groups=2)

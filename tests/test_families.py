@@ -14,14 +14,12 @@ import dynaconv
 from dynaconv import compat, demo
 from dynaconv.families import (
     FAMILIES,
-    STRUCTURE_PLOT_KINDS,
     Family,
     get_family,
     register_family,
     unregister_family,
 )
 from dynaconv.layers import ConversionSkipped, DynaConv2d, SameConv2d
-from dynaconv.train import plots
 
 PAPERS_ORDER = ["doconv", "condconv", "dgc", "dgconv", "lgc"]
 
@@ -47,23 +45,36 @@ def test_tables_are_read_only_views_of_the_registry():
         demo.DEMO_METHODS["condconv"]["num_experts"] = 2  # type: ignore[index]
 
 
-def test_every_family_has_its_reference_loader_and_plot_kind():
-    for name, family in FAMILIES.items():
+def test_every_family_has_its_reference_loader_and_states_its_facts():
+    for name in FAMILIES:
         assert callable(compat.LAYER_METHODS[name]), name
-        assert family.structure_plot in STRUCTURE_PLOT_KINDS
-    assert set(plots.PLOTTERS_BY_KIND) == set(STRUCTURE_PLOT_KINDS)
-    assert plots.structure_plotter("dgconv") is plots.plot_dgconv_groups
-    assert plots.structure_plotter("condconv") is plots.plot_condconv_routing
-    assert plots.structure_plotter("unregistered") is plots.plot_binary_structure
+    assert [n for n, f in FAMILIES.items() if f.layer.static_kernel] == ["doconv", "dgconv", "lgc"]
+    assert [n for n, f in FAMILIES.items() if f.layer.deploys_to_itself] == ["condconv"]
+
+
+def test_structure_maps_are_the_layers_hook():
+    dgconv = dynaconv.GroupableConv2d(8, 8, 1)
+    with torch.no_grad():
+        dgconv.gate.copy_(torch.tensor([1.0, -1.0, -1.0]))
+    assert float(dgconv.structure_maps({})["learned groups"]) == 4.0
+    condconv = dynaconv.CondConv2d(4, 4, 1, num_experts=3)
+    routing = torch.tensor([[0.2, 0.4, 0.9], [0.4, 0.6, 0.1]])
+    maps = condconv.structure_maps({"routing": routing, "other": torch.randn(2, 5)})
+    torch.testing.assert_close(maps["mean routing weight per expert"], routing.mean(0))
+    default = dynaconv.DOConv2d(4, 4, 3).structure_maps({})  # the 0/1-valued tensors
+    assert "D_diag" in default and "W" not in default
+    assert all(bool(((m == 0) | (m == 1)).all()) and m.dim() == 2 for m in default.values())
 
 
 def test_registration_is_checked_and_reversible():
     with pytest.raises(ValueError, match="already registered"):
         register_family("doconv")(type("Again", (DynaConv2d,), {}))
-    with pytest.raises(ValueError, match="structure_plot must be one of"):
-        Family("x", DynaConv2d, structure_plot="pie")
-    with pytest.raises(ValueError, match="aux_loss_weight must be a number >= 0"):
-        Family("x", DynaConv2d, aux_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="layer must be a class"):
+        Family("x", "DynaConv2d")  # type: ignore[arg-type]
+    negative = type("Negative", (DynaConv2d,), {"example_aux_loss_weight": -1.0})
+    with pytest.raises(ValueError, match=r"Negative\.example_aux_loss_weight must be >= 0"):
+        register_family("negative")(negative)
+    assert "negative" not in FAMILIES
     with pytest.raises(ValueError, match="method is 'other', registered as 'named'"):
         register_family("named")(type("Named", (DynaConv2d,), {"method": "other"}))
     assert "named" not in FAMILIES

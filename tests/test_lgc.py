@@ -15,8 +15,8 @@ import dynaconv
 from conftest import assert_close64, load_fixture
 from dynaconv import LearnedGroupConv2d, MacCount
 from dynaconv.compat import layer_from_reference
-from dynaconv.kernels import lgc as lgc_kernels
 from dynaconv.kernels import triton_available
+from dynaconv.layers.lgc import kernels as lgc_kernels
 from dynaconv.layers.lgc.deployed import GatherWorkspace, fold_pointwise, folded_pointwise
 from dynaconv.layers.lgc.layer import CondensedGroupConv2d, condensation_stage, fold_batchnorm
 from dynaconv.models import DigitsCNN

@@ -1,6 +1,8 @@
-"""Structure plots: the per-layer table, the generic mask plot and per-family plotters."""
+"""Structure plots: the per-layer table and the one plotter of the layers' structure maps."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -39,31 +41,33 @@ class _RoutedLayer(DynaConv2d):
         return self.spec.conv2d(x, kernel[..., None, None], None)
 
 
+class _HookedLayer(_RoutedLayer):
+    """A family that states its structure maps: one of each kind the plotter draws."""
+
+    method = "hooked_test"
+    seen: ClassVar[dict] = {}
+
+    def structure_maps(self, outputs):
+        self.seen["route"] = outputs["route"].shape
+        return {
+            "experts used": torch.tensor(3.0),
+            "mean routing": outputs["route"].mean(0),
+            "kernel": self.weight_raw[0, :, :, 0, 0].detach(),
+        }
+
+
 def _model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), _MaskedLayer(), _RoutedLayer())
 
 
-def test_structure_plots_table_generic_masks_and_registered_plotter(tmp_path):
-    seen = {}
-
-    def routed(fig, layers, activations):
-        name, _layer = layers[0]
-        seen["layers"] = [n for n, _ in layers]
-        seen["route"] = activations[name]["route"].shape
-        ax = fig.add_subplot(1, 1, 1)
-        ax.plot(activations[name]["route"].mean(0))
-        return True
-
-    plots.register_structure_plot("routed_test", routed)
-    try:
-        written = plots.plot_structure(_model(), tmp_path, torch.randn(4, 1, 6, 6))
-    finally:
-        del plots.STRUCTURE_PLOTTERS["routed_test"]
+def test_structure_plots_table_generic_masks_and_the_layers_hook(tmp_path):
+    model = nn.Sequential(_model(), _HookedLayer(), _HookedLayer())
+    written = plots.plot_structure(model, tmp_path, torch.randn(4, 1, 6, 6))
     names = sorted(p.name for p in written)
-    assert names == ["structure.png", "structure_masked_test.png", "structure_routed_test.png"]
+    assert names == ["structure.png", "structure_hooked_test.png", "structure_masked_test.png"]
     for path in written:
         assert path.stat().st_size > 1000
-    assert seen == {"layers": ["2"], "route": (4, 3)}
+    assert _HookedLayer.seen == {"route": (4, 3)}
 
 
 def test_generic_plot_declines_when_nothing_binary(tmp_path):

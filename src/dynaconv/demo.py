@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TextIO
 
 import torch
@@ -50,13 +51,17 @@ __all__ = [
 ]
 
 #: Method -> options passed to :func:`dynaconv.convert` (``model.convert.options``); read-only,
-#: from each family's registration (:func:`dynaconv.families.register_family`).
-DEMO_METHODS: Mapping[str, Mapping[str, Any]] = FamilyView(lambda family: family.demo_options)
+#: what each layer class states (``example_options``, see :class:`dynaconv.layers.DynaConv2d`).
+DEMO_METHODS: Mapping[str, Mapping[str, Any]] = FamilyView(
+    lambda family: MappingProxyType(dict(family.layer.example_options))
+)
 
 #: Method -> weight of ``dynaconv.aux_loss(model)`` in the training loss (docs/methods.md: DGC's
 #: lasso 1e-5; CondenseNet's group lasso is off in its CIFAR recipe; none for the others);
-#: read-only, from each family's registration.
-AUX_LOSS_WEIGHTS: Mapping[str, float] = FamilyView(lambda family: family.aux_loss_weight)
+#: read-only, what each layer class states (``example_aux_loss_weight``).
+AUX_LOSS_WEIGHTS: Mapping[str, float] = FamilyView(
+    lambda family: family.layer.example_aux_loss_weight
+)
 
 PLAIN = "plain"
 UNAVAILABLE = "not available yet"

@@ -1,33 +1,34 @@
 """The method families: each registers itself once, with a decorator on its layer class.
 
 A family is a :class:`Family` record in :data:`FAMILIES`: its name (what
-``dynaconv.convert(model, name)`` and a configuration's ``model.convert.method`` use), its
-layer class, and what the tools need to know about it (the demo's options and aux-loss weight,
-the kind of structure plot). It is written once, next to the layer::
+``dynaconv.convert(model, name)`` and a configuration's ``model.convert.method`` use) and its
+layer class. It is written once, next to the layer::
 
-    @register_family("doconv", structure_plot="binary")
+    @register_family("doconv")
     class DOConv2d(DynaConv2d): ...
 
-The decorator also sets the class's ``method`` attribute to the name. Everything that names a
-method finds it here and never imports anything: :data:`dynaconv.lifecycle.METHODS`,
-:data:`dynaconv.demo.DEMO_METHODS` and :data:`dynaconv.demo.AUX_LOSS_WEIGHTS` are read-only,
-live views of the records. A family's reference-checkpoint loader registers itself in
-:mod:`dynaconv.compat` under the same name (``compat.LAYER_METHODS[name]``; compat imports
-the layers, so this module never imports compat).
+The decorator also sets the class's ``method`` attribute to the name. Whatever else the tools
+need to know about a family, the layer class states itself (its example options, the weight of
+its regulariser, whether it has a static kernel, its structure maps: see
+:class:`dynaconv.layers.DynaConv2d`). Everything that names a method finds it here and never
+imports anything: :data:`dynaconv.lifecycle.METHODS`, :data:`dynaconv.demo.DEMO_METHODS` and
+:data:`dynaconv.demo.AUX_LOSS_WEIGHTS` are read-only, live views of the records. A family's
+reference-checkpoint loader registers itself in :mod:`dynaconv.compat` under the same name
+(``compat.LAYER_METHODS[name]``; compat imports the layers, so this module never imports
+compat).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from .registry import Registry
+from .spec import check_number
 
 __all__ = [
     "FAMILIES",
-    "STRUCTURE_PLOT_KINDS",
     "Family",
     "FamilyView",
     "get_family",
@@ -36,17 +37,8 @@ __all__ = [
     "unregister_family",
 ]
 
-#: The kinds of per-family structure plot :mod:`dynaconv.train.plots` draws: ``"binary"`` (any
-#: 0/1 mask of the layer as an image), ``"groups"`` (learned group connectivity),
-#: ``"routing"`` (per-example expert routing), ``"channel_usage"`` (channels kept per head).
-STRUCTURE_PLOT_KINDS = ("binary", "groups", "routing", "channel_usage")
-
 C = TypeVar("C", bound=type)
 V = TypeVar("V")
-
-
-def _frozen(options: Mapping[str, Any]) -> Mapping[str, Any]:
-    return MappingProxyType(dict(options))
 
 
 @dataclass(frozen=True)
@@ -56,29 +48,14 @@ class Family:
     Attributes:
         name: the method's name (``"doconv"``).
         layer: its layer class (a :class:`~dynaconv.layers.DynaConv2d`).
-        demo_options: the options ``python -m dynaconv demo`` (and the generic tests) convert
-            with, read-only.
-        aux_loss_weight: the demo's weight of :func:`dynaconv.aux_loss` in the training loss.
-        structure_plot: one of :data:`STRUCTURE_PLOT_KINDS`.
     """
 
     name: str
     layer: type
-    demo_options: Mapping[str, Any] = field(default_factory=dict)
-    aux_loss_weight: float = 0.0
-    structure_plot: str = "binary"
 
     def __post_init__(self) -> None:
         if not isinstance(self.layer, type):
             raise ValueError(f"layer must be a class, got {self.layer!r}")
-        if self.structure_plot not in STRUCTURE_PLOT_KINDS:
-            raise ValueError(
-                f"structure_plot must be one of {STRUCTURE_PLOT_KINDS}, got {self.structure_plot!r}"
-            )
-        weight = self.aux_loss_weight
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
-            raise ValueError(f"aux_loss_weight must be a number >= 0, got {weight!r}")
-        object.__setattr__(self, "demo_options", _frozen(self.demo_options))
 
 
 _REGISTRY: Registry[Family] = Registry("method")
@@ -87,25 +64,20 @@ _REGISTRY: Registry[Family] = Registry("method")
 FAMILIES: Mapping[str, Family] = _REGISTRY.view
 
 
-def register_family(
-    name: str,
-    *,
-    demo_options: Mapping[str, Any] | None = None,
-    aux_loss_weight: float = 0.0,
-    structure_plot: str = "binary",
-) -> Callable[[C], C]:
+def register_family(name: str) -> Callable[[C], C]:
     """Class decorator registering a layer class as the family ``name`` (see :class:`Family`);
     sets the class's ``method`` to ``name`` and returns the class unchanged otherwise.
 
-    ``ValueError`` when ``name`` is already registered or a field is invalid.
+    ``ValueError`` when ``name`` is already registered or a fact the class states is invalid.
     """
 
     def decorator(cls: C) -> C:
         own = cls.__dict__.get("method", name)
         if own != name:
             raise ValueError(f"{cls.__name__}.method is {own!r}, registered as {name!r}")
-        family = Family(name, cls, dict(demo_options or {}), aux_loss_weight, structure_plot)
-        _REGISTRY.add(name, family)
+        weight = getattr(cls, "example_aux_loss_weight", 0.0)
+        check_number(weight, f"{cls.__name__}.example_aux_loss_weight", lambda w: w >= 0, ">= 0")
+        _REGISTRY.add(name, Family(name, cls))
         cls.method = name  # type: ignore[attr-defined]
         return cls
 

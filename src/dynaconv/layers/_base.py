@@ -469,12 +469,26 @@ class DynaConv2d(ChoosesForm, Deployable, nn.Module):
     ``title`` (the family's name in messages) and ``conv_groups``, how :meth:`from_conv` treats a
     grouped conv: ``"keep"`` (the layer has the conv's groups), ``"one"`` (only ``groups=1``
     convs convert) or ``"learn"`` (any conv converts; the layer has ``groups=1`` and learns its
-    own).
+    own). The family's facts that tools and the generic tests read:
+
+    * ``example_options``: conversion options that turn a small network's convs into
+      working layers (``python -m dynaconv demo`` and the generic tests use them);
+    * ``example_aux_loss_weight``: a weight of :meth:`aux_loss` in a training loss that works
+      with them (the demo's);
+    * ``static_kernel``: ``.weight`` is the layer's one static kernel;
+    * ``deploys_to_itself``: there is no static equivalent, :meth:`deploy` returns an eval-mode
+      layer of the family (e.g. CondConv, whose kernel depends on the input).
+
+    The learned structure is drawn from :meth:`structure_maps` (one hook, one plotter).
     """
 
     method: ClassVar[str] = ""
     title: ClassVar[str] = ""
     conv_groups: ClassVar[Literal["keep", "one", "learn"]] = "keep"
+    example_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    example_aux_loss_weight: ClassVar[float] = 0.0
+    static_kernel: ClassVar[bool] = False
+    deploys_to_itself: ClassVar[bool] = False
     __signature__ = ClassSignature(_family_signature)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -603,6 +617,25 @@ class DynaConv2d(ChoosesForm, Deployable, nn.Module):
     def structure(self) -> str:
         """A short human-readable description of the learned structure (for tables)."""
         return ""
+
+    def structure_maps(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The learned structure as named maps, for the structure plot of a run.
+
+        ``outputs``: what the layer's sub-modules returned on a validation batch
+        (``{sub_module_name: tensor}``, possibly empty). A map is a 0-d tensor (one value per
+        layer, drawn as bars over the layers), a 1-d tensor (a row per layer, drawn as a
+        heat map) or a 2-d tensor (an image per layer). By default: every 0/1-valued buffer
+        or parameter of at least two dimensions (masks), as ``(rows, columns)`` images.
+        """
+        maps = {}
+        named = [*self.named_buffers(recurse=False), *self.named_parameters(recurse=False)]
+        for name, value in named:
+            if value is None or value.numel() < 2 or value.dim() < 2:
+                continue
+            data = value.detach().float().cpu()
+            if bool(((data == 0) | (data == 1)).all()):
+                maps[name] = data.reshape(data.shape[0], -1)
+        return maps
 
     def extra_repr(self) -> str:
         s = self.spec

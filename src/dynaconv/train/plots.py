@@ -3,56 +3,35 @@
 * ``curves.png``: training/validation loss and accuracy and the learning rate per epoch.
 * ``structure.png``: a table of every dynaconv layer with its ``structure()`` string,
   parameters and (for the profiled batch) dense and active MACs.
-* ``structure_<method>.png``: one figure per method family present, drawn by the plotter
-  of the kind the family registered (``structure_plot`` of
-  :func:`dynaconv.families.register_family`), or one registered for that method with
-  :func:`register_structure_plot`, or by the generic plotter (any 0/1-valued buffer or
-  parameter of a layer, e.g. a connectivity mask, drawn as an image).
-
-Plotters receive ``(figure, layers, activations)`` where ``layers`` is a list of
-``(name, layer)`` and ``activations`` maps a layer name to the outputs of its sub-modules,
-recorded on one validation batch (``{sub_module_name: tensor}``), and return ``False`` when
-they have nothing to draw. A family picks a kind where it registers; a plotter of its own
-is registered here without editing the family:
-
-    from dynaconv.train.plots import register_structure_plot
-    register_structure_plot("mymethod", my_plotter)
+* ``structure_<method>.png``: one figure per method family present, drawn by one plotter
+  (:func:`plot_structure_maps`) from each layer's ``structure_maps`` hook
+  (:meth:`dynaconv.layers.DynaConv2d.structure_maps`), which receives the outputs of the
+  layer's sub-modules recorded on one validation batch. A family changes its figure by
+  overriding that hook; nothing is registered here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dynaconv.families import FAMILIES
 from dynaconv.layers._base import DynaConv2d
 from dynaconv.lifecycle import dynaconv_layers
 
 __all__ = [
-    "STRUCTURE_PLOTTERS",
     "plot_curves",
     "plot_structure",
+    "plot_structure_maps",
     "record_activations",
-    "register_structure_plot",
-    "structure_plotter",
 ]
 
 Layers = list[tuple[str, DynaConv2d]]
 Activations = dict[str, dict[str, Tensor]]
-Plotter = Callable[[Any, Layers, Activations], bool]
-
-#: Method name -> plotter registered with :func:`register_structure_plot` (overrides the kind).
-STRUCTURE_PLOTTERS: dict[str, Plotter] = {}
-
-
-def register_structure_plot(method: str, plotter: Plotter) -> None:
-    """Use ``plotter`` for the layers whose ``method`` is ``method``."""
-    STRUCTURE_PLOTTERS[method] = plotter
 
 
 def _pyplot() -> Any:
@@ -167,143 +146,51 @@ def _structure_table(model: nn.Module, path: Path, input_shape: Sequence[int] | 
     plt.close(fig)
 
 
-def _binary_tensors(layer: nn.Module) -> dict[str, Tensor]:
-    found = {}
-    named = [*layer.named_buffers(recurse=False), *layer.named_parameters(recurse=False)]
-    for name, value in named:
-        if value is None or value.numel() < 2 or value.dim() < 2:
-            continue
-        data = value.detach().float().cpu()
-        if bool(((data == 0) | (data == 1)).all()):
-            found[name] = data.reshape(data.shape[0], -1)
-    return found
-
-
-def plot_binary_structure(fig: Any, layers: Layers, activations: Activations) -> bool:
-    """Generic: every 0/1-valued buffer or parameter (masks) of each layer as an image."""
-    panels = [
-        (f"{name}.{key}", image)
-        for name, layer in layers
-        for key, image in _binary_tensors(layer).items()
-    ][:16]
+def plot_structure_maps(fig: Any, layers: Layers, activations: Activations) -> bool:
+    """Draw the ``structure_maps`` of ``layers`` (one family's) on ``fig``; ``False`` when
+    they have none. Per map name: 0-d maps as bars over the layers, 1-d maps as a heat map
+    with a row per layer, 2-d maps as one image per layer (at most 16 panels in all)."""
+    by_key: dict[str, list[tuple[str, Tensor]]] = {}
+    for name, layer in layers:
+        for key, value in layer.structure_maps(activations.get(name, {})).items():
+            by_key.setdefault(key, []).append((name, value.detach().float().cpu()))
+    panels: list[tuple[str, list[tuple[str, Tensor]]]] = []
+    for key, maps in by_key.items():
+        if maps[0][1].dim() == 2:
+            panels += [(f"{name}.{key}", [(name, image)]) for name, image in maps]
+        else:
+            panels.append((key, maps))
+    panels = panels[:16]
     if not panels:
         return False
-    cols = min(4, len(panels))
+    cols = min(4, len(panels)) if len(panels) > 1 else 1
     rows = math.ceil(len(panels) / cols)
-    fig.set_size_inches(4 * cols, 3.2 * rows)
-    for index, (title, image) in enumerate(panels):
+    fig.set_size_inches(max(6, 4.5 * cols), max(3.2, 1.5 + 0.3 * len(layers)) * rows)
+    for index, (title, maps) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, index + 1)
-        ax.imshow(image.numpy(), aspect="auto", interpolation="nearest", cmap="Greys")
-        ax.set_title(f"{title[-40:]} ({image.mean():.0%} on)", fontsize=8)
-        ax.set_xlabel("input (x kernel)")
-        ax.set_ylabel("output")
+        names = [name[-30:] for name, _ in maps]
+        values = [value for _, value in maps]
+        if values[0].dim() == 0:
+            ax.bar(range(len(values)), [float(v) for v in values])
+            if min(values) > 0 and max(values) / min(values) >= 8:
+                ax.set_yscale("log", base=2)
+            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+            ax.set_title(title)
+        elif values[0].dim() == 1:
+            image = torch.full((len(values), max(len(v) for v in values)), float("nan"))
+            for i, row in enumerate(values):
+                image[i, : len(row)] = row
+            shown = ax.imshow(image.numpy(), aspect="auto", interpolation="nearest")
+            fig.colorbar(shown, ax=ax)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_title(title)
+        else:
+            image = values[0]
+            ax.imshow(image.numpy(), aspect="auto", interpolation="nearest", cmap="Greys")
+            ax.set_title(f"{title[-40:]} ({image.mean():.0%} on)", fontsize=8)
+            ax.set_xlabel("input (x kernel)")
+            ax.set_ylabel("output")
     return True
-
-
-def plot_dgconv_groups(fig: Any, layers: Layers, activations: Activations) -> bool:
-    """DGConv: learned number of groups per layer, from each layer's ``gate`` (2^zero gates)."""
-    names, groups = [], []
-    for name, layer in layers:
-        gate = getattr(layer, "gate", None)
-        if not isinstance(gate, Tensor) or gate.dim() != 1:
-            continue
-        names.append(name)
-        groups.append(2 ** int((gate.detach() < 0).sum()))  # gates with b = 0
-    if not names:
-        return plot_binary_structure(fig, layers, activations)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.bar(range(len(names)), groups)
-    ax.set_yscale("log", base=2)
-    ax.set_xticks(range(len(names)), [n[-25:] for n in names], rotation=90, fontsize=7)
-    ax.set_ylabel("groups")
-    ax.set_title("DGConv: learned groups per layer")
-    fig.set_size_inches(max(6, 0.35 * len(names) + 2), 5)
-    return True
-
-
-def _heatmap_of_outputs(
-    fig: Any,
-    layers: Layers,
-    activations: Activations,
-    width_of: Callable[[DynaConv2d], int],
-    title: str,
-) -> bool:
-    rows, names = [], []
-    for name, layer in layers:
-        width = width_of(layer)
-        outputs = [
-            out
-            for out in activations.get(name, {}).values()
-            if out.dim() == 2 and out.shape[1] == width
-        ]
-        if outputs:
-            rows.append(torch.stack([o.mean(0) for o in outputs]).mean(0))
-            names.append(name)
-    if not rows:
-        return plot_binary_structure(fig, layers, activations)
-    longest = max(len(r) for r in rows)
-    image = torch.full((len(rows), longest), float("nan"))
-    for i, row in enumerate(rows):
-        image[i, : len(row)] = row
-    ax = fig.add_subplot(1, 1, 1)
-    shown = ax.imshow(image.numpy(), aspect="auto", interpolation="nearest")
-    fig.colorbar(shown, ax=ax)
-    ax.set_yticks(range(len(names)), [n[-30:] for n in names], fontsize=7)
-    ax.set_title(title)
-    fig.set_size_inches(10, 1.5 + 0.3 * len(names))
-    return True
-
-
-def plot_condconv_routing(fig: Any, layers: Layers, activations: Activations) -> bool:
-    """CondConv: mean routing weight per expert and layer on a validation batch.
-
-    The routing function is ``sigmoid(Linear(GAP(x)))`` with ``E`` outputs (docs/methods.md); the
-    plot shows the recorded ``(B, E)`` outputs in ``[0, 1]`` of each layer's sub-modules
-    (``E = num_experts`` of the layer), or ``sigmoid`` of the ``(B, E)`` logits if only those
-    are recorded.
-    """
-
-    def experts(layer: DynaConv2d) -> int:
-        return int(getattr(layer, "num_experts", -1))
-
-    def routing(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        weights = {k: v for k, v in outputs.items() if bool(((v >= 0) & (v <= 1)).all())}
-        return weights or {k: torch.sigmoid(v) for k, v in outputs.items()}
-
-    routed = {name: routing(outputs) for name, outputs in activations.items()}
-    return _heatmap_of_outputs(
-        fig, layers, routed, experts, "CondConv: mean routing weight per expert"
-    )
-
-
-def plot_dgc_channel_usage(fig: Any, layers: Layers, activations: Activations) -> bool:
-    """DGC: mean saliency per input channel (the heads' ``Cin``-wide outputs) per layer."""
-    return _heatmap_of_outputs(
-        fig,
-        layers,
-        activations,
-        lambda layer: layer.in_channels,
-        "DGC: mean channel saliency (input channel usage) per layer",
-    )
-
-
-#: Structure-plot kind (:data:`dynaconv.families.STRUCTURE_PLOT_KINDS`) -> plotter.
-PLOTTERS_BY_KIND: dict[str, Plotter] = {
-    "binary": plot_binary_structure,
-    "groups": plot_dgconv_groups,
-    "routing": plot_condconv_routing,
-    "channel_usage": plot_dgc_channel_usage,
-}
-
-
-def structure_plotter(method: str) -> Plotter:
-    """The plotter of ``method``: one registered with :func:`register_structure_plot`, else the
-    one of the kind its family registered (:class:`dynaconv.families.Family`), else the
-    generic binary plotter."""
-    if method in STRUCTURE_PLOTTERS:
-        return STRUCTURE_PLOTTERS[method]
-    family = FAMILIES.get(method)
-    return PLOTTERS_BY_KIND[family.structure_plot if family else "binary"]
 
 
 def plot_structure(
@@ -323,8 +210,7 @@ def plot_structure(
         by_method.setdefault(layer.method or type(layer).__name__, []).append((name, layer))
     for method, members in by_method.items():
         fig = plt.figure()
-        plotter = structure_plotter(method)
-        if plotter(fig, members, activations):
+        if plot_structure_maps(fig, members, activations):
             path = folder / f"structure_{method}.png"
             fig.tight_layout()
             fig.savefig(path, dpi=100)

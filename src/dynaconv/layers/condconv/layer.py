@@ -52,6 +52,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -323,7 +325,7 @@ IMPLS = FORMS.impls
 # ---------------------------------------------------------------------------------------------
 
 
-@register_family("condconv", demo_options={"num_experts": 4}, structure_plot="routing")
+@register_family("condconv")
 class CondConv2d(DynaConv2d):
     """Conditionally parameterized convolution (drop-in for ``nn.Conv2d``).
 
@@ -350,6 +352,18 @@ class CondConv2d(DynaConv2d):
 
     title = "CondConv"
     forms = FORMS
+    example_options = MappingProxyType({"num_experts": 4})
+    deploys_to_itself = True
+
+    def structure_maps(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The mean routing weight per expert on a batch: the recorded ``(B, E)`` outputs in
+        ``[0, 1]``, or ``sigmoid`` of the ``(B, E)`` logits if only those are recorded."""
+        routed = [v for v in outputs.values() if v.dim() == 2 and v.shape[1] == self.num_experts]
+        weights = [v for v in routed if bool(((v >= 0) & (v <= 1)).all())]
+        weights = weights or [torch.sigmoid(v) for v in routed]
+        if not weights:
+            return {}
+        return {"mean routing weight per expert": torch.stack([w.mean(0) for w in weights]).mean(0)}
 
     def _init_family(
         self,

@@ -114,6 +114,8 @@ Shapes: input ``(B, Cin, H, W)`` -> output ``(B, Cout, H', W')`` as ``nn.Conv2d`
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -319,13 +321,7 @@ FORMS = Forms(
 )
 
 
-@register_family(
-    "dgc",
-    demo_options={"heads": 4, "gate_factor": 0.25, "squeeze_rate": 4},
-    # docs/methods.md: DGC's lasso at 1e-5.
-    aux_loss_weight=1e-5,
-    structure_plot="channel_usage",
-)
+@register_family("dgc")
 class DynamicGroupConv2d(DynaConv2d):
     """Dynamic group convolution (drop-in for ``nn.Conv2d`` with ``groups=1``).
 
@@ -351,6 +347,17 @@ class DynamicGroupConv2d(DynaConv2d):
     title = "DGC"
     conv_groups = "one"
     forms = FORMS
+    example_options = MappingProxyType({"heads": 4, "gate_factor": 0.25, "squeeze_rate": 4})
+    example_aux_loss_weight = 1e-5  # docs/methods.md: DGC's lasso at 1e-5
+
+    def structure_maps(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The mean saliency per input channel (the heads' recorded ``Cin``-wide outputs)."""
+        rows = [
+            v.mean(0) for v in outputs.values() if v.dim() == 2 and v.shape[1] == self.in_channels
+        ]
+        if not rows:
+            return {}
+        return {"mean channel saliency (input channel usage)": torch.stack(rows).mean(0)}
 
     def _init_family(
         self,

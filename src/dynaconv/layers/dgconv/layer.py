@@ -75,6 +75,7 @@ exceeding the budget (its gradient raises the cost), so the exponent's sign is f
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -209,7 +210,7 @@ FORMS = Forms(
 )
 
 
-@register_family("dgconv", structure_plot="groups")
+@register_family("dgconv")
 class GroupableConv2d(DynaConv2d):
     """Groupable convolution (drop-in for a square ``nn.Conv2d`` with ``C = 2^K`` channels).
 
@@ -226,6 +227,11 @@ class GroupableConv2d(DynaConv2d):
     title = "DGConv"
     conv_groups = "learn"
     forms = FORMS
+    static_kernel = True
+
+    def structure_maps(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The learned number of groups: ``2^`` (the gates with ``b = 0``)."""
+        return {"learned groups": torch.tensor(2.0 ** int((self.gate.detach() < 0).sum()))}
 
     #: The gates' signs are the learned groups: an EMA copies them instead of averaging.
     structural_parameters: ClassVar[tuple[str, ...]] = ("gate",)

@@ -62,6 +62,7 @@ class DOConv2d(DynaConv2d):
     """
 
     title = "DO-Conv"
+    static_kernel = True
 
     def _init_family(
         self,

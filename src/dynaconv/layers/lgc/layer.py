@@ -40,6 +40,7 @@ Shapes: input ``(B, Cin, H, W)`` -> output ``(B, Cout, H', W')`` as ``nn.Conv2d`
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -143,13 +144,7 @@ def check_condensation_state(
         )
 
 
-@register_family(
-    "lgc",
-    demo_options={"learned_groups": 4, "condense_factor": 4},
-    # CondenseNet's group lasso is off in its CIFAR recipe (docs/methods.md).
-    aux_loss_weight=0.0,
-    structure_plot="binary",
-)
+@register_family("lgc")
 class LearnedGroupConv2d(DynaConv2d):
     """Learned group convolution (drop-in for ``nn.Conv2d`` with ``groups=1``).
 
@@ -169,6 +164,10 @@ class LearnedGroupConv2d(DynaConv2d):
 
     title = "LGC"
     conv_groups = "one"
+    static_kernel = True
+    example_options = MappingProxyType({"learned_groups": 4, "condense_factor": 4})
+    # CondenseNet's group lasso is off in its CIFAR recipe (docs/methods.md).
+    example_aux_loss_weight = 0.0
 
     def _init_family(
         self,
