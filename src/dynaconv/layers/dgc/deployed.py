@@ -11,7 +11,7 @@ weight layouts they read, :func:`weight_layout`, cached per module by
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -32,9 +32,6 @@ from .functional import (
     triton_kernel_layout,
 )
 from .kernels import sparse_conv_triton
-
-if TYPE_CHECKING:
-    from .layer import DynamicGroupConv2d
 
 __all__ = [
     "SparseDynamicGroupConv2d",
@@ -253,7 +250,9 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         return state
 
     @classmethod
-    def from_layer(cls, layer: DynamicGroupConv2d) -> SparseDynamicGroupConv2d:
+    def from_layer(cls, layer: Any) -> SparseDynamicGroupConv2d:
+        """The deployed copy of ``layer`` (a :class:`~dynaconv.layers.dgc.DynamicGroupConv2d`,
+        read for its tensors and spec only: this module never imports the layer's)."""
         # The training layer's masked form computes every channel: deploying keeps the
         # layer's explicit sparse form, or measures ("auto") otherwise.
         impl = layer.impl if layer.impl in FORMS.impls and layer.impl != "masked" else "auto"

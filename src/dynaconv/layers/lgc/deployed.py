@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,6 @@ from ...dispatch import tracing, triton_preferred
 from ...spec import ConvSpec, check_input
 from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
 from . import kernels as lgc_kernels
-
-if TYPE_CHECKING:
-    from .layer import LearnedGroupConv2d
 
 __all__ = [
     "CondensedGroupConv2d",
@@ -292,7 +289,7 @@ class CondensedGroupConv2d(ChoosesForm, nn.Module):
     @classmethod
     def from_learned(
         cls,
-        layer: LearnedGroupConv2d,
+        layer: Any,  # a LearnedGroupConv2d, read for its tensors and spec only
         *,
         pre_norm: nn.BatchNorm2d | None = None,
         pre_relu: bool = False,

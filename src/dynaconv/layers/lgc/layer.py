@@ -48,12 +48,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...families import register_family
-from ...spec import check_input, check_number
+from ...spec import check_input, check_int, check_number
 from .._base import Convention, ConversionSkipped, DynaConv2d, MacCount, Shape, check_progress
 from .deployed import (  # the deployed layer; re-exported here
     CondensedGroupConv2d,
     GatherWorkspace,
-    _positive_int,
     check_gather_index,
     fold_batchnorm,
 )
@@ -189,9 +188,9 @@ class LearnedGroupConv2d(DynaConv2d):
                 f"groups must be 1 for LearnedGroupConv2d (the groups are learned: set "
                 f"learned_groups), got {groups}"
             )
-        self.learned_groups = _positive_int(learned_groups, "learned_groups")
+        self.learned_groups = check_int(learned_groups, "learned_groups")
         factor = learned_groups if condense_factor is None else condense_factor
-        self.condense_factor = _positive_int(factor, "condense_factor")
+        self.condense_factor = check_int(factor, "condense_factor")
         if out_channels % self.learned_groups:
             raise ValueError(
                 f"out_channels ({out_channels}) must be divisible by learned_groups "
@@ -356,9 +355,9 @@ class LearnedGroupConv2d(DynaConv2d):
         dropout: float = 0.0,
     ) -> dict[str, Any]:
         """An LGC starting equal to ``conv`` (mask all ones, its weights kept)."""
-        _positive_int(learned_groups, "learned_groups")  # before any arithmetic
+        check_int(learned_groups, "learned_groups")  # before any arithmetic
         factor = learned_groups if condense_factor is None else condense_factor
-        _positive_int(factor, "condense_factor")
+        check_int(factor, "condense_factor")
         if conv.out_channels % learned_groups or conv.in_channels % factor:
             raise ConversionSkipped(
                 f"{conv.in_channels}->{conv.out_channels} channels do not divide into "
