@@ -1,11 +1,27 @@
-"""The key check every reference loader runs before renaming a state dict."""
+"""The checks every reference loader runs: its configuration's arguments, then the keys of the
+state dict before renaming it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-__all__ = ["check_state_keys"]
+from ..spec import CONV_ARGUMENTS
+
+__all__ = ["check_config", "check_state_keys", "conv_arguments"]
+
+
+def conv_arguments(*, without: Collection[str] = ()) -> tuple[str, ...]:
+    """``nn.Conv2d``'s argument names (:data:`dynaconv.spec.CONV_ARGUMENTS`) but ``without``:
+    the part of a reference layer's arguments that it shares with ``nn.Conv2d``."""
+    return tuple(name for name in CONV_ARGUMENTS.parameters if name not in without)
+
+
+def check_config(config: Mapping[str, Any], known: Iterable[str], *, layout: str) -> None:
+    """``ValueError`` naming ``layout`` and the arguments of ``config`` that are not ``known``."""
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {layout} argument(s): {unknown}")
 
 
 def check_state_keys(

@@ -13,12 +13,12 @@ from typing import Any
 from torch import Tensor
 
 from ..layers.condconv.layer import CondConv2d
-from ._keys import check_state_keys
+from ._keys import check_config, check_state_keys, conv_arguments
 from ._registry import register_reference_layer
 
 __all__ = ["layer_from_reference"]
 
-_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+_ARGS = conv_arguments(without={"bias", "padding_mode"})
 _RENAMES = {
     "weight": "weight",
     "bias": "bias",
@@ -35,9 +35,8 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
     included; ``dropout_rate`` becomes ``routing_dropout``); a config without ``bias`` gets
     the bias the state dict has. The state dict must hold exactly the reference's keys.
     """
-    unknown = set(config) - {*_ARGS, "num_experts", "bias", "dropout_rate", "padding_mode"}
-    if unknown:
-        raise ValueError(f"unknown reference CondConv2D argument(s): {sorted(unknown)}")
+    known = {*_ARGS, "num_experts", "bias", "dropout_rate", "padding_mode"}
+    check_config(config, known, layout="reference CondConv2D")
     bias = bool(config.get("bias", "bias" in state_dict))
     required = set(_RENAMES) - (set() if bias else {"bias"})
     check_state_keys(state_dict, required, layout="reference CondConv2D")

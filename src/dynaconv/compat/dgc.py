@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..layers.dgc.layer import DynamicGroupConv2d, reference_squeeze_rate
 from ..models.dydensenet import DyDenseNet
 from ..models.dyresnet import DyResNet
+from ._keys import check_config, conv_arguments
 from ._registry import register_reference_layer, register_reference_model
 
 __all__ = [
@@ -39,12 +40,7 @@ __all__ = [
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _HEAD_KEYS = ("conv.weight", "fc1.weight", "fc2.weight", "fc2.bias")
 _LAYER_ARGS = (
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
+    *conv_arguments(without={"groups", "bias", "padding_mode"}),
     "heads",
     "squeeze_rate",
     "gate_factor",
@@ -141,9 +137,7 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
     Keeps the state dict's dtype; ``ValueError`` for unknown or missing arguments and for
     missing or unexpected keys (each named)."""
     config = dict(config)
-    unknown = sorted(set(config) - set(_LAYER_ARGS))
-    if unknown:
-        raise ValueError(f"unknown reference DynamicMultiHeadConv argument(s): {unknown}")
+    check_config(config, _LAYER_ARGS, layout="reference DynamicMultiHeadConv")
     absent = [k for k in ("in_channels", "out_channels", "kernel_size") if k not in config]
     if absent:
         raise ValueError(f"missing reference DynamicMultiHeadConv argument(s): {absent}")

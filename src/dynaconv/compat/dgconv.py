@@ -15,12 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.dgconv.layer import GroupableConv2d
-from ._keys import check_state_keys
+from ._keys import check_config, check_state_keys, conv_arguments
 from ._registry import register_reference_layer, register_reference_model
 
 __all__ = ["g_resnext50_from_reference", "g_resnext101_from_reference", "layer_from_reference"]
 
-_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+_ARGS = conv_arguments(without={"groups", "bias", "padding_mode"})
 
 
 def _check_constants(state_dict: Mapping[str, Tensor], prefix: str) -> None:
@@ -56,9 +56,7 @@ def layer_from_reference(
     must hold exactly the reference's keys (the constant buffers ``D`` and ``I`` may be left
     out).
     """
-    unknown = set(config) - {*_ARGS, "bias", "sort"}
-    if unknown:
-        raise ValueError(f"unknown reference DGConv2d argument(s): {sorted(unknown)}")
+    check_config(config, {*_ARGS, "bias", "sort"}, layout="reference DGConv2d")
     bias = bool(config.get("bias", "conv.bias" in state_dict))
     required = {"gate", "conv.weight"} | ({"conv.bias"} if bias else set())
     check_state_keys(state_dict, required, {"D", "I"}, layout="reference DGConv2d")

@@ -13,19 +13,10 @@ import torch
 from torch import Tensor
 
 from ..layers.doconv.layer import DOConv2d
-from ._keys import check_state_keys
+from ._keys import check_config, check_state_keys, conv_arguments
 from ._registry import register_reference_layer
 
-_ARGS = (
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
-    "groups",
-    "padding_mode",
-)
+_ARGS = conv_arguments(without={"bias"})
 
 
 def _kernel_numel(kernel: Any) -> int:
@@ -43,9 +34,7 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
     entry; a bias-less state dict can only come from ``bias=False``.) The state dict must hold
     exactly the reference's keys for that configuration.
     """
-    unknown = set(config) - {*_ARGS, "bias", "D_mul"}
-    if unknown:
-        raise ValueError(f"unknown reference DOConv2d argument(s): {sorted(unknown)}")
+    check_config(config, {*_ARGS, "bias", "D_mul"}, layout="reference DOConv2d")
     if "W" not in state_dict:
         raise ValueError(
             "not a reference DOConv2d state dict: missing key(s) ['W'] among its keys "

@@ -32,7 +32,7 @@ from ..layers.lgc.layer import (
     fold_batchnorm,
 )
 from ..models.condensenet import CondensedCondenseNet, CondenseNet, deploy_condensenet
-from ._keys import check_state_keys
+from ._keys import check_config, check_state_keys, conv_arguments
 from ._registry import register_reference_layer, register_reference_model
 
 __all__ = ["condensenet_from_reference", "layer_from_reference", "native_state_dict"]
@@ -111,20 +111,8 @@ def layer_from_reference(config: Mapping[str, Any], state_dict: Mapping[str, Ten
     reference's keys (``_mask``, ``_stage``, ``_count`` and the BN's ``num_batches_tracked``
     may be left out: a checkpoint without them loads with all-ones masks at stage 0).
     """
-    known = {
-        "in_channels",
-        "out_channels",
-        "kernel_size",
-        "stride",
-        "padding",
-        "dilation",
-        "groups",
-        "condense_factor",
-        "dropout_rate",
-    }
-    unknown = set(config) - known
-    if unknown:
-        raise ValueError(f"unknown reference LearnedGroupConv argument(s): {sorted(unknown)}")
+    known = {*conv_arguments(without={"bias", "padding_mode"}), "condense_factor", "dropout_rate"}
+    check_config(config, known, layout="reference LearnedGroupConv")
     check_state_keys(
         state_dict,
         {"conv.weight", *(f"norm.{k}" for k in _BN_KEYS[:4])},

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..layers.condconv.layer import CondConv2d
 from ..models import create_model
 from ..models.efficientnet_condconv import EfficientNetCondConv
+from ._keys import check_config, conv_arguments
 
 __all__ = [
     "TIMM_MODELS",
@@ -243,17 +244,7 @@ def timm_padding(
     return _pair(padding)
 
 
-_TIMM_ARGS = (
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
-    "groups",
-    "bias",
-    "num_experts",
-)
+_TIMM_ARGS = (*conv_arguments(without={"padding_mode"}), "num_experts")
 
 
 def _config_of(layer: nn.Module) -> dict[str, Any]:
@@ -299,9 +290,7 @@ def layer_from_timm(
         if state_dict is None:
             raise ValueError("a state dict is needed with a timm CondConv2d config")
         config = dict(layer_or_config)
-        unknown = set(config) - set(_TIMM_ARGS)
-        if unknown:
-            raise ValueError(f"unknown timm CondConv2d argument(s): {sorted(unknown)}")
+        check_config(config, _TIMM_ARGS, layout="timm CondConv2d")
     kernel_size = config.get("kernel_size", 3)
     stride, dilation = config.get("stride", 1), config.get("dilation", 1)
     extra = set(state_dict) - {"weight", "bias"}

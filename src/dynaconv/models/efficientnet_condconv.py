@@ -251,29 +251,9 @@ class EfficientNetCondConv(nn.Module):
         return self.classifier(self.dropout(self.pool(h).flatten(1)))
 
 
-def efficientnet_condconv(
-    num_experts: int | None = 8,
-    depth_multiplier: float = 1.0,
-    num_classes: int = 1000,
-    dropout: float = 0.25,
-    stochastic_depth_prob: float = 0.2,
-    routing_dropout: float = 0.0,
-    impl: str = "auto",
-    bn_eps: float = 1e-3,
-    padding: str = "symmetric",
-) -> EfficientNetCondConv:
-    """EfficientNet-B0 (``num_experts=None``: plain) with CondConv in its last three stages."""
-    return EfficientNetCondConv(
-        num_experts,
-        depth_multiplier,
-        num_classes,
-        dropout,
-        stochastic_depth_prob,
-        routing_dropout,
-        impl,
-        bn_eps,
-        padding,
-    )
+#: EfficientNet-B0 (``num_experts=None``: plain) with CondConv in its last three stages, with
+#: every option: the function-style name of :class:`EfficientNetCondConv`.
+efficientnet_condconv = EfficientNetCondConv
 
 
 @register_model

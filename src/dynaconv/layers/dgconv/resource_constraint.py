@@ -330,19 +330,12 @@ def _output_positions(
     return [sizes[id(layer)] for layer in layers]
 
 
-def resource_constrained_loss(
-    loss: Tensor,
-    model: nn.Module,
-    budget: float,
-    budget_type: Literal["params", "macs"] = "params",
-    input_shape: Sequence[int] | None = None,
-    exponent: float = 0.02,
-    two_sided: bool = False,
-) -> Tensor:
+def resource_constrained_loss(loss: Tensor, model: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
     """``loss * (cost / budget) ^ exponent`` while the DGConv cost exceeds the budget.
 
-    One-call form of :class:`ResourceConstraint` (see there). For ``"macs"`` it runs a forward
-    to find the layers' output sizes on every call: build a :class:`ResourceConstraint` once
-    in a training loop instead.
+    One-call form of :class:`ResourceConstraint`, whose arguments follow ``model`` (``budget,
+    budget_type="params", input_shape=None, exponent=0.02, two_sided=False``, see there). For
+    ``"macs"`` it runs a forward to find the layers' output sizes on every call: build a
+    :class:`ResourceConstraint` once in a training loop instead.
     """
-    return ResourceConstraint(model, budget, budget_type, input_shape, exponent, two_sided)(loss)
+    return ResourceConstraint(model, *args, **kwargs)(loss)
