@@ -348,6 +348,91 @@ def test_inference_forms_equal_the_masked_reference_float64(cfg, share):
         )
 
 
+@given(
+    cfg=layer_configs,
+    extra=st.integers(0, 12),
+    ties=st.booleans(),
+)
+def test_padded_selection_adds_zero_scaled_channels_only(cfg, extra, ties):
+    """``select_kept`` with a ``width`` beyond ``K``: the first ``K`` entries are the unpadded
+    selection, the rest distinct further channels with scale 0, and the gate it implies is the
+    reference's (ties included)."""
+    layer = _random_layer(cfg).eval()
+    x = _batch(cfg, 5, 4)
+    with torch.no_grad():
+        g = layer.saliency(x)
+        if ties:  # quantised saliencies: many ties with the threshold
+            g = (g * 2).round() / 2
+        inactive = int(layer.inactive_channels)
+        keep = cfg["cin"] - inactive
+        index, scale = select_kept(g, inactive)
+        padded_index, padded_scale = select_kept(g, inactive, keep + extra)
+    width = cfg["cin"] if inactive == 0 else min(keep + extra, cfg["cin"])
+    assert padded_index.shape[-1] == width
+    assert not padded_scale[..., keep:].any()
+    distinct = padded_index.sort(dim=-1).values.diff(dim=-1)
+    assert (distinct > 0).all()
+    # (top-k orders tied saliencies arbitrarily: the gates agree, not the index order)
+    gate_from_kept = dynaconv.functional.dgc.gate_from_kept
+    gated = gate_from_kept(g, padded_index, padded_scale)
+    assert torch.equal(gated, gate_from_kept(g, index, scale))
+    assert torch.equal(gated, gate_dense(g, torch.tensor(inactive)))
+
+
+def test_gather_width_rounds_up_within_the_channels():
+    from dynaconv.functional.dgc import gather_width
+    from dynaconv.layers.dgc_deployed import padded_width
+
+    assert [gather_width(k, 64) for k in (1, 16, 17, 29, 58)] == [16, 16, 32, 32, 64]
+    assert gather_width(29, 30) == 30 and gather_width(230, 512) == 240
+    assert gather_width(29, 64, multiple=8) == 32
+    spec3 = DynamicGroupConv2d(64, 64, 3, padding=1, heads=4).spec
+    spec1 = DynamicGroupConv2d(64, 64, 1, heads=4).spec
+    assert padded_width(spec3, 29) == 32 and padded_width(spec1, 29) == 29
+
+
+@given(cfg=layer_configs, seed=st.integers(0, 2**16))
+def test_batch_one_head_grouped_with_a_reused_workspace_float64(cfg, seed):
+    """The deployed batch-1 form gathers its kernels into one reused workspace: two
+    different inputs in turn (the workspace holds the other input's kernels) each equal
+    the masked reference."""
+    layer = _random_layer(cfg).eval()
+    deployed = layer.deploy()
+    deployed.impl = "head_grouped"
+    torch.manual_seed(seed)
+    inputs = [torch.rand(1, cfg["cin"], 6, 5, dtype=torch.float64) for _ in range(2)]
+    with torch.no_grad():
+        expected = [layer(x) for x in inputs]
+        for _ in range(2):
+            for x, reference in zip(inputs, expected):
+                assert_close64(deployed(x), reference, rtol=1e-12, atol=1e-13)
+    if layer.kept_channels < cfg["cin"] and cfg["kernel"] > 1:
+        assert deployed._workspaces, "batch 1 without gradients gathers into a workspace"
+
+
+def test_deployed_layer_follows_a_changed_impl_after_settling(monkeypatch):
+    """The deployed layer remembers its form per input signature; a changed ``impl`` is
+    still followed."""
+    from dynaconv.layers import dgc_deployed
+
+    layer = DynamicGroupConv2d(8, 8, 3, padding=1, heads=2, gate_factor=0.5).eval()
+    layer.set_progress(1.0)
+    deployed = layer.deploy()
+    deployed.impl = "head_grouped"
+    x = torch.rand(1, 8, 5, 5)
+    ran = []
+    run = dgc_deployed.run_inference_form
+    monkeypatch.setattr(
+        dgc_deployed, "run_inference_form", lambda form, *a: ran.append(form) or run(form, *a)
+    )
+    with torch.no_grad():
+        for _ in range(6):
+            deployed(x)
+        deployed.impl = "masked"
+        deployed(x)
+    assert ran == ["head_grouped"] * 6 + ["masked"]
+
+
 def test_ties_zero_more_channels_in_both_paths():
     cfg = dict(cin=8, cout_per_head=2, heads=2, kernel=1, stride=1, dilation=1, bias=False)
     cfg |= dict(padding_mode="zeros", gate_factor=0.5, progress=1.0, ties=True, seed=3)

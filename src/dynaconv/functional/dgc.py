@@ -24,6 +24,7 @@ __all__ = [
     "dense_masked_conv",
     "gate_dense",
     "gate_from_kept",
+    "gather_width",
     "gathered_conv",
     "grouped_gathered_conv",
     "head_grouped_conv",
@@ -101,23 +102,40 @@ def gate_dense(g: Tensor, inactive: Tensor) -> Tensor:
     return g.masked_fill(drop, 0.0)
 
 
-def select_kept(g: Tensor, inactive: int) -> tuple[Tensor, Tensor]:
-    """``(index, scale)``, each ``(B, h, K)`` with ``K = Cin - inactive``.
+def select_kept(g: Tensor, inactive: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(index, scale)``, each ``(B, h, W)``: ``W = K = Cin - inactive`` by default.
 
     ``index`` holds the ``K`` highest-saliency channels; ``scale`` their gated saliency, which
-    is 0 for the candidates the reference zeroes because they tie with the threshold.
+    is 0 for the candidates the reference zeroes because they tie with the threshold. With
+    ``width`` ``W > K`` (at most ``Cin``), the next ``W - K`` channels by saliency follow,
+    each with scale 0 (they add exact zeros): a gathered convolution over a multiple of the
+    CPU's vector width of channels per group runs much faster (:func:`gather_width`).
     """
     channels = g.shape[-1]
     keep = channels - inactive
     if inactive == 0:
         index = torch.arange(channels, device=g.device).expand(*g.shape[:2], channels)
         return index, g
-    top = g.detach().topk(keep + 1, dim=-1)
-    index = top.indices[..., :keep]
-    threshold = top.values[..., keep:]
-    values = g.gather(-1, index) if g.requires_grad else top.values[..., :keep]
+    width = keep if width is None else min(max(width, keep), channels)
+    top = g.detach().topk(max(keep + 1, width), dim=-1)
+    index = top.indices[..., :width]
+    threshold = top.values[..., keep : keep + 1]
+    values = g.gather(-1, index) if g.requires_grad else top.values[..., :width]
+    # Sorted in descending order: every candidate from position K on is <= the threshold.
     scale = values.masked_fill(values.detach() <= threshold, 0.0)
     return index, scale
+
+
+#: The channel multiple :func:`gather_width` rounds a gathered group up to: oneDNN's CPU
+#: convolutions block channels by 16 (AVX-512) or 8; a group of 29 channels ran 1.8x slower
+#: than one of 32 (``benchmarks/NOTES.md``).
+GATHER_MULTIPLE = 16
+
+
+def gather_width(keep: int, channels: int, multiple: int = GATHER_MULTIPLE) -> int:
+    """``keep`` rounded up to a multiple of ``multiple``, at most ``channels``: the number of
+    channels per head the padded gathered forms convolve (:func:`select_kept`'s ``width``)."""
+    return min(channels, -(-keep // multiple) * multiple)
 
 
 def gate_from_kept(g: Tensor, index: Tensor, scale: Tensor) -> Tensor:
@@ -331,6 +349,7 @@ def head_grouped_conv(
     scale: Tensor,
     spec: ConvSpec,
     heads: int,
+    workspace: Tensor | None = None,
 ) -> Tensor:
     """The sparse form with the kept kernels gathered once per set of examples that keep the
     same channels (``"head_grouped"``).
@@ -345,6 +364,12 @@ def head_grouped_conv(
     gathered input (it differs per example). With ``n`` distinct sets it runs ``n``
     convolutions (a loop on the host: the number of sets is data-dependent, so eager only
     unless the batch is 1). Same numbers as :func:`gathered_conv`; differentiable.
+
+    ``workspace`` (batch 1, inference only: not differentiable): a tensor of the gathered
+    kernels' shape ``(h*K, *rows.shape[1:])`` and dtype that the kernels are gathered into
+    (and scaled in place), reused across calls. On the CPU a convolution over a freshly
+    allocated multi-megabyte kernel measured up to 2.9x slower than over a reused one
+    (``benchmarks/NOTES.md``).
     """
     x, padding, stride = _strided_input(x, spec)
     batch, cin, height, width = x.shape
@@ -355,13 +380,25 @@ def head_grouped_conv(
         return rows.index_select(0, (selected.reshape(heads, keep) + head_offsets).reshape(-1))
 
     if batch == 1:
-        channels = index[0].reshape(-1)
-        picked = x.reshape(cin, height * width).index_select(0, channels)
-        kernels = gather_kernels(index[0])
+        # x[0] may be a strided view (1x1 kernels subsample): index_select reads it as is.
+        picked = x[0].index_select(0, index[0].reshape(-1)).reshape(heads * keep, -1)
+        if workspace is None:
+            kernels = gather_kernels(index[0])
+        else:
+            selected = (index[0].reshape(heads, keep) + head_offsets).reshape(-1)
+            kernels = torch.index_select(rows, 0, selected, out=workspace)
         if height * width <= kernels[0].numel():
             picked = picked * scale[0].reshape(-1, 1).to(picked.dtype)
-        else:
+        elif workspace is None:
             kernels = kernels * scale[0].reshape(-1, 1, 1, 1).to(kernels.dtype)
+        else:
+            kernels.mul_(scale[0].reshape(-1, 1, 1, 1).to(kernels.dtype))
+        if spec.kernel_size == (1, 1):
+            # A 1x1 kernel is a matrix product per head: (Cout/h, K) x (K, H*W); the gathered
+            # rows (K, Cout/h) read transposed (no reordering copy, no transposed conv).
+            per_head = kernels.reshape(heads, keep, -1).transpose(1, 2)
+            out = torch.bmm(per_head, picked.reshape(heads, keep, height * width))
+            return interleave(out.reshape(1, -1, height, width), heads)
         picked = picked.reshape(1, heads * keep, height, width)
         return interleave(_conv_gathered(picked, kernels, heads, spec, padding, stride), heads)
     sets, which = torch.unique(index.reshape(batch, heads * keep), dim=0, return_inverse=True)

@@ -10,15 +10,24 @@ weight layouts they read, :func:`weight_layout`, cached per module by
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from torch import Tensor, nn
 
-from ..dispatch import tracing, triton_preferred
+from ..dispatch import (
+    measure_after,
+    measured_choices,
+    measuring_enabled,
+    tracing,
+    triton_preferred,
+)
 from ..functional.dgc import (
     dense_masked_conv,
     gate_from_kept,
+    gather_width,
     gathered_conv,
     grouped_gathered_conv,
     head_grouped_conv,
@@ -48,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SparseDynamicGroupConv2d",
+    "padded_width",
     "run_inference_form",
     "traced_inference_form",
 ]
@@ -79,12 +89,16 @@ def run_inference_form(
     spec: ConvSpec,
     heads: int,
     layout: Callable[[Layout], Tensor] | None = None,
+    workspace: Callable[[tuple[int, ...], Tensor], Tensor] | None = None,
 ) -> Tensor:
     """One exact inference form of the gated convolution (no bias), ``form`` canonical.
 
     ``g`` ``(B, h, Cin)`` the saliencies, ``inactive`` = ``k_off``; ``layout(name)`` returns
     :func:`weight_layout` of ``weight`` (a deployed module caches them; by default they are
-    derived on each call). Every form computes the same numbers as the masked reference.
+    derived on each call); ``workspace(shape, like)``, where given, a reusable tensor of
+    ``shape`` with ``like``'s dtype and device for the kernels ``"head_grouped"`` gathers at
+    batch 1 without gradients (:func:`~dynaconv.functional.dgc.head_grouped_conv`). Every
+    form computes the same numbers as the masked reference.
     """
     if layout is None:
 
@@ -93,15 +107,32 @@ def run_inference_form(
 
     if form == "triton":
         return sparse_conv_triton(x, layout("triton"), g, inactive, spec, heads)
+    if form in ("head_grouped", "batch_grouped"):
+        index, scale = select_kept(g, inactive, padded_width(spec, spec.in_channels - inactive))
+        if form == "head_grouped":
+            rows = layout("rows")
+            space = None
+            if workspace is not None and x.shape[0] == 1 and not torch.is_grad_enabled():
+                space = workspace((heads * index.shape[-1], *rows.shape[1:]), rows)
+            return head_grouped_conv(x, rows, index, scale, spec, heads, space)
+        return grouped_gathered_conv(x, weight, index, scale, spec, heads, layout("rows"))
     index, scale = select_kept(g, inactive)
     if form == "masked":
         gated = gate_from_kept(g, index, scale)
         return dense_masked_conv(x, weight, gated, spec, heads, layout("head_kernels"))
-    if form == "head_grouped":
-        return head_grouped_conv(x, layout("rows"), index, scale, spec, heads)
-    if form == "batch_grouped":
-        return grouped_gathered_conv(x, weight, index, scale, spec, heads, layout("rows"))
     return gathered_conv(x, weight, index, scale, spec, heads)
+
+
+def padded_width(spec: ConvSpec, kept: int) -> int:
+    """The channels per head the grouped forms (``"head_grouped"``, ``"batch_grouped"``)
+    gather: ``kept`` rounded up by :func:`~dynaconv.functional.dgc.gather_width` for kernels
+    larger than 1x1, the extra channels with scale 0 (exact zeros). Measured on the CPU
+    (``benchmarks/NOTES.md``): a 4-group 3x3 conv with 29 channels per group took 1.06x of
+    the dense 64-channel conv, with 32 channels 0.58x. 1x1 kernels run as matrix products,
+    which do not need it."""
+    if spec.kernel_size == (1, 1):
+        return kept
+    return gather_width(kept, spec.in_channels)
 
 
 #: Output positions from which a traced batch-1 graph gathers the kept kernels (else it runs
@@ -142,7 +173,15 @@ def _inactive(module: SparseDynamicGroupConv2d) -> int:
 def _run(form: str) -> Callable[[SparseDynamicGroupConv2d, Tensor, Tensor], Tensor]:
     def run(module: SparseDynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
         return run_inference_form(
-            form, x, g, _inactive(module), module.weight, module.spec, module.heads, module.layout
+            form,
+            x,
+            g,
+            _inactive(module),
+            module.weight,
+            module.spec,
+            module.heads,
+            module.layout,
+            None if tracing() else module.workspace,
         )
 
     run.__name__ = f"_run_{form}"
@@ -241,6 +280,7 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         self.fc2_weight = nn.Parameter(fc2_weight.detach().clone(), requires_grad=False)
         self.fc2_bias = nn.Parameter(fc2_bias.detach().clone(), requires_grad=False)
         self._layouts: dict[Layout, tuple[tuple[Any, ...], Tensor]] = {}
+        self._workspaces: dict[tuple[Any, ...], Tensor] = {}
 
     def layout(self, name: Layout) -> Tensor:
         """``weight`` in the layout a form reads (:func:`weight_layout`). Derived from
@@ -257,9 +297,29 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
             self._layouts[name] = cached
         return cached[1]
 
+    def workspace(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A tensor of ``shape`` with ``like``'s dtype and device, the same one on every call
+        of this thread (contents undefined): where the batch-1 form gathers its kernels. Not
+        state; one per thread, so threads sharing the module do not share it."""
+        # inference mode in the key: a tensor made under it cannot be written outside it
+        key = (
+            threading.get_ident(),
+            torch.is_inference_mode_enabled(),
+            shape,
+            like.dtype,
+            like.device,
+        )
+        spaces = self.__dict__.setdefault("_workspaces", {})
+        space = spaces.get(key)
+        if space is None:
+            space = spaces[key] = like.new_empty(shape)
+        return space
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_layouts"] = {}  # a cache: copies and pickles derive their own
+        state["_layouts"] = {}  # caches: copies and pickles derive their own
+        state["_workspaces"] = {}
+        state["_settled"] = {}
         return state
 
     @classmethod
@@ -290,15 +350,38 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
-        if not tracing():
+        traced = tracing()
+        if not traced:
             check_output_size(x, self.spec, type(self).__name__)
         g = saliency(
             x, self.fc1_weight, self.fc2_weight, self.fc2_bias, self.saliency_mode == "neutral"
         )
-        out = self.run_form(x, g)
+        form = self.choose_form(x, g) if traced else self._settled_form(x, g)
+        out = FORMS[form].run(self, x, g)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         return out
+
+    def _settled_form(self, x: Tensor, g: Tensor) -> str:
+        """:meth:`choose_form`'s answer, remembered per input signature once it is settled.
+
+        A deployed layer runs the same shapes call after call; the full sequence (candidates,
+        the measured choice's key) cost tens of microseconds per call, a tenth of a batch-1
+        layer's work on small maps. The answer is reused while ``impl``, the measuring switch
+        and the number of measured choices are unchanged, and only after more calls of the
+        signature than :func:`~dynaconv.dispatch.measure_after` (so ``"auto"``'s own
+        measurement still happens). Every form is exact: a stale answer could only cost time.
+        """
+        signature = (x.shape, x.stride(), x.dtype, x.device, torch.is_grad_enabled())
+        stamp = (self.impl, measuring_enabled(), len(measured_choices))
+        seen = self.__dict__.setdefault("_settled", {})
+        known = seen.get(signature)
+        if known is not None and known[0] == stamp and known[2] > measure_after():
+            return known[1]
+        form = self.choose_form(x, g)
+        calls = known[2] + 1 if known is not None and known[0] == stamp else 1
+        seen[signature] = (stamp, form, calls)
+        return form
 
     def form(self, x: Tensor) -> str:
         """The form a call on ``x`` runs (measured now if ``"auto"`` has not yet; see
