@@ -393,14 +393,17 @@ def test_gather_width_rounds_up_within_the_channels():
 
 @given(cfg=layer_configs, seed=st.integers(0, 2**16))
 def test_batch_one_head_grouped_with_a_reused_workspace_float64(cfg, seed):
-    """The deployed batch-1 form gathers its kernels into one reused workspace: two
-    different inputs in turn (the workspace holds the other input's kernels) each equal
-    the masked reference."""
+    """The deployed batch-1 form gathers its kernels into one reused workspace: different
+    inputs in turn (the workspace holds the other input's kernels) each equal the masked
+    reference, on maps where it runs a grouped convolution and where a matrix product."""
     layer = _random_layer(cfg).eval()
     deployed = layer.deploy()
     deployed.impl = "head_grouped"
     torch.manual_seed(seed)
-    inputs = [torch.rand(1, cfg["cin"], 6, 5, dtype=torch.float64) for _ in range(2)]
+    # 6x5: a grouped convolution; 5x5 strided or unpadded (at most 16 output positions): the
+    # matrix product
+    inputs = [torch.rand(1, cfg["cin"], *size, dtype=torch.float64) for size in ((6, 5), (5, 5))]
+    inputs += [torch.rand_like(x) for x in inputs]
     with torch.no_grad():
         expected = [layer(x) for x in inputs]
         for _ in range(2):
@@ -408,6 +411,35 @@ def test_batch_one_head_grouped_with_a_reused_workspace_float64(cfg, seed):
                 assert_close64(deployed(x), reference, rtol=1e-12, atol=1e-13)
     if layer.kept_channels < cfg["cin"] and cfg["kernel"] > 1:
         assert deployed._workspaces, "batch 1 without gradients gathers into a workspace"
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_batch_one_matrix_product_form_on_small_maps_float64(padding_mode):
+    """4x4 maps at batch 1 run :func:`head_gemm_single` (one bmm per call): equal to the
+    masked reference in float64, and it is what runs."""
+    from dynaconv.functional import dgc as functional
+
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(
+        24, 8, 3, padding=1, padding_mode=padding_mode, heads=4, gate_factor=0.45
+    )
+    layer = layer.double().eval()
+    layer.set_progress(1.0)
+    deployed = layer.deploy()
+    deployed.impl = "head_grouped"
+    calls = []
+    original = functional.head_gemm_single
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            dynaconv.layers.dgc_deployed,
+            "head_gemm_single",
+            lambda *a: calls.append(1) or original(*a),
+        )
+        with torch.no_grad():
+            for _ in range(2):
+                x = torch.rand(1, 24, 4, 4, dtype=torch.float64)
+                assert_close64(deployed(x), layer(x), rtol=1e-12, atol=1e-13)
+    assert len(calls) == 2
 
 
 def test_deployed_layer_follows_a_changed_impl_after_settling(monkeypatch):

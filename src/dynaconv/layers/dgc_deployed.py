@@ -30,12 +30,14 @@ from ..functional.dgc import (
     gather_width,
     gathered_conv,
     grouped_gathered_conv,
+    head_gemm_single,
     head_grouped_conv,
     head_kernels,
     kernel_rows,
     runs_transposed,
     saliency,
     select_kept,
+    tap_rows,
     triton_kernel_layout,
 )
 from ..kernels.dgc import sparse_conv_triton
@@ -66,7 +68,7 @@ SaliencyMode = Literal["reference", "neutral"]
 _SALIENCY_MODES = ("reference", "neutral")
 
 #: The weight layouts the forms read (:func:`weight_layout`).
-Layout = Literal["rows", "head_kernels", "triton"]
+Layout = Literal["rows", "tap_rows", "head_kernels", "triton"]
 
 
 def weight_layout(weight: Tensor, heads: int, spec: ConvSpec, layout: Layout) -> Tensor:
@@ -75,6 +77,8 @@ def weight_layout(weight: Tensor, heads: int, spec: ConvSpec, layout: Layout) ->
     ``"head_kernels"`` (head-major, contiguous: ``"masked"``) or ``"triton"``."""
     if layout == "rows":
         return kernel_rows(weight, heads, spec)
+    if layout == "tap_rows":
+        return tap_rows(weight, heads)
     if layout == "head_kernels":
         return head_kernels(weight, heads).contiguous()
     return triton_kernel_layout(weight, heads)
@@ -110,10 +114,13 @@ def run_inference_form(
     if form in ("head_grouped", "batch_grouped"):
         index, scale = select_kept(g, inactive, padded_width(spec, spec.in_channels - inactive))
         if form == "head_grouped":
+            reuse = workspace is not None and x.shape[0] == 1 and not torch.is_grad_enabled()
+            if reuse and _gemm_at_batch_one(x, spec):
+                rows = layout("tap_rows")
+                space = workspace((heads * index.shape[-1], rows.shape[1]), rows)
+                return head_gemm_single(x, rows, index, scale, spec, heads, space)
             rows = layout("rows")
-            space = None
-            if workspace is not None and x.shape[0] == 1 and not torch.is_grad_enabled():
-                space = workspace((heads * index.shape[-1], *rows.shape[1:]), rows)
+            space = workspace((heads * index.shape[-1], *rows.shape[1:]), rows) if reuse else None
             return head_grouped_conv(x, rows, index, scale, spec, heads, space)
         return grouped_gathered_conv(x, weight, index, scale, spec, heads, layout("rows"))
     index, scale = select_kept(g, inactive)
@@ -121,6 +128,20 @@ def run_inference_form(
         gated = gate_from_kept(g, index, scale)
         return dense_masked_conv(x, weight, gated, spec, heads, layout("head_kernels"))
     return gathered_conv(x, weight, index, scale, spec, heads)
+
+
+#: Output positions up to which the batch-1 form runs as one batched matrix product
+#: (:func:`~dynaconv.functional.dgc.head_gemm_single`) instead of a grouped convolution.
+#: Measured on the CPU (``benchmarks/NOTES.md``): 512 channels on 4x4 maps 0.66-0.85x of the
+#: dense conv against 0.85-1.14x; 256 channels on 8x8 maps 0.98x against 0.73x.
+GEMM_MAX_POSITIONS = 16
+
+
+def _gemm_at_batch_one(x: Tensor, spec: ConvSpec) -> bool:
+    if spec.kernel_size == (1, 1):
+        return False
+    out_height, out_width = spec.output_size(x.shape[2], x.shape[3])
+    return out_height * out_width <= GEMM_MAX_POSITIONS
 
 
 def padded_width(spec: ConvSpec, kept: int) -> int:
@@ -190,14 +211,14 @@ def _run(form: str) -> Callable[[SparseDynamicGroupConv2d, Tensor, Tensor], Tens
 
 def _rule(module: SparseDynamicGroupConv2d, call: FormCall) -> list[str]:
     """Without measuring: the Triton kernel on CUDA; on CPU the head-grouped conv at batch 1,
-    else ``"bmm"`` for 1x1 stride-1 kernels and the batch-grouped conv otherwise; ``"bmm"``
-    elsewhere."""
+    else ``"bmm"`` for 1x1 stride-1 kernels and the batch-grouped conv otherwise (the masked
+    form where that is no candidate: small maps); ``"bmm"`` elsewhere."""
     if triton_preferred(call.x):
         return ["triton", "bmm"]
     if call.x.device.type == "cpu":
         first = ["head_grouped"] if call.x.shape[0] == 1 else []
         pointwise = module.spec.kernel_numel == 1 and module.spec.stride == (1, 1)
-        return [*first, "bmm"] if pointwise else [*first, "batch_grouped", "bmm"]
+        return [*first, "bmm"] if pointwise else [*first, "batch_grouped", "masked", "bmm"]
     return ["bmm"]
 
 
@@ -206,6 +227,26 @@ def _pointwise_only(module: SparseDynamicGroupConv2d, call: FormCall) -> bool:
     input ``kh*kw`` times and it has never measured fastest on the CPU
     (``benchmarks/NOTES.md``)."""
     return module.spec.kernel_size == (1, 1)
+
+
+#: ``"batch_grouped"`` is measured where each example's kernel copy is at most this many times
+#: the example's input (values): beyond it, copying a kernel per example cost more than the
+#: saved MACs in every measurement (256 channels on 8x8 maps at batch 16, a ratio of 18:
+#: 2.5x of the dense conv; ``benchmarks/NOTES.md``), and a measured choice on a loaded
+#: machine could still pick it.
+BATCH_GROUPED_MAX_KERNEL_RATIO = 8
+
+
+def _batch_grouped_candidate(module: SparseDynamicGroupConv2d, call: FormCall) -> bool:
+    """Measured at batch > 1 where the per-example kernel copy is small (see
+    :data:`BATCH_GROUPED_MAX_KERNEL_RATIO`). At batch 1 it is ``"head_grouped"``'s
+    computation without the latter's batch-1 workspace and 1x1 matrix product."""
+    x = call.x
+    if x.shape[0] <= 1:
+        return False
+    spec = module.spec
+    kernel = spec.out_channels * padded_width(spec, module.kept) * spec.kernel_numel
+    return kernel <= BATCH_GROUPED_MAX_KERNEL_RATIO * x[0].numel()
 
 
 #: The deployed DGC layer's execution forms (the declaration
@@ -219,14 +260,26 @@ def _pointwise_only(module: SparseDynamicGroupConv2d, call: FormCall) -> bool:
 FORMS = Forms(
     forms={
         "head_grouped": Form(_run("head_grouped"), batch_dependent=True, traceable=False),
-        "batch_grouped": Form(_run("batch_grouped"), batch_dependent=True, traceable=False),
+        "batch_grouped": Form(
+            _run("batch_grouped"),
+            batch_dependent=True,
+            traceable=False,
+            candidate=_batch_grouped_candidate,
+        ),
         "masked": Form(_run("masked")),
         "bmm": Form(_run("bmm"), candidate=_pointwise_only),
         "triton": Form(_run("triton"), triton=True, batch_dependent=True, traceable=False),
     },
     rule=_rule,
     export=lambda module, x: traced_inference_form(x, module.spec),
-    key=lambda module, x, *args: (module.spec, module.heads, module.kept, module.fc1_weight.shape),
+    # the map size too: which forms are candidates depends on it
+    key=lambda module, x, *args: (
+        module.spec,
+        module.heads,
+        module.kept,
+        module.fc1_weight.shape,
+        tuple(x.shape[2:]),
+    ),
 )
 
 
@@ -340,6 +393,46 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
             layer.saliency_mode,
         )
 
+    def fold_batchnorm(self, norm: nn.BatchNorm2d) -> SparseDynamicGroupConv2d:
+        """This layer followed by ``norm`` (eval mode, running statistics) as one layer: the
+        kernel rows of output channel ``o`` scaled by ``s_o = gamma_o / sqrt(var_o + eps)``,
+        the bias ``s_o * b_o + beta_o - s_o * mean_o`` (``b`` this layer's bias or 0). Exact
+        in real arithmetic: the selection reads the input only, and the convolution is
+        linear per output channel. A new module; ``ValueError`` for a BatchNorm in training
+        mode or without running statistics, or of another width."""
+        if norm.training or norm.running_mean is None or norm.running_var is None:
+            raise ValueError("norm must be in eval mode with running statistics to fold")
+        if norm.num_features != self.spec.out_channels:
+            raise ValueError(
+                f"norm has {norm.num_features} features, the layer "
+                f"{self.spec.out_channels} output channels"
+            )
+        weight = self.weight.detach()
+        with torch.no_grad():
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            scale = norm.running_var.to(dtype).add(norm.eps).rsqrt()
+            if norm.weight is not None:
+                scale = scale * norm.weight.to(dtype)
+            shift = -norm.running_mean.to(dtype) * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias.to(dtype)
+            if self.bias is not None:
+                shift = shift + self.bias.to(dtype) * scale
+            folded_weight = (weight.to(dtype) * scale.reshape(-1, 1, 1, 1)).to(weight.dtype)
+        folded = type(self)(
+            self.spec,
+            self.heads,
+            self.kept,
+            folded_weight,
+            shift.to(weight.dtype),
+            self.fc1_weight,
+            self.fc2_weight,
+            self.fc2_bias,
+            self.impl,
+            self.saliency_mode,
+        )
+        return folded.train(self.training)
+
     @property
     def in_channels(self) -> int:
         return self.spec.in_channels
@@ -359,7 +452,9 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         form = self.choose_form(x, g) if traced else self._settled_form(x, g)
         out = FORMS[form].run(self, x, g)
         if self.bias is not None:
-            out = out + self.bias.reshape(1, -1, 1, 1)
+            bias = self.bias.reshape(1, -1, 1, 1)
+            # the forms return a fresh tensor: add in place where autograd allows it
+            out = out + bias if traced or out.requires_grad else out.add_(bias)
         return out
 
     def _settled_form(self, x: Tensor, g: Tensor) -> str:
