@@ -677,6 +677,40 @@ def test_deployed_network_exports_at_batch_one_to_gathers_and_grouped_convs(tmp_
     assert {"Gather", "ConvTranspose", "Conv"} <= ops
 
 
+def test_deployed_dyresnet18_folds_the_batchnorm_after_each_dgc_layer_float64():
+    """``dynaconv.deploy`` of DyResNet-18: each BatchNorm after a DGC layer is folded into
+    the deployed layer's kernels and bias (only the stem's and the pre-activation ones stay),
+    the output equal to the network's in float64 (BatchNorm statistics not the identity)."""
+    torch.manual_seed(0)
+    network = dyresnet18(num_classes=5).double()
+    dynaconv.set_progress(network, 1.0)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+    network.eval()
+    x = torch.rand(2, 3, 40, 40, dtype=torch.float64)
+    deployed = dynaconv.deploy(network, example_input=x)
+    layers = [m for m in deployed.modules() if isinstance(m, SparseDynamicGroupConv2d)]
+    norms = [m for m in deployed.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(layers) == 19 and all(layer.bias is not None for layer in layers)
+    assert len(norms) == 1 + 19  # the stem's and one before each DGC layer
+    with torch.no_grad():
+        for batch in (x, x[:1]):
+            assert_close64(deployed(batch), network(batch), rtol=1e-10, atol=1e-11)
+
+
+def test_fold_batchnorm_refuses_a_training_norm_and_a_wrong_width():
+    layer = DynamicGroupConv2d(8, 8, 3, padding=1, heads=2).eval().deploy()
+    with pytest.raises(ValueError, match="eval mode"):
+        layer.fold_batchnorm(nn.BatchNorm2d(8).train())
+    with pytest.raises(ValueError, match="features"):
+        layer.fold_batchnorm(nn.BatchNorm2d(4).eval())
+
+
 def test_traced_form_rule_gathers_where_it_pays_and_masks_elsewhere():
     """Batch 1: gathered kernels on maps large enough (stride 1 from 8x8 outputs, strided
     kxk from 16x16, 1x1 always), the masked form on smaller maps and at any other batch."""
