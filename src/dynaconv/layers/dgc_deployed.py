@@ -249,6 +249,15 @@ def _batch_grouped_candidate(module: SparseDynamicGroupConv2d, call: FormCall) -
     return kernel <= BATCH_GROUPED_MAX_KERNEL_RATIO * x[0].numel()
 
 
+def _masked_candidate(module: SparseDynamicGroupConv2d, call: FormCall) -> bool:
+    """Measured except at batch 1 on the CPU with a kernel larger than 1x1, where
+    ``"head_grouped"`` (the kept MACs, one static choice per head) measured 0.95-1.22x of
+    the dense conv and ``"masked"`` 1.35-2.79x in every row (``benchmarks/NOTES.md``): there
+    a measurement on a loaded machine only adds the chance of a wrong pick."""
+    x = call.x
+    return not (x.shape[0] == 1 and x.device.type == "cpu" and module.spec.kernel_size != (1, 1))
+
+
 #: The deployed DGC layer's execution forms (the declaration
 #: :class:`~dynaconv.layers.ChoosesForm` reads). Where each is fastest on the CPU:
 #: ``"head_grouped"`` at batch 1 (the kept MACs plus one gather of the kept kernels, the limit);
@@ -266,7 +275,7 @@ FORMS = Forms(
             traceable=False,
             candidate=_batch_grouped_candidate,
         ),
-        "masked": Form(_run("masked")),
+        "masked": Form(_run("masked"), candidate=_masked_candidate),
         "bmm": Form(_run("bmm"), candidate=_pointwise_only),
         "triton": Form(_run("triton"), triton=True, batch_dependent=True, traceable=False),
     },
