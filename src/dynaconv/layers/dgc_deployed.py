@@ -462,7 +462,7 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
             x, self.fc1_weight, self.fc2_weight, self.fc2_bias, self.saliency_mode == "neutral"
         )
         form = self.choose_form(x, g) if traced else self._settled_form(x, g)
-        out = FORMS[form].run(self, x, g)
+        out = self.forms[form].run(self, x, g)
         if self.bias is not None:
             bias = self.bias.reshape(1, -1, 1, 1)
             # the forms return a fresh tensor: add in place where autograd allows it
