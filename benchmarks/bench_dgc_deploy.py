@@ -40,7 +40,7 @@ static batch (the batch it is timed at), its onnxruntime output checked against 
 it is timed. Bars (DGC issue): deployed ÷ torchvision ResNet-18 eager <= 0.80 at batch 1 and
 <= 1.00 at batch 16; onnxruntime at batch 1, deployed ÷ dense <= 1.0.
 
-    python benchmarks/bench_dgc_deploy.py                    # every table (about 5 minutes)
+    python benchmarks/bench_dgc_deploy.py                    # every table (3-4 minutes, 2 cores)
     python benchmarks/bench_dgc_deploy.py --tables layers    # single layers only
     python benchmarks/bench_dgc_deploy.py --quick            # smoke run, numbers mean nothing
 """
