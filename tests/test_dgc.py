@@ -406,11 +406,16 @@ def test_batch_one_head_grouped_with_a_reused_workspace_float64(cfg, seed):
     inputs += [torch.rand_like(x) for x in inputs]
     with torch.no_grad():
         expected = [layer(x) for x in inputs]
-        for _ in range(2):
-            for x, reference in zip(inputs, expected):
-                assert_close64(deployed(x), reference, rtol=1e-12, atol=1e-13)
+    for _ in range(2):  # grad mode on, nothing requires a gradient: the workspace too
+        for x, reference in zip(inputs, expected):
+            assert_close64(deployed(x), reference, rtol=1e-12, atol=1e-13)
     if layer.kept_channels < cfg["cin"] and cfg["kernel"] > 1:
         assert deployed._workspaces, "batch 1 without gradients gathers into a workspace"
+    x = inputs[0].clone().requires_grad_()  # differentiable: no workspace, gradients flow
+    deployed(x).sum().backward()
+    reference = inputs[0].clone().requires_grad_()
+    layer.eval()(reference).sum().backward()
+    assert_close64(x.grad, reference.grad, rtol=1e-10, atol=1e-11)
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])

@@ -101,7 +101,7 @@ def run_inference_form(
     :func:`weight_layout` of ``weight`` (a deployed module caches them; by default they are
     derived on each call); ``workspace(shape, like)``, where given, a reusable tensor of
     ``shape`` with ``like``'s dtype and device for the kernels ``"head_grouped"`` gathers at
-    batch 1 without gradients (:func:`~dynaconv.functional.dgc.head_grouped_conv`). Every
+    batch 1 when nothing needs a gradient (:func:`~dynaconv.functional.dgc.head_grouped_conv`). Every
     form computes the same numbers as the masked reference.
     """
     if layout is None:
@@ -117,7 +117,10 @@ def run_inference_form(
         # not pay (DyResNet-18 at batch 1: 1.07x of the dense twin against 1.04x).
         index, scale = select_kept(g, inactive, kept if tracing() else padded_width(spec, kept))
         if form == "head_grouped":
-            reuse = workspace is not None and x.shape[0] == 1 and not torch.is_grad_enabled()
+            differentiable = torch.is_grad_enabled() and (
+                x.requires_grad or g.requires_grad or weight.requires_grad
+            )
+            reuse = workspace is not None and x.shape[0] == 1 and not differentiable
             if reuse and _gemm_at_batch_one(x, spec):
                 rows = layout("tap_rows")
                 space = workspace((heads * index.shape[-1], rows.shape[1]), rows)
