@@ -482,7 +482,8 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         signature than :func:`~dynaconv.dispatch.measure_after` (so ``"auto"``'s own
         measurement still happens). Every form is exact: a stale answer could only cost time.
         """
-        signature = (x.shape, x.stride(), x.dtype, x.device, torch.is_grad_enabled())
+        grad = torch.is_grad_enabled()
+        signature = (x.shape, x.stride(), x.dtype, x.device, grad, x.requires_grad, self.training)
         stamp = (self.impl, measuring_enabled(), len(measured_choices))
         seen = self.__dict__.setdefault("_settled", {})
         known = seen.get(signature)
