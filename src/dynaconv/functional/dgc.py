@@ -369,9 +369,10 @@ def head_grouped_conv(
 
     ``workspace`` (batch 1, inference only: not differentiable): a tensor of the gathered
     kernels' shape ``(h*K, *rows.shape[1:])`` and dtype that the kernels are gathered into
-    (and scaled in place), reused across calls. On the CPU a convolution over a freshly
-    allocated multi-megabyte kernel measured up to 2.9x slower than over a reused one
-    (``benchmarks/NOTES.md``).
+    (and scaled in place), reused across calls: no multi-megabyte allocation per call (in
+    isolation a convolution over a freshly allocated kernel measured up to 2.9x slower than
+    over a reused one; inside the deployed layer the gain was within noise,
+    ``benchmarks/NOTES.md``).
     """
     x, padding, stride = _strided_input(x, spec)
     batch, cin, height, width = x.shape
