@@ -348,6 +348,146 @@ def test_inference_forms_equal_the_masked_reference_float64(cfg, share):
         )
 
 
+@given(
+    cfg=layer_configs,
+    extra=st.integers(0, 12),
+    ties=st.booleans(),
+)
+def test_padded_selection_adds_zero_scaled_channels_only(cfg, extra, ties):
+    """``select_kept`` with a ``width`` beyond ``K``: the first ``K`` entries are the unpadded
+    selection, the rest distinct further channels with scale 0, and the gate it implies is the
+    reference's (ties included)."""
+    layer = _random_layer(cfg).eval()
+    x = _batch(cfg, 5, 4)
+    with torch.no_grad():
+        g = layer.saliency(x)
+        if ties:  # quantised saliencies: many ties with the threshold
+            g = (g * 2).round() / 2
+        inactive = int(layer.inactive_channels)
+        keep = cfg["cin"] - inactive
+        index, scale = select_kept(g, inactive)
+        padded_index, padded_scale = select_kept(g, inactive, keep + extra)
+    width = cfg["cin"] if inactive == 0 else min(keep + extra, cfg["cin"])
+    assert padded_index.shape[-1] == width
+    assert not padded_scale[..., keep:].any()
+    distinct = padded_index.sort(dim=-1).values.diff(dim=-1)
+    assert (distinct > 0).all()
+    # (top-k orders tied saliencies arbitrarily: the gates agree, not the index order)
+    gate_from_kept = dynaconv.functional.dgc.gate_from_kept
+    gated = gate_from_kept(g, padded_index, padded_scale)
+    assert torch.equal(gated, gate_from_kept(g, index, scale))
+    assert torch.equal(gated, gate_dense(g, torch.tensor(inactive)))
+
+
+def test_gather_width_rounds_up_within_the_channels():
+    from dynaconv.functional.dgc import gather_width
+    from dynaconv.layers.dgc_deployed import padded_width
+
+    assert [gather_width(k, 64) for k in (1, 16, 17, 29, 58)] == [16, 16, 32, 32, 64]
+    assert gather_width(29, 30) == 30 and gather_width(230, 512) == 240
+    assert gather_width(29, 64, multiple=8) == 32
+    spec3 = DynamicGroupConv2d(64, 64, 3, padding=1, heads=4).spec
+    spec1 = DynamicGroupConv2d(64, 64, 1, heads=4).spec
+    assert padded_width(spec3, 29) == 32 and padded_width(spec1, 29) == 29
+
+
+@given(cfg=layer_configs, seed=st.integers(0, 2**16))
+def test_batch_one_head_grouped_with_a_reused_workspace_float64(cfg, seed):
+    """The deployed batch-1 form gathers its kernels into one reused workspace: different
+    inputs in turn (the workspace holds the other input's kernels) each equal the masked
+    reference, on maps where it runs a grouped convolution and where a matrix product."""
+    layer = _random_layer(cfg).eval()
+    deployed = layer.deploy()
+    deployed.impl = "head_grouped"
+    torch.manual_seed(seed)
+    # 6x5: a grouped convolution; 5x5 strided or unpadded (at most 16 output positions): the
+    # matrix product
+    inputs = [torch.rand(1, cfg["cin"], *size, dtype=torch.float64) for size in ((6, 5), (5, 5))]
+    inputs += [torch.rand_like(x) for x in inputs]
+    with torch.no_grad():
+        expected = [layer(x) for x in inputs]
+    for _ in range(2):  # grad mode on, nothing requires a gradient: the workspace too
+        for x, reference in zip(inputs, expected):
+            assert_close64(deployed(x), reference, rtol=1e-12, atol=1e-13)
+    if layer.kept_channels < cfg["cin"] and cfg["kernel"] > 1:
+        assert deployed._workspaces, "batch 1 without gradients gathers into a workspace"
+    x = inputs[0].clone().requires_grad_()  # differentiable: no workspace, gradients flow
+    deployed(x).sum().backward()
+    reference = inputs[0].clone().requires_grad_()
+    layer.eval()(reference).sum().backward()
+    assert_close64(x.grad, reference.grad, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_batch_one_matrix_product_form_on_small_maps_float64(padding_mode):
+    """4x4 maps at batch 1 run :func:`head_gemm_single` (one bmm per call): equal to the
+    masked reference in float64, and it is what runs."""
+    from dynaconv.functional import dgc as functional
+
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(
+        24, 8, 3, padding=1, padding_mode=padding_mode, heads=4, gate_factor=0.45
+    )
+    layer = layer.double().eval()
+    layer.set_progress(1.0)
+    deployed = layer.deploy()
+    deployed.impl = "head_grouped"
+    calls = []
+    original = functional.head_gemm_single
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            dynaconv.layers.dgc_deployed,
+            "head_gemm_single",
+            lambda *a: calls.append(1) or original(*a),
+        )
+        with torch.no_grad():
+            for _ in range(2):
+                x = torch.rand(1, 24, 4, 4, dtype=torch.float64)
+                assert_close64(deployed(x), layer(x), rtol=1e-12, atol=1e-13)
+    assert len(calls) == 2
+
+
+def test_deployed_auto_candidates_leave_out_forms_that_never_measured_fastest():
+    """On the CPU: at batch 1 a 3x3 layer runs ``head_grouped`` without measuring; at batch
+    16 ``batch_grouped`` is measured on a large map (small kernel copy per example) and not
+    on a small one; 1x1 kernels keep every form."""
+    from dynaconv.layers._base import FormCall
+
+    def candidates(layer, x):
+        return layer.form_candidates(FormCall(x, False, False))
+
+    conv3 = DynamicGroupConv2d(64, 64, 3, padding=1, heads=4, gate_factor=0.45).eval().deploy()
+    conv1 = DynamicGroupConv2d(64, 64, 1, heads=4, gate_factor=0.45).eval().deploy()
+    assert candidates(conv3, torch.rand(1, 64, 32, 32)) == ["head_grouped"]
+    assert "batch_grouped" in candidates(conv3, torch.rand(16, 64, 32, 32))
+    small = candidates(conv3, torch.rand(16, 64, 4, 4))
+    assert "batch_grouped" not in small and "masked" in small
+    assert {"head_grouped", "masked", "bmm"} <= set(candidates(conv1, torch.rand(1, 64, 8, 8)))
+
+
+def test_deployed_layer_follows_a_changed_impl_after_settling(monkeypatch):
+    """The deployed layer remembers its form per input signature; a changed ``impl`` is
+    still followed."""
+    from dynaconv.layers import dgc_deployed
+
+    layer = DynamicGroupConv2d(8, 8, 3, padding=1, heads=2, gate_factor=0.5).eval()
+    layer.set_progress(1.0)
+    deployed = layer.deploy()
+    deployed.impl = "head_grouped"
+    x = torch.rand(1, 8, 5, 5)
+    ran = []
+    run = dgc_deployed.run_inference_form
+    monkeypatch.setattr(
+        dgc_deployed, "run_inference_form", lambda form, *a: ran.append(form) or run(form, *a)
+    )
+    with torch.no_grad():
+        for _ in range(6):
+            deployed(x)
+        deployed.impl = "masked"
+        deployed(x)
+    assert ran == ["head_grouped"] * 6 + ["masked"]
+
+
 def test_ties_zero_more_channels_in_both_paths():
     cfg = dict(cin=8, cout_per_head=2, heads=2, kernel=1, stride=1, dilation=1, bias=False)
     cfg |= dict(padding_mode="zeros", gate_factor=0.5, progress=1.0, ties=True, seed=3)
@@ -558,6 +698,40 @@ def test_deployed_network_exports_at_batch_one_to_gathers_and_grouped_convs(tmp_
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     ops = {node.op_type for node in onnx.load(str(tmp_path / "b1.onnx")).graph.node}
     assert {"Gather", "ConvTranspose", "Conv"} <= ops
+
+
+def test_deployed_dyresnet18_folds_the_batchnorm_after_each_dgc_layer_float64():
+    """``dynaconv.deploy`` of DyResNet-18: each BatchNorm after a DGC layer is folded into
+    the deployed layer's kernels and bias (only the stem's and the pre-activation ones stay),
+    the output equal to the network's in float64 (BatchNorm statistics not the identity)."""
+    torch.manual_seed(0)
+    network = dyresnet18(num_classes=5).double()
+    dynaconv.set_progress(network, 1.0)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+    network.eval()
+    x = torch.rand(2, 3, 40, 40, dtype=torch.float64)
+    deployed = dynaconv.deploy(network, example_input=x)
+    layers = [m for m in deployed.modules() if isinstance(m, SparseDynamicGroupConv2d)]
+    norms = [m for m in deployed.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(layers) == 19 and all(layer.bias is not None for layer in layers)
+    assert len(norms) == 1 + 19  # the stem's and one before each DGC layer
+    with torch.no_grad():
+        for batch in (x, x[:1]):
+            assert_close64(deployed(batch), network(batch), rtol=1e-10, atol=1e-11)
+
+
+def test_fold_batchnorm_refuses_a_training_norm_and_a_wrong_width():
+    layer = DynamicGroupConv2d(8, 8, 3, padding=1, heads=2).eval().deploy()
+    with pytest.raises(ValueError, match="eval mode"):
+        layer.fold_batchnorm(nn.BatchNorm2d(8).train())
+    with pytest.raises(ValueError, match="features"):
+        layer.fold_batchnorm(nn.BatchNorm2d(4).eval())
 
 
 def test_traced_form_rule_gathers_where_it_pays_and_masks_elsewhere():

@@ -16,8 +16,11 @@ torchvision's. ``num_classes`` is honoured (the reference code ignores it).
 
 from __future__ import annotations
 
+import copy
+
 from torch import Tensor, nn
 
+from ..layers._base import Deployable
 from ..layers.dgc.layer import DynamicGroupConv2d, reference_squeeze_rate
 from ..spec import check_int
 from ._registry import register_model
@@ -44,7 +47,11 @@ class PreActDGC(nn.Sequential):
         )
 
 
-class DyBasicBlock(nn.Module):
+class DyBasicBlock(Deployable, nn.Module):
+    """A basic block of DGC layers (module docstring). Deployed (:meth:`deploy`), each DGC
+    layer becomes its sparse inference layer with the BatchNorm that follows it folded into
+    its kernels and bias (one pass over the output less per layer)."""
+
     def __init__(
         self, inplanes: int, planes: int, stride: int, dgc_options: dict, reference: bool
     ) -> None:
@@ -61,11 +68,51 @@ class DyBasicBlock(nn.Module):
                 nn.BatchNorm2d(planes),
             )
 
+    def deploy(self) -> DyBasicBlock:
+        """A copy for inference: every DGC layer deployed, the BatchNorm after it folded in
+        (:meth:`SparseDynamicGroupConv2d.fold_batchnorm`) and replaced by ``nn.Identity``
+        where it is an eval-mode BatchNorm with running statistics; any other child
+        deployed as :func:`dynaconv.deploy` would."""
+        block = copy.deepcopy(self)
+        pairs = [(block.conv1, "bn1", block), (block.conv2, "bn2", block)]
+        if block.downsample is not None:
+            pairs.append((block.downsample[0], "1", block.downsample))
+        for unit, norm_name, owner in pairs:
+            layer, norm = unit.conv, getattr(owner, norm_name)
+            if not isinstance(layer, DynamicGroupConv2d):
+                continue
+            deployed = layer.deploy()
+            if _foldable(norm, deployed.spec.out_channels):
+                deployed = deployed.fold_batchnorm(norm)
+                setattr(owner, norm_name, nn.Identity())
+            unit.conv = deployed
+        return _deploy_children(block)
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
         return self.relu(out + shortcut)
+
+
+def _foldable(norm: nn.Module, channels: int) -> bool:
+    return (
+        type(norm) is nn.BatchNorm2d
+        and not norm.training
+        and norm.running_mean is not None
+        and norm.running_var is not None
+        and norm.num_features == channels
+    )
+
+
+def _deploy_children(module: nn.Module) -> nn.Module:
+    """Every :class:`Deployable` descendant of ``module`` replaced by its ``deploy()``."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, Deployable):
+            setattr(module, name, child.deploy())
+        else:
+            _deploy_children(child)
+    return module
 
 
 class DyResNet(nn.Module):

@@ -10,31 +10,43 @@ weight layouts they read, :func:`weight_layout`, cached per module by
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
-from ...dispatch import tracing, triton_preferred
+from ...dispatch import (
+    measure_after,
+    measured_choices,
+    measuring_enabled,
+    tracing,
+    triton_preferred,
+)
 from ...spec import ConvSpec, check_input, check_output_size
 from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
 from .functional import (
     dense_masked_conv,
     gate_from_kept,
+    gather_width,
     gathered_conv,
     grouped_gathered_conv,
+    head_gemm_single,
     head_grouped_conv,
     head_kernels,
     kernel_rows,
     runs_transposed,
     saliency,
     select_kept,
+    tap_rows,
     triton_kernel_layout,
 )
 from .kernels import sparse_conv_triton
 
 __all__ = [
     "SparseDynamicGroupConv2d",
+    "padded_width",
     "run_inference_form",
     "traced_inference_form",
 ]
@@ -43,7 +55,7 @@ SaliencyMode = Literal["reference", "neutral"]
 _SALIENCY_MODES = ("reference", "neutral")
 
 #: The weight layouts the forms read (:func:`weight_layout`).
-Layout = Literal["rows", "head_kernels", "triton"]
+Layout = Literal["rows", "tap_rows", "head_kernels", "triton"]
 
 
 def weight_layout(weight: Tensor, heads: int, spec: ConvSpec, layout: Layout) -> Tensor:
@@ -52,6 +64,8 @@ def weight_layout(weight: Tensor, heads: int, spec: ConvSpec, layout: Layout) ->
     ``"head_kernels"`` (head-major, contiguous: ``"masked"``) or ``"triton"``."""
     if layout == "rows":
         return kernel_rows(weight, heads, spec)
+    if layout == "tap_rows":
+        return tap_rows(weight, heads)
     if layout == "head_kernels":
         return head_kernels(weight, heads).contiguous()
     return triton_kernel_layout(weight, heads)
@@ -66,12 +80,16 @@ def run_inference_form(
     spec: ConvSpec,
     heads: int,
     layout: Callable[[Layout], Tensor] | None = None,
+    workspace: Callable[[tuple[int, ...], Tensor], Tensor] | None = None,
 ) -> Tensor:
     """One exact inference form of the gated convolution (no bias), ``form`` canonical.
 
     ``g`` ``(B, h, Cin)`` the saliencies, ``inactive`` = ``k_off``; ``layout(name)`` returns
     :func:`weight_layout` of ``weight`` (a deployed module caches them; by default they are
-    derived on each call). Every form computes the same numbers as the masked reference.
+    derived on each call); ``workspace(shape, like)``, where given, a reusable tensor of
+    ``shape`` with ``like``'s dtype and device for the kernels ``"head_grouped"`` gathers at
+    batch 1 when nothing needs a gradient (:func:`~dynaconv.functional.dgc.head_grouped_conv`). Every
+    form computes the same numbers as the masked reference.
     """
     if layout is None:
 
@@ -80,15 +98,55 @@ def run_inference_form(
 
     if form == "triton":
         return sparse_conv_triton(x, layout("triton"), g, inactive, spec, heads)
+    if form in ("head_grouped", "batch_grouped"):
+        kept = spec.in_channels - inactive
+        # Traced graphs gather the kept channels only: in onnxruntime the padded groups did
+        # not pay (DyResNet-18 at batch 1: 1.07x of the dense twin against 1.04x).
+        index, scale = select_kept(g, inactive, kept if tracing() else padded_width(spec, kept))
+        if form == "head_grouped":
+            differentiable = torch.is_grad_enabled() and (
+                x.requires_grad or g.requires_grad or weight.requires_grad
+            )
+            reuse = workspace is not None and x.shape[0] == 1 and not differentiable
+            if reuse and _gemm_at_batch_one(x, spec):
+                rows = layout("tap_rows")
+                space = workspace((heads * index.shape[-1], rows.shape[1]), rows)
+                return head_gemm_single(x, rows, index, scale, spec, heads, space)
+            rows = layout("rows")
+            space = workspace((heads * index.shape[-1], *rows.shape[1:]), rows) if reuse else None
+            return head_grouped_conv(x, rows, index, scale, spec, heads, space)
+        return grouped_gathered_conv(x, weight, index, scale, spec, heads, layout("rows"))
     index, scale = select_kept(g, inactive)
     if form == "masked":
         gated = gate_from_kept(g, index, scale)
         return dense_masked_conv(x, weight, gated, spec, heads, layout("head_kernels"))
-    if form == "head_grouped":
-        return head_grouped_conv(x, layout("rows"), index, scale, spec, heads)
-    if form == "batch_grouped":
-        return grouped_gathered_conv(x, weight, index, scale, spec, heads, layout("rows"))
     return gathered_conv(x, weight, index, scale, spec, heads)
+
+
+#: Output positions up to which the batch-1 form runs as one batched matrix product
+#: (:func:`~dynaconv.functional.dgc.head_gemm_single`) instead of a grouped convolution.
+#: Measured on the CPU (``benchmarks/NOTES.md``): 512 channels on 4x4 maps 0.66-0.85x of the
+#: dense conv against 0.85-1.14x; 256 channels on 8x8 maps 0.98x against 0.73x.
+GEMM_MAX_POSITIONS = 16
+
+
+def _gemm_at_batch_one(x: Tensor, spec: ConvSpec) -> bool:
+    if spec.kernel_size == (1, 1):
+        return False
+    out_height, out_width = spec.output_size(x.shape[2], x.shape[3])
+    return out_height * out_width <= GEMM_MAX_POSITIONS
+
+
+def padded_width(spec: ConvSpec, kept: int) -> int:
+    """The channels per head the grouped forms (``"head_grouped"``, ``"batch_grouped"``)
+    gather: ``kept`` rounded up by :func:`~dynaconv.functional.dgc.gather_width` for kernels
+    larger than 1x1, the extra channels with scale 0 (exact zeros). Measured on the CPU
+    (``benchmarks/NOTES.md``): a 4-group 3x3 conv with 29 channels per group took 1.06x of
+    the dense 64-channel conv, with 32 channels 0.58x. 1x1 kernels run as matrix products,
+    which do not need it. Eager only: traced graphs gather ``kept``."""
+    if spec.kernel_size == (1, 1):
+        return kept
+    return gather_width(kept, spec.in_channels)
 
 
 #: Output positions from which a traced batch-1 graph gathers the kept kernels (else it runs
@@ -129,7 +187,15 @@ def _inactive(module: SparseDynamicGroupConv2d) -> int:
 def _run(form: str) -> Callable[[SparseDynamicGroupConv2d, Tensor, Tensor], Tensor]:
     def run(module: SparseDynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
         return run_inference_form(
-            form, x, g, _inactive(module), module.weight, module.spec, module.heads, module.layout
+            form,
+            x,
+            g,
+            _inactive(module),
+            module.weight,
+            module.spec,
+            module.heads,
+            module.layout,
+            None if tracing() else module.workspace,
         )
 
     run.__name__ = f"_run_{form}"
@@ -138,14 +204,14 @@ def _run(form: str) -> Callable[[SparseDynamicGroupConv2d, Tensor, Tensor], Tens
 
 def _rule(module: SparseDynamicGroupConv2d, call: FormCall) -> list[str]:
     """Without measuring: the Triton kernel on CUDA; on CPU the head-grouped conv at batch 1,
-    else ``"bmm"`` for 1x1 stride-1 kernels and the batch-grouped conv otherwise; ``"bmm"``
-    elsewhere."""
+    else ``"bmm"`` for 1x1 stride-1 kernels and the batch-grouped conv otherwise (the masked
+    form where that is no candidate: small maps); ``"bmm"`` elsewhere."""
     if triton_preferred(call.x):
         return ["triton", "bmm"]
     if call.x.device.type == "cpu":
         first = ["head_grouped"] if call.x.shape[0] == 1 else []
         pointwise = module.spec.kernel_numel == 1 and module.spec.stride == (1, 1)
-        return [*first, "bmm"] if pointwise else [*first, "batch_grouped", "bmm"]
+        return [*first, "bmm"] if pointwise else [*first, "batch_grouped", "masked", "bmm"]
     return ["bmm"]
 
 
@@ -154,6 +220,35 @@ def _pointwise_only(module: SparseDynamicGroupConv2d, call: FormCall) -> bool:
     input ``kh*kw`` times and it has never measured fastest on the CPU
     (``benchmarks/NOTES.md``)."""
     return module.spec.kernel_size == (1, 1)
+
+
+#: ``"batch_grouped"`` is measured where each example's kernel copy is at most this many times
+#: the example's input (values): beyond it, copying a kernel per example cost more than the
+#: saved MACs in every measurement (256 channels on 8x8 maps at batch 16, a ratio of 18:
+#: 2.5x of the dense conv; ``benchmarks/NOTES.md``), and a measured choice on a loaded
+#: machine could still pick it.
+BATCH_GROUPED_MAX_KERNEL_RATIO = 8
+
+
+def _batch_grouped_candidate(module: SparseDynamicGroupConv2d, call: FormCall) -> bool:
+    """Measured at batch > 1 where the per-example kernel copy is small (see
+    :data:`BATCH_GROUPED_MAX_KERNEL_RATIO`). At batch 1 it is ``"head_grouped"``'s
+    computation without the latter's batch-1 workspace and 1x1 matrix product."""
+    x = call.x
+    if x.shape[0] <= 1:
+        return False
+    spec = module.spec
+    kernel = spec.out_channels * padded_width(spec, module.kept) * spec.kernel_numel
+    return kernel <= BATCH_GROUPED_MAX_KERNEL_RATIO * x[0].numel()
+
+
+def _masked_candidate(module: SparseDynamicGroupConv2d, call: FormCall) -> bool:
+    """Measured except at batch 1 on the CPU with a kernel larger than 1x1, where
+    ``"head_grouped"`` (the kept MACs, one static choice per head) measured 0.95-1.22x of
+    the dense conv and ``"masked"`` 1.35-2.79x in every row (``benchmarks/NOTES.md``): there
+    a measurement on a loaded machine only adds the chance of a wrong pick."""
+    x = call.x
+    return not (x.shape[0] == 1 and x.device.type == "cpu" and module.spec.kernel_size != (1, 1))
 
 
 #: The deployed DGC layer's execution forms (the declaration
@@ -167,14 +262,26 @@ def _pointwise_only(module: SparseDynamicGroupConv2d, call: FormCall) -> bool:
 FORMS = Forms(
     forms={
         "head_grouped": Form(_run("head_grouped"), batch_dependent=True, traceable=False),
-        "batch_grouped": Form(_run("batch_grouped"), batch_dependent=True, traceable=False),
-        "masked": Form(_run("masked")),
+        "batch_grouped": Form(
+            _run("batch_grouped"),
+            batch_dependent=True,
+            traceable=False,
+            candidate=_batch_grouped_candidate,
+        ),
+        "masked": Form(_run("masked"), candidate=_masked_candidate),
         "bmm": Form(_run("bmm"), candidate=_pointwise_only),
         "triton": Form(_run("triton"), triton=True, batch_dependent=True, traceable=False),
     },
     rule=_rule,
     export=lambda module, x: traced_inference_form(x, module.spec),
-    key=lambda module, x, *args: (module.spec, module.heads, module.kept, module.fc1_weight.shape),
+    # the map size too: which forms are candidates depends on it
+    key=lambda module, x, *args: (
+        module.spec,
+        module.heads,
+        module.kept,
+        module.fc1_weight.shape,
+        tuple(x.shape[2:]),
+    ),
 )
 
 
@@ -228,6 +335,7 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         self.fc2_weight = nn.Parameter(fc2_weight.detach().clone(), requires_grad=False)
         self.fc2_bias = nn.Parameter(fc2_bias.detach().clone(), requires_grad=False)
         self._layouts: dict[Layout, tuple[tuple[Any, ...], Tensor]] = {}
+        self._workspaces: dict[tuple[Any, ...], Tensor] = {}
 
     def layout(self, name: Layout) -> Tensor:
         """``weight`` in the layout a form reads (:func:`weight_layout`). Derived from
@@ -244,9 +352,29 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
             self._layouts[name] = cached
         return cached[1]
 
+    def workspace(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A tensor of ``shape`` with ``like``'s dtype and device, the same one on every call
+        of this thread (contents undefined): where the batch-1 form gathers its kernels. Not
+        state; one per thread, so threads sharing the module do not share it."""
+        # inference mode in the key: a tensor made under it cannot be written outside it
+        key = (
+            threading.get_ident(),
+            torch.is_inference_mode_enabled(),
+            shape,
+            like.dtype,
+            like.device,
+        )
+        spaces = self.__dict__.setdefault("_workspaces", {})
+        space = spaces.get(key)
+        if space is None:
+            space = spaces[key] = like.new_empty(shape)
+        return space
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_layouts"] = {}  # a cache: copies and pickles derive their own
+        state["_layouts"] = {}  # caches: copies and pickles derive their own
+        state["_workspaces"] = {}
+        state["_settled"] = {}
         return state
 
     @classmethod
@@ -269,6 +397,46 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
             layer.saliency_mode,
         )
 
+    def fold_batchnorm(self, norm: nn.BatchNorm2d) -> SparseDynamicGroupConv2d:
+        """This layer followed by ``norm`` (eval mode, running statistics) as one layer: the
+        kernel rows of output channel ``o`` scaled by ``s_o = gamma_o / sqrt(var_o + eps)``,
+        the bias ``s_o * b_o + beta_o - s_o * mean_o`` (``b`` this layer's bias or 0). Exact
+        in real arithmetic: the selection reads the input only, and the convolution is
+        linear per output channel. A new module; ``ValueError`` for a BatchNorm in training
+        mode or without running statistics, or of another width."""
+        if norm.training or norm.running_mean is None or norm.running_var is None:
+            raise ValueError("norm must be in eval mode with running statistics to fold")
+        if norm.num_features != self.spec.out_channels:
+            raise ValueError(
+                f"norm has {norm.num_features} features, the layer "
+                f"{self.spec.out_channels} output channels"
+            )
+        weight = self.weight.detach()
+        with torch.no_grad():
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            scale = norm.running_var.to(dtype).add(norm.eps).rsqrt()
+            if norm.weight is not None:
+                scale = scale * norm.weight.to(dtype)
+            shift = -norm.running_mean.to(dtype) * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias.to(dtype)
+            if self.bias is not None:
+                shift = shift + self.bias.to(dtype) * scale
+            folded_weight = (weight.to(dtype) * scale.reshape(-1, 1, 1, 1)).to(weight.dtype)
+        folded = type(self)(
+            self.spec,
+            self.heads,
+            self.kept,
+            folded_weight,
+            shift.to(weight.dtype),
+            self.fc1_weight,
+            self.fc2_weight,
+            self.fc2_bias,
+            self.impl,
+            self.saliency_mode,
+        )
+        return folded.train(self.training)
+
     @property
     def in_channels(self) -> int:
         return self.spec.in_channels
@@ -279,15 +447,41 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.spec.in_channels, type(self).__name__)
-        if not tracing():
+        traced = tracing()
+        if not traced:
             check_output_size(x, self.spec, type(self).__name__)
         g = saliency(
             x, self.fc1_weight, self.fc2_weight, self.fc2_bias, self.saliency_mode == "neutral"
         )
-        out = self.run_form(x, g)
+        form = self.choose_form(x, g) if traced else self._settled_form(x, g)
+        out = self.forms[form].run(self, x, g)
         if self.bias is not None:
-            out = out + self.bias.reshape(1, -1, 1, 1)
+            bias = self.bias.reshape(1, -1, 1, 1)
+            # the forms return a fresh tensor: add in place where autograd allows it
+            out = out + bias if traced or out.requires_grad else out.add_(bias)
         return out
+
+    def _settled_form(self, x: Tensor, g: Tensor) -> str:
+        """:meth:`choose_form`'s answer, remembered per input signature once it is settled.
+
+        A deployed layer runs the same shapes call after call; the full sequence (candidates,
+        the measured choice's key) cost tens of microseconds per call, a tenth of a batch-1
+        layer's work on small maps. The answer is reused while ``impl``, the measuring switch
+        and the number of measured choices are unchanged, and only after more calls of the
+        signature than :func:`~dynaconv.dispatch.measure_after` (so ``"auto"``'s own
+        measurement still happens). Every form is exact: a stale answer could only cost time.
+        """
+        grad = torch.is_grad_enabled()
+        signature = (x.shape, x.stride(), x.dtype, x.device, grad, x.requires_grad, self.training)
+        stamp = (self.impl, measuring_enabled(), len(measured_choices))
+        seen = self.__dict__.setdefault("_settled", {})
+        known = seen.get(signature)
+        if known is not None and known[0] == stamp and known[2] > measure_after():
+            return known[1]
+        form = self.choose_form(x, g)
+        calls = known[2] + 1 if known is not None and known[0] == stamp else 1
+        seen[signature] = (stamp, form, calls)
+        return form
 
     def form(self, x: Tensor) -> str:
         """The form a call on ``x`` runs (measured now if ``"auto"`` has not yet; see

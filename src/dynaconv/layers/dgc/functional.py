@@ -24,8 +24,10 @@ __all__ = [
     "dense_masked_conv",
     "gate_dense",
     "gate_from_kept",
+    "gather_width",
     "gathered_conv",
     "grouped_gathered_conv",
+    "head_gemm_single",
     "head_grouped_conv",
     "head_kernels",
     "interleave",
@@ -34,6 +36,7 @@ __all__ = [
     "runs_transposed",
     "saliency",
     "select_kept",
+    "tap_rows",
     "top_candidates",
     "transposed_head_kernels",
     "triton_kernel_layout",
@@ -101,23 +104,40 @@ def gate_dense(g: Tensor, inactive: Tensor) -> Tensor:
     return g.masked_fill(drop, 0.0)
 
 
-def select_kept(g: Tensor, inactive: int) -> tuple[Tensor, Tensor]:
-    """``(index, scale)``, each ``(B, h, K)`` with ``K = Cin - inactive``.
+def select_kept(g: Tensor, inactive: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(index, scale)``, each ``(B, h, W)``: ``W = K = Cin - inactive`` by default.
 
     ``index`` holds the ``K`` highest-saliency channels; ``scale`` their gated saliency, which
-    is 0 for the candidates the reference zeroes because they tie with the threshold.
+    is 0 for the candidates the reference zeroes because they tie with the threshold. With
+    ``width`` ``W > K`` (at most ``Cin``), the next ``W - K`` channels by saliency follow,
+    each with scale 0 (they add exact zeros): a gathered convolution over a multiple of the
+    CPU's vector width of channels per group runs much faster (:func:`gather_width`).
     """
     channels = g.shape[-1]
     keep = channels - inactive
     if inactive == 0:
         index = torch.arange(channels, device=g.device).expand(*g.shape[:2], channels)
         return index, g
-    top = g.detach().topk(keep + 1, dim=-1)
-    index = top.indices[..., :keep]
-    threshold = top.values[..., keep:]
-    values = g.gather(-1, index) if g.requires_grad else top.values[..., :keep]
+    width = keep if width is None else min(max(width, keep), channels)
+    top = g.detach().topk(max(keep + 1, width), dim=-1)
+    index = top.indices[..., :width]
+    threshold = top.values[..., keep : keep + 1]
+    values = g.gather(-1, index) if g.requires_grad else top.values[..., :width]
+    # Sorted in descending order: every candidate from position K on is <= the threshold.
     scale = values.masked_fill(values.detach() <= threshold, 0.0)
     return index, scale
+
+
+#: The channel multiple :func:`gather_width` rounds a gathered group up to: oneDNN's CPU
+#: convolutions block channels by 16 (AVX-512) or 8; a group of 29 channels ran 1.8x slower
+#: than one of 32 (``benchmarks/NOTES.md``).
+GATHER_MULTIPLE = 16
+
+
+def gather_width(keep: int, channels: int, multiple: int = GATHER_MULTIPLE) -> int:
+    """``keep`` rounded up to a multiple of ``multiple``, at most ``channels``: the number of
+    channels per head the padded gathered forms convolve (:func:`select_kept`'s ``width``)."""
+    return min(channels, -(-keep // multiple) * multiple)
 
 
 def gate_from_kept(g: Tensor, index: Tensor, scale: Tensor) -> Tensor:
@@ -331,6 +351,7 @@ def head_grouped_conv(
     scale: Tensor,
     spec: ConvSpec,
     heads: int,
+    workspace: Tensor | None = None,
 ) -> Tensor:
     """The sparse form with the kept kernels gathered once per set of examples that keep the
     same channels (``"head_grouped"``).
@@ -345,6 +366,13 @@ def head_grouped_conv(
     gathered input (it differs per example). With ``n`` distinct sets it runs ``n``
     convolutions (a loop on the host: the number of sets is data-dependent, so eager only
     unless the batch is 1). Same numbers as :func:`gathered_conv`; differentiable.
+
+    ``workspace`` (batch 1, inference only: not differentiable): a tensor of the gathered
+    kernels' shape ``(h*K, *rows.shape[1:])`` and dtype that the kernels are gathered into
+    (and scaled in place), reused across calls: no multi-megabyte allocation per call (in
+    isolation a convolution over a freshly allocated kernel measured up to 2.9x slower than
+    over a reused one; inside the deployed layer the gain was within noise,
+    ``benchmarks/NOTES.md``).
     """
     x, padding, stride = _strided_input(x, spec)
     batch, cin, height, width = x.shape
@@ -355,13 +383,25 @@ def head_grouped_conv(
         return rows.index_select(0, (selected.reshape(heads, keep) + head_offsets).reshape(-1))
 
     if batch == 1:
-        channels = index[0].reshape(-1)
-        picked = x.reshape(cin, height * width).index_select(0, channels)
-        kernels = gather_kernels(index[0])
+        # x[0] may be a strided view (1x1 kernels subsample): index_select reads it as is.
+        picked = x[0].index_select(0, index[0].reshape(-1)).reshape(heads * keep, -1)
+        if workspace is None:
+            kernels = gather_kernels(index[0])
+        else:
+            selected = (index[0].reshape(heads, keep) + head_offsets).reshape(-1)
+            kernels = torch.index_select(rows, 0, selected, out=workspace)
         if height * width <= kernels[0].numel():
             picked = picked * scale[0].reshape(-1, 1).to(picked.dtype)
-        else:
+        elif workspace is None:
             kernels = kernels * scale[0].reshape(-1, 1, 1, 1).to(kernels.dtype)
+        else:
+            kernels.mul_(scale[0].reshape(-1, 1, 1, 1).to(kernels.dtype))
+        if spec.kernel_size == (1, 1):
+            # A 1x1 kernel is a matrix product per head: (Cout/h, K) x (K, H*W); the gathered
+            # rows (K, Cout/h) read transposed (no reordering copy, no transposed conv).
+            per_head = kernels.reshape(heads, keep, -1).transpose(1, 2)
+            out = torch.bmm(per_head, picked.reshape(heads, keep, height * width))
+            return interleave(out.reshape(1, -1, height, width), heads)
         picked = picked.reshape(1, heads * keep, height, width)
         return interleave(_conv_gathered(picked, kernels, heads, spec, padding, stride), heads)
     sets, which = torch.unique(index.reshape(batch, heads * keep), dim=0, return_inverse=True)
@@ -378,6 +418,71 @@ def head_grouped_conv(
         members_of.append(members)
     order = torch.cat(members_of).argsort()
     return interleave(torch.cat(parts).index_select(0, order), heads)
+
+
+def tap_rows(weight: Tensor, heads: int) -> Tensor:
+    """``weight`` ``(Cout, Cin, kh, kw)`` as rows ``(h*Cin, kh*kw*Cout/h)``, contiguous: row
+    ``i*Cin + c`` holds input channel ``c`` of head ``i``, tap-major (``[t, o]``). The ``K``
+    gathered rows of a head, read as ``(K*kh*kw, Cout/h)``, are the transposed matrix of the
+    head's im2col product (:func:`head_gemm_single`)."""
+    cout, cin, kh, kw = weight.shape
+    per_head = weight.reshape(cout // heads, heads, cin, kh * kw).permute(1, 2, 3, 0)
+    return per_head.contiguous().reshape(heads * cin, kh * kw * (cout // heads))
+
+
+def head_gemm_single(
+    x: Tensor,
+    rows: Tensor,
+    index: Tensor,
+    scale: Tensor,
+    spec: ConvSpec,
+    heads: int,
+    workspace: Tensor | None = None,
+) -> Tensor:
+    """``"head_grouped"`` at batch 1 as one batched matrix product (small output maps).
+
+    ``x`` ``(1, Cin, H, W)``, ``rows`` :func:`tap_rows`, ``index``/``scale`` ``(1, h, K)``.
+    Per head ``i``: the gathered rows ``R_i`` ``(K*kh*kw, Cout/h)`` and the im2col columns
+    ``X_i`` ``(K*kh*kw, P)`` of the gathered, scaled input channels; ``out_i = R_i^T X_i``
+    (computed transposed, ``X_i^T R_i``: no reordering copy of ``R_i``). The kept MACs, the kept
+    kernels read once by the gather and once by the product, and no convolution weight
+    reorder: on 4x4 maps it measured faster than the grouped convolution
+    (``benchmarks/NOTES.md``). ``workspace``: a reused tensor of the gathered rows' shape.
+    """
+    padding = zero_padding(spec)
+    if padding is None:
+        x, padding = spec.pad_input(x), (0, 0)
+    cin, height, width = x.shape[1:]
+    keep = index.shape[-1]
+    out_h, out_w = conv_output_sizes(spec, height, width, padding)
+    selected = (index[0] + torch.arange(heads, device=x.device).reshape(heads, 1) * cin).reshape(-1)
+    picked = x[0].index_select(0, index[0].reshape(-1))
+    picked = picked * scale[0].reshape(-1, 1, 1).to(picked.dtype)
+    columns = F.unfold(picked.unsqueeze(0), spec.kernel_size, spec.dilation, padding, spec.stride)
+    columns = columns.reshape(heads, keep * spec.kernel_numel, out_h * out_w)
+    if workspace is None:
+        kernels = rows.index_select(0, selected)
+    else:
+        kernels = torch.index_select(rows, 0, selected, out=workspace)
+    kernels = kernels.reshape(heads, keep * spec.kernel_numel, -1)
+    # out_i^T = X_i^T R_i: (P, Cout/h) per head, the gathered rows read as stored (faster
+    # than R_i^T X_i here: 0.46x against 0.56x of the dense conv at 512 channels on 4x4);
+    # [i, p, j] -> [j, i, p] is the interleaved channel order j*h + i in one copy.
+    out = torch.bmm(columns.transpose(1, 2), kernels)
+    return out.permute(2, 0, 1).reshape(1, -1, out_h, out_w)
+
+
+def conv_output_sizes(
+    spec: ConvSpec, height: int, width: int, padding: tuple[int, int]
+) -> tuple[int, int]:
+    """The output map of ``spec``'s kernel, stride and dilation on a ``height x width`` input
+    padded by ``padding`` on each side."""
+    sizes = []
+    for size, kernel, stride, pad, dilation in zip(
+        (height, width), spec.kernel_size, spec.stride, padding, spec.dilation
+    ):
+        sizes.append((size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1)
+    return sizes[0], sizes[1]
 
 
 def triton_kernel_layout(weight: Tensor, heads: int) -> Tensor:
