@@ -55,6 +55,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, Self
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair as torch_pair
 
 from ..dispatch import (
     IMPLS,
@@ -121,17 +122,14 @@ class Deployable:
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, bool):
+    """``value`` as two ints (torch's ``_pair``), or ValueError naming ``name``: an int or a
+    sequence of two ints (bools, strings and other lengths refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | Sequence) or isinstance(value, str):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        pair = (value, value)
-    elif isinstance(value, Sequence) and len(value) == 2:
-        pair = tuple(value)
-    else:
+    pair = torch_pair(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 def _positive(value: int, name: str) -> int:
