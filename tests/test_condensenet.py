@@ -393,7 +393,7 @@ def test_executorch_program_of_the_deployed_condensenet(tmp_path):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from dynaconv.train.commands import run_pte, write_pte
+    from dynaconv.cli.commands import run_pte, write_pte
 
     model = _small().float()
     dynaconv.set_progress(model, 1.0)

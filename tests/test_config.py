@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from conftest import TINY_RUN
+from dynaconv.cli import main
 from dynaconv.train.checkpoint import atomic_save, load_checkpoint
-from dynaconv.train.cli import main
 from dynaconv.train.config import (
     CHOICES,
     DEFAULTS,

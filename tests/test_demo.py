@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dynaconv import DeployVerificationError, demo
-from dynaconv.train.cli import main as cli_main
+from dynaconv.cli import main as cli_main
 from dynaconv.train.engine import Trainer
 
 STEPS = 4

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dynaconv.cli import main
 from dynaconv.train import checkpoint, engine
 from dynaconv.train.checkpoint import load_checkpoint
-from dynaconv.train.cli import main
 from dynaconv.train.runfolder import ARTEFACTS, stale_temporaries
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from dynaconv.cli import main
 from dynaconv.layers._base import DynaConv2d
 from dynaconv.train.checkpoint import (
     FORMAT,
@@ -24,7 +25,6 @@ from dynaconv.train.checkpoint import (
     load_checkpoint,
     restore_rng,
 )
-from dynaconv.train.cli import main
 from dynaconv.train.config import (
     DEFAULTS,
     ConfigError,

@@ -31,10 +31,10 @@ from safetensors.torch import load_file, save_file
 
 import dynaconv
 from conftest import TINY_RUN
+from dynaconv.cli import main
 from dynaconv.layers import DynamicGroupConv2d
 from dynaconv.train import engine
 from dynaconv.train.checkpoint import atomic_save, load_checkpoint
-from dynaconv.train.cli import main
 from dynaconv.train.config import resolve_config
 from dynaconv.train.ema import structural_buffer_names, structural_parameter_names
 from dynaconv.train.factory import learning_rate
