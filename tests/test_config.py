@@ -19,12 +19,18 @@ from safetensors.torch import save_file
 
 from conftest import TINY_RUN
 from dynaconv.cli import main
+from dynaconv.train import config as config_module
 from dynaconv.train.checkpoint import atomic_save, load_checkpoint
 from dynaconv.train.config import (
     CHOICES,
     DEFAULTS,
+    FLAGS,
+    NULLABLE_TYPES,
     RULES,
+    SWITCHES,
     ConfigError,
+    OptimConfig,
+    RunConfig,
     list_recipes,
     load_recipe,
     resolve_config,
@@ -64,6 +70,31 @@ def test_precedence_defaults_recipe_flags_set():
     assert config["data"]["augment"] == ["hflip"]
     assert config["model"]["kwargs"] == {"width": 8}
     assert config["name"] == "digits-small"
+
+
+def test_every_option_is_declared_once_in_the_typed_config():
+    """DEFAULTS, the flags, choices, ranges and nullable types are generated from the
+    dataclasses; a validated configuration reads as typed attributes."""
+    assert RunConfig().to_dict() == DEFAULTS
+    options = dict(config_module._options())
+    assert set(RULES) | set(CHOICES) | set(NULLABLE_TYPES) <= set(options)
+    for flag, (dotted, kind, text) in {
+        **FLAGS,
+        **{k: (d, bool, t) for k, (d, t) in SWITCHES.items()},
+    }.items():
+        assert options[dotted].metadata["flag" if kind is not bool else "switch"] == flag
+        assert text == options[dotted].metadata["help"] and text
+    config = resolve_config("digits-small", overrides=["optim.lr=0.05", "data.augment=[hflip]"])
+    typed = RunConfig.from_dict(config)
+    assert isinstance(typed.optim, OptimConfig) and typed.optim.lr == 0.05
+    assert typed.train.epochs == 5 and typed.data.augment == ["hflip"]
+    assert typed.loss.resource.budget_type == "params"
+    assert typed.to_dict() == config
+    typed.data.augment.append("random_crop")  # a copy: the dict is not changed
+    assert config["data"]["augment"] == ["hflip"]
+    bad = {**config, "optim": {**config["optim"], "lr": -1.0}}
+    with pytest.raises(ConfigError, match=r"optim\.lr must be positive"):
+        RunConfig.from_dict(bad)
 
 
 def test_convert_section_created_by_overrides():

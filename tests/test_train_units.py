@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from dynaconv.cli import main
 from dynaconv.layers._base import DynaConv2d
@@ -322,3 +323,22 @@ def test_imagenet_folder_tree_with_recipe_augmentations(tmp_path):
     (tmp_path / "val" / "dog").rename(tmp_path / "val" / "bird")
     with pytest.raises(DataError, match="class folders differ"):
         build_datasets(config["data"], 0)
+
+
+def test_ema_keeps_copying_structure_after_the_averaged_module_moves():
+    """The EMA is torch's AveragedModel with the structural-copy rule; the rule follows the
+    averaged module's tensors when they move (``.to``), not their first storage."""
+    model = nn.Sequential(_MaskedConv(), _Declared())
+    ema = ModelEMA(model, decay=0.5)
+    assert isinstance(ema.averaged, AveragedModel) and ema.module is ema.averaged.module
+    ema.module.to(torch.float64)
+    model.to(torch.float64)
+    with torch.no_grad():
+        model[0].mask[1:, :2] = 0.0
+        model[1].gate_state.fill_(1.0)
+        model[1].statistic.fill_(4.0)
+    ema.update(model)
+    state = ema.state_dict()
+    assert torch.equal(state["0.mask"], model[0].mask)
+    assert torch.equal(state["1.gate_state"], model[1].gate_state)
+    torch.testing.assert_close(state["1.statistic"], torch.full((5,), 2.0, dtype=torch.float64))

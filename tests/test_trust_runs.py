@@ -488,7 +488,7 @@ def test_overwrite_with_a_symlinked_tensorboard_deletes_nothing(run, tmp_path, c
 
 def test_max_iters_is_the_length_of_the_schedules(tmp_path, capsys):
     """``train.max_iters`` shorter than the epochs: the run is max_iters iterations long and
-    its schedules span exactly them (config.py's DEFAULTS comment); a resume that changes the
+    its schedules span exactly them (config.py's TrainConfig.max_iters); a resume that changes the
     length says so."""
     out = tmp_path / "run"
     assert (
