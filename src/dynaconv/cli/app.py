@@ -75,7 +75,7 @@ def _add_convert_arguments(group: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an option of the method, e.g. --convert-opt D_mul=12 (model.convert.options)",
+        help="an option of the family, e.g. --convert-opt D_mul=12 (model.convert.options)",
     )
 
 
@@ -317,12 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo_text = (
-        "train a small CNN on scikit-learn's digits with every method (a few hundred steps "
+        "train a small CNN on scikit-learn's digits with every family (a few hundred steps "
         "each, on the CPU), deploy, verify and compare them in one table"
     )
     demo = sub.add_parser("demo", help=demo_text, description=demo_text)
     demo.add_argument(
-        "--out", help="keep each method's run folder as OUT/METHOD (default: temporary folders)"
+        "--out", help="keep each family's run folder as OUT/FAMILY (default: temporary folders)"
     )
 
     train_text = "train a model (recipe, flags, --set overrides) into a run folder"
