@@ -110,7 +110,7 @@ def pte_runner(model: nn.Module, x: Tensor, folder: Path, name: str) -> Callable
     """``model`` as an ExecuTorch program (XNNPACK), checked against eager on ``x``."""
     from executorch.runtime import Runtime
 
-    from dynaconv.train.commands import write_pte
+    from dynaconv.cli.commands import write_pte
 
     path = write_pte(model, x, folder / f"{name}.pte")
     method = Runtime.get().load_program(str(path)).load_method("forward")

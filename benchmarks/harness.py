@@ -85,6 +85,12 @@ def _calibrate_inner(fn: Callable[[], object], device: torch.device, target_ms: 
 
 def _sample(fn: Callable[[], object], device: torch.device, inner: int) -> float:
     """Milliseconds per call over ``inner`` back-to-back calls."""
+    # Not torch.utils.benchmark.Timer: its autoranges (blocked_autorange, adaptive_autorange)
+    # take all samples of one statement back to back, which breaks the round robin over the
+    # variants (see measure_interleaved); sample by sample (Timer.timeit) it runs a warm-up of
+    # at least two calls before each sample and sets its own thread count (one by default),
+    # which triples a slow network's run at inner=1 and hides a thread setting. On CUDA it
+    # times by the host clock after a synchronize, where events time the device's queue.
     timer = cuda_timer if device.type == "cuda" else host_timer
     return timer(fn, inner) / inner
 

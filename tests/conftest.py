@@ -119,3 +119,17 @@ def _checkout_stays_clean():
     yield
     added = sorted(checkout_files() - before)
     assert not added, f"tests wrote into the checkout: {', '.join(added[:20])}"
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, the previous count restored after.
+
+    For tests of many small ops (each an OpenMP region: on a busy machine two threads wait on
+    each other, 10x slower measured) and for runs compared bitwise (the same thread count).
+    A test file opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

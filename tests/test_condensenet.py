@@ -190,7 +190,11 @@ def test_reference_counts_condensenet86(fixture, condensed):
         pytest.param("condensenet182_cifar10", "condensenet182", 32, marks=pytest.mark.slow),
     ],
 )
+@pytest.mark.usefixtures("one_thread")
 def test_reference_counts_training_and_converted(name, builder, size):
+    # Counts read the layers' masks (data), so the model is built and run for real, not on
+    # the meta device or with fake tensors; one thread keeps the 224px forwards cheap on a
+    # busy machine.
     expected = load_fixture("condensenet", "counts.pt")["counts"][name]
     model = create_model(builder)
     counts = dynaconv.profile(model, (1, 3, size, size), convention="reference", deployed=False)
@@ -393,7 +397,7 @@ def test_executorch_program_of_the_deployed_condensenet(tmp_path):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from dynaconv.train.commands import run_pte, write_pte
+    from dynaconv.cli.commands import run_pte, write_pte
 
     model = _small().float()
     dynaconv.set_progress(model, 1.0)

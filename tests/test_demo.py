@@ -1,48 +1,83 @@
-"""The demo: a quick run end to end, its table, and its failure reporting."""
+"""The demo: a quick run end to end (trained once for the module), its table, and its failure
+reporting."""
 
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
+import torch
 
 from dynaconv import DeployVerificationError, demo
-from dynaconv.train.cli import main as cli_main
+from dynaconv.cli import main as cli_main
+from dynaconv.train.engine import Trainer
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+STEPS = 4
 
 
-def test_quick_demo_runs_every_method_and_exits_zero():
-    """``python -m dynaconv demo`` with few steps, as a user runs it (no Triton interpreter)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    code = (
-        "from dynaconv.demo import main; "
-        "raise SystemExit(main(steps=4, latency_batch=32, latency_reps=1))"
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    lines = run.stdout.splitlines()
+@dataclass
+class DemoRun:
+    """The quick demo run once for the module: what it printed and returned, its Trainers."""
+
+    code: int
+    output: str
+    results: dict[str, demo.DemoResult]
+    trainers: dict[str, Trainer]
+    folder_during_training: dict[str, bool]
+
+
+@pytest.fixture(scope="module")
+def quick_demo() -> Iterator[DemoRun]:
+    """``dynaconv.demo.main`` with few steps, every method, as a user runs it: one thread and
+    no Triton interpreter (a user's CPU machine has none; the test session sets one up)."""
+    results: dict[str, demo.DemoResult] = {}
+    trainers: dict[str, Trainer] = {}
+    folder_during_training: dict[str, bool] = {}
+    real_train, real_run_demo = demo.train, demo.run_demo
+
+    def train(config):
+        trainer = real_train(config)
+        method = (config["model"]["convert"] or {}).get("method", demo.PLAIN)
+        trainers[method] = trainer
+        folder_during_training[method] = (trainer.out / "summary.json").is_file()
+        return trainer
+
+    def run_demo(*args, **kwargs):
+        rows = real_run_demo(*args, **kwargs)
+        results.update((row.method, row) for row in rows)
+        return rows
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = io.StringIO()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TRITON_INTERPRET", "0")
+            patch.setattr(demo, "train", train)
+            patch.setattr(demo, "run_demo", run_demo)
+            code = demo.main(steps=STEPS, latency_batch=32, latency_reps=1, stream=out)
+    finally:
+        torch.set_num_threads(threads)
+    yield DemoRun(code, out.getvalue(), results, trainers, folder_during_training)
+
+
+def test_quick_demo_runs_every_method_and_exits_zero(quick_demo):
+    assert quick_demo.code == 0, quick_demo.output
+    lines = quick_demo.output.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method "))
     end = next(i for i in range(header + 2, len(lines)) if lines[i].startswith("---"))
     rows = {line.split()[0]: line for line in lines[header + 2 : end]}
     assert list(rows)[:6] == ["plain", *demo.DEMO_METHODS]
     for method, row in rows.items():
-        if "not available yet" not in row:
-            cells = row.split()
-            assert cells[1] == cells[2], f"{method}: accuracy changed by deploy"
-    assert "all deployments verified" in run.stdout
+        cells = row.split()
+        assert cells[1] == cells[2], f"{method}: accuracy changed by deploy"
+    assert "all deployments verified" in quick_demo.output
 
 
-def test_rows_hold_accuracy_counts_and_structure():
-    plain, doconv = demo.run_demo(["plain", "doconv"], steps=5, latency_batch=16, latency_reps=1)
+def test_rows_hold_accuracy_counts_and_structure(quick_demo):
+    plain, doconv = quick_demo.results["plain"], quick_demo.results["doconv"]
     for row in (plain, doconv):
         assert row.status == "ok" and not row.failed
         assert row.accuracy == row.accuracy_deployed and row.changed_predictions == 0
@@ -58,14 +93,25 @@ def test_rows_hold_accuracy_counts_and_structure():
     assert any(line.startswith("doconv ") and "6/0" in line for line in table.splitlines())
 
 
-def test_unavailable_family_gets_a_row(monkeypatch):
-    def not_yet(method):
-        raise NotImplementedError(f"method {method!r} is not implemented yet")
-
-    monkeypatch.setattr(demo, "layer_class", not_yet)
-    (row,) = demo.run_demo(["dgc"], steps=2)
-    assert row.status == "not available yet" and not row.failed
-    assert "not available yet" in demo.format_table([row])
+def test_each_method_trains_through_the_trainer_in_a_temporary_folder(quick_demo):
+    """The CLI's Trainer runs each row: the method's options, aux weight and step budget."""
+    assert set(quick_demo.trainers) == {"plain", *demo.DEMO_METHODS}
+    row = quick_demo.results["dgc"]
+    assert row.status == "ok" and row.converted == 5 and len(row.skipped) == 1
+    for method, trainer in quick_demo.trainers.items():
+        assert quick_demo.folder_during_training[method], method
+        assert not trainer.out.exists(), method  # the temporary run folder is removed
+        config = trainer.config
+        assert config["model"]["name"] == "digits_cnn" and config["data"]["dataset"] == "digits"
+        assert config["train"]["max_iters"] == STEPS and trainer.state["iteration"] == STEPS
+        assert not config["train"]["tensorboard"] and not config["train"]["plots"]
+        assert config["train"]["progress_bar"] == "none"
+        if method == "plain":
+            assert config["model"]["convert"] is None
+            continue
+        options = demo.DEMO_METHODS[method]
+        assert config["model"]["convert"] == {"method": method, "options": dict(options)}
+        assert config["loss"]["aux_weight"] == demo.AUX_LOSS_WEIGHTS[method]
 
 
 def test_failed_verification_makes_the_exit_status_non_zero(monkeypatch):
@@ -91,31 +137,6 @@ def test_an_error_in_one_method_is_reported_and_the_others_run(monkeypatch):
     plain, doconv = demo.run_demo(["plain", "doconv"], steps=2, latency_batch=8, latency_reps=1)
     assert plain.status == "ok"
     assert doconv.failed and doconv.status == "failed: RuntimeError: boom"
-
-
-def test_each_method_trains_through_the_trainer_in_a_temporary_folder(monkeypatch):
-    """The CLI's Trainer runs each row: the method's options, aux weight and step budget."""
-    real_train = demo.train
-    trainers = []
-
-    def train(config):
-        trainer = real_train(config)
-        assert trainer.out.is_dir() and (trainer.out / "summary.json").is_file()
-        trainers.append(trainer)
-        return trainer
-
-    monkeypatch.setattr(demo, "train", train)
-    (row,) = demo.run_demo(["dgc"], steps=3, latency_batch=8, latency_reps=1)
-    assert row.status == "ok" and row.converted == 5 and len(row.skipped) == 1
-    (trainer,) = trainers
-    config = trainer.config
-    assert config["model"]["name"] == "digits_cnn" and config["data"]["dataset"] == "digits"
-    assert config["model"]["convert"] == {"method": "dgc", "options": demo.DEMO_METHODS["dgc"]}
-    assert config["loss"]["aux_weight"] == demo.AUX_LOSS_WEIGHTS["dgc"]
-    assert config["train"]["max_iters"] == 3 and trainer.state["iteration"] == 3
-    assert not config["train"]["tensorboard"] and not config["train"]["plots"]
-    assert config["train"]["progress_bar"] == "none"
-    assert not trainer.out.exists()  # the temporary run folder is removed
 
 
 def test_an_output_folder_keeps_the_runs_and_is_never_overwritten(tmp_path, capsys):

@@ -27,14 +27,7 @@ from dynaconv.layers.dgc.layer import (
 )
 from dynaconv.models import DigitsCNN, dydensenet86, dyresnet18
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many small ops: one thread avoids OpenMP contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer_fixture():

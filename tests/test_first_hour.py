@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynaconv
-from dynaconv.train import commands, extras
-from dynaconv.train.cli import build_parser, main
+from dynaconv.cli import build_parser, commands, main
+from dynaconv.train import extras
 from dynaconv.train.config import resolve_config
 from dynaconv.train.engine import Trainer
 from dynaconv.train.extras import EXTRAS
@@ -215,7 +215,7 @@ def test_help_works_and_commands_name_the_missing_extra_on_a_core_only_install(t
         import sys
         for name in {absent!r}:
             sys.modules[name] = None  # as if it were not installed
-        from dynaconv.train.cli import main
+        from dynaconv.cli import main
         try:
             main(["--help"])
         except SystemExit as stop:
@@ -248,7 +248,7 @@ def test_export_without_the_export_extra_writes_nothing(checkpoint, tmp_path):
         f"""
         import sys
         sys.modules["onnxscript"] = None  # as if "dynaconv[export]" were not installed
-        from dynaconv.train.cli import main
+        from dynaconv.cli import main
         sys.exit(main(["export", {str(checkpoint)!r}, "--out", {str(tmp_path / "out")!r}]))
         """,
         tmp_path,
@@ -266,7 +266,7 @@ def test_pte_export_without_the_edge_extra_writes_nothing(checkpoint, tmp_path):
         import sys
         sys.modules["executorch"] = None  # as if "dynaconv[edge]" were not installed
         sys.modules["onnxscript"] = None  # the ONNX extra is not what pte needs
-        from dynaconv.train.cli import main
+        from dynaconv.cli import main
         out = {str(tmp_path / "out")!r}
         sys.exit(main(["export", {str(checkpoint)!r}, "--out", out, "--format", "pte"]))
         """,

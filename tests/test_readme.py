@@ -45,7 +45,7 @@ from torch import nn
 
 import dynaconv
 from conftest import load_fixture
-from dynaconv.train.cli import build_parser, main
+from dynaconv.cli import build_parser, main
 from dynaconv.train.extras import missing_modules
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,19 +14,12 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dynaconv.cli import main
 from dynaconv.train import checkpoint, engine
 from dynaconv.train.checkpoint import load_checkpoint
-from dynaconv.train.cli import main
 from dynaconv.train.runfolder import ARTEFACTS, stale_temporaries
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Runs compared bitwise must use the same number of threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(out: Path, *extra: str, epochs: int = 3) -> list[str]:

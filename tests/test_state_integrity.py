@@ -48,13 +48,7 @@ from dynaconv.train.ema import ModelEMA
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small ops: one thread avoids OpenMP contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ DGC
@@ -568,7 +562,7 @@ def test_dgc_run_reports_what_eval_computes_and_resumes_exactly(tmp_path, capsys
     """A DGC run with an EMA: the accuracy the run reports (and picks best.pt by) is what
     ``dynaconv eval`` computes on best.pt; a run killed in its second epoch and resumed
     reports the same metrics, EMA included, as the uninterrupted run."""
-    from dynaconv.train.cli import main
+    from dynaconv.cli import main
 
     killed = tmp_path / "killed"
     _kill_during_second_epoch(killed)

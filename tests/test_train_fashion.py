@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynaconv.train.cli import main
+from dynaconv.cli import main
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

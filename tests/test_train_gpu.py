@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from dynaconv.cli import main
 from dynaconv.train.checkpoint import load_checkpoint
-from dynaconv.train.cli import main
 
 pytestmark = [
     pytest.mark.gpu,

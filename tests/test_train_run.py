@@ -16,10 +16,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from dynaconv.cli import main
+from dynaconv.cli.commands import load_deployed, load_trained
 from dynaconv.layers.doconv.layer import DOConv2d
 from dynaconv.train.checkpoint import load_checkpoint
-from dynaconv.train.cli import main
-from dynaconv.train.commands import load_deployed, load_trained
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -325,8 +325,8 @@ def test_a_quiet_trainer_prints_nothing_and_keeps_the_conversion_report(tmp_path
 def test_a_finished_run_has_its_schedules_at_progress_one(tmp_path):
     """After the last iteration the schedules are at iterations done / total = 1.0, so the
     saved and deployed model has its final structure even when training is short."""
+    from dynaconv.cli import main
     from dynaconv.train.checkpoint import load_checkpoint
-    from dynaconv.train.cli import main
 
     out = tmp_path / "run"
     argv = ["train", "--recipe", "digits-small", "--max-iters", "2", "--out", str(out)]

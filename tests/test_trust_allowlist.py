@@ -23,8 +23,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_RUN
+from dynaconv.cli import main
 from dynaconv.train.checkpoint import atomic_save, load_checkpoint
-from dynaconv.train.cli import main
 from dynaconv.train.config import YAML_LIMITS, ConfigError, parse_yaml, resolve_config
 from dynaconv.train.names import (
     TORCHVISION_KWARGS,

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_RUN
+from dynaconv.cli import main
 from dynaconv.train.checkpoint import FORMAT, VERSION
-from dynaconv.train.cli import main
 from dynaconv.train.config import ConfigError, config_from_text, resolve_config
 from dynaconv.train.names import known_model, model_builder
 

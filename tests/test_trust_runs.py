@@ -31,10 +31,10 @@ from safetensors.torch import load_file, save_file
 
 import dynaconv
 from conftest import TINY_RUN
+from dynaconv.cli import main
 from dynaconv.layers import DynamicGroupConv2d
 from dynaconv.train import engine
 from dynaconv.train.checkpoint import atomic_save, load_checkpoint
-from dynaconv.train.cli import main
 from dynaconv.train.config import resolve_config
 from dynaconv.train.ema import structural_buffer_names, structural_parameter_names
 from dynaconv.train.factory import learning_rate
@@ -488,7 +488,7 @@ def test_overwrite_with_a_symlinked_tensorboard_deletes_nothing(run, tmp_path, c
 
 def test_max_iters_is_the_length_of_the_schedules(tmp_path, capsys):
     """``train.max_iters`` shorter than the epochs: the run is max_iters iterations long and
-    its schedules span exactly them (config.py's DEFAULTS comment); a resume that changes the
+    its schedules span exactly them (config.py's TrainConfig.max_iters); a resume that changes the
     length says so."""
     out = tmp_path / "run"
     assert (

@@ -1,3 +1,3 @@
-from dynaconv.train.cli import main
+from dynaconv.cli import main
 
 raise SystemExit(main())

@@ -35,7 +35,6 @@ from .lifecycle import (
     DeployVerificationError,
     deploy,
     dynaconv_layers,
-    layer_class,
     set_progress,
 )
 from .profiling import profile
@@ -64,7 +63,6 @@ AUX_LOSS_WEIGHTS: Mapping[str, float] = FamilyView(
 )
 
 PLAIN = "plain"
-UNAVAILABLE = "not available yet"
 DEFAULT_STEPS = 200
 
 
@@ -90,7 +88,7 @@ class DemoResult:
 
     @property
     def failed(self) -> bool:
-        return self.status not in ("ok", UNAVAILABLE)
+        return self.status != "ok"
 
 
 def demo_config(method: str, steps: int, out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
@@ -203,12 +201,6 @@ def run_method(
     folder, removed afterwards)."""
     result = DemoResult(method)
     started = time.perf_counter()
-    if method != PLAIN:
-        try:
-            layer_class(method)
-        except NotImplementedError:
-            result.status = UNAVAILABLE
-            return result
     with _run_folder(method, out_dir) as folder:
         trainer = train(demo_config(method, steps, folder, seed))
     report = trainer.conversion_report
@@ -296,8 +288,7 @@ def run_demo(
     """One :class:`DemoResult` per method (``"plain"`` first, then :data:`DEMO_METHODS`).
 
     ``out_dir``: keep each method's run folder as ``out_dir/METHOD`` (None: temporary folders,
-    removed). A method that is not implemented yet gets a row saying so; any other error in a
-    method is recorded in its row's ``status`` (the others still run).
+    removed). An error in a method is recorded in its row's ``status`` (the others still run).
     """
     methods, out = _check_arguments(methods, steps, out_dir)
     results = []
@@ -356,7 +347,7 @@ def table_rows(results: Sequence[DemoResult]) -> list[list[str]]:
                 _cell(r.macs_active, ","),
                 _cell(r.latency_ms, ".2f"),
                 _cell(r.latency_deployed_ms, ".2f"),
-                "-" if r.method == PLAIN or r.status == UNAVAILABLE else counts,
+                "-" if r.method == PLAIN else counts,
                 note,
             ]
         )

@@ -104,12 +104,6 @@ def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 def _conv_candidates(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     """Every ``nn.Conv2d`` of ``model`` (itself included) not inside a dynaconv layer."""
     inside = {id(m) for _, layer in dynaconv_layers(model) for m in layer.modules()}
@@ -183,7 +177,7 @@ def convert(
             layer.train(conv.training)
             converted[id(conv)] = layer
         if name:
-            _set_submodule(target, name, layer)
+            target.set_submodule(name, layer)
         else:  # the model is itself a conv
             target = layer
         report.converted.append(name)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from ._registry import (
     ARCHITECTURES,
@@ -51,11 +52,12 @@ __all__ = [
 
 
 def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
-    """The state dict without ``prefix`` on its keys (DataParallel checkpoints), when all have it."""
-    keys = list(state_dict)
-    if keys and all(k.startswith(prefix) for k in keys):
-        return {k[len(prefix) :]: v for k, v in state_dict.items()}
-    return dict(state_dict)
+    """The state dict without ``prefix`` on its keys (DataParallel checkpoints), when all have it
+    (torch's ``consume_prefix_in_state_dict_if_present`` strips it from any key that has it)."""
+    stripped = dict(state_dict)
+    if stripped and all(k.startswith(prefix) for k in stripped):
+        consume_prefix_in_state_dict_if_present(stripped, prefix)
+    return stripped
 
 
 def layer_from_reference(

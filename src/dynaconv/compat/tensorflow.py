@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..layers.condconv.layer import CondConv2d, CondConvRouting
+from ..spec import check_pair as conv_pair
 
 __all__ = ["condconv_from_tensorflow", "routing_from_tensorflow"]
 
@@ -41,11 +42,11 @@ def _tensor(value: Any, name: str) -> Tensor:
         raise ValueError(f"{name} must be an array, got {type(value).__name__}") from error
 
 
-def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+def _positive_pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    pair = conv_pair(value, name)
+    if min(pair) <= 0:
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 def _padding(padding: str) -> tuple[int, int] | str:
@@ -96,7 +97,7 @@ def condconv_from_tensorflow(
     :func:`routing_from_tensorflow` on the block input, as EfficientNet-CondConv does).
     """
     kernel = _tensor(condconv_kernel, "condconv_kernel")
-    kh, kw = _pair(kernel_size, "kernel_size")
+    kh, kw = _positive_pair(kernel_size, "kernel_size")
     if kernel.dim() != 2 or kernel.shape[1] % (kh * kw * in_channels):
         raise ValueError(
             f"condconv_kernel must have shape (num_experts, kh * kw * Cin * Cout) with "
@@ -131,9 +132,9 @@ def condconv_from_tensorflow(
         in_channels,
         out_channels,
         (kh, kw),
-        _pair(strides, "strides"),
+        _positive_pair(strides, "strides"),
         _padding(padding),
-        _pair(dilation_rate, "dilation_rate"),
+        _positive_pair(dilation_rate, "dilation_rate"),
         groups,
         bias is not None,
         dtype=kernel.dtype,

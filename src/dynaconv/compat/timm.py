@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from ..layers.condconv.layer import CondConv2d
 from ..models import create_model
@@ -216,10 +217,6 @@ def model_from_timm(
 
 # --------------------------------------------------------------------------------------------
 # One layer
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
 
 
 def timm_padding(

@@ -98,8 +98,7 @@ class GResNeXt(Deployable, ResNet):
         """An eval-mode copy whose DGConvs are grouped convs, permutations folded (exact)."""
         deployed = fold_bottlenecks(copy.deepcopy(self).eval())
         for name, layer in list(dynaconv_layers(deployed)):  # any DGConv outside a bottleneck
-            parent, _, child = name.rpartition(".")
-            setattr(deployed.get_submodule(parent) if parent else deployed, child, layer.deploy())
+            deployed.set_submodule(name, layer.deploy())
         return deployed
 
 

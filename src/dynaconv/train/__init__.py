@@ -1,4 +1,5 @@
-"""The training system (kept apart from the library: nothing in dynaconv's layers imports it).
+"""The training system (kept apart from the library: nothing in dynaconv's layers imports it),
+usable from Python; the command line and the commands on trained models are :mod:`dynaconv.cli`.
 
 * :mod:`.config`: defaults, recipes (``recipes/*.yaml``), command-line overrides, validation;
 * :mod:`.names`: the only place a configured name becomes code (model registries, never imports);
@@ -7,9 +8,7 @@
 * :mod:`.runfolder`: the run folder's rules (no silent overwrite, a consistent epoch set);
 * :mod:`.checkpoint`: atomic, weights-only checkpoints and safetensors;
 * :mod:`.ema`: the EMA that copies structural buffers;
-* :mod:`.plots`: training curves and learned-structure plots (extensible per method);
-* :mod:`.commands`: eval, deploy, profile and export on a trained model;
-* :mod:`.cli`: the ``dynaconv`` command line.
+* :mod:`.plots`: training curves and learned-structure plots (extensible per method).
 
 No file read by the training system runs code: checkpoints load with ``weights_only=True``,
 weights are safetensors, configurations are validated YAML whose names resolve through model

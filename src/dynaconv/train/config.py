@@ -1,7 +1,16 @@
 """Run configuration: defaults, recipes, command-line overrides, validation.
 
-A configuration is a nested dict with the sections of :data:`DEFAULTS`. It is resolved in
-this order, each step overriding the previous one:
+Every option is declared once, in the dataclasses of :class:`RunConfig` (one per section:
+:class:`ModelConfig`, :class:`DataConfig`, :class:`OptimConfig`, :class:`LossConfig` with
+:class:`ResourceConfig`, :class:`TrainConfig`): its type, default and meaning, and in its
+field's metadata (:func:`option`) its command-line flag, allowed values, range and nullable
+types. The tables the rest of the package reads are generated from them: :data:`DEFAULTS`,
+:data:`FLAGS`, :data:`SWITCHES`, :data:`CHOICES`, :data:`RULES` and :data:`NULLABLE_TYPES`.
+
+A configuration travels as the nested dict of :meth:`RunConfig.to_dict` (what YAML stores,
+what ``--set`` edits and what :func:`validate_config` checks); ``RunConfig.from_dict(config)``
+gives typed access to a validated one (``.optim.lr``). It is resolved in this order, each step
+overriding the previous one:
 
 1. :data:`DEFAULTS`;
 2. the recipe (``--recipe NAME`` for a file shipped in ``dynaconv/train/recipes/``, or a path
@@ -24,7 +33,7 @@ naming the key (and the file) and the rule:
 * **Names never become code by import**: ``model.name`` must name a model of a registry
   (:mod:`dynaconv.train.names`: dynaconv's, torchvision's or timm's); ``model.kwargs`` keys must
   be on that model's allowlist of architecture arguments (never one that loads weights);
-  ``model.convert.options`` keys must be options of the method's ``from_conv``.
+  ``model.convert.options`` keys must be options of the family's ``from_conv``.
 * **Bounded text**: every configuration's YAML (a recipe, a ``--set`` value, a run or deploy
   folder's ``config.yaml``, the text stored in a checkpoint or a safetensors file) is parsed by
   :func:`parse_yaml` within :data:`YAML_LIMITS` (bytes, nesting depth, aliases, expanded
@@ -41,7 +50,9 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Iterable, Mapping
+import typing
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -54,7 +65,15 @@ __all__ = [
     "DEFAULTS",
     "FLAGS",
     "RULES",
+    "SWITCHES",
     "ConfigError",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ResourceConfig",
+    "RunConfig",
+    "TrainConfig",
     "apply_override",
     "config_from_text",
     "dump_config",
@@ -69,145 +88,311 @@ __all__ = [
 ]
 
 
-DEFAULTS: dict[str, Any] = {
-    # The run's name, its folder runs/NAME. null: MODEL[-METHOD]-YYYYmmdd-HHMMSS from the start
-    # time, numbered (-2, -3, ...) when that folder exists (see runfolder.claim_run_folder).
-    "name": None,
-    "model": {
-        # A registered name: dynaconv.models.list_models(), a torchvision classification model
-        # (e.g. resnet18) or timm.list_models(); never an import string (dynaconv.train.names).
-        "name": "digits_cnn",
-        # Keyword arguments of the builder; num_classes is filled in from the dataset.
-        "kwargs": {},
-        # null, or {method: doconv|condconv|dgc|dgconv|lgc, options: {...}, include, exclude}.
-        "convert": None,
-        "sync_bn": False,
-        "channels_last": False,
-        "compile": False,
-    },
-    "data": {
-        "dataset": "digits",  # digits | mnist | fashion_mnist | cifar10 | cifar100 | imagenet
-        "dir": None,
-        "download": False,
-        "batch_size": 64,  # global batch (split evenly over DDP processes)
-        "eval_batch_size": 256,
-        "workers": 0,
-        "augment": [],  # random_crop, hflip, random_resized_crop, color_jitter, autoaugment
-        "crop_padding": 4,
-        "image_size": None,  # null: the dataset's native size (224 for ImageNet)
-        "channels": None,  # null: the dataset's; 3 repeats a grey channel (for RGB models)
-        "eval_resize": None,  # ImageNet: resize before the center crop (null: size / 0.875)
-        "train_subset": None,  # use only the first N training examples
-        "val_subset": None,
-    },
-    "optim": {
-        "name": "sgd",  # sgd | adamw | rmsprop
-        "lr": 0.1,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 1e-4,
-        "no_decay_norm_bias": False,
-        "betas": [0.9, 0.999],
-        "eps": 1e-8,
-        "alpha": 0.9,  # rmsprop smoothing
-        "schedule": "cosine",  # cosine | constant
-        "warmup_epochs": 0.0,
-        "warmup_start": 0.0,  # learning-rate factor at the first warm-up iteration
-        "min_lr": 0.0,
-        "clip_grad_norm": None,
-        "label_smoothing": 0.0,
-    },
-    "loss": {
-        # Weight of dynaconv.aux_loss(model) (the sum of the layers' regularisers).
-        "aux_weight": 0.0,
-        # DGConv's resource-constrained objective (dynaconv.ResourceConstraint).
-        "resource": {
-            "enabled": False,
-            "budget": 0.5,  # fraction of the dense params (or MACs) of the DGConv layers
-            "budget_type": "params",  # params | macs
-            "exponent": 0.02,
-        },
-    },
-    "train": {
-        "epochs": 10,
-        # null, or the run's length in iterations when shorter than epochs x iterations per
-        # epoch: the schedules (learning rate, layer progress) then span exactly max_iters
-        # (a short run is a complete run, compressed). Resuming with another value continues
-        # the schedules at iteration t of the new length (with a warning).
-        "max_iters": None,
-        "device": "auto",  # auto | cpu | cuda
-        "amp": "none",  # none | bf16 | fp16
-        "ema_decay": 0.0,  # 0 disables the EMA
-        "ema_every": 1,
-        "seed": 0,
-        "deterministic": False,
-        "out_dir": None,  # null: runs/<name>
-        "checkpoint_every_iters": 0,  # 0: only at the end of every epoch
-        "eval_every_epochs": 1,  # validate every N epochs and at the last (best.pt: among those)
-        "log_every_iters": 20,  # plain-line logging interval when stderr is not a terminal
-        "tensorboard": True,
-        "plots": True,
-        "progress_bar": "auto",  # auto | tqdm | plain | none
-    },
-}
+_POSITIVE = (0.0, False, math.inf, True)  # (low, low included, high, high included)
+_NON_NEGATIVE = (0.0, True, math.inf, True)
+_UNIT = (0.0, True, 1.0, False)  # [0, 1)
+
+
+def option(
+    default: Any,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    switch: str | None = None,
+    choices: tuple[Any, ...] | None = None,
+    range: tuple[float, bool, float, bool] | None = None,
+    nullable: tuple[type, ...] | None = None,
+) -> Any:
+    """One configuration option: its default and the rules generated from it.
+
+    ``help``: what it means (the flag's help text); ``flag``: a flat command-line flag taking a
+    value (``--lr 0.05``); ``switch``: a flag that sets a boolean option to true;
+    ``choices``: the allowed values; ``range``: ``(low, low included, high, high included)``
+    for a number (null not checked); ``nullable``: the types allowed besides null for an option
+    whose default is null (without it, any value is accepted there: free-form mappings).
+    A mutable default (a list or a mapping) is copied for every configuration.
+    """
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "switch": switch,
+        "choices": choices,
+        "range": range,
+        "nullable": nullable,
+    }
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def section(cls: type) -> Any:
+    """A section of options (a nested dataclass)."""
+    return field(default_factory=cls, metadata={"section": True})
+
+
+@dataclass
+class ModelConfig:
+    name: str = option(
+        "digits_cnn",
+        "network name: one of dynaconv.list_models(), a torchvision classification model "
+        "(e.g. resnet18) or, when timm is installed, a timm model (e.g. efficientnet_b0)",
+        flag="--model",
+    )
+    #: Keyword arguments of the builder (num_classes is filled in from the dataset); keys
+    #: are checked against the model's allowlist (:mod:`dynaconv.train.names`).
+    kwargs: dict[str, Any] = option({}, "keyword arguments of the network's builder")
+    #: null, or {method: doconv|condconv|dgc|dgconv|lgc, options: {...}, include, exclude}.
+    convert: dict[str, Any] | None = option(
+        None, "convert the network's nn.Conv2d layers", nullable=(dict,)
+    )
+    sync_bn: bool = option(False, "SyncBatchNorm under DDP", switch="--sync-bn")
+    channels_last: bool = option(False, "channels_last memory format", switch="--channels-last")
+    compile: bool = option(False, "torch.compile the model", switch="--compile")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option(
+        "digits",
+        "digits | mnist | fashion_mnist | cifar10 | cifar100 | imagenet",
+        flag="--dataset",
+        choices=("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet"),
+    )
+    dir: str | None = option(None, "dataset folder", flag="--data-dir", nullable=(str,))
+    download: bool = option(
+        False, "download the dataset if absent (needs network)", switch="--download"
+    )
+    batch_size: int = option(
+        64,
+        "global batch size (split evenly over DDP processes)",
+        flag="--batch-size",
+        range=_POSITIVE,
+    )
+    eval_batch_size: int = option(256, "validation batch size", range=_POSITIVE)
+    workers: int = option(0, "data-loader worker processes", flag="--workers", range=_NON_NEGATIVE)
+    #: Among :data:`AUGMENTATIONS`.
+    augment: list[str] = option([], "training augmentations")
+    crop_padding: int = option(4, "random_crop's padding", range=_NON_NEGATIVE)
+    image_size: int | None = option(
+        None,
+        "null: the dataset's native size (224 for ImageNet)",
+        range=_POSITIVE,
+        nullable=(int,),
+    )
+    channels: int | None = option(
+        None,
+        "null: the dataset's; 3 repeats a grey channel (for RGB models)",
+        range=_POSITIVE,
+        nullable=(int,),
+    )
+    eval_resize: int | None = option(
+        None,
+        "ImageNet: resize before the center crop (null: size / 0.875)",
+        range=_POSITIVE,
+        nullable=(int,),
+    )
+    train_subset: int | None = option(
+        None, "use only the first N training examples", range=_POSITIVE, nullable=(int,)
+    )
+    val_subset: int | None = option(
+        None, "use only the first N validation examples", range=_POSITIVE, nullable=(int,)
+    )
+
+
+@dataclass
+class OptimConfig:
+    name: str = option(
+        "sgd", "sgd | adamw | rmsprop", flag="--optimizer", choices=("sgd", "adamw", "rmsprop")
+    )
+    lr: float = option(0.1, "peak learning rate", flag="--lr", range=_POSITIVE)
+    momentum: float = option(0.9, "SGD and RMSprop momentum", range=_UNIT)
+    nesterov: bool = option(True, "Nesterov momentum (SGD)")
+    weight_decay: float = option(1e-4, "weight decay", flag="--weight-decay", range=_NON_NEGATIVE)
+    no_decay_norm_bias: bool = option(False, "no weight decay on norms and biases")
+    #: Two numbers in [0, 1) (checked by :func:`validate_config`).
+    betas: list[float] = option([0.9, 0.999], "AdamW's betas")
+    eps: float = option(1e-8, "AdamW's and RMSprop's epsilon", range=_POSITIVE)
+    alpha: float = option(0.9, "RMSprop smoothing", range=_UNIT)
+    schedule: str = option("cosine", "cosine | constant", choices=("cosine", "constant"))
+    warmup_epochs: float = option(
+        0.0, "linear warm-up length in epochs", flag="--warmup-epochs", range=_NON_NEGATIVE
+    )
+    warmup_start: float = option(
+        0.0,
+        "learning-rate factor at the first warm-up iteration",
+        range=(0.0, True, 1.0, True),
+    )
+    #: At most ``lr`` (checked by :func:`validate_config`).
+    min_lr: float = option(0.0, "the cosine schedule's final learning rate", range=_NON_NEGATIVE)
+    clip_grad_norm: float | None = option(
+        None, "clip the gradients' norm to this", range=_POSITIVE, nullable=(int, float)
+    )
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing", range=_UNIT)
+
+
+@dataclass
+class ResourceConfig:
+    """DGConv's resource-constrained objective (dynaconv.ResourceConstraint)."""
+
+    enabled: bool = option(False, "use the resource objective")
+    budget: float = option(
+        0.5,
+        "fraction of the dense params (or MACs) of the DGConv layers",
+        range=(0.0, False, 1.0, True),
+    )
+    budget_type: str = option("params", "params | macs", choices=("params", "macs"))
+    exponent: float = option(0.02, "the objective's exponent", range=_POSITIVE)
+
+
+@dataclass
+class LossConfig:
+    aux_weight: float = option(
+        0.0,
+        "weight of dynaconv.aux_loss (the sum of the layers' regularisers)",
+        flag="--aux-weight",
+        range=_NON_NEGATIVE,
+    )
+    resource: ResourceConfig = section(ResourceConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = option(10, "number of epochs", flag="--epochs", range=_POSITIVE)
+    #: null, or the run's length in iterations when shorter than epochs x iterations per
+    #: epoch: the schedules (learning rate, layer progress) then span exactly max_iters (a
+    #: short run is a complete run, compressed). Resuming with another value continues the
+    #: schedules at iteration t of the new length (with a warning).
+    max_iters: int | None = option(
+        None,
+        "stop after this many iterations",
+        flag="--max-iters",
+        range=_POSITIVE,
+        nullable=(int,),
+    )
+    device: str = option(
+        "auto", "auto | cpu | cuda", flag="--device", choices=("auto", "cpu", "cuda")
+    )
+    amp: str = option("none", "none | bf16 | fp16", flag="--amp", choices=("none", "bf16", "fp16"))
+    ema_decay: float = option(0.0, "EMA decay (0: off)", flag="--ema", range=_UNIT)
+    ema_every: int = option(1, "update the EMA every N iterations", range=_POSITIVE)
+    seed: int = option(0, "random seed", flag="--seed")
+    deterministic: bool = option(
+        False, "deterministic algorithms (bitwise repeatable)", switch="--deterministic"
+    )
+    out_dir: str | None = option(
+        None, "run folder (instead of runs/NAME)", flag="--out", nullable=(str,)
+    )
+    checkpoint_every_iters: int = option(
+        0,
+        "also checkpoint every N iters (0: only at the end of every epoch)",
+        flag="--checkpoint-every",
+        range=_NON_NEGATIVE,
+    )
+    eval_every_epochs: int = option(
+        1,
+        "validate every N epochs and at the last (best.pt: among those)",
+        range=_POSITIVE,
+    )
+    log_every_iters: int = option(
+        20, "plain-line logging interval when stderr is not a terminal", range=_POSITIVE
+    )
+    tensorboard: bool = option(True, "write TensorBoard logs")
+    plots: bool = option(True, "draw curves and structure plots at the end")
+    progress_bar: str = option(
+        "auto", "auto | tqdm | plain | none", choices=("auto", "tqdm", "plain", "none")
+    )
+
+
+@dataclass
+class RunConfig:
+    """A run's configuration: the one declaration of every option (type, default, meaning,
+    command-line flag, rules); :data:`DEFAULTS`, :data:`CHOICES`, :data:`RULES`,
+    :data:`NULLABLE_TYPES`, :data:`FLAGS` and :data:`SWITCHES` are generated from it.
+
+    :meth:`from_dict` gives typed access to a validated configuration
+    (``RunConfig.from_dict(config).optim.lr``).
+    """
+
+    #: The run's name, its folder runs/NAME. null: MODEL[-METHOD]-YYYYmmdd-HHMMSS from the
+    #: start time, numbered (-2, -3, ...) when that folder exists (runnames.claim_run_folder).
+    name: str | None = option(
+        None,
+        "run name, the folder runs/NAME (default: the recipe's name, else "
+        "MODEL-METHOD-YYYYmmdd-HHMMSS, numbered when taken)",
+        flag="--name",
+    )
+    model: ModelConfig = section(ModelConfig)
+    data: DataConfig = section(DataConfig)
+    optim: OptimConfig = section(OptimConfig)
+    loss: LossConfig = section(LossConfig)
+    train: TrainConfig = section(TrainConfig)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> RunConfig:
+        """The typed view of ``config`` (validated with :func:`validate_config` first)."""
+        validate_config(dict(config))
+        return _from_dict(cls, config)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as the nested dict that is validated, dumped and stored."""
+        return asdict(self)
+
+
+def _from_dict(cls: type, values: Mapping[str, Any]) -> Any:
+    kwargs = {}
+    for item in fields(cls):
+        value = values[item.name]
+        if item.metadata.get("section"):
+            value = _from_dict(_section_type(cls, item.name), value)
+        kwargs[item.name] = copy.deepcopy(value)
+    return cls(**kwargs)
+
+
+def _section_type(cls: type, name: str) -> type:
+    return typing.get_type_hints(cls)[name]
+
+
+def _options(cls: type = RunConfig, prefix: str = "") -> Iterator[tuple[str, Field[Any]]]:
+    """``(dotted key, field)`` of every option, in declaration order."""
+    for item in fields(cls):
+        if item.metadata.get("section"):
+            yield from _options(_section_type(cls, item.name), f"{prefix}{item.name}.")
+        else:
+            yield f"{prefix}{item.name}", item
+
+
+def _flag_type(item: Field[Any]) -> Any:
+    nullable = item.metadata["nullable"]
+    default = item.default if item.default is not MISSING else None
+    if default is None:
+        return nullable[-1] if nullable else str
+    return type(default)
+
+
+#: The configuration every run starts from (a nested dict: sections of options).
+DEFAULTS: dict[str, Any] = RunConfig().to_dict()
 
 #: Values allowed for the enumerated fields.
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "data.dataset": ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet"),
-    "optim.name": ("sgd", "adamw", "rmsprop"),
-    "optim.schedule": ("cosine", "constant"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "loss.resource.budget_type": ("params", "macs"),
-    "train.progress_bar": ("auto", "tqdm", "plain", "none"),
+    dotted: item.metadata["choices"]
+    for dotted, item in _options()
+    if item.metadata["choices"] is not None
 }
 
 AUGMENTATIONS = ("random_crop", "hflip", "random_resized_crop", "color_jitter", "autoaugment")
 
 #: Flat command-line flags -> (dotted key, argparse type, help).
 FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--model": (
-        "model.name",
-        str,
-        "network name: one of dynaconv.list_models(), a torchvision classification model "
-        "(e.g. resnet18) or, when timm is installed, a timm model (e.g. efficientnet_b0)",
-    ),
-    "--dataset": (
-        "data.dataset",
-        str,
-        "digits | mnist | fashion_mnist | cifar10 | cifar100 | imagenet",
-    ),
-    "--data-dir": ("data.dir", str, "dataset folder"),
-    "--batch-size": ("data.batch_size", int, "global batch size"),
-    "--workers": ("data.workers", int, "data-loader worker processes"),
-    "--epochs": ("train.epochs", int, "number of epochs"),
-    "--max-iters": ("train.max_iters", int, "stop after this many iterations"),
-    "--lr": ("optim.lr", float, "peak learning rate"),
-    "--optimizer": ("optim.name", str, "sgd | adamw | rmsprop"),
-    "--weight-decay": ("optim.weight_decay", float, "weight decay"),
-    "--warmup-epochs": ("optim.warmup_epochs", float, "linear warm-up length in epochs"),
-    "--aux-weight": ("loss.aux_weight", float, "weight of dynaconv.aux_loss"),
-    "--amp": ("train.amp", str, "none | bf16 | fp16"),
-    "--ema": ("train.ema_decay", float, "EMA decay (0: off)"),
-    "--seed": ("train.seed", int, "random seed"),
-    "--device": ("train.device", str, "auto | cpu | cuda"),
-    "--out": ("train.out_dir", str, "run folder (instead of runs/NAME)"),
-    "--checkpoint-every": ("train.checkpoint_every_iters", int, "also checkpoint every N iters"),
-    "--name": (
-        "name",
-        str,
-        "run name, the folder runs/NAME (default: the recipe's name, else "
-        "MODEL-METHOD-YYYYmmdd-HHMMSS, numbered when taken)",
-    ),
+    item.metadata["flag"]: (dotted, _flag_type(item), item.metadata["help"])
+    for dotted, item in _options()
+    if item.metadata["flag"] is not None
 }
 
 #: Boolean switches -> dotted key (set to true).
 SWITCHES: dict[str, tuple[str, str]] = {
-    "--download": ("data.download", "download the dataset if absent (needs network)"),
-    "--deterministic": ("train.deterministic", "deterministic algorithms (bitwise repeatable)"),
-    "--channels-last": ("model.channels_last", "channels_last memory format"),
-    "--compile": ("model.compile", "torch.compile the model"),
-    "--sync-bn": ("model.sync_bn", "SyncBatchNorm under DDP"),
+    item.metadata["switch"]: (dotted, item.metadata["help"])
+    for dotted, item in _options()
+    if item.metadata["switch"] is not None
 }
 
 
@@ -533,54 +718,17 @@ def config_from_text(text: str, origin: str) -> dict[str, Any]:
 
 #: Types allowed for the keys whose default is null (``None`` is always allowed there).
 NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
-    "model.convert": (dict,),
-    "data.dir": (str,),
-    "data.image_size": (int,),
-    "data.channels": (int,),
-    "data.eval_resize": (int,),
-    "data.train_subset": (int,),
-    "data.val_subset": (int,),
-    "optim.clip_grad_norm": (int, float),
-    "train.max_iters": (int,),
-    "train.out_dir": (str,),
+    dotted: item.metadata["nullable"]
+    for dotted, item in _options()
+    if item.metadata["nullable"] is not None
 }
-
-_POSITIVE = (0.0, False, math.inf, True)  # (low, low included, high, high included)
-_NON_NEGATIVE = (0.0, True, math.inf, True)
-_UNIT = (0.0, True, 1.0, False)  # [0, 1)
 
 #: Ranges of the numeric keys: ``(low, low included, high, high included)``; a null value
 #: (where allowed) is not checked.
 RULES: dict[str, tuple[float, bool, float, bool]] = {
-    "data.batch_size": _POSITIVE,
-    "data.eval_batch_size": _POSITIVE,
-    "data.workers": _NON_NEGATIVE,
-    "data.crop_padding": _NON_NEGATIVE,
-    "data.image_size": _POSITIVE,
-    "data.channels": _POSITIVE,
-    "data.eval_resize": _POSITIVE,
-    "data.train_subset": _POSITIVE,
-    "data.val_subset": _POSITIVE,
-    "optim.lr": _POSITIVE,
-    "optim.momentum": _UNIT,
-    "optim.weight_decay": _NON_NEGATIVE,
-    "optim.eps": _POSITIVE,
-    "optim.alpha": _UNIT,
-    "optim.warmup_epochs": _NON_NEGATIVE,
-    "optim.warmup_start": (0.0, True, 1.0, True),
-    "optim.min_lr": _NON_NEGATIVE,
-    "optim.clip_grad_norm": _POSITIVE,
-    "optim.label_smoothing": _UNIT,
-    "loss.aux_weight": _NON_NEGATIVE,
-    "loss.resource.budget": (0.0, False, 1.0, True),
-    "loss.resource.exponent": _POSITIVE,
-    "train.epochs": _POSITIVE,
-    "train.max_iters": _POSITIVE,
-    "train.ema_decay": _UNIT,
-    "train.ema_every": _POSITIVE,
-    "train.checkpoint_every_iters": _NON_NEGATIVE,
-    "train.eval_every_epochs": _POSITIVE,
-    "train.log_every_iters": _POSITIVE,
+    dotted: item.metadata["range"]
+    for dotted, item in _options()
+    if item.metadata["range"] is not None
 }
 
 

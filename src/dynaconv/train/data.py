@@ -143,6 +143,10 @@ def _find_idx(root: Path, name: str, stem: str) -> Path | None:
 
 
 def _read_idx(path: Path, name: str) -> Tensor:
+    # Not torchvision's read_image_file/read_label_file: they read neither gzip files (as
+    # Debian installs the datasets) nor check the header beyond asserts, so a truncated or
+    # foreign file fails with an AssertionError or a view error instead of a DataError naming
+    # the file and the expected layout; the format itself is 20 lines (magic, shape, bytes).
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:

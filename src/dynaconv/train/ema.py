@@ -24,10 +24,9 @@ groups where the model had 2). A buffer is structural when
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from dynaconv.layers._base import DynaConv2d
 
@@ -64,17 +63,43 @@ def structural_parameter_names(model: nn.Module) -> set[str]:
 
 
 class ModelEMA:
-    """An averaged copy of a model (``.module``), updated by :meth:`update` after each step."""
+    """An averaged copy of a model (``.module``), updated by :meth:`update` after each step.
+
+    The averaging is torch's :class:`~torch.optim.swa_utils.AveragedModel` (buffers included)
+    with :meth:`_average` as its averaging function: the exponential moving average, except
+    for the structural state, which it copies (module docstring). Unlike ``AveragedModel``'s
+    default start (the first update copies the model), the average starts from the model as it
+    is when the EMA is made, and every update averages. :meth:`state_dict` is the averaged
+    module's (the checkpoints' ``ema`` entry, as before ``AveragedModel`` was used).
+    """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.module = copy.deepcopy(model).eval()
+        self.averaged = AveragedModel(model, avg_fn=self._average, use_buffers=True)
+        self.averaged.n_averaged.fill_(1)  # the copy made here is the first average
+        self.module.eval()
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
         self.structural = structural_buffer_names(model)
         self.structural_parameters = structural_parameter_names(model)
+        #: Addresses of the averaged module's structural tensors (``AveragedModel`` passes
+        #: tensors, not names, to the averaging function); taken at each update, since moving
+        #: the module (``.to``) moves them.
+        self._copied: set[int] = set()
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged model."""
+        return self.averaged.module
+
+    def _average(self, averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        """The next value of one averaged tensor: the model's for structural state, else
+        ``decay * averaged + (1 - decay) * current``."""
+        if averaged.data_ptr() in self._copied or not averaged.is_floating_point():
+            return current
+        return averaged.lerp(current.to(averaged.dtype), 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_structure(self, model: nn.Module) -> None:
@@ -91,19 +116,14 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema_params = dict(self.module.named_parameters())
-        for name, parameter in model.named_parameters():
-            if name in self.structural_parameters:
-                ema_params[name].copy_(parameter.detach())
-            else:
-                ema_params[name].lerp_(parameter.detach(), 1.0 - self.decay)
-        ema_buffers = dict(self.module.named_buffers())
-        for name, buffer in model.named_buffers():
-            target = ema_buffers[name]
-            if name in self.structural or not buffer.is_floating_point():
-                target.copy_(buffer)
-            else:
-                target.lerp_(buffer.detach().to(target.dtype), 1.0 - self.decay)
+        """One averaging step towards ``model`` (after an optimiser step)."""
+        named = [*self.module.named_parameters(), *self.module.named_buffers()]
+        self._copied = {
+            tensor.data_ptr()
+            for name, tensor in named
+            if name in self.structural or name in self.structural_parameters
+        }
+        self.averaged.update_parameters(model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -27,7 +27,9 @@ Checkpoints are written at the end of every epoch and, with ``train.checkpoint_e
 every N iterations (mid-epoch), always by rank 0 only; ``--resume`` continues bit-for-bit
 (same data order, augmentation, RNG, schedule). The run folder's rules (no silent overwrite,
 a consistent end-of-epoch set restored on resume, stale temporary files removed) are those of
-:mod:`dynaconv.train.runfolder`.
+:mod:`dynaconv.train.runfolder`; the checkpoint set is written and repaired by
+:mod:`dynaconv.train.checkpoint_set`, resuming is :mod:`dynaconv.train.resume`, the logs
+(``metrics.csv``, TensorBoard) are :mod:`dynaconv.train.runlog`: this module is the loop.
 
 **Non-finite values stop the run and keep the last good set.** A loss that is NaN or infinite
 on any rank raises :class:`NonFiniteLossError`; before any checkpoint replaces the previous
@@ -49,9 +51,6 @@ objective is :class:`dynaconv.layers.resource_constraint.ResourceConstraint` its
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import sys
 import time
@@ -69,22 +68,15 @@ import dynaconv
 
 from .checkpoint import (
     FORMAT,
-    RESUME_ENTRIES,
     VERSION,
-    CheckpointError,
-    atomic_save,
-    atomic_write_bytes,
     atomic_write_text,
     capture_rng,
     json_text,
-    load_checkpoint,
-    load_state,
     model_state,
-    read_metadata,
-    restore_rng,
     save_safetensors,
 )
-from .config import ConfigError, dump_config, short_text, validate_config
+from .checkpoint_set import CheckpointSet
+from .config import ConfigError, RunConfig, dump_config, short_text
 from .data import ResumableSampler, ShardSampler, build_datasets
 from .distributed import (
     Distributed,
@@ -96,9 +88,12 @@ from .distributed import (
     setup_distributed,
 )
 from .ema import ModelEMA
+from .errors import NonFiniteLossError
 from .factory import build_model, build_optimizer, learning_rate, resource_objective
 from .names import known_model
+from .resume import read_resume, restore_objects, resumed_state, score
 from .runfolder import RunLock, prepare_run_folder, remove_artefacts
+from .runlog import RunLog
 from .runnames import RUNS, claim_run_folder, default_run_name
 from .ui import Progress
 
@@ -116,10 +111,6 @@ __all__ = [
     "setup_distributed",
     "train",
 ]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,11 +137,6 @@ def first_nonfinite(modules: dict[str, nn.Module]) -> str | None:
 # the trainer
 
 
-def _score(row: dict[str, Any]) -> float | None:
-    """The accuracy that ranks an epoch for ``best.pt`` (EMA's when present); None: not evaluated."""
-    return row["ema_val_acc"] if row.get("ema_val_acc") is not None else row.get("val_acc")
-
-
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:
     """The line printed at the end of an epoch."""
     shown = (
@@ -163,14 +149,6 @@ def _epoch_line(row: dict[str, Any], epochs: int) -> str:
         f"epoch {row['epoch']}/{epochs}: train_loss {row['train_loss']:.4f} "
         f"train_acc {row['train_acc']:.4f} {shown}"
     )
-
-
-def _best_iteration(state: dict[str, Any]) -> int | None:
-    """The iteration of the first history row that reached ``best_acc`` (older checkpoints)."""
-    for row in state["history"]:
-        if _score(row) is not None and _score(row) >= state["best_acc"]:
-            return row["iteration"]
-    return None
 
 
 class Trainer:
@@ -201,11 +179,10 @@ class Trainer:
         The run folder is checked (and created) first, then the checkpoint to resume is read
         and checked, before any data is loaded or any model built.
         """
-        validate_config(config)
+        self.settings = RunConfig.from_dict(config)  # validated; typed
         self.config = dict(config)  # a default name is filled in below, not in the caller's
         self.verbose = verbose
-        tc = self.config["train"]
-        self.ddp = setup_distributed(tc["device"])
+        self.ddp = setup_distributed(self.settings.train.device)
         self.device = self.ddp.device
         self.out, claimed = self._run_folder()
         resume = None if resume is None else Path(resume)
@@ -232,16 +209,16 @@ class Trainer:
         """``train.out_dir``, else ``runs/NAME``; without a name, one derived from the model,
         the method and the time, whose folder is claimed (created) here: ``(folder, claimed)``.
         """
-        config, tc = self.config, self.config["train"]
+        config, out_dir = self.config, self.settings.train.out_dir
         if config["name"] is None:
-            if tc["out_dir"] is not None:
-                config["name"] = default_run_name(config)
-                return Path(tc["out_dir"]), False
+            if out_dir is not None:
+                config["name"] = self.settings.name = default_run_name(config)
+                return Path(out_dir), False
             folder = claim_run_folder(default_run_name(config)) if self.ddp.is_main else None
             folder = Path(broadcast_object(None if folder is None else str(folder), self.ddp))
-            config["name"] = folder.name
+            config["name"] = self.settings.name = folder.name
             return folder, True
-        return Path(tc["out_dir"] or RUNS / config["name"]), False
+        return Path(out_dir or RUNS / config["name"]), False
 
     def _build(
         self,
@@ -250,10 +227,12 @@ class Trainer:
         network: Callable[..., nn.Module] | None,
     ) -> None:
         """Everything after the run folder's checks: data, model, optimizer, resumed state."""
-        tc = config["train"]
-        payload = None if resume is None else self._read_resume(resume)
-        seed_everything(tc["seed"], tc["deterministic"])
-        self.train_set, self.val_set, self.info = build_datasets(config["data"], tc["seed"])
+        tc = self.settings.train
+        payload = None if resume is None else read_resume(resume, self.config)
+        seed_everything(tc.seed, tc.deterministic)
+        self.train_set, self.val_set, self.info = build_datasets(config["data"], tc.seed)
+        input_shape = [self.info.channels, self.info.image_size, self.info.image_size]
+        self.checkpoints = CheckpointSet(self.out, input_shape)
         self._plan_iterations()
         self.model, self.conversion_report = build_model(
             config, self.info, network, return_report=True
@@ -261,11 +240,11 @@ class Trainer:
         self.model.to(self.device)
         self._check_forward()
         if self.ddp.enabled:
-            torch.manual_seed(tc["seed"] + self.ddp.rank)  # different dropout per rank
-        self.ema = ModelEMA(self.model, tc["ema_decay"]) if tc["ema_decay"] > 0 else None
+            torch.manual_seed(tc.seed + self.ddp.rank)  # different dropout per rank
+        self.ema = ModelEMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
         self.resource = self._resource_objective()
         self.optimizer = build_optimizer(self.model, config["optim"])
-        amp = tc["amp"]
+        amp = tc.amp
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.state = self._initial_state()
@@ -292,8 +271,8 @@ class Trainer:
 
     def _plan_iterations(self) -> None:
         """Per-process batch, iterations per epoch, total iterations and epochs of the run."""
-        tc = self.config["train"]
-        global_batch = self.config["data"]["batch_size"]
+        tc = self.settings.train
+        global_batch = self.settings.data.batch_size
         if global_batch % self.ddp.world:
             raise ConfigError(
                 f"data.batch_size {global_batch} must be divisible by the {self.ddp.world} processes"
@@ -304,8 +283,8 @@ class Trainer:
             raise ConfigError(
                 f"data.batch_size {global_batch} exceeds the {len(self.train_set)} training examples"
             )
-        planned = tc["epochs"] * self.iters_per_epoch
-        self.total_iters = min(planned, tc["max_iters"]) if tc["max_iters"] else planned
+        planned = tc.epochs * self.iters_per_epoch
+        self.total_iters = min(planned, tc.max_iters) if tc.max_iters else planned
         self.epochs = math.ceil(self.total_iters / self.iters_per_epoch)
 
     @torch.no_grad()
@@ -314,7 +293,7 @@ class Trainer:
         data's input, or gives fewer logits than the data has classes, is a
         :class:`ConfigError` before training instead of a traceback in the first epoch."""
         example = self.val_set[0][0].unsqueeze(0).to(self.device)
-        name = self.config["model"]["name"]
+        name = self.settings.model.name
         was_training = self.model.training
         self.model.eval()
         try:
@@ -344,9 +323,9 @@ class Trainer:
 
     def _resource_objective(self) -> Callable[[Tensor], Tensor] | None:
         """The DGConv resource objective when ``loss.resource.enabled``, else None."""
-        resource = self.config["loss"]["resource"]
-        if not resource["enabled"]:
+        if not self.settings.loss.resource.enabled:
             return None
+        resource = self.config["loss"]["resource"]
         shape = (self.info.channels, self.info.image_size, self.info.image_size)
         return resource_objective(self.model, resource, shape)
 
@@ -366,12 +345,12 @@ class Trainer:
         }
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        mc = self.config["model"]
-        if mc["channels_last"]:
+        mc = self.settings.model
+        if mc.channels_last:
             model = model.to(memory_format=torch.channels_last)
         net: nn.Module = model
         if self.ddp.enabled:
-            if mc["sync_bn"]:
+            if mc.sync_bn:
                 if self.device.type != "cuda":
                     raise ConfigError(
                         "model.sync_bn needs CUDA (PyTorch's SyncBatchNorm is GPU-only)"
@@ -380,67 +359,33 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        if mc["compile"]:
+        if mc.compile:
             net = torch.compile(net)
         return net
 
-    def _read_resume(self, path: Path) -> dict[str, Any]:
-        """The checkpoint to resume, checked for every entry resuming needs."""
-        from .config import config_from_text
-
-        payload = load_checkpoint(path, RESUME_ENTRIES)
-        stored = config_from_text(payload["config"], f"checkpoint {path}")
-        if stored["optim"]["name"] != self.config["optim"]["name"]:
-            raise ConfigError(
-                f"optim.name is {self.config['optim']['name']!r} but checkpoint {path} was "
-                f"written with {stored['optim']['name']!r}; its optimizer state cannot resume"
-            )
-        if payload["ema"] is None and self.config["train"]["ema_decay"] > 0:
-            raise ConfigError(f"train.ema_decay is set but checkpoint {path} has no EMA state")
-        return payload
-
     def _resume(self, path: Path, payload: dict[str, Any]) -> None:
-        load_state(self.model, payload["model"], f"checkpoint {path} (model)")
-        if self.ema is not None:
-            load_state(self.ema.module, payload["ema"], f"checkpoint {path} (ema)")
-        try:
-            self.optimizer.load_state_dict(payload["optimizer"])
-            if payload["scaler"] is not None and self.scaler.is_enabled():
-                self.scaler.load_state_dict(payload["scaler"])
-        except (KeyError, ValueError, RuntimeError, TypeError) as error:
-            raise CheckpointError(
-                f"checkpoint {path}: the optimizer state does not fit this model and "
-                f"optimizer ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-            ) from None
-        self.state.update(payload["state"])
-        if self.state["best_iteration"] is None:  # written before best_iteration was kept
-            self.state["best_iteration"] = _best_iteration(self.state)
-        if self.state["world_size"] != self.ddp.world and self.ddp.is_main:
-            print(
-                f"warning: {path} was written by {self.state['world_size']} processes, resuming "
-                f"with {self.ddp.world}: the data order of the interrupted epoch changes",
-                file=sys.stderr,
-            )
-        rng = payload["rng"]
-        restore_rng(rng)
-        per_rank = rng.get("torch_per_rank") or []
-        if self.ddp.rank < len(per_rank):
-            torch.set_rng_state(per_rank[self.ddp.rank])
-        self.state["world_size"] = self.ddp.world
+        ema = None if self.ema is None else self.ema.module
+        restore_objects(
+            path,
+            payload,
+            model=self.model,
+            ema=ema,
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            rank=self.ddp.rank,
+        )
         self.check_finite(f"checkpoint {path}")
-        stored_total = self.state.get("total_iters")
-        if stored_total is not None and stored_total != self.total_iters and self.ddp.is_main:
-            print(
-                f"warning: {path} was written by a run of {stored_total} iterations, this one "
-                f"has {self.total_iters} (train.epochs / train.max_iters): the learning rate "
-                f"and layer schedules continue from iteration {self.state['iteration']} of "
-                f"{self.total_iters}",
-                file=sys.stderr,
-            )
-        self.state["total_iters"] = self.total_iters
+        self.state = resumed_state(
+            self.state,
+            path,
+            payload,
+            world=self.ddp.world,
+            total_iters=self.total_iters,
+            warn=self.ddp.is_main,
+        )
 
     def _loader(self, dataset: Any, sampler: Any, batch: int, drop_last: bool) -> DataLoader:
-        workers = self.config["data"]["workers"]
+        workers = self.settings.data.workers
         return DataLoader(
             dataset,
             batch_size=batch,
@@ -460,19 +405,19 @@ class Trainer:
 
     def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         images = images.to(self.device, non_blocking=True)
-        if self.config["model"]["channels_last"]:
+        if self.settings.model.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(self.device, non_blocking=True)
 
     # ---- one step
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        lc = self.config["loss"]
+        aux_weight = self.settings.loss.aux_weight
         loss = F.cross_entropy(
-            logits.float(), labels, label_smoothing=self.config["optim"]["label_smoothing"]
+            logits.float(), labels, label_smoothing=self.settings.optim.label_smoothing
         )
-        if lc["aux_weight"]:
-            loss = loss + lc["aux_weight"] * dynaconv.aux_loss(self.model).float()
+        if aux_weight:
+            loss = loss + aux_weight * dynaconv.aux_loss(self.model).float()
         if self.resource is not None:
             loss = self.resource(loss)
         return loss
@@ -499,7 +444,7 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        clip = self.config["optim"]["clip_grad_norm"]
+        clip = self.settings.optim.clip_grad_norm
         if clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -511,7 +456,7 @@ class Trainer:
         # weights do not change before the next step, which would set the same value.)
         dynaconv.set_progress(self.model, self.state["iteration"] / self.total_iters)
         if self.ema is not None:
-            if self.state["iteration"] % self.config["train"]["ema_every"] == 0:
+            if self.state["iteration"] % self.settings.train.ema_every == 0:
                 self.ema.update(self.model)
             else:
                 self.ema.copy_structure(self.model)
@@ -527,7 +472,7 @@ class Trainer:
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
         """Validation loss and accuracy of ``model`` (all ranks; each evaluates a shard)."""
         sampler = ShardSampler(len(self.val_set), self.ddp.world, self.ddp.rank)
-        loader = self._loader(self.val_set, sampler, self.config["data"]["eval_batch_size"], False)
+        loader = self._loader(self.val_set, sampler, self.settings.data.eval_batch_size, False)
         was_training = model.training
         model.eval()
         loss_sum = correct = count = 0.0
@@ -598,112 +543,18 @@ class Trainer:
         self.check_finite()
         payload = self._checkpoint_payload()  # every rank joins the RNG gather
         if self.ddp.is_main:
-            atomic_save(payload, self.out / "last.pt")
+            self.checkpoints.write_last(payload)
             self.checkpointed = True
             if best:
-                atomic_save(payload, self.out / "best.pt")
-                self._save_best_weights(payload)
-
-    def _save_best_weights(self, payload: dict[str, Any]) -> None:
-        """``best.safetensors``: the evaluation weights of the checkpoint ``payload``."""
-        weights = payload["ema"] if payload["ema"] is not None else payload["model"]
-        bad = next(
-            (k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()),
-            None,
-        )
-        if bad is not None:
-            raise NonFiniteLossError(
-                f"{bad} of the checkpoint of iteration {payload['state']['iteration']} is NaN "
-                "or infinite; best.safetensors is not written from it"
-            )
-        metadata = self._weights_metadata(payload["config"], payload["state"]["iteration"])
-        save_safetensors(weights, self.out / "best.safetensors", metadata)
+                self.checkpoints.write_best(payload)
 
     def eval_model(self) -> nn.Module:
         """The model used for validation and the final weights: the EMA when enabled."""
         return self.ema.module if self.ema is not None else self.model
 
-    def _weights_metadata(
-        self, config_text: str | None = None, iteration: int | None = None
-    ) -> dict[str, str]:
-        shape = [self.info.channels, self.info.image_size, self.info.image_size]
-        iteration = self.state["iteration"] if iteration is None else iteration
-        return {
-            "format": "dynaconv-train-weights",
-            "config": config_text if config_text is not None else dump_config(self.config),
-            "input_shape": json.dumps(shape),
-            "iteration": str(iteration),
-        }
-
-    def _history_csv(self) -> str:
-        rows = self.state["history"]
-        handle = io.StringIO(newline="")
-        table = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        table.writeheader()
-        table.writerows(rows)
-        return handle.getvalue()
-
-    def _write_history(self, writer: Any) -> None:
-        atomic_write_text(self._history_csv(), self.out / "metrics.csv")
-        if writer is not None:
-            row = self.state["history"][-1]
-            for key, value in row.items():
-                if key not in ("epoch", "iteration") and value is not None:
-                    writer.add_scalar(f"epoch/{key}", value, row["epoch"])
-            writer.flush()
-
     def repair_run_folder(self) -> list[str]:
-        """Restore the end-of-epoch set from the resumed checkpoint; what was restored.
-
-        ``best.pt`` must be the checkpoint of ``state["best_iteration"]``: a stale or missing
-        one is copied from the resumed checkpoint when that is the best epoch's, or from the
-        ``best.pt`` beside it. ``best.safetensors`` must carry that iteration in its metadata,
-        else it is rebuilt from ``best.pt``; ``metrics.csv`` is rebuilt from the history rows.
-        """
-        restored = []
-        wanted = self.state["best_iteration"]
-        best_path = self.out / "best.pt"
-        if wanted is not None and _checkpoint_iteration(best_path) != wanted:
-            sources = [self.resumed_from, self.resumed_from.parent / "best.pt"]
-            source = next((p for p in sources if _checkpoint_iteration(p) == wanted), None)
-            if source is None:
-                print(
-                    f"warning: best.pt of iteration {wanted} is neither in {self.out} nor beside "
-                    f"{self.resumed_from}; best.pt is written again when an epoch beats "
-                    f"{self.state['best_acc']:.4f}",
-                    file=sys.stderr,
-                )
-            else:
-                data = source.read_bytes()
-                atomic_write_bytes(data, best_path)
-                restored.append(f"best.pt (from {source.name})")
-        best_weights = self.out / "best.safetensors"
-        if (
-            wanted is not None
-            and _checkpoint_iteration(best_path) == wanted
-            and _weights_iteration(best_weights) != str(wanted)
-        ):
-            self._save_best_weights(load_checkpoint(best_path))
-            restored.append("best.safetensors (from best.pt)")
-        metrics = self.out / "metrics.csv"
-        if self.state["history"]:
-            text = self._history_csv()
-            if not metrics.is_file() or metrics.read_bytes() != text.encode():
-                atomic_write_text(text, metrics)
-                restored.append("metrics.csv (from the history rows)")
-        elif metrics.exists():
-            metrics.unlink()
-            restored.append("metrics.csv (removed: no epoch done)")
-        return restored
-
-    def _tensorboard(self) -> Any:
-        if not (self.ddp.is_main and self.config["train"]["tensorboard"]):
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(
-            str(self.out / "tensorboard"), purge_step=self.state["iteration"] or None
-        )
+        """Restore the end-of-epoch set from the resumed checkpoint (:meth:`CheckpointSet.repair`)."""
+        return self.checkpoints.repair(self.state, self.resumed_from)
 
     # ---- the loop
 
@@ -718,7 +569,7 @@ class Trainer:
             self.close()
 
     def _fit(self) -> dict[str, Any]:
-        tc = self.config["train"]
+        tc = self.settings.train
         if self.ddp.is_main:
             remove_artefacts(self.replaced)  # --overwrite: the set-up succeeded
             if self.resumed_from is not None:
@@ -726,38 +577,38 @@ class Trainer:
                     print(f"resume: restored {item}", file=sys.stderr)
             self.written.append(self.out / "config.yaml")
             atomic_write_text(dump_config(self.config), self.out / "config.yaml")
-            if tc["tensorboard"] and not (self.out / "tensorboard").exists():
+            if tc.tensorboard and not (self.out / "tensorboard").exists():
                 self.written.append(self.out / "tensorboard")
         self.epochs = self.epochs_of_run()
-        writer = self._tensorboard()
-        sampler = ResumableSampler(self.train_set, self.ddp.world, self.ddp.rank, tc["seed"])
+        self.log = RunLog(self.out, tensorboard=tc.tensorboard, enabled=self.ddp.is_main)
+        self.log.open(self.state["iteration"])
+        sampler = ResumableSampler(self.train_set, self.ddp.world, self.ddp.rank, tc.seed)
         progress = Progress(
             self.total_iters,
             self.state["iteration"],
-            tc["progress_bar"],
-            tc["log_every_iters"],
+            tc.progress_bar,
+            tc.log_every_iters,
             enabled=self.ddp.is_main,
         )
         started = time.perf_counter() - self.state["elapsed"]
         try:
             while self.state["iteration"] < self.total_iters:
-                self._train_epoch(sampler, progress, writer)
+                self._train_epoch(sampler, progress)
                 self.state["elapsed"] = time.perf_counter() - started
-                self._end_epoch(writer)
+                self._end_epoch()
         finally:
             progress.close()
-            if writer is not None:
-                writer.close()
+            self.log.close()
         self.state["elapsed"] = time.perf_counter() - started
         return self._finish()
 
-    def _train_epoch(self, sampler: ResumableSampler, progress: Progress, writer: Any) -> None:
+    def _train_epoch(self, sampler: ResumableSampler, progress: Progress) -> None:
         epoch, done = self.state["epoch"], self.state["batches_done"]
         sampler.set_epoch(epoch)
         sampler.skip(done * self.local_batch)
         self.train_set.epoch = epoch
         loader = self._loader(self.train_set, sampler, self.local_batch, True)
-        every = self.config["train"]["checkpoint_every_iters"]
+        every = self.settings.train.checkpoint_every_iters
         self.net.train()
         for images, labels in loader:
             if self.state["iteration"] >= self.total_iters:
@@ -770,36 +621,34 @@ class Trainer:
             progress.update(
                 epoch, loss, acc, lr, len(labels) * self.ddp.world, time.perf_counter() - tick
             )
-            if writer is not None and self.state["iteration"] % progress.every == 0:
-                writer.add_scalar("train/loss", loss, self.state["iteration"])
-                writer.add_scalar("train/lr", lr, self.state["iteration"])
+            if self.state["iteration"] % progress.every == 0:
+                self.log.train_step(self.state["iteration"], loss, lr)
             if every and self.state["iteration"] % every == 0:
                 self.save_checkpoint()
 
-    def _end_epoch(self, writer: Any) -> None:
+    def _end_epoch(self) -> None:
         """Validate (every ``train.eval_every_epochs`` epochs and after the last), log, save."""
         self.sync_buffers()
         row = self._epoch_row()
-        score = _score(row)
-        best = score is not None and score > self.state["best_acc"]
+        accuracy = score(row)
+        best = accuracy is not None and accuracy > self.state["best_acc"]
         if best:
-            self.state["best_acc"] = score
+            self.state["best_acc"] = accuracy
             self.state["best_iteration"] = self.state["iteration"]
         self.state["history"].append(row)
         self.state["epoch"] += 1
         self.state["batches_done"] = 0
         self.state["epoch_stats"] = [0.0, 0.0, 0.0]
         self.save_checkpoint(best=best)
-        if self.ddp.is_main:
-            self._write_history(writer)
-            if self.verbose:
-                print(_epoch_line(row, self.epochs), file=sys.stderr)
+        self.log.end_epoch(self.state["history"])
+        if self.ddp.is_main and self.verbose:
+            print(_epoch_line(row, self.epochs), file=sys.stderr)
 
     def _epoch_row(self) -> dict[str, Any]:
         """The history row of the epoch that ends (validated when it is due)."""
         number = self.state["epoch"] + 1
         evaluated = (
-            number % self.config["train"]["eval_every_epochs"] == 0
+            number % self.settings.train.eval_every_epochs == 0
             or self.state["iteration"] >= self.total_iters
         )
         val_loss = val_acc = ema_acc = None
@@ -823,21 +672,22 @@ class Trainer:
         final = self.eval_model()
         history = self.state["history"]
         summary: dict[str, Any] = {
-            "name": self.config["name"],
+            "name": self.settings.name,
             "epochs": len(history),
             "iterations": self.state["iteration"],
             "processes": self.ddp.world,
             "best_val_acc": self.state["best_acc"],
-            "final_val_acc": _score(history[-1]),
+            "final_val_acc": score(history[-1]),
             "train_time_s": round(self.state["elapsed"], 2),
             "out_dir": str(self.out),
         }
         if not self.ddp.is_main:
             return summary
         self.check_finite()
-        save_safetensors(
-            model_state(final), self.out / "model.safetensors", self._weights_metadata()
+        metadata = self.checkpoints.weights_metadata(
+            dump_config(self.config), self.state["iteration"]
         )
+        save_safetensors(model_state(final), self.out / "model.safetensors", metadata)
         shape = (1, self.info.channels, self.info.image_size, self.info.image_size)
         try:
             report = dynaconv.profile(final, shape, deployed=False)
@@ -846,7 +696,7 @@ class Trainer:
             )
         except Exception as error:  # the summary must not fail on a profile issue
             summary["profile_error"] = str(error)
-        if self.config["train"]["plots"]:
+        if self.settings.train.plots:
             from .plots import plot_curves, plot_structure
 
             plot_curves(history, self.out / "curves.png")
@@ -871,19 +721,3 @@ def train(
     ``resume``, ``overwrite``, ``network`` and ``verbose`` as for :class:`Trainer`.
     """
     return Trainer(config, resume, overwrite=overwrite, network=network, verbose=verbose).fit()
-
-
-def _checkpoint_iteration(path: Path) -> int | None:
-    """``state["iteration"]`` of the checkpoint at ``path``; None when absent or unreadable."""
-    try:
-        return int(load_checkpoint(path, {"state": dict})["state"]["iteration"])
-    except (CheckpointError, KeyError, TypeError, ValueError):
-        return None
-
-
-def _weights_iteration(path: Path) -> str | None:
-    """The ``iteration`` metadata of a safetensors file; None when absent or unreadable."""
-    try:
-        return read_metadata(path).get("iteration")
-    except CheckpointError:
-        return None

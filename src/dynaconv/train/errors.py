@@ -1,4 +1,4 @@
-"""The training package's error type and how its messages quote values (a module of its own
+"""The training package's error types and how its messages quote values (a module of its own
 so that every train module, the configuration's validators included, can use them without
 importing each other)."""
 
@@ -7,11 +7,15 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-__all__ = ["ConfigError", "short_repr", "short_text"]
+__all__ = ["ConfigError", "NonFiniteLossError", "short_repr", "short_text"]
 
 
 class ConfigError(ValueError):
     """An invalid configuration (unknown key, wrong type, bad value)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
 
 def short_text(text: str, limit: int = 200) -> str:

@@ -29,7 +29,7 @@ legacy ``pretrained``, timm's ``pretrained_cfg`` or ``checkpoint_path``, one add
 future version) can never be set by a file: a configuration never fetches or reads another
 file. To allow another architecture argument, add it from Python before the configuration
 is read, e.g. ``allow_model_kwargs("torchvision", "resnet", "norm_layer")`` in a launcher
-script that then calls :func:`dynaconv.train.cli.main`; to train a network of your own, pass
+script that then calls :func:`dynaconv.cli.main`; to train a network of your own, pass
 it to :class:`~dynaconv.train.engine.Trainer` from Python (``network=``) or register its
 builder with :func:`dynaconv.models.register_model`.
 

@@ -19,7 +19,7 @@ The parser's description and epilog (:data:`DESCRIPTION`, :data:`EPILOG`) are wh
 command first checks the optional dependencies it needs (:data:`COMMAND_EXTRAS`): a missing one
 is one line naming the extra to install, exit status 2, before any file is read or written.
 No file given to any command runs code (see :mod:`dynaconv.train.names` and
-:mod:`dynaconv.train.commands`); ``eval --unsafe-load-pt2`` is the one explicit exception.
+:mod:`dynaconv.cli.commands`); ``eval --unsafe-load-pt2`` is the one explicit exception.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from dynaconv.families import list_families
-
-from .config import FLAGS, SWITCHES, ConfigError, list_recipes
-from .extras import MissingExtraError, require_extras
+from dynaconv.train.config import FLAGS, SWITCHES, ConfigError, list_recipes
+from dynaconv.train.extras import MissingExtraError, require_extras
 
 EXIT_ERROR = 2
 EXIT_NONFINITE = 3
@@ -76,7 +75,7 @@ def _add_convert_arguments(group: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an option of the method, e.g. --convert-opt D_mul=12 (model.convert.options)",
+        help="an option of the family, e.g. --convert-opt D_mul=12 (model.convert.options)",
     )
 
 
@@ -121,14 +120,14 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _resolve(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    from .config import resolve_config
+    from dynaconv.train.config import resolve_config
 
     return resolve_config(args.recipe, _flag_values(args), _overrides(args), base=base)
 
 
 def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """``--data-dir`` and ``--set`` of the checkpoint commands, as ``{dotted key: value}``."""
-    from .config import parse_assignment
+    from dynaconv.train.config import parse_assignment
 
     values: dict[str, Any] = {}
     if args.data_dir is not None:
@@ -151,18 +150,18 @@ def resume_base(stored: dict[str, Any], checkpoint: str) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .engine import train
+    from dynaconv.train.engine import train
 
     base = None
     if args.resume:
-        from .checkpoint import load_checkpoint
-        from .config import config_from_text
+        from dynaconv.train.checkpoint import load_checkpoint
+        from dynaconv.train.config import config_from_text
 
         stored = load_checkpoint(args.resume, {"config": str})["config"]
         base = resume_base(config_from_text(stored, f"checkpoint {args.resume}"), args.resume)
     config = _resolve(args, base)
     if args.print_config:
-        from .config import dump_config
+        from dynaconv.train.config import dump_config
 
         print(dump_config(config), end="")
         return 0
@@ -180,7 +179,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.device,
         unsafe_load_pt2=args.unsafe_load_pt2,
     )
-    from .checkpoint import json_text
+    from dynaconv.train.checkpoint import json_text
 
     print(json_text(result))
     return 0
@@ -192,7 +191,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     result = deploy_checkpoint(
         args.checkpoint, args.out, _data_overrides(args), args.weights, overwrite=args.overwrite
     )
-    from .checkpoint import json_text
+    from dynaconv.train.checkpoint import json_text
 
     print(json_text(result))
     return 0
@@ -261,7 +260,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         fixed_batch=args.batch,
         format=args.format,
     )
-    from .checkpoint import json_text
+    from dynaconv.train.checkpoint import json_text
 
     print(json_text(result))
     return 0
@@ -318,12 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo_text = (
-        "train a small CNN on scikit-learn's digits with every method (a few hundred steps "
+        "train a small CNN on scikit-learn's digits with every family (a few hundred steps "
         "each, on the CPU), deploy, verify and compare them in one table"
     )
     demo = sub.add_parser("demo", help=demo_text, description=demo_text)
     demo.add_argument(
-        "--out", help="keep each method's run folder as OUT/METHOD (default: temporary folders)"
+        "--out", help="keep each family's run folder as OUT/FAMILY (default: temporary folders)"
     )
 
     train_text = "train a model (recipe, flags, --set overrides) into a run folder"
@@ -460,12 +459,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"dynaconv demo: error: {_one_line(error)}", file=sys.stderr)
             return EXIT_ERROR
     from dynaconv.lifecycle import DeployVerificationError
+    from dynaconv.train.checkpoint import CheckpointError
+    from dynaconv.train.data import DataError
+    from dynaconv.train.engine import NonFiniteLossError
+    from dynaconv.train.runfolder import RunFolderError
 
-    from .checkpoint import CheckpointError
     from .commands import ExportError
-    from .data import DataError
-    from .engine import NonFiniteLossError
-    from .runfolder import RunFolderError
 
     commands = {
         "train": _cmd_train,

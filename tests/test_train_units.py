@@ -1,4 +1,5 @@
-"""Training system units: configuration, recipes, schedule, EMA, checkpoints, data errors."""
+"""Training system units: schedule, EMA, checkpoints, data errors (the configuration:
+``tests/test_config.py``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
+from dynaconv.cli import main
 from dynaconv.layers._base import DynaConv2d
 from dynaconv.train.checkpoint import (
     FORMAT,
@@ -23,114 +26,14 @@ from dynaconv.train.checkpoint import (
     load_checkpoint,
     restore_rng,
 )
-from dynaconv.train.cli import main
 from dynaconv.train.config import (
-    CHOICES,
     DEFAULTS,
     ConfigError,
-    list_recipes,
-    load_recipe,
     resolve_config,
 )
 from dynaconv.train.data import DataError, build_datasets
 from dynaconv.train.ema import ModelEMA, structural_buffer_names
-from dynaconv.train.engine import known_model, learning_rate
-
-PAPER_RECIPES = {
-    "condensenet86-cifar10",
-    "condensenet86-cifar100",
-    "condensenet182-cifar10",
-    "condensenet182-cifar100",
-    "condensenet74-imagenet-g4",
-    "condensenet74-imagenet-g8",
-    "dydensenet86-cifar10",
-    "dyresnet18-imagenet",
-    "g-resnext50-imagenet",
-    "efficientnet-b0-condconv8-imagenet",
-    "doconv-resnet18-imagenet",
-}
-
-
-# --------------------------------------------------------------------------------------------
-# configuration
-
-
-def test_precedence_defaults_recipe_flags_set():
-    config = resolve_config(
-        "digits-small",
-        flags={"optim.lr": 0.2, "train.epochs": 7},
-        overrides=["optim.lr=0.05", "data.augment=[hflip]", "model.kwargs.width=8"],
-    )
-    assert config["optim"]["lr"] == 0.05  # --set beats the flag
-    assert config["train"]["epochs"] == 7  # the flag beats the recipe (5)
-    assert config["data"]["batch_size"] == 32  # the recipe beats the default (64)
-    assert config["optim"]["min_lr"] == DEFAULTS["optim"]["min_lr"]
-    assert config["data"]["augment"] == ["hflip"]
-    assert config["model"]["kwargs"] == {"width": 8}
-    assert config["name"] == "digits-small"
-
-
-def test_convert_section_created_by_overrides():
-    config = resolve_config(
-        None, overrides=["model.convert.method=doconv", "model.convert.options.D_mul=12"]
-    )
-    assert config["model"]["convert"] == {"method": "doconv", "options": {"D_mul": 12}}
-    assert resolve_config(None, overrides=["model.convert=null"])["model"]["convert"] is None
-
-
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("optim.lrr=0.1", "optim.lrr"),
-        ("optimizer.lr=0.1", "optimizer"),
-        ("optim.lr=fast", "optim.lr must be of type float"),
-        ("train.amp=fp8", "train.amp must be one of"),
-        ("data.augment=[mixup]", "data.augment"),
-        ("model.convert.method=nosuch", "model.convert.method"),
-        ("train.epochs=0", "train.epochs must be positive"),
-        ("optim.lr", "section.key=value"),
-        ("data.batch_size=true", "data.batch_size must be of type int"),
-    ],
-)
-def test_bad_overrides_name_the_field(override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
-        resolve_config(None, overrides=[override])
-
-
-def test_unknown_recipe_lists_the_shipped_ones(tmp_path):
-    with pytest.raises(ConfigError, match="digits-small"):
-        load_recipe("no-such-recipe")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("optim: {lr: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_recipe(str(bad))
-
-
-def test_recipes_all_parse_and_reference_known_models_and_datasets():
-    names = set(list_recipes())
-    assert PAPER_RECIPES | {"digits-small", "fashion-mnist-small"} <= names
-    for name in names:
-        config = resolve_config(name)
-        assert known_model(config["model"]["name"]), (name, config["model"]["name"])
-        assert config["data"]["dataset"] in CHOICES["data.dataset"]
-    assert resolve_config("g-resnext50-imagenet")["loss"]["resource"]["enabled"] is True
-    assert resolve_config("doconv-resnet18-imagenet")["model"]["convert"]["method"] == "doconv"
-    assert resolve_config("condensenet182-cifar100")["train"]["epochs"] == 600
-
-
-def test_print_config_through_the_cli(capsys):
-    assert main(["train", "--recipe", "digits-small", "--lr", "0.3", "--print-config"]) == 0
-    import yaml
-
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["optim"]["lr"] == 0.3
-    assert printed["model"]["name"] == "digits_cnn"
-
-
-def test_cli_rejects_bad_config_with_exit_code_2(capsys):
-    assert main(["train", "--set", "optim.nope=1"]) == 2
-    assert "optim.nope" in capsys.readouterr().err
-
+from dynaconv.train.engine import learning_rate
 
 # --------------------------------------------------------------------------------------------
 # learning-rate schedule
@@ -420,3 +323,22 @@ def test_imagenet_folder_tree_with_recipe_augmentations(tmp_path):
     (tmp_path / "val" / "dog").rename(tmp_path / "val" / "bird")
     with pytest.raises(DataError, match="class folders differ"):
         build_datasets(config["data"], 0)
+
+
+def test_ema_keeps_copying_structure_after_the_averaged_module_moves():
+    """The EMA is torch's AveragedModel with the structural-copy rule; the rule follows the
+    averaged module's tensors when they move (``.to``), not their first storage."""
+    model = nn.Sequential(_MaskedConv(), _Declared())
+    ema = ModelEMA(model, decay=0.5)
+    assert isinstance(ema.averaged, AveragedModel) and ema.module is ema.averaged.module
+    ema.module.to(torch.float64)
+    model.to(torch.float64)
+    with torch.no_grad():
+        model[0].mask[1:, :2] = 0.0
+        model[1].gate_state.fill_(1.0)
+        model[1].statistic.fill_(4.0)
+    ema.update(model)
+    state = ema.state_dict()
+    assert torch.equal(state["0.mask"], model[0].mask)
+    assert torch.equal(state["1.gate_state"], model[1].gate_state)
+    torch.testing.assert_close(state["1.statistic"], torch.full((5,), 2.0, dtype=torch.float64))

@@ -1,5 +1,5 @@
-"""Configuration validation and bad input on the command line: one line naming the key or the
-file, exit status 2, no traceback, and nothing done before the error."""
+"""Configuration: precedence, recipes, validation, and bad input on the command line (one line
+naming the key or the file, exit status 2, no traceback, and nothing done before the error)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,146 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from conftest import TINY_RUN
+from dynaconv.cli import main
+from dynaconv.train import config as config_module
 from dynaconv.train.checkpoint import atomic_save, load_checkpoint
-from dynaconv.train.cli import main
-from dynaconv.train.config import DEFAULTS, RULES, ConfigError, resolve_config
+from dynaconv.train.config import (
+    CHOICES,
+    DEFAULTS,
+    FLAGS,
+    NULLABLE_TYPES,
+    RULES,
+    SWITCHES,
+    ConfigError,
+    OptimConfig,
+    RunConfig,
+    list_recipes,
+    load_recipe,
+    resolve_config,
+)
 from dynaconv.train.data import DataError, build_datasets
+from dynaconv.train.engine import known_model
+
+PAPER_RECIPES = {
+    "condensenet86-cifar10",
+    "condensenet86-cifar100",
+    "condensenet182-cifar10",
+    "condensenet182-cifar100",
+    "condensenet74-imagenet-g4",
+    "condensenet74-imagenet-g8",
+    "dydensenet86-cifar10",
+    "dyresnet18-imagenet",
+    "g-resnext50-imagenet",
+    "efficientnet-b0-condconv8-imagenet",
+    "doconv-resnet18-imagenet",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_precedence_defaults_recipe_flags_set():
+    config = resolve_config(
+        "digits-small",
+        flags={"optim.lr": 0.2, "train.epochs": 7},
+        overrides=["optim.lr=0.05", "data.augment=[hflip]", "model.kwargs.width=8"],
+    )
+    assert config["optim"]["lr"] == 0.05  # --set beats the flag
+    assert config["train"]["epochs"] == 7  # the flag beats the recipe (5)
+    assert config["data"]["batch_size"] == 32  # the recipe beats the default (64)
+    assert config["optim"]["min_lr"] == DEFAULTS["optim"]["min_lr"]
+    assert config["data"]["augment"] == ["hflip"]
+    assert config["model"]["kwargs"] == {"width": 8}
+    assert config["name"] == "digits-small"
+
+
+def test_every_option_is_declared_once_in_the_typed_config():
+    """DEFAULTS, the flags, choices, ranges and nullable types are generated from the
+    dataclasses; a validated configuration reads as typed attributes."""
+    assert RunConfig().to_dict() == DEFAULTS
+    options = dict(config_module._options())
+    assert set(RULES) | set(CHOICES) | set(NULLABLE_TYPES) <= set(options)
+    for flag, (dotted, kind, text) in {
+        **FLAGS,
+        **{k: (d, bool, t) for k, (d, t) in SWITCHES.items()},
+    }.items():
+        assert options[dotted].metadata["flag" if kind is not bool else "switch"] == flag
+        assert text == options[dotted].metadata["help"] and text
+    config = resolve_config("digits-small", overrides=["optim.lr=0.05", "data.augment=[hflip]"])
+    typed = RunConfig.from_dict(config)
+    assert isinstance(typed.optim, OptimConfig) and typed.optim.lr == 0.05
+    assert typed.train.epochs == 5 and typed.data.augment == ["hflip"]
+    assert typed.loss.resource.budget_type == "params"
+    assert typed.to_dict() == config
+    typed.data.augment.append("random_crop")  # a copy: the dict is not changed
+    assert config["data"]["augment"] == ["hflip"]
+    bad = {**config, "optim": {**config["optim"], "lr": -1.0}}
+    with pytest.raises(ConfigError, match=r"optim\.lr must be positive"):
+        RunConfig.from_dict(bad)
+
+
+def test_convert_section_created_by_overrides():
+    config = resolve_config(
+        None, overrides=["model.convert.method=doconv", "model.convert.options.D_mul=12"]
+    )
+    assert config["model"]["convert"] == {"method": "doconv", "options": {"D_mul": 12}}
+    assert resolve_config(None, overrides=["model.convert=null"])["model"]["convert"] is None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=0.1", "optim.lrr"),
+        ("optimizer.lr=0.1", "optimizer"),
+        ("optim.lr=fast", "optim.lr must be of type float"),
+        ("train.amp=fp8", "train.amp must be one of"),
+        ("data.augment=[mixup]", "data.augment"),
+        ("model.convert.method=nosuch", "model.convert.method"),
+        ("train.epochs=0", "train.epochs must be positive"),
+        ("optim.lr", "section.key=value"),
+        ("data.batch_size=true", "data.batch_size must be of type int"),
+    ],
+)
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        resolve_config(None, overrides=[override])
+
+
+def test_unknown_recipe_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(ConfigError, match="digits-small"):
+        load_recipe("no-such-recipe")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lr: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(str(bad))
+
+
+def test_recipes_all_parse_and_reference_known_models_and_datasets():
+    names = set(list_recipes())
+    assert PAPER_RECIPES | {"digits-small", "fashion-mnist-small"} <= names
+    for name in names:
+        config = resolve_config(name)
+        assert known_model(config["model"]["name"]), (name, config["model"]["name"])
+        assert config["data"]["dataset"] in CHOICES["data.dataset"]
+    assert resolve_config("g-resnext50-imagenet")["loss"]["resource"]["enabled"] is True
+    assert resolve_config("doconv-resnet18-imagenet")["model"]["convert"]["method"] == "doconv"
+    assert resolve_config("condensenet182-cifar100")["train"]["epochs"] == 600
+
+
+def test_print_config_through_the_cli(capsys):
+    assert main(["train", "--recipe", "digits-small", "--lr", "0.3", "--print-config"]) == 0
+    import yaml
+
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 0.3
+    assert printed["model"]["name"] == "digits_cnn"
+
+
+def test_cli_rejects_bad_config_with_exit_code_2(capsys):
+    assert main(["train", "--set", "optim.nope=1"]) == 2
+    assert "optim.nope" in capsys.readouterr().err
+
 
 cli_settings = settings(
     max_examples=15,

@@ -37,8 +37,7 @@ from torch.utils.data import DataLoader
 
 import dynaconv
 from dynaconv.lifecycle import DeployVerificationError, verify_outputs
-
-from .checkpoint import (
+from dynaconv.train.checkpoint import (
     CheckpointError,
     atomic_write_file,
     atomic_write_text,
@@ -49,7 +48,7 @@ from .checkpoint import (
     load_weights,
     save_safetensors,
 )
-from .config import (
+from dynaconv.train.config import (
     ConfigError,
     config_from_text,
     dump_config,
@@ -57,10 +56,10 @@ from .config import (
     set_path,
     validate_config,
 )
-from .data import build_datasets, dataset_info
-from .extras import require_extras
-from .factory import build_model
-from .runfolder import make_writable_folder
+from dynaconv.train.data import build_datasets, dataset_info
+from dynaconv.train.extras import require_extras
+from dynaconv.train.factory import build_model
+from dynaconv.train.runfolder import make_writable_folder
 
 __all__ = [
     "ExportError",
