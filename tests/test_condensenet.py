@@ -17,12 +17,14 @@ from dynaconv.layers import lgc_deployed
 from dynaconv.layers.lgc import CondensedGroupConv2d
 from dynaconv.models import create_model
 from dynaconv.models.condensenet import (
+    GROUP_ROWS_MIN,
     CondensedDenseBlock,
     CondensedDenseLayer,
     CondenseNet,
     PrunedLinear,
     condensenet_light,
     deploy_condensenet,
+    padded_group_kernel,
 )
 
 FIXTURE = ("condensenet", "condensenet86_cifar10.pt")
@@ -275,6 +277,45 @@ def test_folded_dense_blocks_equal_the_layers_own_path(group_3x3, batch):
     assert_close64(deployed(x), model(x))
 
 
+def test_padded_group_kernel_computes_the_grouped_conv():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 8, 3, padding=1, groups=4, bias=False).double()
+    padded = padded_group_kernel(conv, 4)
+    assert padded.shape == (16, 8, 3, 3)
+    x = torch.randn(2, 32, 9, 7, dtype=torch.float64)
+    y = nn.functional.conv2d(x, padded, None, 1, 1, 1, 4).view(2, 4, 4, 9, 7)
+    assert_close64(y[:, :, :2].reshape(2, 8, 9, 7), conv(x))
+    assert torch.count_nonzero(y[:, :, 2:]) == 0
+    assert padded_group_kernel(conv, 2) is None  # already 2 rows per group
+    assert padded_group_kernel(nn.Conv2d(32, 8, 3, padding=1), 4) is None  # not grouped
+    assert padded_group_kernel(nn.Conv2d(32, 8, 3, padding=1, groups=4), 4) is None  # bias
+    reflect = nn.Conv2d(32, 8, 3, padding=1, groups=4, bias=False, padding_mode="reflect")
+    assert padded_group_kernel(reflect, 4) is None
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_padded_3x3_convs_equal_the_grouped_conv(batch):
+    """_small's 3x3 convs have 2 outputs per group: the block runs them padded."""
+    model = _small()
+    dynaconv.set_progress(model, 1.0)
+    deployed = deploy_condensenet(model)
+    layers = [m for m in deployed.modules() if isinstance(m, CondensedDenseLayer)]
+    assert all(
+        layer._padded_conv_2.shape[0] == GROUP_ROWS_MIN * layer.conv_2.groups for layer in layers
+    )
+    x = torch.randn(batch, 3, 16, 16, dtype=torch.float64)
+    assert_close64(deployed(x), _module_path(deployed)(x))
+    conv = layers[0].conv_2
+    with torch.no_grad():
+        conv.weight.mul_(-0.5)  # written in place: the next eager forward pads it anew
+    assert_close64(deployed(x), _module_path(deployed)(x))
+    replacement = copy.deepcopy(layers[1].conv_2)
+    with torch.no_grad():
+        replacement.weight.normal_()
+    layers[1].conv_2 = replacement  # replaced: likewise
+    assert_close64(deployed(x), _module_path(deployed)(x))
+
+
 def test_folded_gather_workspace_path(monkeypatch):
     monkeypatch.setattr(lgc_deployed, "WORKSPACE_MIN_NUMEL", 0)
     model = _small()
@@ -314,8 +355,9 @@ def test_folded_form_follows_loaded_and_edited_weights():
 
 
 def test_onnx_graph_of_the_deployed_condensenet(tmp_path):
-    """Per dense layer the exported graph holds one Gather, one Max (the folded BN-ReLU), the
-    two convs and the concatenation; no scatter (in-place buffer writes), no BatchNorm."""
+    """Per dense layer the exported graph holds two Gathers (the kept channels; the channel
+    shuffle), one Max (the folded BN-ReLU), the two convs and the concatenation; no scatter
+    (in-place buffer writes), no BatchNorm, no Transpose."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
@@ -333,7 +375,8 @@ def test_onnx_graph_of_the_deployed_condensenet(tmp_path):
     )
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     layers = 4
-    assert ops.count("Gather") == layers and ops.count("Max") == layers
+    assert ops.count("Gather") == 2 * layers and ops.count("Max") == layers
+    assert "Transpose" not in ops
     assert ops.count("Conv") == 1 + 2 * layers and ops.count("Concat") == layers
     assert ops.count("BatchNormalization") == 1  # the head's (before pooling)
     assert "ScatterND" not in ops

@@ -397,12 +397,7 @@ class CondensedDenseLayer(nn.Module):
         if padded is None:
             target.copy_(conv._conv_forward(hidden, conv.weight, conv.bias))
             return
-        bias = conv.bias
-        if bias is not None:
-            rows = conv.out_channels // conv.groups
-            bias = F.pad(bias.view(conv.groups, rows), (0, padded.shape[0] // conv.groups - rows))
-            bias = bias.reshape(-1)
-        y = F.conv2d(hidden, padded, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        y = F.conv2d(hidden, padded, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         batch, _, height, width = y.shape
         groups = conv.groups
         real = target.view(batch, groups, -1, height, width)
@@ -530,12 +525,17 @@ GROUP_ROWS_MIN = 4
 
 def padded_group_kernel(conv: nn.Conv2d, rows: int) -> Tensor | None:
     """``conv``'s kernel with each group's output rows padded by zero kernels to ``rows``
-    ``(groups * rows, Cin / groups, kh, kw)``, or ``None`` when it has that many already, is
-    not grouped or pads other than with zeros. Row ``g * rows + n`` (``n`` below the group's
-    ``Cout / groups`` rows) is the kernel's row ``g * Cout / groups + n``; the padded rows
-    compute zeros (plus a padded bias), which the caller drops."""
+    ``(groups * rows, Cin / groups, kh, kw)``, or ``None`` unless it is a grouped conv with
+    fewer rows per group, no bias and zero padding (CondenseNet's 3x3 convs). Row
+    ``g * rows + n`` (``n`` below the group's ``Cout / groups`` rows) is the kernel's row
+    ``g * Cout / groups + n``; the padded rows compute zeros, which the caller drops."""
     per_group = conv.out_channels // conv.groups
-    if conv.groups == 1 or per_group >= rows or conv.padding_mode != "zeros":
+    if (
+        conv.groups == 1
+        or per_group >= rows
+        or conv.bias is not None
+        or conv.padding_mode != "zeros"
+    ):
         return None
     weight = conv.weight.detach().view(conv.groups, per_group, -1)
     padded = F.pad(weight, (0, 0, 0, rows - per_group))
