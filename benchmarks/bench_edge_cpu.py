@@ -210,6 +210,7 @@ def unpadded_3x3(deployed: nn.Module) -> nn.Module:
     plain = copy.deepcopy(deployed)
     for module in plain.modules():
         if isinstance(module, CondensedDenseLayer):
+            module.refresh()  # a copy's tensors carry new versions: derive its state first
             module._buffers["_padded_conv_2"] = None
     return plain
 

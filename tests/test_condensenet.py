@@ -316,6 +316,37 @@ def test_padded_3x3_convs_equal_the_grouped_conv(batch):
     assert_close64(deployed(x), _module_path(deployed)(x))
 
 
+def test_deployed_checkpoint_keeps_its_layout(tmp_path):
+    """The folded and padded tensors are derived, not saved: a deployed state dict written
+    with safetensors holds the layout deployed folders always had and loads into another
+    deployed network, which then computes the saved one."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    model, other = _small(), _small()
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(1.5)
+    for network in (model, other):
+        dynaconv.set_progress(network, 1.0)
+    deployed, target = deploy_condensenet(model), deploy_condensenet(other)
+    state = deployed.state_dict()
+    assert not [key for key in state if "_folded" in key or "_padded" in key]
+    layer = "features.denseblock_1.denselayer_1."
+    assert {key[len(layer) :] for key in state if key.startswith(layer)} == {
+        "conv_1.index",
+        "conv_1.weight",
+        "conv_1.in_scale",
+        "conv_1.in_shift",
+        "conv_1.out_scale",
+        "conv_1.out_shift",
+        "conv_2.weight",
+    }
+    path = tmp_path / "deployed.safetensors"
+    safetensors.save_file({key: value.contiguous() for key, value in state.items()}, path)
+    target.load_state_dict(safetensors.load_file(path))
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    assert_close64(target(x), deployed(x))
+
+
 def test_folded_gather_workspace_path(monkeypatch):
     monkeypatch.setattr(lgc_deployed, "WORKSPACE_MIN_NUMEL", 0)
     model = _small()
