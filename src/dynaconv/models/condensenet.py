@@ -27,9 +27,11 @@ growing ``torch.cat`` copies are gone; layers read a channel prefix of the buffe
 On the CPU each dense layer runs its folded form
 (:class:`~dynaconv.layers.lgc_deployed.FoldedPointwise`: both BatchNorms in the 1x1 kernel and
 bias, one gather, one clamp, one matrix product, one ReLU pass writing the shuffled order, then
-the 3x3 conv); traced or exported, the block concatenates instead (graphs have no in-place
-writes), so an ONNX or ExecuTorch graph holds per layer a Gather, a Max, two Convs, a
-Transpose where the shuffle is kept, and a Concat.
+the 3x3 conv, whose kernel is padded with zero rows to :data:`GROUP_ROWS_MIN` outputs per
+group where it has fewer: oneDNN runs the padded grouped conv faster); traced or exported,
+the block concatenates instead (graphs have no in-place writes), so an ONNX or ExecuTorch
+graph holds per layer a Gather, a Max, two Convs, the shuffle where it is kept (a channel
+Gather in ONNX, a Transpose otherwise), and a Concat.
 ``prune_classifier=True`` reproduces the reference's lossy conversion, which keeps the half
 of the classifier's input features with the largest column L1 norm.
 """
@@ -413,8 +415,9 @@ class CondensedDenseBlock(nn.Module):
 
     On the CPU (eager or traced) each layer runs as ``conv_2(folded_pointwise(features))``
     (:meth:`CondensedDenseLayer.folded`): per layer a gather, a clamp, one matrix product and a
-    ReLU, then the 3x3 conv; eager, the new features go into a buffer allocated once per block
-    (the layers gather from it in place), traced, into a concatenation (ONNX has no in-place
+    ReLU, then the 3x3 conv (eager: on its padded kernel, :func:`padded_group_kernel`, where
+    it has one); eager, the new features go into a buffer allocated once per block (the
+    layers gather from it in place), traced, into a concatenation (ONNX has no in-place
     writes). Elsewhere the layers run their own forward (on CUDA: the fused Triton kernel).
     """
 
