@@ -5,9 +5,13 @@ Sections (``--only`` picks some):
 
 * ``condensenet``: CondenseNet-86 (CIFAR, 32px, random weights condensed to the end, BatchNorm
   statistics from a random batch, as ``bench_deploy_cpu.py``), deployed, against its twin with
-  plain convs (``plain_counterpart``), at each ``--batches``: eager (also the previous
-  deployed form, layer by layer, which the blocks still run when a layer carries a forward
-  hook) and onnxruntime (dynamic-batch export), and in ExecuTorch at batch 1;
+  plain convs (``plain_counterpart``) and the paper's converted model (``paper_converted``),
+  at each ``--batches``: eager (also the deployed network with its 3x3 convs unpadded and the
+  previous deployed form, layer by layer, which the blocks still run when a layer carries a
+  forward hook) and onnxruntime (dynamic-batch export), and in ExecuTorch at batch 1. Its
+  tables give each variant's thread CPU time beside the wall time (steadier on a loaded
+  machine). One command, a few minutes on a quiet machine:
+  ``python benchmarks/bench_edge_cpu.py --only condensenet``;
 * ``condconv``: EfficientNet-B0-CondConv8 (``--condconv-size``, default 224px), batch 1: in
   onnxruntime exported for a fixed batch of 1 (``dynaconv export --batch 1``: kxk layers are
   the kernel mixing and one Conv) and with a dynamic batch, against timm's EfficientNet-B0
