@@ -277,16 +277,26 @@ def test_folded_dense_blocks_equal_the_layers_own_path(group_3x3, batch):
     assert_close64(deployed(x), model(x))
 
 
-def test_padded_group_kernel_computes_the_grouped_conv():
+@pytest.mark.parametrize(
+    ("groups", "per_in", "per_out", "rows", "kernel"),
+    [(4, 8, 2, 4, 3), (2, 3, 1, 4, 3), (8, 2, 3, 8, 1), (3, 5, 2, 5, 5)],
+)
+def test_padded_group_kernel_computes_the_grouped_conv(groups, per_in, per_out, rows, kernel):
     torch.manual_seed(0)
-    conv = nn.Conv2d(32, 8, 3, padding=1, groups=4, bias=False).double()
-    padded = padded_group_kernel(conv, 4)
-    assert padded.shape == (16, 8, 3, 3)
-    x = torch.randn(2, 32, 9, 7, dtype=torch.float64)
-    y = nn.functional.conv2d(x, padded, None, 1, 1, 1, 4).view(2, 4, 4, 9, 7)
-    assert_close64(y[:, :, :2].reshape(2, 8, 9, 7), conv(x))
-    assert torch.count_nonzero(y[:, :, 2:]) == 0
-    assert padded_group_kernel(conv, 2) is None  # already 2 rows per group
+    conv = nn.Conv2d(
+        groups * per_in, groups * per_out, kernel, padding=kernel // 2, groups=groups, bias=False
+    ).double()
+    padded = padded_group_kernel(conv, rows)
+    assert padded.shape == (groups * rows, per_in, kernel, kernel)
+    x = torch.randn(2, groups * per_in, 9, 7, dtype=torch.float64)
+    y = nn.functional.conv2d(x, padded, None, 1, kernel // 2, 1, groups)
+    y = y.view(2, groups, rows, 9, 7)
+    assert_close64(y[:, :, :per_out].reshape(2, groups * per_out, 9, 7), conv(x))
+    assert torch.count_nonzero(y[:, :, per_out:]) == 0
+    assert padded_group_kernel(conv, per_out) is None  # already that many rows per group
+
+
+def test_padded_group_kernel_applies_only_to_grouped_unbiased_zero_padded_convs():
     assert padded_group_kernel(nn.Conv2d(32, 8, 3, padding=1), 4) is None  # not grouped
     assert padded_group_kernel(nn.Conv2d(32, 8, 3, padding=1, groups=4), 4) is None  # bias
     reflect = nn.Conv2d(32, 8, 3, padding=1, groups=4, bias=False, padding_mode="reflect")
