@@ -5,9 +5,13 @@ Sections (``--only`` picks some):
 
 * ``condensenet``: CondenseNet-86 (CIFAR, 32px, random weights condensed to the end, BatchNorm
   statistics from a random batch, as ``bench_deploy_cpu.py``), deployed, against its twin with
-  plain convs (``plain_counterpart``), at each ``--batches``: eager (also the previous
-  deployed form, layer by layer, which the blocks still run when a layer carries a forward
-  hook) and onnxruntime (dynamic-batch export), and in ExecuTorch at batch 1;
+  plain convs (``plain_counterpart``) and the paper's converted model (``paper_converted``),
+  at each ``--batches``: eager (also the deployed network with its 3x3 convs unpadded and the
+  previous deployed form, layer by layer, which the blocks still run when a layer carries a
+  forward hook) and onnxruntime (dynamic-batch export), and in ExecuTorch at batch 1. Its
+  tables give each variant's thread CPU time beside the wall time (steadier on a loaded
+  machine). One command, a few minutes on a quiet machine:
+  ``python benchmarks/bench_edge_cpu.py --only condensenet``;
 * ``condconv``: EfficientNet-B0-CondConv8 (``--condconv-size``, default 224px), batch 1: in
   onnxruntime exported for a fixed batch of 1 (``dynaconv export --batch 1``: kxk layers are
   the kernel mixing and one Conv) and with a dynamic batch, against timm's EfficientNet-B0
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import tempfile
 import time
@@ -131,31 +136,127 @@ def timed_rows(title: str, fns: Timed, base: str, args: argparse.Namespace) -> l
 # sections
 
 
+def measure_wall_and_cpu(
+    fns: Timed, warmup: int, reps: int, target_ms: float = 5.0
+) -> dict[str, tuple[float, float]]:
+    """Median wall and thread CPU milliseconds per call of each of ``fns``, samples taken in
+    turn (round robin). On a loaded machine the thread's CPU time leaves out the time it
+    waited for a core (not the cache and memory-bus contention); one torch thread and one
+    onnxruntime thread both compute on the calling thread."""
+    inners = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        started = time.perf_counter()
+        fn()
+        single_ms = (time.perf_counter() - started) * 1e3
+        inners[name] = max(1, min(100, int(target_ms / max(single_ms, 1e-3))))
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            inner = inners[name]
+            wall, cpu = time.perf_counter(), time.thread_time()
+            for _ in range(inner):
+                fn()
+            cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+            samples[name].append((wall * 1e3 / inner, cpu * 1e3 / inner))
+    return {
+        name: (
+            statistics.median(wall for wall, _ in values),
+            statistics.median(cpu for _, cpu in values),
+        )
+        for name, values in samples.items()
+    }
+
+
+def timed_rows_cpu(title: str, fns: Timed, base: str, args: argparse.Namespace) -> list[list[str]]:
+    """Interleaved medians of ``fns``; one row each: wall ms, its ratio to ``base``, thread
+    CPU ms and its ratio."""
+    ms = measure_wall_and_cpu(fns, args.warmup, args.reps)
+    wall_base, cpu_base = ms[base]
+    return [
+        [
+            title,
+            name,
+            f"{wall:.2f}",
+            f"{wall / wall_base:.2f}x",
+            f"{cpu:.2f}",
+            f"{cpu / cpu_base:.2f}x",
+        ]
+        for name, (wall, cpu) in ms.items()
+    ]
+
+
+CONDENSENET_HEADER = ("table", "variant", "wall ms", "wall ratio", "CPU ms", "CPU ratio")
+
+
+def paper_converted(network: nn.Module) -> nn.Module:
+    """CondenseNet as the paper's code converts it (``convert_model``): each learned group conv
+    becomes gather, BatchNorm, ReLU, grouped conv and channel shuffle as separate ops, the 3x3
+    conv keeps its BatchNorm and ReLU, the block concatenates. The classifier stays whole
+    (the reference also prunes half its inputs; at 10 classes that is noise here)."""
+    from bench_lgc import ReferenceConverted
+    from dynaconv.models.condensenet import CondenseLayer
+
+    converted = copy.deepcopy(network).eval()
+    for module in converted.modules():
+        if isinstance(module, CondenseLayer):
+            module.conv_1 = ReferenceConverted(module.conv_1, module.norm_1).eval()
+            module.norm_1, module.relu_1 = nn.Identity(), nn.Identity()
+    return converted.requires_grad_(False)
+
+
+def unpadded_3x3(deployed: nn.Module) -> nn.Module:
+    """A copy of a deployed CondenseNet whose grouped 3x3 convs run unpadded
+    (``condensenet.GROUP_ROWS_MIN``)."""
+    from dynaconv.models.condensenet import CondensedDenseLayer
+
+    plain = copy.deepcopy(deployed)
+    for module in plain.modules():
+        if isinstance(module, CondensedDenseLayer):
+            module.refresh()  # a copy's tensors carry new versions: derive its state first
+            module._buffers["_padded_conv_2"] = None
+    return plain
+
+
 def condensenet_section(args: argparse.Namespace, folder: Path) -> list[list[str]]:
     network = argparse.Namespace(image_size=32, dgconv_groups=2, gresnext_groups=32)
     models = prepare(CASES["condensenet86"], 32, network, torch.Generator().manual_seed(0))
     previous = layer_by_layer(models.deployed)
-    rows = []
+    paper = paper_converted(models.network)
     check = models.batch(3, offset=2)
+    with torch.inference_mode():
+        error = relative_error(paper(check), models.network(check))
+    if not error <= 1e-4:
+        raise RuntimeError(f"paper's converted model differs (max rel. error {error:.2g})")
+    rows = []
     onnx = {
         label: onnx_runner(model, models.example, folder, label, dynamic=True, check=check)
-        for label, model in (("dense", models.dense), ("deployed", models.deployed))
+        for label, model in (
+            ("dense", models.dense),
+            ("deployed", models.deployed),
+            ("paper", paper),
+        )
     }
     for batch in args.batches:
         x = models.batch(batch)
         fns: Timed = {
             "dense twin": eager(models.dense, x),
             "deployed": eager(models.deployed, x),
+            "paper's converted model": eager(paper, x),
+            "deployed, 3x3 convs unpadded": eager(unpadded_3x3(models.deployed), x),
             "deployed, layer by layer (previous form)": eager(previous, x),
             "noise: dense twin again": eager(models.dense, x),
         }
-        rows += timed_rows(f"CondenseNet-86 eager, batch {batch}", fns, "dense twin", args)
+        rows += timed_rows_cpu(f"CondenseNet-86 eager, batch {batch}", fns, "dense twin", args)
         fns = {
             "dense twin": onnx["dense"](x),
             "deployed": onnx["deployed"](x),
+            "paper's converted model": onnx["paper"](x),
             "noise: dense twin again": onnx["dense"](x),
         }
-        rows += timed_rows(f"CondenseNet-86 onnxruntime, batch {batch}", fns, "dense twin", args)
+        title = f"CondenseNet-86 onnxruntime, batch {batch}"
+        rows += timed_rows_cpu(title, fns, "dense twin", args)
     if args.executorch:
         x = models.batch(1)
         dense = pte_runner(models.dense, x, folder, "condensenet_dense")
@@ -164,7 +265,8 @@ def condensenet_section(args: argparse.Namespace, folder: Path) -> list[list[str
             "deployed": pte_runner(models.deployed, x, folder, "condensenet_deployed"),
             "noise: dense twin again": dense,
         }
-        rows += timed_rows("CondenseNet-86 ExecuTorch (XNNPACK), batch 1", fns, "dense twin", args)
+        title = "CondenseNet-86 ExecuTorch (XNNPACK), batch 1"
+        rows += timed_rows_cpu(title, fns, "dense twin", args)
     return rows
 
 
@@ -284,26 +386,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "condconv": condconv_section,
         "executorch": executorch_section,
     }
-    rows: list[list[str]] = []
+    headers = {name: ("table", "variant", "median ms", "ratio") for name in sections}
+    headers["condensenet"] = CONDENSENET_HEADER
+    results: dict[str, list[list[str]]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.only:
             if name == "executorch" and not args.executorch:
                 continue
             started = time.perf_counter()
-            section = sections[name](args, Path(folder))
-            rows += section
+            results[name] = sections[name](args, Path(folder))
             print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
-            print(markdown_table(("table", "variant", "median ms", "ratio"), section), flush=True)
+            print(markdown_table(headers[name], results[name]), flush=True)
     print(f"\n{machine_line(versions)}; median of {args.reps} interleaved samples")
-    print(f"command: `{command}`\n")
-    print(markdown_table(("table", "variant", "median ms", "ratio"), rows))
+    print(f"command: `{command}`")
+    for name, section in results.items():
+        print(f"\n{markdown_table(headers[name], section)}")
     if args.json is not None:
-        keys = ("table", "variant", "median_ms", "ratio")
-        write_json(
-            args.json,
-            {"machine": machine_line(versions), "command": command,
-             "rows": [dict(zip(keys, row)) for row in rows]},
-        )  # fmt: skip
+        keys = {name: [h.replace(" ", "_") for h in header] for name, header in headers.items()}
+        rows = [dict(zip(keys[name], row)) for name, section in results.items() for row in section]
+        write_json(args.json, {"machine": machine_line(versions), "command": command, "rows": rows})
     return 0
 
 

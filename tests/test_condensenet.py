@@ -17,12 +17,14 @@ from dynaconv.layers.lgc import deployed as lgc_deployed
 from dynaconv.layers.lgc.layer import CondensedGroupConv2d
 from dynaconv.models import create_model
 from dynaconv.models.condensenet import (
+    GROUP_ROWS_MIN,
     CondensedDenseBlock,
     CondensedDenseLayer,
     CondenseNet,
     PrunedLinear,
     condensenet_light,
     deploy_condensenet,
+    padded_group_kernel,
 )
 
 FIXTURE = ("condensenet", "condensenet86_cifar10.pt")
@@ -279,6 +281,86 @@ def test_folded_dense_blocks_equal_the_layers_own_path(group_3x3, batch):
     assert_close64(deployed(x), model(x))
 
 
+@pytest.mark.parametrize(
+    ("groups", "per_in", "per_out", "rows", "kernel"),
+    [(4, 8, 2, 4, 3), (2, 3, 1, 4, 3), (8, 2, 3, 8, 1), (3, 5, 2, 5, 5)],
+)
+def test_padded_group_kernel_computes_the_grouped_conv(groups, per_in, per_out, rows, kernel):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(
+        groups * per_in, groups * per_out, kernel, padding=kernel // 2, groups=groups, bias=False
+    ).double()
+    padded = padded_group_kernel(conv, rows)
+    assert padded.shape == (groups * rows, per_in, kernel, kernel)
+    x = torch.randn(2, groups * per_in, 9, 7, dtype=torch.float64)
+    y = nn.functional.conv2d(x, padded, None, 1, kernel // 2, 1, groups)
+    y = y.view(2, groups, rows, 9, 7)
+    assert_close64(y[:, :, :per_out].reshape(2, groups * per_out, 9, 7), conv(x))
+    assert torch.count_nonzero(y[:, :, per_out:]) == 0
+    assert padded_group_kernel(conv, per_out) is None  # already that many rows per group
+
+
+def test_padded_group_kernel_applies_only_to_grouped_unbiased_zero_padded_convs():
+    assert padded_group_kernel(nn.Conv2d(32, 8, 3, padding=1), 4) is None  # not grouped
+    assert padded_group_kernel(nn.Conv2d(32, 8, 3, padding=1, groups=4), 4) is None  # bias
+    reflect = nn.Conv2d(32, 8, 3, padding=1, groups=4, bias=False, padding_mode="reflect")
+    assert padded_group_kernel(reflect, 4) is None
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_padded_3x3_convs_equal_the_grouped_conv(batch):
+    """_small's 3x3 convs have 2 outputs per group: the block runs them padded."""
+    model = _small()
+    dynaconv.set_progress(model, 1.0)
+    deployed = deploy_condensenet(model)
+    layers = [m for m in deployed.modules() if isinstance(m, CondensedDenseLayer)]
+    assert all(
+        layer._padded_conv_2.shape[0] == GROUP_ROWS_MIN * layer.conv_2.groups for layer in layers
+    )
+    x = torch.randn(batch, 3, 16, 16, dtype=torch.float64)
+    assert_close64(deployed(x), _module_path(deployed)(x))
+    conv = layers[0].conv_2
+    with torch.no_grad():
+        conv.weight.mul_(-0.5)  # written in place: the next eager forward pads it anew
+    assert_close64(deployed(x), _module_path(deployed)(x))
+    replacement = copy.deepcopy(layers[1].conv_2)
+    with torch.no_grad():
+        replacement.weight.normal_()
+    layers[1].conv_2 = replacement  # replaced: likewise
+    assert_close64(deployed(x), _module_path(deployed)(x))
+
+
+def test_deployed_checkpoint_keeps_its_layout(tmp_path):
+    """The folded and padded tensors are derived, not saved: a deployed state dict written
+    with safetensors holds the layout deployed folders always had and loads into another
+    deployed network, which then computes the saved one."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    model, other = _small(), _small()
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(1.5)
+    for network in (model, other):
+        dynaconv.set_progress(network, 1.0)
+    deployed, target = deploy_condensenet(model), deploy_condensenet(other)
+    state = deployed.state_dict()
+    assert not [key for key in state if "_folded" in key or "_padded" in key]
+    layer = "features.denseblock_1.denselayer_1."
+    assert {key[len(layer) :] for key in state if key.startswith(layer)} == {
+        "conv_1.index",
+        "conv_1.weight",
+        "conv_1.in_scale",
+        "conv_1.in_shift",
+        "conv_1.out_scale",
+        "conv_1.out_shift",
+        "conv_2.weight",
+    }
+    path = tmp_path / "deployed.safetensors"
+    safetensors.save_file({key: value.contiguous() for key, value in state.items()}, path)
+    target.load_state_dict(safetensors.load_file(path))
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    assert_close64(target(x), deployed(x))
+
+
 def test_folded_gather_workspace_path(monkeypatch):
     monkeypatch.setattr(lgc_deployed, "WORKSPACE_MIN_NUMEL", 0)
     model = _small()
@@ -318,8 +400,9 @@ def test_folded_form_follows_loaded_and_edited_weights():
 
 
 def test_onnx_graph_of_the_deployed_condensenet(tmp_path):
-    """Per dense layer the exported graph holds one Gather, one Max (the folded BN-ReLU), the
-    two convs and the concatenation; no scatter (in-place buffer writes), no BatchNorm."""
+    """Per dense layer the exported graph holds two Gathers (the kept channels; the channel
+    shuffle), one Max (the folded BN-ReLU), the two convs and the concatenation; no scatter
+    (in-place buffer writes), no BatchNorm, no Transpose."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
@@ -337,7 +420,8 @@ def test_onnx_graph_of_the_deployed_condensenet(tmp_path):
     )
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     layers = 4
-    assert ops.count("Gather") == layers and ops.count("Max") == layers
+    assert ops.count("Gather") == 2 * layers and ops.count("Max") == layers
+    assert "Transpose" not in ops
     assert ops.count("Conv") == 1 + 2 * layers and ops.count("Concat") == layers
     assert ops.count("BatchNormalization") == 1  # the head's (before pooling)
     assert "ScatterND" not in ops

@@ -27,9 +27,11 @@ growing ``torch.cat`` copies are gone; layers read a channel prefix of the buffe
 On the CPU each dense layer runs its folded form
 (:class:`~dynaconv.layers.lgc_deployed.FoldedPointwise`: both BatchNorms in the 1x1 kernel and
 bias, one gather, one clamp, one matrix product, one ReLU pass writing the shuffled order, then
-the 3x3 conv); traced or exported, the block concatenates instead (graphs have no in-place
-writes), so an ONNX or ExecuTorch graph holds per layer a Gather, a Max, two Convs, a
-Transpose where the shuffle is kept, and a Concat.
+the 3x3 conv, whose kernel is padded with zero rows to :data:`GROUP_ROWS_MIN` outputs per
+group where it has fewer: oneDNN runs the padded grouped conv faster); traced or exported,
+the block concatenates instead (graphs have no in-place writes), so an ONNX or ExecuTorch
+graph holds per layer a Gather, a Max, two Convs, the shuffle where it is kept (a channel
+Gather in ONNX, a Transpose otherwise), and a Concat.
 ``prune_classifier=True`` reproduces the reference's lossy conversion, which keeps the half
 of the classifier's input features with the largest column L1 norm.
 """
@@ -43,6 +45,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
@@ -285,6 +288,9 @@ class CondensedDenseLayer(nn.Module):
         if not self._pointwise:
             return
         folded = fold_pointwise(self.conv_1)
+        self.register_buffer(
+            "_padded_conv_2", padded_group_kernel(self.conv_2, GROUP_ROWS_MIN), persistent=False
+        )
         for field, value in zip(FoldedPointwise._fields, folded):
             if isinstance(value, Tensor) or value is None:
                 self.register_buffer(f"_folded_{field}", value, persistent=False)
@@ -340,24 +346,64 @@ class CondensedDenseLayer(nn.Module):
         cast, and by eager forwards whenever one of its tensors was replaced or written in
         place (see :meth:`CondensedGroupConv2d.refresh`). Traced graphs use it as last derived:
         after an edit through ``.data`` call :meth:`refresh`."""
-        if self._folded is None or (not tracing() and self._folded_key != self._folded_source()):
+        if self._folded is None or (not tracing() and self._stale()):
             self.refresh()
         return self._folded
 
     def _eager_folded(self) -> FoldedPointwise:
         # folded() for a caller that knows it runs eagerly (one check fewer per layer)
-        if self._folded_key != self._folded_source():
+        if self._stale():
             self.refresh()
         return self._folded  # type: ignore[return-value]
 
     def _folded_source(self) -> tuple[Any, ...]:
-        # Identity and in-place version of every tensor the form comes from (read from the
-        # module's own dicts: this runs on every eager forward).
+        # The flags and every tensor the form comes from, with its in-place version
+        # (the tensors themselves: replacing one, as loading or ``functional_call`` may, shows
+        # as another object).
         conv = self._modules["conv_1"]
-        key = [conv.in_relu, conv.out_relu, conv.interleave]
-        for t in (conv._buffers["index"], *conv._parameters.values()):
-            key += (None, None) if t is None else (t.data_ptr(), t._version)
-        return tuple(key)
+        tensors = (
+            conv._buffers["index"],
+            *conv._parameters.values(),
+            *self._modules["conv_2"]._parameters.values(),
+        )
+        flags = (conv.in_relu, conv.out_relu, conv.interleave)
+        return flags, tuple((t, None if t is None else t._version) for t in tensors)
+
+    def _stale(self) -> bool:
+        """Whether a tensor the folded form comes from was replaced or written in place since
+        it was derived (runs on every eager forward: read from the module's own dicts)."""
+        if self._folded_key is None:
+            return True
+        flags, sources = self._folded_key
+        conv = self._modules["conv_1"]
+        if flags != (conv.in_relu, conv.out_relu, conv.interleave):
+            return True
+        current = (
+            conv._buffers["index"],
+            *conv._parameters.values(),
+            *self._modules["conv_2"]._parameters.values(),
+        )
+        if len(current) != len(sources):
+            return True
+        for tensor, (source, version) in zip(current, sources):
+            if tensor is not source or (tensor is not None and tensor._version != version):
+                return True
+        return False
+
+    def _new_features_into(self, hidden: Tensor, target: Tensor) -> None:
+        """Eager: write ``conv_2(hidden)`` into ``target`` (a channel slice of the block's
+        buffer), through the zero-padded kernel where there is one (:func:`padded_group_kernel`:
+        the padded conv computes the real rows as the grouped conv does, its extra rows are
+        dropped by the write)."""
+        conv, padded = self._modules["conv_2"], self._buffers["_padded_conv_2"]
+        if padded is None:
+            target.copy_(conv._conv_forward(hidden, conv.weight, conv.bias))
+            return
+        y = F.conv2d(hidden, padded, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        batch, _, height, width = y.shape
+        groups = conv.groups
+        real = target.view(batch, groups, -1, height, width)
+        real.copy_(y.view(batch, groups, -1, height, width).narrow(2, 0, real.shape[2]))
 
     def forward(self, x: Tensor, *, prefix: bool = False) -> Tensor:
         """New features from ``x`` (with ``prefix``: from the first input channels of ``x``)."""
@@ -369,8 +415,9 @@ class CondensedDenseBlock(nn.Module):
 
     On the CPU (eager or traced) each layer runs as ``conv_2(folded_pointwise(features))``
     (:meth:`CondensedDenseLayer.folded`): per layer a gather, a clamp, one matrix product and a
-    ReLU, then the 3x3 conv; eager, the new features go into a buffer allocated once per block
-    (the layers gather from it in place), traced, into a concatenation (ONNX has no in-place
+    ReLU, then the 3x3 conv (eager: on its padded kernel, :func:`padded_group_kernel`, where
+    it has one); eager, the new features go into a buffer allocated once per block (the
+    layers gather from it in place), traced, into a concatenation (ONNX has no in-place
     writes). Elsewhere the layers run their own forward (on CUDA: the fused Triton kernel).
     """
 
@@ -408,10 +455,9 @@ class CondensedDenseBlock(nn.Module):
         workspace = self.workspace
         for layer in self._modules.values():
             hidden = folded_pointwise(layer._eager_folded(), out, workspace, traced=False)
-            conv = layer._modules["conv_2"]
-            new = conv._conv_forward(hidden, conv.weight, conv.bias)
-            out.narrow(1, channels, new.shape[1]).copy_(new)
-            channels += new.shape[1]
+            new_channels = layer._modules["conv_2"].out_channels
+            layer._new_features_into(hidden, out.narrow(1, channels, new_channels))
+            channels += new_channels
         return out
 
     def _forward_traced(self, x: Tensor) -> Tensor:
@@ -471,6 +517,32 @@ def _interleaved_channel_at(conv: CondensedGroupConv2d) -> Tensor:
     positions = torch.arange(cout, device=conv.index.device)
     per_group = cout // groups
     return (positions % per_group) * groups + positions // per_group
+
+
+#: On the CPU, a dense layer's grouped 3x3 conv with fewer outputs per group than this runs
+#: with its kernel padded by zero rows to this many per group (CondenseNet-86's first block:
+#: 2 outputs per group, where oneDNN's grouped conv is 1.5-1.9x slower than the padded one at
+#: batch 1 and 16; ``benchmarks/NOTES.md``).
+GROUP_ROWS_MIN = 4
+
+
+def padded_group_kernel(conv: nn.Conv2d, rows: int) -> Tensor | None:
+    """``conv``'s kernel with each group's output rows padded by zero kernels to ``rows``
+    ``(groups * rows, Cin / groups, kh, kw)``, or ``None`` unless it is a grouped conv with
+    fewer rows per group, no bias and zero padding (CondenseNet's 3x3 convs). Row
+    ``g * rows + n`` (``n`` below the group's ``Cout / groups`` rows) is the kernel's row
+    ``g * Cout / groups + n``; the padded rows compute zeros, which the caller drops."""
+    per_group = conv.out_channels // conv.groups
+    if (
+        conv.groups == 1
+        or per_group >= rows
+        or conv.bias is not None
+        or conv.padding_mode != "zeros"
+    ):
+        return None
+    weight = conv.weight.detach().view(conv.groups, per_group, -1)
+    padded = F.pad(weight, (0, 0, 0, rows - per_group))
+    return padded.reshape(conv.groups * rows, *conv.weight.shape[1:]).contiguous()
 
 
 def permute_conv_inputs(conv: nn.Conv2d, channel_at: Tensor) -> nn.Conv2d | None:

@@ -691,7 +691,9 @@ def folded_pointwise(
 def _folded_pointwise_traced(folded: FoldedPointwise, x: Tensor) -> Tensor:
     """:func:`folded_pointwise` as graph nodes: Gather, Max (and Min), a grouped Conv reading
     the stored kernel itself (XNNPACK delegates only a conv with a static kernel), Relu, and
-    for the interleaved order a Transpose."""
+    for the interleaved order a channel Gather in an ONNX export (one node; onnxruntime runs
+    it faster than Reshape, Transpose, Reshape: ``benchmarks/NOTES.md``), else a transpose
+    (which XNNPACK delegates; a gather would run in ExecuTorch's portable kernels)."""
     _, _, height, width = x.shape
     cout, per_group = folded.weight.shape[:2]
     groups = folded.index.numel() // per_group
@@ -704,5 +706,8 @@ def _folded_pointwise_traced(folded: FoldedPointwise, x: Tensor) -> Tensor:
     y = y.relu() if folded.relu else y
     if not folded.interleave:
         return y
+    if torch.onnx.is_in_onnx_export():
+        rows = torch.arange(cout, device=y.device).view(groups, cout // groups)
+        return y.index_select(1, rows.t().reshape(-1))  # channel n * G + g <- row g * N + n
     y = y.view(-1, groups, cout // groups, height, width).transpose(1, 2)
     return y.reshape(-1, cout, height, width)
