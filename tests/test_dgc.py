@@ -366,15 +366,15 @@ def test_padded_selection_adds_zero_scaled_channels_only(cfg, extra, ties):
     distinct = padded_index.sort(dim=-1).values.diff(dim=-1)
     assert (distinct > 0).all()
     # (top-k orders tied saliencies arbitrarily: the gates agree, not the index order)
-    gate_from_kept = dynaconv.functional.dgc.gate_from_kept
+    gate_from_kept = dynaconv.layers.dgc.functional.gate_from_kept
     gated = gate_from_kept(g, padded_index, padded_scale)
     assert torch.equal(gated, gate_from_kept(g, index, scale))
     assert torch.equal(gated, gate_dense(g, torch.tensor(inactive)))
 
 
 def test_gather_width_rounds_up_within_the_channels():
-    from dynaconv.functional.dgc import gather_width
-    from dynaconv.layers.dgc_deployed import padded_width
+    from dynaconv.layers.dgc.functional import gather_width
+    from dynaconv.layers.dgc.deployed import padded_width
 
     assert [gather_width(k, 64) for k in (1, 16, 17, 29, 58)] == [16, 16, 32, 32, 64]
     assert gather_width(29, 30) == 30 and gather_width(230, 512) == 240
@@ -415,7 +415,7 @@ def test_batch_one_head_grouped_with_a_reused_workspace_float64(cfg, seed):
 def test_batch_one_matrix_product_form_on_small_maps_float64(padding_mode):
     """4x4 maps at batch 1 run :func:`head_gemm_single` (one bmm per call): equal to the
     masked reference in float64, and it is what runs."""
-    from dynaconv.functional import dgc as functional
+    from dynaconv.layers.dgc import functional
 
     torch.manual_seed(0)
     layer = DynamicGroupConv2d(
@@ -429,7 +429,7 @@ def test_batch_one_matrix_product_form_on_small_maps_float64(padding_mode):
     original = functional.head_gemm_single
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
-            dynaconv.layers.dgc_deployed,
+            dynaconv.layers.dgc.deployed,
             "head_gemm_single",
             lambda *a: calls.append(1) or original(*a),
         )
