@@ -373,8 +373,8 @@ def test_padded_selection_adds_zero_scaled_channels_only(cfg, extra, ties):
 
 
 def test_gather_width_rounds_up_within_the_channels():
-    from dynaconv.layers.dgc.functional import gather_width
     from dynaconv.layers.dgc.deployed import padded_width
+    from dynaconv.layers.dgc.functional import gather_width
 
     assert [gather_width(k, 64) for k in (1, 16, 17, 29, 58)] == [16, 16, 32, 32, 64]
     assert gather_width(29, 30) == 30 and gather_width(230, 512) == 240
@@ -461,7 +461,7 @@ def test_deployed_auto_candidates_leave_out_forms_that_never_measured_fastest():
 def test_deployed_layer_follows_a_changed_impl_after_settling(monkeypatch):
     """The deployed layer remembers its form per input signature; a changed ``impl`` is
     still followed."""
-    from dynaconv.layers import dgc_deployed
+    from dynaconv.layers.dgc import deployed as dgc_deployed
 
     layer = DynamicGroupConv2d(8, 8, 3, padding=1, heads=2, gate_factor=0.5).eval()
     layer.set_progress(1.0)
