@@ -118,10 +118,13 @@ def rewrite_computed_convs(model: Any, block: int) -> tuple[Any, int]:
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         kernel = kernel_shape[2:]
         mixing = _mixing_product(node.input[1], producers, consumers, initializers)
-        if mixing is not None:
+        # per example (a fixed batch B folds the examples' kernels into B * C channels)
+        examples = 0 if mixing is None else int(np.prod(kernel_shape)) // mixing[1].shape[1]
+        if mixing is not None and (kernel_shape[0] // max(examples, 1)) % block == 0:
             # reorder the expert bank's columns once: the mixing then writes the blocked kernel
             product, bank = mixing
-            order = np.arange(bank.shape[1]).reshape(blocked_shape).transpose(perm).reshape(-1)
+            split = [blocked_shape[0] // examples, *blocked_shape[1:]]
+            order = np.arange(bank.shape[1]).reshape(split).transpose(perm).reshape(-1)
             graph.initializer.append(
                 numpy_helper.from_array(np.ascontiguousarray(bank[:, order]), prefix + "bank")
             )
