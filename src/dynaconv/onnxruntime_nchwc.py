@@ -118,9 +118,8 @@ def rewrite_computed_convs(model: Any, block: int) -> tuple[Any, int]:
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         kernel = kernel_shape[2:]
         mixing = _mixing_product(node.input[1], producers, consumers, initializers)
-        # per example (a fixed batch B folds the examples' kernels into B * C channels)
-        examples = 0 if mixing is None else int(np.prod(kernel_shape)) // mixing[1].shape[1]
-        if mixing is not None and (kernel_shape[0] // max(examples, 1)) % block == 0:
+        if mixing is not None and _examples(mixing[1], kernel_shape, perm, block) is not None:
+            examples = _examples(mixing[1], kernel_shape, perm, block)
             # reorder the expert bank's columns once: the mixing then writes the blocked kernel
             product, bank = mixing
             split = [blocked_shape[0] // examples, *blocked_shape[1:]]
@@ -202,6 +201,21 @@ def _mixing_product(
         return None
     bank = numpy_helper.to_array(initializers[source])
     return node, bank.reshape(bank.shape[0], -1)
+
+
+def _examples(bank: Any, kernel_shape: list[int], perm: list[int], block: int) -> int | None:
+    """How many examples' kernels the conv's kernel holds (a fixed batch ``B`` folds them into
+    ``B * C`` depthwise channels), or None when the bank's columns cannot be reordered per
+    example (sizes that do not divide, or several examples in a ``groups == 1`` kernel)."""
+    numel = 1
+    for size in kernel_shape:
+        numel *= size
+    examples, rest = divmod(numel, bank.shape[1])
+    if examples < 1 or rest or kernel_shape[0] % examples:
+        return None
+    if examples > 1 and len(perm) != 5:  # only depthwise kernels hold several examples
+        return None
+    return examples if (kernel_shape[0] // examples) % block == 0 else None
 
 
 def _mixing_by_column(product: Any, bank: Any, prefix: str, graph: Any) -> list[Any]:
