@@ -12,11 +12,15 @@ Sections (``--only`` picks some):
   tables give each variant's thread CPU time beside the wall time (steadier on a loaded
   machine). One command, a few minutes on a quiet machine:
   ``python benchmarks/bench_edge_cpu.py --only condensenet``;
-* ``condconv``: EfficientNet-B0-CondConv8 (``--condconv-size``, default 224px), batch 1: in
-  onnxruntime exported for a fixed batch of 1 (``dynaconv export --batch 1``: kxk layers are
-  the kernel mixing and one Conv) and with a dynamic batch, against timm's EfficientNet-B0
-  exported the same way; in eager PyTorch against timm's EfficientNet-B0 and timm's own
-  CondConv model (``efficientnet_cc_b0_8e``);
+* ``condconv``: EfficientNet-B0-CondConv8 (deployed: BatchNorm folded into the convs) against
+  timm's EfficientNet-B0 at each ``--condconv-sizes`` (default 128 and 224px) and
+  ``--batches``: in onnxruntime exported for that fixed batch (``dynaconv export --batch N``:
+  each CondConv layer is the kernel mixing and one Conv), the same file rewritten for
+  onnxruntime's blocked kernels (:mod:`dynaconv.onnxruntime_nchwc`) and the dynamic-batch
+  export, against timm's EfficientNet-B0 exported (its graph does not depend on the batch:
+  one dynamic-batch file); in eager PyTorch against timm's EfficientNet-B0 and timm's own
+  CondConv model (``efficientnet_cc_b0_8e``). Batches above 1 take ``max(9, reps // 2)``
+  samples. ``--only condconv`` runs this section alone (about 4 minutes);
 * ``executorch``: ResNet-18 + LGC and G-ResNeXt-50 (``--image-size``, default 128px), deployed
   against their dense twins in ExecuTorch (XNNPACK, one thread), batch 1.
 
@@ -85,14 +89,22 @@ def onnx_runner(
 ) -> Callable[[Tensor], Callable[[], object]]:
     """Export ``model`` (dynamic or fixed batch), check it in onnxruntime (1e-4 relative, on
     ``check``), and return a maker of timed calls."""
-    import onnxruntime
-
     path = folder / f"{name}.onnx"
     shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
     torch.onnx.export(
         model, (x,), str(path), dynamo=True, external_data=False, verbose=False,
         dynamic_shapes=shapes,
     )  # fmt: skip
+    return onnx_session(model, path, name, check)
+
+
+def onnx_session(
+    model: nn.Module, path: Path, name: str, check: Tensor
+) -> Callable[[Tensor], Callable[[], object]]:
+    """A one-thread onnxruntime session of ``path``, checked against ``model`` on ``check``
+    (1e-4 relative); returns a maker of timed calls."""
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -126,9 +138,12 @@ def pte_runner(model: nn.Module, x: Tensor, folder: Path, name: str) -> Callable
     return lambda: method.execute([x])
 
 
-def timed_rows(title: str, fns: Timed, base: str, args: argparse.Namespace) -> list[list[str]]:
-    """Interleaved medians of ``fns``; one row each: ms and ratio to ``base``."""
-    ms = measure_interleaved(fns, CPU, args.warmup, args.reps)
+def timed_rows(
+    title: str, fns: Timed, base: str, args: argparse.Namespace, reps: int | None = None
+) -> list[list[str]]:
+    """Interleaved medians of ``fns`` (``reps`` samples, default ``--reps``); one row each: ms
+    and ratio to ``base``."""
+    ms = measure_interleaved(fns, CPU, args.warmup, args.reps if reps is None else reps)
     return [[title, name, f"{value:.2f}", f"{value / ms[base]:.2f}x"] for name, value in ms.items()]
 
 
@@ -270,11 +285,12 @@ def condensenet_section(args: argparse.Namespace, folder: Path) -> list[list[str
     return rows
 
 
-def condconv_section(args: argparse.Namespace, folder: Path) -> list[list[str]]:
+def condconv_models() -> tuple[nn.Module, nn.Module, nn.Module]:
+    """``(deployed EfficientNet-B0-CondConv8, timm EfficientNet-B0, timm's CondConv model)``,
+    random weights, BatchNorm statistics from a random batch."""
     import timm
 
-    size = args.condconv_size
-    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     network = dynaconv.models.efficientnet_b0_condconv8().eval()
     calibrate_batchnorm(network, images)
@@ -283,31 +299,61 @@ def condconv_section(args: argparse.Namespace, folder: Path) -> list[list[str]]:
     peer = timm.create_model("efficientnet_cc_b0_8e").eval()
     for model in (plain, peer):
         calibrate_batchnorm(model, images)
-    x, pair, check = images[:1], images[:2], images[1:2]
-    fixed = {
-        "timm EfficientNet-B0 (fixed batch 1)": onnx_runner(
-            plain, x, folder, "timm", dynamic=False, check=check
-        ),
-        "EfficientNet-B0-CondConv8, fixed batch 1": onnx_runner(
-            deployed, x, folder, "condconv_fixed", dynamic=False, check=check
-        ),
-        "EfficientNet-B0-CondConv8, dynamic batch": onnx_runner(
-            deployed, pair, folder, "condconv_dynamic", dynamic=True, check=check
-        ),
-    }
-    fns: Timed = {name: make(x) for name, make in fixed.items()}
-    fns["noise: timm EfficientNet-B0 again"] = fixed["timm EfficientNet-B0 (fixed batch 1)"](x)
-    base = "timm EfficientNet-B0 (fixed batch 1)"
-    rows = timed_rows(f"EfficientNet-B0-CondConv8 onnxruntime, {size}px, batch 1", fns, base, args)
-    fns = {
-        "timm EfficientNet-B0": eager(plain, x),
-        "timm EfficientNet-B0-CondConv8 (efficientnet_cc_b0_8e)": eager(peer, x),
-        "EfficientNet-B0-CondConv8, deployed": eager(deployed, x),
-        "noise: timm EfficientNet-B0 again": eager(plain, x),
-    }
-    rows += timed_rows(
-        f"EfficientNet-B0-CondConv8 eager, {size}px, batch 1", fns, "timm EfficientNet-B0", args
-    )
+    return deployed, plain, peer
+
+
+def nchwc_runner(
+    model: nn.Module, fixed: Path, folder: Path, name: str, check: Tensor
+) -> Callable[[Tensor], Callable[[], object]]:
+    """The fixed-batch export ``fixed`` rewritten for onnxruntime's blocked kernels
+    (:mod:`dynaconv.onnxruntime_nchwc`), checked against eager like :func:`onnx_runner`."""
+    from dynaconv.onnxruntime_nchwc import write_nchwc
+
+    path = folder / f"{name}.onnx"
+    write_nchwc(fixed, path)
+    return onnx_session(model, path, name, check)
+
+
+def condconv_section(args: argparse.Namespace, folder: Path) -> list[list[str]]:
+    deployed, plain, peer = condconv_models()
+    rows = []
+    for size in args.condconv_sizes:
+        images = torch.randn(
+            max(3, 2 * max(args.batches)),
+            3,
+            size,
+            size,
+            generator=torch.Generator().manual_seed(size),
+        )
+        pair, check = images[:2], images[2:3]
+        timm_runner = onnx_runner(plain, pair, folder, f"timm{size}", dynamic=True, check=check)
+        dynamic = onnx_runner(
+            deployed, pair, folder, f"condconv{size}_dynamic", dynamic=True, check=check
+        )
+        for batch in args.batches:
+            x, check = images[:batch], images[batch : 2 * batch]
+            name = f"condconv{size}_b{batch}"
+            fixed = onnx_runner(deployed, x, folder, name, dynamic=False, check=check)
+            nchwc = nchwc_runner(deployed, folder / f"{name}.onnx", folder, f"{name}_nchwc", check)
+            base = "timm EfficientNet-B0"
+            fns: Timed = {
+                base: timm_runner(x),
+                f"EfficientNet-B0-CondConv8, fixed batch {batch}": fixed(x),
+                "same, onnxruntime's blocked kernels (onnxruntime_nchwc)": nchwc(x),
+                "EfficientNet-B0-CondConv8, dynamic batch": dynamic(x),
+                "noise: timm EfficientNet-B0 again": timm_runner(x),
+            }
+            reps = args.reps if batch == 1 else max(9, args.reps // 2)
+            title = f"EfficientNet-B0-CondConv8 onnxruntime, {size}px, batch {batch}"
+            rows += timed_rows(title, fns, base, args, reps)
+            fns = {
+                base: eager(plain, x),
+                "timm EfficientNet-B0-CondConv8 (efficientnet_cc_b0_8e)": eager(peer, x),
+                "EfficientNet-B0-CondConv8, deployed": eager(deployed, x),
+                "noise: timm EfficientNet-B0 again": eager(plain, x),
+            }
+            title = f"EfficientNet-B0-CondConv8 eager, {size}px, batch {batch}"
+            rows += timed_rows(title, fns, base, args, reps)
     return rows
 
 
@@ -345,7 +391,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 16])
     parser.add_argument("--image-size", type=positive_int, default=128)
-    parser.add_argument("--condconv-size", type=positive_int, default=224)
+    parser.add_argument("--condconv-sizes", type=positive_int, nargs="+", default=[128, 224])
     parser.add_argument("--reps", type=positive_int, default=21)
     parser.add_argument("--warmup", type=positive_int, default=3)
     parser.add_argument(
@@ -353,7 +399,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.condconv_size, args.batches, args.reps, args.warmup = 64, [1], 3, 1
+        args.condconv_sizes, args.batches, args.reps, args.warmup = [64], [1], 3, 1
         args.executorch, args.only = False, [name for name in args.only if name != "executorch"]
     if args.executorch:
         try:

@@ -163,7 +163,8 @@ def test_fixed_batch_onnx_export_in_onnxruntime(tmp_path):
     path = tmp_path / "fixed.onnx"
     torch.onnx.export(model, (torch.randn(1, 16, 12, 11),), str(path), dynamo=True, verbose=False)
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
-    assert ops.count("Conv") == 2  # the two kxk layers; the 1x1 layer is one MatMul
+    assert ops.count("Conv") == 3  # every layer: the kernel mixing (MatMul) and one Conv
+    assert ops.count("MatMul") == 6  # per layer: mixing the kernels, mixing the biases
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = torch.randn(1, 16, 12, 11)
     (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})

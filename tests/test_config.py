@@ -685,6 +685,22 @@ def test_export_for_a_fixed_batch(run, tmp_path, capsys):
     assert summary["batch"] == 1 and summary["max_rel_error_onnxruntime"] < 1e-4
 
 
+def test_export_for_a_fixed_batch_on_onnxruntimes_blocked_kernels(run, tmp_path, capsys):
+    from dynaconv.onnxruntime_nchwc import nchwc_block_size
+
+    if nchwc_block_size() == 0:
+        pytest.skip("onnxruntime has no NCHWc kernels on this CPU")
+    out = tmp_path / "edge"
+    argv = ["export", str(run / "best.pt"), "--out", str(out), "--batch", "1"]
+    assert main([*argv, "--onnxruntime-nchwc"]) == 0
+    summary = json.loads((out / "export.json").read_text())
+    assert (out / "model.nchwc.onnx").is_file() and summary["nchwc_convs"] >= 0
+    assert summary["max_rel_error_onnxruntime_nchwc"] < 1e-4
+    pte = ["--format", "pte", "--onnxruntime-nchwc"]
+    capsys.readouterr()  # the exporter's progress messages
+    _refused([*argv[:2], "--out", str(tmp_path / "p"), *pte], capsys, "--onnxruntime-nchwc")
+
+
 def test_export_to_executorch(run, tmp_path):
     pytest.importorskip("executorch")
     out = tmp_path / "pte"

@@ -259,6 +259,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         fixed_batch=args.batch,
         format=args.format,
+        nchwc=args.onnxruntime_nchwc,
     )
     from dynaconv.train.checkpoint import json_text
 
@@ -371,8 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch",
         type=int,
         default=None,
-        help="export for this batch size only (e.g. 1 for edge deployment: CondConv kxk layers "
+        help="export for this batch size only (e.g. 1 for edge deployment: CondConv layers "
         "become the kernel mixing and one convolution); default: a dynamic batch (pte: 1)",
+    )
+    export.add_argument(
+        "--onnxruntime-nchwc",
+        action="store_true",
+        help="also write model.nchwc.onnx: convs with computed kernels (CondConv with --batch) "
+        "on onnxruntime's blocked kernels; for onnxruntime on x86 CPUs like this one only",
     )
     export.add_argument(
         "--format",

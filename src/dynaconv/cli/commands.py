@@ -379,6 +379,7 @@ def export_checkpoint(
     overwrite: bool = False,
     fixed_batch: int | None = None,
     format: str = "onnx",
+    nchwc: bool = False,
 ) -> dict[str, Any]:
     """Write ``model.pt2`` (torch.export) and ``model.onnx``; check both against PyTorch.
 
@@ -389,6 +390,11 @@ def export_checkpoint(
     CondConv kxk layer becomes the kernel mixing and one convolution, see
     :func:`dynaconv.functional.condconv.fixed_batch_graph`); the check runs another batch of
     ``N``.
+
+    ``nchwc=True`` (ONNX only): also ``model.nchwc.onnx``, ``model.onnx`` with every conv
+    whose kernel is computed (CondConv exported for a fixed batch) on onnxruntime's blocked
+    kernels (:mod:`dynaconv.onnxruntime_nchwc`): for onnxruntime on x86 processors with this
+    machine's block size only; checked in onnxruntime like ``model.onnx``.
 
     ``format="pte"``: ``model.pte`` (an ExecuTorch program, convolutions and matrix products
     delegated to XNNPACK: the mobile CPU runtime, :func:`write_pte`) instead of
@@ -405,6 +411,8 @@ def export_checkpoint(
     """
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
+    if nchwc and format != "onnx":
+        raise ConfigError("--onnxruntime-nchwc rewrites an ONNX file: use it with --format onnx")
     # before any file is written
     require_extras(FORMAT_EXTRAS[format], what=f"exporting to {format}")
     if not MIN_OPSET <= opset <= _max_opset():
@@ -416,7 +424,8 @@ def export_checkpoint(
     ):
         raise ConfigError(f"--batch must be a positive integer, got {fixed_batch!r}")
     model, config = load_trained(path, weights, overrides)
-    out = prepare_output_folder(out, EXPORT_FILES[format], overwrite)
+    files = EXPORT_FILES[format] + ((NCHWC_FILE,) if nchwc else ())
+    out = prepare_output_folder(out, files, overwrite)
     if deploy:
         model = dynaconv.deploy(model, example_input=_example_batch(config, 4))
     example, check, dynamic_shapes = _export_batches(config, fixed_batch)
@@ -437,7 +446,16 @@ def export_checkpoint(
             runtime_error = verify_outputs(
                 expected, torch.from_numpy(_run_onnx(model_path, check)), _ONNX_CHECK
             )
-        for staged in (pt2_path, model_path):
+        staged_files = [pt2_path, model_path]
+        if nchwc:
+            from ..onnxruntime_nchwc import write_nchwc
+
+            staged_files.append(staging / NCHWC_FILE)
+            nchwc_convs = write_nchwc(model_path, staged_files[-1])
+            nchwc_error = verify_outputs(
+                expected, torch.from_numpy(_run_onnx(staged_files[-1], check)), NCHWC_FILE
+            )
+        for staged in staged_files:
             os.replace(staged, out / staged.name)
     atomic_write_text(dump_config(config), out / "config.yaml")
     summary: dict[str, Any] = {"pt2": str(out / "model.pt2"), format: str(out / model_path.name)}
@@ -447,6 +465,12 @@ def export_checkpoint(
         max_rel_error_pt2=pt2_error,
     )
     summary[RUNTIME_ERROR_KEY[format]] = runtime_error
+    if nchwc:
+        summary.update(
+            nchwc=str(out / NCHWC_FILE),
+            nchwc_convs=nchwc_convs,
+            max_rel_error_onnxruntime_nchwc=nchwc_error,
+        )
     atomic_write_text(json_text(summary), out / "export.json")
     return summary
 
@@ -457,6 +481,8 @@ FORMAT_EXTRAS = {"onnx": "export", "pte": "edge"}
 #: The summary's key of the runtime check's error, per format.
 RUNTIME_ERROR_KEY = {"onnx": "max_rel_error_onnxruntime", "pte": "max_rel_error_executorch"}
 _ONNX_CHECK = "ONNX model (onnxruntime)"
+#: ``model.onnx`` on onnxruntime's blocked kernels (``export --onnxruntime-nchwc``).
+NCHWC_FILE = "model.nchwc.onnx"
 _PTE_CHECK = "model.pte (ExecuTorch)"
 
 

@@ -26,6 +26,8 @@ Published (ImageNet): B0 5.3M params / 391M MACs; CondConv-B0 4 experts 13.3M / 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
+from ..layers._base import Deployable
 from ..layers.condconv.layer import CondConv2d, CondConvRouting
 from ..padding import SameConv2d
 from ..spec import check_int, check_number
@@ -99,12 +102,13 @@ class _SqueezeExcite(nn.Module):
         return x * torch.sigmoid(scale)
 
 
-class CondConvMBConv(nn.Module):
+class CondConvMBConv(Deployable, nn.Module):
     """MBConv block (expand 1x1, depthwise kxk, squeeze-excite, project 1x1, residual).
 
     With ``num_experts`` the three convs are :class:`CondConv2d` sharing the block's routing
     ``r = routing(x)`` on the block input; with ``num_experts=None`` they are plain convs.
-    ``bn_eps`` and ``padding``: see the module docstring.
+    ``bn_eps`` and ``padding``: see the module docstring. :meth:`deploy` folds each BatchNorm
+    into the conv before it.
     """
 
     def __init__(
@@ -168,6 +172,79 @@ class CondConvMBConv(nn.Module):
         if self.residual:
             h = self.stochastic_depth(h) + x
         return h
+
+    def deploy(self) -> CondConvMBConv:
+        """An eval-mode copy with each BatchNorm folded into the conv before it (exact up to
+        rounding; the norms become ``nn.Identity``).
+
+        With the norm's eval map ``BN(y) = s * y + t`` (``s = gamma / sqrt(var + eps)``,
+        ``t = beta - mean * s``): a plain conv's kernel is scaled by ``s`` per output channel
+        and ``t`` becomes its bias; a CondConv's expert kernels (and per-expert biases) are
+        scaled by ``s``, which scales every mixed kernel ``sum_e r_e W_e`` by ``s``, and ``t``
+        becomes a single unmixed bias (``bias_per_expert=False``; the routing weights need
+        not sum to 1, so ``t`` must not be mixed). CondConv layers are then deployed
+        (:meth:`CondConv2d.deploy`). One elementwise pass fewer per conv in eager PyTorch, and
+        in onnxruntime, which folds a BatchNorm only into a conv with a constant kernel.
+        """
+        deployed = copy.deepcopy(self).eval()
+        pairs = (
+            ("expand", "expand_norm"),
+            ("depthwise", "depthwise_norm"),
+            ("project", "project_norm"),
+        )
+        with torch.no_grad():
+            for conv_name, norm_name in pairs:
+                conv = getattr(deployed, conv_name)
+                folded = None if conv is None else fold_norm(conv, getattr(deployed, norm_name))
+                if folded is not None:
+                    setattr(deployed, conv_name, folded)
+                    setattr(deployed, norm_name, nn.Identity())
+                elif isinstance(conv, CondConv2d):
+                    setattr(deployed, conv_name, conv.deploy())
+        return deployed
+
+
+def _norm_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """``(s, t)`` with ``norm(y) = s * y + t`` per channel in eval mode."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
+
+
+def fold_norm(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module | None:
+    """``conv`` followed by ``norm`` (eval mode) as one conv, or None where that is not
+    possible (a CondConv with per-expert biases: it would need a mixed and an unmixed bias).
+
+    An ``nn.Conv2d`` (or subclass) is scaled in place and given a bias; a :class:`CondConv2d`
+    is copied with scaled expert kernels and a single unmixed bias, then deployed (see
+    :meth:`CondConvMBConv.deploy`). ValueError for other modules or a norm without running
+    statistics.
+    """
+    if not isinstance(norm, nn.BatchNorm2d) or norm.running_var is None:
+        raise ValueError("norm must be an nn.BatchNorm2d with running statistics")
+    scale, shift = _norm_affine(norm)
+    if isinstance(conv, CondConv2d):
+        if conv.bias is not None and conv.bias_per_expert:
+            return None
+        folded = copy.deepcopy(conv).eval()
+        dtype = folded.weight.dtype
+        folded.weight.mul_(scale.reshape(1, -1, 1, 1, 1).to(dtype))
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        folded.spec = dataclasses.replace(folded.spec, bias=True)
+        folded.bias_per_expert = False
+        folded.bias = nn.Parameter(bias.to(dtype))
+        return folded.deploy()
+    if isinstance(conv, nn.Conv2d):
+        dtype = conv.weight.dtype
+        conv.weight.mul_(scale.reshape(-1, 1, 1, 1).to(dtype))
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        conv.bias = nn.Parameter(bias.to(dtype))
+        return conv
+    raise ValueError(f"conv must be an nn.Conv2d or a CondConv2d, got {type(conv).__name__}")
 
 
 class EfficientNetCondConv(nn.Module):

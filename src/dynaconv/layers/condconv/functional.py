@@ -95,12 +95,22 @@ def loop(spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tens
 
 
 def batch_grouped(
-    spec: ConvSpec, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor
+    spec: ConvSpec,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    r: Tensor,
+    shared_bias: Tensor | None = None,
 ) -> Tensor:
-    """``"batch_grouped"``: the batch folded into conv groups, ``groups = B * groups``."""
+    """``"batch_grouped"``: the batch folded into conv groups, ``groups = B * groups``.
+
+    ``shared_bias`` ``(Cout,)``: an unmixed bias added to every example, passed to the conv
+    as its own bias (no separate pass over the output)."""
     batch = x.shape[0]
     kernels = mix(r, weight).reshape(-1, *weight.shape[2:])
     mixed = mixed_bias(r, bias)
+    if shared_bias is not None:
+        mixed = shared_bias.expand(batch, -1) if mixed is None else mixed + shared_bias
     folded = x.reshape(1, -1, *x.shape[2:])
     y = spec.conv2d(
         folded, kernels, None if mixed is None else mixed.reshape(-1), batch * spec.groups

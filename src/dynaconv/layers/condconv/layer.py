@@ -36,7 +36,7 @@ Execution forms (``impl``, names as in :mod:`dynaconv.dispatch`; the math is in
   layer configuration, input shape, dtype, device and mode (training step or inference) and
   cached (:class:`~dynaconv.layers.ChoosesForm`); where measuring is off, :func:`rule`
   (``"torch"``: the same, never ``"triton"``). Traced, compiled and exported graphs run
-  :func:`traced_form` (:func:`export_form`; with a constant batch, kxk layers run the kernel
+  :func:`traced_form` (:func:`export_form`; with a constant batch, every layer runs the kernel
   mixing and one conv).
 
 The forms are declared in :data:`FORMS` (a :class:`~dynaconv.layers.Forms`).
@@ -68,6 +68,7 @@ from .functional import (
     BATCH_DEPENDENT,
     TORCH_FORMS,
     add_bias,
+    batch_grouped,
     batch_independent_form,
     check_routing_weights,
     empty_batch,
@@ -150,15 +151,16 @@ def traced_form(spec: ConvSpec, x: Tensor) -> str:
     traceable form): :func:`export_form`, except with a constant batch.
 
     With a constant batch (:func:`~dynaconv.functional.condconv.fixed_batch_graph`, e.g.
-    ``torch.export`` without a dynamic batch, ``dynaconv export --batch N``) kxk layers run
+    ``torch.export`` without a dynamic batch, ``dynaconv export --batch N``) every layer runs
     ``"batch_grouped"``: the kernel mixing (one matrix product) and one convolution, with the
-    conv's MACs (``"taps"`` and ``"expert_sum"`` are the dynamic batch's forms). The graph then
-    serves that batch only, so the batch-folded form is exact there. 1x1 layers keep
-    ``"bmm"``: at batch 1 the same product as a conv, and onnxruntime runs a MatMul of two
-    computed operands faster than a Conv whose kernel is not a constant
-    (``benchmarks/NOTES.md``). The dynamic-batch export is unchanged.
+    conv's MACs (``"taps"`` and ``"expert_sum"`` are the dynamic batch's forms); a single
+    unmixed bias is the conv's own bias. The graph then serves that batch only, so the
+    batch-folded form is exact there. For 1x1 kernels the conv is the product ``"bmm"``
+    computes, and onnxruntime ran both alike (``benchmarks/NOTES.md``); as a conv it can run
+    onnxruntime's blocked kernels (:mod:`dynaconv.onnxruntime_nchwc`). The dynamic-batch
+    export is unchanged.
     """
-    if spec.kernel_size != (1, 1) and fixed_batch_graph(x):
+    if fixed_batch_graph(x):
         return "batch_grouped"
     return export_form(spec)
 
@@ -243,6 +245,9 @@ def _torch_form(name: str) -> Any:
     def run(layer: CondConv2d, x: Tensor, routing_weights: Tensor | None = None) -> Tensor:
         r = layer.routing_weights(x) if routing_weights is None else routing_weights
         r = r.to(layer.weight.dtype)
+        if name == "batch_grouped" and layer._shared_bias is not None:
+            # the unmixed bias as the conv's own (one pass over the output fewer)
+            return batch_grouped(layer.spec, x, layer.weight, None, r, layer._shared_bias)
         y = TORCH_FORMS[name](layer.spec, x, layer.weight, layer._expert_bias, r)
         return layer._add_shared_bias(y)
 
@@ -441,10 +446,14 @@ class CondConv2d(DynaConv2d):
         """The per-expert biases the forms mix (None with a single unmixed bias)."""
         return self.bias if self.bias_per_expert else None
 
+    @property
+    def _shared_bias(self) -> Tensor | None:
+        """The single unmixed bias ``(Cout,)`` (None without one, or with per-expert biases)."""
+        return self.bias if self.bias is not None and not self.bias_per_expert else None
+
     def _add_shared_bias(self, y: Tensor) -> Tensor:
-        if self.bias is not None and not self.bias_per_expert:
-            return add_bias(y, self.bias[None])
-        return y
+        shared = self._shared_bias
+        return y if shared is None else add_bias(y, shared[None])
 
     def _routing_in_kernel(self, x: Tensor) -> bool:
         """Whether the fused kernel may compute the routing itself (no dropout, no gradient)."""
@@ -465,7 +474,7 @@ class CondConv2d(DynaConv2d):
         compiled or exported it runs :func:`export_form` (``"bmm"`` for 1x1, ``"taps"`` for
         kxk, ``"expert_sum"`` for depthwise kxk) instead of a batch-dependent or Triton form, so
         a deployed model still exports with a dynamic batch; exported for a fixed batch
-        (``dynaconv export --batch 1``), kxk layers run ``"batch_grouped"``: the kernel mixing
+        (``dynaconv export --batch 1``), every layer runs ``"batch_grouped"``: the kernel mixing
         and one conv (:func:`traced_form`).
         """
         form = self.impl if impl is None else FORMS.resolve(impl)

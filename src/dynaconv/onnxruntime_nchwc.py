@@ -1,0 +1,317 @@
+"""onnxruntime's blocked (NCHWc) convolutions for convolutions whose kernel is computed.
+
+onnxruntime's CPU provider runs a ``Conv`` fast only when its kernel is a constant: at load it
+rewrites such convs into its own ``com.microsoft.nchwc`` ``Conv`` with the kernel reordered
+into channel blocks. A ``Conv`` whose kernel is computed per call (a CondConv layer exported
+for a fixed batch: the kernel mixing feeds the conv) keeps the generic path, an im2col and a
+GEMM per group: for depthwise convs one channel at a time, 7-10x slower than the blocked kernel
+(``benchmarks/NOTES.md``). The blocked kernel itself takes any kernel tensor, computed or not,
+as long as it is in the blocked layout.
+
+:func:`rewrite_computed_convs` therefore replaces each such ``Conv`` by ``ReorderInput`` ->
+blocked ``Conv`` -> ``ReorderOutput``, with the computed kernel reordered in the graph:
+
+* depthwise (``Cin / groups == 1``, ``Cout == groups``): kernel ``(C, 1, kh, kw)`` to
+  ``(C/b, kh, kw, b)`` (onnxruntime's ``OIHWBo`` layout);
+* ``groups == 1``: kernel ``(Cout, Cin, kh, kw)`` to ``(Cout/b, Cin/b, kh, kw, b_in, b_out)``
+  (``OIHWBiBo``);
+
+both stored back in the kernel's shape; the channel counts must be multiples of the block
+size ``b`` (other convs are left as they are). The result is exact (the same kernel, the same
+sums) but **specific to onnxruntime's CPU provider on x86 processors with the same block size**
+(16 with AVX-512, 8 with AVX2): the graph uses onnxruntime's internal operators, as the models
+onnxruntime itself saves after optimising for the machine it runs on. Keep the portable file
+for other runtimes and processors.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["nchwc_block_size", "rewrite_computed_convs", "write_nchwc"]
+
+#: The domain of onnxruntime's blocked-layout operators.
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+
+
+def nchwc_block_size() -> int:
+    """The channel block of the installed onnxruntime's NCHWc kernels on this CPU, or 0 when it
+    has none (then onnxruntime does not reorder a depthwise conv with a constant kernel).
+
+    Read from onnxruntime itself: the optimised form of a 4-channel depthwise conv holds its
+    kernel padded to one block.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    channels = 4
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], group=channels, pads=[1, 1, 1, 1])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((channels, 1, 3, 3), np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    with tempfile.TemporaryDirectory() as folder:
+        options = onnxruntime.SessionOptions()
+        options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+        options.log_severity_level = 3  # the "hardware specific" warning is the point here
+        onnxruntime.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        optimized = onnx.load(options.optimized_model_filepath)
+    if not any(node.domain == NCHWC_DOMAIN for node in optimized.graph.node):
+        return 0
+    return int(optimized.graph.initializer[0].dims[0])
+
+
+def _check_block(block: Any) -> int:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int (the NCHWc block size), got {block!r}")
+    return block
+
+
+def rewrite_computed_convs(model: Any, block: int) -> tuple[Any, int]:
+    """``(rewritten model, number of convs rewritten)``: every ``Conv`` of ``model`` (an
+    ``onnx.ModelProto``, not modified) whose kernel is not a constant, depthwise or with
+    ``groups == 1``, and whose channel counts are multiples of ``block``, runs onnxruntime's
+    blocked conv (module docstring). ``block``: :func:`nchwc_block_size` of the target
+    machine (``ValueError`` unless a positive int).
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    block = _check_block(block)
+    model = onnx.shape_inference.infer_shapes(model)
+    graph = model.graph
+    constants = {init.name for init in graph.initializer}
+    constants |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    shapes = {
+        info.name: [d.dim_value if d.HasField("dim_value") else None for d in dims.dim]
+        for info in (*graph.value_info, *graph.input)
+        for dims in [info.type.tensor_type.shape]
+    }
+    nodes: list[Any] = []
+    count = 0
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    initializers = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        layout = _blocked_layout(node, constants, shapes, block)
+        if layout is None:
+            nodes.append(node)
+            continue
+        count += 1
+        prefix = f"nchwc_{count}_"
+        blocked_shape, perm, kernel_shape = layout
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        kernel = kernel_shape[2:]
+        mixing = _mixing_product(node.input[1], producers, consumers, initializers)
+        if mixing is not None and _examples(mixing[1], kernel_shape, perm, block) is not None:
+            examples = _examples(mixing[1], kernel_shape, perm, block)
+            # reorder the expert bank's columns once: the mixing then writes the blocked kernel
+            product, bank = mixing
+            split = [blocked_shape[0] // examples, *blocked_shape[1:]]
+            order = np.arange(bank.shape[1]).reshape(split).transpose(perm).reshape(-1)
+            bank = bank[:, order]
+            if examples == 1:  # the bank as (numel, E) times r as a column: read faster
+                nodes += _mixing_by_column(product, bank, prefix, graph)
+            else:
+                graph.initializer.append(
+                    numpy_helper.from_array(np.ascontiguousarray(bank), prefix + "bank")
+                )
+                product.input[1] = prefix + "bank"
+            weight = node.input[1]
+        else:  # reorder the computed kernel in the graph
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.array(blocked_shape, np.int64), prefix + "blocks"),
+                    numpy_helper.from_array(np.array(kernel_shape, np.int64), prefix + "shape"),
+                ]
+            )
+            weight = prefix + "w"
+            nodes += [
+                helper.make_node("Reshape", [node.input[1], prefix + "blocks"], [prefix + "w1"]),
+                helper.make_node("Transpose", [prefix + "w1"], [prefix + "w2"], perm=perm),
+                helper.make_node("Reshape", [prefix + "w2", prefix + "shape"], [weight]),
+            ]
+        nodes += [
+            helper.make_node("ReorderInput", [node.input[0]], [prefix + "x"], domain=NCHWC_DOMAIN),
+            helper.make_node(
+                "Conv",
+                [prefix + "x", weight, *node.input[2:]],
+                [prefix + "y"],
+                domain=NCHWC_DOMAIN,
+                group=attributes.get("group", 1),
+                kernel_shape=kernel,
+                pads=attributes.get("pads", [0] * 4),
+                strides=attributes.get("strides", [1, 1]),
+                dilations=attributes.get("dilations", [1, 1]),
+            ),
+            helper.make_node(
+                "ReorderOutput",
+                [prefix + "y"],
+                [node.output[0]],
+                domain=NCHWC_DOMAIN,
+                channels=kernel_shape[0],
+            ),
+        ]
+    del graph.node[:]
+    graph.node.extend(_topological_order(nodes, graph))
+    _drop_unused_initializers(graph)
+    if count and not any(op.domain == NCHWC_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(NCHWC_DOMAIN, 1))
+    return model, count
+
+
+def _mixing_product(
+    kernel: str, producers: dict[str, Any], consumers: dict[str, int], initializers: dict[str, Any]
+) -> tuple[Any, Any] | None:
+    """``(MatMul node, expert bank (E, numel) as an array)`` when the kernel ``kernel`` is
+    ``r @ bank`` reshaped (only ``Reshape`` nodes between, each output read once; the bank an
+    initializer, possibly reshaped), else None."""
+    from onnx import numpy_helper
+
+    name = kernel
+    while True:
+        node = producers.get(name)
+        if node is None or consumers.get(name, 0) != 1:
+            return None
+        if node.op_type == "MatMul":
+            break
+        if node.op_type != "Reshape":
+            return None
+        name = node.input[0]
+    source = node.input[1]
+    reshape = producers.get(source)
+    if source not in initializers and reshape is not None and reshape.op_type == "Reshape":
+        source = reshape.input[0]
+    if source not in initializers:
+        return None
+    bank = numpy_helper.to_array(initializers[source])
+    return node, bank.reshape(bank.shape[0], -1)
+
+
+def _examples(bank: Any, kernel_shape: list[int], perm: list[int], block: int) -> int | None:
+    """How many examples' kernels the conv's kernel holds (a fixed batch ``B`` folds them into
+    ``B * C`` depthwise channels), or None when the bank's columns cannot be reordered per
+    example (sizes that do not divide, or several examples in a ``groups == 1`` kernel)."""
+    numel = 1
+    for size in kernel_shape:
+        numel *= size
+    examples, rest = divmod(numel, bank.shape[1])
+    if examples < 1 or rest or kernel_shape[0] % examples:
+        return None
+    if examples > 1 and len(perm) != 5:  # only depthwise kernels hold several examples
+        return None
+    return examples if (kernel_shape[0] // examples) % block == 0 else None
+
+
+def _mixing_by_column(product: Any, bank: Any, prefix: str, graph: Any) -> list[Any]:
+    """Turn ``product`` (``r @ bank``, ``r``: ``(1, E)``) into ``bank.T @ r.T`` reshaped to
+    ``(1, numel)``: the same sums; onnxruntime reads a ``(numel, E)`` constant by rows faster
+    than its packed ``(E, numel)`` operand (``benchmarks/NOTES.md``). Returns the nodes that
+    compute ``r.T`` (to be placed before ``product``, which is rewired in place)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    experts, numel = bank.shape
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.ascontiguousarray(bank.T), prefix + "bank_t"),
+            numpy_helper.from_array(np.array([experts, 1], np.int64), prefix + "column"),
+            numpy_helper.from_array(np.array([1, numel], np.int64), prefix + "row"),
+        ]
+    )
+    routing, output = product.input[0], product.output[0]
+    column = helper.make_node("Reshape", [routing, prefix + "column"], [prefix + "r_t"])
+    del product.input[:]
+    product.input.extend([prefix + "bank_t", prefix + "r_t"])
+    product.output[0] = prefix + "mixed_t"
+    row = helper.make_node("Reshape", [prefix + "mixed_t", prefix + "row"], [output])
+    return [column, row]
+
+
+def _topological_order(nodes: list[Any], graph: Any) -> list[Any]:
+    """``nodes`` in an order where each node follows the producers of its inputs (stable:
+    nodes keep their relative order where they can)."""
+    ready = {init.name for init in graph.initializer} | {i.name for i in graph.input} | {""}
+    pending, ordered = list(nodes), []
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise ValueError("the graph has a cycle or an input that nothing produces")
+        pending = waiting
+    return ordered
+
+
+def _drop_unused_initializers(graph: Any) -> None:
+    used = {name for node in graph.node for name in node.input}
+    used |= {output.name for output in graph.output}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _blocked_layout(
+    node: Any, constants: set[str], shapes: dict[str, list[int | None]], block: int
+) -> tuple[list[int], list[int], list[int]] | None:
+    """``(split shape, permutation, kernel shape)`` that reorder ``node``'s kernel into the
+    blocked layout, or None when the node is not a ``Conv`` with a computed kernel that the
+    blocked conv runs (known 2-D kernel shape, channels in whole blocks, no ``auto_pad``)."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    if node.input[1] in constants:
+        return None
+    attributes = {a.name: a for a in node.attribute}
+    if "auto_pad" in attributes and attributes["auto_pad"].s not in (b"", b"NOTSET"):
+        return None
+    shape = shapes.get(node.input[1])
+    if shape is None or len(shape) != 4 or any(d is None or d < 1 for d in shape):
+        return None
+    cout, cin_per_group, kh, kw = shape
+    groups = attributes["group"].i if "group" in attributes else 1
+    if cout % block:
+        return None
+    if cin_per_group == 1 and groups == cout:  # depthwise: OIHWBo
+        return [cout // block, block, 1, kh, kw], [0, 2, 3, 4, 1], shape
+    if groups == 1 and cin_per_group % block == 0:  # OIHWBiBo
+        split = [cout // block, block, cin_per_group // block, block, kh, kw]
+        return split, [0, 2, 4, 5, 3, 1], shape
+    return None
+
+
+def write_nchwc(source: str | Path, target: str | Path, block: int | None = None) -> int:
+    """Read the ONNX file ``source``, write :func:`rewrite_computed_convs` of it to ``target``
+    and return the number of convs rewritten. ``block`` defaults to :func:`nchwc_block_size`
+    of this machine; ``ValueError`` when onnxruntime has no NCHWc kernels here and no
+    ``block`` is given."""
+    import onnx
+
+    if block is None:
+        block = nchwc_block_size()
+        if block == 0:
+            raise ValueError(
+                "block: onnxruntime has no NCHWc kernels on this CPU (they exist on x86 "
+                "processors with AVX2 or AVX-512); pass the target machine's block size"
+            )
+    model, count = rewrite_computed_convs(onnx.load(str(source)), block)
+    onnx.save(model, str(target))
+    return count
