@@ -54,6 +54,7 @@ def _module_level(tree: ast.Module) -> set[int]:
 GROUND_FLOOR = (
     "dynaconv.spec",
     "dynaconv.padding",
+    "dynaconv.folding",
     "dynaconv.dispatch",
     "dynaconv.kernels",
     "dynaconv.registry",

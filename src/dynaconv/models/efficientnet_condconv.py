@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
+from ..folding import fold_batchnorm
 from ..layers._base import Deployable
 from ..layers.condconv.layer import CondConv2d, CondConvRouting
 from ..padding import SameConv2d
@@ -204,17 +205,6 @@ class CondConvMBConv(Deployable, nn.Module):
         return deployed
 
 
-def _norm_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """``(s, t)`` with ``norm(y) = s * y + t`` per channel in eval mode."""
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
-    return scale, shift
-
-
 def fold_norm(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module | None:
     """``conv`` followed by ``norm`` (eval mode) as one conv, or None where that is not
     possible (a CondConv with per-expert biases: it would need a mixed and an unmixed bias).
@@ -224,9 +214,7 @@ def fold_norm(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module | None:
     :meth:`CondConvMBConv.deploy`). ValueError for other modules or a norm without running
     statistics.
     """
-    if not isinstance(norm, nn.BatchNorm2d) or norm.running_var is None:
-        raise ValueError("norm must be an nn.BatchNorm2d with running statistics")
-    scale, shift = _norm_affine(norm)
+    scale, shift = fold_batchnorm(norm)
     if isinstance(conv, CondConv2d):
         if conv.bias is not None and conv.bias_per_expert:
             return None

@@ -24,6 +24,7 @@ from ...dispatch import (
     tracing,
     triton_preferred,
 )
+from ...folding import fold_batchnorm
 from ...spec import ConvSpec, check_input, check_output_size
 from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
 from .functional import (
@@ -404,22 +405,18 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         in real arithmetic: the selection reads the input only, and the convolution is
         linear per output channel. A new module; ``ValueError`` for a BatchNorm in training
         mode or without running statistics, or of another width."""
-        if norm.training or norm.running_mean is None or norm.running_var is None:
-            raise ValueError("norm must be in eval mode with running statistics to fold")
-        if norm.num_features != self.spec.out_channels:
+        if norm.training:
+            raise ValueError("norm must be in eval mode to fold")
+        if isinstance(norm, nn.BatchNorm2d) and norm.num_features != self.spec.out_channels:
             raise ValueError(
                 f"norm has {norm.num_features} features, the layer "
                 f"{self.spec.out_channels} output channels"
             )
+        scale, shift = fold_batchnorm(norm)
         weight = self.weight.detach()
         with torch.no_grad():
             dtype = torch.promote_types(weight.dtype, torch.float32)
-            scale = norm.running_var.to(dtype).add(norm.eps).rsqrt()
-            if norm.weight is not None:
-                scale = scale * norm.weight.to(dtype)
-            shift = -norm.running_mean.to(dtype) * scale
-            if norm.bias is not None:
-                shift = shift + norm.bias.to(dtype)
+            scale, shift = scale.to(dtype), shift.to(dtype)
             if self.bias is not None:
                 shift = shift + self.bias.to(dtype) * scale
             folded_weight = (weight.to(dtype) * scale.reshape(-1, 1, 1, 1)).to(weight.dtype)

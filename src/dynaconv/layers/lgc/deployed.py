@@ -18,9 +18,9 @@ from typing import Any, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ...dispatch import tracing, triton_preferred
+from ...folding import fold_batchnorm
 from ...spec import ConvSpec, check_input
 from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
 from . import kernels as lgc_kernels
@@ -92,25 +92,6 @@ def check_gather_index(index: Tensor, in_channels: int, key: str = "index") -> N
             f"{key} entries must lie in [0, in_channels) = [0, {in_channels}), got values in "
             f"[{int(index.min())}, {int(index.max())}]"
         )
-
-
-def fold_batchnorm(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)`` with ``norm(x) == x * scale + shift`` in eval mode."""
-    if norm.running_var is None or norm.running_mean is None:
-        raise ValueError("fold_batchnorm needs a BatchNorm2d with running statistics")
-    # torch's conv-BN fusion applied to an identity 1x1 "conv" (weight 1, no bias) per channel.
-    identity = torch.ones_like(norm.running_mean).unsqueeze(1)
-    with torch.no_grad():
-        scale, shift = fuse_conv_bn_weights(
-            identity,
-            None,
-            norm.running_mean,
-            norm.running_var,
-            norm.eps,
-            norm.weight,
-            norm.bias,
-        )
-    return scale.detach().squeeze(1), shift.detach()
 
 
 def _positive_int(value: Any, name: str) -> int:
