@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from dynaconv.cli import main
 from dynaconv.cli.commands import load_deployed, load_trained
 from dynaconv.layers.doconv.layer import DOConv2d
-from dynaconv.train.checkpoint import load_checkpoint
+from dynaconv.train.checkpoint import CheckpointError, load_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -122,6 +123,19 @@ def test_eval_deploy_profile_export_subcommands(digits_run, tmp_path, capsys):
     deployed_result = json.loads(capsys.readouterr().out)
     assert deployed_result["accuracy"] == pytest.approx(result["accuracy"], abs=1 / 360)
     assert main(["eval", "--unsafe-load-pt2", str(deployed_dir / "deployed.pt2")]) == 0
+
+    # A deploy folder whose deployed tensors do not match today's layout (another version's
+    # deployment, or an edited file): one clear error that says what to do, not a torch error.
+    from safetensors.torch import load_file as read_tensors
+    from safetensors.torch import save_file
+
+    tensors = read_tensors(deployed_dir / "deployed.safetensors")
+    stale = tmp_path / "stale"
+    shutil.copytree(deployed_dir, stale)
+    renamed = {f"old_layout.{key}": value for key, value in tensors.items()}
+    save_file(renamed, stale / "deployed.safetensors")
+    with pytest.raises(CheckpointError, match="deploy the trained weights again"):
+        load_deployed(stale)
     program_result = json.loads(capsys.readouterr().out)
     assert program_result["accuracy"] == pytest.approx(result["accuracy"], abs=1 / 360)
 

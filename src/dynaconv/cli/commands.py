@@ -327,7 +327,11 @@ def load_deployed(folder: str | Path, config: dict[str, Any] | None = None) -> n
     tensors, _ = load_weights(folder / "deployed.safetensors")
     state = deployed.state_dict()
     if set(state) != set(tensors) or any(state[k].shape != tensors[k].shape for k in state):
-        raise CheckpointError(f"{folder}/deployed.safetensors does not match the rebuilt model")
+        raise CheckpointError(
+            f"{folder}/deployed.safetensors does not match the rebuilt model (its tensors or "
+            "shapes differ: a folder deployed by another version of dynaconv, whose deployed "
+            "layout differs, or an edited file); deploy the trained weights again"
+        )
     for key, value in tensors.items():
         if not torch.equal(state[key].cpu(), value):
             raise DeployVerificationError(
