@@ -63,6 +63,7 @@ from ..dispatch import (
     measure_after,
     measured_choices,
     measuring_enabled,
+    memo_token,
     resolve_impl,
     tracing,
     triton_preferred,
@@ -519,14 +520,43 @@ class ChoosesForm:
         forms = self.forms
         assert forms is not None
         x = call.x
-        empty = x.shape[0] == 0
         form = forms.forms.get(impl)
-        if form is not None and not (empty and form.batch_dependent):
+        if form is not None and not (form.batch_dependent and x.shape[0] == 0):
             why = self._refusal(form, call)
             if why is not None:
                 raise ValueError(f"impl={impl!r} cannot run this call: {why}")
             return impl
         config = self.spec if forms.key is None else forms.key(self, x, *args)  # type: ignore[attr-defined]
+        # The memo of the last choice: a layer's calls repeat one signature (the training
+        # steps, then the evaluation batches), and a final choice for it (measured, or the
+        # rule with measuring off) stands until the shared cache is cleared or measuring is
+        # switched (the token). Compared by equality, without hashing the configuration.
+        signature = (impl, config, x.shape, x.stride(), x.dtype, x.device, call[1], call[2])
+        token = memo_token()
+        deterministic = torch._C._get_deterministic_algorithms()
+        memo = self.__dict__.get("_form_memo")
+        if (
+            memo is not None
+            and memo[0] is token
+            and memo[1] == deterministic
+            and memo[2] == signature
+        ):
+            return memo[3]
+        chosen, final = self._choose_among_candidates(impl, call, args, config)
+        if final:
+            self.__dict__["_form_memo"] = (token, deterministic, signature, chosen)
+        return chosen
+
+    def _choose_among_candidates(
+        self, impl: str, call: FormCall, args: tuple[Any, ...], config: Hashable
+    ) -> tuple[str, bool]:
+        """The form ``"auto"`` (or ``"torch"``) runs for ``call``, and whether that choice is
+        final for the call's signature (measured, or the rule with measuring off; not the
+        rule of a key's first calls)."""
+        forms = self.forms
+        assert forms is not None
+        x = call.x
+        empty = x.shape[0] == 0
         known = (
             type(self),
             config,
@@ -550,10 +580,12 @@ class ChoosesForm:
             key = self.form_key(call, candidates, config)
             chosen = measured_choices.get(key)
             if chosen is not None:
-                return chosen
+                return chosen, True
             if measured_choices.seen(key) >= measure_after():
-                return self.measured_form(call, candidates, args)
-        return self.ruled_form(call, candidates)
+                chosen = self.measured_form(call, candidates, args)
+                return chosen, key in measured_choices
+            return self.ruled_form(call, candidates), False
+        return self.ruled_form(call, candidates), True
 
     def _refusal(self, form: Form, call: FormCall) -> str | None:
         if form.triton:
