@@ -11,6 +11,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 import tokenize
 
 import pytest
@@ -383,7 +384,7 @@ def test_dgc_auto_inference_runs_what_was_measured_fastest(monkeypatch):
             call()
             return 1.0 if ran[-1] == fastest else 2.0
 
-        monkeypatch.setattr(_base, "host_timer", timer)
+        monkeypatch.setattr(_base, "choice_timer", lambda device, timer=timer: timer)
         deployed(x)
         ran.clear()
         deployed(x)
@@ -633,6 +634,25 @@ def test_the_rule_of_a_keys_first_calls_is_not_kept(monkeypatch):
         assert len(ran) == 3 and len(measured_choices) == 0
         layer(x)
         assert len(ran) > 4 and len(measured_choices) == 1
+
+
+def test_cpu_choices_time_the_threads_cpu_time_with_one_torch_thread():
+    """With one torch thread a CPU choice reads the thread's CPU time: time spent waiting for
+    a core (other processes' load; here a sleep) does not count. With more threads the wall
+    clock (the work runs on several threads); CUDA events on CUDA."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert dispatch.choice_timer(torch.device("cpu")) is dispatch.thread_timer
+        torch.set_num_threads(2)
+        assert dispatch.choice_timer(torch.device("cpu")) is dispatch.host_timer
+    finally:
+        torch.set_num_threads(threads)
+    assert dispatch.choice_timer(torch.device("cuda")) is dispatch.cuda_timer
+    assert dispatch.thread_timer(lambda: time.sleep(0.05), 2) < 20  # ms, against 100 slept
+    assert dispatch.host_timer(lambda: time.sleep(0.05), 2) >= 100
+    busy = dispatch.thread_timer(lambda: sum(range(200_000)), 1)
+    assert busy > 0
 
 
 def test_the_environment_variable_switches_measuring_off():

@@ -65,6 +65,7 @@ __all__ = [
     "IMPLS",
     "MEASURE_ENV",
     "MeasuredChoices",
+    "choice_timer",
     "clear_measured_choices",
     "cuda_timer",
     "host_timer",
@@ -76,6 +77,7 @@ __all__ = [
     "memo_token",
     "resolve_impl",
     "set_measuring",
+    "thread_timer",
     "tracing",
     "triton_available",
     "triton_preferred",
@@ -233,6 +235,28 @@ def host_timer(run: Callable[[], Any], repeat: int) -> float:
     for _ in range(repeat):
         run()
     return (time.perf_counter() - start) * 1e3
+
+
+def thread_timer(run: Callable[[], Any], repeat: int) -> float:
+    """Milliseconds of this thread's CPU time for ``repeat`` calls of ``run``.
+
+    With one torch thread the work runs on the calling thread (the CPU autograd engine
+    included), so this is the computation's time without the time the thread waited for a
+    core: other processes' load, which a wall clock counts, does not count here.
+    """
+    start = time.thread_time()
+    for _ in range(repeat):
+        run()
+    return (time.thread_time() - start) * 1e3
+
+
+def choice_timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
+    """The timer a measured choice uses on ``device``: CUDA events on CUDA; on the CPU the
+    thread's CPU time with one torch thread (:func:`thread_timer`), the wall clock with more
+    (the work then runs on several threads)."""
+    if device.type == "cuda":
+        return cuda_timer
+    return thread_timer if torch.get_num_threads() == 1 else host_timer
 
 
 class MeasuredChoices:

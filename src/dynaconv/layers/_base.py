@@ -58,8 +58,7 @@ from torch import Tensor, nn
 
 from ..dispatch import (
     IMPLS,
-    cuda_timer,
-    host_timer,
+    choice_timer,
     measure_after,
     measured_choices,
     measuring_enabled,
@@ -661,7 +660,7 @@ class ChoosesForm:
                 key,
                 ordered,
                 self._timed_run(call, args),
-                timer=cuda_timer if x.is_cuda else host_timer,
+                timer=choice_timer(x.device),
                 label=type(self).__name__,
                 fallback=ruled,
             )
