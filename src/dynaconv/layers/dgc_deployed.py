@@ -162,19 +162,14 @@ def _rule(module: SparseDynamicGroupConv2d, call: FormCall) -> list[str]:
     return ["bmm"]
 
 
-def _pointwise_only(module: SparseDynamicGroupConv2d, call: FormCall) -> bool:
-    """``"bmm"`` is measured for 1x1 kernels only: with larger kernels its unfold copies the
-    input ``kh*kw`` times and it has never measured fastest on the CPU
-    (``benchmarks/NOTES.md``)."""
-    return module.spec.kernel_size == (1, 1)
-
-
 #: The deployed DGC layer's execution forms (the declaration
 #: :class:`~dynaconv.layers.ChoosesForm` reads). Where each is fastest on the CPU:
 #: ``"head_grouped"`` at batch 1 (the kept MACs plus one gather of the kept kernels, the limit);
 #: ``"batch_grouped"`` on large maps at batch > 1; ``"masked"`` on small maps at batch > 1,
-#: where copying a kernel per example costs more than the saved MACs; ``"bmm"`` measured for
-#: 1x1 kernels only (with larger kernels its unfold copies the input ``kh*kw`` times).
+#: where copying a kernel per example costs more than the saved MACs; ``"bmm"`` mostly for 1x1
+#: kernels (with larger kernels its unfold copies the input ``kh*kw`` times), but measured
+#: for every kernel: a strided 3x3 at batch 1 read it fastest (``benchmarks/NOTES.md``), and
+#: where it is far off the measurement drops it after two calls.
 #: ``kept`` is fixed structure, so the gathered ``"bmm"`` and ``"masked"`` forms trace and export; a traced graph runs :func:`traced_inference_form` (``"head_grouped"`` at
 #: a static batch of 1, where the set of kept channels is one per head).
 FORMS = Forms(
@@ -182,7 +177,7 @@ FORMS = Forms(
         "head_grouped": Form(_run("head_grouped"), batch_dependent=True, traceable=False),
         "batch_grouped": Form(_run("batch_grouped"), batch_dependent=True, traceable=False),
         "masked": Form(_run("masked")),
-        "bmm": Form(_run("bmm"), candidate=_pointwise_only),
+        "bmm": Form(_run("bmm")),
         "triton": Form(_run("triton"), triton=True, batch_dependent=True, traceable=False),
     },
     rule=_rule,
