@@ -28,6 +28,7 @@ every candidate.
     PYTHONPATH=src python benchmarks/bench_auto.py --quick    # a subset: two demo layers, b1/16
     PYTHONPATH=src python benchmarks/bench_auto.py --only dgconv lgc --batches 16 256
     PYTHONPATH=src python benchmarks/bench_auto.py --demo-model  # the demo's network per family
+    PYTHONPATH=src python benchmarks/bench_auto.py --overhead    # the choice's per-call cost
 """
 
 from __future__ import annotations
@@ -429,6 +430,43 @@ def demo_model(device: torch.device, reps: int) -> str:
     return "\n".join(lines)
 
 
+def overhead(rounds_: int = 21, calls: int = 2000) -> str:
+    """The per-call cost of ``auto``'s choice: tiny layers (16->64 1x1 on 8x8, batch 1, eval,
+    where the choice's host work shows most), ``auto`` against a copy with ``impl=`` the form
+    auto measured, interleaved rounds of ``calls`` calls, the thread's CPU time (so other
+    processes' load does not count); also ``choose_form`` alone, auto against explicit."""
+    lines = [
+        "| layer | auto us | explicit us | auto - explicit us | choose_form auto us | explicit us |",
+        "|---|---|---|---|---|---|",
+    ]
+    for family, cout in (("condconv", 64), ("dgc", 64), ("dgconv", 16)):
+        layer = build(Case(family, 16, cout, 1, 8, 1)).eval()
+        x = torch.randn(1, 16, 8, 8)
+        with torch.inference_mode():
+            for _ in range(dispatch.measure_after() + 2):
+                layer(x)
+            args = (layer.saliency(x),) if family == "dgc" else ()
+            explicit = copy.deepcopy(layer)
+            explicit.impl = layer.choose_form(x, *args)
+            per_call: dict[str, list[float]] = {"auto": [], "explicit": []}
+            for _ in range(rounds_):
+                for name, module in (("auto", layer), ("explicit", explicit)):
+                    per_call[name].append(dispatch.thread_timer(lambda m=module, x=x: m(x), calls))
+            choose = {
+                name: dispatch.thread_timer(
+                    lambda m=module, x=x, a=args: m.choose_form(x, *a), calls
+                )
+                for name, module in (("auto", layer), ("explicit", explicit))
+            }
+        auto, fixed = (statistics.median(per_call[n]) / calls * 1e3 for n in per_call)
+        lines.append(
+            f"| {family} 16->{cout} 1x1 b1 eval ({explicit.impl}) | {auto:.1f} | {fixed:.1f} | "
+            f"{auto - fixed:.1f} | {choose['auto'] / calls * 1e3:.1f} | "
+            f"{choose['explicit'] / calls * 1e3:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -459,6 +497,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown")
     parser.add_argument(
+        "--overhead", action="store_true", help="only the per-call cost of auto's choice"
+    )
+    parser.add_argument(
         "--demo-model",
         action="store_true",
         help="only the demo's network per family: the rule (old choice) against measured auto",
@@ -475,6 +516,10 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     CLOCK["cpu"] = args.clock == "cpu"
+    if args.overhead:
+        print(f"## The per-call cost of auto's choice\n{environment(args.device)}\n")
+        print(overhead(), flush=True)
+        return
     if args.demo_model:
         print(f"## The demo's network: rule against measured auto\n{environment(args.device)}\n")
         print(demo_model(args.device, args.reps), flush=True)
