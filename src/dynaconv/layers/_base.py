@@ -638,7 +638,9 @@ class ChoosesForm:
         """The fastest of ``candidates`` for this call, measured once per key
         (:meth:`form_key`) and kept in :data:`dynaconv.dispatch.measured_choices`.
 
-        Each candidate runs a few times (:meth:`MeasuredChoices.choose`); inference calls time
+        Each candidate runs a few times (:meth:`MeasuredChoices.choose`, timed by
+        :func:`dynaconv.dispatch.choice_timer`: CUDA events, or on the CPU the thread's CPU
+        time with one torch thread and the wall clock with more); inference calls time
         the forward (under the call's grad mode, outputs discarded), training steps the
         forward and backward on detached copies of the input and arguments, the gradients
         taken by ``torch.autograd.grad`` (nothing accumulates in ``.grad``). The random
