@@ -139,10 +139,13 @@ OPTIONS = {
 
 
 def cases(
-    quick: bool, issue_shapes: bool = True, batches: tuple[int, ...] | None = None
+    quick: bool,
+    issue_shapes: bool = True,
+    batches: tuple[int, ...] | None = None,
+    demo_shapes: bool = True,
 ) -> Iterator[Case]:
     batches = batches or ((1, 16) if quick else DEMO_BATCHES)
-    layers = DEMO_LAYERS[1:3] if quick else DEMO_LAYERS
+    layers = (DEMO_LAYERS[1:3] if quick else DEMO_LAYERS) if demo_shapes else []
     issue = ISSUE_SHAPES if issue_shapes and not quick else []
     for cin, cout, size, batch in issue:
         yield Case("condconv", cin, cout, 3, size, batch)
@@ -494,6 +497,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--demo-shapes-only", action="store_true", help="skip the large layers of the issue"
     )
+    parser.add_argument(
+        "--issue-shapes-only", action="store_true", help="only the large layers of the issue"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown")
     parser.add_argument(
@@ -527,7 +533,13 @@ def main() -> None:
     rows = []
     load_before, started = os.getloadavg(), time.perf_counter()
     batches = tuple(args.batches) if args.batches else None
-    for case in cases(args.quick, issue_shapes=not args.demo_shapes_only, batches=batches):
+    selected = cases(
+        args.quick,
+        issue_shapes=not args.demo_shapes_only,
+        batches=batches,
+        demo_shapes=not args.issue_shapes_only,
+    )
+    for case in selected:
         if args.only and case.family not in args.only:
             continue
         for train in (True, False):
