@@ -13,13 +13,22 @@ the first auto calls (the rule's, then the one that measures the candidates, onc
 amortised after).
 
 Forms over 3x the fastest in a short interleaved screen (3 samples each) are not timed
-further; their screen medians are shown with ``~``. Expected before measuring: auto runs the fastest form up to timing noise, so auto / fastest
+further; their screen medians are shown with ``~``. The others, ``auto`` and its noise copy run
+in the same rounds with the same number of samples (the order rotated every round; a sample
+times about 10 ms of back-to-back calls); ``auto / fastest`` is the median over rounds of the
+per-round ratio of auto to the form with the lowest median (load that drifts between rounds
+cancels), and the noise column the same for the two copies of auto. The summary gives, per
+family and in all, the rows within the bar, the median and the max of auto / fastest, and the
+noise check's spread; the header the load averages before and after (a shared machine).
+Expected before measuring: auto runs the fastest form up to timing noise, so auto / fastest
 within the noise of the row (<= 1.10 on a quiet machine); the first call costs a few calls of
 every candidate.
 
-    PYTHONPATH=src python benchmarks/bench_auto.py            # CPU, one thread
-    PYTHONPATH=src python benchmarks/bench_auto.py --quick    # smoke test
+    PYTHONPATH=src python benchmarks/bench_auto.py            # CPU, one thread, every row
+    PYTHONPATH=src python benchmarks/bench_auto.py --quick    # a subset: two demo layers, b1/16
+    PYTHONPATH=src python benchmarks/bench_auto.py --only dgconv lgc --batches 16 256
     PYTHONPATH=src python benchmarks/bench_auto.py --demo-model  # the demo's network per family
+    PYTHONPATH=src python benchmarks/bench_auto.py --overhead    # the choice's per-call cost
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +49,15 @@ from torch import nn
 import dynaconv
 from dynaconv import dispatch
 from dynaconv.layers import ChoosesForm
-from harness import environment, forward_fn, measure_interleaved, synchronize, train_step_fn
+from harness import (
+    _calibrate_inner,
+    _sample,
+    environment,
+    forward_fn,
+    measure_interleaved,
+    synchronize,
+    train_step_fn,
+)
 
 BAR = 1.10
 #: Forms slower than this many times the fastest in the screen are not timed further.
@@ -84,6 +102,7 @@ class Row:
     chosen: str
     first_call_ms: float
     noise: float
+    paired_ratio: float
     extra: dict = field(default_factory=dict)
 
     @property
@@ -96,7 +115,8 @@ class Row:
 
     @property
     def ratio(self) -> float:
-        return self.ms["auto"] / self.forms[self.fastest]
+        """auto / the fastest form: the median of the per-round ratios."""
+        return self.paired_ratio
 
 
 #: The demo's layers (DigitsCNN on 8x8): (cin, cout, kernel, size, stride).
@@ -118,9 +138,14 @@ OPTIONS = {
 }
 
 
-def cases(quick: bool, issue_shapes: bool = True) -> Iterator[Case]:
-    batches = (1, 16) if quick else DEMO_BATCHES
-    layers = DEMO_LAYERS[1:3] if quick else DEMO_LAYERS
+def cases(
+    quick: bool,
+    issue_shapes: bool = True,
+    batches: tuple[int, ...] | None = None,
+    demo_shapes: bool = True,
+) -> Iterator[Case]:
+    batches = batches or ((1, 16) if quick else DEMO_BATCHES)
+    layers = (DEMO_LAYERS[1:3] if quick else DEMO_LAYERS) if demo_shapes else []
     issue = ISSUE_SHAPES if issue_shapes and not quick else []
     for cin, cout, size, batch in issue:
         yield Case("condconv", cin, cout, 3, size, batch)
@@ -200,14 +225,17 @@ def time_case(case: Case, device: torch.device, train: bool, reps: int, warmup: 
             fns[name] = train_step_fn(module, x) if train else forward_fn(module, x)
     # Forms far off (over FAR x the fastest in a short interleaved screen) keep the screen's
     # median; the others are timed fully, interleaved with auto.
-    screen = measure_interleaved(fns, device, warmup=1, reps=3, target_ms=TARGET_MS)
+    screen = {
+        name: statistics.median(times)
+        for name, times in rounds(fns, device, warmup=1, reps=3, target_ms=TARGET_MS).items()
+    }
     close = min(screen.values()) * FAR
     timed = {n: f for n, f in fns.items() if n.startswith("auto") or screen[n] <= close}
-    ms = {
-        **screen,
-        **measure_interleaved(timed, device, warmup=warmup, reps=reps, target_ms=TARGET_MS),
-    }
+    samples = rounds(timed, device, warmup=warmup, reps=reps, target_ms=TARGET_MS)
+    ms = {**screen, **{name: statistics.median(times) for name, times in samples.items()}}
     far = sorted(set(fns) - set(timed))
+    forms = [n for n in samples if not n.startswith("auto")]
+    fastest = min(forms, key=ms.__getitem__)
     with torch.no_grad() if not train else torch.enable_grad():
         chosen = (
             modules["auto"].choose_form(x.requires_grad_(train))
@@ -221,9 +249,52 @@ def time_case(case: Case, device: torch.device, train: bool, reps: int, warmup: 
         ms,
         chosen,
         first_ms,
-        ms["auto (again)"] / ms["auto"],
-        {"screened_only": far},
+        paired(samples["auto (again)"], samples["auto"]),
+        paired(samples["auto"], samples[fastest]),
+        {"screened_only": far, "samples": len(samples["auto"])},
     )
+
+
+def rounds(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    warmup: int,
+    reps: int,
+    target_ms: float,
+) -> dict[str, list[float]]:
+    """``reps`` samples (ms per call) of each of ``fns``, one per round, the order rotated
+    every round; a sample times about ``target_ms`` of back-to-back calls."""
+    inners = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        inners[name] = _calibrate_inner(fn, device, target_ms)
+    synchronize(device)
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(sample(fns[name], device, inners[name]))
+    return times
+
+
+#: ``--clock cpu``: samples read the thread's CPU time (one torch thread on the CPU only).
+CLOCK = {"cpu": False}
+
+
+def sample(fn: Callable[[], object], device: torch.device, inner: int) -> float:
+    """Milliseconds per call over ``inner`` back-to-back calls (wall clock or, with ``--clock
+    cpu``, the thread's CPU time: what the computation took, without the time it waited
+    for a core on a loaded machine)."""
+    if CLOCK["cpu"]:
+        return dispatch.thread_timer(fn, inner) / inner
+    return _sample(fn, device, inner)
+
+
+def paired(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of the per-round ratio."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def _dgc_choice(module: nn.Module, x: torch.Tensor, train: bool) -> str:
@@ -263,25 +334,42 @@ def markdown(rows: list[Row], header: str) -> str:
                 + f" | {r.ratio:.2f}{mark} | {r.noise:.2f} | {r.chosen} | {r.first_call_ms:.0f} |"
             )
         lines.append("")
-    ratios = [r.ratio for r in rows]
-    noises = [abs(r.noise - 1) for r in rows]
     misses = [r for r in rows if r.ratio > BAR]
     lines.append(
         f"`~`: a form over {FAR:g}x the fastest in a 3-sample screen, not timed further (its "
-        "screen median shown)."
+        "screen median shown). auto / fastest and noise: medians of per-round ratios."
     )
-    lines.append(
-        f"**{len(rows) - len(misses)} of {len(rows)} cases within auto <= {BAR:.2f}x fastest**; "
-        f"auto / fastest median {statistics.median(ratios):.3f}, max {max(ratios):.2f}; "
-        f"noise check (auto timed twice) median |ratio - 1| {statistics.median(noises):.3f}, "
-        f"max {max(noises):.2f}."
-    )
+    lines.append("")
+    lines += summary(rows)
     for r in misses:
         lines.append(
             f"- over the bar: {r.family} {r.layer} {r.mode}: auto ran {r.chosen}, fastest "
             f"{r.fastest}, {r.ratio:.2f}x (noise {r.noise:.2f})"
         )
     return "\n".join(lines)
+
+
+def summary(rows: list[Row]) -> list[str]:
+    """Per family and in all: rows within the bar, auto / fastest median and max, noise."""
+    lines = [
+        f"| family | rows within {BAR:.2f} | auto / fastest median | max | noise median "
+        "abs(ratio - 1) | noise max abs(ratio - 1) |",
+        "|---|---|---|---|---|---|",
+    ]
+    groups = {family: [r for r in rows if r.family == family] for family in _families(rows)}
+    for family, group in [*groups.items(), ("**all**", rows)]:
+        ratios = [r.ratio for r in group]
+        noises = [abs(r.noise - 1) for r in group]
+        within = sum(ratio <= BAR for ratio in ratios)
+        lines.append(
+            f"| {family} | {within} of {len(group)} | {statistics.median(ratios):.3f} | "
+            f"{max(ratios):.2f} | {statistics.median(noises):.3f} | {max(noises):.2f} |"
+        )
+    return lines
+
+
+def _families(rows: list[Row]) -> list[str]:
+    return list(dict.fromkeys(r.family for r in rows))
 
 
 def demo_model(device: torch.device, reps: int) -> str:
@@ -345,6 +433,43 @@ def demo_model(device: torch.device, reps: int) -> str:
     return "\n".join(lines)
 
 
+def overhead(rounds_: int = 21, calls: int = 2000) -> str:
+    """The per-call cost of ``auto``'s choice: tiny layers (16->64 1x1 on 8x8, batch 1, eval,
+    where the choice's host work shows most), ``auto`` against a copy with ``impl=`` the form
+    auto measured, interleaved rounds of ``calls`` calls, the thread's CPU time (so other
+    processes' load does not count); also ``choose_form`` alone, auto against explicit."""
+    lines = [
+        "| layer | auto us | explicit us | auto - explicit us | choose_form auto us | explicit us |",
+        "|---|---|---|---|---|---|",
+    ]
+    for family, cout in (("condconv", 64), ("dgc", 64), ("dgconv", 16)):
+        layer = build(Case(family, 16, cout, 1, 8, 1)).eval()
+        x = torch.randn(1, 16, 8, 8)
+        with torch.inference_mode():
+            for _ in range(dispatch.measure_after() + 2):
+                layer(x)
+            args = (layer.saliency(x),) if family == "dgc" else ()
+            explicit = copy.deepcopy(layer)
+            explicit.impl = layer.choose_form(x, *args)
+            per_call: dict[str, list[float]] = {"auto": [], "explicit": []}
+            for _ in range(rounds_):
+                for name, module in (("auto", layer), ("explicit", explicit)):
+                    per_call[name].append(dispatch.thread_timer(lambda m=module, x=x: m(x), calls))
+            choose = {
+                name: dispatch.thread_timer(
+                    lambda m=module, x=x, a=args: m.choose_form(x, *a), calls
+                )
+                for name, module in (("auto", layer), ("explicit", explicit))
+            }
+        auto, fixed = (statistics.median(per_call[n]) / calls * 1e3 for n in per_call)
+        lines.append(
+            f"| {family} 16->{cout} 1x1 b1 eval ({explicit.impl}) | {auto:.1f} | {fixed:.1f} | "
+            f"{auto - fixed:.1f} | {choose['auto'] / calls * 1e3:.1f} | "
+            f"{choose['explicit'] / calls * 1e3:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -352,12 +477,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=None, help="samples per variant (9)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a few small cases (smoke test)")
-    parser.add_argument("--only", nargs="+", default=None, help="families to run")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        choices=sorted(OPTIONS),
+        help="families to run (dgc includes the deployed DGC, lgc is the deployed LGC)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what a sample reads: the wall clock (default) or, with one thread on the CPU, "
+        "the thread's CPU time (robust to other processes' load)",
+    )
+    parser.add_argument(
+        "--batches", nargs="+", type=int, default=None, help="batch sizes (1 16 64 256)"
+    )
     parser.add_argument(
         "--demo-shapes-only", action="store_true", help="skip the large layers of the issue"
     )
+    parser.add_argument(
+        "--issue-shapes-only", action="store_true", help="only the large layers of the issue"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown")
+    parser.add_argument(
+        "--overhead", action="store_true", help="only the per-call cost of auto's choice"
+    )
     parser.add_argument(
         "--demo-model",
         action="store_true",
@@ -366,18 +513,33 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.device = torch.device(args.device)
     args.reps = args.reps or (3 if args.quick else 9)
+    if args.clock == "cpu" and (args.device.type != "cpu" or args.threads != 1):
+        parser.error("--clock cpu needs --device cpu and --threads 1")
     return args
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    CLOCK["cpu"] = args.clock == "cpu"
+    if args.overhead:
+        print(f"## The per-call cost of auto's choice\n{environment(args.device)}\n")
+        print(overhead(), flush=True)
+        return
     if args.demo_model:
         print(f"## The demo's network: rule against measured auto\n{environment(args.device)}\n")
         print(demo_model(args.device, args.reps), flush=True)
         return
     rows = []
-    for case in cases(args.quick, issue_shapes=not args.demo_shapes_only):
+    load_before, started = os.getloadavg(), time.perf_counter()
+    batches = tuple(args.batches) if args.batches else None
+    selected = cases(
+        args.quick,
+        issue_shapes=not args.demo_shapes_only,
+        batches=batches,
+        demo_shapes=not args.issue_shapes_only,
+    )
+    for case in selected:
         if args.only and case.family not in args.only:
             continue
         for train in (True, False):
@@ -391,10 +553,13 @@ def main() -> None:
                 f"ratio {row.ratio:.2f}, noise {row.noise:.2f}",
                 flush=True,
             )
+    load = ", ".join(f"{a:.2f}" for a in load_before)
+    load_after = ", ".join(f"{a:.2f}" for a in os.getloadavg())
     header = (
         f"## impl='auto' against every exact form (bench_auto.py)\n"
         f"{environment(args.device)}, dtype=float32, measuring "
-        f"{'on' if dispatch.measuring_enabled() else 'off'}"
+        f"{'on' if dispatch.measuring_enabled() else 'off'}, clock {args.clock}; load averages (1, 5, 15 min) "
+        f"{load} before, {load_after} after; {time.perf_counter() - started:.0f} s"
     )
     text = markdown(rows, header)
     print(text, flush=True)

@@ -3,6 +3,7 @@ vocabulary, its aliases, the families' declared forms, measured choices and thei
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -10,6 +11,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 import tokenize
 
 import pytest
@@ -253,6 +255,17 @@ def test_tracing_is_one_answer_for_every_capture():
     assert not tracing()
 
 
+def _fake_timer(runs: list[str], timings: dict[str, float]):
+    """A timer whose calls take ``timings[candidate]`` ms each (``repeat`` calls per sample)."""
+
+    def timer(call, repeat):
+        for _ in range(repeat):
+            call()
+        return timings[runs[-1]] * repeat
+
+    return timer
+
+
 def test_measured_choices_keep_the_fastest_and_skip_failures():
     cache = MeasuredChoices()
     runs: list[str] = []
@@ -263,30 +276,77 @@ def test_measured_choices_keep_the_fastest_and_skip_failures():
         if candidate == "broken":
             raise RuntimeError("cannot run here")
 
-    def timer(call, repeat):
-        call()
-        return timings[runs[-1]]
-
+    timer = _fake_timer(runs, timings)
     candidates = ["slow", "broken", "close", "fast", "glacial"]
-    assert cache.choose("k", candidates, run, timer=timer, repeat=3, budget_ms=0) == "fast"
+    assert cache.choose("k", candidates, run, timer=timer, min_rounds=3, budget_ms=0) == "fast"
     assert runs.count("glacial") == 2  # over 4x the fastest timed call: not sampled again
     assert runs.count("slow") == 2  # warm-up and one timed call: pruned (over 2x the fastest)
-    assert runs.count("fast") == runs.count("close") == 4  # warm-up, then 3 interleaved
+    assert runs.count("fast") == runs.count("close") == 2 + 3  # screen, then 3 rounds
     assert "k" in cache
-    runs.clear()  # short calls are sampled until each has run budget_ms (or max_rounds)
+    runs.clear()  # calls are sampled until each has run budget_ms (or max_rounds)
     assert cache.choose("k2", ["close", "fast"], run, timer=timer, budget_ms=5.5) == "fast"
-    assert runs.count("fast") == 1 + 6  # warm-up, then 6 samples of 1.0 ms
+    assert runs.count("fast") == 2 + 6  # screen, then 6 samples of 1.0 ms
     runs.clear()
     cache.choose("k3", ["close", "fast"], run, timer=timer, budget_ms=1e9, max_rounds=5)
-    assert runs.count("fast") == 1 + 5
+    assert runs.count("fast") == 2 + 5
     count = len(runs)
     assert cache.choose("k", ["slow", "fast"], run, timer=timer) == "fast"
     assert len(runs) == count  # looked up, not measured again
     assert cache.choose("other", ["broken"], run, timer=timer, fallback="safe") == "safe"
     assert "other" not in cache  # nothing cached when nothing ran
-    assert len(cache) == 3
+    assert len(cache) == 3 and cache.measured == 3 and cache.spent_ms > 0
     cache.clear()
     assert len(cache) == 0
+
+
+def test_short_forms_are_sampled_over_back_to_back_calls_in_rotated_rounds():
+    """A sample of a sub-millisecond form times ``sample_ms`` of back-to-back calls (a single
+    0.1 ms call is mostly the clock's and the scheduler's grain); each round starts with
+    another candidate."""
+    cache = MeasuredChoices()
+    runs: list[str] = []
+    repeats: list[tuple[str, int]] = []
+    timings = {"a": 0.1, "b": 0.15, "c": 0.12}
+
+    def timer(call, repeat):
+        for _ in range(repeat):
+            call()
+        repeats.append((runs[-1], repeat))
+        return timings[runs[-1]] * repeat
+
+    chosen = cache.choose(
+        "k", ["a", "b", "c"], runs.append, timer=timer, min_rounds=3, budget_ms=0, sample_ms=1.0
+    )
+    assert chosen == "a"
+    sampled = repeats[6:]  # after the screen (a warm-up and one timed call each)
+    assert all(repeat == 1 for _, repeat in repeats[:6])
+    assert {name: repeat for name, repeat in sampled} == {"a": 10, "b": 7, "c": 9}
+    firsts = [sampled[3 * r][0] for r in range(3)]
+    assert firsts == ["a", "b", "c"]  # the order rotates every round
+
+
+def test_a_near_tie_is_sampled_again_and_decided_on_paired_ratios():
+    """Two forms whose medians are within 5% get more alternating rounds, and the one faster
+    in the median of the per-round ratios is chosen (not the lowest single sample)."""
+    cache = MeasuredChoices()
+    runs: list[str] = []
+    # "b" has the lowest sample (0.99) and a median 3% over "a"'s: a near tie, which "a" wins
+    # in most rounds.
+    sequences = {"a": iter([1.0] * 20), "b": iter([2.0, 0.99] + [1.03] * 20)}
+
+    def timer(call, repeat):
+        call()
+        return next(sequences[runs[-1]])
+
+    chosen = cache.choose(
+        "k", ["a", "b"], runs.append, timer=timer, warmup=0, min_rounds=3, budget_ms=0
+    )
+    assert chosen == "a"
+    assert runs.count("a") == runs.count("b") == 1 + 3 + 2  # screen, 3 rounds, 2 tie rounds
+    runs.clear()  # clearly apart (10%): no tie rounds
+    sequences = {"a": iter([1.0] * 20), "b": iter([1.1] * 20)}
+    cache.choose("k2", ["a", "b"], runs.append, timer=timer, warmup=0, min_rounds=3, budget_ms=0)
+    assert runs.count("a") == runs.count("b") == 1 + 3
 
 
 def test_deployed_dgc_measures_once_per_shape_and_stays_exact(monkeypatch):
@@ -297,7 +357,7 @@ def test_deployed_dgc_measures_once_per_shape_and_stays_exact(monkeypatch):
     expected = layer(x)
     ran = _count_runs(monkeypatch, SparseDynamicGroupConv2d)
     assert_close64(deployed(x), expected)
-    candidates = {"head_grouped", "batch_grouped", "masked"}  # bmm: 1x1 kernels only
+    candidates = {"head_grouped", "batch_grouped", "masked", "bmm"}
     assert set(ran) == candidates  # every candidate was timed
     keys = [k for k in measured_choices if k[0] == "SparseDynamicGroupConv2d"]
     assert len(keys) == 1 and measured_choices.get(keys[0]) in candidates
@@ -324,7 +384,7 @@ def test_dgc_auto_inference_runs_what_was_measured_fastest(monkeypatch):
             call()
             return 1.0 if ran[-1] == fastest else 2.0
 
-        monkeypatch.setattr(_base, "host_timer", timer)
+        monkeypatch.setattr(_base, "choice_timer", lambda device, timer=timer: timer)
         deployed(x)
         ran.clear()
         deployed(x)
@@ -500,6 +560,99 @@ def test_a_key_is_measured_from_its_third_call_by_default(monkeypatch):
         layer(x)  # the third call measures
         assert len(ran) > 3 and len(measured_choices) == 1
     assert dispatch.measure_after() == 0  # restored (this file's fixture)
+
+
+def test_a_layer_reuses_its_last_final_choice_until_the_cache_or_the_switch_changes(
+    monkeypatch,
+):
+    """The per-call path of ``auto``: a layer called again with the same signature (input
+    shape, strides, dtype, device, mode, configuration) runs its last final choice without
+    building the measured choice's key; a cleared cache, the switch, deterministic algorithms
+    and another shape or configuration all choose again."""
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(8, 8, 3, padding=1, heads=2, squeeze_rate=2).eval()
+    keys: list[int] = []
+    form_key = ChoosesForm.form_key
+
+    def counted_key(self, *args):
+        keys.append(1)
+        return form_key(self, *args)
+
+    monkeypatch.setattr(ChoosesForm, "form_key", counted_key)
+    ran = _count_runs(monkeypatch, DynamicGroupConv2d)
+    x = torch.randn(2, 8, 5, 5)
+    layer.set_inactive_channels(3)
+    with torch.no_grad():
+        layer(x)  # measures (from the first call in this file)
+        (key,) = measured_choices
+        measured = measured_choices.get(key)
+        keys.clear(), ran.clear()
+        for _ in range(3):
+            layer(x)
+        assert keys == [] and ran == [measured] * 3  # no key built, nothing looked up
+        layer(torch.randn(3, 8, 5, 5))  # another shape: its own measurement
+        assert keys and len(measured_choices) == 2
+        layer.set_inactive_channels(7)  # another configuration (k_off bucket)
+        layer(torch.randn(3, 8, 5, 5))
+        assert len(measured_choices) == 3
+        clear_measured_choices()
+        ran.clear()
+        layer(x)
+        assert len(ran) > 1  # measured again, not the memo
+        rule = DynamicGroupConv2d.forms.rule(layer, layer.form_call(x))[0]
+        for switched_off in (
+            lambda: dispatch.measuring(False),
+            lambda: _deterministic_algorithms(),
+        ):
+            with switched_off():
+                ran.clear()
+                layer(x)
+                assert ran == [rule]
+            ran.clear()
+            layer(x)
+            assert len(ran) == 1 and len(measured_choices) == 1  # the measured choice again
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_the_rule_of_a_keys_first_calls_is_not_kept(monkeypatch):
+    """Before a key is measured (its first ``measure_after()`` calls) the rule runs; that
+    choice is not final, so the call that measures still comes."""
+    layer = CondConv2d(8, 8, 3, padding=1, num_experts=3).eval()
+    ran = _count_runs(monkeypatch, CondConv2d)
+    x = torch.randn(2, 8, 5, 5)
+    with dispatch.measuring(True, after=3), torch.no_grad():
+        for _ in range(3):
+            layer(x)
+        assert len(ran) == 3 and len(measured_choices) == 0
+        layer(x)
+        assert len(ran) > 4 and len(measured_choices) == 1
+
+
+def test_cpu_choices_time_the_threads_cpu_time_with_one_torch_thread():
+    """With one torch thread a CPU choice reads the thread's CPU time: time spent waiting for
+    a core (other processes' load; here a sleep) does not count. With more threads the wall
+    clock (the work runs on several threads); CUDA events on CUDA."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert dispatch.choice_timer(torch.device("cpu")) is dispatch.thread_timer
+        torch.set_num_threads(2)
+        assert dispatch.choice_timer(torch.device("cpu")) is dispatch.host_timer
+    finally:
+        torch.set_num_threads(threads)
+    assert dispatch.choice_timer(torch.device("cuda")) is dispatch.cuda_timer
+    assert dispatch.thread_timer(lambda: time.sleep(0.05), 2) < 20  # ms, against 100 slept
+    assert dispatch.host_timer(lambda: time.sleep(0.05), 2) >= 100
+    busy = dispatch.thread_timer(lambda: sum(range(200_000)), 1)
+    assert busy > 0
 
 
 def test_the_environment_variable_switches_measuring_off():

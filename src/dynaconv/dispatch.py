@@ -52,6 +52,7 @@ import functools
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -64,6 +65,7 @@ __all__ = [
     "IMPLS",
     "MEASURE_ENV",
     "MeasuredChoices",
+    "choice_timer",
     "clear_measured_choices",
     "cuda_timer",
     "host_timer",
@@ -72,8 +74,10 @@ __all__ = [
     "measured_choices",
     "measuring",
     "measuring_enabled",
+    "memo_token",
     "resolve_impl",
     "set_measuring",
+    "thread_timer",
     "tracing",
     "triton_available",
     "triton_preferred",
@@ -233,6 +237,28 @@ def host_timer(run: Callable[[], Any], repeat: int) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def thread_timer(run: Callable[[], Any], repeat: int) -> float:
+    """Milliseconds of this thread's CPU time for ``repeat`` calls of ``run``.
+
+    With one torch thread the work runs on the calling thread (the CPU autograd engine
+    included), so this is the computation's time without the time the thread waited for a
+    core: other processes' load, which a wall clock counts, does not count here.
+    """
+    start = time.thread_time()
+    for _ in range(repeat):
+        run()
+    return (time.thread_time() - start) * 1e3
+
+
+def choice_timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
+    """The timer a measured choice uses on ``device``: CUDA events on CUDA; on the CPU the
+    thread's CPU time with one torch thread (:func:`thread_timer`), the wall clock with more
+    (the work then runs on several threads)."""
+    if device.type == "cuda":
+        return cuda_timer
+    return thread_timer if torch.get_num_threads() == 1 else host_timer
+
+
 class MeasuredChoices:
     """Fastest choices measured once per key and kept: a performance cache.
 
@@ -241,11 +267,16 @@ class MeasuredChoices:
     depends on (the layers build them: the layer's configuration, the input's shape, strides,
     dtype and device, the mode). It is a cache, not model state: nothing is saved with a
     model, and :meth:`clear` (or :func:`clear_measured_choices` for the shared one) forgets it.
+
+    ``measured`` counts the keys measured and ``spent_ms`` the host time spent measuring them
+    (what measuring added to a run: the demo reports it).
     """
 
     def __init__(self) -> None:
         self._choices: dict[Hashable, Any] = {}
         self._seen: dict[Hashable, int] = {}
+        self.measured = 0
+        self.spent_ms = 0.0
 
     def __len__(self) -> int:
         return len(self._choices)
@@ -262,6 +293,7 @@ class MeasuredChoices:
     def clear(self) -> None:
         self._choices.clear()
         self._seen.clear()
+        _invalidate_memos()
 
     def seen(self, key: Hashable) -> int:
         """How many times ``key`` was asked for before this call (counts this call)."""
@@ -277,25 +309,42 @@ class MeasuredChoices:
         *,
         timer: Callable[[Callable[[], Any], int], float] = host_timer,
         warmup: int = 1,
-        repeat: int = 2,
-        prune: float = 2.0,
-        budget_ms: float = 25.0,
+        min_rounds: int = 3,
         max_rounds: int = 12,
+        budget_ms: float = 25.0,
+        sample_ms: float = 1.0,
+        max_inner: int = 32,
+        prune: float = 2.0,
+        tie: float = 0.05,
+        tie_rounds: int = 8,
         label: str = "",
         fallback: Any = None,
     ) -> C:
         """The cached choice for ``key``, or the fastest of ``candidates`` measured now.
 
-        Each candidate runs ``warmup`` times (allocation, library set-up, compilation), then
-        once timed. Candidates whose timed call is over ``prune`` times the fastest are
-        dropped; those over ``2 * prune`` times the fastest so far at once (a form far off
-        costs ``warmup + 1`` calls; put the likeliest candidate first). The rest run ``repeat - 1`` more times, interleaved (so that load from other
-        processes affects them alike), and short ones more, until each has run ``budget_ms``
-        in all (at most ``max_rounds`` timed calls: a millisecond form gets a dozen samples, a
-        100 ms one two), dropping those that fall over ``prune`` times the fastest. The
-        choice is the lowest time seen per candidate (the least disturbed sample), measured
-        once per key. A candidate that raises is skipped (logged). Nothing is
-        measured or cached while a CUDA graph is being captured, nor when every candidate
+        1. *Screen.* Each candidate runs ``warmup`` times (allocation, library set-up,
+           compilation), then once timed. One over ``2 * prune`` times the fastest so far (also
+           on its warm-up call) is dropped at once (a form far off costs ``warmup + 1`` calls:
+           put the likeliest candidate first), then those over ``prune`` times the fastest.
+        2. *Rounds.* The rest are sampled round robin, the order rotated every round (so that
+           load from other processes, and whatever one form leaves in the caches, falls on all
+           alike). A sample times back-to-back calls lasting about ``sample_ms`` (at most
+           ``max_inner`` calls; one call for forms longer than that), so sub-millisecond forms
+           are not timed at the clock's and the scheduler's grain. Rounds go on until every
+           survivor has run ``budget_ms`` in all and ``min_rounds`` rounds are done (at most
+           ``max_rounds``), dropping after each round the forms whose median is over
+           ``prune`` times the lowest.
+        3. *Near ties.* When the two lowest medians are within ``tie`` (5%), those two are
+           sampled again, alternately, for up to ``tie_rounds`` more rounds (at least two,
+           until each has run another ``budget_ms``), and the one faster in the median of
+           their per-round ratios (all rounds; the ratio cancels load that drifts between
+           rounds) is chosen. Otherwise the lowest median.
+
+        Cost per key, bounded: every candidate ``warmup + 1`` calls, each survivor of the
+        screen about ``max(budget_ms, min_rounds * its time)`` (at most ``max_rounds``
+        samples), a near tie up to ``max(budget_ms, 2 * their time)`` more for each of the two
+        (at most ``tie_rounds`` samples). A candidate that raises is skipped (logged). Nothing
+        is measured or cached while a CUDA graph is being captured, nor when every candidate
         fails: then ``fallback`` (default: the first candidate) is returned.
         """
         if key in self._choices:
@@ -304,34 +353,84 @@ class MeasuredChoices:
             fallback = candidates[0]
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return fallback
-        best: dict[int, float] = {}
-        for index, candidate in enumerate(candidates):
-            try:
-                loose = math.inf
-                for _ in range(warmup):
-                    loose = timer(lambda c=candidate: run(c), 1)
-                sample = timer(lambda c=candidate: run(c), 1)
-                if best and min(loose, sample) > 2 * prune * min(best.values()):
-                    continue  # far off, also after its first call's set-up: not sampled again
-                best[index] = sample
-            except Exception as error:  # a candidate that cannot run here is not chosen
-                log.warning("%s: candidate %s failed: %s", label or "measure", candidate, error)
-        if not best:
+        started = time.perf_counter()
+        first = _screen(candidates, run, timer, warmup, prune, label)
+        if not first:
             return fallback
-        survivors = [i for i in best if best[i] <= prune * min(best.values())]
-        spent = {i: best[i] for i in survivors}
-        for round_ in range(1, max_rounds):
-            if len(survivors) < 2 or (round_ >= repeat and min(spent.values()) >= budget_ms):
+        lead = min(first.values())
+        survivors = [i for i in first if first[i] <= prune * lead]
+        inner = {
+            i: max(1, min(max_inner, math.ceil(sample_ms / max(first[i], 1e-6)))) for i in first
+        }
+        samples: dict[int, list[float]] = {i: [] for i in survivors}
+
+        def sample(index: int) -> float:
+            elapsed = timer(lambda: run(candidates[index]), inner[index]) / inner[index]
+            samples[index].append(elapsed)
+            return elapsed * inner[index]
+
+        spent = dict.fromkeys(survivors, 0.0)
+        rounds = 0
+        while len(survivors) > 1 and rounds < max_rounds:
+            if rounds >= min_rounds and min(spent.values()) >= budget_ms:
                 break
-            for index in survivors:
-                sample = timer(lambda i=index: run(candidates[i]), 1)
-                best[index] = min(best[index], sample)
-                spent[index] += sample
-            survivors = [i for i in survivors if best[i] <= prune * min(best.values())]
-        chosen = candidates[min(survivors, key=best.__getitem__)]
-        log.debug("%s: measured %s -> %s", label or "measure", key, chosen)
+            shift = rounds % len(survivors)
+            for index in survivors[shift:] + survivors[:shift]:
+                spent[index] += sample(index)
+            rounds += 1
+            medians = {i: statistics.median(samples[i]) for i in survivors}
+            low = min(medians.values())
+            survivors = [i for i in survivors if medians[i] <= prune * low]
+            spent = {i: spent[i] for i in survivors}
+        ranked = sorted(survivors, key=lambda i: statistics.median(samples[i]) if samples[i] else 0)
+        best = ranked[0]
+        if len(ranked) > 1:
+            a, b = ranked[:2]
+            if statistics.median(samples[b]) <= (1 + tie) * statistics.median(samples[a]):
+                more = {a: 0.0, b: 0.0}
+                for extra in range(tie_rounds):
+                    if extra >= 2 and min(more.values()) >= budget_ms:
+                        break
+                    for index in (a, b) if extra % 2 else (b, a):
+                        more[index] += sample(index)
+                ratios = [ta / tb for ta, tb in zip(samples[a], samples[b], strict=True)]
+                best = a if statistics.median(ratios) <= 1.0 else b
+                log.debug(
+                    "%s: near tie %s / %s, ratio %.3f", label, a, b, statistics.median(ratios)
+                )
+        chosen = candidates[best]
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        self.measured += 1
+        self.spent_ms += elapsed_ms
+        log.debug("%s: measured %s -> %s in %.1f ms", label or "measure", key, chosen, elapsed_ms)
         self._choices[key] = chosen
         return chosen
+
+
+def _screen(
+    candidates: Sequence[C],
+    run: Callable[[C], Any],
+    timer: Callable[[Callable[[], Any], int], float],
+    warmup: int,
+    prune: float,
+    label: str,
+) -> dict[int, float]:
+    """Milliseconds of one timed call per candidate after ``warmup`` calls (step 1 of
+    :meth:`MeasuredChoices.choose`): those far off, and those that raise, left out."""
+    first: dict[int, float] = {}
+    for index, candidate in enumerate(candidates):
+        try:
+            loose = math.inf
+            for _ in range(warmup):
+                loose = timer(lambda c=candidate: run(c), 1)
+            timed = timer(lambda c=candidate: run(c), 1)
+        except Exception as error:  # a candidate that cannot run here is not chosen
+            log.warning("%s: candidate %s failed: %s", label or "measure", candidate, error)
+            continue
+        if first and min(loose, timed) > 2 * prune * min(first.values()):
+            continue  # far off, also after its first call's set-up: not sampled again
+        first[index] = timed
+    return first
 
 
 #: The shared cache of measured choices of the layers' ``impl="auto"`` (per process).
@@ -341,6 +440,22 @@ measured_choices = MeasuredChoices()
 def clear_measured_choices() -> None:
     """Forget every measured choice (they are measured again on the next call)."""
     measured_choices.clear()
+
+
+#: What a layer's memo of its last choice (:meth:`dynaconv.layers.ChoosesForm.choose_form`)
+#: is valid for: replaced whenever a choice may change (the shared cache cleared, measuring
+#: switched), which invalidates every memo at once. An object, not a counter, so that a memo
+#: pickled or deep-copied with a module is never valid in another process or copy.
+_memo = {"token": object()}
+
+
+def _invalidate_memos() -> None:
+    _memo["token"] = object()
+
+
+def memo_token() -> object:
+    """The current token of the layers' memos of their last choice (see ``_memo``)."""
+    return _memo["token"]
 
 
 #: The environment variable that switches measuring off (``0``) for the process.
@@ -377,6 +492,7 @@ def set_measuring(enabled: bool, *, after: int | None = None) -> None:
     _settings["enabled"] = enabled
     if after is not None:
         _settings["after"] = after
+    _invalidate_memos()
 
 
 @contextlib.contextmanager
@@ -389,6 +505,7 @@ def measuring(enabled: bool, *, after: int | None = None) -> Iterator[None]:
         yield
     finally:
         _settings.update(before)
+        _invalidate_memos()
 
 
 def measuring_enabled() -> bool:

@@ -56,11 +56,11 @@ from torch import Tensor, nn
 
 from ..dispatch import (
     IMPLS,
-    cuda_timer,
-    host_timer,
+    choice_timer,
     measure_after,
     measured_choices,
     measuring_enabled,
+    memo_token,
     resolve_impl,
     tracing,
     triton_preferred,
@@ -293,14 +293,43 @@ class ChoosesForm:
         forms = self.forms
         assert forms is not None
         x = call.x
-        empty = x.shape[0] == 0
         form = forms.forms.get(impl)
-        if form is not None and not (empty and form.batch_dependent):
+        if form is not None and not (form.batch_dependent and x.shape[0] == 0):
             why = self._refusal(form, call)
             if why is not None:
                 raise ValueError(f"impl={impl!r} cannot run this call: {why}")
             return impl
         config = self.spec if forms.key is None else forms.key(self, x, *args)  # type: ignore[attr-defined]
+        # The memo of the last choice: a layer's calls repeat one signature (the training
+        # steps, then the evaluation batches), and a final choice for it (measured, or the
+        # rule with measuring off) stands until the shared cache is cleared or measuring is
+        # switched (the token). Compared by equality, without hashing the configuration.
+        signature = (impl, config, x.shape, x.stride(), x.dtype, x.device, call[1], call[2])
+        token = memo_token()
+        deterministic = torch._C._get_deterministic_algorithms()
+        memo = self.__dict__.get("_form_memo")
+        if (
+            memo is not None
+            and memo[0] is token
+            and memo[1] == deterministic
+            and memo[2] == signature
+        ):
+            return memo[3]
+        chosen, final = self._choose_among_candidates(impl, call, args, config)
+        if final:
+            self.__dict__["_form_memo"] = (token, deterministic, signature, chosen)
+        return chosen
+
+    def _choose_among_candidates(
+        self, impl: str, call: FormCall, args: tuple[Any, ...], config: Hashable
+    ) -> tuple[str, bool]:
+        """The form ``"auto"`` (or ``"torch"``) runs for ``call``, and whether that choice is
+        final for the call's signature (measured, or the rule with measuring off; not the
+        rule of a key's first calls)."""
+        forms = self.forms
+        assert forms is not None
+        x = call.x
+        empty = x.shape[0] == 0
         known = (
             type(self),
             config,
@@ -324,10 +353,12 @@ class ChoosesForm:
             key = self.form_key(call, candidates, config)
             chosen = measured_choices.get(key)
             if chosen is not None:
-                return chosen
+                return chosen, True
             if measured_choices.seen(key) >= measure_after():
-                return self.measured_form(call, candidates, args)
-        return self.ruled_form(call, candidates)
+                chosen = self.measured_form(call, candidates, args)
+                return chosen, key in measured_choices
+            return self.ruled_form(call, candidates), False
+        return self.ruled_form(call, candidates), True
 
     def _refusal(self, form: Form, call: FormCall) -> str | None:
         if form.triton:
@@ -381,7 +412,9 @@ class ChoosesForm:
         """The fastest of ``candidates`` for this call, measured once per key
         (:meth:`form_key`) and kept in :data:`dynaconv.dispatch.measured_choices`.
 
-        Each candidate runs a few times (:meth:`MeasuredChoices.choose`); inference calls time
+        Each candidate runs a few times (:meth:`MeasuredChoices.choose`, timed by
+        :func:`dynaconv.dispatch.choice_timer`: CUDA events, or on the CPU the thread's CPU
+        time with one torch thread and the wall clock with more); inference calls time
         the forward (under the call's grad mode, outputs discarded), training steps the
         forward and backward on detached copies of the input and arguments, the gradients
         taken by ``torch.autograd.grad`` (nothing accumulates in ``.grad``). The random
@@ -403,7 +436,7 @@ class ChoosesForm:
                 key,
                 ordered,
                 self._timed_run(call, args),
-                timer=cuda_timer if x.is_cuda else host_timer,
+                timer=choice_timer(x.device),
                 label=type(self).__name__,
                 fallback=ruled,
             )

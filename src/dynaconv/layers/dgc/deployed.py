@@ -256,8 +256,10 @@ def _masked_candidate(module: SparseDynamicGroupConv2d, call: FormCall) -> bool:
 #: :class:`~dynaconv.layers.ChoosesForm` reads). Where each is fastest on the CPU:
 #: ``"head_grouped"`` at batch 1 (the kept MACs plus one gather of the kept kernels, the limit);
 #: ``"batch_grouped"`` on large maps at batch > 1; ``"masked"`` on small maps at batch > 1,
-#: where copying a kernel per example costs more than the saved MACs; ``"bmm"`` measured for
-#: 1x1 kernels only (with larger kernels its unfold copies the input ``kh*kw`` times).
+#: where copying a kernel per example costs more than the saved MACs; ``"bmm"`` mostly for 1x1
+#: kernels (with larger kernels its unfold copies the input ``kh*kw`` times), but measured
+#: for every kernel: a strided 3x3 at batch 1 read it fastest (``benchmarks/NOTES.md``), and
+#: where it is far off the measurement drops it after two calls.
 #: ``kept`` is fixed structure, so the gathered ``"bmm"`` and ``"masked"`` forms trace and export; a traced graph runs :func:`traced_inference_form` (``"head_grouped"`` at
 #: a static batch of 1, where the set of kept channels is one per head).
 FORMS = Forms(
