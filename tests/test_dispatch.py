@@ -357,7 +357,8 @@ def test_deployed_dgc_measures_once_per_shape_and_stays_exact(monkeypatch):
     expected = layer(x)
     ran = _count_runs(monkeypatch, SparseDynamicGroupConv2d)
     assert_close64(deployed(x), expected)
-    candidates = {"head_grouped", "batch_grouped", "masked", "bmm"}
+    # (a 3x3 layer: ``bmm`` is measured for 1x1 kernels only, see the deployed DGC's FORMS)
+    candidates = {"head_grouped", "batch_grouped", "masked"}
     assert set(ran) == candidates  # every candidate was timed
     keys = [k for k in measured_choices if k[0] == "SparseDynamicGroupConv2d"]
     assert len(keys) == 1 and measured_choices.get(keys[0]) in candidates
