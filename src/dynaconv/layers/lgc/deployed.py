@@ -4,7 +4,7 @@ Huang, Liu, van der Maaten and Weinberger, "CondenseNet: An Efficient DenseNet u
 Group Convolutions", CVPR 2018. :meth:`dynaconv.layers.lgc.LearnedGroupConv2d.deploy` returns
 a :class:`CondensedGroupConv2d` (the training layer's condensed connectivity as an input
 gather and a grouped convolution, optionally with the BN-ReLU around it folded in), which runs
-in plain PyTorch or through the fused kernel of :mod:`dynaconv.kernels.lgc` (the forms:
+in plain PyTorch or through the fused kernel of :mod:`dynaconv.layers.lgc.kernels` (the forms:
 :data:`FORMS`; ``impl="auto"`` measures both on CUDA once per input shape, see
 :class:`~dynaconv.layers.ChoosesForm`).
 """
@@ -39,9 +39,28 @@ Impl = Literal["auto", "torch", "triton"]
 
 
 def _triton_refuses(module: CondensedGroupConv2d, call: FormCall) -> str | None:
-    if lgc_kernels.supports(module, call.x):
+    if lgc_kernels.supports(module.spec, module.weight, call.x):
         return None
     return "the fused kernel needs a 1x1, stride-1, unpadded kernel"
+
+
+def _fused_conv(module: CondensedGroupConv2d, x: Tensor) -> Tensor:
+    """The module's tensors through the fused kernel."""
+    return lgc_kernels.condensed_conv(
+        module.spec,
+        x,
+        module.index,
+        module.weight,
+        module.bias,
+        groups=module.learned_groups,
+        interleave=module.interleave,
+        in_scale=module.in_scale,
+        in_shift=module.in_shift,
+        in_relu=module.in_relu,
+        out_scale=module.out_scale,
+        out_shift=module.out_shift,
+        out_relu=module.out_relu,
+    )
 
 
 def _fused(module: CondensedGroupConv2d, x: Tensor) -> bool:
@@ -71,7 +90,7 @@ FORMS = Forms(
     forms={
         "torch": Form(lambda module, x: module.forward_torch(x)),
         "triton": Form(
-            lambda module, x: lgc_kernels.condensed_conv(module, x),
+            lambda module, x: _fused_conv(module, x),
             triton=True,
             batch_dependent=True,
             refuses=_triton_refuses,
@@ -486,13 +505,7 @@ class CondensedGroupConv2d(ChoosesForm, nn.Module):
         return result.relu_() if self.out_relu else result
 
     def _pointwise(self) -> bool:
-        s = self.spec
-        return (
-            s.kernel_size == (1, 1)
-            and s.stride == (1, 1)
-            and s.padding in ((0, 0), "same", "valid")
-            and s.padding_mode == "zeros"
-        )
+        return lgc_kernels.pointwise_geometry(self.spec) and self.spec.padding_mode == "zeros"
 
     # ---------------------------------------------------------------------------------------
     # counts
