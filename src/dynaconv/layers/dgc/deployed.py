@@ -27,6 +27,8 @@ from ...dispatch import (
 from ...spec import ConvSpec, check_input, check_output_size
 from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
 from .functional import (
+    SALIENCY_MODES,
+    SaliencyMode,
     dense_masked_conv,
     gate_from_kept,
     gather_width,
@@ -50,9 +52,6 @@ __all__ = [
     "run_inference_form",
     "traced_inference_form",
 ]
-
-SaliencyMode = Literal["reference", "neutral"]
-_SALIENCY_MODES = ("reference", "neutral")
 
 #: The weight layouts the forms read (:func:`weight_layout`).
 Layout = Literal["rows", "tap_rows", "head_kernels", "triton"]
@@ -316,9 +315,9 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         saliency_mode: SaliencyMode = "reference",
     ) -> None:
         super().__init__()
-        if saliency_mode not in _SALIENCY_MODES:
+        if saliency_mode not in SALIENCY_MODES:
             raise ValueError(
-                f"saliency_mode must be one of {_SALIENCY_MODES}, got {saliency_mode!r}"
+                f"saliency_mode must be one of {SALIENCY_MODES}, got {saliency_mode!r}"
             )
         if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= spec.in_channels:
             raise ValueError(

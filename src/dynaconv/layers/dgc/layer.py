@@ -136,12 +136,10 @@ from .._base import (
     check_progress,
     kaiming_uniform_,
 )
-from .deployed import (
-    _SALIENCY_MODES,
-    SaliencyMode,
-    SparseDynamicGroupConv2d,
-)
+from .deployed import SparseDynamicGroupConv2d
 from .functional import (
+    SALIENCY_MODES,
+    SaliencyMode,
     dense_masked_conv,
     gate_dense,
     gathered_conv,
@@ -376,9 +374,9 @@ class DynamicGroupConv2d(DynaConv2d):
         if groups != 1:
             raise ValueError(f"groups must be 1 for DGC (the heads replace groups), got {groups}")
         _check_options(in_channels, heads, squeeze_rate, gate_factor, impl)
-        if saliency_mode not in _SALIENCY_MODES:
+        if saliency_mode not in SALIENCY_MODES:
             raise ValueError(
-                f"saliency_mode must be one of {_SALIENCY_MODES}, got {saliency_mode!r}"
+                f"saliency_mode must be one of {SALIENCY_MODES}, got {saliency_mode!r}"
             )
         if hidden_width is not None and (
             isinstance(hidden_width, bool) or not isinstance(hidden_width, int) or hidden_width < 0
