@@ -379,6 +379,27 @@ def test_triton_kernel_refuses_a_spec_it_does_not_compute():
         )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"index": torch.arange(8).double()}, "index must hold integer channel indices"),
+        ({"index": torch.arange(1, 9)}, r"index entries must lie in \[0, in_channels\) = \[0, 8\)"),
+        ({"learned_groups": 0}, "learned_groups must be a positive int, got 0"),
+        ({"in_channels": True}, "in_channels must be a positive int, got True"),
+    ],
+)
+def test_deployed_constructor_refuses_bad_arguments(change, message):
+    arguments = {
+        "in_channels": 8,
+        "spec": ConvSpec.create(8, 4, 1, groups=2),
+        "index": torch.arange(8),
+        "weight": torch.randn(4, 4, 1, 1),
+        "learned_groups": 2,
+    }
+    with pytest.raises(ValueError, match=message):
+        CondensedGroupConv2d(**(arguments | change))
+
+
 def test_impl_triton_refuses_what_it_cannot_run():
     layer = _layer(8, 4, kernel=3)
     deployed = CondensedGroupConv2d.from_learned(layer, impl="triton")

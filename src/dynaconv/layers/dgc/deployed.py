@@ -24,7 +24,7 @@ from ...dispatch import (
     tracing,
     triton_preferred,
 )
-from ...spec import ConvSpec, check_input, check_output_size
+from ...spec import ConvSpec, check_choice, check_input, check_int, check_output_size
 from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
 from .functional import (
     SALIENCY_MODES,
@@ -315,14 +315,14 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         saliency_mode: SaliencyMode = "reference",
     ) -> None:
         super().__init__()
-        if saliency_mode not in SALIENCY_MODES:
-            raise ValueError(
-                f"saliency_mode must be one of {SALIENCY_MODES}, got {saliency_mode!r}"
-            )
-        if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= spec.in_channels:
-            raise ValueError(
-                f"kept must be an int in [1, in_channels={spec.in_channels}], got {kept!r}"
-            )
+        check_choice(saliency_mode, "saliency_mode", SALIENCY_MODES)
+        check_int(
+            kept,
+            "kept",
+            1,
+            f"an int in [1, in_channels={spec.in_channels}]",
+            maximum=spec.in_channels,
+        )
         self.spec = spec
         self.heads = heads
         self.kept = kept

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ...dispatch import tracing, triton_preferred
-from ...spec import ConvSpec, check_input
+from ...spec import ConvSpec, check_input, check_int
 from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
 from . import kernels as lgc_kernels
 
@@ -132,12 +132,6 @@ def fold_batchnorm(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale.detach().squeeze(1), shift.detach()
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class GatherWorkspace:
     """Reusable CPU buffers for gathered inputs, one per calling thread.
 
@@ -206,7 +200,7 @@ class CondensedGroupConv2d(ChoosesForm, nn.Module):
     ) -> None:
         super().__init__()
         impl = FORMS.resolve(impl)
-        groups = _positive_int(learned_groups, "learned_groups")
+        groups = check_int(learned_groups, "learned_groups")
         cout, per_group = weight.shape[:2]
         if cout % groups or index.numel() != groups * per_group:
             raise ValueError(
@@ -218,9 +212,8 @@ class CondensedGroupConv2d(ChoosesForm, nn.Module):
             raise ValueError("scales and shifts come in pairs")
         if (in_relu and in_scale is None) or (out_relu and out_scale is None):
             raise ValueError("in_relu/out_relu need the corresponding scale and shift")
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= in_channels):
-            raise ValueError(f"index entries must lie in [0, in_channels={in_channels})")
+        self.in_channels = check_int(in_channels, "in_channels")
+        check_gather_index(index, in_channels)
         self.spec = spec
         self.learned_groups = groups
         self.interleave = bool(interleave)
