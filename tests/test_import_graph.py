@@ -57,6 +57,7 @@ GROUND_FLOOR = (
     "dynaconv.dispatch",
     "dynaconv.kernels",
     "dynaconv.registry",
+    "dynaconv.reference",
     "dynaconv.families",
     "dynaconv.layers._base",
 )
