@@ -356,10 +356,16 @@ def test_triton_kernel_takes_tensors_and_a_spec():
     x = torch.randn(2, cin, 3, 4)
     assert lgc_kernels.supports(spec, weight, x) == triton_usable(x)
     y = lgc_kernels.condensed_conv(
-        spec, x, index, weight, bias, groups=groups, interleave=True,
-        in_scale=in_scale, in_shift=in_shift, in_relu=True,
-        out_scale=out_scale, out_shift=out_shift, out_relu=True,
-    )  # fmt: skip
+        spec,
+        x,
+        index,
+        weight,
+        bias,
+        groups=groups,
+        interleave=True,
+        pre=lgc_kernels.ChannelAffine(in_scale, in_shift, True),
+        post=lgc_kernels.ChannelAffine(out_scale, out_shift, True),
+    )
     gathered = torch.relu(x[:, index] * in_scale[:, None, None] + in_shift[:, None, None])
     grouped = F.conv2d(gathered, weight, bias, groups=groups)  # group-major: g * 2 + n
     interleaved = (

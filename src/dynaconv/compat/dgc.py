@@ -54,6 +54,17 @@ def _rename(state_dict: Mapping[str, Tensor], old: str, new: str) -> dict[str, T
     return {new + k[len(old) :]: state_dict[k] for k in state_dict if k.startswith(old)}
 
 
+def _dgc_options(config: Mapping[str, Any], default_gate_factor: float) -> dict[str, Any]:
+    """The reference networks' DGC options (their defaults: 4 heads, squeeze rate 16, and the
+    network's gate factor), with the reference's squeeze rate rule."""
+    return {
+        "heads": config.get("heads", 4),
+        "squeeze_rate": config.get("squeeze_rate", 16),
+        "gate_factor": config.get("gate_factor", default_gate_factor),
+        "reference_squeeze": True,
+    }
+
+
 def _convert_dgc(
     state_dict: Mapping[str, Tensor], ref_prefix: str, bn_prefix: str, conv_prefix: str
 ) -> dict[str, Tensor]:
@@ -77,10 +88,7 @@ def dydensenet_from_reference(
         data=config.get("data", "cifar10"),
         bottleneck=config.get("bottleneck", 4),
         group_3x3=config.get("group_3x3", 4),
-        heads=config.get("heads", 4),
-        squeeze_rate=config.get("squeeze_rate", 16),
-        gate_factor=config.get("gate_factor", 0.25),
-        reference_squeeze=True,
+        **_dgc_options(config, default_gate_factor=0.25),
     ).to(dtype)
     native: dict[str, Tensor] = {}
     native |= _rename(state_dict, "features.init_conv.", "features.init_conv.")
@@ -111,10 +119,7 @@ def dyresnet18_from_reference(
     model = DyResNet(
         (2, 2, 2, 2),
         int(state_dict["fc.weight"].shape[0]),
-        heads=config.get("heads", 4),
-        squeeze_rate=config.get("squeeze_rate", 16),
-        gate_factor=config.get("gate_factor", 0.45),
-        reference_squeeze=True,
+        **_dgc_options(config, default_gate_factor=0.45),
     ).to(dtype)
     native: dict[str, Tensor] = {}
     for key in ("conv1.", "bn1.", "fc."):

@@ -46,6 +46,11 @@ def _triton_refuses(module: CondensedGroupConv2d, call: FormCall) -> str | None:
 
 def _fused_conv(module: CondensedGroupConv2d, x: Tensor) -> Tensor:
     """The module's tensors through the fused kernel."""
+    pre = post = None
+    if module.in_scale is not None:
+        pre = lgc_kernels.ChannelAffine(module.in_scale, module.in_shift, module.in_relu)
+    if module.out_scale is not None:
+        post = lgc_kernels.ChannelAffine(module.out_scale, module.out_shift, module.out_relu)
     return lgc_kernels.condensed_conv(
         module.spec,
         x,
@@ -54,12 +59,8 @@ def _fused_conv(module: CondensedGroupConv2d, x: Tensor) -> Tensor:
         module.bias,
         groups=module.learned_groups,
         interleave=module.interleave,
-        in_scale=module.in_scale,
-        in_shift=module.in_shift,
-        in_relu=module.in_relu,
-        out_scale=module.out_scale,
-        out_shift=module.out_shift,
-        out_relu=module.out_relu,
+        pre=pre,
+        post=post,
     )
 
 
@@ -278,23 +279,12 @@ class CondensedGroupConv2d(ChoosesForm, nn.Module):
         for name, value in folded.items():
             self.register_buffer(name, value, persistent=False)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         key = f"{prefix}index"
         index = state_dict.get(key)
         if isinstance(index, Tensor):
             check_gather_index(index, self.in_channels, key)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _flags_source(self) -> tuple[Any, ...]:
         # Identity and in-place version of the tensors the derived state comes from.

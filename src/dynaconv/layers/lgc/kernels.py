@@ -21,7 +21,7 @@ The kernel is exposed as the custom op ``dynaconv::lgc_condensed_conv1x1`` so th
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +30,13 @@ from ...dispatch import interpreting, triton_available, triton_usable
 from ...kernels import autotune_configs
 from ...spec import ConvSpec
 
-__all__ = ["condensed_conv", "condensed_conv1x1", "pointwise_geometry", "supports"]
+__all__ = [
+    "ChannelAffine",
+    "condensed_conv",
+    "condensed_conv1x1",
+    "pointwise_geometry",
+    "supports",
+]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -148,20 +154,22 @@ def _block_n(n: int) -> int:
     return block
 
 
-def _launch(
+@torch.library.custom_op("dynaconv::lgc_condensed_conv1x1", mutates_args=())
+def condensed_conv1x1(
     x: Tensor,
     index: Tensor,
     weight: Tensor,
-    bias: Tensor | None,
-    in_scale: Tensor | None,
-    in_shift: Tensor | None,
+    bias: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
+    in_scale: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
+    in_shift: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
     in_relu: bool,
-    out_scale: Tensor | None,
-    out_shift: Tensor | None,
+    out_scale: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
+    out_shift: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
     out_relu: bool,
     groups: int,
     interleave: bool,
 ) -> Tensor:
+    """The fused gather + BN-ReLU + grouped 1x1 conv (+ BN-ReLU), see the module docstring."""
     import triton
 
     batch, _, height, width = x.shape
@@ -221,38 +229,6 @@ def _launch(
     return y
 
 
-@torch.library.custom_op("dynaconv::lgc_condensed_conv1x1", mutates_args=())
-def condensed_conv1x1(
-    x: Tensor,
-    index: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
-    in_scale: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
-    in_shift: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
-    in_relu: bool,
-    out_scale: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
-    out_shift: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
-    out_relu: bool,
-    groups: int,
-    interleave: bool,
-) -> Tensor:
-    """The fused gather + BN-ReLU + grouped 1x1 conv (+ BN-ReLU), see the module docstring."""
-    return _launch(
-        x,
-        index,
-        weight,
-        bias,
-        in_scale,
-        in_shift,
-        in_relu,
-        out_scale,
-        out_shift,
-        out_relu,
-        groups,
-        interleave,
-    )
-
-
 @condensed_conv1x1.register_fake
 def _(x, index, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, out_relu, groups, interleave):  # fmt: skip
     batch, _, height, width = x.shape
@@ -282,6 +258,17 @@ def supports(spec: ConvSpec, weight: Tensor, x: Tensor) -> bool:
     )
 
 
+class ChannelAffine(NamedTuple):
+    """A folded per-channel BatchNorm (and ReLU): ``v -> relu?(v * scale + shift)``."""
+
+    scale: Tensor
+    shift: Tensor
+    relu: bool = False
+
+
+_NO_AFFINE = (None, None, False)
+
+
 def condensed_conv(
     spec: ConvSpec,
     x: Tensor,
@@ -291,35 +278,23 @@ def condensed_conv(
     *,
     groups: int,
     interleave: bool,
-    in_scale: Tensor | None = None,
-    in_shift: Tensor | None = None,
-    in_relu: bool = False,
-    out_scale: Tensor | None = None,
-    out_shift: Tensor | None = None,
-    out_relu: bool = False,
+    pre: ChannelAffine | None = None,
+    post: ChannelAffine | None = None,
 ) -> Tensor:
     """The deployed LGC's conv through the fused kernel: ``x`` ``(B, Cin, H, W)`` gathered by
-    ``index`` ``(groups * K,)``, ``pre`` (``in_scale``, ``in_shift``, ``in_relu``), the grouped
-    1x1 conv ``weight`` ``(Cout, K, 1, 1)`` (+ ``bias``), ``post`` (``out_scale``,
-    ``out_shift``, ``out_relu``), outputs in the order ``interleave`` names (see the module
-    docstring): ``(B, Cout, H, W)``. ``ValueError`` unless ``spec`` is a 1x1, stride-1,
-    unpadded conv (:func:`pointwise_geometry`)."""
+    ``index`` ``(groups * K,)``, ``pre`` (per gathered channel), the grouped 1x1 conv
+    ``weight`` ``(Cout, K, 1, 1)`` (+ ``bias``), outputs in the order ``interleave`` names
+    (see the module docstring), ``post`` (per output channel): ``(B, Cout, H, W)``.
+    ``ValueError`` unless ``spec`` is a 1x1, stride-1, unpadded conv
+    (:func:`pointwise_geometry`)."""
     if not pointwise_geometry(spec):
         raise ValueError(
             "the fused LGC kernel needs a 1x1, stride-1, unpadded conv, got kernel_size="
             f"{spec.kernel_size}, stride={spec.stride}, padding={spec.padding}"
         )
+    in_scale, in_shift, in_relu = _NO_AFFINE if pre is None else pre
+    out_scale, out_shift, out_relu = _NO_AFFINE if post is None else post
     return condensed_conv1x1(
-        x,
-        index,
-        weight,
-        bias,
-        in_scale,
-        in_shift,
-        in_relu,
-        out_scale,
-        out_shift,
-        out_relu,
-        groups,
-        interleave,
-    )
+        x, index, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, out_relu,
+        groups, interleave,
+    )  # fmt: skip

@@ -297,16 +297,7 @@ class LearnedGroupConv2d(DynaConv2d):
             return norms.sum()
         return (norms * self.group_mask().to(norms.dtype)).sum()
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         mask_key, stage_key = f"{prefix}mask", f"{prefix}stage"
         if mask_key in state_dict or stage_key in state_dict:
             mask = state_dict.get(mask_key, self.mask)
@@ -324,9 +315,7 @@ class LearnedGroupConv2d(DynaConv2d):
                 mask_key=mask_key,
                 stage_key=stage_key,
             )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------
     # deploy, conversion, counts
