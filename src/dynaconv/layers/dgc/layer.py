@@ -33,7 +33,7 @@ graph never specialises on a value that may change. ``set_progress``, ``load_sta
 ``torch.func.functional_call`` with another buffer, an in-place write to the buffer and an EMA
 update therefore take effect at once, in every path and in ``kept_channels``, ``structure()``,
 ``count_macs``, ``extra_repr`` and ``deploy()``. The deployed
-:class:`SparseDynamicGroupConv2d` (:mod:`dynaconv.layers.dgc_deployed`) keeps its kept count as fixed structure, like
+:class:`SparseDynamicGroupConv2d` (:mod:`dynaconv.layers.dgc.deployed`) keeps its kept count as fixed structure, like
 ``nn.Conv2d``'s ``groups``: deploy again after changing the schedule.
 
 Converted layers (``from_conv``, used by :func:`dynaconv.convert`): the paper's networks put a
@@ -81,7 +81,7 @@ Execution paths (``impl``, names as in :mod:`dynaconv.dispatch`; the math is in
   (one set) the kept MACs plus one gather of the kept input channels and kernels, the form
   closest to the limit (``nn.Conv2d(h*K, Cout, groups=h)``);
 * ``"triton"``: the sparse computation as one fused implicit-GEMM kernel
-  (:mod:`dynaconv.kernels.dgc`). When a gradient is needed, the same kernel is the forward of
+  (:mod:`dynaconv.layers.dgc.kernels`). When a gradient is needed, the same kernel is the forward of
   an autograd function whose backward runs cuDNN convolutions head by head over batch
   chunks (dense-cost gradients, transient memory a quarter of ``x``); zero padding only;
 * ``"auto"``: the fastest of the forms that can run the call, measured once per layer
