@@ -804,6 +804,29 @@ def test_errors():
         DynamicGroupConv2d(8, 8, 3).set_inactive_channels(8)
     with pytest.raises(ValueError, match="progress"):
         DynamicGroupConv2d(8, 8, 3).set_progress(1.5)
+    with pytest.raises(ValueError, match=r"heads must be a positive int, got True"):
+        DynamicGroupConv2d(8, 8, 3, heads=True)
+    with pytest.raises(
+        ValueError, match=r"saliency_mode must be one of \('reference', 'neutral'\)"
+    ):
+        DynamicGroupConv2d(8, 8, 3, saliency_mode="fast")
+    with pytest.raises(ValueError, match=r"hidden_width must be None or an int >= 0, got -1"):
+        DynamicGroupConv2d(8, 8, 3, hidden_width=-1)
+    with pytest.raises(ValueError, match=r"inactive channel count must be an int in \[0, in_.*8\)"):
+        DynamicGroupConv2d(8, 8, 3).set_inactive_channels(True)
+    state = DynamicGroupConv2d(8, 8, 3).state_dict() | {"inactive_channels": torch.tensor(9)}
+    model = nn.Sequential(DynamicGroupConv2d(8, 8, 3))
+    with pytest.raises(ValueError, match=r"0.inactive_channels must be an int in .*, got 9"):
+        model.load_state_dict({f"0.{key}": value for key, value in state.items()})
+    layer = DynamicGroupConv2d(8, 8, 3)
+    tensors = (layer.weight, layer.bias, layer.fc1_weight, layer.fc2_weight, layer.fc2_bias)
+    for kept in (0, 9, 2.0):
+        with pytest.raises(
+            ValueError, match=rf"kept must be an int in \[1, in_channels=8\], got {kept}"
+        ):
+            SparseDynamicGroupConv2d(layer.spec, 4, kept, *tensors)
+    with pytest.raises(ValueError, match="saliency_mode must be one of"):
+        SparseDynamicGroupConv2d(layer.spec, 4, 2, *tensors, saliency_mode="fast")
 
 
 def test_convert_digits_cnn_trains_and_deploys():

@@ -58,6 +58,7 @@ GROUND_FLOOR = (
     "dynaconv.dispatch",
     "dynaconv.kernels",
     "dynaconv.registry",
+    "dynaconv.reference",
     "dynaconv.families",
     "dynaconv.layers._base",
 )

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -15,11 +16,12 @@ import dynaconv
 from conftest import assert_close64, load_fixture
 from dynaconv import LearnedGroupConv2d, MacCount
 from dynaconv.compat import layer_from_reference
-from dynaconv.kernels import triton_available
+from dynaconv.kernels import triton_available, triton_usable
 from dynaconv.layers.lgc import kernels as lgc_kernels
 from dynaconv.layers.lgc.deployed import GatherWorkspace, fold_pointwise, folded_pointwise
 from dynaconv.layers.lgc.layer import CondensedGroupConv2d, condensation_stage, fold_batchnorm
 from dynaconv.models import DigitsCNN
+from dynaconv.spec import ConvSpec
 
 FIXTURE = ("condensenet", "condensenet86_cifar10.pt")
 LAYER = "features.denseblock_1.denselayer_5.conv_1"
@@ -338,6 +340,72 @@ def test_triton_kernel_matches_torch_path(groups, cin, cout, pre, post, interlea
     torch.testing.assert_close(fused(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
+@needs_triton
+def test_triton_kernel_takes_tensors_and_a_spec():
+    """The kernel's entry point reads no module: the tensors and the spec (here drawn at
+    random, not from a deployed layer) give the gather + BN-ReLU + grouped conv, reordered."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter check; the CUDA check is test_triton_kernel_on_gpu")
+    torch.manual_seed(3)
+    groups, kept, cin, cout = 2, 3, 7, 4
+    index = torch.randint(0, cin, (groups * kept,))
+    weight, bias = torch.randn(cout, kept, 1, 1), torch.randn(cout)
+    in_scale, in_shift = torch.rand(groups * kept) + 0.5, torch.randn(groups * kept)
+    out_scale, out_shift = torch.randn(cout), torch.randn(cout)
+    spec = ConvSpec.create(groups * kept, cout, 1, groups=groups)
+    x = torch.randn(2, cin, 3, 4)
+    assert lgc_kernels.supports(spec, weight, x) == triton_usable(x)
+    y = lgc_kernels.condensed_conv(
+        spec,
+        x,
+        index,
+        weight,
+        bias,
+        groups=groups,
+        interleave=True,
+        pre=lgc_kernels.ChannelAffine(in_scale, in_shift, True),
+        post=lgc_kernels.ChannelAffine(out_scale, out_shift, True),
+    )
+    gathered = torch.relu(x[:, index] * in_scale[:, None, None] + in_shift[:, None, None])
+    grouped = F.conv2d(gathered, weight, bias, groups=groups)  # group-major: g * 2 + n
+    interleaved = (
+        grouped.view(2, groups, cout // groups, 3, 4).transpose(1, 2).reshape(2, cout, 3, 4)
+    )
+    expected = torch.relu(interleaved * out_scale[:, None, None] + out_shift[:, None, None])
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_kernel_refuses_a_spec_it_does_not_compute():
+    spec = ConvSpec.create(4, 4, 3, padding=1, groups=2)
+    assert not lgc_kernels.supports(spec, torch.randn(4, 2, 3, 3), torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"1x1, stride-1, unpadded conv, got kernel_size=\(3, 3\)"):
+        lgc_kernels.condensed_conv(
+            spec, torch.randn(1, 4, 5, 5), torch.arange(4), torch.randn(4, 2, 3, 3),
+            groups=2, interleave=False,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"index": torch.arange(8).double()}, "index must hold integer channel indices"),
+        ({"index": torch.arange(1, 9)}, r"index entries must lie in \[0, in_channels\) = \[0, 8\)"),
+        ({"learned_groups": 0}, "learned_groups must be a positive int, got 0"),
+        ({"in_channels": True}, "in_channels must be a positive int, got True"),
+    ],
+)
+def test_deployed_constructor_refuses_bad_arguments(change, message):
+    arguments = {
+        "in_channels": 8,
+        "spec": ConvSpec.create(8, 4, 1, groups=2),
+        "index": torch.arange(8),
+        "weight": torch.randn(4, 4, 1, 1),
+        "learned_groups": 2,
+    }
+    with pytest.raises(ValueError, match=message):
+        CondensedGroupConv2d(**(arguments | change))
+
+
 def test_impl_triton_refuses_what_it_cannot_run():
     layer = _layer(8, 4, kernel=3)
     deployed = CondensedGroupConv2d.from_learned(layer, impl="triton")
@@ -361,7 +429,7 @@ def test_triton_kernel_on_gpu():
     y = fused(x.float())
     scale = expected.abs().max()
     assert float((y.double() - expected).abs().max() / scale) < 5e-3
-    assert lgc_kernels.supports(fused, x.float())
+    assert lgc_kernels.supports(fused.spec, fused.weight, x.float())
     exported = torch.export.export(fused, (x.float(),))  # the kernel is one custom op node
     torch.testing.assert_close(exported.module()(x.float()), y)
     compiled = torch.compile(fused)

@@ -11,6 +11,7 @@ from dynaconv.layers import CondConv2d, DOConv2d
 from dynaconv.spec import (
     CONV_ARGUMENTS,
     LAYER_ARGUMENTS,
+    check_divisible,
     check_int,
     check_number,
     check_pair,
@@ -47,6 +48,14 @@ def test_validators_accept_and_name_the_rule():
         check_int(-1, "n", minimum=0)
     with pytest.raises(ValueError, match="n must be an int >= 9"):
         check_int(8, "n", minimum=9)
+    assert check_int(4, "n", minimum=0, maximum=4) == 4
+    with pytest.raises(ValueError, match=r"n must be an int in \[0, 4\], got 5"):
+        check_int(5, "n", minimum=0, maximum=4)
+    with pytest.raises(ValueError, match=r"n must be below 5, got 5"):
+        check_int(5, "n", 0, "below 5", maximum=4)
+    check_divisible(12, "out_channels", 4, "heads")
+    with pytest.raises(ValueError, match=r"out_channels \(10\) must be divisible by heads \(4\)"):
+        check_divisible(10, "out_channels", 4, "heads")
     assert check_number(0.5, "p", lambda p: 0 <= p < 1, "in [0, 1)") == 0.5
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got True"):
         check_number(True, "p", lambda p: 0 <= p < 1, "in [0, 1)")

@@ -5,8 +5,8 @@ convolution by a :class:`ConvSpec`, declared here once (the signature of
 :meth:`ConvSpec.create`, :data:`CONV_ARGUMENTS`) and imported from here; this module imports
 nothing of dynaconv but the padding geometry (:mod:`dynaconv.padding`), so everything can
 depend on it. The validators (:func:`check_int`, :func:`check_number`, :func:`check_pair`,
-:func:`check_bool`, :func:`check_choice`) raise the one ``ValueError`` wording of the project:
-``"<name> must be <rule>, got <value>"``.
+:func:`check_bool`, :func:`check_choice`, :func:`check_divisible`) raise the one
+``ValueError`` wording of the project: ``"<name> must be <rule>, got <value>"``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
     "ConvSpec",
     "check_bool",
     "check_choice",
+    "check_divisible",
     "check_input",
     "check_int",
     "check_number",
@@ -53,15 +54,32 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def check_int(value: Any, name: str, minimum: int = 1, rule: str | None = None) -> int:
-    """``value`` if it is an int ``>= minimum``; else ``ValueError`` naming ``name`` and the
-    rule (``rule``, by default "a positive int", "a non-negative int" or "an int >= m")."""
-    if not is_int(value) or value < minimum:
+def check_int(
+    value: Any,
+    name: str,
+    minimum: int = 1,
+    rule: str | None = None,
+    *,
+    maximum: int | None = None,
+) -> int:
+    """``value`` if it is an int in ``[minimum, maximum]`` (no upper bound when ``maximum`` is
+    None); else ``ValueError`` naming ``name`` and the rule (``rule``, by default "a positive
+    int", "a non-negative int", "an int >= m" or "an int in [m, M]")."""
+    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
         if rule is None:
             names = {1: "a positive int", 0: "a non-negative int"}
             rule = names.get(minimum, f"an int >= {minimum}")
+            if maximum is not None:
+                rule = f"an int in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be {rule}, got {value!r:.60}")
     return value
+
+
+def check_divisible(value: int, name: str, divisor: int, divisor_name: str) -> None:
+    """``ValueError`` "``name`` (value) must be divisible by ``divisor_name`` (divisor)" unless
+    ``divisor`` divides ``value`` (both already checked ints)."""
+    if value % divisor:
+        raise ValueError(f"{name} ({value}) must be divisible by {divisor_name} ({divisor})")
 
 
 def check_number(value: Any, name: str, accept: Callable[[float], bool], rule: str) -> float:
@@ -139,12 +157,8 @@ class ConvSpec:
         for name, pair in (("kernel_size", kernel), ("stride", strides), ("dilation", dilations)):
             if min(pair) <= 0:
                 raise ValueError(f"{name} must be positive, got {pair}")
-        if in_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
-        if out_channels % groups:
-            raise ValueError(
-                f"out_channels ({out_channels}) must be divisible by groups ({groups})"
-            )
+        check_divisible(in_channels, "in_channels", groups, "groups")
+        check_divisible(out_channels, "out_channels", groups, "groups")
         check_choice(padding_mode, "padding_mode", PADDING_MODES)
         if isinstance(padding, str):
             if padding == "valid":

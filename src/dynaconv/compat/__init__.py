@@ -10,7 +10,9 @@
   ``g_resnext50``, ``g_resnext101``.
 
 The returned modules' ``forward`` returns the reference's main output. Each loader registers
-itself in its module (:func:`register_reference_layer`, :func:`register_reference_model`);
+itself in its module (:func:`register_reference_layer`, :func:`register_reference_model`, from
+:mod:`dynaconv.reference`): a family's layer loader in its folder,
+``dynaconv/layers/<family>/reference.py``, the networks' loaders here;
 :data:`LAYER_METHODS` and :data:`ARCHITECTURES` are read-only views of them.
 
 Other sources of CondConv weights: :mod:`dynaconv.compat.timm` (timm's EfficientNet-CondConv
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from ._registry import (
+from ..reference import (
     ARCHITECTURES,
     LAYER_METHODS,
     register_reference_layer,
@@ -142,6 +144,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> ReferenceCheckpoint:
     )
 
 
-# The loaders register themselves when their modules are imported; ``compat.timm`` and
-# ``compat.tensorflow`` need neither timm nor TensorFlow, so they are imported with the package.
-from . import condconv, dgc, dgconv, doconv, lgc, tensorflow, timm  # noqa: E402, F401
+# The loaders register themselves when their modules are imported: the layers' in their
+# families' folders (``dynaconv/layers/<family>/reference.py``, imported with the family), the
+# networks' here; ``compat.timm`` and ``compat.tensorflow`` need neither timm nor TensorFlow, so
+# they are imported with the package.
+from . import condconv, dgc, dgconv, lgc, tensorflow, timm  # noqa: E402, F401

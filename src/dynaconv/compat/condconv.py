@@ -13,8 +13,12 @@ from typing import Any
 from torch import Tensor
 
 from ..layers.condconv.layer import CondConv2d
-from ._keys import check_config, check_state_keys, conv_arguments
-from ._registry import register_reference_layer
+from ..reference import (
+    check_config,
+    check_state_keys,
+    conv_arguments,
+    register_reference_layer,
+)
 
 __all__ = ["layer_from_reference"]
 

@@ -34,7 +34,7 @@ from torch.nn.modules.utils import _pair
 from ..layers.condconv.layer import CondConv2d
 from ..models import create_model
 from ..models.efficientnet_condconv import EfficientNetCondConv
-from ._keys import check_config, conv_arguments
+from ..reference import check_config, conv_arguments
 
 __all__ = [
     "TIMM_MODELS",

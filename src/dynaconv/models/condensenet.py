@@ -25,7 +25,7 @@ kernel's output addressing (free) or by a reshape on the PyTorch path. Dense blo
 every layer's new features into one preallocated buffer instead of concatenating (the
 growing ``torch.cat`` copies are gone; layers read a channel prefix of the buffer in place).
 On the CPU each dense layer runs its folded form
-(:class:`~dynaconv.layers.lgc_deployed.FoldedPointwise`: both BatchNorms in the 1x1 kernel and
+(:class:`~dynaconv.layers.lgc.deployed.FoldedPointwise`: both BatchNorms in the 1x1 kernel and
 bias, one gather, one clamp, one matrix product, one ReLU pass writing the shuffled order, then
 the 3x3 conv, whose kernel is padded with zero rows to :data:`GROUP_ROWS_MIN` outputs per
 group where it has fewer: oneDNN runs the padded grouped conv faster); traced or exported,

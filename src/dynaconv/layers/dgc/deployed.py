@@ -25,9 +25,11 @@ from ...dispatch import (
     triton_preferred,
 )
 from ...folding import fold_batchnorm
-from ...spec import ConvSpec, check_input, check_output_size
+from ...spec import ConvSpec, check_choice, check_input, check_int, check_output_size
 from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
 from .functional import (
+    SALIENCY_MODES,
+    SaliencyMode,
     dense_masked_conv,
     gate_from_kept,
     gather_width,
@@ -51,9 +53,6 @@ __all__ = [
     "run_inference_form",
     "traced_inference_form",
 ]
-
-SaliencyMode = Literal["reference", "neutral"]
-_SALIENCY_MODES = ("reference", "neutral")
 
 #: The weight layouts the forms read (:func:`weight_layout`).
 Layout = Literal["rows", "tap_rows", "head_kernels", "triton"]
@@ -319,14 +318,14 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         saliency_mode: SaliencyMode = "reference",
     ) -> None:
         super().__init__()
-        if saliency_mode not in _SALIENCY_MODES:
-            raise ValueError(
-                f"saliency_mode must be one of {_SALIENCY_MODES}, got {saliency_mode!r}"
-            )
-        if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= spec.in_channels:
-            raise ValueError(
-                f"kept must be an int in [1, in_channels={spec.in_channels}], got {kept!r}"
-            )
+        check_choice(saliency_mode, "saliency_mode", SALIENCY_MODES)
+        check_int(
+            kept,
+            "kept",
+            1,
+            f"an int in [1, in_channels={spec.in_channels}]",
+            maximum=spec.in_channels,
+        )
         self.spec = spec
         self.heads = heads
         self.kept = kept

@@ -11,7 +11,7 @@ the weight layouts the Triton kernel reads.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from ...spec import ConvSpec
 
 __all__ = [
+    "SALIENCY_MODES",
+    "SaliencyMode",
     "dense_masked_conv",
     "gate_dense",
     "gate_from_kept",
@@ -42,6 +44,11 @@ __all__ = [
     "triton_kernel_layout",
     "zero_padding",
 ]
+
+#: How the saliency generator reads its input: ``"reference"`` (the paper's code: the pooled
+#: descriptor as it is) or ``"neutral"`` (divided by its root mean square, :func:`saliency`).
+SaliencyMode = Literal["reference", "neutral"]
+SALIENCY_MODES: tuple[str, ...] = get_args(SaliencyMode)
 
 #: The normalised descriptor of an all-zero input is zero (not 0 / 0).
 _RMS_FLOOR = 1e-30

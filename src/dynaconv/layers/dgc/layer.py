@@ -33,7 +33,7 @@ graph never specialises on a value that may change. ``set_progress``, ``load_sta
 ``torch.func.functional_call`` with another buffer, an in-place write to the buffer and an EMA
 update therefore take effect at once, in every path and in ``kept_channels``, ``structure()``,
 ``count_macs``, ``extra_repr`` and ``deploy()``. The deployed
-:class:`SparseDynamicGroupConv2d` (:mod:`dynaconv.layers.dgc_deployed`) keeps its kept count as fixed structure, like
+:class:`SparseDynamicGroupConv2d` (:mod:`dynaconv.layers.dgc.deployed`) keeps its kept count as fixed structure, like
 ``nn.Conv2d``'s ``groups``: deploy again after changing the schedule.
 
 Converted layers (``from_conv``, used by :func:`dynaconv.convert`): the paper's networks put a
@@ -81,7 +81,7 @@ Execution paths (``impl``, names as in :mod:`dynaconv.dispatch`; the math is in
   (one set) the kept MACs plus one gather of the kept input channels and kernels, the form
   closest to the limit (``nn.Conv2d(h*K, Cout, groups=h)``);
 * ``"triton"``: the sparse computation as one fused implicit-GEMM kernel
-  (:mod:`dynaconv.kernels.dgc`). When a gradient is needed, the same kernel is the forward of
+  (:mod:`dynaconv.layers.dgc.kernels`). When a gradient is needed, the same kernel is the forward of
   an autograd function whose backward runs cuDNN convolutions head by head over batch
   chunks (dense-cost gradients, transient memory a quarter of ``x``); zero padding only;
 * ``"auto"``: the fastest of the forms that can run the call, measured once per layer
@@ -123,7 +123,14 @@ from torch import Tensor, nn
 
 from ...dispatch import tracing, triton_preferred
 from ...families import register_family
-from ...spec import check_input, check_output_size
+from ...spec import (
+    check_choice,
+    check_divisible,
+    check_input,
+    check_int,
+    check_number,
+    check_output_size,
+)
 from .._base import (
     Convention,
     ConversionSkipped,
@@ -136,12 +143,10 @@ from .._base import (
     check_progress,
     kaiming_uniform_,
 )
-from .deployed import (
-    _SALIENCY_MODES,
-    SaliencyMode,
-    SparseDynamicGroupConv2d,
-)
+from .deployed import SparseDynamicGroupConv2d
 from .functional import (
+    SALIENCY_MODES,
+    SaliencyMode,
     dense_masked_conv,
     gate_dense,
     gathered_conv,
@@ -216,18 +221,21 @@ def _check_options(
 def _check_option_types(heads: Any, squeeze_rate: Any, gate_factor: Any) -> None:
     """``ValueError`` naming the option unless heads and squeeze_rate are positive ints and
     gate_factor is in (0, 1]."""
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
-        raise ValueError(f"heads must be a positive int, got {heads!r}")
-    if isinstance(squeeze_rate, bool) or not isinstance(squeeze_rate, int) or squeeze_rate <= 0:
-        raise ValueError(f"squeeze_rate must be a positive int, got {squeeze_rate!r}")
-    if (
-        isinstance(gate_factor, bool)
-        or not isinstance(gate_factor, int | float)
-        or not 0.0 < gate_factor <= 1.0
-    ):
-        raise ValueError(
-            f"gate_factor (the kept fraction of input channels) must be in (0, 1], got {gate_factor!r}"
-        )
+    check_int(heads, "heads")
+    check_int(squeeze_rate, "squeeze_rate")
+    check_number(
+        gate_factor,
+        "gate_factor (the kept fraction of input channels)",
+        lambda fraction: 0.0 < fraction <= 1.0,
+        "in (0, 1]",
+    )
+
+
+def _check_inactive(count: int, in_channels: int, name: str) -> int:
+    """``count`` if it is a valid ``k_off`` (an int in ``[0, in_channels)``), else
+    ``ValueError`` naming ``name``."""
+    rule = f"an int in [0, in_channels) = [0, {in_channels})"
+    return check_int(count, name, 0, rule, maximum=in_channels - 1)
 
 
 def _run_masked(layer: DynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
@@ -376,16 +384,10 @@ class DynamicGroupConv2d(DynaConv2d):
         if groups != 1:
             raise ValueError(f"groups must be 1 for DGC (the heads replace groups), got {groups}")
         _check_options(in_channels, heads, squeeze_rate, gate_factor, impl)
-        if saliency_mode not in _SALIENCY_MODES:
-            raise ValueError(
-                f"saliency_mode must be one of {_SALIENCY_MODES}, got {saliency_mode!r}"
-            )
-        if hidden_width is not None and (
-            isinstance(hidden_width, bool) or not isinstance(hidden_width, int) or hidden_width < 0
-        ):
-            raise ValueError(f"hidden_width must be None or an int >= 0, got {hidden_width!r}")
-        if out_channels % heads:
-            raise ValueError(f"out_channels ({out_channels}) must be divisible by heads ({heads})")
+        check_choice(saliency_mode, "saliency_mode", SALIENCY_MODES)
+        if hidden_width is not None:
+            check_int(hidden_width, "hidden_width", 0, "None or an int >= 0")
+        check_divisible(out_channels, "out_channels", heads, "heads")
         factory = {"device": device, "dtype": dtype}
         self.heads = heads
         self.squeeze_rate = squeeze_rate
@@ -427,13 +429,9 @@ class DynamicGroupConv2d(DynaConv2d):
     @property
     def _inactive(self) -> int:
         """``k_off`` read from the buffer ``inactive_channels`` (validated; eager mode only)."""
-        count = int(self.inactive_channels)
-        if not 0 <= count < self.spec.in_channels:
-            raise ValueError(
-                f"inactive_channels={count} is out of [0, in_channels) = "
-                f"[0, {self.spec.in_channels})"
-            )
-        return count
+        return _check_inactive(
+            int(self.inactive_channels), self.spec.in_channels, "inactive_channels"
+        )
 
     @property
     def kept_channels(self) -> int:
@@ -442,13 +440,7 @@ class DynamicGroupConv2d(DynaConv2d):
 
     def set_inactive_channels(self, count: int) -> None:
         """Set ``k_off`` directly (``set_progress`` computes it from the schedule)."""
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise ValueError(f"inactive channel count must be an int, got {count!r}")
-        if not 0 <= count < self.spec.in_channels:
-            raise ValueError(
-                f"inactive channel count must be in [0, in_channels) = [0, {self.spec.in_channels}), "
-                f"got {count}"
-            )
+        _check_inactive(count, self.spec.in_channels, "inactive channel count")
         with torch.no_grad():
             self.inactive_channels.fill_(count)
 
@@ -460,12 +452,9 @@ class DynamicGroupConv2d(DynaConv2d):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        count = int(self.inactive_channels)
-        if not 0 <= count < self.spec.in_channels:
-            raise ValueError(
-                f"{prefix}inactive_channels={count} out of [0, in_channels) = "
-                f"[0, {self.spec.in_channels})"
-            )
+        _check_inactive(
+            int(self.inactive_channels), self.spec.in_channels, f"{prefix}inactive_channels"
+        )
 
     # ---------------------------------------------------------------------------- forward
     def saliency(self, x: Tensor) -> Tensor:

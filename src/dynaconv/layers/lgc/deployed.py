@@ -4,7 +4,7 @@ Huang, Liu, van der Maaten and Weinberger, "CondenseNet: An Efficient DenseNet u
 Group Convolutions", CVPR 2018. :meth:`dynaconv.layers.lgc.LearnedGroupConv2d.deploy` returns
 a :class:`CondensedGroupConv2d` (the training layer's condensed connectivity as an input
 gather and a grouped convolution, optionally with the BN-ReLU around it folded in), which runs
-in plain PyTorch or through the fused kernel of :mod:`dynaconv.kernels.lgc` (the forms:
+in plain PyTorch or through the fused kernel of :mod:`dynaconv.layers.lgc.kernels` (the forms:
 :data:`FORMS`; ``impl="auto"`` measures both on CUDA once per input shape, see
 :class:`~dynaconv.layers.ChoosesForm`).
 """
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ...dispatch import tracing, triton_preferred
 from ...folding import fold_batchnorm
-from ...spec import ConvSpec, check_input
+from ...spec import ConvSpec, check_input, check_int
 from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
 from . import kernels as lgc_kernels
 
@@ -39,9 +39,29 @@ Impl = Literal["auto", "torch", "triton"]
 
 
 def _triton_refuses(module: CondensedGroupConv2d, call: FormCall) -> str | None:
-    if lgc_kernels.supports(module, call.x):
+    if lgc_kernels.supports(module.spec, module.weight, call.x):
         return None
     return "the fused kernel needs a 1x1, stride-1, unpadded kernel"
+
+
+def _fused_conv(module: CondensedGroupConv2d, x: Tensor) -> Tensor:
+    """The module's tensors through the fused kernel."""
+    pre = post = None
+    if module.in_scale is not None:
+        pre = lgc_kernels.ChannelAffine(module.in_scale, module.in_shift, module.in_relu)
+    if module.out_scale is not None:
+        post = lgc_kernels.ChannelAffine(module.out_scale, module.out_shift, module.out_relu)
+    return lgc_kernels.condensed_conv(
+        module.spec,
+        x,
+        module.index,
+        module.weight,
+        module.bias,
+        groups=module.learned_groups,
+        interleave=module.interleave,
+        pre=pre,
+        post=post,
+    )
 
 
 def _fused(module: CondensedGroupConv2d, x: Tensor) -> bool:
@@ -71,7 +91,7 @@ FORMS = Forms(
     forms={
         "torch": Form(lambda module, x: module.forward_torch(x)),
         "triton": Form(
-            lambda module, x: lgc_kernels.condensed_conv(module, x),
+            lambda module, x: _fused_conv(module, x),
             triton=True,
             batch_dependent=True,
             refuses=_triton_refuses,
@@ -92,12 +112,6 @@ def check_gather_index(index: Tensor, in_channels: int, key: str = "index") -> N
             f"{key} entries must lie in [0, in_channels) = [0, {in_channels}), got values in "
             f"[{int(index.min())}, {int(index.max())}]"
         )
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class GatherWorkspace:
@@ -168,7 +182,7 @@ class CondensedGroupConv2d(ChoosesForm, nn.Module):
     ) -> None:
         super().__init__()
         impl = FORMS.resolve(impl)
-        groups = _positive_int(learned_groups, "learned_groups")
+        groups = check_int(learned_groups, "learned_groups")
         cout, per_group = weight.shape[:2]
         if cout % groups or index.numel() != groups * per_group:
             raise ValueError(
@@ -180,9 +194,8 @@ class CondensedGroupConv2d(ChoosesForm, nn.Module):
             raise ValueError("scales and shifts come in pairs")
         if (in_relu and in_scale is None) or (out_relu and out_scale is None):
             raise ValueError("in_relu/out_relu need the corresponding scale and shift")
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= in_channels):
-            raise ValueError(f"index entries must lie in [0, in_channels={in_channels})")
+        self.in_channels = check_int(in_channels, "in_channels")
+        check_gather_index(index, in_channels)
         self.spec = spec
         self.learned_groups = groups
         self.interleave = bool(interleave)
@@ -247,23 +260,12 @@ class CondensedGroupConv2d(ChoosesForm, nn.Module):
         for name, value in folded.items():
             self.register_buffer(name, value, persistent=False)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         key = f"{prefix}index"
         index = state_dict.get(key)
         if isinstance(index, Tensor):
             check_gather_index(index, self.in_channels, key)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _flags_source(self) -> tuple[Any, ...]:
         # Identity and in-place version of the tensors the derived state comes from.
@@ -467,13 +469,7 @@ class CondensedGroupConv2d(ChoosesForm, nn.Module):
         return result.relu_() if self.out_relu else result
 
     def _pointwise(self) -> bool:
-        s = self.spec
-        return (
-            s.kernel_size == (1, 1)
-            and s.stride == (1, 1)
-            and s.padding in ((0, 0), "same", "valid")
-            and s.padding_mode == "zeros"
-        )
+        return lgc_kernels.pointwise_geometry(self.spec) and self.spec.padding_mode == "zeros"
 
     # ---------------------------------------------------------------------------------------
     # counts

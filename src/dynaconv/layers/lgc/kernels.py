@@ -1,6 +1,8 @@
 """Fused Triton kernel of the deployed learned group convolution (CondenseNet's index layer).
 
-One pass computes, for a 1x1 stride-1 :class:`~dynaconv.layers.lgc_deployed.CondensedGroupConv2d`,
+One pass computes, for a 1x1 stride-1
+:class:`~dynaconv.layers.lgc.deployed.CondensedGroupConv2d` (given as its tensors and
+:class:`~dynaconv.spec.ConvSpec`: :func:`condensed_conv`),
 
 ``y[b, out(g, n), s] = post(sum_k W[g * N + n, k] * pre(x[b, index[g * K + k], s]))``
 
@@ -19,15 +21,22 @@ The kernel is exposed as the custom op ``dynaconv::lgc_condensed_conv1x1`` so th
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from ...dispatch import interpreting, triton_available, triton_usable
 from ...kernels import autotune_configs
+from ...spec import ConvSpec
 
-__all__ = ["condensed_conv", "condensed_conv1x1", "supports"]
+__all__ = [
+    "ChannelAffine",
+    "condensed_conv",
+    "condensed_conv1x1",
+    "pointwise_geometry",
+    "supports",
+]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -145,20 +154,22 @@ def _block_n(n: int) -> int:
     return block
 
 
-def _launch(
+@torch.library.custom_op("dynaconv::lgc_condensed_conv1x1", mutates_args=())
+def condensed_conv1x1(
     x: Tensor,
     index: Tensor,
     weight: Tensor,
-    bias: Tensor | None,
-    in_scale: Tensor | None,
-    in_shift: Tensor | None,
+    bias: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
+    in_scale: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
+    in_shift: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
     in_relu: bool,
-    out_scale: Tensor | None,
-    out_shift: Tensor | None,
+    out_scale: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
+    out_shift: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
     out_relu: bool,
     groups: int,
     interleave: bool,
 ) -> Tensor:
+    """The fused gather + BN-ReLU + grouped 1x1 conv (+ BN-ReLU), see the module docstring."""
     import triton
 
     batch, _, height, width = x.shape
@@ -218,71 +229,72 @@ def _launch(
     return y
 
 
-@torch.library.custom_op("dynaconv::lgc_condensed_conv1x1", mutates_args=())
-def condensed_conv1x1(
-    x: Tensor,
-    index: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
-    in_scale: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
-    in_shift: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
-    in_relu: bool,
-    out_scale: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
-    out_shift: Optional[Tensor],  # noqa: UP045 (the op schema parser's spelling)
-    out_relu: bool,
-    groups: int,
-    interleave: bool,
-) -> Tensor:
-    """The fused gather + BN-ReLU + grouped 1x1 conv (+ BN-ReLU), see the module docstring."""
-    return _launch(
-        x,
-        index,
-        weight,
-        bias,
-        in_scale,
-        in_shift,
-        in_relu,
-        out_scale,
-        out_shift,
-        out_relu,
-        groups,
-        interleave,
-    )
-
-
 @condensed_conv1x1.register_fake
 def _(x, index, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, out_relu, groups, interleave):  # fmt: skip
     batch, _, height, width = x.shape
     return x.new_empty(batch, weight.shape[0], height, width)
 
 
-def supports(module: Any, x: Tensor) -> bool:
-    """Whether the fused kernel can run ``module`` on ``x`` here."""
-    spec = module.spec
+def pointwise_geometry(spec: ConvSpec) -> bool:
+    """Whether ``spec`` is the geometry the fused kernel computes: a 1x1, stride-1, unpadded
+    convolution (``"same"`` padding is none at that size)."""
     return (
-        triton_available()
-        and triton_usable(x)
-        and x.dtype in _DTYPES
-        and module.weight.dtype == x.dtype
-        and spec.kernel_size == (1, 1)
+        spec.kernel_size == (1, 1)
         and spec.stride == (1, 1)
         and spec.padding in ((0, 0), "same", "valid")
     )
 
 
-def condensed_conv(module: Any, x: Tensor) -> Tensor:
-    """Run a :class:`~dynaconv.layers.lgc_deployed.CondensedGroupConv2d` through the fused kernel."""
-    return condensed_conv1x1(
-        x,
-        module.index,
-        module.weight,
-        module.bias,
-        module.in_scale,
-        module.in_shift,
-        module.in_relu,
-        module.out_scale,
-        module.out_shift,
-        module.out_relu,
-        module.learned_groups,
-        module.interleave,
+def supports(spec: ConvSpec, weight: Tensor, x: Tensor) -> bool:
+    """Whether the fused kernel can run the conv of geometry ``spec`` and kernel ``weight``
+    ``(Cout, K, 1, 1)`` on ``x`` here (Triton usable on ``x``'s device, a supported dtype
+    shared by ``x`` and ``weight``, :func:`pointwise_geometry`)."""
+    return (
+        triton_available()
+        and triton_usable(x)
+        and x.dtype in _DTYPES
+        and weight.dtype == x.dtype
+        and pointwise_geometry(spec)
     )
+
+
+class ChannelAffine(NamedTuple):
+    """A folded per-channel BatchNorm (and ReLU): ``v -> relu?(v * scale + shift)``."""
+
+    scale: Tensor
+    shift: Tensor
+    relu: bool = False
+
+
+_NO_AFFINE = (None, None, False)
+
+
+def condensed_conv(
+    spec: ConvSpec,
+    x: Tensor,
+    index: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    groups: int,
+    interleave: bool,
+    pre: ChannelAffine | None = None,
+    post: ChannelAffine | None = None,
+) -> Tensor:
+    """The deployed LGC's conv through the fused kernel: ``x`` ``(B, Cin, H, W)`` gathered by
+    ``index`` ``(groups * K,)``, ``pre`` (per gathered channel), the grouped 1x1 conv
+    ``weight`` ``(Cout, K, 1, 1)`` (+ ``bias``), outputs in the order ``interleave`` names
+    (see the module docstring), ``post`` (per output channel): ``(B, Cout, H, W)``.
+    ``ValueError`` unless ``spec`` is a 1x1, stride-1, unpadded conv
+    (:func:`pointwise_geometry`)."""
+    if not pointwise_geometry(spec):
+        raise ValueError(
+            "the fused LGC kernel needs a 1x1, stride-1, unpadded conv, got kernel_size="
+            f"{spec.kernel_size}, stride={spec.stride}, padding={spec.padding}"
+        )
+    in_scale, in_shift, in_relu = _NO_AFFINE if pre is None else pre
+    out_scale, out_shift, out_relu = _NO_AFFINE if post is None else post
+    return condensed_conv1x1(
+        x, index, weight, bias, in_scale, in_shift, in_relu, out_scale, out_shift, out_relu,
+        groups, interleave,
+    )  # fmt: skip

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...families import register_family
-from ...spec import check_input, check_int, check_number
+from ...spec import check_bool, check_divisible, check_input, check_int, check_number, is_int
 from .._base import Convention, ConversionSkipped, DynaConv2d, MacCount, Shape, check_progress
 from .deployed import (  # the deployed layer; re-exported here
     CondensedGroupConv2d,
@@ -87,7 +87,7 @@ def _stage_value(stage: Tensor | int, key: str, num_stages: int) -> int:
         if stage.is_complex() or stage.dtype == torch.bool:
             raise ValueError(f"{key} must be an integer, got dtype {stage.dtype}")
         value = stage.detach().reshape(()).double().item()
-    elif isinstance(stage, int) and not isinstance(stage, bool):
+    elif is_int(stage):
         value = float(stage)
     else:
         raise ValueError(f"{key} must be an integer, got {stage!r}")
@@ -180,9 +180,7 @@ class LearnedGroupConv2d(DynaConv2d):
     ) -> None:
         s = self.spec
         in_channels, out_channels, groups, bias = s.in_channels, s.out_channels, s.groups, s.bias
-        if not isinstance(reference_lasso, bool):
-            raise ValueError(f"reference_lasso must be a bool, got {reference_lasso!r}")
-        self.reference_lasso = reference_lasso
+        self.reference_lasso = check_bool(reference_lasso, "reference_lasso")
         if groups != 1:
             raise ValueError(
                 f"groups must be 1 for LearnedGroupConv2d (the groups are learned: set "
@@ -191,16 +189,8 @@ class LearnedGroupConv2d(DynaConv2d):
         self.learned_groups = check_int(learned_groups, "learned_groups")
         factor = learned_groups if condense_factor is None else condense_factor
         self.condense_factor = check_int(factor, "condense_factor")
-        if out_channels % self.learned_groups:
-            raise ValueError(
-                f"out_channels ({out_channels}) must be divisible by learned_groups "
-                f"({self.learned_groups})"
-            )
-        if in_channels % self.condense_factor:
-            raise ValueError(
-                f"in_channels ({in_channels}) must be divisible by condense_factor "
-                f"({self.condense_factor})"
-            )
+        check_divisible(out_channels, "out_channels", self.learned_groups, "learned_groups")
+        check_divisible(in_channels, "in_channels", self.condense_factor, "condense_factor")
         self.dropout = check_number(dropout, "dropout", lambda d: 0 <= d < 1, "a number in [0, 1)")
         factory = {"device": device, "dtype": dtype}
         self.dense_weight = nn.Parameter(
@@ -307,16 +297,7 @@ class LearnedGroupConv2d(DynaConv2d):
             return norms.sum()
         return (norms * self.group_mask().to(norms.dtype)).sum()
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         mask_key, stage_key = f"{prefix}mask", f"{prefix}stage"
         if mask_key in state_dict or stage_key in state_dict:
             mask = state_dict.get(mask_key, self.mask)
@@ -334,9 +315,7 @@ class LearnedGroupConv2d(DynaConv2d):
                 mask_key=mask_key,
                 stage_key=stage_key,
             )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------
     # deploy, conversion, counts

@@ -1,4 +1,5 @@
-"""Reference layout of DO-Conv (class ``DOConv2d`` of the paper's repository).
+"""The paper's DO-Conv layer (class ``DOConv2d`` of its repository) loaded into
+:class:`DOConv2d`: ``dynaconv.compat.layer_from_reference("doconv", config, state_dict)``.
 
 The reference stores ``W``, ``D`` and the constant ``d_diag`` (both only for kernels with more
 than one tap) and ``bias`` when it has one. Its constructor's ``bias`` defaults to True.
@@ -12,9 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..layers.doconv.layer import DOConv2d
-from ._keys import check_config, check_state_keys, conv_arguments
-from ._registry import register_reference_layer
+from ...reference import (
+    check_config,
+    check_state_keys,
+    conv_arguments,
+    register_reference_layer,
+)
+from .layer import DOConv2d
+
+__all__ = ["layer_from_reference"]
 
 _ARGS = conv_arguments(without={"bias"})
 
