@@ -16,24 +16,22 @@ the same in every family; each family declares the forms it has beside its layer
                    family's export form
 ``"torch"``        as ``"auto"``, restricted to the plain PyTorch forms (never a Triton kernel)
 ``"triton"``       the family's fused Triton kernel (:mod:`dynaconv.kernels`)
-``"loop"``         a Python loop over the examples, one convolution each (CondConv's paper code)
+``"loop"``         a Python loop over the examples, one convolution each (a per-example paper form)
 ``"batch_grouped"``  one convolution whose groups are the examples (times the layer's groups or
                    heads); the number of groups depends on the batch, so it does not export
-                   with a dynamic batch (CondConv, DGC)
+                   with a dynamic batch
 ``"bmm"``          unfold (or gather) the input into columns, then batched matrix products per
-                   example; batch-independent plain ops, so it exports (CondConv, DGC)
+                   example; batch-independent plain ops, so it exports
 ``"masked"``       the paper's masked dense form: every channel computed, the gates multiplied
-                   in, no MACs saved (DGC)
+                   in, no MACs saved
 ``"head_grouped"``  one convolution per set of examples that keep the same channels, its
-                   groups the heads (batch 1: one ``h``-group conv over the kept channels;
-                   DGC)
+                   groups the heads (batch 1: one ``h``-group conv over the kept channels)
 ``"expert_sum"``   one convolution with all experts' kernels, then the routing-weighted sum
-                   (CondConv)
-``"taps"``         per-example mixed kernels applied one kernel tap at a time (CondConv)
+``"taps"``         per-example mixed kernels applied one kernel tap at a time
 =================  ============================================================================
 
-(DGConv and the deployed LGC call their PyTorch form ``"torch"``: with one PyTorch form, the
-policy and the form are the same thing.) Older spellings are accepted and mean the canonical
+(A family with one PyTorch form calls it ``"torch"``: the policy and the form are the same
+thing. Which forms a family has: its ``FORMS``, beside its layer.) Older spellings are accepted and mean the canonical
 name (:data:`ALIASES`): ``"grouped"`` is ``"batch_grouped"``, ``"sparse"`` is ``"bmm"`` and
 ``"dense"`` is ``"masked"``. :func:`resolve_impl` validates and canonicalises (layers do it
 once, when ``impl`` is set).

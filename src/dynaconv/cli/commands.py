@@ -392,7 +392,7 @@ def export_checkpoint(
     (relative to the largest logit). ``fixed_batch=N`` exports for batches of exactly ``N``
     (the edge case, ``N = 1``): layers whose best graph depends on the batch size use it (a
     CondConv kxk layer becomes the kernel mixing and one convolution, see
-    :func:`dynaconv.functional.condconv.fixed_batch_graph`); the check runs another batch of
+    :func:`dynaconv.layers.condconv.functional.fixed_batch_graph`); the check runs another batch of
     ``N``.
 
     ``nchwc=True`` (ONNX only): also ``model.nchwc.onnx``, ``model.onnx`` with every conv

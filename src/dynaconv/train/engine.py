@@ -44,7 +44,7 @@ objective); their public names are also importable from here.
 
 **Nothing in a configuration or a file runs code.** The network is built from ``model.name``
 through model registries only (:func:`dynaconv.train.names.model_builder`); the DGConv resource
-objective is :class:`dynaconv.layers.resource_constraint.ResourceConstraint` itself; checkpoints load with
+objective is :class:`dynaconv.layers.dgconv.resource_constraint.ResourceConstraint` itself; checkpoints load with
 ``weights_only=True``. A network of your own is trained by passing its builder from Python:
 ``Trainer(config, network=MyNet)``, called as ``MyNet(num_classes=...)`` after seeding.
 """

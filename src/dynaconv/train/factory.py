@@ -240,7 +240,7 @@ def resource_objective(
 ) -> Callable[[Tensor], Tensor]:
     """DGConv's resource-constrained objective as a function ``loss -> loss``.
 
-    :class:`dynaconv.layers.resource_constraint.ResourceConstraint` built as
+    :class:`dynaconv.layers.dgconv.resource_constraint.ResourceConstraint` built as
     ``ResourceConstraint(model, budget=, budget_type=, input_shape=, exponent=)`` from the
     ``loss.resource`` section: ``loss * (cost / budget) ** exponent`` while the DGConv layers'
     cost (parameters or MACs, ``budget_type``) exceeds ``budget`` x its dense value, else

@@ -5,7 +5,7 @@ Each form maps ``x`` ``(B, Cin, H, W)``, the expert bank ``weight`` ``(E, Cout, 
 kw)``, the expert biases ``bias`` ``(E, Cout)`` or None and the routing weights ``r``
 ``(B, E)`` to ``y[b] = conv(x[b], sum_e r[b, e] weight[e]) + sum_e r[b, e] bias[e]`` with the
 geometry of ``spec`` (a :class:`~dynaconv.layers.ConvSpec`). The fused Triton form is in
-:mod:`dynaconv.kernels.condconv`; the layer declares the forms (:mod:`dynaconv.layers.condconv`).
+:mod:`dynaconv.layers.condconv.kernels`; the layer declares the forms (:mod:`dynaconv.layers.condconv`).
 """
 
 from __future__ import annotations

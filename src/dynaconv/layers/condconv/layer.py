@@ -13,7 +13,7 @@ expert (``bias``: ``(E, Cout)``). For an input ``x`` of shape ``(B, Cin, H, W)``
 * ``y[b] = conv(x[b], W_b) + c_b``: ``(B, Cout, H', W')`` with ``nn.Conv2d``'s geometry.
 
 Execution forms (``impl``, names as in :mod:`dynaconv.dispatch`; the math is in
-:mod:`dynaconv.functional.condconv`), all exact and tested equal in float64:
+:mod:`dynaconv.layers.condconv.functional`), all exact and tested equal in float64:
 
 * ``"loop"``: the per-example loop of the paper's code (reference; slow);
 * ``"batch_grouped"`` (also spelled ``"grouped"``): the batch folded into conv groups,
@@ -26,7 +26,7 @@ Execution forms (``impl``, names as in :mod:`dynaconv.dispatch`; the math is in
   input's strided window at that offset, summed over the ``kh * kw`` taps. The conv's MACs
   exactly (``expert_sum`` does ``E`` times them), no unfolded copy of the input (one tap's
   window at a time), and only static slicing and matmuls: the export form of kxk layers;
-* ``"triton"``: a fused kernel (:mod:`dynaconv.kernels.condconv`): an implicit-GEMM conv per
+* ``"triton"``: a fused kernel (:mod:`dynaconv.layers.condconv.kernels`): an implicit-GEMM conv per
   example that mixes the expert kernels tile by tile in registers (or reads kernels mixed
   beforehand by one matrix product when an example has many output positions). In inference
   with the layer's own routing the kernel also computes the routing itself (one launch);
@@ -150,7 +150,7 @@ def traced_form(spec: ConvSpec, x: Tensor) -> str:
     """The form a traced, compiled or exported layer runs on ``x`` (unless ``impl`` names a
     traceable form): :func:`export_form`, except with a constant batch.
 
-    With a constant batch (:func:`~dynaconv.functional.condconv.fixed_batch_graph`, e.g.
+    With a constant batch (:func:`~dynaconv.layers.condconv.functional.fixed_batch_graph`, e.g.
     ``torch.export`` without a dynamic batch, ``dynaconv export --batch N``) every layer runs
     ``"batch_grouped"``: the kernel mixing (one matrix product) and one convolution, with the
     conv's MACs (``"taps"`` and ``"expert_sum"`` are the dynamic batch's forms); a single
@@ -302,7 +302,7 @@ def _key(layer: CondConv2d, x: Tensor, routing_weights: Tensor | None = None) ->
 LOOP_MAX_BATCH = 16
 
 #: CondConv's execution forms (the declaration :class:`~dynaconv.layers.ChoosesForm` reads):
-#: the PyTorch forms of :mod:`dynaconv.functional.condconv` and the fused kernel.
+#: the PyTorch forms of :mod:`dynaconv.layers.condconv.functional` and the fused kernel.
 FORMS = Forms(
     forms={
         "loop": Form(

@@ -3,7 +3,7 @@
 Su et al., "Dynamic Group Convolution for Accelerating Convolutional Neural Networks",
 ECCV 2020. :meth:`dynaconv.layers.dgc.DynamicGroupConv2d.deploy` returns a
 :class:`SparseDynamicGroupConv2d` with the layer's weights, saliency generators and current
-kept count (the math: :mod:`dynaconv.functional.dgc`; its execution forms: :data:`FORMS`, with the
+kept count (the math: :mod:`dynaconv.layers.dgc.functional`; its execution forms: :data:`FORMS`, with the
 weight layouts they read, :func:`weight_layout`, cached per module by
 :meth:`SparseDynamicGroupConv2d.layout`; what a traced graph runs: :func:`traced_inference_form`).
 """
@@ -60,7 +60,7 @@ Layout = Literal["rows", "tap_rows", "head_kernels", "triton"]
 
 def weight_layout(weight: Tensor, heads: int, spec: ConvSpec, layout: Layout) -> Tensor:
     """``weight`` ``(Cout, Cin, kh, kw)`` laid out for a form: ``"rows"``
-    (:func:`~dynaconv.functional.dgc.kernel_rows`: ``"head_grouped"``, ``"batch_grouped"``),
+    (:func:`~dynaconv.layers.dgc.functional.kernel_rows`: ``"head_grouped"``, ``"batch_grouped"``),
     ``"head_kernels"`` (head-major, contiguous: ``"masked"``) or ``"triton"``."""
     if layout == "rows":
         return kernel_rows(weight, heads, spec)
@@ -88,7 +88,7 @@ def run_inference_form(
     :func:`weight_layout` of ``weight`` (a deployed module caches them; by default they are
     derived on each call); ``workspace(shape, like)``, where given, a reusable tensor of
     ``shape`` with ``like``'s dtype and device for the kernels ``"head_grouped"`` gathers at
-    batch 1 when nothing needs a gradient (:func:`~dynaconv.functional.dgc.head_grouped_conv`). Every
+    batch 1 when nothing needs a gradient (:func:`~dynaconv.layers.dgc.functional.head_grouped_conv`). Every
     form computes the same numbers as the masked reference.
     """
     if layout is None:
@@ -124,7 +124,7 @@ def run_inference_form(
 
 
 #: Output positions up to which the batch-1 form runs as one batched matrix product
-#: (:func:`~dynaconv.functional.dgc.head_gemm_single`) instead of a grouped convolution.
+#: (:func:`~dynaconv.layers.dgc.functional.head_gemm_single`) instead of a grouped convolution.
 #: Measured on the CPU (``benchmarks/NOTES.md``): 512 channels on 4x4 maps 0.66-0.85x of the
 #: dense conv against 0.85-1.14x; 256 channels on 8x8 maps 0.98x against 0.73x.
 GEMM_MAX_POSITIONS = 16
@@ -139,7 +139,7 @@ def _gemm_at_batch_one(x: Tensor, spec: ConvSpec) -> bool:
 
 def padded_width(spec: ConvSpec, kept: int) -> int:
     """The channels per head the grouped forms (``"head_grouped"``, ``"batch_grouped"``)
-    gather: ``kept`` rounded up by :func:`~dynaconv.functional.dgc.gather_width` for kernels
+    gather: ``kept`` rounded up by :func:`~dynaconv.layers.dgc.functional.gather_width` for kernels
     larger than 1x1, the extra channels with scale 0 (exact zeros). Measured on the CPU
     (``benchmarks/NOTES.md``): a 4-group 3x3 conv with 29 channels per group took 1.06x of
     the dense 64-channel conv, with 32 channels 0.58x. 1x1 kernels run as matrix products,

@@ -13,7 +13,7 @@ into the interleaved channels ``j*h + i``. ``gate_factor`` of the dense MACs, no
 of the input in memory.
 
 Kernel weights are read in the layout ``(h, kh, kw, Cin, Cout/h)`` (contiguous along the
-output channels), see :func:`dynaconv.functional.dgc.triton_kernel_layout`.
+output channels), see :func:`dynaconv.layers.dgc.functional.triton_kernel_layout`.
 
 Also here: :func:`sparse_conv_triton` (the layer's inference call: top-k straight into the
 kernel) and :class:`GatedHeadsConv` (the training form: this kernel forward, a backward in

@@ -62,7 +62,7 @@ The layer's constructor, the papers' networks and :mod:`dynaconv.compat` keep
 ``saliency_mode="reference"`` (exactly the reference code).
 
 Execution paths (``impl``, names as in :mod:`dynaconv.dispatch`; the math is in
-:mod:`dynaconv.functional.dgc`), all computing the same numbers:
+:mod:`dynaconv.layers.dgc.functional`), all computing the same numbers:
 
 * ``"masked"`` (also spelled ``"dense"``): the paper's masked form, a grouped convolution of
   the ``h`` gated copies of ``x``: no MACs saved;
