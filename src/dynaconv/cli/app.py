@@ -452,6 +452,14 @@ def _command_extras(args: argparse.Namespace) -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "export":  # the options' own errors before a missing extra
+        from dynaconv.cli.commands import check_export_options
+
+        try:
+            check_export_options(args.format, args.onnxruntime_nchwc)
+        except ConfigError as error:
+            print(f"dynaconv export: error: {error}", file=sys.stderr)
+            return EXIT_ERROR
     try:
         require_extras(*_command_extras(args), what=f"dynaconv {args.command}")
     except MissingExtraError as error:  # before any file is read or written

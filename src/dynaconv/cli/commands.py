@@ -373,6 +373,15 @@ class ExportError(RuntimeError):
     """The ONNX exporter failed, or wrote a file that onnxruntime cannot load or run."""
 
 
+def check_export_options(format: str, nchwc: bool) -> None:
+    """``ConfigError`` for an export format or a combination of options that cannot work
+    (checked before the optional dependencies, so the message names the option at fault)."""
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
+    if nchwc and format != "onnx":
+        raise ConfigError("--onnxruntime-nchwc rewrites an ONNX file: use it with --format onnx")
+
+
 def export_checkpoint(
     path: str | Path,
     out: str | Path,
@@ -413,10 +422,7 @@ def export_checkpoint(
     file, :class:`~dynaconv.DeployVerificationError` when an output differs.
     The exporter's progress messages go to stderr, not stdout.
     """
-    if format not in EXPORT_FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
-    if nchwc and format != "onnx":
-        raise ConfigError("--onnxruntime-nchwc rewrites an ONNX file: use it with --format onnx")
+    check_export_options(format, nchwc)
     # before any file is written
     require_extras(FORMAT_EXTRAS[format], what=f"exporting to {format}")
     if not MIN_OPSET <= opset <= _max_opset():
