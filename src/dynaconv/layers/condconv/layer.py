@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from ...dispatch import interpreting, resolve_impl, tracing, triton_available, triton_usable
 from ...families import register_family
-from ...spec import ConvSpec, check_input
+from ...spec import ConvSpec, check_bool, check_input, check_int, check_number
 from .._base import Convention, DynaConv2d, Form, FormCall, Forms, MacCount, Shape, kaiming_uniform_
 from .functional import (
     BATCH_DEPENDENT,
@@ -123,13 +123,11 @@ class CondConvRouting(nn.Module):
 
 
 def _check_experts(num_experts: int) -> None:
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    check_int(num_experts, "num_experts")
 
 
 def _check_dropout(dropout: float) -> None:
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-        raise ValueError(f"routing_dropout must be a number in [0, 1), got {dropout!r}")
+    check_number(dropout, "routing_dropout", lambda p: 0 <= p < 1, "a number in [0, 1)")
 
 
 def export_form(spec: ConvSpec, weight: Tensor | None = None) -> str:
@@ -385,10 +383,8 @@ class CondConv2d(DynaConv2d):
         in_channels, out_channels, groups, bias = s.in_channels, s.out_channels, s.groups, s.bias
         _check_experts(num_experts)
         _check_dropout(routing_dropout)
-        if not isinstance(shared_routing, bool):
-            raise ValueError(f"shared_routing must be a bool, got {shared_routing!r}")
-        if not isinstance(bias_per_expert, bool):
-            raise ValueError(f"bias_per_expert must be a bool, got {bias_per_expert!r}")
+        check_bool(shared_routing, "shared_routing")
+        check_bool(bias_per_expert, "bias_per_expert")
         self.bias_per_expert = bias_per_expert
         self.impl = impl
         self.num_experts = num_experts
@@ -507,16 +503,12 @@ class CondConv2d(DynaConv2d):
 
         ``expert_noise`` must be a finite number ``>= 0`` (``ValueError`` otherwise).
         """
-        if (
-            isinstance(expert_noise, bool)
-            or not isinstance(expert_noise, int | float)
-            or not math.isfinite(expert_noise)
-            or expert_noise < 0
-        ):
-            raise ValueError(
-                f"expert_noise must be a finite number >= 0 (a fraction of the kernel's "
-                f"scale), got {expert_noise!r}"
-            )
+        check_number(
+            expert_noise,
+            "expert_noise",
+            lambda v: math.isfinite(v) and v >= 0,
+            "a finite number >= 0 (a fraction of the kernel's scale)",
+        )
         return {"num_experts": num_experts, "routing_dropout": routing_dropout, "impl": impl}
 
     def _copy_conv(self, conv: nn.Conv2d, options: dict[str, Any]) -> None:
