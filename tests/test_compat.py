@@ -178,19 +178,9 @@ def test_registries_name_the_issue_methods_and_architectures():
     }
 
 
-#: Families whose layer loader still sits in ``dynaconv/compat/`` (it moves with that
-#: family's own pending change); every other family keeps it in its folder.
-LOADERS_IN_COMPAT = {"condconv"}
-
-
 def test_a_family_s_layer_loader_lives_in_its_folder():
     for method, loader in compat.LAYER_METHODS.items():
-        expected = (
-            f"dynaconv.compat.{method}"
-            if method in LOADERS_IN_COMPAT
-            else (f"dynaconv.layers.{method}.reference")
-        )
-        assert loader.__module__ == expected, (method, loader.__module__)
+        assert loader.__module__ == f"dynaconv.layers.{method}.reference", (method, loader)
     for arch, loader in compat.ARCHITECTURES.items():
         assert loader.__module__.startswith("dynaconv.compat."), (arch, loader.__module__)
 

@@ -148,4 +148,4 @@ def load_checkpoint(path: str | os.PathLike[str]) -> ReferenceCheckpoint:
 # families' folders (``dynaconv/layers/<family>/reference.py``, imported with the family), the
 # networks' here; ``compat.timm`` and ``compat.tensorflow`` need neither timm nor TensorFlow, so
 # they are imported with the package.
-from . import condconv, dgc, dgconv, lgc, tensorflow, timm  # noqa: E402, F401
+from . import dgc, dgconv, lgc, tensorflow, timm  # noqa: E402, F401

@@ -12,13 +12,13 @@ from typing import Any
 
 from torch import Tensor
 
-from ..layers.condconv.layer import CondConv2d
-from ..reference import (
+from ...reference import (
     check_config,
     check_state_keys,
     conv_arguments,
     register_reference_layer,
 )
+from .layer import CondConv2d
 
 __all__ = ["layer_from_reference"]
 
