@@ -18,9 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from ...dispatch import (
-    measure_after,
-    measured_choices,
-    measuring_enabled,
     tracing,
     triton_preferred,
 )
@@ -376,7 +373,6 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         state = self.__dict__.copy()
         state["_layouts"] = {}  # caches: copies and pickles derive their own
         state["_workspaces"] = {}
-        state["_settled"] = {}
         return state
 
     @classmethod
@@ -451,35 +447,13 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         g = saliency(
             x, self.fc1_weight, self.fc2_weight, self.fc2_bias, self.saliency_mode == "neutral"
         )
-        form = self.choose_form(x, g) if traced else self._settled_form(x, g)
+        form = self.choose_form(x, g)
         out = self.forms[form].run(self, x, g)
         if self.bias is not None:
             bias = self.bias.reshape(1, -1, 1, 1)
             # the forms return a fresh tensor: add in place where autograd allows it
             out = out + bias if traced or out.requires_grad else out.add_(bias)
         return out
-
-    def _settled_form(self, x: Tensor, g: Tensor) -> str:
-        """:meth:`choose_form`'s answer, remembered per input signature once it is settled.
-
-        A deployed layer runs the same shapes call after call; the full sequence (candidates,
-        the measured choice's key) cost tens of microseconds per call, a tenth of a batch-1
-        layer's work on small maps. The answer is reused while ``impl``, the measuring switch
-        and the number of measured choices are unchanged, and only after more calls of the
-        signature than :func:`~dynaconv.dispatch.measure_after` (so ``"auto"``'s own
-        measurement still happens). Every form is exact: a stale answer could only cost time.
-        """
-        grad = torch.is_grad_enabled()
-        signature = (x.shape, x.stride(), x.dtype, x.device, grad, x.requires_grad, self.training)
-        stamp = (self.impl, measuring_enabled(), len(measured_choices))
-        seen = self.__dict__.setdefault("_settled", {})
-        known = seen.get(signature)
-        if known is not None and known[0] == stamp and known[2] > measure_after():
-            return known[1]
-        form = self.choose_form(x, g)
-        calls = known[2] + 1 if known is not None and known[0] == stamp else 1
-        seen[signature] = (stamp, form, calls)
-        return form
 
     def form(self, x: Tensor) -> str:
         """The form a call on ``x`` runs (measured now if ``"auto"`` has not yet; see
