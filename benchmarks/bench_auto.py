@@ -506,6 +506,13 @@ def parse_args() -> argparse.Namespace:
         "--overhead", action="store_true", help="only the per-call cost of auto's choice"
     )
     parser.add_argument(
+        "--heap",
+        choices=("default", "retain"),
+        default="default",
+        help="glibc's default heap, or freed memory retained for reuse "
+        "(dynaconv.heap.retain_freed_memory: no page faults of freed activations)",
+    )
+    parser.add_argument(
         "--demo-model",
         action="store_true",
         help="only the demo's network per family: the rule (old choice) against measured auto",
@@ -522,6 +529,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     CLOCK["cpu"] = args.clock == "cpu"
+    if args.heap == "retain" and not dynaconv.heap.retain_freed_memory():
+        raise SystemExit("--heap retain: glibc's mallopt is not available here")
     if args.overhead:
         print(f"## The per-call cost of auto's choice\n{environment(args.device)}\n")
         print(overhead(), flush=True)
@@ -558,7 +567,8 @@ def main() -> None:
     header = (
         f"## impl='auto' against every exact form (bench_auto.py)\n"
         f"{environment(args.device)}, dtype=float32, measuring "
-        f"{'on' if dispatch.measuring_enabled() else 'off'}, clock {args.clock}; load averages (1, 5, 15 min) "
+        f"{'on' if dispatch.measuring_enabled() else 'off'}, clock {args.clock}, "
+        f"heap {args.heap}; load averages (1, 5, 15 min) "
         f"{load} before, {load_after} after; {time.perf_counter() - started:.0f} s"
     )
     text = markdown(rows, header)

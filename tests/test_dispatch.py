@@ -37,8 +37,9 @@ from dynaconv.layers.lgc.deployed import CondensedGroupConv2d
 
 @pytest.fixture(autouse=True)
 def _measure_at_the_first_call():
-    """These tests look at measuring itself: from a key's first call on (default: third)."""
-    with dispatch.measuring(True, after=0):
+    """These tests look at measuring itself: from a key's first call on (default: third);
+    choices are final at once unless a test switches the recheck on."""
+    with dispatch.measuring(True, after=0, recheck=0):
         yield
 
 
@@ -297,6 +298,83 @@ def test_measured_choices_keep_the_fastest_and_skip_failures():
     assert len(cache) == 3 and cache.measured == 3 and cache.spent_ms > 0
     cache.clear()
     assert len(cache) == 0
+
+
+def test_close_runners_up_make_a_provisional_choice_that_a_recheck_settles():
+    """With ``recheck_within``, forms measured within that factor of the chosen one are kept
+    as contenders; :meth:`recheck` measures only those again (after two warm-up calls each)
+    and its choice is final. A far-off form is not a contender; without ``recheck_within``
+    (or with no close runner-up) the choice is final at once."""
+    cache = MeasuredChoices()
+    runs: list[str] = []
+    timings = {"a": 2.0, "b": 2.6, "c": 3.8}
+    timer = _fake_timer(runs, timings)
+    options = dict(timer=timer, min_rounds=3, budget_ms=0)
+    assert cache.choose("k", ["c", "b", "a"], runs.append, recheck_within=1.5, **options) == "a"
+    assert cache.provisional("k") and cache.measured == 1
+    timings["b"] = 1.6  # the settled process: "b" is faster now
+    runs.clear()
+    assert cache.recheck("k", runs.append, timer=timer) == "b"
+    assert set(runs) == {"a", "b"}  # only the contenders, "c" (1.9x) is not one
+    assert runs.count("a") == runs.count("b") >= 2 + 1 + 3  # 2 warm-ups, screen, rounds
+    assert cache.get("k") == "b" and not cache.provisional("k")
+    assert cache.rechecked == 1 and cache.measured == 1
+    runs.clear()
+    assert cache.recheck("k", runs.append, timer=timer) == "b" and runs == []  # final
+    assert cache.choose("k2", ["a", "b"], runs.append, **options) in ("a", "b")
+    assert not cache.provisional("k2")  # no recheck_within: final
+    timings.update(a=2.0, b=5.0)
+    cache.choose("k3", ["a", "b"], runs.append, recheck_within=1.5, **options)
+    assert not cache.provisional("k3")  # the runner-up is 2.5x: final
+    cache.clear()
+    assert not cache.provisional("k")
+
+
+def test_a_layers_provisional_choice_is_rechecked_after_its_next_calls(monkeypatch):
+    """A layer whose measured forms were close runs its choice for the key's next
+    ``recheck`` calls (without making it its memo), then measures the close ones again
+    and keeps that choice; the outputs never change (every form is exact)."""
+    torch.manual_seed(0)
+    layer = CondConv2d(8, 8, 3, padding=1, num_experts=3).eval().double()
+    ran = _count_runs(monkeypatch, CondConv2d)
+    speed = dict.fromkeys(CondConv2d.forms.forms, 5.0)
+    first, second = "expert_sum", "batch_grouped"
+    speed.update({first: 1.0, second: 1.2})
+
+    def timer(call, repeat):
+        for _ in range(repeat):
+            call()
+        return speed[ran[-1]] * repeat
+
+    monkeypatch.setattr(_base, "choice_timer", lambda device: timer)
+    x = torch.randn(3, 8, 6, 6, dtype=torch.float64)
+    with dispatch.measuring(True, after=0, recheck=3), torch.no_grad():
+        out = layer(x)
+        (key,) = list(measured_choices)
+        assert measured_choices.get(key) == first and measured_choices.provisional(key)
+        speed[second] = 0.5  # settled: the runner-up is faster now
+        for _ in range(3):
+            ran.clear()
+            assert_close64(layer(x), out)
+            assert ran == [first]  # the provisional choice, nothing measured
+        ran.clear()
+        assert_close64(layer(x), out)  # the recheck
+        assert set(ran[:-1]) == {first, second} and ran[-1] == second
+        assert measured_choices.get(key) == second and not measured_choices.provisional(key)
+        assert measured_choices.rechecked >= 1
+        ran.clear()
+        layer(x)
+        assert ran == [second]
+
+
+def test_recheck_settings_are_validated_and_zero_makes_choices_final():
+    with pytest.raises(ValueError, match="recheck must be None or an int >= 0"):
+        dispatch.set_measuring(True, recheck=-1)
+    with pytest.raises(ValueError, match="recheck"), dispatch.measuring(True, recheck=True):
+        pass
+    with dispatch.measuring(True, recheck=5):
+        assert dispatch.recheck_after() == 5
+    assert dispatch.recheck_after() == 0  # restored (this file's fixture)
 
 
 def test_short_forms_are_sampled_over_back_to_back_calls_in_rotated_rounds():

@@ -55,6 +55,7 @@ GROUND_FLOOR = (
     "dynaconv.spec",
     "dynaconv.padding",
     "dynaconv.folding",
+    "dynaconv.heap",
     "dynaconv.dispatch",
     "dynaconv.kernels",
     "dynaconv.registry",

@@ -12,7 +12,7 @@ in :mod:`dynaconv.models`; the registered families in :mod:`dynaconv.families`
 helpers, ``ConvSpec``...) stay importable from their modules.
 """
 
-from . import compat, layers, models
+from . import compat, heap, layers, models
 from .families import list_families, register_family
 from .layers import *  # noqa: F403  (the other layer names stay reachable as before)
 from .layers import (
@@ -67,6 +67,7 @@ __all__ = [
     "create_model",
     "deploy",
     "dynaconv_layers",
+    "heap",
     "layer_class",
     "layers",
     "list_families",

@@ -73,6 +73,7 @@ __all__ = [
     "measuring",
     "measuring_enabled",
     "memo_token",
+    "recheck_after",
     "resolve_impl",
     "set_measuring",
     "thread_timer",
@@ -266,14 +267,23 @@ class MeasuredChoices:
     dtype and device, the mode). It is a cache, not model state: nothing is saved with a
     model, and :meth:`clear` (or :func:`clear_measured_choices` for the shared one) forgets it.
 
-    ``measured`` counts the keys measured and ``spent_ms`` the host time spent measuring them
-    (what measuring added to a run: the demo reports it).
+    A choice whose runners-up measured close to it (within ``recheck_within`` of its median)
+    is *provisional*: the layer measures those contenders once more after the key's next
+    calls (:meth:`recheck`), when the process has settled (the first calls of a large form
+    allocate fresh memory, and the allocator's state, which differs between the first calls
+    and the steady state, can change which of two close forms is faster).
+
+    ``measured`` counts the keys measured, ``rechecked`` the provisional choices measured
+    again, and ``spent_ms`` the host time spent measuring (what measuring added to a run: the
+    demo reports it).
     """
 
     def __init__(self) -> None:
         self._choices: dict[Hashable, Any] = {}
         self._seen: dict[Hashable, int] = {}
+        self._contenders: dict[Hashable, list[Any]] = {}
         self.measured = 0
+        self.rechecked = 0
         self.spent_ms = 0.0
 
     def __len__(self) -> int:
@@ -291,7 +301,32 @@ class MeasuredChoices:
     def clear(self) -> None:
         self._choices.clear()
         self._seen.clear()
+        self._contenders.clear()
         _invalidate_memos()
+
+    def provisional(self, key: Hashable) -> bool:
+        """Whether the choice for ``key`` waits for its :meth:`recheck`."""
+        return key in self._contenders
+
+    def recheck(
+        self,
+        key: Hashable,
+        run: Callable[[Any], Any],
+        *,
+        timer: Callable[[Callable[[], Any], int], float] = host_timer,
+        label: str = "",
+    ) -> Any:
+        """The choice for ``key`` after its contenders are measured once more (two warm-up
+        calls each, then as :meth:`choose`), now final; a final choice is returned as it is."""
+        contenders = self._contenders.pop(key, None)
+        if contenders is None:
+            return self._choices.get(key)
+        started = time.perf_counter()
+        chosen = self._measure(key, contenders, run, timer, label, warmup=2, fallback=None)
+        self.rechecked += 1
+        self.spent_ms += (time.perf_counter() - started) * 1e3
+        log.debug("%s: rechecked %s -> %s", label or "measure", key, chosen)
+        return chosen
 
     def seen(self, key: Hashable) -> int:
         """How many times ``key`` was asked for before this call (counts this call)."""
@@ -315,6 +350,7 @@ class MeasuredChoices:
         prune: float = 2.0,
         tie: float = 0.05,
         tie_rounds: int = 8,
+        recheck_within: float | None = None,
         label: str = "",
         fallback: Any = None,
     ) -> C:
@@ -344,6 +380,10 @@ class MeasuredChoices:
         (at most ``tie_rounds`` samples). A candidate that raises is skipped (logged). Nothing
         is measured or cached while a CUDA graph is being captured, nor when every candidate
         fails: then ``fallback`` (default: the first candidate) is returned.
+
+        4. *Provisional.* With ``recheck_within`` (e.g. 1.5), the survivors whose median is
+           within that factor of the chosen one's are kept as contenders: the choice is
+           provisional until :meth:`recheck` measures them again.
         """
         if key in self._choices:
             return self._choices[key]
@@ -352,9 +392,55 @@ class MeasuredChoices:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return fallback
         started = time.perf_counter()
+        chosen = self._measure(
+            key,
+            candidates,
+            run,
+            timer,
+            label,
+            warmup=warmup,
+            fallback=fallback,
+            min_rounds=min_rounds,
+            max_rounds=max_rounds,
+            budget_ms=budget_ms,
+            sample_ms=sample_ms,
+            max_inner=max_inner,
+            prune=prune,
+            tie=tie,
+            tie_rounds=tie_rounds,
+            recheck_within=recheck_within,
+        )
+        if key in self._choices:
+            self.measured += 1
+            self.spent_ms += (time.perf_counter() - started) * 1e3
+        return chosen
+
+    def _measure(
+        self,
+        key: Hashable,
+        candidates: Sequence[C],
+        run: Callable[[C], Any],
+        timer: Callable[[Callable[[], Any], int], float],
+        label: str,
+        *,
+        warmup: int,
+        fallback: Any,
+        min_rounds: int = 3,
+        max_rounds: int = 12,
+        budget_ms: float = 25.0,
+        sample_ms: float = 1.0,
+        max_inner: int = 32,
+        prune: float = 2.0,
+        tie: float = 0.05,
+        tie_rounds: int = 8,
+        recheck_within: float | None = None,
+    ) -> C:
+        """Steps 1-4 of :meth:`choose`; the choice is cached (and returned) unless every
+        candidate failed (then ``fallback``, or the first candidate)."""
+        started = time.perf_counter()  # for the log line
         first = _screen(candidates, run, timer, warmup, prune, label)
         if not first:
-            return fallback
+            return candidates[0] if fallback is None else fallback
         lead = min(first.values())
         survivors = [i for i in first if first[i] <= prune * lead]
         inner = {
@@ -398,10 +484,20 @@ class MeasuredChoices:
                 )
         chosen = candidates[best]
         elapsed_ms = (time.perf_counter() - started) * 1e3
-        self.measured += 1
-        self.spent_ms += elapsed_ms
         log.debug("%s: measured %s -> %s in %.1f ms", label or "measure", key, chosen, elapsed_ms)
         self._choices[key] = chosen
+        self._seen[key] = 0  # a provisional choice's recheck counts the calls from here
+        if recheck_within is not None and samples[best]:
+            lead = statistics.median(samples[best])
+            close = [
+                candidates[i]
+                for i in ranked
+                if i != best
+                and samples[i]
+                and statistics.median(samples[i]) <= recheck_within * lead
+            ]
+            if close:
+                self._contenders[key] = [chosen, *close]
         return chosen
 
 
@@ -463,42 +559,53 @@ MEASURE_ENV = "DYNACONV_MEASURE"
 _settings = {
     "enabled": os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "false", "no", "off"),
     "after": 2,
+    "recheck": 8,
 }
 
 
-def _check_settings(enabled: Any, after: Any) -> None:
+def _check_settings(enabled: Any, after: Any, recheck: Any) -> None:
     if not isinstance(enabled, bool):
         raise ValueError(f"enabled must be a bool, got {enabled!r}")
-    if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
-        raise ValueError(f"after must be None or an int >= 0, got {after!r}")
+    for name, value in (("after", after), ("recheck", recheck)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
+            raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
 
 
-def set_measuring(enabled: bool, *, after: int | None = None) -> None:
+def set_measuring(enabled: bool, *, after: int | None = None, recheck: int | None = None) -> None:
     """Switch measured choices of ``impl="auto"`` on or off for the process.
 
     On (the default), a call whose key (layer configuration, input shape, dtype, device,
     mode) has been seen ``after`` times before (default 2) measures the candidates and
     keeps the fastest; earlier calls of the key run the family's rule, so that a shape met
     once or twice (a last partial batch, a one-off evaluation) never pays for measuring.
-    Off, every ``"auto"`` layer runs its family's rule: a fixed function of the layer's
-    configuration, the input and the device, so runs are reproducible form for form (what
-    benchmarks that compare runs want). Also off while the environment variable
-    ``DYNACONV_MEASURE=0`` was set at import, and while
+    Where other forms measured within 1.5x of the chosen one, the choice is provisional
+    and, after the key's next ``recheck`` calls (default 8; ``0``: never), those forms
+    are measured once more, in the settled process, and that choice is final
+    (:meth:`MeasuredChoices.recheck`). Off, every ``"auto"`` layer runs its family's
+    rule: a fixed function of the layer's configuration, the input and the device, so
+    runs are reproducible form for form (what benchmarks that compare runs want). Also off
+    while the environment variable ``DYNACONV_MEASURE=0`` was set at import, and while
     ``torch.use_deterministic_algorithms(True)`` is on.
     """
-    _check_settings(enabled, after)
+    _check_settings(enabled, after, recheck)
     _settings["enabled"] = enabled
     if after is not None:
         _settings["after"] = after
+    if recheck is not None:
+        _settings["recheck"] = recheck
     _invalidate_memos()
 
 
 @contextlib.contextmanager
-def measuring(enabled: bool, *, after: int | None = None) -> Iterator[None]:
+def measuring(
+    enabled: bool, *, after: int | None = None, recheck: int | None = None
+) -> Iterator[None]:
     """A context in which measuring is on or off (:func:`set_measuring`), restored after."""
-    _check_settings(enabled, after)
+    _check_settings(enabled, after, recheck)
     before = dict(_settings)
-    set_measuring(enabled, after=after)
+    set_measuring(enabled, after=after, recheck=recheck)
     try:
         yield
     finally:
@@ -511,6 +618,12 @@ def measuring_enabled() -> bool:
     on unless switched off (:func:`set_measuring`, ``DYNACONV_MEASURE=0``) or
     ``torch.use_deterministic_algorithms(True)`` is on."""
     return _settings["enabled"] and not torch._C._get_deterministic_algorithms()
+
+
+def recheck_after() -> int:
+    """How many calls of a key follow a provisional choice before its contenders are
+    measured again (:func:`set_measuring`; ``0``: provisional choices are final)."""
+    return _settings["recheck"]
 
 
 def measure_after() -> int:

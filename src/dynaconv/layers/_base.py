@@ -61,12 +61,17 @@ from ..dispatch import (
     measured_choices,
     measuring_enabled,
     memo_token,
+    recheck_after,
     resolve_impl,
     tracing,
     triton_preferred,
     triton_unusable_reason,
 )
 from ..spec import LAYER_ARGUMENTS, ClassSignature, ConvSpec
+
+#: Forms measured within this factor of the chosen one are measured again after the key's
+#: next calls (:func:`dynaconv.dispatch.set_measuring`'s ``recheck``).
+RECHECK_WITHIN = 1.5
 
 __all__ = [
     "ChoosesForm",
@@ -236,7 +241,10 @@ class ChoosesForm:
        the call, the fastest measured (:meth:`measured_form`) while measuring is on
        (:func:`dynaconv.dispatch.measuring_enabled`), else the family's rule. A key's first
        calls (:func:`dynaconv.dispatch.measure_after`, 2 by default) run the rule; the next
-       one measures, so shapes met once or twice never pay for measuring.
+       one measures, so shapes met once or twice never pay for measuring. Where other forms
+       measured within ``RECHECK_WITHIN`` (1.5x) of the chosen one, they are measured again
+       after the key's next calls (:func:`dynaconv.dispatch.recheck_after`, 8 by default),
+       once the process has settled, and that choice is final.
 
     ``impl`` is validated and canonicalised once, when set.
     """
@@ -353,10 +361,14 @@ class ChoosesForm:
             key = self.form_key(call, candidates, config)
             chosen = measured_choices.get(key)
             if chosen is not None:
-                return chosen, True
+                if not measured_choices.provisional(key) or recheck_after() == 0:
+                    return chosen, True
+                if measured_choices.seen(key) < recheck_after():
+                    return chosen, False
+                return self._rechecked_form(call, args, key), True
             if measured_choices.seen(key) >= measure_after():
                 chosen = self.measured_form(call, candidates, args)
-                return chosen, key in measured_choices
+                return chosen, key in measured_choices and not measured_choices.provisional(key)
             return self.ruled_form(call, candidates), False
         return self.ruled_form(call, candidates), True
 
@@ -439,6 +451,20 @@ class ChoosesForm:
                 timer=choice_timer(x.device),
                 label=type(self).__name__,
                 fallback=ruled,
+                recheck_within=RECHECK_WITHIN if recheck_after() else None,
+            )
+
+    def _rechecked_form(self, call: FormCall, args: tuple[Any, ...], key: Hashable) -> str:
+        """The provisional choice for ``key`` measured again among its contenders
+        (:meth:`MeasuredChoices.recheck`), now final; as :meth:`measured_form` measures."""
+        x = call.x
+        devices = [x.device] if x.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            return measured_choices.recheck(
+                key,
+                self._timed_run(call, args),
+                timer=choice_timer(x.device),
+                label=type(self).__name__,
             )
 
     def _timed_run(self, call: FormCall, args: tuple[Any, ...]) -> Callable[[str], None]:
