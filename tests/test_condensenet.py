@@ -18,10 +18,13 @@ from dynaconv.layers.lgc.layer import CondensedGroupConv2d
 from dynaconv.models import create_model
 from dynaconv.models.condensenet import (
     GROUP_ROWS_MIN,
+    ONNX_CHANNEL_BLOCK,
     CondensedDenseBlock,
     CondensedDenseLayer,
     CondenseNet,
     PrunedLinear,
+    blocked_group_conv,
+    blocked_group_conv_forward,
     condensenet_light,
     deploy_condensenet,
     padded_group_kernel,
@@ -330,6 +333,83 @@ def test_padded_3x3_convs_equal_the_grouped_conv(batch):
     assert_close64(deployed(x), _module_path(deployed)(x))
 
 
+@pytest.mark.parametrize(
+    ("groups", "per_in", "per_out", "kernel", "stride"),
+    [(4, 8, 2, 3, 1), (4, 16, 4, 3, 1), (4, 32, 8, 3, 2), (3, 5, 2, 3, 1), (2, 3, 7, 1, 2)],
+)
+@pytest.mark.parametrize("kind", ["dense", "padded", "depthwise"])
+def test_blocked_group_conv_forms_compute_the_grouped_conv(
+    groups, per_in, per_out, kernel, stride, kind
+):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(
+        groups * per_in,
+        groups * per_out,
+        kernel,
+        stride=stride,
+        padding=kernel // 2,
+        groups=groups,
+        bias=False,
+    ).double()
+    form = blocked_group_conv(conv, kind=kind)
+    assert form.kind == kind
+    block = ONNX_CHANNEL_BLOCK
+    if kind == "padded":  # channels per group padded to the block
+        assert form.weight.shape[0] % (groups * block) == 0 and form.weight.shape[1] % block == 0
+    else:  # dense: whole input; depthwise: one channel per (output, input) pair, padded
+        assert form.weight.shape[0 if kind == "depthwise" else 1] % block == 0
+    x = torch.randn(2, groups * per_in, 9, 7, dtype=torch.float64)
+    assert_close64(blocked_group_conv_forward(form, conv, x), conv(x))
+    # with the input's channels gathered first (the folded channel shuffle)
+    source = torch.randperm(groups * per_in)
+    assert_close64(blocked_group_conv_forward(form.reading(source), conv, x), conv(x[:, source]))
+
+
+def test_blocked_group_conv_choice_and_refusals():
+    """CondenseNet-86's three 3x3 shapes each take a blocked form (cheapest by the cost
+    model); convs already blocked, depthwise, ungrouped, biased or reflect-padded keep theirs."""
+    kinds = [
+        blocked_group_conv(nn.Conv2d(4 * per_in, 4 * per_in // 4, 3, groups=4, bias=False)).kind
+        for per_in in (8, 16, 32)
+    ]
+    assert kinds == ["depthwise", "dense", "padded"]
+    block = ONNX_CHANNEL_BLOCK
+    assert blocked_group_conv(nn.Conv2d(4 * block, 4 * block, 3, groups=4, bias=False)) is None
+    assert blocked_group_conv(nn.Conv2d(8, 8, 3, groups=8, bias=False), kind="dense") is None
+    assert blocked_group_conv(nn.Conv2d(32, 8, 3, bias=False), kind="dense") is None
+    assert blocked_group_conv(nn.Conv2d(32, 8, 3, groups=4), kind="dense") is None
+    reflect = nn.Conv2d(32, 8, 3, groups=4, bias=False, padding=1, padding_mode="reflect")
+    assert blocked_group_conv(reflect, kind="dense") is None
+    conv = nn.Conv2d(32, 8, 3, groups=4, bias=False)
+    with pytest.raises(ValueError, match="block"):
+        blocked_group_conv(conv, 0)
+    with pytest.raises(ValueError, match="kind"):
+        blocked_group_conv(conv, kind="winograd")
+
+
+@pytest.mark.parametrize("kind", ["dense", "padded", "depthwise"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_blocked_export_form_equals_the_traced_form(monkeypatch, kind, batch):
+    """The dense blocks' ONNX form (3x3 convs in their blocked forms, the shuffle folded into
+    them) against the eager folded form, float64, each blocked form forced in turn."""
+    from dynaconv.models import condensenet
+
+    def forced(conv, block=ONNX_CHANNEL_BLOCK, **_):
+        return blocked_group_conv(conv, block, kind=kind)
+
+    monkeypatch.setattr(condensenet, "blocked_group_conv", forced)
+    model = _small()
+    dynaconv.set_progress(model, 1.0)
+    deployed = deploy_condensenet(model)
+    layers = [m for m in deployed.modules() if isinstance(m, CondensedDenseLayer)]
+    assert all(layer._blocked.kind == kind for layer in layers)
+    blocks = [m for m in deployed.modules() if isinstance(m, CondensedDenseBlock)]
+    for block in blocks:
+        inputs = torch.randn(batch, block.in_channels, 8, 8, dtype=torch.float64)
+        with torch.no_grad():
+            assert_close64(block._forward_traced(inputs, blocked=True), block(inputs))
+
+
 def test_deployed_checkpoint_keeps_its_layout(tmp_path):
     """The folded and padded tensors are derived, not saved: a deployed state dict written
     with safetensors holds the layout deployed folders always had and loads into another
@@ -401,8 +481,9 @@ def test_folded_form_follows_loaded_and_edited_weights():
 
 def test_onnx_graph_of_the_deployed_condensenet(tmp_path):
     """Per dense layer the exported graph holds two Gathers (the kept channels; the channel
-    shuffle), one Max (the folded BN-ReLU), the two convs and the concatenation; no scatter
-    (in-place buffer writes), no BatchNorm, no Transpose."""
+    shuffle with the depthwise form's repeated inputs), one Max (the folded BN-ReLU), the 1x1
+    conv, the 3x3 conv in its blocked form (2 outputs per group: depthwise and 1x1 convs) and
+    the concatenation; no scatter (in-place buffer writes), no BatchNorm, no Transpose."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
@@ -419,10 +500,11 @@ def test_onnx_graph_of_the_deployed_condensenet(tmp_path):
         verbose=False,
     )
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
-    layers = 4
-    assert ops.count("Gather") == 2 * layers and ops.count("Max") == layers
+    layers = [m for m in deployed.modules() if isinstance(m, CondensedDenseLayer)]
+    assert [layer._blocked.kind for layer in layers] == ["depthwise"] * 4
+    assert ops.count("Gather") == 2 * len(layers) and ops.count("Max") == len(layers)
     assert "Transpose" not in ops
-    assert ops.count("Conv") == 1 + 2 * layers and ops.count("Concat") == layers
+    assert ops.count("Conv") == 1 + 3 * len(layers) and ops.count("Concat") == len(layers)
     assert ops.count("BatchNormalization") == 1  # the head's (before pooling)
     assert "ScatterND" not in ops
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -31,7 +31,12 @@ the 3x3 conv, whose kernel is padded with zero rows to :data:`GROUP_ROWS_MIN` ou
 group where it has fewer: oneDNN runs the padded grouped conv faster); traced or exported,
 the block concatenates instead (graphs have no in-place writes), so an ONNX or ExecuTorch
 graph holds per layer a Gather, a Max, two Convs, the shuffle where it is kept (a channel
-Gather in ONNX, a Transpose otherwise), and a Concat.
+Gather in ONNX, a Transpose otherwise), and a Concat. In an ONNX export the grouped 3x3 conv
+is written in a form that onnxruntime runs in its blocked (NCHWc) kernels where that is
+estimated cheaper (:func:`blocked_group_conv`: a block-diagonal dense conv, the grouped conv
+with its channels per group padded by zero kernels, or a depthwise conv and a 1x1 conv), the
+shuffle folded into the form's Gather or dense kernel; plain ONNX ops, the same results up to
+rounding.
 ``prune_classifier=True`` reproduces the reference's lossy conversion, which keeps the half
 of the classifier's input features with the largest column L1 norm.
 """
@@ -42,16 +47,21 @@ import copy
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from ..dispatch import tracing
+from ..dispatch import _in_onnx_export, tracing
 from ..layers._base import Deployable
-from ..layers.lgc.deployed import FoldedPointwise, fold_pointwise, folded_pointwise
+from ..layers.lgc.deployed import (
+    FoldedPointwise,
+    fold_pointwise,
+    folded_pointwise,
+    interleave_source,
+)
 from ..layers.lgc.layer import (
     CondensedGroupConv2d,
     GatherWorkspace,
@@ -275,6 +285,7 @@ class CondensedDenseLayer(nn.Module):
         self.conv_2 = conv_2
         self._pointwise = conv_1._pointwise()  # its geometry is fixed
         self._folded: FoldedPointwise | None = None
+        self._blocked: BlockedGroupConv | None = None
         self._folded_key: tuple[Any, ...] | None = None
         self.refresh()
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
@@ -291,6 +302,12 @@ class CondensedDenseLayer(nn.Module):
         self.register_buffer(
             "_padded_conv_2", padded_group_kernel(self.conv_2, GROUP_ROWS_MIN), persistent=False
         )
+        blocked = blocked_group_conv(self.conv_2)
+        if blocked is not None and folded.interleave:  # the shuffle goes into the form's index
+            blocked = blocked.reading(interleave_source(folded))
+        # A plain attribute, not buffers: only an ONNX export reads it (as constants); buffers
+        # would also go, unused, into every other exported program (ExecuTorch's).
+        self._blocked = blocked
         for field, value in zip(FoldedPointwise._fields, folded):
             if isinstance(value, Tensor) or value is None:
                 self.register_buffer(f"_folded_{field}", value, persistent=False)
@@ -405,6 +422,16 @@ class CondensedDenseLayer(nn.Module):
         real = target.view(batch, groups, -1, height, width)
         real.copy_(y.view(batch, groups, -1, height, width).narrow(2, 0, real.shape[2]))
 
+    def _blocked_new_features(self, features: Tensor) -> Tensor:
+        """Traced for ONNX: the new features through the 3x3 conv's blocked form
+        (:func:`blocked_group_conv`) where it has one, the channel shuffle folded into the
+        form's input Gather."""
+        folded = self.folded()  # derives the blocked form too
+        if self._blocked is None:
+            return self.conv_2(folded_pointwise(folded, features, traced=True))
+        rows = folded_pointwise(folded, features, traced=True, rows_only=True)
+        return blocked_group_conv_forward(self._blocked, self.conv_2, rows)
+
     def forward(self, x: Tensor, *, prefix: bool = False) -> Tensor:
         """New features from ``x`` (with ``prefix``: from the first input channels of ``x``)."""
         return self.conv_2(self.conv_1(x, prefix=prefix))
@@ -418,7 +445,8 @@ class CondensedDenseBlock(nn.Module):
     ReLU, then the 3x3 conv (eager: on its padded kernel, :func:`padded_group_kernel`, where
     it has one); eager, the new features go into a buffer allocated once per block (the
     layers gather from it in place), traced, into a concatenation (ONNX has no in-place
-    writes). Elsewhere the layers run their own forward (on CUDA: the fused Triton kernel).
+    writes; in an ONNX export the 3x3 convs in their blocked forms, :func:`blocked_group_conv`).
+    Elsewhere the layers run their own forward (on CUDA: the fused Triton kernel).
     """
 
     def __init__(self, in_channels: int, layers: Sequence[CondensedDenseLayer]) -> None:
@@ -438,7 +466,9 @@ class CondensedDenseBlock(nn.Module):
             and not (_global_forward_hooks or _global_forward_pre_hooks)
             and all(layer.foldable() for layer in layers)
         ):
-            return self._forward_traced(x) if tracing() else self._forward_folded(x)
+            if not tracing():
+                return self._forward_folded(x)
+            return self._forward_traced(x, blocked=_in_onnx_export())
         batch, channels, height, width = x.shape
         out = x.new_empty(batch, self.out_channels, height, width)
         out[:, :channels] = x
@@ -460,11 +490,16 @@ class CondensedDenseBlock(nn.Module):
             channels += new_channels
         return out
 
-    def _forward_traced(self, x: Tensor) -> Tensor:
+    def _forward_traced(self, x: Tensor, *, blocked: bool = False) -> Tensor:
+        """The graph form; ``blocked`` (an ONNX export): the 3x3 convs in their blocked forms
+        (:func:`blocked_group_conv`)."""
         features = x
         for layer in self._modules.values():
-            hidden = folded_pointwise(layer.folded(), features, traced=True)
-            features = torch.cat([features, layer.conv_2(hidden)], 1)
+            if blocked:
+                new = layer._blocked_new_features(features)
+            else:
+                new = layer.conv_2(folded_pointwise(layer.folded(), features, traced=True))
+            features = torch.cat([features, new], 1)
         return features
 
 
@@ -543,6 +578,152 @@ def padded_group_kernel(conv: nn.Conv2d, rows: int) -> Tensor | None:
     weight = conv.weight.detach().view(conv.groups, per_group, -1)
     padded = F.pad(weight, (0, 0, 0, rows - per_group))
     return padded.reshape(conv.groups * rows, *conv.weight.shape[1:]).contiguous()
+
+
+#: The channel block of onnxruntime's blocked (NCHWc) conv kernels on AVX-512 (8 on AVX2:
+#: a multiple of 16 is a multiple of 8). onnxruntime runs a grouped conv in them only when its
+#: input and output channels per group are multiples of the block (or it is depthwise);
+#: other grouped convs take its generic path (im2col and a GEMM per group).
+ONNX_CHANNEL_BLOCK = 16
+
+#: Cost per multiply-add in onnxruntime (one thread, CondenseNet-86's 3x3 conv shapes at batch
+#: 1, ``benchmarks/NOTES.md``), relative to the blocked kernels' dense convs (28-41 GMAC/s):
+#: the blocked depthwise conv ran 12.5 GMAC/s, the generic grouped path 6-10 GMAC/s.
+BLOCKED_DEPTHWISE_COST = 3.0
+GENERIC_GROUPED_COST = 5.0
+
+
+class BlockedGroupConv(NamedTuple):
+    """A grouped conv as ops onnxruntime runs in its blocked kernels (:func:`blocked_group_conv`):
+    ``y = conv(x[:, index], weight, groups)``, then ``conv1x1(y, pointwise)`` if any, then
+    ``y[:, keep]`` if any (``index`` None: all channels in order).
+
+    ``kind``: ``"dense"`` (one ungrouped conv with the block-diagonal kernel), ``"padded"``
+    (the grouped conv with zero kernels padding its channels per group to the block; ``keep``
+    drops the padded outputs) or ``"depthwise"`` (every (output, input) pair of a group as one
+    depthwise channel, ``index`` repeating the inputs, then a 1x1 conv of ones summing each
+    output's channels)."""
+
+    kind: str
+    index: Tensor | None
+    weight: Tensor
+    pointwise: Tensor | None
+    keep: Tensor | None
+
+    def reading(self, source: Tensor) -> BlockedGroupConv:
+        """The form on ``x`` whose channel ``j`` is the original input's channel ``source[j]``
+        is given ``x`` itself (``x[:, source]`` is the original input): the dense form takes the
+        gather into its kernel's columns (no Gather), the others into their ``index``."""
+        index = source if self.index is None else source[self.index]
+        if self.kind != "dense":
+            return self._replace(index=index)
+        weight = self.weight.new_zeros(self.weight.shape[0], source.numel(), *self.weight.shape[2:])
+        weight.index_add_(1, index, self.weight)  # duplicates (padding) carry zero columns
+        return self._replace(index=None, weight=weight)
+
+
+def _round_up(value: int, block: int) -> int:
+    return -(-value // block) * block
+
+
+BlockedKind = Literal["dense", "padded", "depthwise"]
+
+
+def blocked_group_conv(
+    conv: nn.Conv2d, block: int = ONNX_CHANNEL_BLOCK, *, kind: BlockedKind | None = None
+) -> BlockedGroupConv | None:
+    """``conv`` (grouped, no bias, zero padding) as the cheapest of three forms that run in
+    onnxruntime's blocked kernels (:class:`BlockedGroupConv`), or ``None`` when its channels
+    per group are already multiples of ``block``, it is depthwise, not grouped or biased, or
+    the generic grouped conv is estimated cheaper. Costs per output pixel, ``k`` kernel taps,
+    channels rounded up to ``block`` (``up``): dense ``up(Cin) up(Cout) k``, padded
+    ``G up(Cin/G) up(Cout/G) k``, depthwise ``3 up(T) k + up(T) up(Cout)`` with
+    ``T = Cout Cin/G``, against the grouped conv's ``5 Cout (Cin/G) k``
+    (:data:`BLOCKED_DEPTHWISE_COST`, :data:`GENERIC_GROUPED_COST`). Exact up to rounding:
+    every form sums the same products (the depthwise form in another order). The costs are
+    x86 onnxruntime's (AVX2 and AVX-512 have blocked kernels); a runtime without blocked
+    kernels runs the forms' extra MACs in its generic convs. ``kind``: that
+    form whatever the costs (still ``None`` for a conv outside the forms' reach)."""
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    if kind not in (None, "dense", "padded", "depthwise"):
+        raise ValueError(f"kind must be 'dense', 'padded', 'depthwise' or None, got {kind!r}")
+    groups = conv.groups
+    cin, cout = conv.in_channels, conv.out_channels
+    per_in, per_out = cin // groups, cout // groups
+    if (
+        groups == 1
+        or (per_in == 1 and per_out == 1)
+        or conv.bias is not None
+        or conv.padding_mode != "zeros"
+        or (per_in % block == 0 and per_out % block == 0)
+    ):
+        return None
+    taps = math.prod(conv.kernel_size)
+    pairs = cout * per_in  # the depthwise form's channels
+    up = _round_up
+    costs = {
+        "dense": up(cin, block) * up(cout, block) * taps,
+        "padded": groups * up(per_in, block) * up(per_out, block) * taps,
+        "depthwise": BLOCKED_DEPTHWISE_COST * up(pairs, block) * taps
+        + up(pairs, block) * up(cout, block),
+    }
+    if kind is None:
+        kind = min(costs, key=costs.__getitem__)  # ties: the first (fewest ops)
+        if costs[kind] >= GENERIC_GROUPED_COST * cout * per_in * taps:
+            return None
+    weight = conv.weight.detach()
+    device = weight.device
+    group_of_row = torch.arange(cout, device=device) // per_out
+    if kind == "dense":
+        full = up(cin, block)
+        dense = weight.new_zeros(cout, full, *weight.shape[2:])
+        columns = group_of_row[:, None] * per_in + torch.arange(per_in, device=device)
+        dense.scatter_(1, columns[:, :, None, None].expand_as(weight), weight)
+        index = None
+        if full != cin:  # padding channels repeat channel 0 (zero kernels)
+            index = torch.cat([torch.arange(cin, device=device), index_zeros(full - cin, device)])
+        return BlockedGroupConv(kind, index, dense.contiguous(), None, None)
+    if kind == "padded":
+        in_p, out_p = up(per_in, block), up(per_out, block)
+        padded = weight.new_zeros(groups, out_p, in_p, *weight.shape[2:])
+        padded[:, :per_out, :per_in] = weight.view(groups, per_out, per_in, *weight.shape[2:])
+        index = keep = None
+        if in_p != per_in:
+            local = torch.arange(in_p, device=device).clamp(max=per_in - 1)
+            index = (torch.arange(groups, device=device)[:, None] * per_in + local).reshape(-1)
+        if out_p != per_out:
+            rows = torch.arange(per_out, device=device)
+            keep = (torch.arange(groups, device=device)[:, None] * out_p + rows).reshape(-1)
+        kernel = padded.reshape(groups * out_p, in_p, *weight.shape[2:]).contiguous()
+        return BlockedGroupConv(kind, index, kernel, None, keep)
+    full = up(pairs, block)
+    local = torch.arange(per_in, device=device)
+    index = (group_of_row[:, None] * per_in + local).reshape(-1)  # pair o * (Cin/G) + c
+    depthwise = weight.new_zeros(full, 1, *weight.shape[2:])
+    depthwise[:pairs, 0] = weight.reshape(pairs, *weight.shape[2:])
+    pointwise = weight.new_zeros(cout, full, 1, 1)
+    pointwise[torch.arange(pairs, device=device) // per_in, torch.arange(pairs, device=device)] = 1
+    if full != pairs:
+        index = torch.cat([index, index_zeros(full - pairs, device)])
+    return BlockedGroupConv(kind, index, depthwise.contiguous(), pointwise.contiguous(), None)
+
+
+def index_zeros(count: int, device: torch.device) -> Tensor:
+    return torch.zeros(count, dtype=torch.long, device=device)
+
+
+def blocked_group_conv_forward(form: BlockedGroupConv, conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` through ``form`` (:func:`blocked_group_conv` of ``conv``)."""
+    if form.index is not None:
+        x = x.index_select(1, form.index)
+    groups = {"dense": 1, "padded": conv.groups, "depthwise": form.weight.shape[0]}[form.kind]
+    y = F.conv2d(x, form.weight, None, conv.stride, conv.padding, conv.dilation, groups)
+    if form.pointwise is not None:
+        y = F.conv2d(y, form.pointwise)
+    if form.keep is not None:
+        y = y.index_select(1, form.keep)
+    return y
 
 
 def permute_conv_inputs(conv: nn.Conv2d, channel_at: Tensor) -> nn.Conv2d | None:

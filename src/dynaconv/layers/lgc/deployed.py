@@ -33,6 +33,7 @@ __all__ = [
     "fold_batchnorm",
     "fold_pointwise",
     "folded_pointwise",
+    "interleave_source",
 ]
 
 Impl = Literal["auto", "torch", "triton"]
@@ -613,6 +614,7 @@ def folded_pointwise(
     workspace: GatherWorkspace | None = None,
     *,
     traced: bool | None = None,
+    rows_only: bool = False,
 ) -> Tensor:
     """The layer on ``x`` ``(B, C, H, W)`` (``C`` at least every index + 1; only the indexed
     channels are read): ``(B, G * N, H, W)``.
@@ -624,12 +626,15 @@ def folded_pointwise(
     of at least :data:`WORKSPACE_MIN_NUMEL` elements). ``traced``: whether this runs inside a
     graph capture (:func:`dynaconv.dispatch.tracing`, asked when not given; a caller running
     many layers asks once). An input that needs a gradient takes the traced form's
-    out-of-place ops.
+    out-of-place ops. ``rows_only`` (traced only): the rows in group-major order, not
+    interleaved (the caller folds :func:`interleave_source` into a gather of its own).
     """
     if traced is None:
         traced = tracing()
+    if rows_only and not traced:
+        raise ValueError("rows_only needs traced=True")
     if traced or (x.requires_grad and torch.is_grad_enabled()):  # out= records no gradient
-        return _folded_pointwise_traced(folded, x)
+        return _folded_pointwise_traced(folded, x, rows_only=rows_only)
     batch, _, height, width = x.shape
     index, weight = folded.index, folded.weight
     cout, per_group = weight.shape[:2]
@@ -665,12 +670,24 @@ def folded_pointwise(
     return out.view(batch, cout, height, width)
 
 
-def _folded_pointwise_traced(folded: FoldedPointwise, x: Tensor) -> Tensor:
+def interleave_source(folded: FoldedPointwise) -> Tensor:
+    """For each output channel ``n * G + g`` of the interleaved order, its row ``g * N + n``
+    (``out[:, j] = rows[:, source[j]]``)."""
+    cout, groups = folded.out_channels, folded.groups
+    rows = torch.arange(cout, device=folded.weight.device).view(groups, cout // groups)
+    return rows.t().reshape(-1)
+
+
+def _folded_pointwise_traced(
+    folded: FoldedPointwise, x: Tensor, *, rows_only: bool = False
+) -> Tensor:
     """:func:`folded_pointwise` as graph nodes: Gather, Max (and Min), a grouped Conv reading
     the stored kernel itself (XNNPACK delegates only a conv with a static kernel), Relu, and
     for the interleaved order a channel Gather in an ONNX export (one node; onnxruntime runs
     it faster than Reshape, Transpose, Reshape: ``benchmarks/NOTES.md``), else a transpose
-    (which XNNPACK delegates; a gather would run in ExecuTorch's portable kernels)."""
+    (which XNNPACK delegates; a gather would run in ExecuTorch's portable kernels).
+    ``rows_only``: stop before the interleaving (rows in group-major order; a caller that
+    gathers channels next folds :func:`interleave_source` into its own index)."""
     _, _, height, width = x.shape
     cout, per_group = folded.weight.shape[:2]
     groups = folded.index.numel() // per_group
@@ -681,10 +698,9 @@ def _folded_pointwise_traced(folded: FoldedPointwise, x: Tensor) -> Tensor:
             gathered = torch.minimum(gathered, folded.high)
     y = F.conv2d(gathered, folded.weight, folded.bias, groups=groups)
     y = y.relu() if folded.relu else y
-    if not folded.interleave:
+    if rows_only or not folded.interleave:
         return y
     if torch.onnx.is_in_onnx_export():
-        rows = torch.arange(cout, device=y.device).view(groups, cout // groups)
-        return y.index_select(1, rows.t().reshape(-1))  # channel n * G + g <- row g * N + n
+        return y.index_select(1, interleave_source(folded))  # channel n * G + g <- row g * N + n
     y = y.view(-1, groups, cout // groups, height, width).transpose(1, 2)
     return y.reshape(-1, cout, height, width)
