@@ -239,23 +239,13 @@ def _batch_grouped_candidate(module: SparseDynamicGroupConv2d, call: FormCall) -
     return kernel <= BATCH_GROUPED_MAX_KERNEL_RATIO * x[0].numel()
 
 
-def _masked_candidate(module: SparseDynamicGroupConv2d, call: FormCall) -> bool:
-    """Measured except at batch 1 on the CPU with a kernel larger than 1x1, where
-    ``"head_grouped"`` (the kept MACs, one static choice per head) measured 0.95-1.22x of
-    the dense conv and ``"masked"`` 1.35-2.79x in every row (``benchmarks/NOTES.md``): there
-    a measurement on a loaded machine only adds the chance of a wrong pick."""
-    x = call.x
-    return not (x.shape[0] == 1 and x.device.type == "cpu" and module.spec.kernel_size != (1, 1))
-
-
 #: The deployed DGC layer's execution forms (the declaration
 #: :class:`~dynaconv.layers.ChoosesForm` reads). Where each is fastest on the CPU:
 #: ``"head_grouped"`` at batch 1 (the kept MACs plus one gather of the kept kernels, the limit);
 #: ``"batch_grouped"`` on large maps at batch > 1; ``"masked"`` on small maps at batch > 1,
-#: where copying a kernel per example costs more than the saved MACs; ``"bmm"`` mostly for 1x1
-#: kernels (with larger kernels its unfold copies the input ``kh*kw`` times), but measured
-#: for every kernel: a strided 3x3 at batch 1 read it fastest (``benchmarks/NOTES.md``), and
-#: where it is far off the measurement drops it after two calls.
+#: where copying a kernel per example costs more than the saved MACs, and on the smallest
+#: layers at batch 1 (64 channels on 8x8 maps: no gathers); ``"bmm"`` for 1x1 kernels (with
+#: larger kernels its unfold copies the input ``kh*kw`` times: see :func:`_pointwise_only`).
 #: ``kept`` is fixed structure, so the gathered ``"bmm"`` and ``"masked"`` forms trace and export; a traced graph runs :func:`traced_inference_form` (``"head_grouped"`` at
 #: a static batch of 1, where the set of kept channels is one per head).
 FORMS = Forms(
@@ -267,7 +257,7 @@ FORMS = Forms(
             traceable=False,
             candidate=_batch_grouped_candidate,
         ),
-        "masked": Form(_run("masked"), candidate=_masked_candidate),
+        "masked": Form(_run("masked")),
         "bmm": Form(_run("bmm"), candidate=_pointwise_only),
         "triton": Form(_run("triton"), triton=True, batch_dependent=True, traceable=False),
     },
