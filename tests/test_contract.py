@@ -127,6 +127,18 @@ def test_deploy_is_exact(built, layer):
     dynaconv.deploy(nn.Sequential(layer, nn.ReLU()), example_input=x)  # verifies
 
 
+def test_deploy_and_run_under_inference_mode(layer):
+    """Deployed under ``torch.inference_mode`` (its tensors are inference tensors, which keep
+    no version counter) and run there, twice: the same output as the eval layer."""
+    x = _x()
+    with torch.no_grad():
+        expected = layer(x)
+    with torch.inference_mode():
+        deployed = layer.deploy().eval()
+        for _ in range(2):
+            torch.testing.assert_close(deployed(x), expected, rtol=1e-9, atol=1e-11)
+
+
 def test_state_dict_round_trip(built, layer):
     method = built[0]
     clone, _ = build_layer(method, seed=7)  # other weights, same structure

@@ -119,6 +119,13 @@ class Deployable:
         raise NotImplementedError
 
 
+def tensor_version(t: Tensor) -> int:
+    """``t``'s in-place version counter (what a derived cache compares); 0 for an inference
+    tensor, made under ``torch.inference_mode``, which keeps no counter (and cannot be
+    written in place outside it)."""
+    return 0 if t.is_inference() else t._version
+
+
 def kaiming_uniform_(weight: Tensor, fan_in: int) -> None:
     """``nn.Conv2d``'s default init (kaiming-uniform with a = sqrt 5) for a given fan-in."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0

@@ -23,7 +23,16 @@ from ...dispatch import (
 )
 from ...folding import fold_batchnorm
 from ...spec import ConvSpec, check_choice, check_input, check_int, check_output_size
-from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
+from .._base import (
+    ChoosesForm,
+    Convention,
+    Form,
+    FormCall,
+    Forms,
+    MacCount,
+    Shape,
+    tensor_version,
+)
 from .functional import (
     SALIENCY_MODES,
     SaliencyMode,
@@ -334,7 +343,7 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         weight = self.weight.detach()
         if tracing():
             return weight_layout(weight, self.heads, self.spec, name)
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
+        key = (weight.data_ptr(), tensor_version(weight), weight.dtype, weight.device, weight.shape)
         cached = self._layouts.get(name)
         if cached is None or cached[0] != key:
             cached = (key, weight_layout(weight, self.heads, self.spec, name))

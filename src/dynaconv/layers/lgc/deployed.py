@@ -22,7 +22,16 @@ from torch import Tensor, nn
 from ...dispatch import tracing, triton_preferred
 from ...folding import fold_batchnorm
 from ...spec import ConvSpec, check_input, check_int
-from .._base import ChoosesForm, Convention, Form, FormCall, Forms, MacCount, Shape
+from .._base import (
+    ChoosesForm,
+    Convention,
+    Form,
+    FormCall,
+    Forms,
+    MacCount,
+    Shape,
+    tensor_version,
+)
 from . import kernels as lgc_kernels
 
 __all__ = [
@@ -70,17 +79,20 @@ def _fused(module: CondensedGroupConv2d, x: Tensor) -> bool:
 
 
 def _key(module: CondensedGroupConv2d, x: Tensor, *args: Any) -> tuple[Any, ...]:
+    # Read from the module's dicts: ``module.weight`` goes through ``nn.Module.__getattr__``
+    # (about half a microsecond each, on every call of a layer that may take 30 us).
+    parameters, buffers = module._parameters, module._buffers
     return (
         module.spec,
-        module.weight.dtype,
+        parameters["weight"].dtype,
         module.in_channels,
-        module.index.numel(),
+        buffers["index"].numel(),
         module.learned_groups,
         module.interleave,
-        module.bias is not None,
-        module.in_scale is not None,
+        parameters.get("bias") is not None,
+        parameters.get("in_scale") is not None,
         module.in_relu,
-        module.out_scale is not None,
+        parameters.get("out_scale") is not None,
         module.out_relu,
     )
 
@@ -271,7 +283,7 @@ class CondensedGroupConv2d(ChoosesForm, nn.Module):
     def _flags_source(self) -> tuple[Any, ...]:
         # Identity and in-place version of the tensors the derived state comes from.
         sources = (self.index, self.in_scale, self.in_shift, self.weight, self.bias)
-        return tuple(None if t is None else (t.data_ptr(), t._version) for t in sources)
+        return tuple(None if t is None else (t.data_ptr(), tensor_version(t)) for t in sources)
 
     def _check_flags(self) -> None:
         if not tracing() and self._flags_key != self._flags_source():
