@@ -29,14 +29,25 @@ every candidate.
     PYTHONPATH=src python benchmarks/bench_auto.py --only dgconv lgc --batches 16 256
     PYTHONPATH=src python benchmarks/bench_auto.py --demo-model  # the demo's network per family
     PYTHONPATH=src python benchmarks/bench_auto.py --overhead    # the choice's per-call cost
+
+Tensors of 2 MiB and more are allocated on huge-page boundaries (PyTorch's
+``THP_MEM_ALLOC_ENABLE=1``, set here unless the environment gives another value; the header
+says which): with 4 KiB pages the same form's per-call time on a large batch was bimodal, 78
+or 95 ms from call to call in every module copy (the relative placement of its buffers), so
+two copies running one form read up to 1.24x apart in a 9-sample median; on huge pages all
+read 87 ms (``benchmarks/NOTES.md``).
 """
 
 from __future__ import annotations
 
+import os
+
+# Read by PyTorch at its first allocation: before torch is imported (see the docstring).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import argparse
 import copy
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -568,7 +579,8 @@ def main() -> None:
         f"## impl='auto' against every exact form (bench_auto.py)\n"
         f"{environment(args.device)}, dtype=float32, measuring "
         f"{'on' if dispatch.measuring_enabled() else 'off'}, clock {args.clock}, "
-        f"heap {args.heap}; load averages (1, 5, 15 min) "
+        f"heap {args.heap}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; "
+        f"load averages (1, 5, 15 min) "
         f"{load} before, {load_after} after; {time.perf_counter() - started:.0f} s"
     )
     text = markdown(rows, header)
