@@ -128,14 +128,17 @@ def rewrite_computed_convs(model: Any, block: int, *, chain: bool = True) -> tup
             split = [blocked_shape[0] // examples, *blocked_shape[1:]]
             order = np.arange(bank.shape[1]).reshape(split).transpose(perm).reshape(-1)
             bank = bank[:, order]
-            if examples == 1:  # the bank as (numel, E) times r as a column: read faster
+            weight = node.input[1]
+            if examples == 1 and kernel_shape[3] == 1:  # the product in the kernel's shape
+                weight = prefix + "w"
+                nodes += _mixing_by_column(product, bank, prefix, graph, kernel_shape, weight)
+            elif examples == 1:  # the bank as (numel, E) times r as a column: read faster
                 nodes += _mixing_by_column(product, bank, prefix, graph)
             else:
                 graph.initializer.append(
                     numpy_helper.from_array(np.ascontiguousarray(bank), prefix + "bank")
                 )
                 product.input[1] = prefix + "bank"
-            weight = node.input[1]
         else:  # reorder the computed kernel in the graph
             graph.initializer.extend(
                 [
@@ -170,7 +173,7 @@ def rewrite_computed_convs(model: Any, block: int, *, chain: bool = True) -> tup
                 channels=kernel_shape[0],
             ),
         ]
-    nodes = _topological_order(nodes, graph)
+    nodes = _topological_order(_drop_unread(nodes, graph), graph)
     if chain and count:
         nodes = _topological_order(_chain_blocked(nodes, graph, shapes, block), graph)
     del graph.node[:]
@@ -224,26 +227,45 @@ def _examples(bank: Any, kernel_shape: list[int], perm: list[int], block: int) -
     return examples if (kernel_shape[0] // examples) % block == 0 else None
 
 
-def _mixing_by_column(product: Any, bank: Any, prefix: str, graph: Any) -> list[Any]:
+def _mixing_by_column(
+    product: Any,
+    bank: Any,
+    prefix: str,
+    graph: Any,
+    kernel_shape: list[int] | None = None,
+    kernel: str | None = None,
+) -> list[Any]:
     """Turn ``product`` (``r @ bank``, ``r``: ``(1, E)``) into ``bank.T @ r.T`` reshaped to
     ``(1, numel)``: the same sums; onnxruntime reads a ``(numel, E)`` constant by rows faster
     than its packed ``(E, numel)`` operand (``benchmarks/NOTES.md``). Returns the nodes that
-    compute ``r.T`` (to be placed before ``product``, which is rewired in place)."""
+    compute ``r.T`` and reshape the product (to be placed around ``product``, which is rewired
+    in place). With ``kernel_shape`` (its last size 1) and ``kernel``, the product is instead
+    written as ``kernel`` in that shape, ``bank.T`` held as ``(*kernel_shape[:3], E)`` (one
+    GEMM all the same: onnxruntime folds the leading sizes of a product by a matrix), and the
+    reshapes between ``product`` and the conv are left unread."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     experts, numel = bank.shape
+    bank_t = np.ascontiguousarray(bank.T)
+    if kernel_shape is not None:
+        bank_t = bank_t.reshape(*kernel_shape[:3], experts)
     graph.initializer.extend(
         [
-            numpy_helper.from_array(np.ascontiguousarray(bank.T), prefix + "bank_t"),
+            numpy_helper.from_array(bank_t, prefix + "bank_t"),
             numpy_helper.from_array(np.array([experts, 1], np.int64), prefix + "column"),
-            numpy_helper.from_array(np.array([1, numel], np.int64), prefix + "row"),
         ]
     )
     routing, output = product.input[0], product.output[0]
     column = helper.make_node("Reshape", [routing, prefix + "column"], [prefix + "r_t"])
     del product.input[:]
     product.input.extend([prefix + "bank_t", prefix + "r_t"])
+    if kernel is not None:
+        product.output[0] = kernel
+        return [column]
+    graph.initializer.append(
+        numpy_helper.from_array(np.array([1, numel], np.int64), prefix + "row")
+    )
     product.output[0] = prefix + "mixed_t"
     row = helper.make_node("Reshape", [prefix + "mixed_t", prefix + "row"], [output])
     return [column, row]
