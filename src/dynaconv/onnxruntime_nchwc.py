@@ -17,9 +17,14 @@ blocked ``Conv`` -> ``ReorderOutput``, with the computed kernel reordered in the
   (``OIHWBiBo``);
 
 both stored back in the kernel's shape; the channel counts must be multiples of the block
-size ``b`` (other convs are left as they are). The result is exact (the same kernel, the same
-sums) but **specific to onnxruntime's CPU provider on x86 processors with the same block size**
-(16 with AVX-512, 8 with AVX2): the graph uses onnxruntime's internal operators, as the models
+size ``b`` (other convs are left as they are). onnxruntime does not carry its own blocked
+layout through these nodes, so by default (``chain=True``) the tensors between rewritten convs
+stay blocked: activations, residual additions and squeeze-excite's mean and scale run on the
+blocked tensors, and a ``ReorderInput`` or ``ReorderOutput`` remains only where a plain operator
+reads them (:func:`_chain_blocked`). The result is exact (the same kernel, the same sums, up
+to float rounding where the spatial means and residual additions sum in another order) but
+**specific to onnxruntime's CPU provider on x86 processors with the same block size** (16
+with AVX-512, 8 with AVX2): the graph uses onnxruntime's internal operators, as the models
 onnxruntime itself saves after optimising for the machine it runs on. Keep the portable file
 for other runtimes and processors.
 """
@@ -372,18 +377,22 @@ def _chain_blocked(
     * element-wise operators (``_UNARY``; ``_BINARY`` with both inputs blocked, of one
       shape): the same operator on the blocked tensors (the blocked layout only permutes
       elements: channel counts are whole blocks, no padding);
-    * ``Mul`` by a per-channel ``(N or 1, C, 1, 1)`` tensor (squeeze-excite): both viewed as
-      ``(N, C/b, H, W, b)`` and ``(., C/b, 1, 1, b)``, the blocked layout of a ``(., C, 1, 1)``
-      tensor being its plain one;
+    * ``Mul`` by a per-channel ``(N or 1, C, 1, 1)`` tensor (squeeze-excite), the blocked
+      layout of a ``(., C, 1, 1)`` tensor being its plain one: with one scale for all examples,
+      a blocked depthwise 1x1 conv whose kernel is the scale (one vectorised pass); else both
+      viewed as ``(N, C/b, H, W, b)`` and ``(N, C/b, 1, 1, b)`` (onnxruntime's broadcast is
+      slower there: 16-element rows);
     * ``ReduceMean`` over the spatial axes: the blocked ``GlobalAveragePool`` and a
       ``ReorderOutput`` of its ``(N, C, 1, 1)`` result (reshaped to ``(N, C)`` without
       ``keepdims``);
     * ``Add`` of a rewritten conv's output (read by nothing else) and another blocked tensor:
       the blocked conv's ``Sum`` input.
 
-    Every other reader keeps the plain tensor; operators nothing reads any more are dropped.
-    The result computes the same values (element-wise operators on permuted elements; the
-    residual ``Sum`` adds the same terms)."""
+    A ``ReorderInput`` of a plain tensor also gives later readers of that tensor (or of a
+    same-shape ``Reshape`` of it) its blocked form. Every other reader keeps the plain tensor,
+    reordered out of the blocked form when it has one (not computed twice); operators nothing
+    reads any more are dropped. The result computes the same values (element-wise operators
+    on permuted elements; the residual ``Sum`` adds the same terms)."""
     import numpy as np
     from onnx import NodeProto, helper, numpy_helper
 
