@@ -334,3 +334,44 @@ def test_nchwc_chain_of_condconv_blocks_equals_eager(tmp_path, batch):
         graph = onnx.load(str(path)).graph
         assert any(node.domain == NCHWC_DOMAIN for node in graph.node)
         torch.testing.assert_close(_run(_session(path), check), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_nchwc_chain_leaves_an_operator_that_only_plain_readers_need():
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from dynaconv.onnxruntime_nchwc import rewrite_computed_convs
+
+    block = _block()
+    channels = block
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["y"]),
+            helper.make_node("Sigmoid", ["x"], ["s"]),  # read plain only: stays plain
+        ],
+        "plain_reader",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 4, 3]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [channels, channels, 1, 1]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, None),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    rewritten, count = rewrite_computed_convs(model, block)
+    assert count == 1
+    ops = [(node.domain, node.op_type, list(node.input)) for node in rewritten.graph.node]
+    assert ("", "Sigmoid", ["x"]) in ops
+    assert [op[1] for op in ops].count("ReorderOutput") == 1
+    generator = np.random.default_rng(2)
+    feed = {
+        "x": generator.standard_normal((1, channels, 4, 3), dtype=np.float32),
+        "w": generator.standard_normal((channels, channels, 1, 1), dtype=np.float32),
+    }
+    expected = _session(model.SerializeToString()).run(None, feed)
+    actual = _session(rewritten.SerializeToString()).run(None, feed)
+    for value, reference in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(value, reference, rtol=1e-5, atol=1e-5)

@@ -534,11 +534,17 @@ def _chain_blocked(
             if pooled != result:
                 flat = constant(np.array(shape[:2]), prefix + "flat")
                 kept.append(helper.make_node("Reshape", [pooled, flat], [result]))
-    # a plain result still read (a graph output, an operator left as it was) is reordered
-    # out of its blocked form rather than computed again from plain inputs
+    # a plain result still read (a graph output, an operator left as it was) whose blocked form
+    # is read too is reordered out of the blocked form rather than computed again from plain
+    # inputs (when only plain operators read it, the plain operator stays and its blocked
+    # form goes)
+    kept = _drop_unread(kept, graph)
+    produced = {name for node in kept for name in node.output}
     for node in plain_forms:
         result, shape = node.output[0], known(node.output[0])
         if node.op_type == "Reshape" or result not in blocked or shape is None:
+            continue
+        if blocked[result] not in produced or not any(n is node for n in kept):
             continue
         reorder = helper.make_node(
             "ReorderOutput", [blocked[result]], [result], domain=NCHWC_DOMAIN, channels=shape[1]
