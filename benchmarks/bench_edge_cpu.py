@@ -303,14 +303,15 @@ def condconv_models() -> tuple[nn.Module, nn.Module, nn.Module]:
 
 
 def nchwc_runner(
-    model: nn.Module, fixed: Path, folder: Path, name: str, check: Tensor
+    model: nn.Module, fixed: Path, folder: Path, name: str, check: Tensor, *, chain: bool = True
 ) -> Callable[[Tensor], Callable[[], object]]:
     """The fixed-batch export ``fixed`` rewritten for onnxruntime's blocked kernels
-    (:mod:`dynaconv.onnxruntime_nchwc`), checked against eager like :func:`onnx_runner`."""
+    (:mod:`dynaconv.onnxruntime_nchwc`; ``chain``: tensors kept blocked between the rewritten
+    convs), checked against eager like :func:`onnx_runner`."""
     from dynaconv.onnxruntime_nchwc import write_nchwc
 
     path = folder / f"{name}.onnx"
-    write_nchwc(fixed, path)
+    write_nchwc(fixed, path, chain=chain)
     return onnx_session(model, path, name, check)
 
 
@@ -335,11 +336,15 @@ def condconv_section(args: argparse.Namespace, folder: Path) -> list[list[str]]:
             name = f"condconv{size}_b{batch}"
             fixed = onnx_runner(deployed, x, folder, name, dynamic=False, check=check)
             nchwc = nchwc_runner(deployed, folder / f"{name}.onnx", folder, f"{name}_nchwc", check)
+            unchained = nchwc_runner(
+                deployed, folder / f"{name}.onnx", folder, f"{name}_unchained", check, chain=False
+            )
             base = "timm EfficientNet-B0"
             fns: Timed = {
                 base: timm_runner(x),
                 f"EfficientNet-B0-CondConv8, fixed batch {batch}": fixed(x),
                 "same, onnxruntime's blocked kernels (onnxruntime_nchwc)": nchwc(x),
+                "same, each rewritten conv between its own reorders (chain=False)": unchained(x),
                 "EfficientNet-B0-CondConv8, dynamic batch": dynamic(x),
                 "noise: timm EfficientNet-B0 again": timm_runner(x),
             }

@@ -205,3 +205,173 @@ def test_nchwc_rewrite_rejects_a_bad_block(block):
 
     with pytest.raises(ValueError, match="block must be a positive int"):
         rewrite_computed_convs(helper.make_model(helper.make_graph([], "g", [], [])), block)
+
+
+def _chain_graph(channels: int, batch: int, dtype):
+    """A graph with every form that :func:`rewrite_computed_convs` keeps in the blocked layout:
+    computed kernels (graph inputs), SiLU, an identity Reshape, squeeze-excite (ReduceMean
+    with ``keepdims``, a constant conv, Sigmoid, a per-channel Mul), a residual Add, and a
+    spatial mean without ``keepdims`` as a second output."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem = TensorProto.DOUBLE if dtype == np.float64 else TensorProto.FLOAT
+    c, squeezed = channels, 4
+    generator = np.random.default_rng(1)
+    initializers = [
+        numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+        numpy_helper.from_array(np.array([batch, c, 6, 5], np.int64), "same"),
+        numpy_helper.from_array(
+            generator.standard_normal((squeezed, c, 1, 1)).astype(dtype), "se1"
+        ),
+        numpy_helper.from_array(
+            generator.standard_normal((c, squeezed, 1, 1)).astype(dtype), "se2"
+        ),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["y1"]),
+        helper.make_node("Sigmoid", ["y1"], ["a1"]),
+        helper.make_node("Mul", ["y1", "a1"], ["s1"]),
+        helper.make_node("Reshape", ["s1", "same"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["y2"], group=c, pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["y2", "axes"], ["m"], keepdims=1),
+        helper.make_node("Conv", ["m", "se1"], ["e1"]),
+        helper.make_node("Relu", ["e1"], ["e2"]),
+        helper.make_node("Conv", ["e2", "se2"], ["e3"]),
+        helper.make_node("Sigmoid", ["e3"], ["g"]),
+        helper.make_node("Mul", ["y2", "g"], ["z"]),
+        helper.make_node("Conv", ["z", "w3"], ["y3"]),
+        helper.make_node("Add", ["y3", "r1"], ["out"]),
+        helper.make_node("ReduceMean", ["out", "axes"], ["pooled"], keepdims=0),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", elem, [batch, c, 6, 5]),
+        helper.make_tensor_value_info("w1", elem, [c, c, 1, 1]),
+        helper.make_tensor_value_info("w2", elem, [c, 1, 3, 3]),
+        helper.make_tensor_value_info("w3", elem, [c, c, 1, 1]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("out", elem, None),
+        helper.make_tensor_value_info("pooled", elem, None),
+    ]
+    graph = helper.make_graph(nodes, "chain", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_nchwc_chain_keeps_the_blocked_layout_and_equals_the_float64_graph(batch):
+    import numpy as np
+    from onnx.reference import ReferenceEvaluator
+
+    from dynaconv.onnxruntime_nchwc import NCHWC_DOMAIN, rewrite_computed_convs
+
+    block = _block()
+    channels = 2 * block
+    model = _chain_graph(channels, batch, np.float32)
+    chained, count = rewrite_computed_convs(model, block)
+    unchained, count_unchained = rewrite_computed_convs(model, block, chain=False)
+    assert count == count_unchained == 3
+    ops = [(node.domain, node.op_type) for node in chained.graph.node]
+    # one reorder into the blocked layout; out of it only the pooled tensors and the output
+    assert ops.count((NCHWC_DOMAIN, "ReorderInput")) == 1
+    assert ops.count((NCHWC_DOMAIN, "ReorderOutput")) == 3
+    assert [o for o in ops if o[1] == "ReorderOutput"] == [(NCHWC_DOMAIN, "ReorderOutput")] * 3
+    assert ops.count((NCHWC_DOMAIN, "GlobalAveragePool")) == 2
+    assert ("", "ReduceMean") not in ops and ("", "Add") not in ops  # the Add: the conv's Sum
+    convs = [n for n in chained.graph.node if n.domain == NCHWC_DOMAIN and n.op_type == "Conv"]
+    assert sorted(len(conv.input) for conv in convs)[-1] == 4
+    # the scale: a depthwise 1x1 conv at batch 1, a broadcast Mul per example otherwise
+    assert len(convs) == 3 + (batch == 1)
+    generator = np.random.default_rng(0)
+    shapes = {
+        "x": (batch, channels, 6, 5),
+        "w1": (channels, channels, 1, 1),
+        "w2": (channels, 1, 3, 3),
+        "w3": (channels, channels, 1, 1),
+    }
+    feed64 = {name: generator.standard_normal(shape) for name, shape in shapes.items()}
+    feed = {name: value.astype(np.float32) for name, value in feed64.items()}
+    expected = ReferenceEvaluator(_chain_graph(channels, batch, np.float64)).run(None, feed64)
+    for rewritten in (chained, unchained):
+        actual = _session(rewritten.SerializeToString()).run(None, feed)
+        for value, reference in zip(actual, expected, strict=True):
+            assert value.shape == reference.shape
+            np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_nchwc_chain_of_condconv_blocks_equals_eager(tmp_path, batch):
+    import onnx
+
+    from dynaconv.onnxruntime_nchwc import NCHWC_DOMAIN, write_nchwc
+
+    block = _block()
+    torch.manual_seed(0)
+    channels = 16 if block <= 16 else block
+    model = nn.Sequential(
+        CondConvMBConv(channels, channels, 3, 1, 2, 4),
+        CondConvMBConv(channels, channels, 5, 1, 2, 4),
+    ).eval()
+    _randomise_norms(model, 3)
+    model = nn.Sequential(*(layer.deploy() for layer in model)).eval()
+    x = torch.randn(batch, channels, 8, 7)
+    portable, chained, unchained = (tmp_path / f"{n}.onnx" for n in ("p", "c", "u"))
+    torch.onnx.export(model, (x,), str(portable), dynamo=True, verbose=False)
+    assert write_nchwc(portable, chained) == write_nchwc(portable, unchained, chain=False) > 0
+    reorders = [
+        sum(n.op_type == "ReorderInput" for n in onnx.load(str(path)).graph.node)
+        for path in (chained, unchained)
+    ]
+    # batch 1: every conv of both blocks rewritten, one reorder into the blocked layout; batch
+    # 2: only the depthwise convs (the examples folded into groups), reshaped between
+    assert reorders == ([1, 6] if batch == 1 else [2, 2])
+    check = torch.randn(batch, channels, 8, 7)
+    with torch.no_grad():
+        expected = model(check)
+    for path in (chained, unchained):
+        graph = onnx.load(str(path)).graph
+        assert any(node.domain == NCHWC_DOMAIN for node in graph.node)
+        torch.testing.assert_close(_run(_session(path), check), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_nchwc_chain_leaves_an_operator_that_only_plain_readers_need():
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from dynaconv.onnxruntime_nchwc import rewrite_computed_convs
+
+    block = _block()
+    channels = block
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["y"]),
+            helper.make_node("Sigmoid", ["x"], ["s"]),  # read plain only: stays plain
+        ],
+        "plain_reader",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 4, 3]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [channels, channels, 1, 1]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, None),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    rewritten, count = rewrite_computed_convs(model, block)
+    assert count == 1
+    ops = [(node.domain, node.op_type, list(node.input)) for node in rewritten.graph.node]
+    assert ("", "Sigmoid", ["x"]) in ops
+    assert [op[1] for op in ops].count("ReorderOutput") == 1
+    generator = np.random.default_rng(2)
+    feed = {
+        "x": generator.standard_normal((1, channels, 4, 3), dtype=np.float32),
+        "w": generator.standard_normal((channels, channels, 1, 1), dtype=np.float32),
+    }
+    expected = _session(model.SerializeToString()).run(None, feed)
+    actual = _session(rewritten.SerializeToString()).run(None, feed)
+    for value, reference in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(value, reference, rtol=1e-5, atol=1e-5)
