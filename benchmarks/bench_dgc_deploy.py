@@ -47,6 +47,14 @@ it is timed. Bars (DGC issue): deployed ÷ torchvision ResNet-18 eager <= 0.80 a
 
 from __future__ import annotations
 
+import os
+
+# Tensors of 2 MiB and more on huge-page boundaries (read by PyTorch at its first allocation,
+# so before torch is imported; unless the environment says otherwise): with 4 KiB pages one
+# form's per-call time was bimodal from its buffers' placement, and two copies of the same
+# form read up to 1.4x apart (benchmarks/NOTES.md).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import argparse
 import copy
 import statistics
@@ -403,7 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import onnxruntime
 
-    versions = {"onnxruntime": onnxruntime.__version__, "ORT intra-op threads": 1}
+    versions = {
+        "onnxruntime": onnxruntime.__version__,
+        "ORT intra-op threads": 1,
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+    }
     words = list(sys.argv[1:] if argv is None else argv)
     command = "python benchmarks/bench_dgc_deploy.py" + "".join(f" {w}" for w in words)
     clock = "thread CPU time" if args.clock == "thread" else "wall clock"
