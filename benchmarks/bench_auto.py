@@ -43,7 +43,8 @@ from __future__ import annotations
 import os
 
 # Read by PyTorch at its first allocation: before torch is imported (see the docstring).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+if __name__ == "__main__":  # a script, not a module imported by tests
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
 import copy

@@ -53,7 +53,8 @@ import os
 # so before torch is imported; unless the environment says otherwise): with 4 KiB pages one
 # form's per-call time was bimodal from its buffers' placement, and two copies of the same
 # form read up to 1.4x apart (benchmarks/NOTES.md).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+if __name__ == "__main__":  # a script, not a module imported by tests
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
 import copy

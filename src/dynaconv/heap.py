@@ -4,7 +4,8 @@ PyTorch's CPU tensors come from ``malloc``. glibc serves a block over its *mmap 
 (128 KiB at start, raised as large blocks are freed, to at most 32 MiB) with fresh pages from
 the system, and returns the heap's top to the system once more than its *trim threshold* is
 free there. A forward that allocates and frees multi-megabyte activations, workspaces or
-gathered kernels then takes page faults, and has the kernel zero the pages, on many calls:
+gathered kernels can then take page faults, and have the kernel zero the pages, on many
+calls (how often varies between processes, with where the heap and the mappings lie):
 on one CPU thread that cost 10% of torchvision's ResNet-18 at batch 16 (128 px) and up to
 2-3x of some of the layers' large-batch forms (``benchmarks/NOTES.md``).
 
