@@ -321,10 +321,13 @@ class MeasuredChoices:
         contenders = self._contenders.pop(key, None)
         if contenders is None:
             return self._choices.get(key)
-        started = time.perf_counter()
-        chosen = self._measure(key, contenders, run, timer, label, warmup=2, fallback=None)
+        del self._choices[key]
+        chosen = self.choose(key, contenders, run, timer=timer, warmup=2, label=label)
+        if key not in self._choices:  # every contender failed this time: the first choice stays
+            self._choices[key] = contenders[0]
+            return contenders[0]
+        self.measured -= 1  # counted as a recheck, not as another key
         self.rechecked += 1
-        self.spent_ms += (time.perf_counter() - started) * 1e3
         log.debug("%s: rechecked %s -> %s", label or "measure", key, chosen)
         return chosen
 
@@ -392,55 +395,9 @@ class MeasuredChoices:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return fallback
         started = time.perf_counter()
-        chosen = self._measure(
-            key,
-            candidates,
-            run,
-            timer,
-            label,
-            warmup=warmup,
-            fallback=fallback,
-            min_rounds=min_rounds,
-            max_rounds=max_rounds,
-            budget_ms=budget_ms,
-            sample_ms=sample_ms,
-            max_inner=max_inner,
-            prune=prune,
-            tie=tie,
-            tie_rounds=tie_rounds,
-            recheck_within=recheck_within,
-        )
-        if key in self._choices:
-            self.measured += 1
-            self.spent_ms += (time.perf_counter() - started) * 1e3
-        return chosen
-
-    def _measure(
-        self,
-        key: Hashable,
-        candidates: Sequence[C],
-        run: Callable[[C], Any],
-        timer: Callable[[Callable[[], Any], int], float],
-        label: str,
-        *,
-        warmup: int,
-        fallback: Any,
-        min_rounds: int = 3,
-        max_rounds: int = 12,
-        budget_ms: float = 25.0,
-        sample_ms: float = 1.0,
-        max_inner: int = 32,
-        prune: float = 2.0,
-        tie: float = 0.05,
-        tie_rounds: int = 8,
-        recheck_within: float | None = None,
-    ) -> C:
-        """Steps 1-4 of :meth:`choose`; the choice is cached (and returned) unless every
-        candidate failed (then ``fallback``, or the first candidate)."""
-        started = time.perf_counter()  # for the log line
         first = _screen(candidates, run, timer, warmup, prune, label)
         if not first:
-            return candidates[0] if fallback is None else fallback
+            return fallback
         lead = min(first.values())
         survivors = [i for i in first if first[i] <= prune * lead]
         inner = {
@@ -484,6 +441,8 @@ class MeasuredChoices:
                 )
         chosen = candidates[best]
         elapsed_ms = (time.perf_counter() - started) * 1e3
+        self.measured += 1
+        self.spent_ms += elapsed_ms
         log.debug("%s: measured %s -> %s in %.1f ms", label or "measure", key, chosen, elapsed_ms)
         self._choices[key] = chosen
         self._seen[key] = 0  # a provisional choice's recheck counts the calls from here
