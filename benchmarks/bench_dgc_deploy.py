@@ -271,12 +271,28 @@ def network_models(args: argparse.Namespace) -> tuple[dict[str, nn.Module], Tens
     return models, images
 
 
-def onnx_session(model: nn.Module, x: Tensor, folder: Path, name: str) -> Callable[[], object]:
-    """Export at ``x``'s static shape, load in onnxruntime (one thread), check against eager."""
+def onnx_session(
+    model: nn.Module, x: Tensor, folder: Path, name: str, nchwc: int = 0
+) -> Callable[[], object]:
+    """Export at ``x``'s static shape, load in onnxruntime (one thread), check against eager.
+    ``nchwc``: a block size: export under :class:`~dynaconv.layers.dgc.deployed.nchwc_export`
+    and run the file :func:`~dynaconv.onnxruntime_nchwc.write_nchwc` writes (what
+    ``dynaconv export --batch 1 --onnxruntime-nchwc`` writes)."""
     import onnxruntime
 
     path = folder / f"{name.replace(' ', '_')}.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False, verbose=False)
+    if nchwc:
+        from dynaconv.layers.dgc.deployed import nchwc_export
+        from dynaconv.onnxruntime_nchwc import write_nchwc
+
+        plain = folder / f"{name.replace(' ', '_')}.plain.onnx"
+        with nchwc_export(nchwc):
+            torch.onnx.export(
+                model, (x,), str(plain), dynamo=True, external_data=False, verbose=False
+            )
+        write_nchwc(plain, path, nchwc)
+    else:
+        torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False, verbose=False)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -306,6 +322,10 @@ def network_rows(args: argparse.Namespace) -> tuple[list[list[str]], list[dict]]
                 for name in ("torchvision ResNet-18", "deployed", "dense twin", "limit proxy"):
                     fns[f"{name} ORT"] = onnx_session(models[name], x, Path(folder), name)
                 fns["torchvision ResNet-18 ORT again"] = fns["torchvision ResNet-18 ORT"]
+                if args.nchwc and batch == 1:
+                    fns["deployed (nchwc) ORT"] = onnx_session(
+                        models["deployed"], x, Path(folder), "deployed nchwc", args.nchwc
+                    )
             ms = measure(args, fns)
         records.append({"batch": batch, "ms": ms})
         base = ms["torchvision ResNet-18"]
@@ -324,6 +344,7 @@ def network_rows(args: argparse.Namespace) -> tuple[list[list[str]], list[dict]]
                 "torchvision ResNet-18",
                 "torchvision ResNet-18 ORT again",
                 "deployed",
+                *(["deployed (nchwc)"] if "deployed (nchwc) ORT" in ms else []),
                 "dense twin",
                 "limit proxy",
             ):
@@ -383,6 +404,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[1],
         help="batches also timed in onnxruntime (1: the issue's bar)",
     )
+    parser.add_argument(
+        "--onnxruntime-nchwc",
+        dest="nchwc",
+        action="store_true",
+        help="also time the deployed network at batch 1 as `dynaconv export --batch 1 "
+        "--onnxruntime-nchwc` writes it (onnxruntime's blocked convs; x86 only)",
+    )
     parser.add_argument("--reps", type=positive_int, default=None)
     parser.add_argument("--warmup", type=positive_int, default=None)
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (1)")
@@ -398,6 +426,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.image_size = args.image_size or (64 if args.quick else 128)
     args.reps = args.reps or (3 if args.quick else 9)
     args.warmup = args.warmup or (1 if args.quick else 2)
+    if args.nchwc:
+        from dynaconv.onnxruntime_nchwc import nchwc_block_size
+
+        args.nchwc = nchwc_block_size()
+        if not args.nchwc:
+            parser.error("--onnxruntime-nchwc: onnxruntime has no NCHWc kernels on this CPU")
     if args.clock == "thread" and args.threads != 1:
         parser.error("--clock thread measures one thread: use it with --threads 1")
     return args
