@@ -38,11 +38,15 @@ in eager PyTorch and in onnxruntime (one intra-op thread; at ``--onnx-batches``,
 default: the issue's bar): each model exported with ``torch.onnx.export(dynamo=True)`` at a
 static batch (the batch it is timed at), its onnxruntime output checked against eager before
 it is timed. Bars (DGC issue): deployed ÷ torchvision ResNet-18 eager <= 0.80 at batch 1 and
-<= 1.00 at batch 16; onnxruntime at batch 1, deployed ÷ dense <= 1.0.
+<= 1.00 at batch 16; onnxruntime at batch 1, deployed ÷ dense <= 1.0. With
+``--onnxruntime-nchwc`` a ``deployed (nchwc)`` row adds the batch-1 file that ``dynaconv export
+--batch 1 --onnxruntime-nchwc`` writes (its gathered grouped convs on onnxruntime's blocked
+kernels: x86 only, this machine's block size).
 
     python benchmarks/bench_dgc_deploy.py                    # every table (3-4 minutes, 2 cores)
     python benchmarks/bench_dgc_deploy.py --tables layers    # single layers only
     python benchmarks/bench_dgc_deploy.py --quick            # smoke run, numbers mean nothing
+    python benchmarks/bench_dgc_deploy.py --tables network --runtimes onnx --onnxruntime-nchwc
 """
 
 from __future__ import annotations
