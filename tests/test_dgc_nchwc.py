@@ -265,3 +265,17 @@ def test_cli_export_rewrites_a_dgc_network_exported_under_nchwc_export(tmp_path)
     assert "ConvTranspose" in {node.op_type for node in onnx.load(str(portable)).graph.node}
     plain = nn.Sequential(nn.Conv2d(32, 16, 3)).eval()
     assert _nchwc_source(plain, x, portable, 18, None) == portable
+
+
+def test_nchwc_export_leaves_a_dynamic_batch_export_as_it_was():
+    """Under ``nchwc_export`` a dynamic-batch export runs the batch-independent masked form
+    (the padded form is for a static batch of 1) and equals eager."""
+    network = _network()
+    deployed = dynaconv.deploy(network)
+    batch = torch.export.Dim("batch", min=1, max=8)
+    x = torch.randn(2, 32, 16, 16)
+    with nchwc_export(16):
+        program = torch.export.export(deployed, (x,), dynamic_shapes=({0: batch},))
+    check = torch.randn(3, 32, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(check), network(check), rtol=1e-5, atol=1e-5)

@@ -167,7 +167,9 @@ class nchwc_export:
 def _blocked_width(x: Tensor, spec: ConvSpec, heads: int, kept: int) -> int | None:
     """The block of :class:`nchwc_export` where it applies to this call, else None."""
     block = getattr(_NCHWC_EXPORT, "block", None)
-    if block is None or not tracing() or x.shape[0] != 1 or spec.kernel_size == (1, 1):
+    if block is None or not tracing() or spec.kernel_size == (1, 1):
+        return None
+    if not (isinstance(x.shape[0], int) and x.shape[0] == 1):  # a static batch of 1 only
         return None
     if (spec.out_channels // heads) % block:
         return None
