@@ -38,11 +38,15 @@ in eager PyTorch and in onnxruntime (one intra-op thread; at ``--onnx-batches``,
 default: the issue's bar): each model exported with ``torch.onnx.export(dynamo=True)`` at a
 static batch (the batch it is timed at), its onnxruntime output checked against eager before
 it is timed. Bars (DGC issue): deployed ÷ torchvision ResNet-18 eager <= 0.80 at batch 1 and
-<= 1.00 at batch 16; onnxruntime at batch 1, deployed ÷ dense <= 1.0.
+<= 1.00 at batch 16; onnxruntime at batch 1, deployed ÷ dense <= 1.0. With
+``--onnxruntime-nchwc`` a ``deployed (nchwc)`` row adds the batch-1 file that ``dynaconv export
+--batch 1 --onnxruntime-nchwc`` writes (its gathered grouped convs on onnxruntime's blocked
+kernels: x86 only, this machine's block size).
 
     python benchmarks/bench_dgc_deploy.py                    # every table (3-4 minutes, 2 cores)
     python benchmarks/bench_dgc_deploy.py --tables layers    # single layers only
     python benchmarks/bench_dgc_deploy.py --quick            # smoke run, numbers mean nothing
+    python benchmarks/bench_dgc_deploy.py --tables network --runtimes onnx --onnxruntime-nchwc
 """
 
 from __future__ import annotations
@@ -271,12 +275,28 @@ def network_models(args: argparse.Namespace) -> tuple[dict[str, nn.Module], Tens
     return models, images
 
 
-def onnx_session(model: nn.Module, x: Tensor, folder: Path, name: str) -> Callable[[], object]:
-    """Export at ``x``'s static shape, load in onnxruntime (one thread), check against eager."""
+def onnx_session(
+    model: nn.Module, x: Tensor, folder: Path, name: str, nchwc: int = 0
+) -> Callable[[], object]:
+    """Export at ``x``'s static shape, load in onnxruntime (one thread), check against eager.
+    ``nchwc``: a block size: export under :class:`~dynaconv.layers.dgc.deployed.nchwc_export`
+    and run the file :func:`~dynaconv.onnxruntime_nchwc.write_nchwc` writes (what
+    ``dynaconv export --batch 1 --onnxruntime-nchwc`` writes)."""
     import onnxruntime
 
     path = folder / f"{name.replace(' ', '_')}.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False, verbose=False)
+    if nchwc:
+        from dynaconv.layers.dgc.deployed import nchwc_export
+        from dynaconv.onnxruntime_nchwc import write_nchwc
+
+        plain = folder / f"{name.replace(' ', '_')}.plain.onnx"
+        with nchwc_export(nchwc):
+            torch.onnx.export(
+                model, (x,), str(plain), dynamo=True, external_data=False, verbose=False
+            )
+        write_nchwc(plain, path, nchwc)
+    else:
+        torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False, verbose=False)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -306,6 +326,10 @@ def network_rows(args: argparse.Namespace) -> tuple[list[list[str]], list[dict]]
                 for name in ("torchvision ResNet-18", "deployed", "dense twin", "limit proxy"):
                     fns[f"{name} ORT"] = onnx_session(models[name], x, Path(folder), name)
                 fns["torchvision ResNet-18 ORT again"] = fns["torchvision ResNet-18 ORT"]
+                if args.nchwc and batch == 1:
+                    fns["deployed (nchwc) ORT"] = onnx_session(
+                        models["deployed"], x, Path(folder), "deployed nchwc", args.nchwc
+                    )
             ms = measure(args, fns)
         records.append({"batch": batch, "ms": ms})
         base = ms["torchvision ResNet-18"]
@@ -324,6 +348,7 @@ def network_rows(args: argparse.Namespace) -> tuple[list[list[str]], list[dict]]
                 "torchvision ResNet-18",
                 "torchvision ResNet-18 ORT again",
                 "deployed",
+                *(["deployed (nchwc)"] if "deployed (nchwc) ORT" in ms else []),
                 "dense twin",
                 "limit proxy",
             ):
@@ -383,6 +408,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[1],
         help="batches also timed in onnxruntime (1: the issue's bar)",
     )
+    parser.add_argument(
+        "--onnxruntime-nchwc",
+        dest="nchwc",
+        action="store_true",
+        help="also time the deployed network at batch 1 as `dynaconv export --batch 1 "
+        "--onnxruntime-nchwc` writes it (onnxruntime's blocked convs; x86 only)",
+    )
     parser.add_argument("--reps", type=positive_int, default=None)
     parser.add_argument("--warmup", type=positive_int, default=None)
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (1)")
@@ -398,6 +430,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.image_size = args.image_size or (64 if args.quick else 128)
     args.reps = args.reps or (3 if args.quick else 9)
     args.warmup = args.warmup or (1 if args.quick else 2)
+    if args.nchwc:
+        from dynaconv.onnxruntime_nchwc import nchwc_block_size
+
+        args.nchwc = nchwc_block_size()
+        if not args.nchwc:
+            parser.error("--onnxruntime-nchwc: onnxruntime has no NCHWc kernels on this CPU")
     if args.clock == "thread" and args.threads != 1:
         parser.error("--clock thread measures one thread: use it with --threads 1")
     return args

@@ -16,8 +16,13 @@ blocked ``Conv`` -> ``ReorderOutput``, with the computed kernel reordered in the
 * ``groups == 1``: kernel ``(Cout, Cin, kh, kw)`` to ``(Cout/b, Cin/b, kh, kw, b_in, b_out)``
   (``OIHWBiBo``);
 
-both stored back in the kernel's shape; the channel counts must be multiples of the block
-size ``b`` (other convs are left as they are). onnxruntime does not carry its own blocked
+* grouped, where the kernel is computed as ``Reshape(Transpose(source))`` (deployed DGC at a
+  static batch of 1, exported under :class:`~dynaconv.layers.dgc.deployed.nchwc_export`):
+  ``OIHWBiBo`` per group, the reorder composed with that ``Transpose`` into one (or none
+  when ``source`` is already blocked);
+
+all stored back in the kernel's shape; the channel counts (per group) must be multiples of
+the block size ``b`` (other convs are left as they are). onnxruntime does not carry its own blocked
 layout through these nodes, so by default (``chain=True``) the tensors between rewritten convs
 stay blocked: activations, residual additions and squeeze-excite's mean and scale run on the
 blocked tensors, and a ``ReorderInput`` or ``ReorderOutput`` remains only where a plain operator
@@ -85,8 +90,9 @@ def _check_block(block: Any) -> int:
 
 def rewrite_computed_convs(model: Any, block: int, *, chain: bool = True) -> tuple[Any, int]:
     """``(rewritten model, number of convs rewritten)``: every ``Conv`` of ``model`` (an
-    ``onnx.ModelProto``, not modified) whose kernel is not a constant, depthwise or with
-    ``groups == 1``, and whose channel counts are multiples of ``block``, runs onnxruntime's
+    ``onnx.ModelProto``, not modified) whose kernel is not a constant, depthwise, with
+    ``groups == 1`` or grouped with a kernel that is a transposed tensor (module docstring),
+    and whose channel counts are multiples of ``block``, runs onnxruntime's
     blocked conv (module docstring). ``block``: :func:`nchwc_block_size` of the target
     machine (``ValueError`` unless a positive int). ``chain``: keep tensors in the blocked
     layout between the rewritten convs (:func:`_chain_blocked`); False leaves every rewritten
@@ -117,7 +123,12 @@ def rewrite_computed_convs(model: Any, block: int, *, chain: bool = True) -> tup
     initializers = {init.name: init for init in graph.initializer}
     for node in graph.node:
         layout = _blocked_layout(node, constants, shapes, block)
-        if layout is None:
+        folded = None
+        if layout is not None:
+            folded = _folded_transpose(node.input[1], *layout[:2], producers, consumers, shapes)
+        if layout is None or (len(layout[1]) == 7 and folded is None):
+            # grouped convs (not depthwise) only where the kernel is a transpose already (DGC
+            # exported under nchwc_export): others are not measured
             nodes.append(node)
             continue
         count += 1
@@ -144,6 +155,18 @@ def rewrite_computed_convs(model: Any, block: int, *, chain: bool = True) -> tup
                     numpy_helper.from_array(np.ascontiguousarray(bank), prefix + "bank")
                 )
                 product.input[1] = prefix + "bank"
+        elif folded is not None:  # the kernel is a transpose already: compose the two
+            source, composed = folded
+            graph.initializer.append(
+                numpy_helper.from_array(np.array(kernel_shape, np.int64), prefix + "shape")
+            )
+            weight = prefix + "w"
+            if composed != sorted(composed):  # else the source is in the blocked layout
+                nodes.append(
+                    helper.make_node("Transpose", [source], [prefix + "w2"], perm=composed)
+                )
+                source = prefix + "w2"
+            nodes.append(helper.make_node("Reshape", [source, prefix + "shape"], [weight]))
         else:  # reorder the computed kernel in the graph
             graph.initializer.extend(
                 [
@@ -328,7 +351,36 @@ def _blocked_layout(
     if groups == 1 and cin_per_group % block == 0:  # OIHWBiBo
         split = [cout // block, block, cin_per_group // block, block, kh, kw]
         return split, [0, 2, 4, 5, 3, 1], shape
+    if cin_per_group % block == 0 and (cout // groups) % block == 0:  # OIHWBiBo per group
+        split = [groups, cout // groups // block, block, cin_per_group // block, block, kh, kw]
+        return split, [0, 1, 3, 5, 6, 4, 2], shape
     return None
+
+
+def _folded_transpose(
+    kernel: str,
+    split: list[int],
+    perm: list[int],
+    producers: dict[str, Any],
+    consumers: dict[str, int],
+    shapes: dict[str, list[int | None]],
+) -> tuple[str, list[int]] | None:
+    """``(source, permutation)`` when the kernel ``kernel`` is ``Reshape(Transpose(source))``
+    (each output read once) and the ``Transpose``'s result has the shape ``split``: then the
+    blocked kernel is one ``Transpose`` of ``source`` (the two permutations composed) instead
+    of a second reordering copy. Else None."""
+    reshape = producers.get(kernel)
+    if reshape is None or reshape.op_type != "Reshape" or consumers.get(kernel, 0) != 1:
+        return None
+    transpose = producers.get(reshape.input[0])
+    if transpose is None or transpose.op_type != "Transpose":
+        return None
+    if consumers.get(reshape.input[0], 0) != 1 or shapes.get(reshape.input[0]) != split:
+        return None
+    inner = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+    if inner is None or len(inner) != len(perm):
+        return None
+    return transpose.input[0], [inner[axis] for axis in perm]
 
 
 def write_nchwc(

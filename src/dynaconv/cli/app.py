@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--onnxruntime-nchwc",
         action="store_true",
-        help="also write model.nchwc.onnx: convs with computed kernels (CondConv with --batch) "
+        help="also write model.nchwc.onnx: convs with computed kernels (CondConv with --batch, "
+        "deployed DGC with --batch 1) "
         "on onnxruntime's blocked kernels; for onnxruntime on x86 CPUs like this one only",
     )
     export.add_argument(

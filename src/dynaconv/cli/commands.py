@@ -405,8 +405,10 @@ def export_checkpoint(
     ``N``.
 
     ``nchwc=True`` (ONNX only): also ``model.nchwc.onnx``, ``model.onnx`` with every conv
-    whose kernel is computed (CondConv exported for a fixed batch) on onnxruntime's blocked
-    kernels (:mod:`dynaconv.onnxruntime_nchwc`): for onnxruntime on x86 processors with this
+    whose kernel is computed (CondConv exported for a fixed batch; deployed DGC at a static
+    batch of 1, exported again with each head's kept channels padded to whole blocks:
+    :class:`~dynaconv.layers.dgc.deployed.nchwc_export`) on onnxruntime's blocked kernels
+    (:mod:`dynaconv.onnxruntime_nchwc`): for onnxruntime on x86 processors with this
     machine's block size only; checked in onnxruntime like ``model.onnx``.
 
     ``format="pte"``: ``model.pte`` (an ExecuTorch program, convolutions and matrix products
@@ -461,7 +463,10 @@ def export_checkpoint(
             from ..onnxruntime_nchwc import write_nchwc
 
             staged_files.append(staging / NCHWC_FILE)
-            nchwc_convs = write_nchwc(model_path, staged_files[-1])
+            nchwc_convs = write_nchwc(
+                _nchwc_source(model, example, model_path, opset, dynamic_shapes),
+                staged_files[-1],
+            )
             nchwc_error = verify_outputs(
                 expected, torch.from_numpy(_run_onnx(staged_files[-1], check)), NCHWC_FILE
             )
@@ -523,6 +528,27 @@ def _export_pt2(
     torch.export.save(program, str(path))
     with torch.no_grad():  # the file just written
         return verify_outputs(expected, torch.export.load(str(path)).module()(check), "model.pt2")
+
+
+def _nchwc_source(
+    model: nn.Module, example: Tensor, portable: Path, opset: int, dynamic_shapes: Any
+) -> Path:
+    """The ONNX file ``--onnxruntime-nchwc`` rewrites: ``portable`` (``model.onnx``), or, for
+    a model with deployed DGC layers, a second export next to it under
+    :class:`~dynaconv.layers.dgc.deployed.nchwc_export` (at a static batch of 1 their grouped
+    convs gather whole blocks of channels, which the blocked convs then run)."""
+    from ..layers.dgc.deployed import SparseDynamicGroupConv2d, nchwc_export
+    from ..onnxruntime_nchwc import nchwc_block_size
+
+    if not any(isinstance(m, SparseDynamicGroupConv2d) for m in model.modules()):
+        return portable
+    block = nchwc_block_size()
+    if block == 0:  # write_nchwc says why
+        return portable
+    path = portable.with_name("model.nchwc-source.onnx")
+    with nchwc_export(block):
+        _export_onnx(model, example, path, opset, dynamic_shapes)
+    return path
 
 
 def _export_onnx(

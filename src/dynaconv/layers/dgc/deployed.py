@@ -36,11 +36,13 @@ from .._base import (
 from .functional import (
     SALIENCY_MODES,
     SaliencyMode,
+    block_rows,
     dense_masked_conv,
     gate_from_kept,
     gather_width,
     gathered_conv,
     grouped_gathered_conv,
+    head_blocked_conv,
     head_gemm_single,
     head_grouped_conv,
     head_kernels,
@@ -54,7 +56,9 @@ from .functional import (
 from .kernels import sparse_conv_triton
 
 __all__ = [
+    "NCHWC_GATHER_MIN_POSITIONS",
     "SparseDynamicGroupConv2d",
+    "nchwc_export",
     "padded_width",
     "run_inference_form",
     "traced_inference_form",
@@ -106,6 +110,11 @@ def run_inference_form(
         return sparse_conv_triton(x, layout("triton"), g, inactive, spec, heads)
     if form in ("head_grouped", "batch_grouped"):
         kept = spec.in_channels - inactive
+        block = _blocked_width(x, spec, heads, kept) if form == "head_grouped" else None
+        if block is not None:  # nchwc_export: padded groups, kernel in one transpose
+            index, scale = select_kept(g, inactive, gather_width(kept, spec.in_channels, block))
+            rows = block_rows(weight, heads, block)
+            return head_blocked_conv(x, rows, index, scale, spec, heads)
         # Traced graphs gather the kept channels only: in onnxruntime the padded groups did
         # not pay (DyResNet-18 at batch 1: 1.07x of the dense twin against 1.04x).
         index, scale = select_kept(g, inactive, kept if tracing() else padded_width(spec, kept))
@@ -127,6 +136,46 @@ def run_inference_form(
         gated = gate_from_kept(g, index, scale)
         return dense_masked_conv(x, weight, gated, spec, heads, layout("head_kernels"))
     return gathered_conv(x, weight, index, scale, spec, heads)
+
+
+_NCHWC_EXPORT = threading.local()
+
+
+class nchwc_export:
+    """Within ``with nchwc_export(block):``, traced batch-1 ``"head_grouped"`` layers with
+    kernels larger than 1x1 export for onnxruntime's blocked convolutions
+    (:mod:`dynaconv.onnxruntime_nchwc`, ``export --onnxruntime-nchwc``): each head's kept
+    channels padded to a multiple of ``block`` with channels of scale 0 (exact zeros) and the
+    kernel gathered from :func:`~dynaconv.layers.dgc.functional.block_rows`
+    (:func:`~dynaconv.layers.dgc.functional.head_blocked_conv`), where ``Cout/h`` is a
+    multiple of ``block`` and the padded width fits in ``Cin`` (else the portable form). The
+    graph stays a plain, correct ONNX graph; the padding only pays once its grouped
+    convolution runs blocked. ``block``: a positive int (``ValueError`` otherwise)."""
+
+    def __init__(self, block: int) -> None:
+        self.block = check_int(block, "block")
+
+    def __enter__(self) -> nchwc_export:
+        self._previous = getattr(_NCHWC_EXPORT, "block", None)
+        _NCHWC_EXPORT.block = self.block
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _NCHWC_EXPORT.block = self._previous
+
+
+def _blocked_width(x: Tensor, spec: ConvSpec, heads: int, kept: int) -> int | None:
+    """The block of :class:`nchwc_export` where it applies to this call, else None."""
+    block = getattr(_NCHWC_EXPORT, "block", None)
+    if block is None or not tracing() or spec.kernel_size == (1, 1):
+        return None
+    if not (isinstance(x.shape[0], int) and x.shape[0] == 1):  # a static batch of 1 only
+        return None
+    if (spec.out_channels // heads) % block:
+        return None
+    if gather_width(kept, spec.in_channels, block) % block:
+        return None
+    return block
 
 
 #: Output positions up to which the batch-1 form runs as one batched matrix product
@@ -163,8 +212,15 @@ def padded_width(spec: ConvSpec, kept: int) -> int:
 #: (masked 1.35x), 1.41x / 3.42x at 8x8 / 4x4 (masked 1.26x / 1.35x).
 TRACED_GATHER_MIN_POSITIONS = {"transposed": 64, "plain": 256}
 
+#: :data:`TRACED_GATHER_MIN_POSITIONS` for layers exported under :class:`nchwc_export` (their
+#: gathered conv runs blocked): DyResNet-18's 256->512 stride-2 layer (8x8 output) measured
+#: 0.29 ms gathered against 0.47 ms masked in onnxruntime; on 4x4 outputs the gather and
+#: reorder of the kept kernels cost more than the masked conv (1.45 against 1.30 ms)
+#: (``benchmarks/NOTES.md``).
+NCHWC_GATHER_MIN_POSITIONS = {"transposed": 64, "plain": 64}
 
-def traced_inference_form(x: Tensor, spec: ConvSpec) -> str:
+
+def traced_inference_form(x: Tensor, spec: ConvSpec, blocked: bool = False) -> str:
     """The form a traced, compiled or exported inference graph runs for ``impl="auto"``.
 
     A static batch of 1: ``"head_grouped"`` (a Gather of the kept kernel rows and one
@@ -172,7 +228,8 @@ def traced_inference_form(x: Tensor, spec: ConvSpec) -> str:
     :data:`TRACED_GATHER_MIN_POSITIONS` positions or the kernel is 1x1, else ``"masked"``
     (constant weights, which onnxruntime pre-packs: faster where gathering the kept kernels
     costs more than the MACs it saves). Other batches, a dynamic one included:
-    ``"masked"`` (batch-independent plain ops).
+    ``"masked"`` (batch-independent plain ops). ``blocked``: the layer exports for
+    onnxruntime's blocked convs (:class:`nchwc_export`): :data:`NCHWC_GATHER_MIN_POSITIONS`.
     """
     batch, height, width = x.shape[0], x.shape[2], x.shape[3]
     if not (isinstance(batch, int) and batch == 1):
@@ -181,9 +238,8 @@ def traced_inference_form(x: Tensor, spec: ConvSpec) -> str:
         return "head_grouped"
     out_height, out_width = spec.output_size(height, width)
     kind = "transposed" if runs_transposed(spec) else "plain"
-    return (
-        "head_grouped" if out_height * out_width >= TRACED_GATHER_MIN_POSITIONS[kind] else "masked"
-    )
+    limits = NCHWC_GATHER_MIN_POSITIONS if blocked else TRACED_GATHER_MIN_POSITIONS
+    return "head_grouped" if out_height * out_width >= limits[kind] else "masked"
 
 
 def _inactive(module: SparseDynamicGroupConv2d) -> int:
@@ -271,7 +327,9 @@ FORMS = Forms(
         "triton": Form(_run("triton"), triton=True, batch_dependent=True, traceable=False),
     },
     rule=_rule,
-    export=lambda module, x: traced_inference_form(x, module.spec),
+    export=lambda module, x: traced_inference_form(
+        x, module.spec, _blocked_width(x, module.spec, module.heads, module.kept) is not None
+    ),
     # the map size too: which forms are candidates depends on it
     key=lambda module, x, *args: (
         module.spec,

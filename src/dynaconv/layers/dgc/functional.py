@@ -23,12 +23,14 @@ if TYPE_CHECKING:
 __all__ = [
     "SALIENCY_MODES",
     "SaliencyMode",
+    "block_rows",
     "dense_masked_conv",
     "gate_dense",
     "gate_from_kept",
     "gather_width",
     "gathered_conv",
     "grouped_gathered_conv",
+    "head_blocked_conv",
     "head_gemm_single",
     "head_grouped_conv",
     "head_kernels",
@@ -425,6 +427,48 @@ def head_grouped_conv(
         members_of.append(members)
     order = torch.cat(members_of).argsort()
     return interleave(torch.cat(parts).index_select(0, order), heads)
+
+
+def block_rows(weight: Tensor, heads: int, block: int) -> Tensor:
+    """``weight`` ``(Cout, Cin, kh, kw)`` as rows ``(h*Cin, Cout/h/block, kh, kw, block)``,
+    contiguous: row ``i*Cin + c`` holds input channel ``c`` of head ``i`` (not flipped), its
+    head's output channels (``j*h + i``) split into blocks of ``block``, the block innermost
+    (:func:`head_blocked_conv`)."""
+    cout, cin, kh, kw = weight.shape
+    per_head = weight.reshape(cout // heads // block, block, heads, cin, kh, kw)
+    return per_head.permute(2, 3, 0, 4, 5, 1).reshape(heads * cin, -1, kh, kw, block).contiguous()
+
+
+def head_blocked_conv(
+    x: Tensor, rows: Tensor, index: Tensor, scale: Tensor, spec: ConvSpec, heads: int
+) -> Tensor:
+    """``"head_grouped"`` at batch 1 as one ``h``-group convolution whose kernel is computed by
+    one permutation of the gathered rows of :func:`block_rows` (``rows``). Exported, that
+    permutation composed with the reorder into onnxruntime's blocked ``OIHWBiBo`` layout is
+    one ``Transpose`` that writes the blocked kernel
+    (:func:`dynaconv.onnxruntime_nchwc.rewrite_computed_convs`): a row gather and one
+    reordering copy. ``index``/``scale`` ``(1, h, W)`` with ``W`` and ``Cout/h`` multiples of
+    the rows' block. Same numbers as :func:`head_grouped_conv`.
+
+    (Gathering the blocked kernel directly, as rows of ``block`` values from a
+    ``(h, Cout/h/b, Cin, kh*kw, b)`` bank, needs no reordering copy but measured 2-3x slower
+    in onnxruntime: its ``Gather`` pays per index, ``benchmarks/NOTES.md``.)"""
+    x, padding, stride = _strided_input(x, spec)
+    cin, height, width = x.shape[1:]
+    keep = index.shape[-1]
+    _, out_blocks, kh, kw, block = rows.shape
+    selected = (index[0] + torch.arange(heads, device=x.device).reshape(heads, 1) * cin).reshape(-1)
+    picked = x[0].index_select(0, index[0].reshape(-1))
+    kernels = rows.index_select(0, selected)  # (h*W, Cout/h/b, kh, kw, b)
+    if height * width <= kernels[0].numel():
+        picked = picked * scale[0].reshape(-1, 1, 1).to(picked.dtype)
+    else:
+        kernels = kernels * scale[0].reshape(-1, 1, 1, 1, 1).to(kernels.dtype)
+    # (h, W/b, b_in, Cout/h/b, kh, kw, b_out) -> (h, Cout/h/b, b_out, W/b, b_in, kh, kw)
+    kernels = kernels.reshape(heads, keep // block, block, out_blocks, kh, kw, block)
+    kernels = kernels.permute(0, 3, 6, 1, 2, 4, 5).reshape(-1, keep, kh, kw)
+    out = F.conv2d(picked.unsqueeze(0), kernels, None, stride, padding, spec.dilation, heads)
+    return interleave(out, heads)
 
 
 def tap_rows(weight: Tensor, heads: int) -> Tensor:
