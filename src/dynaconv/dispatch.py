@@ -351,7 +351,7 @@ class MeasuredChoices:
         sample_ms: float = 1.0,
         max_inner: int = 32,
         prune: float = 2.0,
-        tie: float = 0.05,
+        tie: float = 0.15,
         tie_rounds: int = 8,
         recheck_within: float | None = None,
         label: str = "",
@@ -371,7 +371,7 @@ class MeasuredChoices:
            survivor has run ``budget_ms`` in all and ``min_rounds`` rounds are done (at most
            ``max_rounds``), dropping after each round the forms whose median is over
            ``prune`` times the lowest.
-        3. *Near ties.* When the two lowest medians are within ``tie`` (5%), those two are
+        3. *Near ties.* When the two lowest medians are within ``tie`` (15%), those two are
            sampled again, alternately, for up to ``tie_rounds`` more rounds (at least two,
            until each has run another ``budget_ms``), and the one faster in the median of
            their per-round ratios (all rounds; the ratio cancels load that drifts between
