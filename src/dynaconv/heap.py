@@ -5,9 +5,9 @@ PyTorch's CPU tensors come from ``malloc``. glibc serves a block over its *mmap 
 the system, and returns the heap's top to the system once more than its *trim threshold* is
 free there. A forward that allocates and frees multi-megabyte activations, workspaces or
 gathered kernels can then take page faults, and have the kernel zero the pages, on many
-calls (how often varies between processes, with where the heap and the mappings lie):
-on one CPU thread that cost 10% of torchvision's ResNet-18 at batch 16 (128 px) and up to
-2-3x of some of the layers' large-batch forms (``benchmarks/NOTES.md``).
+calls (how often varies between processes, with where the heap and the mappings lie; in
+one pair of runs, one thread, torchvision's ResNet-18 at batch 16 took 10% longer with the
+defaults: README, ``benchmarks/NOTES.md``).
 
 :func:`retain_freed_memory` fixes both thresholds (``mallopt``), so blocks up to
 ``mmap_threshold`` come from the heap and freed memory stays there for the next call. The
