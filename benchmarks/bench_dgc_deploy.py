@@ -82,7 +82,7 @@ from harness import measure_interleaved
 CPU = torch.device("cpu")
 HEADS = 4
 LAYER_SHAPES = ((64, 32), (128, 16), (256, 8), (512, 4))
-FORMS = ("head_grouped", "batch_grouped", "masked", "bmm")
+FORMS = ("head_grouped", "batch_grouped", "masked", "bmm", "cpu_kernel")
 
 
 def measure_cpu_time(

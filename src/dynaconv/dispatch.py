@@ -98,6 +98,7 @@ IMPLS: dict[str, str] = {
     "head_grouped": "one head-grouped conv per set of examples keeping the same channels",
     "expert_sum": "one convolution with all experts' kernels, then the weighted sum",
     "taps": "per-example mixed kernels applied one kernel tap at a time",
+    "cpu_kernel": "a compiled C++ CPU kernel (built at first use) reading the kept rows in place",
 }
 
 #: Older spellings, accepted wherever their canonical name is.

@@ -53,6 +53,7 @@ from .functional import (
     tap_rows,
     triton_kernel_layout,
 )
+from . import cpu
 from .kernels import sparse_conv_triton
 
 __all__ = [
@@ -65,13 +66,16 @@ __all__ = [
 ]
 
 #: The weight layouts the forms read (:func:`weight_layout`).
-Layout = Literal["rows", "tap_rows", "head_kernels", "triton"]
+Layout = Literal["rows", "tap_rows", "head_kernels", "triton", "cpu_kernel"]
 
 
 def weight_layout(weight: Tensor, heads: int, spec: ConvSpec, layout: Layout) -> Tensor:
     """``weight`` ``(Cout, Cin, kh, kw)`` laid out for a form: ``"rows"``
     (:func:`~dynaconv.layers.dgc.functional.kernel_rows`: ``"head_grouped"``, ``"batch_grouped"``),
-    ``"head_kernels"`` (head-major, contiguous: ``"masked"``) or ``"triton"``."""
+    ``"head_kernels"`` (head-major, contiguous: ``"masked"``), ``"triton"`` or ``"cpu_kernel"``
+    (:func:`~dynaconv.layers.dgc.cpu.kernel_layout`)."""
+    if layout == "cpu_kernel":
+        return cpu.kernel_layout(weight, heads)
     if layout == "rows":
         return kernel_rows(weight, heads, spec)
     if layout == "tap_rows":
@@ -91,8 +95,10 @@ def run_inference_form(
     heads: int,
     layout: Callable[[Layout], Tensor] | None = None,
     workspace: Callable[[tuple[int, ...], Tensor], Tensor] | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """One exact inference form of the gated convolution (no bias), ``form`` canonical.
+    """One exact inference form of the gated convolution, ``form`` canonical; ``bias`` is
+    added by the forms of :data:`ADDS_BIAS` only (the caller adds it after the others).
 
     ``g`` ``(B, h, Cin)`` the saliencies, ``inactive`` = ``k_off``; ``layout(name)`` returns
     :func:`weight_layout` of ``weight`` (a deployed module caches them; by default they are
@@ -108,6 +114,9 @@ def run_inference_form(
 
     if form == "triton":
         return sparse_conv_triton(x, layout("triton"), g, inactive, spec, heads)
+    if form == "cpu_kernel":
+        index, scale = select_kept(g, inactive)
+        return cpu.gathered_conv_cpu(x, layout("cpu_kernel"), index, scale, spec, heads, bias)
     if form in ("head_grouped", "batch_grouped"):
         kept = spec.in_channels - inactive
         block = _blocked_width(x, spec, heads, kept) if form == "head_grouped" else None
@@ -258,20 +267,44 @@ def _run(form: str) -> Callable[[SparseDynamicGroupConv2d, Tensor, Tensor], Tens
             module.heads,
             module.layout,
             None if tracing() else module.workspace,
+            module.bias if form in ADDS_BIAS else None,
         )
 
     run.__name__ = f"_run_{form}"
     return run
 
 
+#: The forms that add the layer's bias themselves (fused into their output pass).
+ADDS_BIAS = frozenset({"cpu_kernel"})
+
+
+def _cpu_kernel_refuses(module: SparseDynamicGroupConv2d, call: FormCall) -> str | None:
+    return cpu.unusable_reason(call.x, module.weight)
+
+
+#: Output positions up to which the rule (measuring off) prefers ``"cpu_kernel"`` on the CPU:
+#: there it measured at the kept work (512 channels on 4x4 maps at batch 1: 0.46-0.50x of the
+#: dense conv, the limit proxy 0.45-0.48x), on larger maps its packed columns cost more than
+#: the convolution library's direct kernels (64 channels on 32x32: 1.36x; ``benchmarks/NOTES.md``).
+CPU_KERNEL_RULE_MAX_POSITIONS = 64
+
+
+def _small_map(module: SparseDynamicGroupConv2d, x: Tensor) -> bool:
+    out_height, out_width = module.spec.output_size(x.shape[2], x.shape[3])
+    return out_height * out_width <= CPU_KERNEL_RULE_MAX_POSITIONS
+
+
 def _rule(module: SparseDynamicGroupConv2d, call: FormCall) -> list[str]:
-    """Without measuring: the Triton kernel on CUDA; on CPU the head-grouped conv at batch 1,
+    """Without measuring: the Triton kernel on CUDA; on CPU the compiled kernel on small maps
+    (:data:`CPU_KERNEL_RULE_MAX_POSITIONS`), then the head-grouped conv at batch 1,
     else ``"bmm"`` for 1x1 stride-1 kernels and the batch-grouped conv otherwise (the masked
     form where that is no candidate: small maps); ``"bmm"`` elsewhere."""
     if triton_preferred(call.x):
         return ["triton", "bmm"]
     if call.x.device.type == "cpu":
         first = ["head_grouped"] if call.x.shape[0] == 1 else []
+        if _small_map(module, call.x):
+            first = ["cpu_kernel", *first]
         pointwise = module.spec.kernel_numel == 1 and module.spec.stride == (1, 1)
         return [*first, "bmm"] if pointwise else [*first, "batch_grouped", "masked", "bmm"]
     return ["bmm"]
@@ -325,6 +358,12 @@ FORMS = Forms(
         "masked": Form(_run("masked")),
         "bmm": Form(_run("bmm"), candidate=_pointwise_only),
         "triton": Form(_run("triton"), triton=True, batch_dependent=True, traceable=False),
+        "cpu_kernel": Form(
+            _run("cpu_kernel"),
+            batch_dependent=True,
+            traceable=False,
+            refuses=_cpu_kernel_refuses,
+        ),
     },
     rule=_rule,
     export=lambda module, x: traced_inference_form(
@@ -506,7 +545,7 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
         )
         form = self.choose_form(x, g)
         out = self.forms[form].run(self, x, g)
-        if self.bias is not None:
+        if self.bias is not None and form not in ADDS_BIAS:
             bias = self.bias.reshape(1, -1, 1, 1)
             # the forms return a fresh tensor: add in place where autograd allows it
             out = out + bias if traced or out.requires_grad else out.add_(bias)

@@ -1,0 +1,231 @@
+// The deployed DGC layer's gathered convolution on the CPU, reading the kept kernel rows in place.
+//
+// Su et al., "Dynamic Group Convolution for Accelerating Convolutional Neural Networks", ECCV
+// 2020. For each example b and head i, with the K kept input channels c_k = index[b, i, k] and
+// their gated saliencies s_k = scale[b, i, k]:
+//
+//   out[b, o*h + i, p] = bias[o*h + i]
+//                        + sum_k sum_t s_k * x[b, c_k, tap_t(p)] * W[o*h + i, c_k, t]
+//
+// (t runs over the kh*kw taps, tap_t(p) the input position tap t of output position p reads,
+// zero outside the map). The weight is read as `rows` (h*Cin, kh*kw, Opad): row i*Cin + c
+// holds W[o*h + i, c, t] at [t, o], zero for o >= Cout/h. A head's kept rows are read where they
+// lie, so no kernel is copied per example: the work is the kept multiply-adds, one pass over the
+// kept rows per example and a copy of the kept input taps (the im2col columns of the K channels,
+// scaled), packed per tile of output positions.
+//
+// Plain C++ with GCC's vector extensions (64-byte vectors; the compiler maps them to the
+// machine's SIMD width), compiled by dynaconv.native at first use and called through ctypes.
+// One thread: the calling one.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int lanes = 64 / sizeof(T);
+};
+
+struct Conv {
+  int64_t batch, cin, height, width;
+  int64_t heads, keep, o_head, o_pad;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w;
+};
+
+// Where the taps read: the kept channels of one head, scaled and zero-padded (`planes`, K planes
+// of padded_h x padded_w), the plane offset of each output position's first tap (`origins`,
+// padded to whole tiles with 0: those columns feed no stored output) and each tap's offset.
+struct Taps {
+  int64_t padded_h, padded_w;
+  std::vector<int64_t> origins, offsets;
+};
+
+Taps tap_geometry(const Conv& c, int64_t tile) {
+  Taps g;
+  const int64_t bottom = (c.out_h - 1) * c.sh + (c.kh - 1) * c.dh + 1;
+  const int64_t right = (c.out_w - 1) * c.sw + (c.kw - 1) * c.dw + 1;
+  g.padded_h = std::max(bottom, c.ph + c.height);
+  g.padded_w = std::max(right, c.pw + c.width);
+  const int64_t positions = c.out_h * c.out_w;
+  const int64_t tiles = (positions + tile - 1) / tile;
+  g.origins.assign(static_cast<size_t>(tiles * tile), 0);
+  for (int64_t p = 0; p < positions; ++p) {
+    g.origins[p] = (p / c.out_w) * c.sh * g.padded_w + (p % c.out_w) * c.sw;
+  }
+  for (int64_t ty = 0; ty < c.kh; ++ty) {
+    for (int64_t tx = 0; tx < c.kw; ++tx) g.offsets.push_back(ty * c.dh * g.padded_w + tx * c.dw);
+  }
+  return g;
+}
+
+template <typename T>
+void pad_planes(const Conv& c, const Taps& g, const T* x, const int64_t* index, const T* scale,
+                T* planes) {
+  const int64_t plane = g.padded_h * g.padded_w;
+  std::fill(planes, planes + c.keep * plane, T(0));
+  for (int64_t k = 0; k < c.keep; ++k) {
+    const T* src = x + index[k] * c.height * c.width;
+    const T s = scale[k];
+    for (int64_t y = 0; y < c.height; ++y) {
+      T* dst = planes + k * plane + (y + c.ph) * g.padded_w + c.pw;
+      for (int64_t xx = 0; xx < c.width; ++xx) dst[xx] = s * src[y * c.width + xx];
+    }
+  }
+}
+
+// Columns for the tile of output positions [p0, p0 + tile): cols[(k*T + t)*tile + j].
+template <typename T>
+void pack_columns(const Conv& c, const Taps& g, const T* planes, int64_t p0, int64_t tile,
+                  T* cols) {
+  const int64_t plane = g.padded_h * g.padded_w;
+  const int64_t* origins = g.origins.data() + p0;
+  for (int64_t k = 0; k < c.keep; ++k) {
+    for (const int64_t offset : g.offsets) {
+      const T* src = planes + k * plane + offset;
+      for (int64_t j = 0; j < tile; ++j) cols[j] = src[origins[j]];
+      cols += tile;
+    }
+  }
+}
+
+// One tile: PT output positions x NO vectors of output channels, accumulated in registers.
+template <typename T, int PT, int NO>
+void tile_product(const Conv& c, const T* cols, const T* const* kept_rows, int64_t o0, T* acc_out) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t taps = c.kh * c.kw;
+  V acc[PT][NO];
+#pragma GCC unroll 32
+  for (int j = 0; j < PT; ++j) {
+#pragma GCC unroll 8
+    for (int n = 0; n < NO; ++n) acc[j][n] = V{} ;
+  }
+  for (int64_t k = 0; k < c.keep; ++k) {
+    const T* row = kept_rows[k] + o0;
+    for (int64_t t = 0; t < taps; ++t, row += c.o_pad, cols += PT) {
+      V w[NO];
+#pragma GCC unroll 8
+      for (int n = 0; n < NO; ++n) std::memcpy(&w[n], row + n * L, sizeof(V));
+#pragma GCC unroll 32
+      for (int j = 0; j < PT; ++j) {
+        const T b = cols[j];
+#pragma GCC unroll 8
+        for (int n = 0; n < NO; ++n) acc[j][n] += w[n] * b;
+      }
+    }
+  }
+  std::memcpy(acc_out, acc, sizeof(acc));
+}
+
+template <typename T, int PT, int NO>
+void head_product(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
+                  const T* bias, int64_t head, T* out, std::vector<T>& planes,
+                  std::vector<T>& cols, std::vector<const T*>& kept_rows) {
+  constexpr int L = Vec<T>::lanes;
+  const int64_t taps = c.kh * c.kw, positions = c.out_h * c.out_w;
+  const int64_t tiles = (positions + PT - 1) / PT;
+  const int64_t depth = c.keep * taps;
+  const Taps g = tap_geometry(c, PT);
+  planes.resize(static_cast<size_t>(c.keep * g.padded_h * g.padded_w));
+  pad_planes(c, g, x, index, scale, planes.data());
+  cols.resize(static_cast<size_t>(tiles * depth * PT));
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    pack_columns(c, g, planes.data(), tile * PT, PT, cols.data() + tile * depth * PT);
+  }
+  kept_rows.resize(static_cast<size_t>(c.keep));
+  for (int64_t k = 0; k < c.keep; ++k) {
+    kept_rows[k] = rows + (head * c.cin + index[k]) * taps * c.o_pad;
+  }
+  alignas(64) T acc[PT * NO * L];
+  for (int64_t o0 = 0; o0 < c.o_head; o0 += NO * L) {
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      tile_product<T, PT, NO>(c, cols.data() + tile * depth * PT, kept_rows.data(), o0, acc);
+      const int64_t p0 = tile * PT, count = std::min<int64_t>(PT, positions - p0);
+      const int64_t o_end = std::min<int64_t>(c.o_head, o0 + NO * L);
+      for (int64_t o = o0; o < o_end; ++o) {
+        const int64_t channel = o * c.heads + head;
+        const T shift = bias ? bias[channel] : T(0);
+        T* dst = out + channel * positions + p0;
+        const int64_t lane = o - o0, n = lane / L, l = lane % L;
+        for (int64_t j = 0; j < count; ++j) dst[j] = acc[(j * NO + n) * L + l] + shift;
+      }
+    }
+  }
+}
+
+template <typename T, int PT, int NO>
+void run_all(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
+             const T* bias, T* out) {
+  thread_local std::vector<T> planes, cols;
+  thread_local std::vector<const T*> kept_rows;
+  const int64_t positions = c.out_h * c.out_w, cout = c.heads * c.o_head;
+  for (int64_t b = 0; b < c.batch; ++b) {
+    const T* xb = x + b * c.cin * c.height * c.width;
+    for (int64_t i = 0; i < c.heads; ++i) {
+      const int64_t offset = (b * c.heads + i) * c.keep;
+      head_product<T, PT, NO>(c, xb, index + offset, scale + offset, rows, bias, i,
+                              out + b * cout * positions, planes, cols, kept_rows);
+    }
+  }
+}
+
+// The tile shape: NO vectors of a head's output channels and PT output positions, PT * NO
+// accumulators (16-24 of the 32 vector registers). Large maps take one vector and 24
+// positions (fewer passes over the packed columns); small ones the widest tile whose
+// vectors the head fills (each kept row read once per tile of positions).
+template <typename T>
+int run(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
+        const T* bias, T* out) {
+  constexpr int L = Vec<T>::lanes;
+  if (c.o_pad % L != 0 || c.o_pad < c.o_head) return 1;
+  const int64_t vectors = c.o_pad / L, positions = c.out_h * c.out_w;
+  if (positions > 64 || vectors == 1) {
+    if (positions <= 16) {
+      run_all<T, 16, 1>(c, x, index, scale, rows, bias, out);
+    } else {
+      run_all<T, 24, 1>(c, x, index, scale, rows, bias, out);
+    }
+  } else if (vectors >= 4) {
+    run_all<T, 6, 4>(c, x, index, scale, rows, bias, out);
+  } else if (vectors == 3) {
+    run_all<T, 8, 3>(c, x, index, scale, rows, bias, out);
+  } else {
+    run_all<T, 12, 2>(c, x, index, scale, rows, bias, out);
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int dgc_gathered_conv_f32(const float* x, const int64_t* index, const float* scale,
+                          const float* rows, const float* bias, float* out, const int64_t* shape) {
+  const Conv c{shape[0], shape[1], shape[2],  shape[3],  shape[4],  shape[5],
+               shape[6], shape[7], shape[8],  shape[9],  shape[10], shape[11],
+               shape[12], shape[13], shape[14], shape[15], shape[16], shape[17]};
+  try {
+    return run<float>(c, x, index, scale, rows, bias, out);
+  } catch (...) {  // std::bad_alloc of the column buffers
+    return 3;
+  }
+}
+
+int dgc_gathered_conv_f64(const double* x, const int64_t* index, const double* scale,
+                          const double* rows, const double* bias, double* out,
+                          const int64_t* shape) {
+  const Conv c{shape[0], shape[1], shape[2],  shape[3],  shape[4],  shape[5],
+               shape[6], shape[7], shape[8],  shape[9],  shape[10], shape[11],
+               shape[12], shape[13], shape[14], shape[15], shape[16], shape[17]};
+  try {
+    return run<double>(c, x, index, scale, rows, bias, out);
+  } catch (...) {
+    return 3;
+  }
+}
+}
