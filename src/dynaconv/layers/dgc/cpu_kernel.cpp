@@ -123,6 +123,100 @@ void tile_product(const Conv& c, const T* cols, const T* const* kept_rows, int64
 }
 
 template <typename T, int PT, int NO>
+void store_tile(const Conv& c, const T* acc, const T* bias, int64_t head, int64_t o0, int64_t p0,
+                int64_t count, T* out) {
+  constexpr int L = Vec<T>::lanes;
+  const int64_t positions = c.out_h * c.out_w;
+  const int64_t o_end = std::min<int64_t>(c.o_head, o0 + NO * L);
+  for (int64_t o = o0; o < o_end; ++o) {
+    const int64_t channel = o * c.heads + head;
+    const T shift = bias ? bias[channel] : T(0);
+    T* dst = out + channel * positions + p0;
+    const int64_t lane = o - o0, n = lane / L, l = lane % L;
+    for (int64_t j = 0; j < count; ++j) dst[j] = acc[(j * NO + n) * L + l] + shift;
+  }
+}
+
+// The direct path for wide maps: a tile is PT positions of one output row, whose taps read
+// the padded planes in place (stride sw apart): no packed columns.
+template <typename T, int PT, int NO, bool UNIT>
+void row_tile(const Conv& c, const Taps& g, const T* base, const T* const* kept_rows, int64_t o0,
+              T* acc_out) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t plane = g.padded_h * g.padded_w, sw = UNIT ? 1 : c.sw;
+  const int64_t taps = c.kh * c.kw;
+  const int64_t* offsets = g.offsets.data();
+  V acc[PT][NO];
+#pragma GCC unroll 32
+  for (int j = 0; j < PT; ++j) {
+#pragma GCC unroll 8
+    for (int n = 0; n < NO; ++n) acc[j][n] = V{};
+  }
+  for (int64_t k = 0; k < c.keep; ++k, base += plane) {
+    const T* row = kept_rows[k] + o0;
+    for (int64_t t = 0; t < taps; ++t, row += c.o_pad) {
+      const T* src = base + offsets[t];
+      V w[NO];
+#pragma GCC unroll 8
+      for (int n = 0; n < NO; ++n) std::memcpy(&w[n], row + n * L, sizeof(V));
+#pragma GCC unroll 32
+      for (int j = 0; j < PT; ++j) {
+        const T b = src[j * sw];
+#pragma GCC unroll 8
+        for (int n = 0; n < NO; ++n) acc[j][n] += w[n] * b;
+      }
+    }
+  }
+  std::memcpy(acc_out, acc, sizeof(acc));
+}
+
+template <typename T, int PT, int NO, bool UNIT>
+void head_direct(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
+                 const T* bias, int64_t head, T* out, std::vector<T>& planes,
+                 std::vector<const T*>& kept_rows) {
+  constexpr int L = Vec<T>::lanes;
+  const int64_t taps = c.kh * c.kw;
+  const Taps g = tap_geometry(c, 1);
+  // slack: the last tile of a row reads up to PT positions past the row's end
+  const int64_t slack = PT * c.sw + g.padded_w;
+  planes.resize(static_cast<size_t>(c.keep * g.padded_h * g.padded_w + slack));
+  pad_planes(c, g, x, index, scale, planes.data());
+  std::fill(planes.end() - slack, planes.end(), T(0));
+  kept_rows.resize(static_cast<size_t>(c.keep));
+  for (int64_t k = 0; k < c.keep; ++k) {
+    kept_rows[k] = rows + (head * c.cin + index[k]) * taps * c.o_pad;
+  }
+  alignas(64) T acc[PT * NO * L];
+  for (int64_t o0 = 0; o0 < c.o_head; o0 += NO * L) {
+    for (int64_t oy = 0; oy < c.out_h; ++oy) {
+      for (int64_t ox = 0; ox < c.out_w; ox += PT) {
+        const T* base = planes.data() + oy * c.sh * g.padded_w + ox * c.sw;
+        row_tile<T, PT, NO, UNIT>(c, g, base, kept_rows.data(), o0, acc);
+        const int64_t count = std::min<int64_t>(PT, c.out_w - ox);
+        store_tile<T, PT, NO>(c, acc, bias, head, o0, oy * c.out_w + ox, count, out);
+      }
+    }
+  }
+}
+
+template <typename T, int PT, int NO, bool UNIT>
+void run_direct(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
+                const T* bias, T* out) {
+  thread_local std::vector<T> planes;
+  thread_local std::vector<const T*> kept_rows;
+  const int64_t positions = c.out_h * c.out_w, cout = c.heads * c.o_head;
+  for (int64_t b = 0; b < c.batch; ++b) {
+    const T* xb = x + b * c.cin * c.height * c.width;
+    for (int64_t i = 0; i < c.heads; ++i) {
+      const int64_t offset = (b * c.heads + i) * c.keep;
+      head_direct<T, PT, NO, UNIT>(c, xb, index + offset, scale + offset, rows, bias, i,
+                                   out + b * cout * positions, planes, kept_rows);
+    }
+  }
+}
+
+template <typename T, int PT, int NO>
 void head_product(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
                   const T* bias, int64_t head, T* out, std::vector<T>& planes,
                   std::vector<T>& cols, std::vector<const T*>& kept_rows) {
@@ -146,14 +240,7 @@ void head_product(const Conv& c, const T* x, const int64_t* index, const T* scal
     for (int64_t tile = 0; tile < tiles; ++tile) {
       tile_product<T, PT, NO>(c, cols.data() + tile * depth * PT, kept_rows.data(), o0, acc);
       const int64_t p0 = tile * PT, count = std::min<int64_t>(PT, positions - p0);
-      const int64_t o_end = std::min<int64_t>(c.o_head, o0 + NO * L);
-      for (int64_t o = o0; o < o_end; ++o) {
-        const int64_t channel = o * c.heads + head;
-        const T shift = bias ? bias[channel] : T(0);
-        T* dst = out + channel * positions + p0;
-        const int64_t lane = o - o0, n = lane / L, l = lane % L;
-        for (int64_t j = 0; j < count; ++j) dst[j] = acc[(j * NO + n) * L + l] + shift;
-      }
+      store_tile<T, PT, NO>(c, acc, bias, head, o0, p0, count, out);
     }
   }
 }
@@ -175,27 +262,39 @@ void run_all(const Conv& c, const T* x, const int64_t* index, const T* scale, co
 }
 
 // The tile shape: NO vectors of a head's output channels and PT output positions, PT * NO
-// accumulators (16-24 of the 32 vector registers). Large maps take one vector and 24
-// positions (fewer passes over the packed columns); small ones the widest tile whose
-// vectors the head fills (each kept row read once per tile of positions).
+// accumulators (at most 24 of the 32 vector registers). Rows of at least 8 positions (16 with
+// one vector) run direct tiles of one row each, reading the padded planes in place; shorter
+// rows pack the columns of tiles that span rows (each kept row then read once per tile).
+// Measured (benchmarks/NOTES.md): direct 0.49x of the dense conv at 256 channels on 8x8 maps,
+// packed 0.67x; on 4x4 maps packed 0.50x, direct (4 positions, 4 vectors) 0.58x.
 template <typename T>
 int run(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
         const T* bias, T* out) {
   constexpr int L = Vec<T>::lanes;
   if (c.o_pad % L != 0 || c.o_pad < c.o_head) return 1;
   const int64_t vectors = c.o_pad / L, positions = c.out_h * c.out_w;
-  if (positions > 64 || vectors == 1) {
-    if (positions <= 16) {
-      run_all<T, 16, 1>(c, x, index, scale, rows, bias, out);
-    } else {
-      run_all<T, 24, 1>(c, x, index, scale, rows, bias, out);
-    }
-  } else if (vectors >= 4) {
+  // Every tile reads whole vectors of its head's rows: NO divides the head's vector count.
+  const bool unit = c.sw == 1;
+  const bool rows_wide = c.out_w >= 16 || (c.out_w >= 8 && vectors >= 2);
+  if (rows_wide && vectors % 3 == 0) {
+    unit ? run_direct<T, 8, 3, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, 8, 3, false>(c, x, index, scale, rows, bias, out);
+  } else if (rows_wide && vectors % 2 == 0) {
+    unit ? run_direct<T, 8, 2, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, 8, 2, false>(c, x, index, scale, rows, bias, out);
+  } else if (c.out_w >= 16) {
+    unit ? run_direct<T, 16, 1, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, 16, 1, false>(c, x, index, scale, rows, bias, out);
+  } else if (positions <= 64 && vectors % 4 == 0) {
     run_all<T, 6, 4>(c, x, index, scale, rows, bias, out);
-  } else if (vectors == 3) {
+  } else if (positions <= 64 && vectors % 3 == 0) {
     run_all<T, 8, 3>(c, x, index, scale, rows, bias, out);
-  } else {
+  } else if (positions <= 64 && vectors % 2 == 0) {
     run_all<T, 12, 2>(c, x, index, scale, rows, bias, out);
+  } else if (positions <= 16) {
+    run_all<T, 16, 1>(c, x, index, scale, rows, bias, out);
+  } else {
+    run_all<T, 24, 1>(c, x, index, scale, rows, bias, out);
   }
   return 0;
 }
