@@ -276,7 +276,7 @@ def _batch(cfg, height: int, width: int, requires_grad: bool = False) -> torch.T
 
 
 SPARSE_FORMS = ["sparse", "grouped", "head_grouped"]
-DEPLOYED_FORMS = ["auto", "torch", "masked", "bmm", "batch_grouped", "head_grouped"]
+DEPLOYED_FORMS = ["auto", "torch", "masked", "bmm", "batch_grouped", "head_grouped", "cpu_kernel"]
 
 
 def _outputs(layer, x, impls):
@@ -441,7 +441,8 @@ def test_batch_one_matrix_product_form_on_small_maps_float64(padding_mode):
 
 
 def test_deployed_auto_candidates_leave_out_forms_that_never_measured_fastest():
-    """On the CPU: at batch 1 a 3x3 layer measures ``head_grouped`` against ``masked`` (not
+    """On the CPU: at batch 1 a 3x3 layer measures ``head_grouped`` against ``masked`` and the
+    compiled kernel where it builds (not
     ``batch_grouped``, the same computation there, nor ``bmm``, whose unfold copies the input
     9 times); at batch 16 ``batch_grouped`` is measured on a large map (small kernel copy per
     example) and not on a small one; 1x1 kernels keep every form."""
@@ -452,7 +453,10 @@ def test_deployed_auto_candidates_leave_out_forms_that_never_measured_fastest():
 
     conv3 = DynamicGroupConv2d(64, 64, 3, padding=1, heads=4, gate_factor=0.45).eval().deploy()
     conv1 = DynamicGroupConv2d(64, 64, 1, heads=4, gate_factor=0.45).eval().deploy()
-    assert candidates(conv3, torch.rand(1, 64, 32, 32)) == ["head_grouped", "masked"]
+    from dynaconv.layers.dgc import cpu
+
+    compiled = ["cpu_kernel"] if cpu.unusable_reason(torch.rand(1)) is None else []
+    assert candidates(conv3, torch.rand(1, 64, 32, 32)) == ["head_grouped", "masked", *compiled]
     assert "batch_grouped" in candidates(conv3, torch.rand(16, 64, 32, 32))
     small = candidates(conv3, torch.rand(16, 64, 4, 4))
     assert "batch_grouped" not in small and "masked" in small

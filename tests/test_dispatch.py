@@ -31,6 +31,7 @@ from dynaconv.dispatch import (
     tracing,
 )
 from dynaconv.layers import ChoosesForm, SparseDynamicGroupConv2d, _base
+from dynaconv.layers.dgc import cpu as dgc_cpu
 from dynaconv.layers.dgconv import layer as dgconv_module
 from dynaconv.layers.lgc.deployed import CondensedGroupConv2d
 
@@ -435,8 +436,11 @@ def test_deployed_dgc_measures_once_per_shape_and_stays_exact(monkeypatch):
     expected = layer(x)
     ran = _count_runs(monkeypatch, SparseDynamicGroupConv2d)
     assert_close64(deployed(x), expected)
-    # (a 3x3 layer: ``bmm`` is measured for 1x1 kernels only, see the deployed DGC's FORMS)
+    # (a 3x3 layer: ``bmm`` is measured for 1x1 kernels only, see the deployed DGC's FORMS;
+    # the compiled kernel where it builds)
     candidates = {"head_grouped", "batch_grouped", "masked"}
+    if dgc_cpu.unusable_reason(x) is None:
+        candidates.add("cpu_kernel")
     assert set(ran) == candidates  # every candidate was timed
     keys = [k for k in measured_choices if k[0] == "SparseDynamicGroupConv2d"]
     assert len(keys) == 1 and measured_choices.get(keys[0]) in candidates
@@ -455,7 +459,7 @@ def test_dgc_auto_inference_runs_what_was_measured_fastest(monkeypatch):
     deployed = layer.deploy()
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
     ran = _count_runs(monkeypatch, SparseDynamicGroupConv2d)
-    for fastest in ("masked", "head_grouped", "batch_grouped"):
+    for fastest in ("masked", "head_grouped", "batch_grouped", "cpu_kernel"):
         clear_measured_choices()
         ran.clear()
 

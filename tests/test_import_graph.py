@@ -56,6 +56,7 @@ GROUND_FLOOR = (
     "dynaconv.padding",
     "dynaconv.folding",
     "dynaconv.heap",
+    "dynaconv.native",
     "dynaconv.dispatch",
     "dynaconv.kernels",
     "dynaconv.registry",

@@ -89,7 +89,9 @@ def _build(source: Path) -> ctypes.CDLL | None:
         return None
     text = source.read_bytes()
     key = hashlib.sha256(
-        b"\0".join([text, " ".join(CXX_FLAGS).encode(), _version(compiler).encode(), _cpu_flags().encode()])
+        b"\0".join(
+            [text, " ".join(CXX_FLAGS).encode(), _version(compiler).encode(), _cpu_flags().encode()]
+        )
     ).hexdigest()[:20]
     folder = cache_dir()
     target = folder / f"{source.stem}-{key}.so"
@@ -107,7 +109,9 @@ def _build(source: Path) -> ctypes.CDLL | None:
                     timeout=600,
                 )
                 if run.returncode != 0:
-                    _REASONS[source] = f"{source.name} did not compile: {run.stderr.strip()[-2000:]}"
+                    _REASONS[source] = (
+                        f"{source.name} did not compile: {run.stderr.strip()[-2000:]}"
+                    )
                     return None
                 os.replace(built, target)
         except (OSError, subprocess.SubprocessError) as error:

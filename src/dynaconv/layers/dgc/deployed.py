@@ -33,6 +33,7 @@ from .._base import (
     Shape,
     tensor_version,
 )
+from . import cpu
 from .functional import (
     SALIENCY_MODES,
     SaliencyMode,
@@ -53,7 +54,6 @@ from .functional import (
     tap_rows,
     triton_kernel_layout,
 )
-from . import cpu
 from .kernels import sparse_conv_triton
 
 __all__ = [
