@@ -15,7 +15,12 @@ from hypothesis import strategies as st
 
 from dynaconv import native
 from dynaconv.layers.dgc import cpu
-from dynaconv.layers.dgc.functional import gathered_conv, select_kept
+from dynaconv.layers.dgc.functional import (
+    dense_masked_conv,
+    gate_dense,
+    gathered_conv,
+    select_kept,
+)
 from dynaconv.layers.dgc.layer import DynamicGroupConv2d
 from dynaconv.spec import ConvSpec
 
@@ -136,7 +141,7 @@ def test_deployed_cpu_kernel_equals_the_layer_float64(size, batch):
 
 
 def test_auto_measures_the_cpu_kernel_and_refuses_it_with_gradients():
-    layer, deployed = _deployed()
+    _, deployed = _deployed()
     x = torch.rand(1, 16, 8, 8, dtype=torch.float64)
     from dynaconv.layers._base import FormCall
 
@@ -145,7 +150,7 @@ def test_auto_measures_the_cpu_kernel_and_refuses_it_with_gradients():
         assert "cpu_kernel" in deployed.form_candidates(call)
     deployed.impl = "cpu_kernel"
     needs_grad = x.clone().requires_grad_()
-    with pytest.raises(ValueError, match="cpu_kernel.*no gradient"):
+    with pytest.raises(ValueError, match=r"cpu_kernel.*no gradient"):
         deployed(needs_grad)
     deployed.impl = "auto"  # auto runs another form, and the gradient flows
     deployed(needs_grad).sum().backward()
@@ -180,7 +185,7 @@ def test_the_kernel_refuses_what_it_cannot_compute():
 def test_select_kept_feeds_the_kernel_the_reference_gate():
     """The deployed form's whole path on random saliencies: ``select_kept`` then the kernel
     equals the masked reference (ties with the threshold included)."""
-    layer, deployed = _deployed(cin=12, cout=8, heads=2, bias=False)
+    layer, _ = _deployed(cin=12, cout=8, heads=2, bias=False)
     x = torch.rand(2, 12, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         g = (layer.saliency(x) * 2).round() / 2  # quantised: many ties
@@ -188,7 +193,8 @@ def test_select_kept_feeds_the_kernel_the_reference_gate():
         got = cpu.gathered_conv_cpu(
             x, cpu.kernel_layout(layer.weight, 2), index, scale, layer.spec, 2
         )
-        expected = gathered_conv(x, layer.weight, index, scale, layer.spec, 2)
+        gate = gate_dense(g, layer.inactive_channels)
+        expected = dense_masked_conv(x, layer.weight, gate, layer.spec, 2)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
