@@ -339,6 +339,10 @@ def _batch_grouped_candidate(module: SparseDynamicGroupConv2d, call: FormCall) -
 
 #: The deployed DGC layer's execution forms (the declaration
 #: :class:`~dynaconv.layers.ChoosesForm` reads). Where each is fastest on the CPU:
+#: ``"cpu_kernel"`` (:mod:`dynaconv.layers.dgc.cpu`, compiled at first use; inference only)
+#: on every ResNet-18 stage shape at batch 1 and 16 but 512 channels on 4x4 maps at batch 16
+#: (``benchmarks/NOTES.md``); where it cannot run (no compiler, a gradient, another dtype or
+#: device), the PyTorch forms:
 #: ``"head_grouped"`` at batch 1 (the kept MACs plus one gather of the kept kernels, the limit);
 #: ``"batch_grouped"`` on large maps at batch > 1; ``"masked"`` on small maps at batch > 1,
 #: where copying a kernel per example costs more than the saved MACs, and on the smallest
@@ -385,7 +389,8 @@ class SparseDynamicGroupConv2d(ChoosesForm, nn.Module):
 
     Same numbers as :class:`DynamicGroupConv2d` in eval mode, at ``K/Cin`` of the conv MACs
     (``K = Cin - k_off``). ``impl``: ``"auto"``, ``"torch"``, ``"head_grouped"``,
-    ``"batch_grouped"``, ``"masked"``, ``"bmm"`` or ``"triton"`` (or an older spelling).
+    ``"batch_grouped"``, ``"masked"``, ``"bmm"``, ``"triton"`` or ``"cpu_kernel"`` (or an
+    older spelling).
     ``"auto"`` measures the forms that can run once per input shape and runs the fastest
     (:class:`~dynaconv.layers.ChoosesForm`; :data:`FORMS`); traced, compiled or exported it
     runs :func:`traced_inference_form`. ``"torch"``: the same without Triton.
