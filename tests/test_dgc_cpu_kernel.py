@@ -250,3 +250,29 @@ def test_native_load_returns_a_working_library(tmp_path, monkeypatch):
     library = native.load(source)
     assert library is not None and library.twice(21) == 42
     assert native.load(source) is library  # one build and load per process
+
+
+@settings(max_examples=80, deadline=None)
+@given(cfg=shapes, ties=st.booleans(), nan=st.booleans())
+def test_selection_inside_the_kernel_equals_select_kept_float64(cfg, ties, nan):
+    """``selected_conv_cpu`` (the selection made in C) against ``select_kept`` then the
+    kernel, on saliencies with many ties at the threshold (quantised) or NaNs (ranked above
+    everything, as ``torch.topk`` ranks them)."""
+    spec, weight, x, _, _, bias = _case(cfg)
+    if not _fits(spec, cfg["size"]):
+        return
+    heads, cin = cfg["heads"], cfg["cin"]
+    generator = torch.Generator().manual_seed(cfg["seed"] + 1)
+    g = torch.rand(heads, cfg["batch"], cin, generator=generator, dtype=torch.float64)
+    g = g.transpose(0, 1)  # strided like the saliency generator's output
+    if ties:
+        g = (g * 3).round() / 3
+    if nan:
+        g = g.clone()
+        g[0, 0, 0] = float("nan")
+    keep = int(torch.randint(1, cin + 1, (1,), generator=generator))
+    rows = cpu.kernel_layout(weight, heads)
+    index, scale = select_kept(g, cin - keep)
+    expected = cpu.gathered_conv_cpu(x, rows, index, scale, spec, heads, bias)
+    got = cpu.selected_conv_cpu(x, g, keep, rows, spec, heads, bias)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)

@@ -27,16 +27,26 @@ from torch import Tensor
 
 from ... import native
 from ...spec import ConvSpec
-from .functional import conv_output_sizes, zero_padding
+from .functional import conv_output_sizes, select_kept, zero_padding
 
-__all__ = ["LANES", "SOURCE", "gathered_conv_cpu", "kernel_layout", "unusable_reason"]
+__all__ = [
+    "LANES",
+    "SOURCE",
+    "gathered_conv_cpu",
+    "kernel_layout",
+    "selected_conv_cpu",
+    "unusable_reason",
+]
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 
 #: Values per 64-byte vector: the output channels of a head are padded to a multiple.
 LANES = {torch.float32: 16, torch.float64: 8}
 
-_ENTRY = {torch.float32: "dgc_gathered_conv_f32", torch.float64: "dgc_gathered_conv_f64"}
+_ENTRIES = {
+    torch.float32: ("dgc_gathered_conv_f32", "dgc_select_conv_f32"),
+    torch.float64: ("dgc_gathered_conv_f64", "dgc_select_conv_f64"),
+}
 
 
 def kernel_layout(weight: Tensor, heads: int) -> Tensor:
@@ -53,16 +63,18 @@ def kernel_layout(weight: Tensor, heads: int) -> Tensor:
 
 
 @functools.cache
-def _entries() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
+def _entries() -> dict[torch.dtype, tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]] | None:
+    """Per dtype: the kernel given the kept channels, and the kernel selecting them itself."""
     library = native.load(SOURCE)
     if library is None:
         return None
     entries = {}
-    for dtype, name in _ENTRY.items():
-        entry = getattr(library, name)
-        entry.argtypes = [ctypes.c_void_p] * 7
-        entry.restype = ctypes.c_int
-        entries[dtype] = entry
+    for dtype, names in _ENTRIES.items():
+        gathered, selecting = (getattr(library, name) for name in names)
+        gathered.argtypes = [ctypes.c_void_p] * 7
+        selecting.argtypes = [ctypes.c_void_p] * 6
+        gathered.restype = selecting.restype = ctypes.c_int
+        entries[dtype] = (gathered, selecting)
     return entries
 
 
@@ -70,13 +82,89 @@ def unusable_reason(x: Tensor, *tensors: Tensor) -> str | None:
     """Why the kernel cannot run on ``x`` (and ``tensors``: the weights), or None."""
     if x.device.type != "cpu":
         return f"it runs on the CPU only (input on {x.device})"
-    if x.dtype not in _ENTRY:
+    if x.dtype not in _ENTRIES:
         return f"it computes in float32 or float64 only (input {x.dtype})"
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
         return "it computes no gradient (use it under torch.no_grad or inference_mode)"
     if _entries() is None:
         return native.unavailable_reason(SOURCE) or "the kernel is not available"
     return None
+
+
+def _rows_of(values: Tensor) -> Tensor:
+    """``values`` ``(B, h, W)`` as the kernel reads it: each ``(b, i)`` row contiguous (a view
+    where it already is, e.g. a slice of ``topk``'s output)."""
+    return values if values.stride(-1) == 1 else values.contiguous()
+
+
+def _call(
+    entry: ctypes._CFuncPtr,
+    x: Tensor,
+    selection: tuple[Tensor, ...],
+    rows: Tensor,
+    spec: ConvSpec,
+    heads: int,
+    keep: int,
+    bias: Tensor | None,
+) -> Tensor:
+    """One kernel call (no checks: the callers made them). ``selection``: ``(index, scale)``
+    or ``(g,)``, each with contiguous last rows."""
+    padding = zero_padding(spec)
+    if padding is None:
+        x, padding = spec.pad_input(x), (0, 0)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    batch, cin, height, width = x.shape
+    out_h, out_w = conv_output_sizes(spec, height, width, padding)
+    cout = spec.out_channels
+    out = x.new_empty(batch, cout, out_h, out_w)
+    if out.numel() == 0:
+        return out
+    values = selection[-1]
+    index = selection[0] if len(selection) == 2 else values
+    shape = (ctypes.c_int64 * 22)(
+        batch,
+        cin,
+        height,
+        width,
+        heads,
+        keep,
+        cout // heads,
+        rows.shape[-1],
+        *spec.kernel_size,
+        *spec.stride,
+        *padding,
+        *spec.dilation,
+        out_h,
+        out_w,
+        index.stride(0),
+        index.stride(1),
+        values.stride(0),
+        values.stride(1),
+    )
+    pointers = [tensor.data_ptr() for tensor in selection]
+    bias_pointer = None if bias is None else bias.data_ptr()
+    status = entry(x.data_ptr(), *pointers, rows.data_ptr(), bias_pointer, out.data_ptr(), shape)
+    if status != 0:
+        raise ValueError(
+            f"the compiled DGC kernel refused its arguments (status {status}): rows of "
+            f"{rows.shape[-1]} values per tap for {cout // heads} output channels per head"
+        )
+    return out
+
+
+def _checked(
+    x: Tensor, rows: Tensor, spec: ConvSpec, bias: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    why = unusable_reason(x, rows)
+    if why is not None:
+        raise ValueError(f"the compiled DGC kernel cannot run: {why}")
+    if x.shape[1] != spec.in_channels:
+        raise ValueError(f"x has {x.shape[1]} channels, the spec {spec.in_channels}")
+    rows = rows.to(x.dtype).contiguous()
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    return rows, bias
 
 
 def gathered_conv_cpu(
@@ -88,58 +176,34 @@ def gathered_conv_cpu(
     heads: int,
     bias: Tensor | None = None,
 ) -> Tensor:
-    """The gated convolution of ``x`` by the kept rows (module docstring), ``bias`` added.
+    """The gated convolution of ``x`` by the kept rows (module docstring), ``bias`` added;
+    ``index``/``scale`` ``(B, h, K)`` the kept channels and their scales.
 
     ``ValueError`` where the kernel cannot run (:func:`unusable_reason`)."""
-    why = unusable_reason(x, rows)
-    if why is not None:
-        raise ValueError(f"the compiled DGC kernel cannot run: {why}")
-    padding = zero_padding(spec)
-    if padding is None:
-        x, padding = spec.pad_input(x), (0, 0)
-    x = x.contiguous()
-    batch, cin, height, width = x.shape
-    out_h, out_w = conv_output_sizes(spec, height, width, padding)
-    cout = spec.out_channels
-    dtype = x.dtype
-    rows = rows.to(dtype).contiguous()
-    index = index.to(torch.int64).contiguous()
-    scale = scale.to(dtype).contiguous()
-    if bias is not None:
-        bias = bias.to(dtype).contiguous()
-    out = x.new_empty(batch, cout, out_h, out_w)
-    if out.numel() == 0:
-        return out
-    kh, kw = spec.kernel_size
-    shape = (ctypes.c_int64 * 18)(
-        batch,
-        cin,
-        height,
-        width,
-        heads,
-        index.shape[-1],
-        cout // heads,
-        rows.shape[-1],
-        kh,
-        kw,
-        *spec.stride,
-        *padding,
-        *spec.dilation,
-        out_h,
-        out_w,
-    )
-    status = _entries()[dtype](  # type: ignore[index]
-        x.data_ptr(),
-        index.data_ptr(),
-        scale.data_ptr(),
-        rows.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        shape,
-    )
-    if status != 0:
-        raise ValueError(
-            f"the compiled DGC kernel refused its arguments (status {status}): rows of "
-            f"{rows.shape[-1]} values per tap for {cout // heads} output channels per head"
-        )
-    return out
+    rows, bias = _checked(x, rows, spec, bias)
+    index = _rows_of(index.to(torch.int64))
+    scale = _rows_of(scale.to(x.dtype))
+    gathered = _entries()[x.dtype][0]  # type: ignore[index]
+    return _call(gathered, x, (index, scale), rows, spec, heads, index.shape[-1], bias)
+
+
+def selected_conv_cpu(
+    x: Tensor,
+    g: Tensor,
+    keep: int,
+    rows: Tensor,
+    spec: ConvSpec,
+    heads: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """:func:`gathered_conv_cpu` of the channels :func:`~dynaconv.layers.dgc.functional.select_kept`
+    keeps from the saliencies ``g`` ``(B, h, Cin)`` (``keep = Cin - inactive``), the selection
+    made inside the kernel (the same kept sets and scales: of channels tied at the threshold,
+    which are listed may differ, each has scale 0). Where ``g``'s dtype is not ``x``'s, the
+    selection is ``select_kept``'s. ``ValueError`` where the kernel cannot run."""
+    rows, bias = _checked(x, rows, spec, bias)
+    if g.dtype != x.dtype:
+        index, scale = select_kept(g, spec.in_channels - keep)
+        return gathered_conv_cpu(x, rows, index, scale, spec, heads, bias)
+    selecting = _entries()[x.dtype][1]  # type: ignore[index]
+    return _call(selecting, x, (_rows_of(g.detach()),), rows, spec, heads, keep, bias)

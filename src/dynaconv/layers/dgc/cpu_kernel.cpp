@@ -19,6 +19,7 @@
 // One thread: the calling one.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -35,6 +36,8 @@ struct Conv {
   int64_t batch, cin, height, width;
   int64_t heads, keep, o_head, o_pad;
   int64_t kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w;
+  // strides of index and scale (values) over examples and heads; each row is contiguous
+  int64_t index_sb, index_sh, scale_sb, scale_sh;
 };
 
 // Where the taps read: the kept channels of one head, scaled and zero-padded (`planes`, K planes
@@ -209,8 +212,8 @@ void run_direct(const Conv& c, const T* x, const int64_t* index, const T* scale,
   for (int64_t b = 0; b < c.batch; ++b) {
     const T* xb = x + b * c.cin * c.height * c.width;
     for (int64_t i = 0; i < c.heads; ++i) {
-      const int64_t offset = (b * c.heads + i) * c.keep;
-      head_direct<T, PT, NO, UNIT>(c, xb, index + offset, scale + offset, rows, bias, i,
+      head_direct<T, PT, NO, UNIT>(c, xb, index + b * c.index_sb + i * c.index_sh,
+                                   scale + b * c.scale_sb + i * c.scale_sh, rows, bias, i,
                                    out + b * cout * positions, planes, kept_rows);
     }
   }
@@ -254,8 +257,8 @@ void run_all(const Conv& c, const T* x, const int64_t* index, const T* scale, co
   for (int64_t b = 0; b < c.batch; ++b) {
     const T* xb = x + b * c.cin * c.height * c.width;
     for (int64_t i = 0; i < c.heads; ++i) {
-      const int64_t offset = (b * c.heads + i) * c.keep;
-      head_product<T, PT, NO>(c, xb, index + offset, scale + offset, rows, bias, i,
+      head_product<T, PT, NO>(c, xb, index + b * c.index_sb + i * c.index_sh,
+                              scale + b * c.scale_sb + i * c.scale_sh, rows, bias, i,
                               out + b * cout * positions, planes, cols, kept_rows);
     }
   }
@@ -299,18 +302,76 @@ int run(const Conv& c, const T* x, const int64_t* index, const T* scale, const T
   return 0;
 }
 
+// The selection of functional.select_kept from the saliencies g (strided like scale): per
+// example and head the `keep` largest (NaN above everything, as torch.topk) and their scales, 0
+// for those not above the (keep+1)-th largest (the reference's tie rule), listed in channel
+// order (the kept rows are then read in memory order). Which of several channels tied at the
+// threshold are listed does not matter: each has scale 0. Every channel when keep == cin.
+template <typename T>
+void select_kept(const Conv& c, const T* g, int64_t* index, T* scale) {
+  std::vector<int64_t> order(static_cast<size_t>(c.cin));
+  std::vector<char> kept(static_cast<size_t>(c.cin));
+  for (int64_t b = 0; b < c.batch; ++b) {
+    for (int64_t i = 0; i < c.heads; ++i) {
+      const T* v = g + b * c.scale_sb + i * c.scale_sh;
+      int64_t* idx = index + (b * c.heads + i) * c.keep;
+      T* sc = scale + (b * c.heads + i) * c.keep;
+      if (c.keep == c.cin) {
+        for (int64_t k = 0; k < c.cin; ++k) {
+          idx[k] = k;
+          sc[k] = v[k];
+        }
+        continue;
+      }
+      for (int64_t k = 0; k < c.cin; ++k) order[k] = k;
+      const auto above = [v](int64_t a, int64_t b) {
+        if (std::isnan(v[a])) return !std::isnan(v[b]);
+        if (std::isnan(v[b])) return false;
+        return v[a] > v[b];
+      };
+      // order[keep] is the (keep+1)-th largest, the ones before it the keep largest
+      std::nth_element(order.begin(), order.begin() + c.keep, order.end(), above);
+      const T threshold = v[order[c.keep]];
+      std::fill(kept.begin(), kept.end(), 0);
+      for (int64_t k = 0; k < c.keep; ++k) kept[order[k]] = 1;
+      for (int64_t channel = 0, k = 0; channel < c.cin; ++channel) {
+        if (!kept[channel]) continue;
+        idx[k] = channel;
+        sc[k++] = v[channel] <= threshold ? T(0) : v[channel];
+      }
+    }
+  }
+}
+
+template <typename T>
+int select_and_run(Conv c, const T* x, const T* g, const T* rows, const T* bias, T* out) {
+  thread_local std::vector<int64_t> index;
+  thread_local std::vector<T> scale;
+  index.resize(static_cast<size_t>(c.batch * c.heads * c.keep));
+  scale.resize(index.size());
+  select_kept(c, g, index.data(), scale.data());
+  c.index_sh = c.scale_sh = c.keep;
+  c.index_sb = c.scale_sb = c.heads * c.keep;
+  return run(c, x, index.data(), scale.data(), rows, bias, out);
+}
+
+Conv unpack(const int64_t* s) {
+  return Conv{s[0],  s[1],  s[2],  s[3],  s[4],  s[5],  s[6],  s[7],  s[8],  s[9],  s[10],
+              s[11], s[12], s[13], s[14], s[15], s[16], s[17], s[18], s[19], s[20], s[21]};
+}
+
 }  // namespace
 
+// shape: batch, cin, height, width, heads, keep, cout/h, Opad, kh, kw, sh, sw, ph, pw, dh, dw,
+// out_h, out_w, then the strides of index and scale (or g) over examples and heads.
+// 0: done; 1: Opad not a whole number of vectors; 3: out of memory.
 extern "C" {
 
 int dgc_gathered_conv_f32(const float* x, const int64_t* index, const float* scale,
                           const float* rows, const float* bias, float* out, const int64_t* shape) {
-  const Conv c{shape[0], shape[1], shape[2],  shape[3],  shape[4],  shape[5],
-               shape[6], shape[7], shape[8],  shape[9],  shape[10], shape[11],
-               shape[12], shape[13], shape[14], shape[15], shape[16], shape[17]};
   try {
-    return run<float>(c, x, index, scale, rows, bias, out);
-  } catch (...) {  // std::bad_alloc of the column buffers
+    return run<float>(unpack(shape), x, index, scale, rows, bias, out);
+  } catch (...) {  // std::bad_alloc of the buffers
     return 3;
   }
 }
@@ -318,11 +379,26 @@ int dgc_gathered_conv_f32(const float* x, const int64_t* index, const float* sca
 int dgc_gathered_conv_f64(const double* x, const int64_t* index, const double* scale,
                           const double* rows, const double* bias, double* out,
                           const int64_t* shape) {
-  const Conv c{shape[0], shape[1], shape[2],  shape[3],  shape[4],  shape[5],
-               shape[6], shape[7], shape[8],  shape[9],  shape[10], shape[11],
-               shape[12], shape[13], shape[14], shape[15], shape[16], shape[17]};
   try {
-    return run<double>(c, x, index, scale, rows, bias, out);
+    return run<double>(unpack(shape), x, index, scale, rows, bias, out);
+  } catch (...) {
+    return 3;
+  }
+}
+
+int dgc_select_conv_f32(const float* x, const float* g, const float* rows, const float* bias,
+                        float* out, const int64_t* shape) {
+  try {
+    return select_and_run<float>(unpack(shape), x, g, rows, bias, out);
+  } catch (...) {
+    return 3;
+  }
+}
+
+int dgc_select_conv_f64(const double* x, const double* g, const double* rows, const double* bias,
+                        double* out, const int64_t* shape) {
+  try {
+    return select_and_run<double>(unpack(shape), x, g, rows, bias, out);
   } catch (...) {
     return 3;
   }

@@ -115,8 +115,8 @@ def run_inference_form(
     if form == "triton":
         return sparse_conv_triton(x, layout("triton"), g, inactive, spec, heads)
     if form == "cpu_kernel":
-        index, scale = select_kept(g, inactive)
-        return cpu.gathered_conv_cpu(x, layout("cpu_kernel"), index, scale, spec, heads, bias)
+        keep = spec.in_channels - inactive
+        return cpu.selected_conv_cpu(x, g, keep, layout("cpu_kernel"), spec, heads, bias)
     if form in ("head_grouped", "batch_grouped"):
         kept = spec.in_channels - inactive
         block = _blocked_width(x, spec, heads, kept) if form == "head_grouped" else None
