@@ -276,3 +276,22 @@ def test_selection_inside_the_kernel_equals_select_kept_float64(cfg, ties, nan):
     expected = cpu.gathered_conv_cpu(x, rows, index, scale, spec, heads, bias)
     got = cpu.selected_conv_cpu(x, g, keep, rows, spec, heads, bias)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+def test_without_the_kernel_auto_runs_the_pytorch_forms_and_the_explicit_impl_says_why(
+    monkeypatch,
+):
+    monkeypatch.setattr(cpu, "_entries", lambda: None)
+    monkeypatch.setattr(native, "unavailable_reason", lambda source: "no C++ compiler (test)")
+    # a configuration no other test measures: the per-configuration candidate cache is fresh
+    layer, deployed = _deployed(cin=24, cout=12, heads=3)
+    x = torch.rand(1, 24, 7, 7, dtype=torch.float64)
+    from dynaconv.layers._base import FormCall
+
+    with torch.no_grad():
+        assert "cpu_kernel" not in deployed.form_candidates(FormCall(x, False, False))
+        torch.testing.assert_close(deployed(x), layer(x), rtol=1e-12, atol=1e-12)
+        assert deployed.form(x) != "cpu_kernel"
+        deployed.impl = "cpu_kernel"
+        with pytest.raises(ValueError, match=r"impl='cpu_kernel'.*no C\+\+ compiler \(test\)"):
+            deployed(x)
