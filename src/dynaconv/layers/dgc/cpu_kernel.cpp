@@ -265,11 +265,13 @@ void run_all(const Conv& c, const T* x, const int64_t* index, const T* scale, co
 }
 
 // The tile shape: NO vectors of a head's output channels and PT output positions, PT * NO
-// accumulators (at most 24 of the 32 vector registers). Rows of at least 8 positions (16 with
-// one vector) run direct tiles of one row each, reading the padded planes in place; shorter
-// rows pack the columns of tiles that span rows (each kept row then read once per tile).
-// Measured (benchmarks/NOTES.md): direct 0.49x of the dense conv at 256 channels on 8x8 maps,
-// packed 0.67x; on 4x4 maps packed 0.50x, direct (4 positions, 4 vectors) 0.58x.
+// accumulators (at most 24 of the 32 vector registers). Rows of 4 positions and more run direct
+// tiles of one row each, reading the padded planes in place, except on short rows (4-7
+// positions) of heads with 4 or more vectors: there each broadcast input feeds more vectors in
+// packed tiles that span rows (the columns packed first). Measured (benchmarks/NOTES.md, as
+// ÷ the dense conv or ms): 256 channels on 8x8 maps direct 0.49x, packed 0.67x; 512 channels
+// on 4x4 maps packed 0.50x, direct (4 positions x 4 vectors) 0.58x; 64 channels (one vector
+// per head) on 8x8 maps at batch 256, direct 5.4 ms, packed 10.1 ms.
 template <typename T>
 int run(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
         const T* bias, T* out) {
@@ -288,6 +290,18 @@ int run(const Conv& c, const T* x, const int64_t* index, const T* scale, const T
   } else if (c.out_w >= 16) {
     unit ? run_direct<T, 16, 1, true>(c, x, index, scale, rows, bias, out)
          : run_direct<T, 16, 1, false>(c, x, index, scale, rows, bias, out);
+  } else if (c.out_w >= 8) {
+    unit ? run_direct<T, 8, 1, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, 8, 1, false>(c, x, index, scale, rows, bias, out);
+  } else if (c.out_w >= 4 && vectors == 1) {
+    unit ? run_direct<T, 4, 1, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, 4, 1, false>(c, x, index, scale, rows, bias, out);
+  } else if (c.out_w >= 4 && vectors == 2) {
+    unit ? run_direct<T, 4, 2, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, 4, 2, false>(c, x, index, scale, rows, bias, out);
+  } else if (c.out_w >= 4 && vectors == 3) {
+    unit ? run_direct<T, 4, 3, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, 4, 3, false>(c, x, index, scale, rows, bias, out);
   } else if (positions <= 64 && vectors % 4 == 0) {
     run_all<T, 6, 4>(c, x, index, scale, rows, bias, out);
   } else if (positions <= 64 && vectors % 3 == 0) {
