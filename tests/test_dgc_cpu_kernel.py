@@ -295,3 +295,26 @@ def test_without_the_kernel_auto_runs_the_pytorch_forms_and_the_explicit_impl_sa
         deployed.impl = "cpu_kernel"
         with pytest.raises(ValueError, match=r"impl='cpu_kernel'.*no C\+\+ compiler \(test\)"):
             deployed(x)
+
+
+def test_settled_choice_frees_the_layouts_no_settled_form_reads():
+    """``auto`` measures every candidate (each caches its weight layout); once its choice is
+    settled, only the layouts of settled forms stay, and later calls stay exact (another
+    input shape rebuilds what its form needs)."""
+    from dynaconv.layers.dgc.deployed import FORM_LAYOUTS
+
+    layer, deployed = _deployed(cin=32, cout=32)
+    x = torch.rand(1, 32, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+        for _ in range(14):  # measured, rechecked, settled
+            torch.testing.assert_close(deployed(x), expected, rtol=1e-12, atol=1e-12)
+        chosen = deployed.form(x)
+        assert set(deployed._layouts) <= set(FORM_LAYOUTS[chosen])
+        assert deployed.__dict__["_settled_forms"] == {chosen}
+        batch = torch.rand(5, 32, 8, 8, dtype=torch.float64)
+        for _ in range(14):
+            torch.testing.assert_close(deployed(batch), layer(batch), rtol=1e-12, atol=1e-12)
+        reads = set().union(*(FORM_LAYOUTS[form] for form in deployed._settled_forms))
+        assert set(deployed._layouts) <= reads  # the second shape's measuring freed too
+        torch.testing.assert_close(deployed(x), expected, rtol=1e-12, atol=1e-12)
