@@ -97,6 +97,24 @@ def _rows_of(values: Tensor) -> Tensor:
     return values if values.stride(-1) == 1 else values.contiguous()
 
 
+@functools.lru_cache(maxsize=1024)
+def _geometry(
+    spec: ConvSpec, heads: int, keep: int, shape: tuple[int, ...], row_width: int
+) -> tuple[tuple[int, int] | None, tuple[int, ...], tuple[int, ...]]:
+    """For an input of ``shape``: the zero padding the kernel applies (None: ``x`` is padded
+    first, :meth:`ConvSpec.pad_input`), the output shape and the kernel's size arguments but
+    the strides of the selection (a call repeats its layer's geometry: computed once)."""
+    padding = zero_padding(spec)
+    batch, cin, height, width = shape
+    if padding is None:
+        padded = spec.pad_input(torch.empty(0, cin, height, width, device="meta"))
+        height, width = padded.shape[2:]
+    out_h, out_w = conv_output_sizes(spec, height, width, padding or (0, 0))
+    sizes = (batch, cin, height, width, heads, keep, spec.out_channels // heads, row_width)
+    sizes += (*spec.kernel_size, *spec.stride, *(padding or (0, 0)), *spec.dilation)
+    return padding, (batch, spec.out_channels, out_h, out_w), (*sizes, out_h, out_w)
+
+
 def _call(
     entry: ctypes._CFuncPtr,
     x: Tensor,
@@ -109,46 +127,30 @@ def _call(
 ) -> Tensor:
     """One kernel call (no checks: the callers made them). ``selection``: ``(index, scale)``
     or ``(g,)``, each with contiguous last rows."""
-    padding = zero_padding(spec)
+    padding, out_shape, sizes = _geometry(spec, heads, keep, tuple(x.shape), rows.shape[-1])
     if padding is None:
-        x, padding = spec.pad_input(x), (0, 0)
+        x = spec.pad_input(x)
     if not x.is_contiguous():
         x = x.contiguous()
-    batch, cin, height, width = x.shape
-    out_h, out_w = conv_output_sizes(spec, height, width, padding)
-    cout = spec.out_channels
-    out = x.new_empty(batch, cout, out_h, out_w)
+    out = x.new_empty(out_shape)
     if out.numel() == 0:
         return out
     values = selection[-1]
     index = selection[0] if len(selection) == 2 else values
-    shape = (ctypes.c_int64 * 22)(
-        batch,
-        cin,
-        height,
-        width,
-        heads,
-        keep,
-        cout // heads,
-        rows.shape[-1],
-        *spec.kernel_size,
-        *spec.stride,
-        *padding,
-        *spec.dilation,
-        out_h,
-        out_w,
-        index.stride(0),
-        index.stride(1),
-        values.stride(0),
-        values.stride(1),
+    strides = (index.stride(0), index.stride(1), values.stride(0), values.stride(1))
+    status = entry(
+        x.data_ptr(),
+        *(tensor.data_ptr() for tensor in selection),
+        rows.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        (ctypes.c_int64 * 22)(*sizes, *strides),
     )
-    pointers = [tensor.data_ptr() for tensor in selection]
-    bias_pointer = None if bias is None else bias.data_ptr()
-    status = entry(x.data_ptr(), *pointers, rows.data_ptr(), bias_pointer, out.data_ptr(), shape)
     if status != 0:
         raise ValueError(
             f"the compiled DGC kernel refused its arguments (status {status}): rows of "
-            f"{rows.shape[-1]} values per tap for {cout // heads} output channels per head"
+            f"{rows.shape[-1]} values per tap for {spec.out_channels // heads} output channels "
+            "per head"
         )
     return out
 
@@ -202,6 +204,23 @@ def selected_conv_cpu(
     which are listed may differ, each has scale 0). Where ``g``'s dtype is not ``x``'s, the
     selection is ``select_kept``'s. ``ValueError`` where the kernel cannot run."""
     rows, bias = _checked(x, rows, spec, bias)
+    return selected_conv_cpu_unchecked(x, g, keep, rows, spec, heads, bias)
+
+
+def selected_conv_cpu_unchecked(
+    x: Tensor,
+    g: Tensor,
+    keep: int,
+    rows: Tensor,
+    spec: ConvSpec,
+    heads: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """:func:`selected_conv_cpu` for a caller that has checked :func:`unusable_reason` (the
+    deployed layer's form does, on every call) and passes ``rows`` (contiguous) and ``bias``
+    in ``x``'s dtype where they are in it; otherwise they are converted."""
+    if rows.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        rows, bias = _checked(x, rows, spec, bias)
     if g.dtype != x.dtype:
         index, scale = select_kept(g, spec.in_channels - keep)
         return gathered_conv_cpu(x, rows, index, scale, spec, heads, bias)

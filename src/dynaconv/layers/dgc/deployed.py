@@ -274,6 +274,15 @@ def _run(form: str) -> Callable[[SparseDynamicGroupConv2d, Tensor, Tensor], Tens
     return run
 
 
+def _run_cpu_kernel(module: SparseDynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
+    """``"cpu_kernel"`` as the module runs it: the form's refusal
+    (:func:`~dynaconv.layers.dgc.cpu.unusable_reason`) is checked before every call
+    (:class:`~dynaconv.layers.ChoosesForm`), so the kernel is called without checking again."""
+    return cpu.selected_conv_cpu_unchecked(
+        x, g, module.kept, module.layout("cpu_kernel"), module.spec, module.heads, module.bias
+    )
+
+
 #: The cached weight layouts each form reads (:meth:`SparseDynamicGroupConv2d.layout`).
 FORM_LAYOUTS: dict[str, tuple[Layout, ...]] = {
     "head_grouped": ("rows", "tap_rows"),
@@ -373,7 +382,7 @@ FORMS = Forms(
         "bmm": Form(_run("bmm"), candidate=_pointwise_only),
         "triton": Form(_run("triton"), triton=True, batch_dependent=True, traceable=False),
         "cpu_kernel": Form(
-            _run("cpu_kernel"),
+            _run_cpu_kernel,
             batch_dependent=True,
             traceable=False,
             refuses=_cpu_kernel_refuses,
