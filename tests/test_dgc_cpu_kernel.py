@@ -318,3 +318,36 @@ def test_settled_choice_frees_the_layouts_no_settled_form_reads():
         reads = set().union(*(FORM_LAYOUTS[form] for form in deployed._settled_forms))
         assert set(deployed._layouts) <= reads  # the second shape's measuring freed too
         torch.testing.assert_close(deployed(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_arguments_get_a_clear_error_naming_them():
+    """The public calls check what the kernel would read out of bounds or misread."""
+    spec = ConvSpec.create(4, 8, 3, 1, 1, 1, 1, False)
+    weight = torch.randn(8, 4, 3, 3)
+    rows = cpu.kernel_layout(weight, 2)
+    x = torch.randn(1, 4, 5, 5)
+    index = torch.tensor([[[0, 2], [1, 3]]])
+    scale = torch.ones(1, 2, 2)
+    g = torch.rand(1, 2, 4)
+    cases = [
+        (lambda: cpu.gathered_conv_cpu(x, rows, index + 2, scale, spec, 2), "index must hold"),
+        (lambda: cpu.gathered_conv_cpu(x, rows, index - 1, scale, spec, 2), "index must hold"),
+        (lambda: cpu.gathered_conv_cpu(x, rows, index.float(), scale, spec, 2), "integers"),
+        (lambda: cpu.gathered_conv_cpu(x, rows, index[:, :1], scale, spec, 2), "index must be"),
+        (lambda: cpu.gathered_conv_cpu(x, rows, index, scale[..., :1], spec, 2), "scale must"),
+        (lambda: cpu.gathered_conv_cpu(x[:, :3], rows, index, scale, spec, 2), "x must be"),
+        (lambda: cpu.gathered_conv_cpu(x, rows[:4], index, scale, spec, 2), "rows must be"),
+        (lambda: cpu.gathered_conv_cpu(x, rows, index, scale, spec, 3), "heads must divide"),
+        (
+            lambda: cpu.gathered_conv_cpu(x, rows, index, scale, spec, 2, torch.ones(3)),
+            "bias must be",
+        ),
+        (lambda: cpu.selected_conv_cpu(x, g, 0, rows, spec, 2), "keep must be"),
+        (lambda: cpu.selected_conv_cpu(x, g, 5, rows, spec, 2), "keep must be"),
+        (lambda: cpu.selected_conv_cpu(x, g[..., :3], 2, rows, spec, 2), "g must have"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    good = cpu.gathered_conv_cpu(x, rows, index, scale, spec, 2)  # the same call, well formed
+    assert good.shape == (1, 8, 5, 5) and good.abs().sum() > 0

@@ -156,17 +156,46 @@ def _call(
 
 
 def _checked(
-    x: Tensor, rows: Tensor, spec: ConvSpec, bias: Tensor | None
+    x: Tensor, rows: Tensor, spec: ConvSpec, heads: int, bias: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
+    """``ValueError`` naming the argument for what the kernel cannot compute; ``rows`` and
+    ``bias`` in ``x``'s dtype, contiguous."""
     why = unusable_reason(x, rows)
     if why is not None:
         raise ValueError(f"the compiled DGC kernel cannot run: {why}")
-    if x.shape[1] != spec.in_channels:
-        raise ValueError(f"x has {x.shape[1]} channels, the spec {spec.in_channels}")
+    if x.dim() != 4 or x.shape[1] != spec.in_channels:
+        raise ValueError(
+            f"x must be (B, {spec.in_channels}, H, W) for this spec, got {tuple(x.shape)}"
+        )
+    if not (isinstance(heads, int) and heads > 0 and spec.out_channels % heads == 0):
+        raise ValueError(f"heads must divide out_channels={spec.out_channels}, got {heads!r}")
+    per_head = spec.out_channels // heads
+    lanes = LANES[x.dtype]
+    expected = (heads * spec.in_channels, spec.kernel_numel)
+    if (
+        rows.dim() != 3
+        or tuple(rows.shape[:2]) != expected
+        or rows.shape[2] < per_head
+        or rows.shape[2] % lanes
+    ):
+        raise ValueError(
+            f"rows must be kernel_layout(weight, heads): ({expected[0]}, {expected[1]}, Opad) "
+            f"with Opad >= {per_head} a multiple of {lanes}, got {tuple(rows.shape)}"
+        )
     rows = rows.to(x.dtype).contiguous()
     if bias is not None:
+        if tuple(bias.shape) != (spec.out_channels,):
+            raise ValueError(f"bias must be ({spec.out_channels},), got {tuple(bias.shape)}")
         bias = bias.to(x.dtype).contiguous()
     return rows, bias
+
+
+def _check_selection(name: str, values: Tensor, x: Tensor, heads: int, width: int | None) -> None:
+    batch = x.shape[0]
+    if values.dim() != 3 or tuple(values.shape[:2]) != (batch, heads):
+        raise ValueError(f"{name} must be (B={batch}, h={heads}, K), got {tuple(values.shape)}")
+    if width is not None and values.shape[2] != width:
+        raise ValueError(f"{name} must have {width} entries per head, got {values.shape[2]}")
 
 
 def gathered_conv_cpu(
@@ -182,7 +211,16 @@ def gathered_conv_cpu(
     ``index``/``scale`` ``(B, h, K)`` the kept channels and their scales.
 
     ``ValueError`` where the kernel cannot run (:func:`unusable_reason`)."""
-    rows, bias = _checked(x, rows, spec, bias)
+    rows, bias = _checked(x, rows, spec, heads, bias)
+    _check_selection("index", index, x, heads, None)
+    _check_selection("scale", scale, x, heads, index.shape[2])
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise ValueError(f"index must hold integers, got {index.dtype}")
+    cin = spec.in_channels
+    if index.numel() and not (int(index.min()) >= 0 and int(index.max()) < cin):
+        raise ValueError(
+            f"index must hold channels in [0, {cin}), got {index.min()}..{index.max()}"
+        )
     index = _rows_of(index.to(torch.int64))
     scale = _rows_of(scale.to(x.dtype))
     gathered = _entries()[x.dtype][0]  # type: ignore[index]
@@ -203,7 +241,10 @@ def selected_conv_cpu(
     made inside the kernel (the same kept sets and scales: of channels tied at the threshold,
     which are listed may differ, each has scale 0). Where ``g``'s dtype is not ``x``'s, the
     selection is ``select_kept``'s. ``ValueError`` where the kernel cannot run."""
-    rows, bias = _checked(x, rows, spec, bias)
+    rows, bias = _checked(x, rows, spec, heads, bias)
+    _check_selection("g", g, x, heads, spec.in_channels)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= spec.in_channels:
+        raise ValueError(f"keep must be an int in [1, {spec.in_channels}], got {keep!r}")
     return selected_conv_cpu_unchecked(x, g, keep, rows, spec, heads, bias)
 
 
@@ -220,7 +261,7 @@ def selected_conv_cpu_unchecked(
     deployed layer's form does, on every call) and passes ``rows`` (contiguous) and ``bias``
     in ``x``'s dtype where they are in it; otherwise they are converted."""
     if rows.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        rows, bias = _checked(x, rows, spec, bias)
+        rows, bias = _checked(x, rows, spec, heads, bias)
     if g.dtype != x.dtype:
         index, scale = select_kept(g, spec.in_channels - keep)
         return gathered_conv_cpu(x, rows, index, scale, spec, heads, bias)
