@@ -9,7 +9,7 @@ kernel rows where they lie, so no kernel is copied, per example or per call:
   :func:`~dynaconv.layers.dgc.functional.select_kept`;
 * ``rows`` :func:`kernel_layout` ``(h*Cin, kh*kw, Opad)``: row ``i*Cin + c`` holds
   ``weight[o*h + i, c, t]`` at ``[t, o]``, zero for ``o >= Cout/h`` (``Opad``: ``Cout/h``
-  rounded up to a whole vector, :data:`LANES`);
+  rounded up to whole vectors, :func:`padded_outputs`);
 * output ``(B, Cout, Hout, Wout)``, channel ``o*h + i`` for output ``o`` of head ``i``.
 
 Built by :mod:`dynaconv.native` at first use (a C++ compiler is needed); float32 and float64,
@@ -34,14 +34,26 @@ __all__ = [
     "SOURCE",
     "gathered_conv_cpu",
     "kernel_layout",
+    "padded_outputs",
     "selected_conv_cpu",
     "unusable_reason",
 ]
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 
-#: Values per 64-byte vector: the output channels of a head are padded to a multiple.
+#: Values per 64-byte vector: a head's output channels are padded to a multiple, or, for
+#: heads of at most half as many outputs, to half a vector (the kernel then computes with
+#: 32-byte vectors: :func:`padded_outputs`).
 LANES = {torch.float32: 16, torch.float64: 8}
+
+
+def padded_outputs(per_head: int, dtype: torch.dtype) -> int:
+    """``Opad``: ``per_head`` output channels rounded up to whole vectors (:data:`LANES`)."""
+    lanes = LANES.get(dtype, 16)
+    if per_head <= lanes // 2:
+        return lanes // 2
+    return -(-per_head // lanes) * lanes
+
 
 _ENTRIES = {
     torch.float32: ("dgc_gathered_conv_f32", "dgc_select_conv_f32"),
@@ -54,8 +66,7 @@ def kernel_layout(weight: Tensor, heads: int) -> Tensor:
     (module docstring), contiguous."""
     cout, cin, kh, kw = weight.shape
     per_head = cout // heads
-    lanes = LANES.get(weight.dtype, 16)
-    padded = -(-per_head // lanes) * lanes
+    padded = padded_outputs(per_head, weight.dtype)
     rows = weight.new_zeros(heads * cin, kh * kw, padded)
     view = weight.reshape(per_head, heads, cin, kh * kw).permute(1, 2, 3, 0)
     rows[:, :, :per_head] = view.reshape(heads * cin, kh * kw, per_head)
@@ -170,7 +181,7 @@ def _checked(
     if not (isinstance(heads, int) and heads > 0 and spec.out_channels % heads == 0):
         raise ValueError(f"heads must divide out_channels={spec.out_channels}, got {heads!r}")
     per_head = spec.out_channels // heads
-    lanes = LANES[x.dtype]
+    lanes = LANES[x.dtype] // 2
     expected = (heads * spec.in_channels, spec.kernel_numel)
     if (
         rows.dim() != 3

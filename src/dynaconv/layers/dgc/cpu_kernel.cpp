@@ -26,10 +26,10 @@
 
 namespace {
 
-template <typename T>
+template <typename T, int VB>
 struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int lanes = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(VB)));
+  static constexpr int lanes = VB / sizeof(T);
 };
 
 struct Conv {
@@ -97,10 +97,10 @@ void pack_columns(const Conv& c, const Taps& g, const T* planes, int64_t p0, int
 }
 
 // One tile: PT output positions x NO vectors of output channels, accumulated in registers.
-template <typename T, int PT, int NO>
+template <typename T, int VB, int PT, int NO>
 void tile_product(const Conv& c, const T* cols, const T* const* kept_rows, int64_t o0, T* acc_out) {
-  typedef typename Vec<T>::type V;
-  constexpr int L = Vec<T>::lanes;
+  typedef typename Vec<T, VB>::type V;
+  constexpr int L = Vec<T, VB>::lanes;
   const int64_t taps = c.kh * c.kw;
   V acc[PT][NO];
 #pragma GCC unroll 32
@@ -125,10 +125,10 @@ void tile_product(const Conv& c, const T* cols, const T* const* kept_rows, int64
   std::memcpy(acc_out, acc, sizeof(acc));
 }
 
-template <typename T, int PT, int NO>
+template <typename T, int VB, int PT, int NO>
 void store_tile(const Conv& c, const T* acc, const T* bias, int64_t head, int64_t o0, int64_t p0,
                 int64_t count, T* out) {
-  constexpr int L = Vec<T>::lanes;
+  constexpr int L = Vec<T, VB>::lanes;
   const int64_t positions = c.out_h * c.out_w;
   const int64_t o_end = std::min<int64_t>(c.o_head, o0 + NO * L);
   for (int64_t o = o0; o < o_end; ++o) {
@@ -142,11 +142,11 @@ void store_tile(const Conv& c, const T* acc, const T* bias, int64_t head, int64_
 
 // The direct path for wide maps: a tile is PT positions of one output row, whose taps read
 // the padded planes in place (stride sw apart): no packed columns.
-template <typename T, int PT, int NO, bool UNIT>
+template <typename T, int VB, int PT, int NO, bool UNIT>
 void row_tile(const Conv& c, const Taps& g, const T* base, const T* const* kept_rows, int64_t o0,
               T* acc_out) {
-  typedef typename Vec<T>::type V;
-  constexpr int L = Vec<T>::lanes;
+  typedef typename Vec<T, VB>::type V;
+  constexpr int L = Vec<T, VB>::lanes;
   const int64_t plane = g.padded_h * g.padded_w, sw = UNIT ? 1 : c.sw;
   const int64_t taps = c.kh * c.kw;
   const int64_t* offsets = g.offsets.data();
@@ -174,13 +174,13 @@ void row_tile(const Conv& c, const Taps& g, const T* base, const T* const* kept_
   std::memcpy(acc_out, acc, sizeof(acc));
 }
 
-template <typename T, int PT, int NO, bool UNIT>
-void head_direct(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
+template <typename T, int VB, int PT, int NO, bool UNIT>
+void head_direct(const Conv& c, const Taps& g, const T* x, const int64_t* index, const T* scale,
+                 const T* rows,
                  const T* bias, int64_t head, T* out, std::vector<T>& planes,
                  std::vector<const T*>& kept_rows) {
-  constexpr int L = Vec<T>::lanes;
+  constexpr int L = Vec<T, VB>::lanes;
   const int64_t taps = c.kh * c.kw;
-  const Taps g = tap_geometry(c, 1);
   // slack: the last tile of a row reads up to PT positions past the row's end
   const int64_t slack = PT * c.sw + g.padded_w;
   planes.resize(static_cast<size_t>(c.keep * g.padded_h * g.padded_w + slack));
@@ -195,39 +195,40 @@ void head_direct(const Conv& c, const T* x, const int64_t* index, const T* scale
     for (int64_t oy = 0; oy < c.out_h; ++oy) {
       for (int64_t ox = 0; ox < c.out_w; ox += PT) {
         const T* base = planes.data() + oy * c.sh * g.padded_w + ox * c.sw;
-        row_tile<T, PT, NO, UNIT>(c, g, base, kept_rows.data(), o0, acc);
+        row_tile<T, VB, PT, NO, UNIT>(c, g, base, kept_rows.data(), o0, acc);
         const int64_t count = std::min<int64_t>(PT, c.out_w - ox);
-        store_tile<T, PT, NO>(c, acc, bias, head, o0, oy * c.out_w + ox, count, out);
+        store_tile<T, VB, PT, NO>(c, acc, bias, head, o0, oy * c.out_w + ox, count, out);
       }
     }
   }
 }
 
-template <typename T, int PT, int NO, bool UNIT>
+template <typename T, int VB, int PT, int NO, bool UNIT>
 void run_direct(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
                 const T* bias, T* out) {
   thread_local std::vector<T> planes;
   thread_local std::vector<const T*> kept_rows;
+  const Taps g = tap_geometry(c, 1);
   const int64_t positions = c.out_h * c.out_w, cout = c.heads * c.o_head;
   for (int64_t b = 0; b < c.batch; ++b) {
     const T* xb = x + b * c.cin * c.height * c.width;
     for (int64_t i = 0; i < c.heads; ++i) {
-      head_direct<T, PT, NO, UNIT>(c, xb, index + b * c.index_sb + i * c.index_sh,
+      head_direct<T, VB, PT, NO, UNIT>(c, g, xb, index + b * c.index_sb + i * c.index_sh,
                                    scale + b * c.scale_sb + i * c.scale_sh, rows, bias, i,
                                    out + b * cout * positions, planes, kept_rows);
     }
   }
 }
 
-template <typename T, int PT, int NO>
-void head_product(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
+template <typename T, int VB, int PT, int NO>
+void head_product(const Conv& c, const Taps& g, const T* x, const int64_t* index, const T* scale,
+                  const T* rows,
                   const T* bias, int64_t head, T* out, std::vector<T>& planes,
                   std::vector<T>& cols, std::vector<const T*>& kept_rows) {
-  constexpr int L = Vec<T>::lanes;
+  constexpr int L = Vec<T, VB>::lanes;
   const int64_t taps = c.kh * c.kw, positions = c.out_h * c.out_w;
   const int64_t tiles = (positions + PT - 1) / PT;
   const int64_t depth = c.keep * taps;
-  const Taps g = tap_geometry(c, PT);
   planes.resize(static_cast<size_t>(c.keep * g.padded_h * g.padded_w));
   pad_planes(c, g, x, index, scale, planes.data());
   cols.resize(static_cast<size_t>(tiles * depth * PT));
@@ -241,23 +242,24 @@ void head_product(const Conv& c, const T* x, const int64_t* index, const T* scal
   alignas(64) T acc[PT * NO * L];
   for (int64_t o0 = 0; o0 < c.o_head; o0 += NO * L) {
     for (int64_t tile = 0; tile < tiles; ++tile) {
-      tile_product<T, PT, NO>(c, cols.data() + tile * depth * PT, kept_rows.data(), o0, acc);
+      tile_product<T, VB, PT, NO>(c, cols.data() + tile * depth * PT, kept_rows.data(), o0, acc);
       const int64_t p0 = tile * PT, count = std::min<int64_t>(PT, positions - p0);
-      store_tile<T, PT, NO>(c, acc, bias, head, o0, p0, count, out);
+      store_tile<T, VB, PT, NO>(c, acc, bias, head, o0, p0, count, out);
     }
   }
 }
 
-template <typename T, int PT, int NO>
+template <typename T, int VB, int PT, int NO>
 void run_all(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
              const T* bias, T* out) {
   thread_local std::vector<T> planes, cols;
   thread_local std::vector<const T*> kept_rows;
+  const Taps g = tap_geometry(c, PT);
   const int64_t positions = c.out_h * c.out_w, cout = c.heads * c.o_head;
   for (int64_t b = 0; b < c.batch; ++b) {
     const T* xb = x + b * c.cin * c.height * c.width;
     for (int64_t i = 0; i < c.heads; ++i) {
-      head_product<T, PT, NO>(c, xb, index + b * c.index_sb + i * c.index_sh,
+      head_product<T, VB, PT, NO>(c, g, xb, index + b * c.index_sb + i * c.index_sh,
                               scale + b * c.scale_sb + i * c.scale_sh, rows, bias, i,
                               out + b * cout * positions, planes, cols, kept_rows);
     }
@@ -272,48 +274,57 @@ void run_all(const Conv& c, const T* x, const int64_t* index, const T* scale, co
 // ÷ the dense conv or ms): 256 channels on 8x8 maps direct 0.49x, packed 0.67x; 512 channels
 // on 4x4 maps packed 0.50x, direct (4 positions x 4 vectors) 0.58x; 64 channels (one vector
 // per head) on 8x8 maps at batch 256, direct 5.4 ms, packed 10.1 ms.
-template <typename T>
-int run(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
+template <typename T, int VB>
+int run_width(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
         const T* bias, T* out) {
-  constexpr int L = Vec<T>::lanes;
+  constexpr int L = Vec<T, VB>::lanes;
   if (c.o_pad % L != 0 || c.o_pad < c.o_head) return 1;
   const int64_t vectors = c.o_pad / L, positions = c.out_h * c.out_w;
   // Every tile reads whole vectors of its head's rows: NO divides the head's vector count.
   const bool unit = c.sw == 1;
   const bool rows_wide = c.out_w >= 16 || (c.out_w >= 8 && vectors >= 2);
   if (rows_wide && vectors % 3 == 0) {
-    unit ? run_direct<T, 8, 3, true>(c, x, index, scale, rows, bias, out)
-         : run_direct<T, 8, 3, false>(c, x, index, scale, rows, bias, out);
+    unit ? run_direct<T, VB, 8, 3, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, VB, 8, 3, false>(c, x, index, scale, rows, bias, out);
   } else if (rows_wide && vectors % 2 == 0) {
-    unit ? run_direct<T, 8, 2, true>(c, x, index, scale, rows, bias, out)
-         : run_direct<T, 8, 2, false>(c, x, index, scale, rows, bias, out);
+    unit ? run_direct<T, VB, 8, 2, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, VB, 8, 2, false>(c, x, index, scale, rows, bias, out);
   } else if (c.out_w >= 16) {
-    unit ? run_direct<T, 16, 1, true>(c, x, index, scale, rows, bias, out)
-         : run_direct<T, 16, 1, false>(c, x, index, scale, rows, bias, out);
+    unit ? run_direct<T, VB, 16, 1, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, VB, 16, 1, false>(c, x, index, scale, rows, bias, out);
   } else if (c.out_w >= 8) {
-    unit ? run_direct<T, 8, 1, true>(c, x, index, scale, rows, bias, out)
-         : run_direct<T, 8, 1, false>(c, x, index, scale, rows, bias, out);
+    unit ? run_direct<T, VB, 8, 1, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, VB, 8, 1, false>(c, x, index, scale, rows, bias, out);
   } else if (c.out_w >= 4 && vectors == 1) {
-    unit ? run_direct<T, 4, 1, true>(c, x, index, scale, rows, bias, out)
-         : run_direct<T, 4, 1, false>(c, x, index, scale, rows, bias, out);
+    unit ? run_direct<T, VB, 4, 1, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, VB, 4, 1, false>(c, x, index, scale, rows, bias, out);
   } else if (c.out_w >= 4 && vectors == 2) {
-    unit ? run_direct<T, 4, 2, true>(c, x, index, scale, rows, bias, out)
-         : run_direct<T, 4, 2, false>(c, x, index, scale, rows, bias, out);
+    unit ? run_direct<T, VB, 4, 2, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, VB, 4, 2, false>(c, x, index, scale, rows, bias, out);
   } else if (c.out_w >= 4 && vectors == 3) {
-    unit ? run_direct<T, 4, 3, true>(c, x, index, scale, rows, bias, out)
-         : run_direct<T, 4, 3, false>(c, x, index, scale, rows, bias, out);
+    unit ? run_direct<T, VB, 4, 3, true>(c, x, index, scale, rows, bias, out)
+         : run_direct<T, VB, 4, 3, false>(c, x, index, scale, rows, bias, out);
   } else if (positions <= 64 && vectors % 4 == 0) {
-    run_all<T, 6, 4>(c, x, index, scale, rows, bias, out);
+    run_all<T, VB, 6, 4>(c, x, index, scale, rows, bias, out);
   } else if (positions <= 64 && vectors % 3 == 0) {
-    run_all<T, 8, 3>(c, x, index, scale, rows, bias, out);
+    run_all<T, VB, 8, 3>(c, x, index, scale, rows, bias, out);
   } else if (positions <= 64 && vectors % 2 == 0) {
-    run_all<T, 12, 2>(c, x, index, scale, rows, bias, out);
+    run_all<T, VB, 12, 2>(c, x, index, scale, rows, bias, out);
   } else if (positions <= 16) {
-    run_all<T, 16, 1>(c, x, index, scale, rows, bias, out);
+    run_all<T, VB, 16, 1>(c, x, index, scale, rows, bias, out);
   } else {
-    run_all<T, 24, 1>(c, x, index, scale, rows, bias, out);
+    run_all<T, VB, 24, 1>(c, x, index, scale, rows, bias, out);
   }
   return 0;
+}
+
+// 64-byte vectors where a head's padded outputs fill them, else 32-byte ones (heads of at most
+// 8 float32 or 4 float64 outputs: a 64-byte vector would compute half zeros).
+template <typename T>
+int run(const Conv& c, const T* x, const int64_t* index, const T* scale, const T* rows,
+        const T* bias, T* out) {
+  if (c.o_pad % Vec<T, 64>::lanes == 0) return run_width<T, 64>(c, x, index, scale, rows, bias, out);
+  return run_width<T, 32>(c, x, index, scale, rows, bias, out);
 }
 
 // The selection of functional.select_kept from the saliencies g (strided like scale): per
