@@ -301,29 +301,17 @@ def _cpu_kernel_refuses(module: SparseDynamicGroupConv2d, call: FormCall) -> str
     return cpu.unusable_reason(call.x, module.weight)
 
 
-#: Output positions up to which the rule (measuring off) prefers ``"cpu_kernel"`` on the CPU:
-#: there it measured at the kept work (512 channels on 4x4 maps at batch 1: 0.46-0.50x of the
-#: dense conv, the limit proxy 0.45-0.48x), on larger maps its packed columns cost more than
-#: the convolution library's direct kernels (64 channels on 32x32: 1.36x; ``benchmarks/NOTES.md``).
-CPU_KERNEL_RULE_MAX_POSITIONS = 64
-
-
-def _small_map(module: SparseDynamicGroupConv2d, x: Tensor) -> bool:
-    out_height, out_width = module.spec.output_size(x.shape[2], x.shape[3])
-    return out_height * out_width <= CPU_KERNEL_RULE_MAX_POSITIONS
-
-
 def _rule(module: SparseDynamicGroupConv2d, call: FormCall) -> list[str]:
-    """Without measuring: the Triton kernel on CUDA; on CPU the compiled kernel on small maps
-    (:data:`CPU_KERNEL_RULE_MAX_POSITIONS`), then the head-grouped conv at batch 1,
-    else ``"bmm"`` for 1x1 stride-1 kernels and the batch-grouped conv otherwise (the masked
-    form where that is no candidate: small maps); ``"bmm"`` elsewhere."""
+    """Without measuring: the Triton kernel on CUDA; on the CPU the compiled kernel where it
+    can run (it measured fastest on every stage shape of ResNet-18 at batch 1 and 16 but
+    512 channels on 4x4 maps at batch 16, a tie with ``"masked"``, and on small 1x1 layers;
+    ``benchmarks/NOTES.md``), then the head-grouped conv at batch 1, else ``"bmm"`` for 1x1
+    stride-1 kernels and the batch-grouped conv otherwise (the masked form where that is no
+    candidate: small maps); ``"bmm"`` elsewhere."""
     if triton_preferred(call.x):
         return ["triton", "bmm"]
     if call.x.device.type == "cpu":
-        first = ["head_grouped"] if call.x.shape[0] == 1 else []
-        if _small_map(module, call.x):
-            first = ["cpu_kernel", *first]
+        first = ["cpu_kernel", *(["head_grouped"] if call.x.shape[0] == 1 else [])]
         pointwise = module.spec.kernel_numel == 1 and module.spec.stride == (1, 1)
         return [*first, "bmm"] if pointwise else [*first, "batch_grouped", "masked", "bmm"]
     return ["bmm"]
