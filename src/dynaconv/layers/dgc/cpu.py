@@ -5,8 +5,10 @@ Su et al., "Dynamic Group Convolution for Accelerating Convolutional Neural Netw
 :func:`~dynaconv.layers.dgc.functional.gathered_conv`, plus the bias) reading each head's kept
 kernel rows where they lie, so no kernel is copied, per example or per call:
 
-* ``x`` ``(B, Cin, H, W)``; ``index``/``scale`` ``(B, h, W)`` from
-  :func:`~dynaconv.layers.dgc.functional.select_kept`;
+* ``x`` ``(B, Cin, H, W)``; ``index``/``scale`` ``(B, h, K)`` from
+  :func:`~dynaconv.layers.dgc.functional.select_kept` (:func:`gathered_conv_cpu`), or the
+  saliencies ``g`` ``(B, h, Cin)``, the kernel then selecting the same channels itself
+  (:func:`selected_conv_cpu`);
 * ``rows`` :func:`kernel_layout` ``(h*Cin, kh*kw, Opad)``: row ``i*Cin + c`` holds
   ``weight[o*h + i, c, t]`` at ``[t, o]``, zero for ``o >= Cout/h`` (``Opad``: ``Cout/h``
   rounded up to whole vectors, :func:`padded_outputs`);
