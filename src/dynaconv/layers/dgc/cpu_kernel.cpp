@@ -11,10 +11,11 @@
 // zero outside the map). The weight is read as `rows` (h*Cin, kh*kw, Opad): row i*Cin + c
 // holds W[o*h + i, c, t] at [t, o], zero for o >= Cout/h. A head's kept rows are read where they
 // lie, so no kernel is copied per example: the work is the kept multiply-adds, one pass over the
-// kept rows per example and a copy of the kept input taps (the im2col columns of the K channels,
-// scaled), packed per tile of output positions.
+// kept rows per example and head, and a scaled, zero-padded copy of its K input channels
+// (whose taps the tiles read in place, or pack first on short rows). The kept channels come
+// either as index/scale or are selected here from the saliencies g (select_kept below).
 //
-// Plain C++ with GCC's vector extensions (64-byte vectors; the compiler maps them to the
+// Plain C++ with GCC's vector extensions (64- or 32-byte vectors; the compiler maps them to the
 // machine's SIMD width), compiled by dynaconv.native at first use and called through ctypes.
 // One thread: the calling one.
 
