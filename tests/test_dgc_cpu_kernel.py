@@ -246,10 +246,19 @@ def test_native_builds_once_into_the_cache_and_reports_failures(tmp_path):
 def test_native_load_returns_a_working_library(tmp_path, monkeypatch):
     monkeypatch.setenv("DYNACONV_CACHE_DIR", str(tmp_path))
     source = tmp_path / "twice.cpp"
-    source.write_text('extern "C" long twice(long value) { return 2 * value; }\n')
+    source.write_text(
+        "#ifdef TIMES_THREE\n"
+        'extern "C" long scaled(long value) { return 3 * value; }\n'
+        "#else\n"
+        'extern "C" long scaled(long value) { return 2 * value; }\n'
+        "#endif\n"
+    )
     library = native.load(source)
-    assert library is not None and library.twice(21) == 42
+    assert library is not None and library.scaled(21) == 42
     assert native.load(source) is library  # one build and load per process
+    tripled = native.load(source, ("TIMES_THREE",))  # each set of defines: its own library
+    assert tripled is not None and tripled is not library and tripled.scaled(21) == 63
+    assert len(list((tmp_path / "native").glob("twice*.so"))) == 2
 
 
 @settings(max_examples=80, deadline=None)
@@ -281,8 +290,8 @@ def test_selection_inside_the_kernel_equals_select_kept_float64(cfg, ties, nan):
 def test_without_the_kernel_auto_runs_the_pytorch_forms_and_the_explicit_impl_says_why(
     monkeypatch,
 ):
-    monkeypatch.setattr(cpu, "_entries", lambda: None)
-    monkeypatch.setattr(native, "unavailable_reason", lambda source: "no C++ compiler (test)")
+    monkeypatch.setattr(cpu, "_entries", lambda dtype: None)
+    monkeypatch.setattr(native, "unavailable_reason", lambda *source: "no C++ compiler (test)")
     # a configuration no other test measures: the per-configuration candidate cache is fresh
     layer, deployed = _deployed(cin=24, cout=12, heads=3)
     x = torch.rand(1, 24, 7, 7, dtype=torch.float64)

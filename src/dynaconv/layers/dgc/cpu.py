@@ -57,9 +57,11 @@ def padded_outputs(per_head: int, dtype: torch.dtype) -> int:
     return -(-per_head // lanes) * lanes
 
 
+#: Per dtype: the preprocessor name its library is built with (one library per dtype, so a
+#: float32 model never waits for the float64 build), and its two entry points.
 _ENTRIES = {
-    torch.float32: ("dgc_gathered_conv_f32", "dgc_select_conv_f32"),
-    torch.float64: ("dgc_gathered_conv_f64", "dgc_select_conv_f64"),
+    torch.float32: ("DGC_FLOAT32", "dgc_gathered_conv_f32", "dgc_select_conv_f32"),
+    torch.float64: ("DGC_FLOAT64", "dgc_gathered_conv_f64", "dgc_select_conv_f64"),
 }
 
 
@@ -76,19 +78,18 @@ def kernel_layout(weight: Tensor, heads: int) -> Tensor:
 
 
 @functools.cache
-def _entries() -> dict[torch.dtype, tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]] | None:
-    """Per dtype: the kernel given the kept channels, and the kernel selecting them itself."""
-    library = native.load(SOURCE)
+def _entries(dtype: torch.dtype) -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
+    """The kernel given the kept channels and the kernel selecting them itself, for ``dtype``
+    (float32 or float64), or None where the library cannot be built."""
+    define, gathered_name, selecting_name = _ENTRIES[dtype]
+    library = native.load(SOURCE, (define,))
     if library is None:
         return None
-    entries = {}
-    for dtype, names in _ENTRIES.items():
-        gathered, selecting = (getattr(library, name) for name in names)
-        gathered.argtypes = [ctypes.c_void_p] * 7
-        selecting.argtypes = [ctypes.c_void_p] * 6
-        gathered.restype = selecting.restype = ctypes.c_int
-        entries[dtype] = (gathered, selecting)
-    return entries
+    gathered, selecting = getattr(library, gathered_name), getattr(library, selecting_name)
+    gathered.argtypes = [ctypes.c_void_p] * 7
+    selecting.argtypes = [ctypes.c_void_p] * 6
+    gathered.restype = selecting.restype = ctypes.c_int
+    return gathered, selecting
 
 
 def unusable_reason(x: Tensor, *tensors: Tensor) -> str | None:
@@ -99,8 +100,9 @@ def unusable_reason(x: Tensor, *tensors: Tensor) -> str | None:
         return f"it computes in float32 or float64 only (input {x.dtype})"
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
         return "it computes no gradient (use it under torch.no_grad or inference_mode)"
-    if _entries() is None:
-        return native.unavailable_reason(SOURCE) or "the kernel is not available"
+    if _entries(x.dtype) is None:
+        define = _ENTRIES[x.dtype][0]
+        return native.unavailable_reason(SOURCE, (define,)) or "the kernel is not available"
     return None
 
 
@@ -236,7 +238,7 @@ def gathered_conv_cpu(
         )
     index = _rows_of(index.to(torch.int64))
     scale = _rows_of(scale.to(x.dtype))
-    gathered = _entries()[x.dtype][0]  # type: ignore[index]
+    gathered = _entries(x.dtype)[0]  # type: ignore[index]
     return _call(gathered, x, (index, scale), rows, spec, heads, index.shape[-1], bias)
 
 
@@ -278,5 +280,5 @@ def selected_conv_cpu_unchecked(
     if g.dtype != x.dtype:
         index, scale = select_kept(g, spec.in_channels - keep)
         return gathered_conv_cpu(x, rows, index, scale, spec, heads, bias)
-    selecting = _entries()[x.dtype][1]  # type: ignore[index]
+    selecting = _entries(x.dtype)[1]  # type: ignore[index]
     return _call(selecting, x, (_rows_of(g.detach()),), rows, spec, heads, keep, bias)

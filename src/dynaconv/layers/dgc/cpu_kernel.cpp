@@ -390,9 +390,11 @@ Conv unpack(const int64_t* s) {
 
 // shape: batch, cin, height, width, heads, keep, cout/h, Opad, kh, kw, sh, sw, ph, pw, dh, dw,
 // out_h, out_w, then the strides of index and scale (or g) over examples and heads.
-// 0: done; 1: Opad not a whole number of vectors; 3: out of memory.
+// 0: done; 1: Opad not a whole number of vectors; 3: out of memory. Built once per dtype:
+// DGC_FLOAT32 or DGC_FLOAT64 defined (dynaconv.native's defines), its two entry points only.
 extern "C" {
 
+#ifdef DGC_FLOAT32
 int dgc_gathered_conv_f32(const float* x, const int64_t* index, const float* scale,
                           const float* rows, const float* bias, float* out, const int64_t* shape) {
   try {
@@ -402,20 +404,22 @@ int dgc_gathered_conv_f32(const float* x, const int64_t* index, const float* sca
   }
 }
 
+int dgc_select_conv_f32(const float* x, const float* g, const float* rows, const float* bias,
+                        float* out, const int64_t* shape) {
+  try {
+    return select_and_run<float>(unpack(shape), x, g, rows, bias, out);
+  } catch (...) {
+    return 3;
+  }
+}
+#endif
+
+#ifdef DGC_FLOAT64
 int dgc_gathered_conv_f64(const double* x, const int64_t* index, const double* scale,
                           const double* rows, const double* bias, double* out,
                           const int64_t* shape) {
   try {
     return run<double>(unpack(shape), x, index, scale, rows, bias, out);
-  } catch (...) {
-    return 3;
-  }
-}
-
-int dgc_select_conv_f32(const float* x, const float* g, const float* rows, const float* bias,
-                        float* out, const int64_t* shape) {
-  try {
-    return select_and_run<float>(unpack(shape), x, g, rows, bias, out);
   } catch (...) {
     return 3;
   }
@@ -429,4 +433,5 @@ int dgc_select_conv_f64(const double* x, const double* g, const double* rows, co
     return 3;
   }
 }
+#endif
 }
