@@ -3,6 +3,7 @@ reference form in float64, its refusals, and the build machinery of :mod:`dynaco
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -360,3 +361,27 @@ def test_bad_arguments_get_a_clear_error_naming_them():
             call()
     good = cpu.gathered_conv_cpu(x, rows, index, scale, spec, 2)  # the same call, well formed
     assert good.shape == (1, 8, 5, 5) and good.abs().sum() > 0
+
+
+def test_under_autocast_the_output_follows_autocast_like_every_other_form():
+    """A choice settled without autocast and reused under it runs a form that follows
+    autocast (bfloat16 out, like ``masked``); an explicit ``impl="cpu_kernel"`` refuses."""
+    layer, deployed = _deployed(cin=32, cout=32)
+    layer, deployed = layer.float(), deployed.float()
+    x = torch.rand(1, 32, 8, 8)
+    masked = copy.deepcopy(deployed)
+    masked.impl = "masked"
+    with torch.no_grad():
+        for _ in range(14):
+            expected = deployed(x)
+        assert deployed.form(x) == "cpu_kernel"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = deployed(x)
+            reference = masked(x)
+        assert low.dtype == reference.dtype == torch.bfloat16
+        torch.testing.assert_close(low, reference)
+        torch.testing.assert_close(low.float(), expected, rtol=5e-2, atol=5e-2)
+        deployed.impl = "cpu_kernel"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with pytest.raises(ValueError, match="autocast"):
+                deployed(x)
