@@ -382,6 +382,8 @@ def test_under_autocast_the_output_follows_autocast_like_every_other_form():
         torch.testing.assert_close(low, reference)
         torch.testing.assert_close(low.float(), expected, rtol=5e-2, atol=5e-2)
         deployed.impl = "cpu_kernel"
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            with pytest.raises(ValueError, match="autocast"):
-                deployed(x)
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            pytest.raises(ValueError, match="autocast"),
+        ):
+            deployed(x)
