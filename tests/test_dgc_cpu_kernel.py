@@ -347,7 +347,7 @@ def test_bad_arguments_get_a_clear_error_naming_them():
         (lambda: cpu.gathered_conv_cpu(x, rows, index, scale[..., :1], spec, 2), "scale must"),
         (lambda: cpu.gathered_conv_cpu(x[:, :3], rows, index, scale, spec, 2), "x must be"),
         (lambda: cpu.gathered_conv_cpu(x, rows[:4], index, scale, spec, 2), "rows must be"),
-        (lambda: cpu.gathered_conv_cpu(x, rows, index, scale, spec, 3), "heads must divide"),
+        (lambda: cpu.gathered_conv_cpu(x, rows, index, scale, spec, 3), "divisible by heads"),
         (
             lambda: cpu.gathered_conv_cpu(x, rows, index, scale, spec, 2, torch.ones(3)),
             "bias must be",
@@ -364,8 +364,9 @@ def test_bad_arguments_get_a_clear_error_naming_them():
 
 
 def test_under_autocast_the_output_follows_autocast_like_every_other_form():
-    """A choice settled without autocast and reused under it runs a form that follows
-    autocast (bfloat16 out, like ``masked``); an explicit ``impl="cpu_kernel"`` refuses."""
+    """A choice settled without autocast is not reused under it (the choice is per autocast
+    state, and the kernel is no candidate there): the output follows autocast (bfloat16, like
+    ``masked``); an explicit ``impl="cpu_kernel"`` refuses."""
     layer, deployed = _deployed(cin=32, cout=32)
     layer, deployed = layer.float(), deployed.float()
     x = torch.rand(1, 32, 8, 8)

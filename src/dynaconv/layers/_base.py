@@ -141,12 +141,20 @@ class FormCall(NamedTuple):
     input or an argument requires grad). ``train``: a training step, ``needs_grad`` in
     training mode; measured as forward and backward. Otherwise (inference, also an eval-mode
     forward with gradients) the forward alone is measured, so an eval-mode layer and its
-    deployed copy look up one measurement.
+    deployed copy look up one measurement. ``autocast``: autocast is on for the input's
+    device (forms may compute, or refuse to compute, differently under it).
     """
 
     x: Tensor
     needs_grad: bool
     train: bool
+    autocast: bool = False
+
+
+def autocast_on(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (the :class:`FormCall` field)."""
+    kind = x.device.type
+    return kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind)
 
 
 @dataclass(frozen=True)
@@ -281,7 +289,8 @@ class ChoosesForm:
             or any(isinstance(a, Tensor) and a.requires_grad for a in args)
             or any(p.requires_grad for p in self.parameters())  # type: ignore[attr-defined]
         )
-        return FormCall(x, needs_grad, needs_grad and self.training)  # type: ignore[attr-defined]
+        train = needs_grad and self.training  # type: ignore[attr-defined]
+        return FormCall(x, needs_grad, train, autocast_on(x))
 
     def run_form(self, x: Tensor, *args: Any) -> Tensor:
         """The module's output on ``x`` computed by the form :meth:`choose_form` picks."""
@@ -302,7 +311,7 @@ class ChoosesForm:
         """The form an inference forward on ``x`` runs (eval mode or no gradient): what the
         deployed copy of the layer runs on ``x`` too."""
         with torch.no_grad():
-            return self._choose(self.impl, FormCall(x, False, False), args)
+            return self._choose(self.impl, FormCall(x, False, False, autocast_on(x)), args)
 
     def _choose(self, impl: str, call: FormCall, args: tuple[Any, ...]) -> str:
         forms = self.forms
@@ -319,7 +328,7 @@ class ChoosesForm:
         # steps, then the evaluation batches), and a final choice for it (measured, or the
         # rule with measuring off) stands until the shared cache is cleared or measuring is
         # switched (the token). Compared by equality, without hashing the configuration.
-        signature = (impl, config, x.shape, x.stride(), x.dtype, x.device, call[1], call[2])
+        signature = (impl, config, x.shape, x.stride(), x.dtype, x.device, *call[1:])
         token = memo_token()
         deterministic = torch._C._get_deterministic_algorithms()
         memo = self.__dict__.get("_form_memo")
@@ -353,6 +362,7 @@ class ChoosesForm:
             x.dtype,
             call.needs_grad,
             call.train,
+            call.autocast,
             impl,
         )
         candidates = forms.candidates.get(known)
@@ -412,7 +422,7 @@ class ChoosesForm:
     def form_key(self, call: FormCall, candidates: Sequence[str], config: Hashable) -> Hashable:
         """The key of the measured choice: the module's class and configuration (``config``,
         see :class:`Forms`), the input's shape, strides, dtype and device, the mode (training
-        step or inference) and the candidates."""
+        step or inference), whether autocast is on and the candidates."""
         x = call.x
         return (
             type(self).__qualname__,
@@ -422,6 +432,7 @@ class ChoosesForm:
             x.dtype,
             x.device,
             call.train,
+            call.autocast,
             tuple(candidates),
         )
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ... import native
-from ...spec import ConvSpec
+from ...spec import ConvSpec, check_divisible, check_int
 from .functional import conv_output_sizes, select_kept, zero_padding
 
 __all__ = [
@@ -182,8 +182,8 @@ def _checked(
         raise ValueError(
             f"x must be (B, {spec.in_channels}, H, W) for this spec, got {tuple(x.shape)}"
         )
-    if not (isinstance(heads, int) and heads > 0 and spec.out_channels % heads == 0):
-        raise ValueError(f"heads must divide out_channels={spec.out_channels}, got {heads!r}")
+    check_int(heads, "heads")
+    check_divisible(spec.out_channels, "out_channels", heads, "heads")
     per_head = spec.out_channels // heads
     lanes = LANES[x.dtype] // 2
     expected = (heads * spec.in_channels, spec.kernel_numel)
@@ -258,8 +258,7 @@ def selected_conv_cpu(
     selection is ``select_kept``'s. ``ValueError`` where the kernel cannot run."""
     rows, bias = _checked(x, rows, spec, heads, bias)
     _check_selection("g", g, x, heads, spec.in_channels)
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= spec.in_channels:
-        raise ValueError(f"keep must be an int in [1, {spec.in_channels}], got {keep!r}")
+    check_int(keep, "keep", 1, maximum=spec.in_channels)
     return selected_conv_cpu_unchecked(x, g, keep, rows, spec, heads, bias)
 
 

@@ -275,19 +275,9 @@ def _run(form: str) -> Callable[[SparseDynamicGroupConv2d, Tensor, Tensor], Tens
 
 
 def _run_cpu_kernel(module: SparseDynamicGroupConv2d, x: Tensor, g: Tensor) -> Tensor:
-    """``"cpu_kernel"`` as the module runs it: the form's refusal
-    (:func:`~dynaconv.layers.dgc.cpu.unusable_reason`) is checked before every call
-    (:class:`~dynaconv.layers.ChoosesForm`), so the kernel is called without checking again.
-
-    Under autocast (a choice settled without it, reused), the kernel would compute in the
-    input's precision where every other form follows autocast: the masked form runs instead
-    (the bias added here, as this form's output includes it)."""
-    if torch.is_autocast_enabled(x.device.type):
-        out = FORMS.forms["masked"].run(module, x, g)
-        if module.bias is None:
-            return out
-        bias = module.bias.reshape(1, -1, 1, 1)  # as forward adds it for the other forms
-        return out + bias if out.requires_grad else out.add_(bias)
+    """``"cpu_kernel"`` as the module runs it: the form's refusal (:func:`_cpu_kernel_refuses`)
+    is checked before every call (:class:`~dynaconv.layers.ChoosesForm`; a settled choice is
+    one per autocast state), so the kernel is called without checking again."""
     return cpu.selected_conv_cpu_unchecked(
         x, g, module.kept, module.layout("cpu_kernel"), module.spec, module.heads, module.bias
     )
@@ -308,7 +298,7 @@ ADDS_BIAS = frozenset({"cpu_kernel"})
 
 
 def _cpu_kernel_refuses(module: SparseDynamicGroupConv2d, call: FormCall) -> str | None:
-    if torch.is_autocast_enabled(call.x.device.type):
+    if call.autocast:
         return "autocast asks for reduced precision; the kernel computes in the input's dtype"
     return cpu.unusable_reason(call.x, module.weight)
 
